@@ -1,0 +1,465 @@
+"""Git for the fleet suite: one runner, typed errors, and the plumbing transaction.
+
+Every git call goes through :func:`run_git` (argument lists, a timeout, a controlled
+environment). :class:`Clone` wraps one server's clone of the fleet repository and offers what
+PROTOCOL.md asks of a writer: fetch the shared branch, read a file from the fetched tip, build a
+commit on top of that tip without touching the working tree or the index, push it as a
+compare-and-swap, and accept it only once the remote's own ref-update status confirms it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from fleet_common import SuiteError, UsageError
+
+try:
+    from typing import Final
+except ImportError:  # pragma: no cover
+    from typing import Any as Final  # type: ignore[assignment]
+
+LOCAL_TIMEOUT: Final = 30.0  # local plumbing
+NETWORK_TIMEOUT: Final = 60.0  # fetch, push, ls-remote
+MAILBOX_PATH: Final = "coordination/messages.json"
+STANDALONE_FRESHNESS: Final = 10.0  # seconds a standalone send trusts the last fetch
+MAX_RACE_ATTEMPTS: Final = 50
+
+# A hook that runs before and after every network call (the systemd watchdog keeps a monitor
+# alive through a slow git operation; see message_monitor).
+_network_hooks: List[Callable[[], None]] = []
+
+
+class GitError(SuiteError):
+    """A git command failed; carries what it ran and what it said."""
+
+    def __init__(self, argv: Sequence[str], returncode: Optional[int], stdout: bytes = b"",
+                 stderr: bytes = b"", reason: str = "") -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.reason = reason or _first_line(stderr) or f"exit {returncode}"
+        super().__init__(f"git {' '.join(self.argv[1:3])}: {self.reason}")
+
+    def details(self) -> str:
+        return (f"argv={self.argv!r} returncode={self.returncode} "
+                f"stdout={self.stdout[-2000:]!r} stderr={self.stderr[-2000:]!r}")
+
+
+class GitTimeout(GitError):
+    """A git command ran past its timeout (treated like an unreachable remote)."""
+
+
+class RemoteUnavailable(GitError):
+    """The remote could not be reached or refused us: network, authentication, server error.
+
+    Callers back off and count it in the circuit breaker.
+    """
+
+
+class PushRejected(GitError):
+    """Another server's push landed first; refetch and retry soon (not a failure)."""
+
+
+class NotAClone(UsageError):
+    """``--repo`` is missing, not a git clone, or has no ``origin``."""
+
+
+def _first_line(data: bytes) -> str:
+    for line in data.decode("utf-8", "replace").splitlines():
+        line = line.strip()
+        if line and not line.startswith("hint:"):
+            return line[:300]
+    return ""
+
+
+def git_env(extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The environment for git: inherited, minus what hooks set, never prompting (STYLE.md 3)."""
+    env = dict(os.environ)
+    for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX",
+                "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES"):
+        env.pop(key, None)
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env["GCM_INTERACTIVE"] = "never"
+    env["LC_ALL"] = "C"
+    env["LANGUAGE"] = "C"
+    if extra:
+        env.update(extra)
+    return env
+
+
+# Git children run in their own process group, so that a Ctrl+C meant for the monitor does not
+# kill a push half-way: the monitor finishes the current step and stops (issue 7).
+if os.name == "nt":
+    _SPAWN_KW: Dict[str, object] = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+else:
+    _SPAWN_KW = {"start_new_session": True}
+
+
+def run_git(repo: Union[str, "os.PathLike[str]"], *args: str, check: bool = True,
+            timeout: float = LOCAL_TIMEOUT, input: Optional[bytes] = None,
+            env: Optional[Mapping[str, str]] = None) -> "subprocess.CompletedProcess[bytes]":
+    """Run ``git <args>`` in ``repo``; bytes out; :class:`GitError` on failure when ``check``."""
+    argv = ["git", *args]
+    try:
+        proc = subprocess.run(
+            argv, cwd=str(repo), input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=git_env(env), timeout=timeout, **_SPAWN_KW,  # type: ignore[arg-type]
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise GitTimeout(argv, None, exc.stdout or b"", exc.stderr or b"",
+                         f"timed out after {timeout:g} s") from None
+    except FileNotFoundError:
+        raise SuiteError("git is not installed or not on PATH") from None
+    if check and proc.returncode != 0:
+        raise GitError(argv, proc.returncode, proc.stdout, proc.stderr)
+    return proc
+
+
+def _call_network_hooks() -> None:
+    for hook in list(_network_hooks):
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 - a hook must never break a git call
+            pass
+
+
+def add_network_hook(hook: Callable[[], None]) -> None:
+    _network_hooks.append(hook)
+
+
+def remove_network_hook(hook: Callable[[], None]) -> None:
+    if hook in _network_hooks:
+        _network_hooks.remove(hook)
+
+
+_RACE_MARKERS = (
+    "non-fast-forward", "fetch first", "[rejected]", "cannot lock ref", "failed to update ref",
+    "stale info", "incorrect old value", "reference already exists", "failed to lock",
+    "but expected",
+)
+
+
+def _is_race(text: str) -> bool:
+    lowered = text.lower()
+    return any(marker in lowered for marker in _RACE_MARKERS)
+
+
+# --------------------------------------------------------------------------- tree editing
+
+
+TreeEntry = Tuple[str, str, str, str]  # mode, type, oid, name
+
+
+def _parse_tree(raw: bytes, hexlen: int) -> List[TreeEntry]:
+    """Entries of a raw tree object (as ``cat-file --batch`` prints it)."""
+    entries: List[TreeEntry] = []
+    pos = 0
+    rawlen = hexlen // 2
+    while pos < len(raw):
+        space = raw.index(b" ", pos)
+        nul = raw.index(b"\0", space)
+        mode = raw[pos:space].decode("ascii")
+        name = raw[space + 1:nul].decode("utf-8", "surrogateescape")
+        oid = raw[nul + 1:nul + 1 + rawlen].hex()
+        kind = "tree" if mode == "40000" else ("commit" if mode == "160000" else "blob")
+        entries.append((mode.rjust(6, "0") if kind == "tree" else mode, kind, oid, name))
+        pos = nul + 1 + rawlen
+    return entries
+
+
+class Clone:
+    """One server's clone of the fleet repository."""
+
+    def __init__(self, path: Union[str, "os.PathLike[str]"], branch: Optional[str] = None) -> None:
+        root = Path(path)
+        if not root.is_dir():
+            raise NotAClone(f"--repo {path}: no such directory")
+        proc = run_git(root, "rev-parse", "--show-toplevel", "--absolute-git-dir", check=False)
+        lines = proc.stdout.decode("utf-8", "surrogateescape").splitlines()
+        if proc.returncode != 0 or len(lines) < 2:
+            raise NotAClone(f"--repo {path}: not a git clone ({_first_line(proc.stderr) or 'no work tree'})")
+        self.root = Path(lines[0])
+        self.git_dir = Path(lines[1])
+        cfg = run_git(self.root, "config", "-z", "--get-regexp",
+                      r"^(remote\.origin\.url|user\.name|user\.email)$", check=False)
+        self._config: Dict[str, str] = {}
+        for item in cfg.stdout.decode("utf-8", "surrogateescape").split("\0"):
+            if item:
+                key, _, value = item.partition("\n")
+                self._config[key.lower()] = value
+        self.origin_url = self._config.get("remote.origin.url", "")
+        if not self.origin_url:
+            raise NotAClone(f"--repo {path}: the clone has no remote 'origin'")
+        self.branch = branch or self._default_branch()
+        self.remote_ref = f"refs/remotes/origin/{self.branch}"
+        self._hexlen: Optional[int] = None
+        self.last_sync: float = 0.0  # monotonic time of the last fetch or verified push
+        self.push_attempts = 0  # pushes tried (for benchmarks: retries = attempts - commits)
+
+    # ----------------------------------------------------------------- basics
+
+    def git(self, *args: str, **kw) -> "subprocess.CompletedProcess[bytes]":
+        return run_git(self.root, *args, **kw)
+
+    def network_git(self, *args: str, check: bool = True, **kw) -> "subprocess.CompletedProcess[bytes]":
+        """A git call that talks to the remote; failures become :class:`RemoteUnavailable`."""
+        _call_network_hooks()
+        try:
+            return run_git(self.root, *args, check=check, timeout=kw.pop("timeout", NETWORK_TIMEOUT), **kw)
+        except GitTimeout as exc:
+            raise RemoteUnavailable(exc.argv, None, exc.stdout, exc.stderr, exc.reason) from None
+        finally:
+            _call_network_hooks()
+
+    def _default_branch(self) -> str:
+        proc = self.git("symbolic-ref", "-q", "refs/remotes/origin/HEAD", check=False)
+        ref = proc.stdout.decode().strip()
+        prefix = "refs/remotes/origin/"
+        if proc.returncode == 0 and ref.startswith(prefix):
+            return ref[len(prefix):]
+        return "main"
+
+    @property
+    def hexlen(self) -> int:
+        if self._hexlen is None:
+            fmt = self.git("rev-parse", "--show-object-format", check=False).stdout.decode().strip()
+            self._hexlen = 64 if fmt == "sha256" else 40
+        return self._hexlen
+
+    def identity_env(self, fallback_name: str) -> Dict[str, str]:
+        """Author and committer: the clone's identity, else the server id (PROTOCOL.md)."""
+        env: Dict[str, str] = {}
+        name = os.environ.get("GIT_AUTHOR_NAME") or self._config.get("user.name")
+        email = os.environ.get("GIT_AUTHOR_EMAIL") or self._config.get("user.email")
+        if not name:
+            env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = fallback_name
+        if not email:
+            env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = f"{fallback_name}@fleet.invalid"
+        return env
+
+    def tip(self) -> Optional[str]:
+        """The fetched tip of the shared branch, or ``None`` when the remote has no branch yet."""
+        proc = self.git("rev-parse", "-q", "--verify", f"{self.remote_ref}^{{commit}}", check=False)
+        return proc.stdout.decode().strip() or None
+
+    # ----------------------------------------------------------------- network
+
+    def fetch(self) -> Optional[str]:
+        """Fetch the shared branch into ``refs/remotes/origin/<branch>``; return its tip."""
+        proc = self.network_git(
+            "fetch", "--quiet", "--no-tags", "--no-recurse-submodules", "origin",
+            f"+refs/heads/{self.branch}:{self.remote_ref}", check=False,
+        )
+        if proc.returncode != 0:
+            text = proc.stderr.decode("utf-8", "replace")
+            if "couldn't find remote ref" in text.lower():
+                self.last_sync = time.monotonic()
+                return None
+            raise RemoteUnavailable(["git", "fetch", "origin", self.branch], proc.returncode,
+                                    proc.stdout, proc.stderr)
+        self.last_sync = time.monotonic()
+        return self.tip()
+
+    def remote_tip(self) -> Optional[str]:
+        """The remote's current tip by ``ls-remote`` (no objects transferred)."""
+        proc = self.network_git("ls-remote", "--heads", "origin", f"refs/heads/{self.branch}", check=False)
+        if proc.returncode != 0:
+            raise RemoteUnavailable(["git", "ls-remote", "origin", self.branch], proc.returncode,
+                                    proc.stdout, proc.stderr)
+        for line in proc.stdout.decode().splitlines():
+            oid, _, ref = line.partition("\t")
+            if ref == f"refs/heads/{self.branch}":
+                return oid
+        return None
+
+    def sync(self, max_age: float = 0.0) -> Optional[str]:
+        """The tip to build on: the known one when it is younger than ``max_age``, else fetched.
+
+        PROTOCOL.md allows pushing from a recent tip; a stale one only costs a rejected push.
+        """
+        if max_age > 0:
+            age = time.monotonic() - self.last_sync if self.last_sync else self._fetch_head_age()
+            if age is not None and age < max_age:
+                return self.tip()
+        return self.fetch()
+
+    def _fetch_head_age(self) -> Optional[float]:
+        try:
+            return max(0.0, time.time() - (self.git_dir / "FETCH_HEAD").stat().st_mtime)
+        except OSError:
+            return None
+
+    def _mark_synced(self) -> None:
+        self.last_sync = time.monotonic()
+        try:  # a verified push counts as a fetch of the branch for the next standalone send
+            os.utime(self.git_dir / "FETCH_HEAD")
+        except OSError:
+            pass
+
+    def push(self, commit: str, expected: Optional[str]) -> None:
+        """Push ``commit`` to the shared branch and verify by the remote's ref-update status."""
+        self.push_attempts += 1
+        dest = f"refs/heads/{self.branch}"
+        proc = self.network_git("push", "--porcelain", "--no-verify", "origin",
+                                f"{commit}:{dest}", check=False)
+        out = proc.stdout.decode("utf-8", "replace")
+        status = None
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3 and parts[1].endswith(":" + dest):
+                status = (parts[0], parts[2])
+        err = proc.stderr.decode("utf-8", "replace")
+        if status is None and proc.returncode == 0 and self.remote_tip() == commit:
+            status = ("=", "verified by ls-remote")  # no porcelain line: ask the remote itself
+        if status is not None and status[0] in (" ", "*", "=") and proc.returncode == 0:
+            self.git("update-ref", "-m", "fleet: verified push", self.remote_ref, commit, check=False)
+            self._mark_synced()
+            return
+        argv = ["git", "push", "origin", f"{commit}:{dest}"]
+        if (status is not None and status[0] == "!" and _is_race(status[1])) or (
+                status is None and _is_race(err)) or _is_race(status[1] if status else ""):
+            raise PushRejected(argv, proc.returncode, proc.stdout, proc.stderr,
+                               (status[1] if status else _first_line(proc.stderr)) or "rejected")
+        raise RemoteUnavailable(argv, proc.returncode, proc.stdout, proc.stderr,
+                                _first_line(proc.stderr) or (status[1] if status else "push failed"))
+
+    # ----------------------------------------------------------------- objects
+
+    def read_objects(self, specs: Sequence[str]) -> List[Optional[Tuple[str, str, bytes]]]:
+        """``cat-file --batch`` for several specs at once: (oid, type, content) or ``None``."""
+        if not specs:
+            return []
+        proc = self.git("cat-file", "--batch", input="".join(s + "\n" for s in specs).encode("utf-8"))
+        data = proc.stdout
+        pos = 0
+        results: List[Optional[Tuple[str, str, bytes]]] = []
+        for _ in specs:
+            nl = data.index(b"\n", pos)
+            header = data[pos:nl].decode("utf-8", "replace").split(" ")
+            pos = nl + 1
+            if len(header) == 3 and header[2].isdigit():
+                size = int(header[2])
+                results.append((header[0], header[1], data[pos:pos + size]))
+                pos += size + 1
+            else:
+                results.append(None)
+        return results
+
+    def read_file(self, commit: Optional[str], path: str) -> Tuple[Optional[str], Optional[bytes]]:
+        """(blob id, content) of ``path`` at ``commit``; ``(None, None)`` when absent."""
+        if commit is None:
+            return None, None
+        found = self.read_objects([f"{commit}:{path}"])[0]
+        if found is None or found[1] != "blob":
+            return None, None
+        return found[0], found[2]
+
+    def blob_id(self, commit: Optional[str], path: str) -> Optional[str]:
+        if commit is None:
+            return None
+        proc = self.git("rev-parse", "-q", "--verify", f"{commit}:{path}", check=False)
+        return proc.stdout.decode().strip() or None
+
+    def write_blob(self, content: bytes) -> str:
+        return self.git("hash-object", "-w", "--stdin", input=content).stdout.decode().strip()
+
+    def build_tree(self, base_commit: Optional[str], changes: Mapping[str, Optional[bytes]]) -> str:
+        """The root tree of ``base_commit`` with ``changes`` applied (path -> content, or None to
+        delete), built with ``mktree`` only along the changed paths: cost grows with the depth of
+        the paths, not with the size of the repository, and the index is never used."""
+        blobs = {path: (self.write_blob(data) if data is not None else None)
+                 for path, data in changes.items()}
+        return self._edit_tree(f"{base_commit}^{{tree}}" if base_commit else None, "", blobs)
+
+    def _edit_tree(self, treeish: Optional[str], prefix: str, blobs: Mapping[str, Optional[str]]) -> str:
+        entries: Dict[str, TreeEntry] = {}
+        if treeish is not None:
+            found = self.read_objects([treeish])[0]
+            if found is not None and found[1] == "tree":
+                for entry in _parse_tree(found[2], self.hexlen):
+                    entries[entry[3]] = entry
+        children: Dict[str, Dict[str, Optional[str]]] = {}
+        for path, oid in blobs.items():
+            rel = path[len(prefix):]
+            head, sep, rest = rel.partition("/")
+            if sep:
+                children.setdefault(head, {})[path] = oid
+            elif oid is None:
+                entries.pop(head, None)
+            else:
+                entries[head] = ("100644", "blob", oid, head)
+        for name, sub in children.items():
+            existing = entries.get(name)
+            sub_treeish = existing[2] if existing and existing[1] == "tree" else None
+            sub_oid = self._edit_tree(sub_treeish, f"{prefix}{name}/", sub)
+            if sub_oid == self.empty_tree_oid():
+                entries.pop(name, None)
+            else:
+                entries[name] = ("040000", "tree", sub_oid, name)
+        text = "".join(f"{m} {t} {o}\t{n}\0" for m, t, o, n in entries.values())
+        proc = self.git("mktree", "-z", "--missing", input=text.encode("utf-8", "surrogateescape"))
+        return proc.stdout.decode().strip()
+
+    def empty_tree_oid(self) -> str:
+        return ("4b825dc642cb6eb9a060e54bf8d69288fbee4904" if self.hexlen == 40 else
+                "6ef19b41225c5369f1c104d45d8d85efa9b057b53b14b4b9b939dd74decc5321")
+
+    def commit_tree(self, tree: str, parent: Optional[str], message: str, author: str) -> str:
+        args = ["commit-tree", tree, "-m", message]
+        if parent:
+            args += ["-p", parent]
+        # --no-gpg-sign is not a commit-tree option; neutralise commit.gpgSign instead.
+        proc = run_git(self.root, "-c", "commit.gpgsign=false", *args, env=self.identity_env(author))
+        return proc.stdout.decode().strip()
+
+    # ----------------------------------------------------------------- the transaction
+
+    def transact(self, change: Callable[[Optional[str]], Optional[Tuple[Mapping[str, Optional[bytes]], str]]],
+                 *, author: str, fresh_for: float = 0.0,
+                 max_attempts: int = MAX_RACE_ATTEMPTS) -> "TxResult":
+        """Run one PROTOCOL.md transaction.
+
+        ``change(tip)`` reads what it needs at ``tip`` and returns ``(path -> new content,
+        commit message)``, or ``None`` when the change is already there (idempotent). Lost push
+        races are retried after a short, growing random delay; other failures raise.
+        """
+        delay = 0.02
+        tip = self.sync(fresh_for)
+        for attempt in range(1, max_attempts + 1):
+            planned = change(tip)
+            if planned is None:
+                return TxResult(commit=tip, changed=False, attempts=attempt)
+            files, message = planned
+            tree = self.build_tree(tip, files)
+            commit = self.commit_tree(tree, tip, message, author)
+            try:
+                self.push(commit, tip)
+            except PushRejected:
+                if attempt == max_attempts:
+                    raise
+                time.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 1.6, 0.8)
+                tip = self.fetch()
+                continue
+            return TxResult(commit=commit, changed=True, attempts=attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class TxResult:
+    __slots__ = ("commit", "changed", "attempts")
+
+    def __init__(self, commit: Optional[str], changed: bool, attempts: int) -> None:
+        self.commit = commit
+        self.changed = changed
+        self.attempts = attempts
+
+    def __repr__(self) -> str:
+        return f"TxResult(commit={self.commit!r}, changed={self.changed}, attempts={self.attempts})"

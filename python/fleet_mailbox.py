@@ -1,0 +1,275 @@
+"""The shared mailbox, ``coordination/messages.json``: reading, addressing and pure changes.
+
+Contract: PROTOCOL.md ("A message", "Bad input"). A mailbox is kept as the parsed JSON document
+itself, so unknown fields, key order and message order survive every change. Changes are pure
+functions of a document; they report whether anything changed, which makes every transaction
+idempotent. Invalid entries are skipped by readers (with a warning naming their position) and
+kept byte-for-byte in meaning by writers.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import re
+import secrets
+import time
+from typing import Any, Container, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+
+from fleet_common import BROADCAST, SuiteError, is_valid_server_id, parse_timestamp
+
+log = logging.getLogger(__name__)
+
+MessageKey = Tuple[str, str]  # (id, lower-case from): PROTOCOL.md "Identity"
+
+MESSAGE_TYPES = ("info", "request", "response", "heartbeat", "warning", "update", "ack")
+PRIORITIES = ("low", "normal", "high", "urgent")
+
+
+class MailboxCorrupt(SuiteError):
+    """The remote ``messages.json`` does not parse; nothing may be written on top of it."""
+
+    def __init__(self, blob: Optional[str], reason: str) -> None:
+        self.blob = blob
+        super().__init__(
+            f"coordination/messages.json on the remote does not parse ({reason}); "
+            "run message_monitor.py --repair"
+        )
+
+
+def new_message_id(now: Optional[float] = None) -> str:
+    """``msg_<unix seconds>_<12 hex from a CSPRNG>``: unique even for senders in the same second."""
+    return f"msg_{int(now if now is not None else time.time())}_{secrets.token_hex(6)}"
+
+
+def message_key(msg: Mapping[str, Any]) -> MessageKey:
+    return (str(msg.get("id")), str(msg.get("from", "")).lower())
+
+
+def key_str(key: MessageKey) -> str:
+    """A message key as one string (for JSON state files)."""
+    return f"{key[1]}\x1f{key[0]}"
+
+
+def key_from_str(text: str) -> MessageKey:
+    sender, _, mid = text.partition("\x1f")
+    return (mid, sender)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_document(raw: Optional[bytes], blob: Optional[str] = None) -> Dict[str, Any]:
+    """The mailbox document from a blob's bytes (absent or blank: an empty mailbox).
+
+    Raises :class:`MailboxCorrupt` when the text is not JSON or has no message list.
+    """
+    if raw is None or not raw.strip():
+        return {"messages": []}
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))  # PowerShell 5 writes a BOM
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MailboxCorrupt(blob, _short(exc)) from None
+    if not isinstance(data, dict):
+        raise MailboxCorrupt(blob, "top level is not an object")
+    messages = data.setdefault("messages", [])
+    if isinstance(messages, dict):  # PowerShell's ConvertTo-Json unrolls a one-element array
+        data["messages"] = [messages]
+    elif not isinstance(messages, list):
+        raise MailboxCorrupt(blob, "'messages' is not a list")
+    return data
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+def serialize(data: Mapping[str, Any]) -> bytes:
+    """UTF-8 JSON, ``indent=2``, ASCII-escaped, final newline (PROTOCOL.md)."""
+    return (json.dumps(data, indent=2, ensure_ascii=True) + "\n").encode("ascii")
+
+
+def entry_problem(entry: Any) -> Optional[str]:
+    """Why an entry is not a valid message, or ``None`` when it is."""
+    if not isinstance(entry, dict):
+        return f"not an object ({type(entry).__name__})"
+    for field in ("id", "from"):
+        value = entry.get(field)
+        if not isinstance(value, str) or not value.strip():
+            return f"'{field}' is missing or not a string"
+    to = entry.get("to")
+    if isinstance(to, list):
+        if not to or not all(isinstance(item, str) for item in to):
+            return "'to' is an empty list or holds a non-string"
+    elif not isinstance(to, str):
+        return "'to' is missing or not a string or list"
+    for field in ("subject", "body", "type", "priority", "timestamp"):
+        value = entry.get(field)
+        if value is not None and not isinstance(value, str):
+            return f"'{field}' is not a string"
+    for field in ("read_by", "acknowledged_by"):
+        value = entry.get(field)
+        if value is not None and not isinstance(value, list):
+            return f"'{field}' is not a list"
+    return None
+
+
+def valid_messages(data: Mapping[str, Any], *, warn: bool = True) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(position, message) for every valid entry; invalid ones are skipped with a warning."""
+    for index, entry in enumerate(data.get("messages", [])):
+        problem = entry_problem(entry)
+        if problem is None:
+            yield index, entry
+        elif warn:
+            log.warning("mailbox entry #%d skipped: %s", index, problem,
+                        extra={"metadata": {"position": index, "problem": problem}})
+
+
+def recipients(msg: Mapping[str, Any]) -> Optional[Set[str]]:
+    """Lower-case server ids in ``to``; ``None`` for a broadcast. Invalid ids match no one."""
+    to = msg.get("to")
+    items = to if isinstance(to, list) else [to]
+    names = [item.strip().lower() for item in items if isinstance(item, str)]
+    if BROADCAST in names:
+        return None
+    return {name for name in names if is_valid_server_id(name)}
+
+
+def is_direct(msg: Mapping[str, Any]) -> bool:
+    """To exactly one server (a list of one id counts as that id)."""
+    rcpt = recipients(msg)
+    to = msg.get("to")
+    return rcpt is not None and len(rcpt) == 1 and (isinstance(to, str) or len(to) == 1)
+
+
+def is_addressed_to(msg: Mapping[str, Any], server: str) -> bool:
+    if str(msg.get("from", "")).lower() == server:
+        return False
+    rcpt = recipients(msg)
+    return rcpt is None or server in rcpt
+
+
+def _lower_list(value: Any) -> List[str]:
+    return [item.lower() for item in value if isinstance(item, str)] if isinstance(value, list) else []
+
+
+def is_handled_by(msg: Mapping[str, Any], server: str, local: Container[MessageKey] = frozenset()) -> bool:
+    """PROTOCOL.md: in ``read_by``, or ``read`` true and ``to`` names the server alone, or local state."""
+    if server in _lower_list(msg.get("read_by")):
+        return True
+    if msg.get("read") is True and is_direct(msg):
+        return True
+    return message_key(msg) in local
+
+
+def message_time(msg: Mapping[str, Any]) -> Optional[_dt.datetime]:
+    return parse_timestamp(msg.get("timestamp"))
+
+
+def find_message(data: Mapping[str, Any], msg_id: str, sender: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The last valid message with this id (and sender, when given)."""
+    found = None
+    for _, msg in valid_messages(data, warn=False):
+        if msg["id"] == msg_id and (sender is None or msg["from"].lower() == sender.lower()):
+            found = msg
+    return found
+
+
+# --------------------------------------------------------------------------- changes
+
+
+def has_message(data: Mapping[str, Any], key: MessageKey) -> bool:
+    return any(message_key(msg) == key for _, msg in valid_messages(data, warn=False))
+
+
+def append_message(data: Dict[str, Any], msg: Dict[str, Any]) -> bool:
+    """Add ``msg`` unless a message with the same id and sender is already there."""
+    if has_message(data, message_key(msg)):
+        return False
+    data["messages"].append(msg)
+    return True
+
+
+def mark_handled(data: Dict[str, Any], server: str, keys: Iterable[MessageKey],
+                 acknowledge: Iterable[MessageKey] = ()) -> int:
+    """Record that ``server`` processed these messages; return how many changed.
+
+    ``read_by`` gains the server; the legacy ``read`` flag is set only for a message to this
+    server alone, so one reader never hides a broadcast from the others. Messages in
+    ``acknowledge`` also gain the server in ``acknowledged_by`` and ``ack_status: acknowledged``.
+    """
+    wanted = set(keys)
+    acks = set(acknowledge)
+    wanted |= acks
+    changed = 0
+    for _, msg in valid_messages(data, warn=False):
+        key = message_key(msg)
+        if key not in wanted or not is_addressed_to(msg, server):
+            continue
+        touched = False
+        read_by = msg.get("read_by")
+        if not isinstance(read_by, list):
+            read_by = msg["read_by"] = [] if read_by is None else read_by
+            touched = True
+        if server not in _lower_list(read_by):
+            read_by.append(server)
+            touched = True
+        if is_direct(msg) and msg.get("read") is not True:
+            msg["read"] = True
+            touched = True
+        if key in acks:
+            acked = msg.get("acknowledged_by")
+            if not isinstance(acked, list):
+                acked = msg["acknowledged_by"] = []
+            if server not in _lower_list(acked):
+                acked.append(server)
+                touched = True
+            if msg.get("ack_status") != "acknowledged":
+                msg["ack_status"] = "acknowledged"
+                touched = True
+        if touched:
+            changed += 1
+    return changed
+
+
+_RE_PREFIX = re.compile(r"^\s*(?:(?:re|aw|sv|fw|fwd)\s*(?:\[\d+\])?\s*:\s*)+", re.IGNORECASE)
+
+
+def strip_reply_prefixes(subject: Any) -> str:
+    return _RE_PREFIX.sub("", str(subject or "")).strip()
+
+
+def reply_subject(subject: Any) -> str:
+    """Exactly one ``Re: `` in front, however many the original had (issue: "Re: Re: Re: ...")."""
+    base = strip_reply_prefixes(subject)
+    return f"Re: {base}" if base else "Re: (no subject)"
+
+
+def is_reply_subject(subject: Any) -> bool:
+    return bool(re.match(r"^\s*re\s*(?:\[\d+\])?\s*:", str(subject or ""), re.IGNORECASE))
+
+
+# --------------------------------------------------------------------------- blob-level changes
+
+
+def append_to_blob(raw: Optional[bytes], blob: Optional[str], msg: Dict[str, Any],
+                   key: MessageKey) -> Optional[bytes]:
+    """The new mailbox text with ``msg`` appended, or ``None`` when it is already there."""
+    data = parse_document(raw, blob)
+    if has_message(data, key):
+        return None
+    data["messages"].append(msg)
+    return serialize(data)
+
+
+def lookup_message(clone: Any, tip: Optional[str], msg_id: str,
+                   sender: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Find a message by id in the mailbox at ``tip`` (``None`` when absent or unreadable)."""
+    blob, raw = clone.read_file(tip, "coordination/messages.json")
+    try:
+        data = parse_document(raw, blob)
+    except MailboxCorrupt:
+        return None
+    return find_message(data, msg_id, sender)

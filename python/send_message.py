@@ -1,0 +1,364 @@
+"""Send one message to the fleet through the shared git repository.
+
+Usage::
+
+    python3 python/send_message.py "Hello fleet" "Test Subject" --to all
+    python3 python/send_message.py - "Build log" --to build1 < log.txt   # body from stdin
+
+The message is appended to ``coordination/messages.json`` by the PROTOCOL.md transaction (a commit
+built with plumbing on the fetched branch, pushed as a compare-and-swap, verified by the remote);
+the working tree and index of the clone are never touched.
+
+Importable: ``send_message(body, subject=None, to="all", ...)`` returns a :class:`SendResult`
+that is truthy only when the message is sent and verified, and always carries the message id.
+
+Exit codes: 0 sent and verified; 2 bad usage or bad input; 75 not deliverable now, queued in
+``<server>/queue/message_queue.json`` for the monitor to deliver; 1 any other failure (one-line
+reason on stderr); 130 interrupted by Ctrl+C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from fleet_common import (
+    BROADCAST,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TEMPFAIL,
+    EXIT_USAGE,
+    SuiteError,
+    UsageError,
+    default_repo_path,
+    iso_utc,
+    normalize_server_id,
+    resolve_server_id,
+)
+from fleet_git import MAILBOX_PATH, STANDALONE_FRESHNESS, Clone, GitError, RemoteUnavailable
+from fleet_mailbox import (
+    MESSAGE_TYPES,
+    PRIORITIES,
+    MailboxCorrupt,
+    message_key,
+    new_message_id,
+    reply_subject,
+)
+
+log = logging.getLogger(__name__)
+
+QUICK_RETRY_WINDOW = 2.0  # a failure faster than this gets one quick retry before queueing
+
+
+class SendResult:
+    """What happened to one message. Truthy only when sent and verified by the remote."""
+
+    __slots__ = ("ok", "status", "message_id", "message", "reason", "commit", "attempts")
+
+    def __init__(self, ok: bool, status: str, message: Dict[str, Any], reason: str = "",
+                 commit: Optional[str] = None, attempts: int = 0) -> None:
+        self.ok = ok
+        self.status = status  # "sent" | "queued" | "failed"
+        self.message = message
+        self.message_id: str = message.get("id", "")
+        self.reason = reason
+        self.commit = commit
+        self.attempts = attempts
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __repr__(self) -> str:
+        return f"SendResult(ok={self.ok}, status={self.status!r}, message_id={self.message_id!r})"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"ok": self.ok, "status": self.status, "message_id": self.message_id,
+                "reason": self.reason, "commit": self.commit}
+
+
+def normalize_recipients(to: Union[str, Sequence[str]]) -> Union[str, List[str]]:
+    """``all``, one server id, or a list of ids (``a,b`` is a list); validated, lower-case."""
+    items: List[str] = []
+    for part in ([to] if isinstance(to, str) else list(to)):
+        items.extend(p.strip() for p in str(part).split(",") if p.strip())
+    if not items:
+        raise UsageError("--to needs a server id or 'all'")
+    ids = [normalize_server_id(item, allow_broadcast=True) for item in items]
+    if BROADCAST in ids:
+        if len(ids) > 1:
+            raise UsageError("--to 'all' cannot be combined with other servers")
+        return BROADCAST
+    unique = list(dict.fromkeys(ids))
+    return unique[0] if len(unique) == 1 else unique
+
+
+def build_message(body: str, subject: Optional[str], to: Union[str, Sequence[str]], priority: str,
+                  msg_type: str, sender: str, *, ack_required: bool = False,
+                  in_reply_to: Optional[str] = None, auto: bool = False,
+                  message_id: Optional[str] = None,
+                  extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """A new message with the ten fields every sender writes, then the optional ones."""
+    if not isinstance(body, str) or not body.strip():
+        raise UsageError("the message body is empty")
+    prio = str(priority).strip().lower()
+    if prio not in PRIORITIES:
+        raise UsageError(f"invalid priority {priority!r}: use one of {', '.join(PRIORITIES)}")
+    kind = str(msg_type).strip().lower()
+    if kind not in MESSAGE_TYPES:
+        raise UsageError(f"invalid type {msg_type!r}: use one of {', '.join(MESSAGE_TYPES)}")
+    if subject is None or not str(subject).strip():
+        first = body.strip().splitlines()[0].strip()
+        subject = first if len(first) <= 60 else first[:57] + "..."
+    now = time.time()
+    msg: Dict[str, Any] = {
+        "id": message_id or new_message_id(now),
+        "from": sender,
+        "to": normalize_recipients(to),
+        "subject": str(subject),
+        "body": body,
+        "type": kind,
+        "priority": prio,
+        "timestamp": iso_utc(),
+        "read": False,
+        "ack_required": bool(ack_required),
+    }
+    if ack_required:
+        msg["ack_status"] = "pending"
+        msg["acknowledged_by"] = []
+    if in_reply_to:
+        msg["in_reply_to"] = in_reply_to
+    if auto:
+        msg["auto"] = True
+    if extra:
+        for key, value in extra.items():
+            msg.setdefault(key, value)
+    return msg
+
+
+def commit_subject(msg: Dict[str, Any]) -> str:
+    """``<from> -> <to>: <subject>``, as the older tools wrote it (one line)."""
+    to = msg["to"]
+    target = ",".join(to) if isinstance(to, list) else to
+    subject = " ".join(str(msg.get("subject") or "").split())
+    return f"{msg['from']} -> {target}: {subject}"[:200]
+
+
+def deliver(clone: Clone, msg: Dict[str, Any], *, fresh_for: float = STANDALONE_FRESHNESS):
+    """Append ``msg`` to the shared mailbox by one transaction; idempotent on (id, from).
+
+    Raises :class:`RemoteUnavailable`, :class:`MailboxCorrupt` or :class:`GitError`.
+    """
+    from fleet_mailbox import append_to_blob
+
+    key = message_key(msg)
+
+    def change(tip: Optional[str]):
+        blob, raw = clone.read_file(tip, MAILBOX_PATH)
+        new_raw = append_to_blob(raw, blob, msg, key)
+        if new_raw is None:
+            return None  # already delivered (an earlier push landed, its answer was lost)
+        return {MAILBOX_PATH: new_raw}, commit_subject(msg)
+
+    return clone.transact(change, author=msg["from"], fresh_for=fresh_for)
+
+
+def _find_original(clone: Clone, msg_id: str) -> Optional[Dict[str, Any]]:
+    from fleet_mailbox import lookup_message
+
+    return lookup_message(clone, clone.tip(), msg_id)
+
+
+def send_message(body: str, subject: Optional[str] = None, to: Union[str, Sequence[str], None] = "all",
+                 priority: str = "normal", msg_type: str = "info",
+                 from_sender: Optional[str] = None, build_repo_path: Optional[str] = None, *,
+                 ack_required: bool = False, reply_to: Optional[str] = None,
+                 branch: Optional[str] = None, auto: bool = False, queue: bool = True,
+                 message_id: Optional[str] = None, extra: Optional[Dict[str, Any]] = None,
+                 clone: Optional[Clone] = None) -> SendResult:
+    """Send one message and verify it on the remote.
+
+    Bad input raises :class:`UsageError` before any file or git operation. When the remote
+    cannot be reached, or its mailbox does not parse, the message goes to the retry queue
+    (``queue=True``) and the result is falsy with ``status == "queued"``.
+    """
+    sender = resolve_server_id(from_sender)
+    if to is None and not reply_to:
+        to = BROADCAST
+    if clone is None:
+        clone = Clone(build_repo_path or default_repo_path(), branch)
+
+    if reply_to:
+        original = _find_original(clone, reply_to)
+        if original is None:
+            try:
+                clone.fetch()
+                original = _find_original(clone, reply_to)
+            except RemoteUnavailable:
+                original = None
+        if original is None and to is None:
+            raise UsageError(f"--reply-to {reply_to}: no such message in the mailbox; give --to")
+        if original is not None:
+            if to is None:
+                to = str(original.get("from", ""))
+            if subject is None:
+                subject = reply_subject(original.get("subject"))
+    msg = build_message(body, subject, to if to is not None else BROADCAST, priority, msg_type, sender,
+                        ack_required=ack_required, in_reply_to=reply_to, auto=auto,
+                        message_id=message_id, extra=extra)
+    return deliver_or_queue(clone, msg, queue=queue)
+
+
+def deliver_or_queue(clone: Clone, msg: Dict[str, Any], *, queue: bool = True) -> SendResult:
+    """Deliver now; when that cannot be done now, queue (one quick retry at most)."""
+    if queue and _breaker_open(clone, msg["from"]):
+        return _queue(clone, msg, "the circuit breaker is open (the remote was unreachable)")
+    started = time.monotonic()
+    for attempt in (1, 2):
+        try:
+            tx = deliver(clone, msg)
+        except MailboxCorrupt as exc:
+            if not queue:
+                return SendResult(False, "failed", msg, str(exc))
+            return _queue(clone, msg, "the remote mailbox does not parse and needs "
+                                      "message_monitor.py --repair")
+        except RemoteUnavailable as exc:
+            quick = time.monotonic() - started < QUICK_RETRY_WINDOW
+            if attempt == 1 and quick:
+                time.sleep(0.3)
+                continue
+            if not queue:
+                return SendResult(False, "failed", msg, f"remote unreachable: {exc.reason}")
+            return _queue(clone, msg, f"remote unreachable: {exc.reason}")
+        return SendResult(True, "sent", msg, commit=tx.commit, attempts=tx.attempts)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _breaker_open(clone: Clone, server: str) -> bool:
+    """True while the monitor's persisted circuit breaker says the remote is down."""
+    from fleet_common import state_dir
+
+    path = state_dir(clone.root, server) / "circuit_breaker.json"
+    if not path.is_file():
+        return False
+    try:
+        from circuit_breaker import CircuitBreaker
+
+        return CircuitBreaker(state_path=str(path)).get_status().get("state") == "OPEN"
+    except Exception:  # noqa: BLE001 - an unreadable breaker never blocks a send
+        return False
+
+
+def _queue(clone: Clone, msg: Dict[str, Any], reason: str) -> SendResult:
+    from message_queue import MessageQueue
+
+    MessageQueue(str(clone.root), msg["from"]).enqueue(msg, reason=reason)
+    log.warning("message %s queued: %s", msg["id"], reason,
+                extra={"metadata": {"id": msg["id"], "reason": reason}})
+    return SendResult(False, "queued", msg, reason)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="send_message.py",
+        description="Send a message to the fleet through the shared git repository.",
+        epilog="Exit codes: 0 sent and verified, 1 failure, 2 bad usage, "
+               "75 queued for the monitor to deliver, 130 interrupted.",
+    )
+    parser.add_argument("body", help="message text ('-' reads it from standard input)")
+    parser.add_argument("subject", nargs="?", default=None, help="subject (default: the body's first line)")
+    parser.add_argument("--to", default=None, help="server id, 'all' (default) or a comma-separated list")
+    parser.add_argument("--from", dest="sender", default=None, help="sending server id (default: $SERVER_ID or code2)")
+    parser.add_argument("--repo", default=None, help="fleet clone (default: $BUILD_REPO_PATH or K:/Projects/Build)")
+    parser.add_argument("--branch", default=None, help="shared branch (default: the remote's default)")
+    parser.add_argument("--priority", default="normal", type=str.lower, choices=PRIORITIES)
+    parser.add_argument("--type", dest="msg_type", default="info", type=str.lower, choices=MESSAGE_TYPES)
+    parser.add_argument("--ack-required", action="store_true", help="ask recipients to acknowledge")
+    parser.add_argument("--reply-to", default=None, metavar="ID", help="answer message ID (default --to: its sender)")
+    parser.add_argument("--no-queue", action="store_true", help="fail (exit 1) instead of queueing")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    return parser
+
+
+def _setup_cli_logging(repo: Optional[str], server: Optional[str]) -> None:
+    try:
+        from structured_log import setup_logging
+    except ImportError:  # pragma: no cover - the module is part of the suite
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+        return
+    try:
+        setup_logging(repo, server, console_level=logging.WARNING)
+    except SuiteError:
+        setup_logging(None, server, console_level=logging.WARNING)
+
+
+def _emit(text: str, stream=None) -> None:
+    stream = stream or sys.stdout
+    try:
+        from structured_log import console_safe
+
+        text = console_safe(text, stream)
+    except ImportError:  # pragma: no cover
+        pass
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        sender = resolve_server_id(args.sender)
+        repo = args.repo or default_repo_path()
+        body = sys.stdin.read() if args.body == "-" else args.body
+        to = args.to if args.to is not None else (None if args.reply_to else BROADCAST)
+        if to is not None:
+            normalize_recipients(to)  # refuse bad ids before touching anything
+        clone = Clone(repo, args.branch)
+        _setup_cli_logging(str(clone.root), sender)
+        result = send_message(body, args.subject, to, args.priority, args.msg_type, sender,
+                              ack_required=args.ack_required, reply_to=args.reply_to,
+                              queue=not args.no_queue, clone=clone)
+    except KeyboardInterrupt:
+        _emit("send_message: interrupted", sys.stderr)
+        return EXIT_INTERRUPTED
+    except UsageError as exc:
+        _emit(f"send_message: error: {exc}", sys.stderr)
+        return EXIT_USAGE
+    except GitError as exc:
+        log.debug("git failure: %s", exc.details())
+        _emit(f"send_message: error: {exc}", sys.stderr)
+        return EXIT_FAILURE
+    except SuiteError as exc:
+        _emit(f"send_message: error: {exc}", sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        import json
+
+        _emit(json.dumps(result.to_dict()))
+    if result.ok:
+        if not args.json and not args.quiet:
+            _emit(f"Sent {result.message_id} to {_describe_to(result.message['to'])} "
+                  f"(verified on origin at {str(result.commit)[:12]})")
+        return EXIT_OK
+    if result.status == "queued":
+        _emit(f"send_message: queued {result.message_id}: {result.reason}; "
+              "the monitor will deliver it", sys.stderr)
+        return EXIT_TEMPFAIL
+    _emit(f"send_message: error: {result.reason}", sys.stderr)
+    return EXIT_FAILURE
+
+
+def _describe_to(to: Any) -> str:
+    return ", ".join(to) if isinstance(to, list) else str(to)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

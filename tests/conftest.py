@@ -1,0 +1,116 @@
+"""Shared fixtures: hermetic git, bare origins and one clone per server (STYLE.md 13-15)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON_DIR = ROOT / "python"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+QUIRKY = FIXTURES / "quirky_messages.json"
+
+if str(PYTHON_DIR) not in sys.path:
+    sys.path.insert(0, str(PYTHON_DIR))
+
+
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path_factory, monkeypatch):
+    """No test reads or writes the developer's git config, home or fleet settings."""
+    home = tmp_path_factory.mktemp("home")
+    template = tmp_path_factory.mktemp("git-template")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("USERPROFILE", str(home))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(home / ".gitconfig"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_TEMPLATE_DIR", str(template))
+    for key, value in {
+        "GIT_AUTHOR_NAME": "Fleet Test", "GIT_AUTHOR_EMAIL": "fleet@example.invalid",
+        "GIT_COMMITTER_NAME": "Fleet Test", "GIT_COMMITTER_EMAIL": "fleet@example.invalid",
+    }.items():
+        monkeypatch.setenv(key, value)
+    for key in ("BUILD_REPO_PATH", "SERVER_ID", "MONITOR_INTERVAL", "NOTIFY_SOCKET",
+                "WATCHDOG_USEC", "WATCHDOG_PID", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE",
+                "NO_COLOR", "FORCE_COLOR"):
+        monkeypatch.delenv(key, raising=False)
+    yield
+
+
+def git(repo, *args: str, check: bool = True, input: Optional[bytes] = None) -> str:
+    """Run git in ``repo`` for a test (the suite's own runner, so the environment is the same)."""
+    from fleet_git import run_git
+
+    return run_git(repo, *args, check=check, input=input).stdout.decode("utf-8", "replace").strip()
+
+
+def empty_mailbox_bytes() -> bytes:
+    return b'{\n  "messages": []\n}\n'
+
+
+class Fleet:
+    """A bare ``origin`` and any number of server clones under one temporary folder."""
+
+    def __init__(self, base: Path, mailbox: Optional[bytes] = None, branch: str = "main") -> None:
+        self.base = base
+        self.branch = branch
+        self.origin = base / "origin.git"
+        git(base, "init", "--bare", "-q", "-b", branch, str(self.origin))
+        seed = base / "seed"
+        git(base, "init", "-q", "-b", branch, str(seed))
+        (seed / "coordination").mkdir()
+        (seed / "coordination" / "messages.json").write_bytes(
+            mailbox if mailbox is not None else empty_mailbox_bytes())
+        (seed / "README.md").write_text("Build repo\n")
+        git(seed, "add", "-A")
+        git(seed, "commit", "-q", "--no-gpg-sign", "-m", "initial")
+        git(seed, "remote", "add", "origin", str(self.origin))
+        git(seed, "push", "-q", "origin", f"{branch}:{branch}")
+        shutil.rmtree(seed)
+        self.clones: Dict[str, Path] = {}
+
+    def clone(self, server: str) -> Path:
+        path = self.base / server
+        git(self.base, "clone", "-q", str(self.origin), str(path))
+        self.clones[server] = path
+        return path
+
+    def remote_mailbox(self) -> dict:
+        raw = git(self.origin, "show", f"{self.branch}:coordination/messages.json")
+        return json.loads(raw)
+
+    def remote_messages(self) -> List[dict]:
+        return self.remote_mailbox()["messages"]
+
+    def remote_commits(self) -> List[str]:
+        return git(self.origin, "rev-list", self.branch).split()
+
+
+@pytest.fixture
+def fleet(tmp_path) -> Fleet:
+    return Fleet(tmp_path)
+
+
+@pytest.fixture
+def quirky_fleet(tmp_path) -> Fleet:
+    return Fleet(tmp_path, mailbox=QUIRKY.read_bytes())
+
+
+def run_script(script: str, *args: str, env: Optional[Dict[str, str]] = None,
+               timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run one of the suite's CLIs as a real process."""
+    full_env = dict(os.environ)
+    full_env.pop("PYTHONPATH", None)
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        [sys.executable, str(PYTHON_DIR / script), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, timeout=timeout,
+        text=True, encoding="utf-8", errors="replace", **kw,
+    )

@@ -1,0 +1,178 @@
+"""The mailbox format: every real-world quirk of the fixture is read, kept and written back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+from conftest import QUIRKY
+
+from fleet_common import parse_timestamp
+from fleet_mailbox import (
+    MailboxCorrupt,
+    append_to_blob,
+    entry_problem,
+    is_addressed_to,
+    is_handled_by,
+    mark_handled,
+    message_key,
+    new_message_id,
+    parse_document,
+    reply_subject,
+    serialize,
+    valid_messages,
+)
+
+CODE2_EXPECTED = [
+    "msg_1762250000_0001", "msg_1762250060_0002", "msg_1762250180_0004", "msg_1762250300_0006",
+    "msg_1762250360_0007", "msg_1762250420_0008", "msg_1762250480_0009", "msg_1762250540_0010",
+    "msg_1762250600_0011", "msg_1762250660_0012", "msg_1762250780_0015", "msg_1762250900_0017",
+    "msg_1762250900_0017", "msg_1762251020_0020", "msg_1762251080_0021",
+]
+
+
+@pytest.fixture
+def quirky():
+    return parse_document(QUIRKY.read_bytes())
+
+
+def test_invalid_entries_are_skipped_with_their_position(quirky, caplog):
+    caplog.set_level(logging.WARNING)
+    valid = [index for index, _ in valid_messages(quirky)]
+    assert 12 not in valid and 13 not in valid and 15 not in valid
+    assert len(valid) == len(quirky["messages"]) - 3
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("#12" in w and "not an object" in w for w in warned)
+    assert any("#13" in w and "'id'" in w for w in warned)
+    assert any("#15" in w and "'to'" in w for w in warned)
+
+
+def test_what_code2_receives(quirky):
+    got = [m["id"] for _, m in valid_messages(quirky, warn=False) if is_addressed_to(m, "code2")]
+    assert got == CODE2_EXPECTED
+
+
+def test_hostile_and_own_messages_match_no_one(quirky):
+    msgs = {m["id"]: m for _, m in valid_messages(quirky, warn=False)}
+    hostile = msgs["msg_1762251140_0022"]
+    assert not any(is_addressed_to(hostile, s) for s in ("code2", "build1", "build3", "etc", ".."))
+    own = msgs["msg_1762250960_0019"]
+    assert not is_addressed_to(own, "code2") and is_addressed_to(own, "build1")
+
+
+def test_colliding_ids_are_two_messages(quirky):
+    collided = [m for _, m in valid_messages(quirky, warn=False) if m["id"] == "msg_1762250900_0017"]
+    assert len({message_key(m) for m in collided}) == 2
+    changed = mark_handled(quirky, "code2", [message_key(collided[0])])
+    assert changed == 1
+    assert collided[0]["read"] is True and collided[1]["read"] is False
+
+
+def test_timestamps_in_every_real_form():
+    assert parse_timestamp("2025-11-04T08:00:00Z").second == 0
+    assert parse_timestamp("2025-11-04T08:01:00.123456Z").microsecond == 123456
+    assert parse_timestamp("2025-11-04T08:04:00.5Z").microsecond == 500000
+    assert parse_timestamp("2025-11-04 08:02").minute == 2
+    assert parse_timestamp("2025-11-04T10:00:00+02:00").hour == 8
+    assert parse_timestamp("yesterday-ish") is None
+    assert parse_timestamp(None) is None
+
+
+def test_round_trip_keeps_everything(quirky):
+    before = json.loads(QUIRKY.read_text(encoding="utf-8"))
+    keys = [message_key(m) for _, m in valid_messages(quirky, warn=False) if is_addressed_to(m, "code2")]
+    mark_handled(quirky, "code2", keys)
+    out = serialize(quirky)
+    after = json.loads(out)
+    assert len(after["messages"]) == len(before["messages"])
+    for old, new in zip(before["messages"], after["messages"]):
+        if not isinstance(old, dict):
+            assert new == old
+            continue
+        assert list(new)[:len(old)] == list(old), "key order kept"
+        for field, value in old.items():
+            if field not in ("read", "read_by"):
+                assert new[field] == value, field
+    # invalid entries untouched, unknown fields kept
+    assert after["messages"][12] == "this entry is not an object"
+    assert after["messages"][7]["tags"] == ["unicode", "round-trip"]
+    # ASCII-escaped, indent=2, final newline
+    assert out.endswith(b"\n") and out.isascii()
+    assert b'\\u2713' in out and b'\\ud83d\\ude80' in out
+    assert out.startswith(b'{\n  "messages": [\n    {\n      "id"')
+
+
+def test_read_marks_never_hide_a_broadcast(quirky):
+    msgs = {m["id"]: m for _, m in valid_messages(quirky, warn=False)}
+    broadcast = msgs["msg_1762250060_0002"]
+    mark_handled(quirky, "code2", [message_key(broadcast)])
+    assert broadcast["read"] is False
+    assert broadcast["read_by"] == ["code2"]
+    assert is_handled_by(broadcast, "code2") and not is_handled_by(broadcast, "build2")
+    listed = msgs["msg_1762250300_0006"]
+    mark_handled(quirky, "code2", [message_key(listed)])
+    assert listed["read"] is False and not is_handled_by(listed, "build1")
+    direct = msgs["msg_1762250180_0004"]  # to "Code2": matched case-insensitively
+    mark_handled(quirky, "code2", [message_key(direct)])
+    assert direct["read"] is True and direct["read_by"] == ["code2"]
+
+
+def test_legacy_read_broadcast_is_not_handled_by_others(quirky):
+    msgs = {m["id"]: m for _, m in valid_messages(quirky, warn=False)}
+    legacy = msgs["msg_1762250360_0007"]  # a broadcast an old tool marked read
+    assert legacy["read"] is True and not is_handled_by(legacy, "code2")
+
+
+def test_changes_are_idempotent(quirky):
+    key = ("msg_1762250000_0001", "architect")
+    assert mark_handled(quirky, "code2", [key], acknowledge=[key]) == 1
+    assert mark_handled(quirky, "code2", [key], acknowledge=[key]) == 0
+    raw = serialize(quirky)
+    msg = {"id": "msg_1762250000_0001", "from": "architect", "to": "code2"}
+    assert append_to_blob(raw, None, msg, message_key(msg)) is None
+
+
+def test_acknowledgement_fields(quirky):
+    key = ("msg_1762250000_0001", "architect")
+    mark_handled(quirky, "code2", [], acknowledge=[key])
+    msg = quirky["messages"][0]
+    assert msg["acknowledged_by"] == ["code2"] and msg["ack_status"] == "acknowledged"
+
+
+@pytest.mark.parametrize("raw", [b"<<<<<<< HEAD\n{}", b"[1, 2]", b'{"messages": 3}', b"\xff\xfe"])
+def test_unparseable_mailbox_is_refused(raw):
+    with pytest.raises(MailboxCorrupt):
+        parse_document(raw, "abc")
+
+
+def test_absent_or_blank_mailbox_is_empty():
+    assert parse_document(None) == {"messages": []}
+    assert parse_document(b"  \n") == {"messages": []}
+
+
+def test_powershell_bom_and_single_object_are_read():
+    doc = parse_document(b'\xef\xbb\xbf{"messages": {"id": "a", "from": "x", "to": "all"}}')
+    assert doc["messages"][0]["id"] == "a"
+
+
+def test_new_ids_never_use_the_colliding_scheme():
+    ids = {new_message_id(1762254639) for _ in range(2000)}
+    assert len(ids) == 2000
+    assert all(re.match(r"^msg_1762254639_[0-9a-f]{12}$", i) for i in ids)
+
+
+@pytest.mark.parametrize("subject,expected", [
+    ("Kick-off", "Re: Kick-off"), ("Re: Re: Re: Kick-off", "Re: Kick-off"),
+    ("RE:re: x", "Re: x"), ("Re[2]: y", "Re: y"), (None, "Re: (no subject)"),
+])
+def test_reply_subject_has_exactly_one_re(subject, expected):
+    assert reply_subject(subject) == expected
+
+
+def test_entry_problem_types():
+    assert entry_problem({"id": "a", "from": "b", "to": ["x", 1]}) is not None
+    assert entry_problem({"id": "a", "from": "b", "to": []}) is not None
+    assert entry_problem({"id": "a", "from": "b", "to": "x", "subject": None}) is None
+    assert entry_problem({"id": "a", "from": "b", "to": "x", "read_by": "code2"}) is not None

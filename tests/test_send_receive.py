@@ -1,0 +1,358 @@
+"""send_message and message_monitor on real git: bare origins, one clone per server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON_DIR, QUIRKY, Fleet, git, run_script
+from test_mailbox import CODE2_EXPECTED
+
+from fleet_git import Clone
+from message_monitor import Monitor, init_fleet
+from send_message import send_message
+
+
+def monitor_for(path: Path, server: str, shown: list, **kw) -> Monitor:
+    return Monitor(Clone(path), server, 1.0, show=shown.append, one_shot=True, **kw)
+
+
+def test_send_in_one_clone_receive_in_another(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    result = send_message("Build 4411 is green.", "Nightly build", to="code2", from_sender="build1",
+                          build_repo_path=str(b1))
+    assert result and result.status == "sent" and result.message_id.startswith("msg_")
+    msgs = fleet.remote_messages()
+    assert [m["id"] for m in msgs] == [result.message_id]
+    assert list(msgs[0])[:10] == ["id", "from", "to", "subject", "body", "type", "priority",
+                                  "timestamp", "read", "ack_required"]
+    log = git(fleet.origin, "log", "-1", "--format=%s")
+    assert log == "build1 -> code2: Nightly build"
+    shown: list = []
+    report = monitor_for(c2, "code2", shown).cycle()
+    assert report.ok and [m["id"] for m in shown] == [result.message_id]
+    after = fleet.remote_messages()[0]
+    assert after["read"] is True and after["read_by"] == ["code2"]
+
+
+def test_cli_seed_usage_and_env_defaults(fleet):
+    b1 = fleet.clone("build1")
+    proc = run_script("send_message.py", "Hello fleet", "Test Subject", "--to", "all",
+                      env={"BUILD_REPO_PATH": str(b1), "SERVER_ID": "Build1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Sent msg_") and "verified" in proc.stdout
+    msg = fleet.remote_messages()[-1]
+    assert msg["from"] == "build1" and msg["to"] == "all" and msg["subject"] == "Test Subject"
+    proc = run_script("send_message.py", "Please check", "--to", "code2,build2", "--from", "build1",
+                      "--repo", str(b1), "--priority", "HIGH", "--type", "request", "--ack-required")
+    assert proc.returncode == 0, proc.stderr
+    msg = fleet.remote_messages()[-1]
+    assert msg["to"] == ["code2", "build2"] and msg["priority"] == "high"
+    assert msg["type"] == "request" and msg["ack_required"] is True and msg["ack_status"] == "pending"
+    proc = run_script("send_message.py", "Got it", "--reply-to", msg["id"], "--repo", str(b1),
+                      "--from", "code2")
+    assert proc.returncode == 0, proc.stderr
+    reply = fleet.remote_messages()[-1]
+    assert reply["to"] == "build1" and reply["in_reply_to"] == msg["id"]
+    assert reply["subject"] == "Re: Please check"
+
+
+def test_quirky_mailbox_survives_a_round_trip(quirky_fleet):
+    c2 = quirky_fleet.clone("code2")
+    before = json.loads(QUIRKY.read_text(encoding="utf-8"))["messages"]
+    shown: list = []
+    monitor_for(c2, "code2", shown).cycle()
+    assert [m["id"] for m in shown] == CODE2_EXPECTED
+    b1 = quirky_fleet.clone("build1")
+    assert send_message("after the quirks", to="code2", from_sender="build1", build_repo_path=str(b1))
+    after = quirky_fleet.remote_messages()
+    assert len(after) == len(before) + 1
+    for old, new in zip(before, after):
+        if isinstance(old, dict):
+            assert {k: v for k, v in new.items() if k not in ("read", "read_by")} == \
+                {k: v for k, v in old.items() if k not in ("read",)}
+        else:
+            assert new == old
+    raw = git(quirky_fleet.origin, "show", "main:coordination/messages.json").encode()
+    assert raw.isascii() and b'\\u4f60\\u597d' in raw
+
+
+def test_restart_never_shows_a_message_twice(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    send_message("one", to="code2", from_sender="build1", build_repo_path=str(b1))
+    shown: list = []
+    monitor_for(c2, "code2", shown).cycle()
+    assert len(shown) == 1
+    # a restarted monitor (new process state) with the read mark on the remote
+    again: list = []
+    monitor_for(c2, "code2", again).cycle()
+    assert again == []
+    send_message("two", to="code2", from_sender="build1", build_repo_path=str(b1))
+    monitor_for(c2, "code2", again).cycle()
+    assert [m["body"] for m in again] == ["two"]
+
+
+def test_marks_that_could_not_be_pushed_are_kept_and_pushed_later(fleet, tmp_path):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    send_message("one", to="code2", from_sender="build1", build_repo_path=str(b1))
+    mon = monitor_for(c2, "code2", [])
+    mon._poll_remote()
+    mon._process_mailbox(mon.clone.tip(), __import__("message_monitor").CycleReport())
+    hidden = tmp_path / "origin-away.git"
+    fleet.origin.rename(hidden)  # the remote disappears between showing and marking
+    try:
+        report = __import__("message_monitor").CycleReport()
+        mon._push_marks(report)
+        assert report.marks_pending == 1
+    finally:
+        hidden.rename(fleet.origin)
+    state = json.loads((c2 / "code2" / "state" / "monitor_state.json").read_text())
+    assert len(state["pending_marks"]) == 1
+    # a new process picks the pending mark up and pushes it, showing nothing again
+    shown: list = []
+    report = monitor_for(c2, "code2", shown).cycle()
+    assert shown == [] and report.marked == 1
+    assert fleet.remote_messages()[0]["read_by"] == ["code2"]
+
+
+def test_long_history_of_handled_mail_is_not_new(tmp_path):
+    messages = [{"id": f"msg_17000000{i:02d}_{i:012x}", "from": "build1", "to": "code2",
+                 "subject": f"old {i}", "body": "x", "type": "info", "priority": "normal",
+                 "timestamp": "2025-01-01T00:00:00Z", "read": True, "ack_required": False}
+                for i in range(60)]
+    messages += [{"id": "msg_1700000100_b", "from": "build1", "to": "all", "subject": "old bc",
+                  "body": "x", "timestamp": "2025-01-01T00:00:00Z", "read": False,
+                  "read_by": ["code2", "build2"]}]
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": messages}, indent=2).encode())
+    c2 = fleet.clone("code2")
+    shown: list = []
+    before = fleet.remote_commits()
+    monitor_for(c2, "code2", shown).cycle()
+    assert shown == [] and fleet.remote_commits() == before
+
+
+def test_broadcast_reaches_everyone_and_stays_unread_for_the_others(fleet):
+    b1 = fleet.clone("build1")
+    clones = {s: fleet.clone(s) for s in ("code2", "build2", "build3")}
+    send_message("deploy at 5", "Deploy", to="all", from_sender="build1", build_repo_path=str(b1))
+    seen = {}
+    for server in ("code2", "build2"):
+        shown: list = []
+        monitor_for(clones[server], server, shown).cycle()
+        seen[server] = [m["subject"] for m in shown]
+    assert seen == {"code2": ["Deploy"], "build2": ["Deploy"]}
+    msg = fleet.remote_messages()[0]
+    assert msg["read"] is False and sorted(msg["read_by"]) == ["build2", "code2"]
+    late: list = []
+    monitor_for(clones["build3"], "build3", late).cycle()
+    assert [m["subject"] for m in late] == ["Deploy"]
+    own: list = []
+    monitor_for(b1, "build1", own).cycle()
+    assert own == []
+
+
+def test_a_persons_work_in_the_clone_is_never_touched(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    (c2 / "README.md").write_text("Build repo\nlocal edit, not committed\n")
+    (c2 / "notes.txt").write_text("untracked\n")
+    (c2 / "wip.txt").write_text("staged\n")
+    git(c2, "add", "wip.txt")
+    status_before = git(c2, "status", "--porcelain")
+    shown: list = []
+    for i in range(3):
+        assert send_message(f"m{i}", to="code2", from_sender="build1", build_repo_path=str(b1))
+        monitor_for(c2, "code2", shown).cycle()
+        assert git(c2, "status", "--porcelain") == status_before
+        assert (c2 / "README.md").read_text().endswith("local edit, not committed\n")
+    assert len(shown) == 3
+    # the clean-path case: it fast-forwarded past mail commits while keeping the edits
+    assert git(c2, "rev-parse", "HEAD") == git(c2, "rev-parse", "origin/main")
+    # local commits: never rebased or reset, mail keeps flowing
+    (c2 / "local.txt").write_text("commit\n")
+    git(c2, "add", "local.txt")
+    git(c2, "commit", "-q", "--no-gpg-sign", "-m", "local work", "--", "local.txt")
+    head = git(c2, "rev-parse", "HEAD")
+    assert send_message("m3", to="code2", from_sender="build1", build_repo_path=str(b1))
+    monitor_for(c2, "code2", shown).cycle()
+    assert git(c2, "rev-parse", "HEAD") == head and len(shown) == 4
+    assert git(c2, "status", "--porcelain") == status_before
+    for marker in ("MERGE_HEAD", "rebase-merge", "rebase-apply"):
+        assert not (c2 / ".git" / marker).exists()
+
+
+def test_conflicting_local_edit_blocks_fast_forward_not_mail(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    # someone pushes a change to README.md; code2 has an uncommitted edit of the same file
+    (b1 / "README.md").write_text("changed upstream\n")
+    git(b1, "commit", "-q", "-am", "upstream", "--no-gpg-sign")
+    git(b1, "push", "-q", "origin", "main")
+    (c2 / "README.md").write_text("my edit\n")
+    assert send_message("hi", to="code2", from_sender="build1", build_repo_path=str(b1))
+    shown: list = []
+    report = monitor_for(c2, "code2", shown).cycle()
+    assert len(shown) == 1 and report.fast_forward == "refused"
+    assert (c2 / "README.md").read_text() == "my edit\n"
+    git(c2, "checkout", "-q", "-b", "feature")
+    assert send_message("hi2", to="code2", from_sender="build1", build_repo_path=str(b1))
+    report = monitor_for(c2, "code2", shown).cycle()
+    assert len(shown) == 2 and report.fast_forward == "other-branch"
+
+
+SENDER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {python!r})
+    from send_message import send_message
+    repo, server, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    for i in range(count):
+        r = send_message(f"{{server}} #{{i}}", to="all", from_sender=server, build_repo_path=repo,
+                         queue=False)
+        if not r:
+            print("FAILED", r.reason, file=sys.stderr)
+            sys.exit(1)
+""")
+
+
+def test_concurrent_senders_lose_and_duplicate_nothing(fleet, tmp_path):
+    script = tmp_path / "sender.py"
+    script.write_text(SENDER.format(python=str(PYTHON_DIR)))
+    clones = [fleet.clone(f"s{i}") for i in range(4)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(c), f"s{i}", "10"],
+                              stderr=subprocess.PIPE, text=True)
+             for i, c in enumerate(clones)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err
+    bodies = [m["body"] for m in fleet.remote_messages()]
+    assert sorted(bodies) == sorted(f"s{i} #{j}" for i in range(4) for j in range(10))
+    ids = [m["id"] for m in fleet.remote_messages()]
+    assert len(set(ids)) == 40
+    for commit in fleet.remote_commits():
+        raw = git(fleet.origin, "show", f"{commit}:coordination/messages.json")
+        json.loads(raw)
+    assert git(fleet.origin, "rev-list", "--merges", "main") == ""
+    for c in clones:
+        assert git(c, "status", "--porcelain") == ""
+        for marker in ("MERGE_HEAD", "rebase-merge", "rebase-apply"):
+            assert not (c / ".git" / marker).exists()
+
+
+@pytest.mark.parametrize("bad", ["../x", "a b", "", "all", "x/y", "A" * 65])
+def test_bad_server_ids_are_refused_before_anything(fleet, bad):
+    c2 = fleet.clone("code2")
+    before = sorted(p.name for p in c2.iterdir())
+    proc = run_script("send_message.py", "hi", "--from", bad, "--repo", str(c2))
+    assert proc.returncode == 2 and "invalid server id" in proc.stderr
+    proc = run_script("send_message.py", "hi", "--to", bad if bad != "all" else "x y", "--repo", str(c2))
+    assert proc.returncode == 2
+    proc = run_script("message_monitor.py", "--server", bad, "--repo", str(c2), "--once")
+    assert proc.returncode == 2 and "invalid server id" in proc.stderr
+    assert sorted(p.name for p in c2.iterdir()) == before
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_repos_are_refused(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    git(tmp_path, "init", "-q", str(tmp_path / "noorigin"))
+    for repo in (tmp_path / "missing", plain, tmp_path / "noorigin"):
+        for script, args in (("send_message.py", ["hi"]), ("message_monitor.py", ["--once"])):
+            proc = run_script(script, *args, "--repo", str(repo))
+            assert proc.returncode == 2, (script, repo, proc.stderr)
+            assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "missing").exists()
+    assert sorted(p.name for p in plain.iterdir()) == []
+
+
+def test_remote_branch_without_mailbox_is_an_empty_mailbox(tmp_path):
+    origin = tmp_path / "o.git"
+    git(tmp_path, "init", "--bare", "-q", "-b", "main", str(origin))
+    c2 = tmp_path / "code2"
+    git(tmp_path, "clone", "-q", str(origin), str(c2))
+    shown: list = []
+    assert monitor_for(c2, "code2", shown).cycle().ok
+    assert send_message("first ever", to="code2", from_sender="build1", build_repo_path=str(c2))
+    monitor_for(c2, "code2", shown).cycle()
+    assert [m["body"] for m in shown] == ["first ever"]
+
+
+def test_init_creates_a_fleet_and_adds_a_mailbox_to_a_clone(tmp_path):
+    repo = tmp_path / "demo" / "Build"
+    proc = run_script("message_monitor.py", "--init", "--repo", str(repo))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "demo" / "Build.origin.git").is_dir()
+    assert json.loads((repo / "coordination" / "messages.json").read_text()) == {"messages": []}
+    proc = run_script("message_monitor.py", "--repo", str(repo), "--once")
+    assert proc.returncode == 0, proc.stderr
+    assert git(repo, "status", "--porcelain") == ""
+    # an existing clone without a mailbox gets one by the transaction
+    origin = tmp_path / "other.git"
+    git(tmp_path, "init", "--bare", "-q", "-b", "main", str(origin))
+    seed = tmp_path / "seed"
+    git(tmp_path, "clone", "-q", str(origin), str(seed))
+    (seed / "src.txt").write_text("x\n")
+    git(seed, "add", "src.txt")
+    git(seed, "commit", "-q", "--no-gpg-sign", "-m", "project")
+    git(seed, "push", "-q", "origin", "HEAD:main")
+    assert init_fleet(seed) == "added a mailbox to the existing clone"
+    assert init_fleet(seed) == "already a fleet repository"
+    assert git(origin, "show", "main:src.txt") == "x"
+
+
+def test_author_falls_back_to_the_server_id(fleet, monkeypatch):
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("EMAIL", "")
+    b1 = fleet.clone("build1")
+    assert send_message("hi", from_sender="build1", build_repo_path=str(b1))
+    assert git(fleet.origin, "log", "-1", "--format=%an <%ae>") == "build1 <build1@fleet.invalid>"
+    git(b1, "config", "user.name", "Build One")
+    git(b1, "config", "user.email", "b1@example.org")
+    assert send_message("hi", from_sender="build1", build_repo_path=str(b1))
+    assert git(fleet.origin, "log", "-1", "--format=%an <%ae>") == "Build One <b1@example.org>"
+
+
+def test_redelivery_of_the_same_message_lands_once(fleet):
+    b1 = fleet.clone("build1")
+    first = send_message("once", to="code2", from_sender="build1", build_repo_path=str(b1),
+                         message_id="msg_1_aaaaaaaaaaaa")
+    again = send_message("once", to="code2", from_sender="build1", build_repo_path=str(b1),
+                         message_id="msg_1_aaaaaaaaaaaa")
+    assert first and again
+    assert [m["id"] for m in fleet.remote_messages()] == ["msg_1_aaaaaaaaaaaa"]
+
+
+def test_stale_known_tip_costs_only_a_retry(fleet):
+    b1, b2 = fleet.clone("build1"), fleet.clone("build2")
+    assert send_message("from b1", from_sender="build1", build_repo_path=str(b1))
+    # b2's last fetch is recent, so it pushes from its known (stale) tip, is rejected, refetches
+    clone = Clone(b2)
+    clone.fetch()
+    assert send_message("from b1 again", from_sender="build1", build_repo_path=str(b1))
+    result = send_message("from b2", from_sender="build2", clone=clone)
+    assert result and result.attempts == 2
+    assert [m["body"] for m in fleet.remote_messages()] == ["from b1", "from b1 again", "from b2"]
+
+
+def test_monitor_stops_on_sigterm_with_exit_0(fleet):
+    if os.name == "nt":
+        pytest.skip("POSIX signal delivery")
+    import signal
+    import time
+
+    c2 = fleet.clone("code2")
+    proc = subprocess.Popen([sys.executable, str(PYTHON_DIR / "message_monitor.py"), "--repo", str(c2),
+                             "--server", "code2", "--interval", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    status = c2 / "code2" / "state" / "monitor_status.json"
+    deadline = time.monotonic() + 30
+    while not status.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert git(c2, "status", "--porcelain") == ""
