@@ -463,3 +463,80 @@ class TxResult:
 
     def __repr__(self) -> str:
         return f"TxResult(commit={self.commit!r}, changed={self.changed}, attempts={self.attempts})"
+
+
+# --------------------------------------------------------------------------- stale locks
+
+STALE_LOCK_AGE: Final = 120.0  # seconds (the seed: locks older than 2 minutes are stale)
+_TOP_LOCKS = ("index.lock", "HEAD.lock", "packed-refs.lock", "config.lock", "shallow.lock",
+              "ORIG_HEAD.lock", "FETCH_HEAD.lock")
+
+
+def lock_files(git_dir: Path) -> List[Path]:
+    """Lock files git leaves behind when killed: top-level ones and any under ``refs/``."""
+    found = [git_dir / name for name in _TOP_LOCKS if (git_dir / name).exists()]
+    refs = git_dir / "refs"
+    if refs.is_dir():
+        for folder, _dirs, files in os.walk(refs):
+            found.extend(Path(folder) / name for name in files if name.endswith(".lock"))
+    return found
+
+
+def git_busy_in(repo_root: Path, git_dir: Path) -> bool:
+    """Whether a running git process may be working in this repository (psutil).
+
+    A git process whose working folder or command line we cannot read counts as busy: a lock is
+    only ever removed when we are sure nobody holds it.
+    """
+    import psutil  # lazy: only needed when a stale-looking lock exists
+
+    roots = {str(repo_root.resolve()), str(git_dir.resolve())}
+    me = os.getpid()
+    for proc in psutil.process_iter(["name", "pid"]):
+        try:
+            name = (proc.info.get("name") or "").lower()
+            if proc.info.get("pid") == me or not name.startswith("git"):
+                continue
+            cwd = proc.cwd()
+            cmd = " ".join(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        except psutil.AccessDenied:
+            return True
+        if any(cwd == r or cwd.startswith(r + os.sep) for r in roots) or any(r in cmd for r in roots):
+            return True
+    return False
+
+
+def remove_stale_locks(repo_root: Path, git_dir: Path, *, max_age: float = STALE_LOCK_AGE,
+                       now: Optional[float] = None) -> List[Tuple[Path, float]]:
+    """Remove git lock files older than ``max_age`` when no git process works in the repo.
+
+    Returns what was removed with each file's age; every removal is logged.
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
+    now = time.time() if now is None else now
+    stale = []
+    for path in lock_files(git_dir):
+        try:
+            age = now - path.stat().st_mtime
+        except OSError:
+            continue
+        if age > max_age:
+            stale.append((path, age))
+    if not stale or git_busy_in(repo_root, git_dir):
+        return []
+    removed = []
+    for path, age in stale:
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.warning("could not remove stale git lock %s: %s", path, exc)
+            continue
+        removed.append((path, age))
+        log.warning("removed stale git lock %s (%.0f s old, no git process running here)",
+                    path.relative_to(git_dir), age,
+                    extra={"metadata": {"path": str(path), "age_seconds": round(age, 1)}})
+    return removed

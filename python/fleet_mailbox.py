@@ -264,12 +264,84 @@ def append_to_blob(raw: Optional[bytes], blob: Optional[str], msg: Dict[str, Any
     return serialize(data)
 
 
-def lookup_message(clone: Any, tip: Optional[str], msg_id: str,
-                   sender: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    """Find a message by id in the mailbox at ``tip`` (``None`` when absent or unreadable)."""
-    blob, raw = clone.read_file(tip, "coordination/messages.json")
-    try:
-        data = parse_document(raw, blob)
-    except MailboxCorrupt:
-        return None
-    return find_message(data, msg_id, sender)
+# --------------------------------------------------------------------------- repair
+
+
+def salvage_messages(text: str) -> List[Dict[str, Any]]:
+    """Every message-like JSON object that can be read from a broken mailbox text.
+
+    A legacy merge once committed conflict markers into the file: the objects between the
+    markers are intact JSON, so each ``{`` is tried as the start of an object and every object
+    with an ``id`` is kept (nested objects are skipped with their parent).
+    """
+    decoder = json.JSONDecoder()
+    found: List[Dict[str, Any]] = []
+    pos = text.find("{")
+    while pos != -1:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except ValueError:
+            pos = text.find("{", pos + 1)
+            continue
+        if isinstance(value, dict) and "id" in value and ("from" in value or "to" in value):
+            found.append(value)
+            pos = text.find("{", end)
+        elif isinstance(value, dict) and isinstance(value.get("messages"), list):
+            found.extend(m for m in value["messages"] if isinstance(m, dict) and "id" in m)
+            pos = text.find("{", end)
+        else:
+            pos = text.find("{", pos + 1)
+    return found
+
+
+def _merge_lists(a: Any, b: Any) -> Any:
+    if not isinstance(a, list) or not isinstance(b, list):
+        return a if isinstance(a, list) else b
+    merged = list(a)
+    merged.extend(item for item in b if item not in merged)
+    return merged
+
+
+def merge_copies(kept: Dict[str, Any], other: Dict[str, Any]) -> bool:
+    """Fold a second copy of the same message into ``kept``: read receipts and acks are unions."""
+    changed = False
+    for field in ("read_by", "acknowledged_by"):
+        if field in other:
+            merged = _merge_lists(kept.get(field), other[field])
+            if merged != kept.get(field):
+                kept[field] = merged
+                changed = True
+    if other.get("read") is True and kept.get("read") is not True:
+        kept["read"] = True
+        changed = True
+    if other.get("ack_status") == "acknowledged" and kept.get("ack_status") != "acknowledged":
+        kept["ack_status"] = "acknowledged"
+        changed = True
+    for field, value in other.items():
+        if field not in kept:
+            kept[field] = value
+            changed = True
+    return changed
+
+
+def repair_document(good: Optional[Dict[str, Any]], broken_text: str) -> Tuple[Dict[str, Any], int, int]:
+    """The last good document plus every message salvaged from the broken text.
+
+    Returns (document, messages kept from the good version, messages salvaged that it lacked).
+    Nothing readable is lost: copies of a message already kept only add their read receipts.
+    """
+    doc = good if good is not None else {"messages": []}
+    by_key: Dict[MessageKey, Dict[str, Any]] = {}
+    for _, msg in valid_messages(doc, warn=False):
+        by_key.setdefault(message_key(msg), msg)
+    kept = len(doc["messages"])
+    salvaged = 0
+    for msg in salvage_messages(broken_text):
+        key = message_key(msg)
+        if key in by_key:
+            merge_copies(by_key[key], msg)
+        else:
+            by_key[key] = msg
+            doc["messages"].append(msg)
+            salvaged += 1
+    return doc, kept, salvaged

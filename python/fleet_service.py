@@ -101,7 +101,9 @@ class SystemdNotifier:
                  clock: Callable[[], float] = time.monotonic) -> None:
         source = os.environ if env is None else env
         self._clock = clock
-        self._lock = threading.Lock()
+        # Reentrant: a stop handler (a signal handler, run in the main thread between two
+        # bytecodes) may call stopping() while the interrupted code is inside notify().
+        self._lock = threading.RLock()
         self._sock: Optional[socket.socket] = None
         self._sock_pid = 0
         self._warned = False
@@ -229,7 +231,7 @@ def _one_line(text: str) -> str:
 
 
 _default_notifier: Optional[SystemdNotifier] = None
-_default_lock = threading.Lock()
+_default_lock = threading.RLock()
 
 
 def default_notifier() -> SystemdNotifier:

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from fleet_common import (
     EXIT_FAILURE,
@@ -41,6 +41,7 @@ from fleet_common import (
     atomic_write_json,
     default_interval,
     default_repo_path,
+    dump_json_bytes,
     iso_utc,
     load_state_file,
     normalize_server_id,
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_DELAYS = (2.0, 4.0, 8.0)  # the seed's retry delays for a failed fetch
 HEALTH_EVERY = 10  # iterations between health checks (the seed)
+RULES_PATH = "coordination/auto_reply_rules.json"
 STATUS_REWRITE_IDLE = 60.0  # seconds between status-file rewrites while idle
 PROCESSED_CAP = 20000  # local processed keys kept (the mailbox's read_by is the lasting record)
 STATE_VERSION = 1
@@ -149,6 +151,9 @@ class CycleReport:
         self.marks_pending = 0
         self.fast_forward: Optional[str] = None
         self.error: Optional[str] = None
+        self.sent = 0
+        self.replies = 0
+        self.heartbeat = False
 
     def summary(self) -> str:
         if self.skipped:
@@ -156,19 +161,40 @@ class CycleReport:
         if self.error:
             return f"error: {self.error}"
         parts = [f"{len(self.new_messages)} new", f"{self.marked} marked read"]
+        if self.sent:
+            parts.append(f"{self.sent} delivered from the queue")
         if self.marks_pending:
             parts.append(f"{self.marks_pending} marks pending")
         return ", ".join(parts)
 
 
 class Monitor:
-    """The polling loop of one server. Library code: it logs and returns, never prints."""
+    """The polling loop of one server. Library code: it logs and returns, never prints.
+
+    Collaborators are created from the repository and server unless given: the retry queue,
+    the circuit breaker (persisted under ``<server>/state/``), metrics, the systemd notifier and
+    the automatic responder. Tests pass small thresholds and an event to stop on.
+    """
 
     def __init__(self, clone: Clone, server: str, interval: float = 10.0, *,
                  show: Optional[Callable[[Dict[str, Any]], None]] = None,
                  one_shot: bool = False,
                  backoff: Sequence[float] = BACKOFF_DELAYS,
-                 stop_event: Optional[threading.Event] = None) -> None:
+                 stop_event: Optional[threading.Event] = None,
+                 breaker: Any = None,
+                 failure_threshold: int = 5, open_seconds: float = 300.0,
+                 queue: Any = None, metrics: Any = None, notifier: Any = None,
+                 responder: Any = None, auto_reply: bool = True,
+                 rules_path: Optional[str] = None,
+                 heartbeat_minutes: Optional[float] = None,
+                 metrics_textfile: Optional[str] = None,
+                 auto_archive_days: Optional[float] = None,
+                 preflight_timeout: float = 5.0) -> None:
+        from circuit_breaker import CircuitBreaker
+        from fleet_git import PushRejected
+        from message_queue import MessageQueue
+        from monitoring_metrics import MetricsCollector
+
         self.clone = clone
         self.repo = clone.root
         self.server = normalize_server_id(server)
@@ -178,50 +204,126 @@ class Monitor:
         self.backoff = tuple(backoff)
         self.stop_event = stop_event or threading.Event()
         self.state = MonitorState(self.repo, self.server)
+        self.queue = queue if queue is not None else MessageQueue(str(self.repo), self.server)
+        self.breaker = breaker if breaker is not None else CircuitBreaker(
+            failure_threshold, open_seconds,
+            state_path=str(state_dir(self.repo, self.server) / "circuit_breaker.json"),
+            exclude=(PushRejected,))
+        self.breaker.add_listener(self._on_breaker_change)
+        self.metrics = metrics if metrics is not None else MetricsCollector(str(self.repo), self.server)
+        self.notifier = notifier
+        self.preflight_timeout = preflight_timeout
+        self.heartbeat_seconds = heartbeat_minutes * 60 if heartbeat_minutes else None
+        self.metrics_textfile = metrics_textfile
+        self.auto_archive_days = auto_archive_days
         self.iterations = 0
         self.known_tip: Optional[str] = None
         self.processed_tip: Optional[str] = None
         self.cached_blob: Optional[str] = None
+        self.corrupt_blob: Optional[str] = None
         self.corrupt_blobs_logged: Set[str] = set()
         self.warned_entries: Set[str] = set()
         self.ff_warned: Optional[str] = None
+        self.marks_warned: Optional[str] = None
         self.started_at = time.time()
         self.last_fetch_ok: Optional[float] = None
         self.last_status_write = 0.0
         self.status_dirty = True
+        self.preflight_needed = False
+        self.last_health: Optional[str] = None
         self.last_report: Optional[CycleReport] = None
+        self.restart_requested = False
+        self.failed_upgrades: Set[str] = set()
+        self.responder = responder
+        if responder is None and auto_reply:
+            self.responder = self._make_responder(rules_path)
 
-    # ----------------------------------------------------------------- helpers
+    # ----------------------------------------------------------------- collaborators
+
+    def _make_responder(self, rules_path: Optional[str]):
+        from auto_reply import AutoResponder, ReplyLedger, RuleSource
+
+        ledger = ReplyLedger(state_dir(self.repo, self.server) / "auto_reply.json")
+        self.rule_source = RuleSource(rules_path)
+        return AutoResponder(self.server, self.rule_source, ledger,
+                             status_provider=self.status_snapshot, started_at=self.started_at,
+                             version=SUITE_VERSION)
+
+    def _on_breaker_change(self, old: Any, new: Any, status: Dict[str, Any]) -> None:
+        self.status_dirty = True
+        if self.notifier is not None:
+            self.notifier.status(f"circuit breaker {getattr(new, 'value', new)}")
 
     def _sleep(self, seconds: float) -> bool:
-        """Sleep unless asked to stop; True when a stop was requested."""
-        return self.stop_event.wait(seconds)
+        """Sleep unless asked to stop, feeding the systemd watchdog; True when stopping."""
+        from fleet_service import interruptible_sleep
+
+        return interruptible_sleep(seconds, self.stop_event, self.notifier)
+
+    def _timed(self, op: str, fn: Callable[[], Any]) -> Any:
+        started = time.monotonic()
+        ok = False
+        try:
+            result = fn()
+            ok = True
+            return result
+        finally:
+            self.metrics.record_operation(op, (time.monotonic() - started) * 1000.0, ok)
+
+    # ----------------------------------------------------------------- the remote
 
     def _poll_remote(self) -> Optional[str]:
         """The remote tip; fetch only when it moved. One network call when idle."""
-        remote = self.clone.remote_tip()
+        remote = self._timed("ls_remote", self.clone.remote_tip)
         self.last_fetch_ok = time.time()
         if remote is not None and remote == self.known_tip:
             return remote
         local = self.clone.tip()
         if remote is not None and remote != local:
-            local = self.clone.fetch()
+            local = self._timed("git_fetch", self.clone.fetch)
         self.known_tip = local
         return local
 
+    def _preflight(self) -> Optional[str]:
+        """Why the remote cannot be reached (DNS, TCP, HTTP), or ``None`` when it can."""
+        from network_check import test_connectivity
+
+        try:
+            result = test_connectivity(str(self.repo), timeout=self.preflight_timeout)
+        except SuiteError as exc:
+            return str(exc)
+        if result.get("success"):
+            return None
+        return str(result.get("message") or "connectivity check failed")
+
     def _poll_with_backoff(self) -> Optional[str]:
+        """Poll; after a failure retry after 2 s, 4 s and 8 s (never in a one-shot command)."""
+        from fleet_git import RemoteUnavailable as Unavailable
+
         delays = () if self.one_shot else self.backoff
-        last: Optional[RemoteUnavailable] = None
+        last: Optional[Exception] = None
         for attempt, delay in enumerate((0.0, *delays)):
             if delay and self._sleep(delay):
                 break
+            if self.preflight_needed:
+                problem = self._preflight()
+                if problem is not None:
+                    last = Unavailable(["network_check"], None, b"", b"", problem)
+                    log.info("pre-flight %d failed: %s", attempt + 1, problem,
+                             extra={"metadata": {"attempt": attempt + 1, "step": "preflight"}})
+                    continue
             try:
-                return self._poll_remote()
+                tip = self._poll_remote()
             except RemoteUnavailable as exc:
                 last = exc
+                self.preflight_needed = True
                 log.info("fetch attempt %d failed: %s", attempt + 1, exc.reason,
                          extra={"metadata": {"attempt": attempt + 1}})
-        assert last is not None
+                continue
+            self.preflight_needed = False
+            return tip
+        if last is None:  # stopped during the backoff
+            raise RemoteUnavailable(["fetch"], None, b"", b"", "stopped during backoff")
         raise last
 
     # ----------------------------------------------------------------- one cycle
@@ -229,42 +331,75 @@ class Monitor:
     def cycle(self) -> CycleReport:
         report = CycleReport()
         self.iterations += 1
+        if self.notifier is not None:
+            self.notifier.watchdog()
+        from fleet_git import remove_stale_locks
+
+        remove_stale_locks(self.repo, self.clone.git_dir)
+        if not self.breaker.can_execute():
+            status = self.breaker.get_status()
+            report.skipped = f"circuit breaker open until {status.get('retry_at')}"
+            self._finish(report, busy=False)
+            return report
+        if self.breaker.get_status().get("state") == "HALF_OPEN":
+            self.preflight_needed = True
         try:
             tip = self._poll_with_backoff()
         except RemoteUnavailable as exc:
+            self.breaker.record_failure(exc.reason)
+            self.metrics.increment("git_pull_failure")
+            self.metrics.increment("errors")
             report.ok = False
             report.error = f"remote unreachable: {exc.reason}"
             log.warning("cannot reach the remote: %s", exc.reason,
                         extra={"metadata": {"step": "fetch", "error": exc.reason}})
-            self._finish(report)
+            self._finish(report, busy=True)
             return report
+        self.breaker.record_success()
+        self.metrics.increment("git_pull_success")
         report.tip = tip
-        if tip != self.processed_tip:
+        changed = tip != self.processed_tip
+        if changed:
             try:
                 self._process_mailbox(tip, report)
             except MailboxCorrupt as exc:
                 report.ok = False
                 report.error = str(exc)
-        if not self.stop_event.is_set() or self.one_shot:
-            self._push_marks(report)
-        if tip != self.processed_tip and report.ok:
+        self._drain_queue(report)
+        self._push_marks(report)
+        if changed and report.ok:
             report.fast_forward = self.fast_forward()
-            self.processed_tip = self.clone.tip()
-        self._finish(report)
+            self.processed_tip = self.known_tip
+        self._periodic(report)
+        self._finish(report, busy=bool(report.new_messages or report.marked or report.sent
+                                        or report.error))
         return report
 
-    def _process_mailbox(self, tip: Optional[str], report: CycleReport) -> None:
+    def _read_mailbox(self, tip: Optional[str]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+        """(blob id, document) at ``tip``; the document is ``None`` when the blob is unchanged."""
         blob = self.clone.blob_id(tip, MAILBOX_PATH)
         if blob is not None and blob == self.cached_blob:
-            return
+            return blob, None
+        if blob is not None and blob == self.corrupt_blob:
+            raise MailboxCorrupt(blob, "unchanged since it was found corrupt")
         _, raw = self.clone.read_file(tip, MAILBOX_PATH)
         try:
             data = parse_document(raw, blob)
         except MailboxCorrupt as exc:
-            if blob not in self.corrupt_blobs_logged:
+            self.corrupt_blob = blob
+            if str(blob) not in self.corrupt_blobs_logged:  # once per blob (PROTOCOL.md)
                 self.corrupt_blobs_logged.add(str(blob))
                 log.critical("%s", exc, extra={"metadata": {"blob": blob}})
             raise
+        self.corrupt_blob = None
+        return blob, data
+
+    def _process_mailbox(self, tip: Optional[str], report: CycleReport) -> None:
+        if self.responder is not None:
+            self._refresh_rules(tip)
+        blob, data = self._read_mailbox(tip)
+        if data is None:
+            return
         self._warn_invalid(data)
         for _, msg in valid_messages(data, warn=False):
             if not is_addressed_to(msg, self.server):
@@ -278,8 +413,76 @@ class Monitor:
             log.info("new message %s from %s: %s", msg["id"], msg.get("from"), msg.get("subject"),
                      extra={"metadata": {"id": msg["id"], "from": msg.get("from"),
                                          "priority": msg.get("priority")}})
+            self.metrics.increment("messages_received")
             self.show(msg)
+            self._auto_reply(msg, report)
         self.cached_blob = blob
+
+    def _refresh_rules(self, tip: Optional[str]) -> None:
+        source = getattr(self, "rule_source", None)
+        if source is None:
+            return
+        blob, raw = self.clone.read_file(tip, RULES_PATH)
+        source.update_from_shared(blob, raw)
+
+    def _auto_reply(self, msg: Dict[str, Any], report: CycleReport) -> None:
+        """Decide and queue an automatic reply; the queue delivers it in this cycle.
+
+        The message is already recorded as processed, so no restart can decide on it again;
+        the reply is durable in the queue before the ledger records it (at most one reply).
+        """
+        if self.responder is None:
+            return
+        decision = self.responder.decide(msg)
+        if decision is None:
+            return
+        if decision.acknowledge:
+            self.state.record(message_key(msg), ack=True)
+            self.state.save()
+        if decision.reply:
+            from send_message import build_message
+
+            fields = dict(decision.reply)
+            reply = build_message(fields.pop("body"), fields.pop("subject"), fields.pop("to"),
+                                  fields.pop("priority", "normal"), fields.pop("type", "response"),
+                                  self.server, in_reply_to=fields.pop("in_reply_to", None),
+                                  auto=bool(fields.pop("auto", True)), extra=fields)
+            self.queue.enqueue(reply, reason="automatic reply", kind="reply")
+            self.metrics.increment("auto_responses")
+            report.replies += 1
+            self.responder.commit(msg, decision, reply["id"])
+            log.info("automatic %s reply %s to %s for %s", decision.kind, reply["id"], reply["to"],
+                     msg["id"], extra={"metadata": {"rule": decision.rule, "in_reply_to": msg["id"]}})
+        else:
+            self.responder.commit(msg, decision, None)
+
+    def _drain_queue(self, report: CycleReport) -> None:
+        """Deliver due queued messages (sends that found the remote down, automatic replies)."""
+        from send_message import deliver
+
+        if self.corrupt_blob is not None:
+            return  # never write on top of a corrupt mailbox; attempts are not spent meanwhile
+        for entry in self.queue.get_due():
+            if self.stop_event.is_set() and not self.one_shot:
+                break
+            msg = entry.get("message") or {}
+            sender = entry.get("from")
+            try:
+                tx = self._timed("send", lambda m=msg: deliver(self.clone, m, fresh_for=self.interval))
+            except MailboxCorrupt:
+                return
+            except (RemoteUnavailable, GitError) as exc:
+                updated = self.queue.increment_attempts(entry["id"], str(exc), sender=sender)
+                log.warning("queued message %s not delivered (attempt %s): %s", entry["id"],
+                            updated.get("attempts"), exc, extra={"metadata": {"id": entry["id"]}})
+                self.metrics.increment("errors")
+                return  # the remote is struggling: the rest waits for the next cycle
+            self.queue.mark_sent(entry["id"], sender=sender)
+            self.metrics.increment("messages_sent")
+            report.sent += 1
+            if tx.commit:
+                self.known_tip = tx.commit
+            log.info("delivered queued message %s", entry["id"], extra={"metadata": {"id": entry["id"]}})
 
     def _warn_invalid(self, data: Dict[str, Any]) -> None:
         from fleet_mailbox import entry_problem
@@ -300,6 +503,9 @@ class Monitor:
         acks = set(self.state.pending_acks)
         if not marks and not acks:
             return
+        if self.corrupt_blob is not None:
+            report.marks_pending = len(marks)
+            return
         server = self.server
 
         def change(tip: Optional[str]):
@@ -312,17 +518,24 @@ class Monitor:
             return {MAILBOX_PATH: serialize(data)}, f"{server}: mark {changed} {noun} read"
 
         try:
-            tx = self.clone.transact(change, author=server, fresh_for=max(self.interval, 1.0))
+            tx = self._timed("mark_read", lambda: self.clone.transact(
+                change, author=server, fresh_for=max(self.interval, 1.0)))
         except (RemoteUnavailable, MailboxCorrupt, GitError) as exc:
             report.marks_pending = len(marks)
-            log.warning("read marks kept for a later cycle: %s", exc,
-                        extra={"metadata": {"pending": len(marks)}})
+            if self.marks_warned != str(exc):
+                self.marks_warned = str(exc)
+                log.warning("read marks kept for a later cycle: %s", exc,
+                            extra={"metadata": {"pending": len(marks)}})
             return
+        self.marks_warned = None
         if tx.changed:
             report.marked = len(marks)
             self.known_tip = tx.commit
+            self.metrics.increment("messages_processed", len(marks))
         self.state.marks_pushed(marks, acks)
         self.state.save()
+
+    # ----------------------------------------------------------------- the working tree
 
     def fast_forward(self) -> str:
         """Fast-forward the checked-out branch when nothing local can be touched (PROTOCOL.md)."""
@@ -351,6 +564,7 @@ class Monitor:
             return self._ff_warn(reason[0] if reason else "git merge --ff-only failed", "refused")
         self.ff_warned = None
         log.info("working tree fast-forwarded to %s", tip[:12], extra={"metadata": {"tip": tip}})
+        self._check_upgrade(head, tip)
         return "fast-forwarded"
 
     def _ff_warn(self, reason: str, outcome: str) -> str:
@@ -360,9 +574,146 @@ class Monitor:
                         "branch and keeps flowing)", reason, extra={"metadata": {"reason": reason}})
         return outcome
 
-    def _finish(self, report: CycleReport) -> None:
+    def _check_upgrade(self, old: str, new: str) -> None:
+        """When the fast-forward changed the suite's own files, restart into the new version
+        after this cycle, unless the new version fails its self-check (then stay, and say so)."""
+        suite = Path(__file__).resolve().parent
+        try:
+            rel = suite.relative_to(self.repo.resolve())
+        except ValueError:
+            return  # the suite does not live in this clone
+        diff = run_git(self.repo, "diff", "--quiet", old, new, "--", rel.as_posix() or ".", check=False)
+        if diff.returncode == 0 or new in self.failed_upgrades:
+            return
+        from fleet_service import self_check
+
+        problem = self_check(sys.executable, str(suite / "message_monitor.py"))
+        if problem is not None:
+            self.failed_upgrades.add(new)
+            log.error("new suite version at %s fails its self-check, staying on the running "
+                      "version: %s", new[:12], problem, extra={"metadata": {"commit": new}})
+            return
+        log.warning("the suite's files changed in %s: restarting into the new version", new[:12],
+                    extra={"metadata": {"commit": new}})
+        self.restart_requested = True
+        self.stop_event.set()
+
+    # ----------------------------------------------------------------- periodic work
+
+    def _periodic(self, report: CycleReport) -> None:
+        if self.iterations % HEALTH_EVERY == 1 or HEALTH_EVERY == 1:
+            self._health_check()
+        if self.heartbeat_seconds:
+            self._maybe_heartbeat(report)
+        if self.auto_archive_days:
+            self._maybe_archive()
+
+    def _health_check(self) -> Optional[Dict[str, Any]]:
+        try:
+            from system_health import get_system_health
+
+            health = get_system_health(str(self.repo), self.server)
+        except Exception as exc:  # noqa: BLE001 - a health probe must never stop the monitor
+            log.error("health check failed: %s", exc)
+            return None
+        overall = health.get("overall")
+        if overall != self.last_health:
+            level = logging.INFO if overall == "HEALTHY" else logging.WARNING
+            problems = {k: v.get("message") for k, v in health.get("checks", {}).items()
+                        if isinstance(v, dict) and v.get("status") != "HEALTHY"}
+            log.log(level, "health is %s%s", overall, f": {problems}" if problems else "",
+                    extra={"metadata": {"overall": overall, "was": self.last_health}})
+            self.last_health = overall
+        return health
+
+    def status_snapshot(self) -> Dict[str, Any]:
+        """This server's real state, for automatic status replies."""
+        health = self._health_check() or {}
+        checks = health.get("checks", {})
+        stats = self.queue.stats()
+        return {
+            "overall": health.get("overall"),
+            "disk_free_gb": checks.get("disk", {}).get("free_gb"),
+            "memory_percent": checks.get("memory", {}).get("percent"),
+            "cpu_percent": checks.get("cpu", {}).get("percent"),
+            "queue_pending": stats.get("pending"), "queue_dead": stats.get("dead"),
+            "breaker": self.breaker.get_status().get("state"),
+            "last_fetch_age_s": (time.time() - self.last_fetch_ok) if self.last_fetch_ok else None,
+            "checks": {k: v.get("message") for k, v in checks.items() if isinstance(v, dict)},
+        }
+
+    def _maybe_heartbeat(self, report: CycleReport) -> None:
+        last = self.state.extra.get("last_heartbeat_at")
+        now = time.time()
+        if isinstance(last, (int, float)) and now - last < float(self.heartbeat_seconds or 0):
+            return
+        try:
+            tx = self._timed("heartbeat", self.publish_heartbeat)
+        except (RemoteUnavailable, GitError) as exc:
+            log.warning("heartbeat not published: %s", exc)
+            return
+        self.state.extra["last_heartbeat_at"] = now
+        self.state.dirty = True
+        self.state.save()
+        self.metrics.increment("heartbeats")
+        report.heartbeat = True
+        if tx.commit:
+            self.known_tip = tx.commit
+
+    def publish_heartbeat(self):
+        """Write ``<server>/heartbeat.json`` (the fleet's format) by one transaction."""
+        health = self._health_check() or {}
+        checks = health.get("checks", {})
+        memory = checks.get("memory", {})
+        doc = {
+            "server": self.server,
+            "timestamp": iso_utc(),
+            "uptime_seconds": int(time.time() - self.started_at),
+            "healthy": health.get("overall") != "CRITICAL",
+            "system": {
+                "cpu_usage": checks.get("cpu", {}).get("percent"),
+                "memory_used_gb": memory.get("used_gb"),
+                "disk_free_gb": checks.get("disk", {}).get("free_gb"),
+            },
+        }
+        data = dump_json_bytes(doc)
+        path = f"{self.server}/heartbeat.json"
+        return self.clone.transact(lambda tip: ({path: data}, f"{self.server}: heartbeat"),
+                                   author=self.server, fresh_for=max(self.interval, 1.0))
+
+    def _maybe_archive(self) -> None:
+        last = self.state.extra.get("last_archive_at")
+        now = time.time()
+        if isinstance(last, (int, float)) and now - last < 86400:
+            return
+        from fleet_archive import archive_mailbox
+
+        try:
+            result = archive_mailbox(self.clone, self.server, float(self.auto_archive_days or 0))
+        except (RemoteUnavailable, MailboxCorrupt, GitError) as exc:
+            log.warning("automatic archive pass failed: %s", exc)
+            return
+        self.state.extra["last_archive_at"] = now
+        self.state.dirty = True
+        self.state.save()
+        if result.get("archived"):
+            log.info("archived %d messages", result["archived"], extra={"metadata": result})
+
+    # ----------------------------------------------------------------- bookkeeping
+
+    def _finish(self, report: CycleReport, *, busy: bool) -> None:
         self.last_report = report
         self.write_status(report)
+        self.metrics.maybe_flush(busy)
+        if self.metrics_textfile:
+            if busy or self.iterations % 6 == 1:
+                try:
+                    self.metrics.write_prometheus_textfile(self.metrics_textfile)
+                except OSError as exc:
+                    log.warning("metrics textfile not written: %s", exc)
+        if self.notifier is not None:
+            self.notifier.status(f"cycle {self.iterations}: {report.summary()}")
+            self.notifier.watchdog()
 
     def write_status(self, report: CycleReport) -> None:
         """``<server>/state/monitor_status.json``, for health checks and ``--status``."""
@@ -378,7 +729,7 @@ class Monitor:
             "last_cycle": report.summary(),
             "last_fetch_ok_at": iso_utc(_dt_from_epoch(self.last_fetch_ok)) if self.last_fetch_ok else None,
             "last_error": report.error, "iterations": self.iterations, "interval": self.interval,
-            "remote_tip": report.tip, "version_suite": SUITE_VERSION,
+            "remote_tip": report.tip, "suite_version": SUITE_VERSION,
         })
         self.last_status_write = now
         self.status_dirty = False
@@ -394,6 +745,7 @@ class Monitor:
             remaining = self.interval - (time.monotonic() - started)
             if remaining > 0 and self._sleep(remaining):
                 break
+        self.metrics.maybe_flush(True)
         log.info("monitor stopped", extra={"metadata": {"iterations": self.iterations}})
         return EXIT_OK
 
@@ -463,9 +815,31 @@ def _parser() -> argparse.ArgumentParser:
                         help="seconds between cycles (default: $MONITOR_INTERVAL or 10)")
     parser.add_argument("--branch", default=None, help="shared branch (default: the remote's default)")
     parser.add_argument("--once", action="store_true", help="run one cycle and exit")
-    parser.add_argument("--init", action="store_true",
-                        help="create --repo as a clone of a new local bare origin with an empty mailbox")
     parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--rules", default=None, metavar="FILE",
+                        help="automatic-reply rules (overrides coordination/auto_reply_rules.json)")
+    parser.add_argument("--no-auto-reply", action="store_true", help="never reply automatically")
+    parser.add_argument("--heartbeat-minutes", type=float, default=None, metavar="N",
+                        help="publish <server>/heartbeat.json at most every N minutes")
+    parser.add_argument("--metrics-textfile", default=None, metavar="PATH",
+                        help="write Prometheus metrics for node_exporter's textfile collector")
+    parser.add_argument("--auto-archive-days", type=float, default=None, metavar="N",
+                        help="once a day, archive messages older than N days that are done with")
+    commands = parser.add_argument_group("one-shot commands (run and exit)")
+    commands.add_argument("--init", action="store_true",
+                          help="create --repo as a clone of a new local bare origin with an empty mailbox")
+    commands.add_argument("--status", action="store_true", help="show health, breaker, queue and metrics")
+    commands.add_argument("--json", action="store_true", help="with --status: print JSON")
+    commands.add_argument("--repair", action="store_true",
+                          help="rebuild an unparseable mailbox from its last good version plus salvage")
+    commands.add_argument("--archive-days", type=float, default=None, metavar="N",
+                          help="archive messages older than N days that are done with, then exit")
+    commands.add_argument("--retry-dead", action="store_true",
+                          help="give dead messages in the retry queue five more attempts")
+    commands.add_argument("--print-systemd-unit", action="store_true", help="print a systemd unit for this machine")
+    commands.add_argument("--print-task-scheduler", action="store_true",
+                          help="print the PowerShell that registers a Windows scheduled task")
+    commands.add_argument("--self-check", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -512,9 +886,52 @@ def _nothing() -> None:
     return None
 
 
+def _one_shot_command(args: argparse.Namespace, repo: str, server: str, interval: float) -> Optional[int]:
+    """Run a command that does not start the loop; ``None`` when none was asked for."""
+    if args.self_check:
+        for module in ("fleet_common", "fleet_git", "fleet_mailbox", "send_message", "message_queue",
+                       "circuit_breaker", "structured_log", "network_check", "system_health",
+                       "monitoring_metrics", "fleet_service", "auto_reply", "fleet_archive"):
+            __import__(module)
+        return EXIT_OK
+    if args.print_systemd_unit or args.print_task_scheduler:
+        from fleet_service import render_systemd_unit, render_task_scheduler
+
+        render = render_systemd_unit if args.print_systemd_unit else render_task_scheduler
+        repo_abs = repo if _looks_windows_absolute(repo) else str(Path(repo).expanduser().resolve())
+        _console(render(python=sys.executable, script=str(Path(__file__).resolve()), repo=repo_abs,
+                        server=server, interval=interval).rstrip("\n"))
+        return EXIT_OK
+    if args.status:
+        _console(status_report(repo, server, as_json=args.json))
+        return EXIT_OK
+    if args.retry_dead:
+        from message_queue import MessageQueue
+
+        count = MessageQueue(str(Clone(repo).root), server).retry_dead()
+        _console(f"{count} dead message(s) will be retried by the monitor")
+        return EXIT_OK
+    if args.repair:
+        result = repair_mailbox(Clone(repo, args.branch), server)
+        _console(result["summary"])
+        return EXIT_OK
+    if args.archive_days is not None:
+        from fleet_archive import archive_mailbox
+
+        result = archive_mailbox(Clone(repo, args.branch), server, args.archive_days)
+        _console(result["summary"])
+        return EXIT_OK
+    return None
+
+
+def _looks_windows_absolute(path: str) -> bool:
+    return len(path) > 2 and path[1] == ":" and path[2] in "/\\"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    lock = None
     try:
         repo = args.repo or default_repo_path()
         if args.init:
@@ -526,41 +943,75 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         interval = args.interval if args.interval is not None else default_interval()
         if interval <= 0:
             raise UsageError("--interval must be positive")
+        for name in ("heartbeat_minutes", "auto_archive_days", "archive_days"):
+            value = getattr(args, name)
+            if value is not None and value < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must not be negative")
+        done = _one_shot_command(args, repo, server, interval)
+        if done is not None:
+            return done
         clone = Clone(repo, args.branch)
+        _setup_logging(clone.root, server, args.quiet)
+        if args.rules:
+            from auto_reply import RuleSource
+
+            RuleSource(args.rules)  # an invalid local rule file is an error at start (exit 2)
+        from fleet_service import InstanceLock
+
+        lock = InstanceLock(clone.root, server).acquire()
     except UsageError as exc:
         _console(f"message_monitor: error: {exc}", sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        _console("message_monitor: interrupted", sys.stderr)
         return EXIT_INTERRUPTED
     except SuiteError as exc:
         _console(f"message_monitor: error: {exc}", sys.stderr)
         return EXIT_FAILURE
     try:
-        from structured_log import setup_logging
+        return _run_monitor(args, clone, server, interval)
+    finally:
+        lock.release()
 
-        setup_logging(str(clone.root), server,
-                      console_level=logging.WARNING if args.quiet else logging.INFO)
-    except ImportError:  # pragma: no cover
-        logging.basicConfig(level=logging.INFO)
+
+def _setup_logging(root: Path, server: str, quiet: bool) -> None:
+    from structured_log import setup_logging
+
+    setup_logging(str(root), server, console_level=logging.WARNING if quiet else logging.INFO)
+
+
+def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: float) -> int:
+    from fleet_git import add_network_hook
+    from fleet_service import default_notifier, install_stop_handlers, restart_process
+
     terminal = sys.stdout.isatty()
     stop = threading.Event()
+    notifier = default_notifier()
+    add_network_hook(notifier.keepalive)  # a slow git call never starves the watchdog
     monitor = Monitor(clone, server, interval, one_shot=args.once, stop_event=stop,
-                      show=lambda m: _console(render_message(m, terminal=terminal)))
+                      show=lambda m: _console(render_message(m, terminal=terminal)),
+                      notifier=notifier, auto_reply=not args.no_auto_reply, rules_path=args.rules,
+                      heartbeat_minutes=args.heartbeat_minutes, metrics_textfile=args.metrics_textfile,
+                      auto_archive_days=args.auto_archive_days)
     restore: Callable[[], None] = _nothing
     if not args.once:
-        from fleet_service import install_stop_handlers
-
         restore = install_stop_handlers(lambda name: stop.set())
     try:
         if args.once:
             report = monitor.cycle()
+            monitor.metrics.maybe_flush(True)
             if not report.ok:
                 _console(f"message_monitor: error: {report.error}", sys.stderr)
                 return EXIT_FAILURE
             return EXIT_OK
+        notifier.ready(f"monitoring {clone.root} as {server}")
         log.info("monitoring %s as %s every %gs (branch %s)", clone.root, server, interval,
                  clone.branch, extra={"metadata": {"interval": interval, "branch": clone.branch}})
-        return monitor.run()
+        code = monitor.run()
+        notifier.stopping()
+        if monitor.restart_requested:
+            restart_process(sys.argv)
+        return code
     except KeyboardInterrupt:
         _console("message_monitor: interrupted", sys.stderr)
         return EXIT_INTERRUPTED if args.once else EXIT_OK
@@ -569,6 +1020,96 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_FAILURE
     finally:
         restore()
+
+
+# --------------------------------------------------------------------------- --repair and --status
+
+
+def repair_mailbox(clone: Clone, server: str, *, max_history: int = 500) -> Dict[str, Any]:
+    """Rebuild an unparseable mailbox on the remote: the last version that parses plus every
+    message salvaged from the broken one, by the transaction. Reports what it kept and salvaged."""
+    from fleet_mailbox import repair_document
+
+    result: Dict[str, Any] = {"repaired": False, "kept": 0, "salvaged": 0, "good_commit": None}
+
+    def change(tip: Optional[str]):
+        blob, raw = clone.read_file(tip, MAILBOX_PATH)
+        try:
+            parse_document(raw, blob)
+            return None  # parses (already fine, or repaired meanwhile by someone else)
+        except MailboxCorrupt:
+            pass
+        good, good_commit = None, None
+        revs = run_git(clone.root, "rev-list", f"--max-count={max_history}", str(tip), "--",
+                       MAILBOX_PATH).stdout.decode().split()
+        for rev in revs:
+            g_blob, g_raw = clone.read_file(rev, MAILBOX_PATH)
+            try:
+                good = parse_document(g_raw, g_blob)
+            except MailboxCorrupt:
+                continue
+            good_commit = rev
+            break
+        doc, kept, salvaged = repair_document(good, (raw or b"").decode("utf-8", "replace"))
+        result.update(kept=kept, salvaged=salvaged, good_commit=good_commit)
+        return ({MAILBOX_PATH: serialize(doc)},
+                f"{server}: repair the mailbox (kept {kept}, salvaged {salvaged})")
+
+    tx = clone.transact(change, author=server)
+    result["repaired"] = tx.changed
+    result["commit"] = tx.commit
+    if tx.changed:
+        base = result["good_commit"][:12] if result["good_commit"] else "no earlier version"
+        result["summary"] = (f"mailbox repaired at {str(tx.commit)[:12]}: kept {result['kept']} entries "
+                             f"from {base}, salvaged {result['salvaged']} more from the broken file")
+        log.warning("%s", result["summary"], extra={"metadata": {k: v for k, v in result.items()
+                                                                 if k != "summary"}})
+    else:
+        result["summary"] = "the mailbox parses; nothing to repair"
+    return result
+
+
+def status_report(repo: str, server: str, *, as_json: bool = False) -> str:
+    """One screen: health, breaker, queue, last cycle and the 24-hour metrics summary."""
+    import json
+
+    from message_queue import MessageQueue
+    from monitoring_metrics import MetricsCollector
+    from system_health import get_system_health
+
+    root = Clone(repo).root
+    health = get_system_health(str(root), server)
+    status_path = state_dir(root, server) / "monitor_status.json"
+    try:
+        last = json.loads(status_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        last = None
+    queue = MessageQueue(str(root), server).stats()
+    metrics = MetricsCollector(str(root), server).get_summary(hours=24)
+    data = {"server": server, "repo": str(root), "health": health, "monitor": last,
+            "queue": queue, "metrics": metrics}
+    if as_json:
+        return json.dumps(data, indent=2, default=str)
+    lines = [f"Fleet monitor status for {server} at {root}",
+             f"Health: {health['overall']}"]
+    for name, check in health.get("checks", {}).items():
+        lines.append(f"  {name:<16}{check.get('status', '?'):<9}{check.get('message', '')}")
+    if last:
+        lines.append(f"Monitor: pid {last.get('pid')}, started {last.get('started_at')}, "
+                     f"{last.get('iterations')} cycles, every {last.get('interval')} s")
+        lines.append(f"  last cycle {last.get('last_cycle_at')}: {last.get('last_cycle')}")
+        lines.append(f"  last successful fetch: {last.get('last_fetch_ok_at')}")
+    else:
+        lines.append("Monitor: has not run on this clone yet")
+    lines.append(f"Retry queue: {queue.get('pending')} pending, {queue.get('dead')} dead, "
+                 f"{queue.get('sent')} recently sent")
+    lines.append("Last 24 hours:")
+    counters = metrics.get("counters", {})
+    lines.append("  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counters.items()))
+    for op, st in sorted(metrics.get("operations", {}).items()):
+        lines.append(f"  {op:<12} {st['count']:>6} runs, {st['success_rate'] * 100:5.1f} % ok, "
+                     f"p50 {st['p50_ms']:.0f} ms, p95 {st['p95_ms']:.0f} ms, max {st['max_ms']:.0f} ms")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

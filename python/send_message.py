@@ -167,9 +167,9 @@ def deliver(clone: Clone, msg: Dict[str, Any], *, fresh_for: float = STANDALONE_
 
 
 def _find_original(clone: Clone, msg_id: str) -> Optional[Dict[str, Any]]:
-    from fleet_mailbox import lookup_message
+    from fleet_archive import find_anywhere
 
-    return lookup_message(clone, clone.tip(), msg_id)
+    return find_anywhere(clone, clone.tip(), msg_id)
 
 
 def send_message(body: str, subject: Optional[str] = None, to: Union[str, Sequence[str], None] = "all",

@@ -20,6 +20,9 @@ QUIRKY = FIXTURES / "quirky_messages.json"
 if str(PYTHON_DIR) not in sys.path:
     sys.path.insert(0, str(PYTHON_DIR))
 
+# Real git servers that tests stop and start (fault injection), available to every test.
+from gitserver import git_daemon, http_git_server, no_proxy  # noqa: E402,F401
+
 
 @pytest.fixture(autouse=True)
 def hermetic(tmp_path_factory, monkeypatch):

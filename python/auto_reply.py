@@ -1,0 +1,927 @@
+"""Automatic replies: which message gets one, what it says, and why a reply loop cannot happen.
+
+Pure decision logic for the monitor, which sends the replies, persists the ledger and marks
+messages read. Contract: PROTOCOL.md ("A message": ``auto``, ``in_reply_to``, ``acknowledged_by``;
+"A message is addressed to server S"; "each addressed server ... never more than one from any
+server").
+
+No loop, by construction -- :func:`should_reply` never answers:
+
+- a message marked ``auto`` (every automatic reply this module builds is marked ``auto``);
+- a ``heartbeat``, ``response`` or ``ack`` (the types of automatic mail);
+- its own server's mail, mail not addressed to it, or mail from a sender that is not a valid
+  server id (a reply to it would reach no one);
+- a legacy automatic reply (older monitors wrote no ``auto`` field, but their bodies say
+  "responding automatically" or "Auto-response from monitor", or their subject starts with
+  "Auto-response" / "[auto]");
+- a reply (``in_reply_to`` set, or a ``Re:`` subject), unless it requires an acknowledgement:
+  then only an ``acknowledge`` rule may answer it, and an acknowledgement is never answered;
+- mail already acknowledged by this server, or older than the cut-off (default 24 h; a missing
+  or unparseable timestamp counts as old, a future one as fresh).
+
+Beyond that, :class:`ReplyLedger` (``<repo>/<server>/state/auto_reply.json``, never committed)
+keeps at most one automatic reply per original message (key: id and sender), ever, and at most
+``per_sender_limit`` replies per sender per ``per_sender_window`` seconds. Format::
+
+    {"version": 1,
+     "replied": {"<sender>\\u001f<id>": {"at": 1762254639.5, "reply_id": "msg_..." | null}},
+     "recent": {"<sender>": [1762254639.5, ...]}}
+
+``replied`` entries are pruned after 30 days, ``recent`` ones after a day. The monitor calls
+:meth:`AutoResponder.commit` (-> :meth:`ReplyLedger.record`, written at once) BEFORE it sends, so
+a crash between recording and sending loses a reply but never sends a second one.
+
+Rules (:func:`load_rules`): ``{"version": 1, "rules": [ {"name", "kind", "match",
+"send_ack_message", "enabled"} ... ]}``, first matching enabled rule wins. A local ``--rules``
+file overrides the fleet-wide ``coordination/auto_reply_rules.json`` (:class:`RuleSource`).
+
+As a script: ``python3 python/auto_reply.py --check FILE`` validates a rules file;
+``--print-defaults`` prints the default rules. Exit codes: 0 valid, 2 invalid or bad usage,
+1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Final,
+    FrozenSet,
+    List,
+    Mapping,
+    Optional,
+    Pattern,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+from fleet_common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    SuiteError,
+    UsageError,
+    atomic_write_json,
+    file_lock,
+    is_valid_server_id,
+    load_state_file,
+    move_aside,
+    normalize_server_id,
+    runtime_dir,
+)
+from fleet_mailbox import (
+    MessageKey,
+    entry_problem,
+    is_addressed_to,
+    is_reply_subject,
+    key_from_str,
+    key_str,
+    message_key,
+    message_time,
+    reply_subject,
+    strip_reply_prefixes,
+)
+
+log = logging.getLogger(__name__)
+
+RULES_VERSION: Final = 1
+LEDGER_VERSION: Final = 1
+LEDGER_NAME: Final = "auto_reply.json"
+SHARED_RULES_PATH: Final = "coordination/auto_reply_rules.json"
+
+KINDS: Final = ("status", "presence", "acknowledge")
+MATCH_KEYS: Final = ("words", "regex", "from", "type", "priority", "ack_required")
+_RULE_KEYS: Final = ("name", "kind", "match", "send_ack_message", "enabled", "description", "comment")
+_TOP_KEYS: Final = ("version", "rules", "description", "comment")
+
+# Types of mail that programs write on their own; answering them is how loops start.
+NO_REPLY_TYPES: Final = frozenset({"heartbeat", "response", "ack"})
+LEGACY_BODY_MARKERS: Final = ("responding automatically", "auto-response from monitor")
+LEGACY_SUBJECT_PREFIXES: Final = ("auto-response", "[auto]")
+
+DEFAULT_MAX_AGE_HOURS: Final = 24.0
+DEFAULT_PER_SENDER_LIMIT: Final = 3
+DEFAULT_PER_SENDER_WINDOW: Final = 600.0
+LEDGER_RETENTION_S: Final = 30 * 86400.0
+RECENT_RETENTION_S: Final = 86400.0
+LEDGER_MAX_ENTRIES: Final = 50000
+LEDGER_LOCK_TIMEOUT: Final = 10.0
+MAX_STATUS_CHECK_LINES: Final = 6
+MAX_LINE: Final = 160
+
+# Reason codes returned by should_reply (the text after the colon is detail for logs).
+OK: Final = "ok"
+ACK_ONLY: Final = "ack-only"
+
+DEFAULT_RULES_DOCUMENT: Final = {
+    "version": RULES_VERSION,
+    "rules": [
+        {"name": "ack-required", "kind": "acknowledge", "match": {"ack_required": True},
+         "send_ack_message": True},
+        {"name": "presence", "kind": "presence",
+         "match": {"words": ["are you there", "ping", "are you online", "are you alive", "are you",
+                             "ready?"]}},
+        {"name": "status", "kind": "status",
+         "match": {"words": ["reply", "respond", "status", "report", "ack", "acknowledge",
+                             "confirm"]}},
+    ],
+}
+
+
+class RuleError(UsageError):
+    """An auto-reply rules file that cannot be used (exit 2); ``str()`` names file and problem."""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _truthy(value: Any) -> bool:
+    """A flag as older tools wrote it: ``true``, ``"true"``, ``"True"``, ``1``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "1")
+    if isinstance(value, (int, float)):
+        return value == 1
+    return False
+
+
+def _one_line(text: Any, limit: int = MAX_LINE) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _epoch(now: Union[float, _dt.datetime]) -> float:
+    return now.timestamp() if isinstance(now, _dt.datetime) else float(now)
+
+
+def word_pattern(words: Sequence[str]) -> Pattern[str]:
+    """One regex for "any of these words or phrases, as whole words, any case".
+
+    The guards are look-arounds rather than ``\\b`` so that a word ending in punctuation
+    (``ready?``) still needs a non-word character (or the end) after it.
+    """
+    alternatives = "|".join(re.escape(word) for word in words)
+    return re.compile(r"(?<![\w])(?:" + alternatives + r")(?![\w])", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Match:
+    """The conditions of a rule; every condition given must hold."""
+
+    words: Tuple[str, ...] = ()
+    regex: Optional[str] = None
+    senders: Optional[FrozenSet[str]] = None
+    types: Optional[FrozenSet[str]] = None
+    priorities: Optional[FrozenSet[str]] = None
+    ack_required: Optional[bool] = None
+    word_re: Optional[Pattern[str]] = field(default=None, compare=False, repr=False)
+    regex_re: Optional[Pattern[str]] = field(default=None, compare=False, repr=False)
+
+    @property
+    def selective(self) -> bool:
+        """False for a match that names no condition: it matches nothing (not everything)."""
+        return bool(self.words or self.regex is not None or self.senders is not None
+                    or self.types is not None or self.priorities is not None
+                    or self.ack_required is True)
+
+    def holds(self, msg: Mapping[str, Any]) -> bool:
+        if not self.selective:
+            return False
+        if self.ack_required is not None and _truthy(msg.get("ack_required")) != self.ack_required:
+            return False
+        if self.senders is not None and _text(msg.get("from")).strip().lower() not in self.senders:
+            return False
+        # A message without type or priority is what every sender writes by default.
+        if self.types is not None and (_text(msg.get("type")).strip().lower() or "info") not in self.types:
+            return False
+        if self.priorities is not None and (
+                _text(msg.get("priority")).strip().lower() or "normal") not in self.priorities:
+            return False
+        subject, body = _text(msg.get("subject")), _text(msg.get("body"))
+        if self.word_re is not None and not (self.word_re.search(subject) or self.word_re.search(body)):
+            return False
+        if self.regex_re is not None and not self.regex_re.search(subject + "\n" + body):
+            return False
+        return True
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        if self.words:
+            out["words"] = list(self.words)
+        if self.regex is not None:
+            out["regex"] = self.regex
+        for key, values in (("from", self.senders), ("type", self.types), ("priority", self.priorities)):
+            if values is not None:
+                out[key] = sorted(values)
+        if self.ack_required is not None:
+            out["ack_required"] = self.ack_required
+        return out
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    kind: str
+    match: Match
+    send_ack_message: bool = False
+    enabled: bool = True
+
+    def matches(self, msg: Mapping[str, Any]) -> bool:
+        return self.enabled and self.match.holds(msg)
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"name": self.name, "kind": self.kind, "match": self.match.to_json()}
+        if self.kind == "acknowledge":
+            out["send_ack_message"] = self.send_ack_message
+        if not self.enabled:
+            out["enabled"] = False
+        return out
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    rules: Tuple[Rule, ...]
+    source: str = "defaults"
+
+    @classmethod
+    def default(cls) -> "RuleSet":
+        return parse_rules(DEFAULT_RULES_DOCUMENT, "defaults")
+
+    def match(self, msg: Mapping[str, Any], kinds: Optional[Sequence[str]] = None) -> Optional[Rule]:
+        """The first enabled rule (of one of ``kinds``, when given) whose match holds."""
+        for rule in self.rules:
+            if kinds is not None and rule.kind not in kinds:
+                continue
+            if rule.matches(msg):
+                return rule
+        return None
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"version": RULES_VERSION, "rules": [rule.to_json() for rule in self.rules]}
+
+
+def _string_list(value: Any, where: str, fail: Callable[[str], RuleError]) -> List[str]:
+    if isinstance(value, str) or not isinstance(value, list) or not value:
+        raise fail(f"{where} must be a non-empty list of strings")
+    items: List[str] = []
+    for item in value:
+        if not isinstance(item, str) or not item.strip():
+            raise fail(f"{where} must hold non-empty strings, found {item!r}")
+        items.append(item.strip())
+    return items
+
+
+def _parse_match(raw: Any, where: str, fail: Callable[[str], RuleError]) -> Match:
+    if not isinstance(raw, dict):
+        raise fail(f"{where}: 'match' must be an object")
+    unknown = sorted(set(raw) - set(MATCH_KEYS))
+    if unknown:
+        raise fail(f"{where}: unknown match key {unknown[0]!r} (known: {', '.join(MATCH_KEYS)})")
+    words: Tuple[str, ...] = ()
+    word_re = None
+    if "words" in raw:
+        words = tuple(_string_list(raw["words"], f"{where}: match.words", fail))
+        word_re = word_pattern(words)
+    regex = None
+    regex_re = None
+    if "regex" in raw:
+        regex = raw["regex"]
+        if not isinstance(regex, str) or not regex:
+            raise fail(f"{where}: match.regex must be a non-empty string")
+        try:
+            regex_re = re.compile(regex, re.IGNORECASE)
+        except re.error as exc:
+            raise fail(f"{where}: invalid regex {regex!r}: {exc}") from None
+    sets: Dict[str, Optional[FrozenSet[str]]] = {}
+    for key in ("from", "type", "priority"):
+        sets[key] = (frozenset(item.lower() for item in _string_list(raw[key], f"{where}: match.{key}", fail))
+                     if key in raw else None)
+    ack = raw.get("ack_required")
+    if "ack_required" in raw and not isinstance(ack, bool):
+        raise fail(f"{where}: match.ack_required must be true or false")
+    return Match(words=words, regex=regex, senders=sets["from"], types=sets["type"],
+                 priorities=sets["priority"], ack_required=ack, word_re=word_re, regex_re=regex_re)
+
+
+def parse_rules(doc: Any, source: str) -> RuleSet:
+    """A :class:`RuleSet` from a parsed rules document, or :class:`RuleError` naming ``source``."""
+
+    def fail(problem: str) -> RuleError:
+        return RuleError(f"auto-reply rules {source}: {problem}")
+
+    if not isinstance(doc, dict):
+        raise fail("the top level must be a JSON object with 'version' and 'rules'")
+    unknown = sorted(set(doc) - set(_TOP_KEYS))
+    if unknown:
+        raise fail(f"unknown key {unknown[0]!r} (known: {', '.join(_TOP_KEYS)})")
+    version = doc.get("version", RULES_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise fail(f"'version' must be a positive integer, found {version!r}")
+    if version > RULES_VERSION:
+        raise fail(f"format version {version} is newer than this program understands ({RULES_VERSION})")
+    if "rules" not in doc:
+        raise fail("missing 'rules' (a list of rules)")
+    raw_rules = doc["rules"]
+    if not isinstance(raw_rules, list):
+        raise fail("'rules' must be a list")
+    rules: List[Rule] = []
+    names = set()
+    for index, raw in enumerate(raw_rules, 1):
+        where = f"rule #{index}"
+        if not isinstance(raw, dict):
+            raise fail(f"{where} must be an object")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise fail(f"{where}: missing 'name' (a non-empty string)")
+        name = name.strip()
+        where = f"rule #{index} ({name!r})"
+        if name in names:
+            raise fail(f"{where}: the name is used twice")
+        names.add(name)
+        unknown = sorted(set(raw) - set(_RULE_KEYS))
+        if unknown:
+            raise fail(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(_RULE_KEYS[:5])})")
+        kind = raw.get("kind")
+        if kind not in KINDS:
+            raise fail(f"{where}: unknown kind {kind!r} (use status, presence or acknowledge)")
+        if "match" not in raw:
+            raise fail(f"{where}: missing 'match'")
+        match = _parse_match(raw["match"], where, fail)
+        flags = {}
+        for key, default in (("send_ack_message", False), ("enabled", True)):
+            value = raw.get(key, default)
+            if not isinstance(value, bool):
+                raise fail(f"{where}: '{key}' must be true or false")
+            flags[key] = value
+        if flags["send_ack_message"] and kind != "acknowledge":
+            raise fail(f"{where}: 'send_ack_message' applies to acknowledge rules only")
+        rules.append(Rule(name=name, kind=kind, match=match, **flags))
+    return RuleSet(rules=tuple(rules), source=source)
+
+
+def _looks_like_json(text: str) -> bool:
+    return text.lstrip("\ufeff \t\r\n").startswith(("{", "["))
+
+
+def load_rules(path_or_text: Union[str, bytes, "os.PathLike[str]"], *,
+               source: Optional[str] = None) -> RuleSet:
+    """Load a rules file (a path) or rules text (a string or bytes starting with ``{``).
+
+    Raises :class:`RuleError` with one line naming the file and the problem: unreadable file,
+    bad JSON (with line and column), unknown kind or key, wrong types, bad regex, missing name,
+    newer format version.
+    """
+    if isinstance(path_or_text, bytes):
+        raw: bytes = path_or_text
+        name = source or "text"
+    elif isinstance(path_or_text, str) and _looks_like_json(path_or_text):
+        raw = path_or_text.encode("utf-8")
+        name = source or "text"
+    else:
+        path = Path(path_or_text)
+        name = source or f"file {path}"
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise RuleError(f"auto-reply rules {name}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # PowerShell 5 writes a BOM
+    except UnicodeDecodeError as exc:
+        raise RuleError(f"auto-reply rules {name}: not UTF-8 text (byte {exc.start})") from None
+    if not text.strip():
+        raise RuleError(f"auto-reply rules {name}: the file is empty")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RuleError(
+            f"auto-reply rules {name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    return parse_rules(doc, name)
+
+
+class RuleSource:
+    """Where the rules come from: a local file, else the fleet-wide file, else the defaults.
+
+    A local file is loaded once, here; an invalid one raises :class:`RuleError` (an error at
+    start). Without one, :meth:`update_from_shared` follows ``coordination/auto_reply_rules.json``
+    on the fetched ref: parsed when its blob changes; an invalid version is logged as ERROR once
+    per blob and the last good rules stay (the defaults when none was ever good); an absent file
+    means the defaults.
+    """
+
+    def __init__(self, local_path: Optional[Union[str, "os.PathLike[str]"]] = None) -> None:
+        self.local_path = Path(local_path) if local_path is not None else None
+        self._blob: Optional[str] = None
+        self._seen = False
+        self._reported: Dict[str, None] = {}  # insertion-ordered, bounded
+        if self.local_path is not None:
+            self._rules = load_rules(self.local_path)
+            log.info("auto-reply rules loaded from %s (%d rules)", self.local_path,
+                     len(self._rules.rules), extra={"metadata": {"source": str(self.local_path)}})
+        else:
+            self._rules = RuleSet.default()
+
+    @property
+    def overridden(self) -> bool:
+        return self.local_path is not None
+
+    def update_from_shared(self, blob_id: Optional[str], raw: Optional[bytes]) -> None:
+        if self.local_path is not None:
+            return  # the local file wins
+        if raw is None:
+            if self._seen and self._blob is None:
+                return
+            if self._seen:
+                log.info("%s is gone; using the default auto-reply rules", SHARED_RULES_PATH)
+            self._seen, self._blob = True, None
+            self._rules = RuleSet.default()
+            return
+        blob = blob_id or hashlib.sha1(raw).hexdigest()
+        if self._seen and blob == self._blob:
+            return
+        self._seen, self._blob = True, blob
+        try:
+            rules = load_rules(raw, source=f"{SHARED_RULES_PATH} (blob {blob[:12]})")
+        except RuleError as exc:
+            if blob not in self._reported:
+                self._reported[blob] = None
+                while len(self._reported) > 64:
+                    del self._reported[next(iter(self._reported))]
+                log.error("%s; keeping the %s", exc,
+                          "defaults" if self._rules.source == "defaults" else
+                          f"last good rules ({self._rules.source})",
+                          extra={"metadata": {"blob": blob, "path": SHARED_RULES_PATH}})
+            return
+        self._rules = rules
+        log.info("auto-reply rules loaded from %s (%d rules)", rules.source, len(rules.rules),
+                 extra={"metadata": {"blob": blob, "path": SHARED_RULES_PATH}})
+
+    def current(self) -> RuleSet:
+        return self._rules
+
+
+# --------------------------------------------------------------------------- the loop guard
+
+
+def legacy_auto_marker(msg: Mapping[str, Any]) -> Optional[str]:
+    """What marks ``msg`` as an automatic reply from an older monitor (no ``auto`` field)."""
+    body = _text(msg.get("body")).lower()
+    for marker in LEGACY_BODY_MARKERS:
+        if marker in body:
+            return f"body says {marker!r}"
+    subject = _text(msg.get("subject")).strip().lower()
+    for candidate in (subject, strip_reply_prefixes(subject).lower()):
+        for prefix in LEGACY_SUBJECT_PREFIXES:
+            if candidate.startswith(prefix):
+                return f"subject starts with {prefix!r}"
+    return None
+
+
+def _gate(msg: Mapping[str, Any], server: str, now: float, max_age_hours: float) -> Tuple[bool, str]:
+    problem = entry_problem(msg)
+    if problem is not None:
+        return False, f"invalid: {problem}"
+    if _truthy(msg.get("auto")):
+        return False, "auto: the message is marked auto"
+    kind = _text(msg.get("type")).strip().lower()
+    if kind in NO_REPLY_TYPES:
+        return False, f"type: {kind} messages are never answered automatically"
+    sender = msg["from"].strip().lower()
+    if sender == server:
+        return False, "own: sent by this server"
+    if not is_addressed_to(msg, server):
+        return False, "not-addressed: not addressed to this server"
+    if not is_valid_server_id(sender):
+        return False, f"bad-sender: {_one_line(msg['from'], 40)!r} is not a server id a reply could reach"
+    marker = legacy_auto_marker(msg)
+    if marker is not None:
+        return False, f"legacy-auto: an older monitor's automatic reply ({marker})"
+    acked = msg.get("acknowledged_by")
+    if isinstance(acked, list) and server in [a.strip().lower() for a in acked if isinstance(a, str)]:
+        return False, "acknowledged: already acknowledged by this server"
+    moment = message_time(msg)
+    if moment is None:
+        return False, "too-old: no readable timestamp (counts as old)"
+    age = now - moment.timestamp()
+    if age > max_age_hours * 3600.0:
+        return False, f"too-old: {age / 3600.0:.1f} h old (cut-off {max_age_hours:g} h)"
+    # A timestamp in the future (a sender's clock ahead) counts as fresh.
+    in_reply_to = msg.get("in_reply_to")
+    is_reply = bool(isinstance(in_reply_to, str) and in_reply_to.strip()) or is_reply_subject(msg.get("subject"))
+    if is_reply:
+        if _truthy(msg.get("ack_required")):
+            return True, f"{ACK_ONLY}: a reply that requires an acknowledgement"
+        return False, "reply: replies are never answered automatically"
+    return True, OK
+
+
+def should_reply(msg: Mapping[str, Any], server: str, now: Union[float, _dt.datetime],
+                 max_age_hours: float = DEFAULT_MAX_AGE_HOURS) -> Tuple[bool, str]:
+    """Whether ``server`` may answer ``msg`` automatically at ``now`` (epoch seconds), and why not.
+
+    The reason starts with a code: ``auto``, ``type``, ``own``, ``not-addressed``, ``bad-sender``,
+    ``legacy-auto``, ``acknowledged``, ``too-old``, ``reply`` or ``invalid``. When the answer is
+    yes it is ``ok``, or ``ack-only`` for a reply that requires an acknowledgement: only an
+    acknowledge rule may answer that one.
+    """
+    return _gate(msg, normalize_server_id(server), _epoch(now), max_age_hours)
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+def ledger_path(repo: Union[str, "os.PathLike[str]"], server: str) -> Path:
+    """``<repo>/<server>/state/auto_reply.json`` (created folder, kept out of git)."""
+    return runtime_dir(repo, server, "state") / LEDGER_NAME
+
+
+def _fresh_ledger() -> Dict[str, Any]:
+    return {"version": LEDGER_VERSION, "replied": {}, "recent": {}}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class ReplyLedger:
+    """Which messages this server has answered automatically, and when it answered whom.
+
+    One monitor owns the file; :meth:`record` still re-reads it under a lock
+    (``auto_reply.json.lock``) and refuses a key that is already there, so two processes for
+    the same server cannot both send.
+    """
+
+    def __init__(self, path: Union[str, "os.PathLike[str]"], clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self._data = self._load()
+
+    def _load(self) -> Dict[str, Any]:
+        data = load_state_file(self.path, version=LEDGER_VERSION, fresh=_fresh_ledger)
+        replied, recent = data.get("replied", {}), data.get("recent", {})
+        if not isinstance(replied, dict) or not isinstance(recent, dict):
+            move_aside(self.path, "'replied' or 'recent' is not an object")
+            return _fresh_ledger()
+        clean_replied: Dict[str, Dict[str, Any]] = {}
+        for key, entry in replied.items():
+            if isinstance(entry, dict) and _is_number(entry.get("at")) and "\x1f" in key:
+                reply_id = entry.get("reply_id")
+                clean_replied[key] = {"at": float(entry["at"]),
+                                      "reply_id": reply_id if isinstance(reply_id, str) else None}
+            else:
+                log.warning("%s: dropped a malformed entry %r", self.path.name, key)
+        clean_recent: Dict[str, List[float]] = {}
+        for sender, times in recent.items():
+            if isinstance(times, list):
+                clean_recent[str(sender).lower()] = [float(t) for t in times if _is_number(t)]
+        return {"version": LEDGER_VERSION, "replied": clean_replied, "recent": clean_recent}
+
+    def already_replied(self, key: MessageKey) -> bool:
+        return key_str(key) in self._data["replied"]
+
+    def reply_for(self, key: MessageKey) -> Optional[Dict[str, Any]]:
+        """``{"at": epoch, "reply_id": id or None}`` when the key was recorded."""
+        entry = self._data["replied"].get(key_str(key))
+        return dict(entry) if entry is not None else None
+
+    def recent_count(self, sender: str, now: Optional[float] = None,
+                     window: float = DEFAULT_PER_SENDER_WINDOW) -> int:
+        """Automatic replies sent to ``sender`` in the last ``window`` seconds.
+
+        A time after ``now`` (the clock went back) still counts: a limit must not reset itself.
+        """
+        when = self.clock() if now is None else now
+        return sum(1 for t in self._data["recent"].get(sender.strip().lower(), []) if t > when - window)
+
+    def within_limit(self, sender: str, now: Optional[float] = None,
+                     limit: int = DEFAULT_PER_SENDER_LIMIT,
+                     window: float = DEFAULT_PER_SENDER_WINDOW) -> bool:
+        return self.recent_count(sender, now, window) < limit
+
+    def record(self, key: MessageKey, sender: str, reply_id: Optional[str],
+               now: Optional[float] = None, *, sent: bool = True) -> bool:
+        """Record the (coming) reply to ``key`` and write the file at once.
+
+        ``sent`` False records a decision that sends no mail (an acknowledgement mark, a reply
+        withheld by the limit): remembered, not counted against the sender's limit. Returns
+        False, writing nothing, when the key was already recorded: then do not send.
+        """
+        when = self.clock() if now is None else now
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            with file_lock(lock_path, timeout=LEDGER_LOCK_TIMEOUT):
+                self._data = self._load()  # another process may have recorded it
+                name = key_str(key)
+                if name in self._data["replied"]:
+                    return False
+                self._data["replied"][name] = {"at": when, "reply_id": reply_id}
+                if sent:
+                    self._data["recent"].setdefault(sender.strip().lower(), []).append(when)
+                self._prune(when)
+                atomic_write_json(self.path, self._data)
+        except SuiteError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - filelock.Timeout and OSError: one typed error
+            raise SuiteError(f"cannot record an automatic reply in {self.path}: {exc}") from exc
+        return True
+
+    def _prune(self, now: float) -> None:
+        """Keep the file bounded: 30 days of replies, a day of per-sender times."""
+        replied = self._data["replied"]
+        for name in [n for n, e in replied.items() if e["at"] < now - LEDGER_RETENTION_S]:
+            del replied[name]
+        if len(replied) > LEDGER_MAX_ENTRIES:
+            keep = sorted(replied.items(), key=lambda item: item[1]["at"])[-LEDGER_MAX_ENTRIES:]
+            self._data["replied"] = dict(keep)
+        recent = self._data["recent"]
+        for sender in list(recent):
+            recent[sender] = [t for t in recent[sender] if t >= now - RECENT_RETENTION_S]
+            if not recent[sender]:
+                del recent[sender]
+
+    def keys(self) -> List[MessageKey]:
+        return [key_from_str(name) for name in self._data["replied"]]
+
+
+# --------------------------------------------------------------------------- reply texts
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """``4 s``, ``3 min 5 s``, ``2 h 13 min``, ``3 d 4 h``; ``unknown`` for no value."""
+    if not _is_number(seconds):
+        return "unknown"
+    total = max(0, int(seconds))  # type: ignore[arg-type]
+    if total < 60:
+        return f"{total} s"
+    if total < 3600:
+        minutes, secs = divmod(total, 60)
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    if total < 86400:
+        hours, rest = divmod(total, 3600)
+        return f"{hours} h {rest // 60} min"
+    days, rest = divmod(total, 86400)
+    return f"{days} d {rest // 3600} h"
+
+
+def _number(value: Any, digits: int) -> Optional[str]:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if not _is_number(value):
+        return None
+    return f"{value:.{digits}f}"
+
+
+def _state_name(value: Any) -> str:
+    value = getattr(value, "value", value)  # an enum such as CircuitState
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "unknown"
+    return _one_line(value, 40).upper()
+
+
+def _check_lines(checks: Any, overall: str) -> List[str]:
+    """Lines for checks that add to the standard lines: failing ones, and ones not shown yet."""
+    covered = {"disk", "memory", "cpu", "queue", "circuit_breaker", "breaker", "last_fetch"}
+    lines: List[str] = []
+    if isinstance(checks, dict):
+        items = list(checks.items())
+    elif isinstance(checks, list):
+        items = [(None, item) for item in checks]
+    else:
+        return lines
+    for name, value in items:
+        if isinstance(value, dict):
+            status = _text(value.get("status")).upper()
+            message = value.get("message")
+            if status == "HEALTHY" or (not status and name in covered and overall == "HEALTHY"):
+                continue
+            text = f"{status.lower()}: {message}" if status and message else (message or status)
+        else:
+            if name in covered and overall == "HEALTHY":
+                continue
+            text = value
+        if text is None or not str(text).strip():
+            continue
+        label = f"Check {name}: " if name else "Check: "
+        lines.append(_one_line(label + str(text)))
+        if len(lines) >= MAX_STATUS_CHECK_LINES:
+            break
+    return lines
+
+
+def render_status(server: str, status: Any, *, uptime_s: Optional[float], version: str) -> str:
+    """The status reply: this server's real state, one fact a line (never the original body)."""
+    if isinstance(status, BaseException):
+        reason = _one_line(str(status) or type(status).__name__, 200)
+        return "\n".join([f"Status of {server}: health unavailable: {reason}",
+                          f"Uptime: {format_duration(uptime_s)}", f"Version: {version}"])
+    if not isinstance(status, dict):
+        return "\n".join([f"Status of {server}: health unavailable: no status report",
+                          f"Uptime: {format_duration(uptime_s)}", f"Version: {version}"])
+
+    def value(key: str, digits: int) -> str:
+        return _number(status.get(key), digits) or "unknown"
+
+    overall = _state_name(status.get("overall"))
+    disk = _number(status.get("disk_free_gb"), 1)
+    memory = _number(status.get("memory_percent"), 0)
+    cpu = _number(status.get("cpu_percent"), 0)
+    lines = [
+        f"Status of {server}: {overall}",
+        f"Disk: {disk} GB free" if disk else "Disk: unknown",
+        f"Memory: {memory} % used" if memory else "Memory: unknown",
+        f"CPU: {cpu} %" if cpu else "CPU: unknown",
+        f"Retry queue: {value('queue_pending', 0)} pending, {value('queue_dead', 0)} dead",
+        f"Circuit breaker: {_state_name(status.get('breaker'))}",
+    ]
+    age = status.get("last_fetch_age_s")
+    lines.append(f"Last fetch: {format_duration(age)} ago" if _is_number(age) else "Last fetch: unknown")
+    lines.append(f"Uptime: {format_duration(uptime_s)}")
+    lines.append(f"Version: {version}")
+    lines.extend(_check_lines(status.get("checks"), overall))
+    return "\n".join(lines)
+
+
+def render_presence(server: str, *, uptime_s: Optional[float], version: str) -> str:
+    return f"{server} is online (up {format_duration(uptime_s)}, monitor {version})."
+
+
+def render_ack(server: str, subject: Any) -> str:
+    shown = _one_line(subject) if isinstance(subject, str) and subject.strip() else "(no subject)"
+    return f"Acknowledged by {server}: {shown}"
+
+
+# --------------------------------------------------------------------------- the decision
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one message.
+
+    ``acknowledge``: add this server to ``acknowledged_by`` and set ``ack_status`` in the
+    transaction that marks the message read. ``reply``: the fields of the message to send (or
+    ``None``). ``limited``: a reply was withheld by the per-sender limit.
+    """
+
+    rule: str
+    kind: str
+    acknowledge: bool
+    reply: Optional[Dict[str, Any]]
+    limited: bool = False
+
+
+class AutoResponder:
+    """Decides, for one server, whether and how to answer a message automatically.
+
+    ``decide`` is pure apart from reading the ledger and calling ``status_provider``; the caller
+    records with :meth:`commit` before it sends, and commits one decision before deciding on the
+    next message (the per-sender limit counts committed replies).
+    """
+
+    def __init__(self, server: str, rules_source_or_ruleset: Union[RuleSource, RuleSet],
+                 ledger: ReplyLedger, *, status_provider: Callable[[], Dict[str, Any]],
+                 started_at: float, version: str, clock: Callable[[], float] = time.time,
+                 max_age_hours: float = DEFAULT_MAX_AGE_HOURS,
+                 per_sender_limit: int = DEFAULT_PER_SENDER_LIMIT,
+                 per_sender_window: float = DEFAULT_PER_SENDER_WINDOW) -> None:
+        self.server = normalize_server_id(server)
+        self.rules = rules_source_or_ruleset
+        self.ledger = ledger
+        self.status_provider = status_provider
+        self.started_at = started_at
+        self.version = version
+        self.clock = clock
+        if not 0 < max_age_hours * 3600.0 < LEDGER_RETENTION_S:
+            # Past the ledger's retention an old message could be answered a second time.
+            raise UsageError(f"max_age_hours must be between 0 and {LEDGER_RETENTION_S / 3600:g}")
+        if per_sender_limit < 0:
+            raise UsageError("per_sender_limit must not be negative")
+        if not 0 < per_sender_window <= RECENT_RETENTION_S:
+            raise UsageError(f"per_sender_window must be between 0 and {RECENT_RETENTION_S:g} s")
+        self.max_age_hours = max_age_hours
+        self.per_sender_limit = per_sender_limit
+        self.per_sender_window = per_sender_window
+
+    def ruleset(self) -> RuleSet:
+        rules = self.rules
+        return rules.current() if isinstance(rules, RuleSource) else rules
+
+    def uptime(self, now: Optional[float] = None) -> float:
+        return max(0.0, (self.clock() if now is None else now) - self.started_at)
+
+    def decide(self, msg: Mapping[str, Any]) -> Optional[Decision]:
+        now = self.clock()
+        ok, reason = _gate(msg, self.server, now, self.max_age_hours)
+        if not ok:
+            log.debug("no automatic reply to %s: %s", msg.get("id") if isinstance(msg, dict) else "?",
+                      reason, extra={"metadata": {"reason": reason.split(":")[0]}})
+            return None
+        key = message_key(msg)
+        if self.ledger.already_replied(key):
+            return None
+        kinds = ("acknowledge",) if reason.startswith(ACK_ONLY) else None
+        rule = self.ruleset().match(msg, kinds)
+        if rule is None:
+            return None
+        acknowledge = rule.kind == "acknowledge"
+        if acknowledge and not rule.send_ack_message:
+            return Decision(rule=rule.name, kind=rule.kind, acknowledge=True, reply=None)
+        sender = msg["from"].strip().lower()
+        if not self.ledger.within_limit(sender, now, self.per_sender_limit, self.per_sender_window):
+            log.warning(
+                "automatic reply to %s withheld: %d automatic replies to %s in the last %s "
+                "(limit %d)", msg["id"], self.ledger.recent_count(sender, now, self.per_sender_window),
+                sender, format_duration(self.per_sender_window), self.per_sender_limit,
+                extra={"metadata": {"id": msg["id"], "from": sender, "rule": rule.name,
+                                    "limit": self.per_sender_limit}})
+            return Decision(rule=rule.name, kind=rule.kind, acknowledge=acknowledge, reply=None,
+                            limited=True)
+        return Decision(rule=rule.name, kind=rule.kind, acknowledge=acknowledge,
+                        reply=self._reply(msg, rule, sender, now))
+
+    def _reply(self, msg: Mapping[str, Any], rule: Rule, sender: str, now: float) -> Dict[str, Any]:
+        uptime = self.uptime(now)
+        if rule.kind == "acknowledge":
+            body, kind = render_ack(self.server, msg.get("subject")), "ack"
+        elif rule.kind == "presence":
+            body, kind = render_presence(self.server, uptime_s=uptime, version=self.version), "response"
+        else:
+            try:
+                status: Any = self.status_provider()
+            except Exception as exc:  # noqa: BLE001 - the reply says why health is unavailable
+                log.warning("status for an automatic reply unavailable: %s", exc)
+                status = exc
+            body = render_status(self.server, status, uptime_s=uptime, version=self.version)
+            kind = "response"
+        # Always to the sender alone, also for a broadcast: one answer, to who asked.
+        return {"to": sender, "subject": reply_subject(msg.get("subject")), "body": body,
+                "type": kind, "priority": "normal", "in_reply_to": msg["id"], "auto": True}
+
+    def commit(self, msg: Mapping[str, Any], decision: Decision, reply_id: Optional[str]) -> bool:
+        """Record the decision in the ledger (before sending). False: already recorded, do not send."""
+        return self.ledger.record(message_key(msg), _text(msg.get("from")).strip().lower(), reply_id,
+                                  self.clock(), sent=decision.reply is not None)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _write(stream: Any, text: str) -> None:
+    """Write text that a console of any code page can show, never crashing."""
+    encoding = getattr(stream, "encoding", None) or "ascii"
+    stream.write(text.encode(encoding, "replace").decode(encoding, "replace"))
+    stream.flush()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="auto_reply.py",
+        description="Check an automatic-reply rules file before committing it as "
+                    f"{SHARED_RULES_PATH} (exit 0 valid, 2 invalid).")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--check", metavar="FILE", help="validate a rules file")
+    group.add_argument("--print-defaults", action="store_true", help="print the default rules")
+    args = parser.parse_args(argv)
+    try:
+        if args.print_defaults:
+            _write(sys.stdout, json.dumps(DEFAULT_RULES_DOCUMENT, indent=2, ensure_ascii=True) + "\n")
+            return EXIT_OK
+        rules = load_rules(Path(args.check))
+    except RuleError as exc:
+        _write(sys.stderr, f"auto_reply: {exc}\n")
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - one line on stderr, exit 1
+        _write(sys.stderr, f"auto_reply: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
+        return EXIT_FAILURE
+    enabled = [rule for rule in rules.rules if rule.enabled]
+    _write(sys.stdout, f"{args.check}: valid, {len(rules.rules)} rules ({len(enabled)} enabled): "
+                       f"{', '.join(f'{r.name} ({r.kind})' for r in enabled) or 'no automatic replies'}\n")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,673 @@
+"""Structured logging for the fleet suite: JSON lines on disk, one safe line per event on the console.
+
+Contract
+--------
+* File: ``<repo>/<server>/logs/structured.log`` (never committed, PROTOCOL.md "The fleet
+  repository"), UTF-8 JSON lines, ASCII-escaped. Every line is one object::
+
+      {"timestamp": "2025-11-04T11:10:39.123Z", "level": "INFO", "message": "...",
+       "server": "code2", "metadata": {"logger": "fleet_git", ...}}
+
+  ``timestamp`` is UTC ISO 8601 with milliseconds and a ``Z``; ``level`` is one of DEBUG, INFO,
+  WARNING, ERROR, CRITICAL (custom levels map to the standard level below them); ``metadata``
+  holds ``extra={"metadata": {...}}`` from the record, the ``logger`` name, ``exception`` (the
+  formatted traceback) when the record has ``exc_info`` and ``stack`` when it has ``stack_info``.
+* Several processes (the CLI and the monitor) append to the same file: each record is one
+  ``write()`` of one complete line on a file opened in append mode, and the file is opened per
+  record so that a rotation by another process (or Windows' refusal to rename an open file) never
+  strands a writer. Rotation is size based (:data:`DEFAULT_MAX_BYTES`, :data:`DEFAULT_BACKUP_COUNT`
+  backups ``structured.log.1`` ...) and done only by the process that takes the lock
+  ``structured.log.lock`` without waiting; a process that cannot take it skips rotating this time.
+* Console: ``HH:MM:SS LEVEL message`` (local time), one line per record: newlines in the message
+  (and the traceback) are shown as `` | ``, and the whole line goes through :func:`sanitize`, so a
+  message from another server can never drive the operator's terminal or split a journald entry.
+  Colour by level through colorama only when the stream is a terminal and ``NO_COLOR`` is unset or
+  empty (``FORCE_COLOR`` set to anything but ``0`` forces it; an explicit ``color=`` wins over both).
+  Output goes through :func:`console_safe`, so a code page such as cp1252 never makes it crash.
+* Redaction: both formatters pass the message and every string in the metadata through
+  :func:`redact`; string or number values under a credential-like key (``password``,
+  ``client_secret``, ``auth_token`` ...) are replaced by ``***`` whatever they look like.
+* :func:`sanitize` shows each control character as a visible escape: newline, carriage return and
+  tab as ``\\n``, ``\\r``, ``\\t``; other C0/C1 controls, DEL and lone surrogates as ``\\xNN`` /
+  ``\\uNNNN``; Unicode bidi controls and line/paragraph separators as ``\\uNNNN``. An escape
+  sequence such as ``ESC [31m`` thus reads ``\\x1b[31m`` and does nothing.
+
+Library code here never prints; :func:`setup_logging` configures the root logger for a CLI's
+``main`` (the suite's modules log through ``logging.getLogger(__name__)`` with top-level names such
+as ``fleet_git``). :class:`StructuredLogger` keeps the earlier script's API.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import logging.handlers
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any, Dict, List, Mapping, Optional, Union
+
+from fleet_common import (
+    SuiteError,
+    file_lock,
+    iso_utc,
+    resolve_server_id,
+    runtime_dir,
+)
+
+try:
+    from typing import Final
+except ImportError:  # pragma: no cover
+    from typing import Any as Final  # type: ignore[assignment]
+
+__all__ = [
+    "DEFAULT_BACKUP_COUNT",
+    "DEFAULT_MAX_BYTES",
+    "LOG_FILE_NAME",
+    "ConsoleFormatter",
+    "ConsoleHandler",
+    "JsonFormatter",
+    "StructuredFileHandler",
+    "StructuredLogger",
+    "color_wanted",
+    "console_safe",
+    "log_file_path",
+    "preview",
+    "redact",
+    "sanitize",
+    "setup_logging",
+    "teardown_logging",
+]
+
+LOG_FILE_NAME: Final = "structured.log"
+LOCK_SUFFIX: Final = ".lock"
+DEFAULT_MAX_BYTES: Final = 5 * 1024 * 1024
+DEFAULT_BACKUP_COUNT: Final = 5
+REDACTED: Final = "***"
+ELLIPSIS: Final = "\u2026"
+LINE_JOIN: Final = " | "  # a newline inside one console record
+
+_OWNED_ATTR: Final = "_structured_log_owned"
+
+# --------------------------------------------------------------------------- redaction
+
+# scheme://user[:password]@host -> scheme://***@host
+_URL_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]{0,30}://)[^\s/?#@]+@")
+_TOKEN_RE = re.compile(
+    r"\b(?:gh[pousr]_[A-Za-z0-9]{16,}"
+    r"|github_pat_[A-Za-z0-9_]{20,}"
+    r"|gl(?:pat|ptt|dt|rt|cbt|soat)-[A-Za-z0-9_\-]{16,}(?:\.[A-Za-z0-9_\-]+)*)"
+)
+_AUTH_HEADER_RE = re.compile(
+    r"(?i)\b((?:proxy-)?authorization\\?[\"']?\s*[:=]\s*\\?[\"']?)"
+    r"(?!\*\*\*|(?:bearer|basic|digest|token|negotiate|ntlm)\s+\*\*\*)"
+    r"(?:(bearer|basic|digest|token|negotiate|ntlm)\s+)?"
+    r"[^\s\"',;\\]+"
+)
+_BEARER_RE = re.compile(r"(?i)\b(bearer)\s+(?!\*\*\*)[A-Za-z0-9\-._~+/]+=*")
+_SECRET_WORD = (
+    r"(?:passw(?:or)?d|passphrase|pwd|token|secret|api[_-]?key|apikey|access[_-]?key"
+    r"|private[_-]?key)"
+)
+# The key may carry any prefix ("Jira password", "client_secret"); only the value is masked.
+# The suffix is bounded so a long run of key-like text cannot make the search quadratic.
+_KEY_VALUE_RE = re.compile(
+    r"(?i)(?P<key>" + _SECRET_WORD + r"[\w.\-]{0,40}?)"
+    r"(?P<kq>\\?[\"']?)"
+    r"(?P<sep>\s*[:=]\s*)"
+    r"(?:\\\"(?P<edq>(?:(?!\\\").){0,4096}?)\\\""
+    r"|\"(?P<dq>(?:[^\"\\]|\\.)*)\""
+    r"|'(?P<sq>[^']*)'"
+    r"|(?P<bare>[^\s\"',;&]+))"
+)
+_SECRET_KEY_RE = re.compile(r"(?i)^[\w.\- ]*(?:" + _SECRET_WORD + r"|authorization)$")
+
+
+def _key_value_sub(match: "re.Match[str]") -> str:
+    head = match.group("key") + match.group("kq") + match.group("sep")
+    if match.group("edq") is not None:
+        return head + '\\"' + REDACTED + '\\"'
+    if match.group("dq") is not None:
+        return head + '"' + REDACTED + '"'
+    if match.group("sq") is not None:
+        return head + "'" + REDACTED + "'"
+    return head + REDACTED
+
+
+def _auth_sub(match: "re.Match[str]") -> str:
+    scheme = match.group(2)
+    return match.group(1) + (scheme + " " if scheme else "") + REDACTED
+
+
+def redact(text: object) -> str:
+    """``text`` with credentials replaced by ``***``.
+
+    Masks the user information of URLs (``https://user:token@host`` -> ``https://***@host``),
+    GitHub (``ghp_`` ``gho_`` ``ghu_`` ``ghs_`` ``ghr_`` ``github_pat_``) and GitLab (``glpat-``
+    ...) tokens, ``Authorization:`` header values, ``Bearer <token>``, and the value written after
+    a credential-like key (``password``, ``passwd``, ``pwd``, ``token``, ``secret``, ``api_key``,
+    ``apikey``, ``access_key``, with any prefix, any case) as ``key=value``, ``key: value`` or
+    ``"key": "value"``.
+    """
+    value = text if isinstance(text, str) else str(text)
+    value = _URL_USERINFO_RE.sub(r"\1" + REDACTED + "@", value)
+    value = _TOKEN_RE.sub(REDACTED, value)
+    value = _AUTH_HEADER_RE.sub(_auth_sub, value)
+    value = _BEARER_RE.sub(r"\1 " + REDACTED, value)
+    return _KEY_VALUE_RE.sub(_key_value_sub, value)
+
+
+def _is_secret_key(key: object) -> bool:
+    return isinstance(key, str) and bool(_SECRET_KEY_RE.match(key))
+
+
+def redact_data(value: Any, _depth: int = 0) -> Any:
+    """A JSON-ready copy of ``value`` with every string redacted and secret-keyed values masked."""
+    if isinstance(value, str):
+        return redact(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if _depth >= 20:
+        return redact(repr(value))
+    if isinstance(value, Mapping):
+        out: Dict[str, Any] = {}
+        for key, item in value.items():
+            name = key if isinstance(key, str) else str(key)
+            if _is_secret_key(name) and isinstance(item, (str, int, float)) and not isinstance(item, bool):
+                out[name] = REDACTED
+            else:
+                out[name] = redact_data(item, _depth + 1)
+        return out
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [redact_data(item, _depth + 1) for item in value]
+    return redact(str(value))
+
+
+# --------------------------------------------------------------------------- sanitizing
+
+# C0 controls (tab and newline included), DEL, C1 controls, Arabic letter mark, LRM/RLM,
+# line/paragraph separators, bidi embeddings/overrides/isolates, lone surrogates.
+_UNSAFE_RE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+_NAMED_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_NEWLINE_RE = re.compile(r"\r\n|\r|\n")
+
+
+def _escape_char(char: str) -> str:
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _escape_match(match: "re.Match[str]") -> str:
+    return _escape_char(match.group())
+
+
+def sanitize(text: object, max_len: Optional[int] = None) -> str:
+    """``text`` with every control character shown as a visible, inert escape.
+
+    Newline, carriage return and tab become ``\\n``, ``\\r``, ``\\t`` (two characters each); ESC
+    becomes the four characters ``\\x1b``, so ANSI CSI/OSC sequences lose their lead byte and read
+    as plain text. With ``max_len``, the result is at most that long, cut between escapes and
+    ending in ``…`` when cut.
+    """
+    value = text if isinstance(text, str) else str(text)
+    if max_len is None:
+        return _UNSAFE_RE.sub(_escape_match, value)
+    if max_len <= 0:
+        return ""
+    # Every source character yields at least one output character, so looking at max_len + 1 of
+    # them is enough to know whether the result must be cut.
+    pieces: List[str] = []
+    total = 0
+    for char in value[: max_len + 1]:
+        piece = _escape_char(char) if _UNSAFE_RE.match(char) else char
+        pieces.append(piece)
+        total += len(piece)
+    if total <= max_len:
+        return "".join(pieces)
+    kept: List[str] = []
+    used = 0
+    for piece in pieces:
+        if used + len(piece) > max_len - 1:
+            break
+        kept.append(piece)
+        used += len(piece)
+    return "".join(kept) + ELLIPSIS
+
+
+def preview(text: object, length: int = 120) -> str:
+    """A one-line, redacted, inert preview of message text, at most ``length`` characters.
+
+    Redaction runs on the raw text (where a newline still ends a secret value), then
+    :func:`sanitize` escapes what is left and cuts it with ``…``; the result is safe either way.
+    """
+    return sanitize(redact(text), max_len=length)
+
+
+def console_safe(text: str, stream: Optional[IO[str]] = None) -> str:
+    """``text`` reduced to what ``stream.encoding`` can show, the rest as backslash escapes.
+
+    ``print(console_safe(line, sys.stdout))`` never raises ``UnicodeEncodeError`` on a code page
+    such as cp1252. A stream without an encoding (``io.StringIO``) gets the text unchanged.
+    """
+    target = sys.stdout if stream is None else stream
+    encoding = getattr(target, "encoding", None)
+    if not encoding:
+        return text
+    try:
+        return text.encode(encoding, errors="backslashreplace").decode(encoding, errors="replace")
+    except LookupError:
+        return text.encode("ascii", errors="backslashreplace").decode("ascii")
+
+
+# --------------------------------------------------------------------------- formatters
+
+
+def _standard_level(levelno: int) -> str:
+    if levelno >= logging.CRITICAL:
+        return "CRITICAL"
+    if levelno >= logging.ERROR:
+        return "ERROR"
+    if levelno >= logging.WARNING:
+        return "WARNING"
+    if levelno >= logging.INFO:
+        return "INFO"
+    return "DEBUG"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record (see the module docstring), redacted, on one ASCII line."""
+
+    def __init__(self, server_id: Optional[str] = None) -> None:
+        super().__init__()
+        self.server_id = resolve_server_id(server_id)
+
+    def to_dict(self, record: logging.LogRecord) -> Dict[str, Any]:
+        raw = getattr(record, "metadata", None)
+        if raw is None:
+            metadata: Dict[str, Any] = {}
+        elif isinstance(raw, Mapping):
+            metadata = redact_data(raw)
+        else:
+            metadata = {"value": redact_data(raw)}
+        metadata["logger"] = record.name
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            metadata["exception"] = redact(record.exc_text)
+        if record.stack_info:
+            metadata["stack"] = redact(self.formatStack(record.stack_info))
+        moment = _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)
+        return {
+            "timestamp": iso_utc(moment, fraction=True),
+            "level": _standard_level(record.levelno),
+            "message": redact(record.getMessage()),
+            "server": self.server_id,
+            "metadata": metadata,
+        }
+
+    def format(self, record: logging.LogRecord) -> str:
+        # ensure_ascii also escapes U+2028/U+2029, so a line is always exactly one line.
+        return json.dumps(self.to_dict(record), ensure_ascii=True, default=str)
+
+
+_ANSI_FALLBACK: Final = {
+    "DEBUG": "\x1b[2m",
+    "INFO": "\x1b[32m",
+    "WARNING": "\x1b[33m",
+    "ERROR": "\x1b[31m",
+    "CRITICAL": "\x1b[1m\x1b[31m",
+    "RESET": "\x1b[0m",
+}
+_colorama_ready = False
+_colorama_guard = threading.Lock()
+
+
+def _level_styles() -> Dict[str, str]:
+    """ANSI styles per level, from colorama (which also enables ANSI on a Windows console)."""
+    global _colorama_ready
+    try:
+        import colorama  # lazy: only a coloured console needs it
+    except ImportError:  # pragma: no cover - colorama is a runtime requirement
+        return dict(_ANSI_FALLBACK)
+    with _colorama_guard:
+        if not _colorama_ready:
+            fix = getattr(colorama, "just_fix_windows_console", None)
+            if fix is not None:
+                fix()
+            else:  # pragma: no cover - colorama < 0.4.6
+                colorama.init()
+            _colorama_ready = True
+    fore, style = colorama.Fore, colorama.Style
+    return {
+        "DEBUG": style.DIM,
+        "INFO": fore.GREEN,
+        "WARNING": fore.YELLOW,
+        "ERROR": fore.RED,
+        "CRITICAL": style.BRIGHT + fore.RED,
+        "RESET": style.RESET_ALL,
+    }
+
+
+def color_wanted(stream: object) -> bool:
+    """Whether to colour ``stream``: a terminal, and ``NO_COLOR`` unset or empty.
+
+    ``FORCE_COLOR`` (non-empty, not ``0``) colours a non-terminal too; ``NO_COLOR`` wins over it.
+    """
+    if os.environ.get("NO_COLOR"):
+        return False
+    force = os.environ.get("FORCE_COLOR")
+    if force and force != "0":
+        return True
+    isatty = getattr(stream, "isatty", None)
+    if isatty is None:
+        return False
+    try:
+        return bool(isatty())
+    except (OSError, ValueError):
+        return False
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``HH:MM:SS LEVEL message``: one redacted, sanitized line, optionally coloured by level."""
+
+    def __init__(self, color: bool = False) -> None:
+        super().__init__(datefmt="%H:%M:%S")
+        self.color = color
+        self._styles: Optional[Dict[str, str]] = _level_styles() if color else None
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [redact(record.getMessage())]
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            parts.append(redact(record.exc_text))
+        if record.stack_info:
+            parts.append(redact(self.formatStack(record.stack_info)))
+        message = LINE_JOIN.join(_NEWLINE_RE.sub(LINE_JOIN, part.strip("\r\n")) for part in parts)
+        line = sanitize(f"{self.formatTime(record, self.datefmt)} {record.levelname} {message}")
+        if not self._styles:
+            return line
+        style = self._styles.get(_standard_level(record.levelno), "")
+        return f"{style}{line}{self._styles['RESET']}"
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """A stream handler (stderr by default) with :class:`ConsoleFormatter` and :func:`console_safe`.
+
+    ``color=None`` decides once, from the stream and the environment (:func:`color_wanted`).
+    """
+
+    def __init__(self, stream: Optional[IO[str]] = None, color: Optional[bool] = None) -> None:
+        super().__init__(stream if stream is not None else sys.stderr)
+        self.color = color_wanted(self.stream) if color is None else bool(color)
+        self.setFormatter(ConsoleFormatter(color=self.color))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = self.stream
+        if stream is None:  # pythonw on Windows has no console
+            return
+        try:
+            line = self.format(record) + self.terminator
+            stream.write(console_safe(line, stream))
+            self.flush()
+        except RecursionError:  # pragma: no cover - as logging.StreamHandler does
+            raise
+        except Exception:  # noqa: BLE001 - logging must never take the program down
+            self.handleError(record)
+
+
+class StructuredFileHandler(logging.handlers.RotatingFileHandler):
+    """JSON lines to a file shared by several processes, with bounded size-based rotation.
+
+    Each record is appended as one ``write()`` of one line to a file opened (binary, append,
+    unbuffered) for that record. Before writing, if the line would take the file past
+    ``max_bytes``, the handler tries the lock ``<file>.lock`` with timeout 0 and rotates only when
+    it holds it and the file is still too big; otherwise it writes without rotating this time.
+    """
+
+    def __init__(self, filename: "Union[str, os.PathLike[str]]", server_id: Optional[str] = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES, backup_count: int = DEFAULT_BACKUP_COUNT) -> None:
+        super().__init__(str(filename), mode="a", maxBytes=max_bytes, backupCount=backup_count,
+                         encoding="utf-8", delay=True)
+        self.lock_path = self.baseFilename + LOCK_SUFFIX
+        self._rotation_lock: Any = None
+        self._rotating = threading.local()
+        self.setFormatter(JsonFormatter(server_id))
+
+    def _file_size(self) -> int:
+        try:
+            return os.stat(self.baseFilename).st_size
+        except FileNotFoundError:
+            return 0
+
+    def _too_big(self, incoming: int) -> bool:
+        # As with logging's own handler, max_bytes or backup_count of 0 means never rotate.
+        if self.maxBytes <= 0 or self.backupCount <= 0:
+            return False
+        size = self._file_size()
+        return size > 0 and size + incoming > self.maxBytes
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 - logging's name
+        return self._too_big(len(self.format(record)) + 1)
+
+    def _rotate_if_owner(self, incoming: int) -> None:
+        if getattr(self._rotating, "active", False):
+            return  # a record logged while rotating (by the lock library, say) just appends
+        self._rotating.active = True
+        try:
+            if self._rotation_lock is None:
+                self._rotation_lock = file_lock(self.lock_path, timeout=0)
+            try:
+                with self._rotation_lock:
+                    # Another process may have rotated between our check and the lock.
+                    if self._too_big(incoming):
+                        self.doRollover()
+            except TimeoutError:
+                pass  # another process holds the lock and is rotating: skip this time
+            except OSError:
+                pass  # Windows: a file still open elsewhere cannot be renamed; retry next record
+        finally:
+            self._rotating.active = False
+
+    def _append(self, data: bytes) -> None:
+        with open(self.baseFilename, "ab", buffering=0) as handle:
+            view = memoryview(data)
+            while view:
+                written = handle.write(view)
+                if not written:  # pragma: no cover - a regular file takes everything
+                    raise OSError(f"could not append to {self.baseFilename}")
+                view = view[written:]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8")
+            if self._too_big(len(data)):
+                self._rotate_if_owner(len(data))
+            self._append(data)
+        except RecursionError:  # pragma: no cover - as logging's handlers do
+            raise
+        except Exception:  # noqa: BLE001 - logging must never take the program down
+            self.handleError(record)
+
+
+# --------------------------------------------------------------------------- root setup
+
+_installed: List[logging.Handler] = []
+_saved_root_level: Optional[int] = None
+_setup_guard = threading.Lock()
+
+
+def log_file_path(repo: "Union[str, os.PathLike[str]]", server_id: Optional[str] = None) -> Path:
+    """``<repo>/<server>/logs/structured.log``; creates the (git-excluded) folder, not the repo."""
+    return runtime_dir(repo, resolve_server_id(server_id), "logs") / LOG_FILE_NAME
+
+
+def _own(handler: logging.Handler) -> logging.Handler:
+    setattr(handler, _OWNED_ATTR, True)
+    return handler
+
+
+def teardown_logging() -> None:
+    """Remove and close the handlers :func:`setup_logging` installed; restore the root level."""
+    global _saved_root_level
+    root = logging.getLogger()
+    with _setup_guard:
+        for handler in list(root.handlers):
+            if getattr(handler, _OWNED_ATTR, False) or handler in _installed:
+                root.removeHandler(handler)
+        for handler in _installed:
+            handler.close()
+        _installed.clear()
+        if _saved_root_level is not None:
+            root.setLevel(_saved_root_level)
+            _saved_root_level = None
+
+
+def setup_logging(
+    repo: "Union[str, os.PathLike[str], None]" = None,
+    server_id: Optional[str] = None,
+    *,
+    console: bool = True,
+    console_level: int = logging.INFO,
+    file_level: int = logging.DEBUG,
+    stream: Optional[IO[str]] = None,
+    color: Optional[bool] = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    backup_count: int = DEFAULT_BACKUP_COUNT,
+) -> logging.Logger:
+    """Configure the root logger for a CLI: console handler and, with a repo, the JSON file.
+
+    Idempotent: handlers from an earlier call are removed first. The file handler is added only
+    when ``repo`` names an existing folder (``<repo>/<server>/logs`` is created and git-excluded
+    by :func:`fleet_common.runtime_dir`). Raises :class:`fleet_common.UsageError` for an invalid
+    server id. Returns the root logger.
+    """
+    global _saved_root_level
+    teardown_logging()
+    server = resolve_server_id(server_id)
+    root = logging.getLogger()
+    handlers: List[logging.Handler] = []
+    if console:
+        console_handler = ConsoleHandler(stream if stream is not None else sys.stderr, color=color)
+        console_handler.setLevel(console_level)
+        handlers.append(_own(console_handler))
+    problem, missing_repo = "", ""
+    if repo is not None:
+        if Path(repo).is_dir():
+            try:
+                path = log_file_path(repo, server)
+            except (OSError, SuiteError) as exc:
+                problem = f"no log file under {repo}: {exc}"
+            else:
+                file_handler = StructuredFileHandler(path, server, max_bytes=max_bytes,
+                                                     backup_count=backup_count)
+                file_handler.setLevel(file_level)
+                handlers.append(_own(file_handler))
+        else:
+            # The command itself reports a missing repository; here it only means "no file".
+            missing_repo = f"no log file: repository folder {repo} does not exist"
+    with _setup_guard:
+        _saved_root_level = root.level
+        for handler in handlers:
+            root.addHandler(handler)
+            _installed.append(handler)
+        if handlers:
+            root.setLevel(min(handler.level for handler in handlers))
+    # The lock library logs each acquisition at DEBUG; that would fill the file on every rotation.
+    filelock_logger = logging.getLogger("filelock")
+    if filelock_logger.level == logging.NOTSET:
+        filelock_logger.setLevel(logging.WARNING)
+    if problem:
+        logging.getLogger(__name__).warning(problem)
+    if missing_repo:
+        logging.getLogger(__name__).debug(missing_repo)
+    return root
+
+
+# --------------------------------------------------------------------------- seed API
+
+
+class StructuredLogger:
+    """The earlier script's logger: ``.info(message, metadata=None)`` and friends.
+
+    Writes the same JSON lines as :class:`StructuredFileHandler` to ``log_path`` (default
+    ``<BUILD_REPO_PATH or cwd>/<server>/logs/structured.log``; when that repository folder does
+    not exist, nothing is created and only the console gets the records) and the console
+    (stderr). Independent of the root logger, so it never duplicates :func:`setup_logging`.
+    """
+
+    def __init__(self, log_path: "Union[str, os.PathLike[str], None]" = None,
+                 server_id: Optional[str] = None, *, console: bool = True,
+                 console_level: int = logging.INFO, stream: Optional[IO[str]] = None,
+                 color: Optional[bool] = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                 backup_count: int = DEFAULT_BACKUP_COUNT) -> None:
+        self.server_id = resolve_server_id(server_id)
+        self.log_path: Optional[Path] = self._choose_path(log_path)
+        # A logger outside the logging registry: many instances leak nothing and never propagate.
+        self._logger = logging.Logger("structured_log", logging.DEBUG)
+        self._logger.propagate = False
+        if self.log_path is not None:
+            file_handler = StructuredFileHandler(self.log_path, self.server_id, max_bytes=max_bytes,
+                                                 backup_count=backup_count)
+            self._logger.addHandler(file_handler)
+        if console:
+            console_handler = ConsoleHandler(stream if stream is not None else sys.stderr, color=color)
+            console_handler.setLevel(console_level)
+            self._logger.addHandler(console_handler)
+
+    def _choose_path(self, log_path: "Union[str, os.PathLike[str], None]") -> Optional[Path]:
+        if log_path is not None:
+            path = Path(log_path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                return None
+            return path
+        repo = Path(os.environ.get("BUILD_REPO_PATH") or os.getcwd())
+        if not repo.is_dir():
+            return None
+        try:
+            return log_file_path(repo, self.server_id)
+        except (OSError, SuiteError):
+            return None
+
+    def log(self, level: int, message: object, metadata: Optional[Mapping[str, Any]] = None,
+            *, exc_info: Any = None) -> None:
+        extra = {"metadata": dict(metadata)} if metadata else None
+        self._logger.log(level, "%s", message, extra=extra, exc_info=exc_info)
+
+    def debug(self, message: object, metadata: Optional[Mapping[str, Any]] = None) -> None:
+        self.log(logging.DEBUG, message, metadata)
+
+    def info(self, message: object, metadata: Optional[Mapping[str, Any]] = None) -> None:
+        self.log(logging.INFO, message, metadata)
+
+    def warning(self, message: object, metadata: Optional[Mapping[str, Any]] = None) -> None:
+        self.log(logging.WARNING, message, metadata)
+
+    def error(self, message: object, metadata: Optional[Mapping[str, Any]] = None) -> None:
+        self.log(logging.ERROR, message, metadata)
+
+    def critical(self, message: object, metadata: Optional[Mapping[str, Any]] = None) -> None:
+        self.log(logging.CRITICAL, message, metadata)
+
+    def exception(self, message: object, metadata: Optional[Mapping[str, Any]] = None) -> None:
+        """An ERROR record with the current exception's traceback under ``metadata.exception``."""
+        self.log(logging.ERROR, message, metadata, exc_info=True)
+
+    def close(self) -> None:
+        for handler in list(self._logger.handlers):
+            self._logger.removeHandler(handler)
+            handler.close()

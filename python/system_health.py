@@ -1,0 +1,563 @@
+"""Health of one fleet server: disk, memory, CPU, its clone, retry queue, breaker and monitor.
+
+:func:`get_system_health` runs every check and returns::
+
+    {"overall": "HEALTHY"|"WARNING"|"CRITICAL", "server": id, "timestamp": iso,
+     "checks": {name: {"status": ..., "message": str, ...values}}}
+
+Checks: ``disk`` (free space of the filesystem holding the clone), ``memory``, ``cpu``,
+``repository`` (is it a clone, uncommitted changes, ahead/behind its upstream, stale lock files,
+a merge or rebase in progress, size of ``.git``), ``queue`` (the local retry queue),
+``circuit_breaker`` (``<server>/state/circuit_breaker.json``) and ``last_fetch`` (age of the
+monitor's last successful fetch, from ``<server>/state/monitor_status.json``). ``overall`` is the
+worst status. Every threshold can be changed through ``thresholds`` (see
+:data:`DEFAULT_THRESHOLDS`). A check that cannot run reports WARNING with ``"error": true``.
+
+Reading health writes nothing: git runs with ``--no-optional-locks`` (no index refresh) and the
+state files are read, never repaired or created.
+
+Command line (a Nagios-style plugin)::
+
+    python3 python/system_health.py [PATH] [--server ID] [--json] [--disk-warning-gb X] ...
+
+PATH defaults to ``BUILD_REPO_PATH``, else the current directory. Exit codes follow Nagios:
+0 HEALTHY, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (an unexpected error, one-line reason on stderr).
+Bad usage also exits 2 (argparse's convention, shared with the whole suite); a monitoring system
+sees it as CRITICAL, which is the safe reading of a misconfigured check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import fleet_common
+from fleet_common import UsageError
+
+try:
+    from typing import Final
+except ImportError:  # pragma: no cover - Python 3.7
+    from typing import Any as Final  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+HEALTHY: Final = "HEALTHY"
+WARNING: Final = "WARNING"
+CRITICAL: Final = "CRITICAL"
+_RANK: Final = {HEALTHY: 0, WARNING: 1, CRITICAL: 2}
+
+EXIT_HEALTHY: Final = 0
+EXIT_WARNING: Final = 1
+EXIT_CRITICAL: Final = 2
+EXIT_UNKNOWN: Final = 3
+
+GB: Final = 1024.0 ** 3
+MB: Final = 1024.0 ** 2
+
+# ``fetch_warning_seconds`` None means max(10 * the monitor's interval, 300 s).
+DEFAULT_THRESHOLDS: Final = {
+    "disk_critical_gb": 0.5,
+    "disk_warning_gb": 1.0,
+    "memory_warning_percent": 95.0,
+    "cpu_warning_percent": 95.0,
+    "queue_pending_warning": 20,
+    "queue_dead_warning": 0,
+    "fetch_warning_seconds": None,
+    "fetch_critical_seconds": 3600.0,
+    "breaker_open_critical_seconds": 3600.0,
+}
+
+CHECK_NAMES: Final = ("disk", "memory", "cpu", "repository", "queue", "circuit_breaker",
+                      "last_fetch")
+# How many directory entries the .git size walk may visit: the check must stay cheap on a big
+# clone full of loose objects; beyond it the size is reported as a lower bound.
+GIT_SIZE_ENTRY_BUDGET: Final = 20000
+GIT_LOCK_FILES: Final = ("index.lock", "HEAD.lock", "config.lock", "packed-refs.lock",
+                         "shallow.lock")
+
+Check = Dict[str, Any]
+
+
+def worst(statuses: Sequence[str]) -> str:
+    """The most severe of some statuses (HEALTHY for none)."""
+    return max(statuses, key=lambda status: _RANK.get(status, 1), default=HEALTHY)
+
+
+def merge_thresholds(thresholds: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Defaults overlaid with ``thresholds``; an unknown key or a non-number is a UsageError."""
+    merged = dict(DEFAULT_THRESHOLDS)
+    for key, value in (thresholds or {}).items():
+        if key not in DEFAULT_THRESHOLDS:
+            raise UsageError(f"unknown health threshold {key!r} "
+                             f"(known: {', '.join(sorted(DEFAULT_THRESHOLDS))})")
+        if value is None:
+            merged[key] = DEFAULT_THRESHOLDS[key]
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"health threshold {key} must be a number, got {value!r}")
+        merged[key] = value
+    return merged
+
+
+def _check(status: str, message: str, **values: Any) -> Check:
+    result: Check = {"status": status, "message": message}
+    result.update(values)
+    return result
+
+
+def _existing_ancestor(path: Path) -> Path:
+    current = path.absolute()
+    while not current.exists() and current.parent != current:
+        current = current.parent
+    return current
+
+
+# --------------------------------------------------------------------------- system checks
+
+
+def check_disk(repo: Path, th: Mapping[str, Any]) -> Check:
+    usage = shutil.disk_usage(str(_existing_ancestor(repo)))
+    free_gb = usage.free / GB
+    total_gb = usage.total / GB
+    percent_used = round(100.0 * usage.used / usage.total, 1) if usage.total else 0.0
+    values = {"free_gb": round(free_gb, 2), "total_gb": round(total_gb, 2),
+              "percent_used": percent_used}
+    text = f"{free_gb:.2f} GB free of {total_gb:.2f} GB ({percent_used:.1f}% used)"
+    if free_gb < float(th["disk_critical_gb"]):
+        return _check(CRITICAL, f"{text}, under {th['disk_critical_gb']:g} GB", **values)
+    if free_gb < float(th["disk_warning_gb"]):
+        return _check(WARNING, f"{text}, under {th['disk_warning_gb']:g} GB", **values)
+    return _check(HEALTHY, text, **values)
+
+
+def check_memory(th: Mapping[str, Any]) -> Check:
+    import psutil  # lazy: heavy, and only health needs it
+
+    memory = psutil.virtual_memory()
+    values = {"percent": float(memory.percent), "used_gb": round(memory.used / GB, 2),
+              "available_gb": round(memory.available / GB, 2)}
+    text = f"{memory.percent:.1f}% used, {memory.available / GB:.2f} GB available"
+    if float(memory.percent) > float(th["memory_warning_percent"]):
+        return _check(WARNING, f"{text}, over {th['memory_warning_percent']:g}%", **values)
+    return _check(HEALTHY, text, **values)
+
+
+def _load_average() -> Optional[List[float]]:
+    # os.getloadavg exists on POSIX only; Windows has no load average worth reporting.
+    getloadavg = getattr(os, "getloadavg", None)
+    if getloadavg is None:
+        return None
+    try:
+        return [round(value, 2) for value in getloadavg()]
+    except OSError:
+        return None
+
+
+def check_cpu(th: Mapping[str, Any]) -> Check:
+    import psutil  # lazy
+
+    # interval=None does not block; the first call in a process may read 0.0.
+    percent = float(psutil.cpu_percent(interval=None))
+    load = _load_average()
+    text = f"{percent:.1f}% busy"
+    if load is not None:
+        text += f", load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    if percent > float(th["cpu_warning_percent"]):
+        return _check(WARNING, f"{text}, over {th['cpu_warning_percent']:g}%",
+                      percent=percent, load_avg=load)
+    return _check(HEALTHY, text, percent=percent, load_avg=load)
+
+
+# --------------------------------------------------------------------------- repository
+
+
+def _git_text(repo: Path, *args: str) -> Tuple[int, str]:
+    from fleet_git import run_git
+
+    proc = run_git(repo, "--no-optional-locks", *args, check=False)
+    return proc.returncode, proc.stdout.decode("utf-8", "surrogateescape")
+
+
+def count_changes(porcelain_z: str) -> int:
+    """Entries of ``git status --porcelain=v1 -z`` (a rename's second path is not counted)."""
+    fields = porcelain_z.split("\0")
+    count = 0
+    index = 0
+    while index < len(fields):
+        entry = fields[index]
+        index += 1
+        if len(entry) < 4:
+            continue
+        count += 1
+        if entry[0] in "RC" or entry[1] in "RC":
+            index += 1  # -z: the original path follows as its own field
+    return count
+
+
+def _lock_files(git_dir: Path, common_dir: Path, now: float) -> List[Dict[str, Any]]:
+    found: List[Dict[str, Any]] = []
+    seen = set()
+    candidates = [git_dir / name for name in GIT_LOCK_FILES]
+    candidates += [common_dir / name for name in GIT_LOCK_FILES]
+    refs = common_dir / "refs"
+    budget = GIT_SIZE_ENTRY_BUDGET
+    for folder, _dirs, files in os.walk(str(refs)):
+        budget -= 1 + len(files)
+        candidates.extend(Path(folder) / name for name in files if name.endswith(".lock"))
+        if budget <= 0:
+            break
+    for path in candidates:
+        key = os.path.normcase(str(path))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            age = now - path.stat().st_mtime
+        except OSError:
+            continue
+        try:
+            name = path.relative_to(common_dir).as_posix()
+        except ValueError:
+            name = path.name
+        found.append({"path": name, "age_s": round(max(age, 0.0), 1)})
+    return found
+
+
+def _operation_in_progress(git_dir: Path) -> Optional[str]:
+    for marker, label in (("MERGE_HEAD", "merge"), ("rebase-merge", "rebase"),
+                          ("rebase-apply", "rebase"), ("CHERRY_PICK_HEAD", "cherry-pick"),
+                          ("REVERT_HEAD", "revert")):
+        if (git_dir / marker).exists():
+            return label
+    return None
+
+
+def git_dir_size(git_dir: Path, budget: int = GIT_SIZE_ENTRY_BUDGET) -> Tuple[int, bool]:
+    """Bytes under ``git_dir`` and whether the walk was complete (it stops after ``budget``)."""
+    total = 0
+    stack = [str(git_dir)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    budget -= 1
+                    if budget < 0:
+                        return total, False
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total, True
+
+
+def check_repository(repo: Path, now: float) -> Check:
+    if not repo.is_dir():
+        return _check(CRITICAL, f"{repo} does not exist", is_clone=False)
+    code, out = _git_text(repo, "rev-parse", "--show-toplevel", "--absolute-git-dir",
+                          "--git-common-dir")
+    lines = out.splitlines()
+    if code != 0 or len(lines) < 3:
+        return _check(CRITICAL, f"{repo} is not a git clone", is_clone=False)
+    git_dir = Path(lines[1])
+    common_dir = Path(lines[2])
+    if not common_dir.is_absolute():
+        common_dir = (repo / common_dir).resolve()
+
+    code, out = _git_text(repo, "status", "--porcelain=v1", "-z", "--untracked-files=no")
+    changes = count_changes(out) if code == 0 else None
+    ahead = behind = None
+    code, out = _git_text(repo, "rev-list", "--left-right", "--count", "HEAD...@{upstream}")
+    parts = out.split()
+    if code == 0 and len(parts) == 2 and all(part.isdigit() for part in parts):
+        ahead, behind = int(parts[0]), int(parts[1])
+    locks = _lock_files(git_dir, common_dir, now)
+    in_progress = _operation_in_progress(git_dir)
+    size, complete = git_dir_size(common_dir)
+    values = {
+        "is_clone": True,
+        "uncommitted_changes": changes,
+        "ahead": ahead,
+        "behind": behind,
+        "lock_files": locks,
+        "operation_in_progress": in_progress,
+        "git_size_mb": round(size / MB, 1),
+        "git_size_complete": complete,
+    }
+    notes: List[str] = []
+    if changes:
+        notes.append(f"{changes} uncommitted change{'s' if changes != 1 else ''}")
+    if ahead is None:
+        notes.append("no upstream")
+    elif ahead or behind:
+        notes.append(f"{ahead} ahead, {behind} behind upstream")
+    notes.append(f".git {size / MB:.1f} MB{'' if complete else '+'}")
+    problems: List[str] = []
+    if in_progress:
+        problems.append(f"a {in_progress} is in progress")
+    if locks:
+        problems.append("lock file " + ", ".join(lock["path"] for lock in locks))
+    if problems:
+        return _check(WARNING, "; ".join(problems + notes), **values)
+    return _check(HEALTHY, "; ".join(notes), **values)
+
+
+# --------------------------------------------------------------------------- fleet state
+
+
+def queue_check_from_stats(stats: Mapping[str, Any], th: Mapping[str, Any],
+                           known: bool = True) -> Check:
+    """The ``queue`` check for a retry queue's ``stats()``."""
+    pending = int(stats.get("pending") or 0)
+    dead = int(stats.get("dead") or 0)
+    values = {"known": known, "pending": pending, "dead": dead,
+              "sent": int(stats.get("sent") or 0),
+              "oldest_pending_age_s": stats.get("oldest_pending_age_s"),
+              "next_due_in_s": stats.get("next_due_in_s")}
+    text = f"{pending} pending, {dead} dead"
+    if dead > int(th["queue_dead_warning"]):
+        return _check(WARNING, f"{text}: undeliverable messages need attention", **values)
+    if pending > int(th["queue_pending_warning"]):
+        return _check(WARNING, f"{text}: over {th['queue_pending_warning']} pending", **values)
+    return _check(HEALTHY, text, **values)
+
+
+def check_queue(repo: Path, server: str, th: Mapping[str, Any]) -> Check:
+    queue_file = fleet_common.server_dir(repo, server) / "queue" / "message_queue.json"
+    if not queue_file.is_file():
+        # Checked before importing: opening a queue must not create its folder (health writes
+        # nothing).
+        return queue_check_from_stats({}, th, known=True)
+    try:
+        import message_queue
+    except ImportError:
+        check = queue_check_from_stats({}, th, known=False)
+        check["message"] = "retry queue module not available; counted as empty"
+        return check
+    stats = message_queue.MessageQueue(str(repo), server).stats()
+    return queue_check_from_stats(stats, th)
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    """A state file read-only (``None`` when missing); ValueError when it does not parse."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    data = json.loads(raw.decode("utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def _epoch(value: Any) -> Optional[float]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    moment = fleet_common.parse_timestamp(value)
+    return moment.timestamp() if moment is not None else None
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: float) -> Check:
+    path = fleet_common.state_dir(repo, server) / "circuit_breaker.json"
+    try:
+        data = _read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _check(WARNING, f"{path.name} is unreadable ({exc})", state=None, error=True)
+    if data is None:
+        return _check(HEALTHY, "closed (no breaker state yet)", state="CLOSED", failure_count=0,
+                      open_for_s=None)
+    state = str(data.get("state") or "CLOSED").upper()
+    failures = data.get("failure_count")
+    opened = _epoch(data.get("opened_at"))
+    open_for = round(now - opened, 1) if opened is not None and state == "OPEN" else None
+    values = {"state": state, "failure_count": failures, "open_for_s": open_for}
+    if state == "OPEN":
+        limit = float(th["breaker_open_critical_seconds"])
+        since = f" for {_duration(open_for)}" if open_for is not None else ""
+        text = f"open{since} after {failures} failures: git operations are paused"
+        if open_for is not None and open_for > limit:
+            return _check(CRITICAL, text, **values)
+        return _check(WARNING, text, **values)
+    if state == "HALF_OPEN":
+        return _check(WARNING, "half-open: probing the remote after failures", **values)
+    if state != "CLOSED":
+        return _check(WARNING, f"unknown breaker state {state!r}", **values)
+    return _check(HEALTHY, "closed", **values)
+
+
+def check_last_fetch(repo: Path, server: str, th: Mapping[str, Any], now: float) -> Check:
+    path = fleet_common.state_dir(repo, server) / "monitor_status.json"
+    try:
+        data = _read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _check(WARNING, f"{path.name} is unreadable ({exc})", known=False, error=True)
+    if data is None:
+        return _check(HEALTHY, "no monitor has run", known=False)
+    try:
+        interval = float(data.get("interval") or fleet_common.DEFAULT_INTERVAL)
+    except (TypeError, ValueError):
+        interval = fleet_common.DEFAULT_INTERVAL
+    warn_after = th["fetch_warning_seconds"]
+    if warn_after is None:
+        warn_after = max(10.0 * interval, 300.0)
+    warn_after = float(warn_after)
+    critical_after = float(th["fetch_critical_seconds"])
+    last_ok = _epoch(data.get("last_fetch_ok_at"))
+    values: Dict[str, Any] = {
+        "known": True,
+        "last_fetch_ok_at": data.get("last_fetch_ok_at"),
+        "age_s": round(now - last_ok, 1) if last_ok is not None else None,
+        "last_cycle_at": data.get("last_cycle_at"),
+        "last_cycle_ok": data.get("last_cycle_ok"),
+        "last_error": data.get("last_error"),
+        "pid": data.get("pid"),
+        "iterations": data.get("iterations"),
+        "interval": interval,
+        "warning_after_s": warn_after,
+        "critical_after_s": critical_after,
+    }
+    if last_ok is None:
+        # The monitor ran but never fetched: judge by how long it has been trying.
+        started = _epoch(data.get("started_at"))
+        age = now - started if started is not None else None
+        text = "no successful fetch since the monitor started"
+    else:
+        age = now - last_ok
+        text = f"last successful fetch {_duration(age)} ago"
+    if data.get("last_error"):
+        text += f" (last error: {str(data['last_error']).splitlines()[0][:200]})"
+    if age is None or age > critical_after:
+        return _check(CRITICAL, text, **values)
+    if age > warn_after:
+        return _check(WARNING, text, **values)
+    return _check(HEALTHY, text, **values)
+
+
+# --------------------------------------------------------------------------- all checks
+
+
+def get_system_health(build_repo_path: Optional[str] = None, server_id: Optional[str] = None,
+                      thresholds: Optional[Mapping[str, Any]] = None, *,
+                      clock: Optional[Callable[[], float]] = None) -> Dict[str, Any]:
+    """Run every check (see the module docstring); writes nothing."""
+    repo = Path(build_repo_path if build_repo_path is not None
+                else fleet_common.default_repo_path())
+    server = fleet_common.resolve_server_id(server_id)
+    th = merge_thresholds(thresholds)
+    now = (clock or time.time)()
+    runners: Dict[str, Callable[[], Check]] = {
+        "disk": lambda: check_disk(repo, th),
+        "memory": lambda: check_memory(th),
+        "cpu": lambda: check_cpu(th),
+        "repository": lambda: check_repository(repo, now),
+        "queue": lambda: check_queue(repo, server, th),
+        "circuit_breaker": lambda: check_circuit_breaker(repo, server, th, now),
+        "last_fetch": lambda: check_last_fetch(repo, server, th, now),
+    }
+    checks: Dict[str, Check] = {}
+    for name in CHECK_NAMES:
+        try:
+            checks[name] = runners[name]()
+        except Exception as exc:  # noqa: BLE001 - one broken check must not hide the others
+            log.warning("health check %s failed: %s", name, exc,
+                        extra={"metadata": {"check": name}})
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            checks[name] = _check(WARNING, f"check failed: {reason}", error=True)
+    return {
+        "overall": worst([check["status"] for check in checks.values()]),
+        "checks": checks,
+        "timestamp": fleet_common.iso_utc(),
+        "server": server,
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def format_report(health: Mapping[str, Any]) -> str:
+    lines = [f"overall: {health['overall']} (server {health['server']}, {health['timestamp']})"]
+    width = max((len(name) for name in health["checks"]), default=0)
+    for name, check in health["checks"].items():
+        lines.append(f"{name.ljust(width)}  {check['status'].ljust(8)}  {check['message']}")
+    return "\n".join(lines) + "\n"
+
+
+def _write(stream: Any, text: str) -> None:
+    """Write text a console of any code page (cp1252, ...) can show, never crashing."""
+    encoding = getattr(stream, "encoding", None) or "ascii"
+    stream.write(text.encode(encoding, "replace").decode(encoding, "replace"))
+    stream.flush()
+
+
+def _option(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="system_health.py",
+        description="Report the health of a fleet server (Nagios exit codes: 0 healthy, "
+                    "1 warning, 2 critical, 3 unknown; bad usage also exits 2).",
+    )
+    parser.add_argument("path", nargs="?", metavar="PATH",
+                        help="the server's clone of the Build repo (default: BUILD_REPO_PATH, "
+                             "else the current directory)")
+    parser.add_argument("--repo", dest="repo", help="same as PATH")
+    parser.add_argument("--server", help="server id (default: SERVER_ID, else code2)")
+    parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    for key, default in DEFAULT_THRESHOLDS.items():
+        parser.add_argument(_option(key), dest=key, type=float, default=None,
+                            metavar="N", help=f"threshold (default: {default})"
+                            if default is not None else "threshold (default: "
+                            "max(10 x monitor interval, 300))")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.path and args.repo and args.path != args.repo:
+        parser.error("give the repository either as PATH or as --repo, not both")
+    repo = args.path or args.repo or os.environ.get("BUILD_REPO_PATH") or os.getcwd()
+    thresholds = {key: getattr(args, key) for key in DEFAULT_THRESHOLDS
+                  if getattr(args, key) is not None}
+    try:
+        health = get_system_health(repo, args.server, thresholds)
+    except UsageError as exc:
+        _write(sys.stderr, f"system_health: {exc}\n")
+        return fleet_common.EXIT_USAGE
+    except KeyboardInterrupt:
+        _write(sys.stderr, "system_health: interrupted\n")
+        return fleet_common.EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - Nagios UNKNOWN, one line
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        _write(sys.stderr, f"UNKNOWN: system_health failed: {reason}\n")
+        return EXIT_UNKNOWN
+    if args.json:
+        _write(sys.stdout, json.dumps(health, indent=2, ensure_ascii=True) + "\n")
+    else:
+        _write(sys.stdout, format_report(health))
+    return {HEALTHY: EXIT_HEALTHY, WARNING: EXIT_WARNING}.get(health["overall"], EXIT_CRITICAL)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""Fault injection against real git servers on 127.0.0.1 that go down and come back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON_DIR, QUIRKY, git, run_script
+
+from circuit_breaker import CircuitBreaker
+from fleet_git import Clone, PushRejected, remove_stale_locks
+from message_monitor import Monitor, repair_mailbox
+from message_queue import MessageQueue
+from send_message import send_message
+
+FAST = (0.01, 0.01, 0.01)  # the backoff shape with tiny delays: tests never sleep for seconds
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def served_clone(fleet, server, name: str) -> Path:
+    path = fleet.clone(name)
+    git(path, "remote", "set-url", "origin", server.url("origin.git"))
+    return path
+
+
+def monitor(path: Path, name: str, breaker=None, shown=None, **kw) -> Monitor:
+    return Monitor(Clone(path), name, 0.05, show=(shown.append if shown is not None else None),
+                   backoff=FAST, breaker=breaker, preflight_timeout=1.0, auto_reply=False, **kw)
+
+
+def bodies(fleet):
+    return sorted(m["body"] for m in fleet.remote_messages())
+
+
+def test_outage_queues_opens_the_breaker_and_drains_exactly_once(fleet, git_daemon):
+    b1 = served_clone(fleet, git_daemon, "build1")
+    c2 = served_clone(fleet, git_daemon, "code2")
+    assert send_message("before", to="code2", from_sender="build1", build_repo_path=str(b1))
+    git_daemon.stop()
+    # sends while the remote is down: queued at once, exit 75, a line that says so
+    proc = run_script("send_message.py", "during 1", "--to", "code2", "--from", "build1", "--repo", str(b1))
+    assert proc.returncode == 75, proc.stderr
+    assert "queued" in proc.stderr and "monitor will deliver" in proc.stderr
+    assert send_message("during 2", to="code2", from_sender="build1", build_repo_path=str(b1)).status == "queued"
+    clock = Clock()
+    breaker = CircuitBreaker(2, 60, clock=clock, exclude=(PushRejected,),
+                             state_path=str(b1 / "build1" / "state" / "circuit_breaker.json"))
+    mon = monitor(b1, "build1", breaker)
+    assert not mon.cycle().ok
+    assert breaker.get_status()["state"] == "CLOSED"
+    assert not mon.cycle().ok
+    assert breaker.get_status()["state"] == "OPEN"
+    # while open: no network call at all, the cycle is skipped (nothing busy-loops)
+    requests_before = git_daemon.log_text().count("Connection from")
+    for _ in range(5):
+        assert mon.cycle().skipped
+    assert git_daemon.log_text().count("Connection from") == requests_before
+    # a send while the breaker is open queues without trying the network
+    assert send_message("during 3", to="code2", from_sender="build1", build_repo_path=str(b1)).status == "queued"
+    assert len(MessageQueue(str(b1), "build1").get_pending()) == 3
+    git_daemon.start()
+    clock.now += 61
+    assert breaker.get_status()["state"] == "HALF_OPEN"
+    report = mon.cycle()
+    assert report.ok and report.sent == 3
+    assert breaker.get_status()["state"] == "CLOSED"
+    assert bodies(fleet) == ["before", "during 1", "during 2", "during 3"]
+    assert MessageQueue(str(b1), "build1").stats()["pending"] == 0
+    shown: list = []
+    monitor(c2, "code2", shown=shown).cycle()
+    assert sorted(m["body"] for m in shown) == ["before", "during 1", "during 2", "during 3"]
+
+
+def test_breaker_state_survives_a_restart(fleet, git_daemon):
+    b1 = served_clone(fleet, git_daemon, "build1")
+    git_daemon.stop()
+    path = str(b1 / "build1" / "state" / "circuit_breaker.json")
+    first = monitor(b1, "build1", CircuitBreaker(1, 300, state_path=path, exclude=(PushRejected,)))
+    assert not first.cycle().ok
+    again = monitor(b1, "build1", CircuitBreaker(1, 300, state_path=path, exclude=(PushRejected,)))
+    assert again.cycle().skipped  # a crash-looping service cannot hammer the remote
+
+
+def test_http_server_errors_and_auth_failures_queue(fleet, http_git_server):
+    b1 = served_clone(fleet, http_git_server, "build1")
+    for status in (500, 401):
+        http_git_server.fail_with = status
+        result = send_message(f"during {status}", to="code2", from_sender="build1", build_repo_path=str(b1))
+        assert result.status == "queued", result.reason
+    http_git_server.fail_with = None
+    report = monitor(b1, "build1").cycle()
+    assert report.ok and report.sent == 2
+    assert bodies(fleet) == ["during 401", "during 500"]
+
+
+def test_preflight_names_the_failed_step(fleet, git_daemon, caplog):
+    b1 = served_clone(fleet, git_daemon, "build1")
+    git_daemon.stop()
+    mon = monitor(b1, "build1")
+    report = mon.cycle()
+    assert not report.ok and "TCP connect" in report.error
+
+
+def test_dead_after_five_attempts_and_kept(fleet, git_daemon, caplog):
+    b1 = served_clone(fleet, git_daemon, "build1")
+    clock = Clock()
+    queue = MessageQueue(str(b1), "build1", clock=clock)
+    msg = {"id": "msg_1_bbbbbbbbbbbb", "from": "build1", "to": "code2", "subject": "s", "body": "b",
+           "type": "info", "priority": "normal", "timestamp": "2025-11-04T08:00:00Z", "read": False,
+           "ack_required": False}
+    queue.enqueue(msg, reason="test")
+    # the remote answers ls-remote but refuses every push: a server-side hook rejects it
+    hooks = fleet.origin / "hooks"
+    hooks.mkdir(exist_ok=True)
+    hook = hooks / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'disk full' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    if os.name == "nt":
+        pytest.skip("shell hooks")
+    mon = monitor(b1, "build1", queue=queue)
+    delays = []
+    for _ in range(5):
+        entry = queue.get_pending()[0]
+        clock.now = entry["next_attempt_at"]
+        mon.cycle()
+        after = (queue.get_pending() or queue.get_dead())[0]
+        delays.append(round(after["next_attempt_at"] - clock.now))
+    assert delays[:4] == [2, 4, 8, 16]
+    dead = queue.get_dead()
+    assert len(dead) == 1 and dead[0]["attempts"] == 5
+    assert any(r.levelname == "ERROR" and "msg_1_bbbbbbbbbbbb" in r.getMessage() + str(getattr(r, "metadata", ""))
+               for r in caplog.records)
+    data = json.loads((b1 / "build1" / "queue" / "message_queue.json").read_text())
+    assert [i["status"] for i in data["items"]] == ["dead"]
+    hook.unlink()
+    assert queue.retry_dead() == 1
+    clock.now += 1
+    assert mon.cycle().sent == 1
+    assert "b" in bodies(fleet)
+
+
+MONITOR_LOOP = [sys.executable, str(PYTHON_DIR / "message_monitor.py"), "--server", "build1",
+                "--interval", "0.2", "--no-auto-reply"]
+
+
+def test_sigkill_between_commit_and_push_loses_and_duplicates_nothing(fleet, http_git_server):
+    if os.name == "nt":
+        pytest.skip("SIGKILL")
+    b1 = served_clone(fleet, http_git_server, "build1")
+    queue = MessageQueue(str(b1), "build1")
+    for i in range(3):
+        queue.enqueue({"id": f"msg_1_{i:012x}", "from": "build1", "to": "code2", "subject": "s",
+                       "body": f"queued {i}", "type": "info", "priority": "normal",
+                       "timestamp": "2025-11-04T08:00:00Z", "read": False, "ack_required": False})
+    http_git_server.delay = 1.5
+    proc = subprocess.Popen([*MONITOR_LOOP, "--repo", str(b1)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        # wait until a push is in flight: the commit exists, the remote has not answered
+        while time.monotonic() < deadline:
+            if any(r.method == "POST" and "receive-pack" in r.path for r in http_git_server.requests) \
+                    or http_git_server.active_connections and len(http_git_server.requests) > 3:
+                break
+            time.sleep(0.02)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    http_git_server.delay = 0
+    code = subprocess.run([*MONITOR_LOOP, "--repo", str(b1), "--once"], capture_output=True, text=True)
+    assert code.returncode == 0, code.stderr
+    code = subprocess.run([*MONITOR_LOOP, "--repo", str(b1), "--once"], capture_output=True, text=True)
+    assert bodies(fleet) == ["queued 0", "queued 1", "queued 2"]
+
+
+def test_corrupt_queue_and_state_files_are_moved_aside(fleet, caplog):
+    b1 = fleet.clone("build1")
+    for sub, name in (("queue", "message_queue.json"), ("state", "monitor_state.json"),
+                      ("state", "circuit_breaker.json")):
+        folder = b1 / "build1" / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("{ not json")
+    assert send_message("hi", to="build1", from_sender="code2", build_repo_path=str(b1))
+    shown: list = []
+    report = Monitor(Clone(b1), "build1", 1, show=shown.append, one_shot=True, auto_reply=False).cycle()
+    assert report.ok and len(shown) == 1
+    for sub, name in (("queue", "message_queue.json"), ("state", "monitor_state.json"),
+                      ("state", "circuit_breaker.json")):
+        aside = list((b1 / "build1" / sub).glob(name + ".corrupt-*"))
+        assert len(aside) == 1 and aside[0].read_text() == "{ not json"
+    assert sum(r.levelname == "CRITICAL" for r in caplog.records) >= 2
+    assert git(b1, "status", "--porcelain") == ""
+
+
+def test_stale_locks_are_removed_fresh_and_busy_ones_kept(fleet):
+    c2 = fleet.clone("code2")
+    git_dir = c2 / ".git"
+    old = time.time() - 600
+    stale = [git_dir / "index.lock", git_dir / "refs" / "heads" / "main.lock"]
+    for path in stale:
+        path.write_text("")
+        os.utime(path, (old, old))
+    fresh = git_dir / "HEAD.lock"
+    fresh.write_text("")
+    removed = remove_stale_locks(c2, git_dir)
+    assert sorted(p for p, _ in removed) == sorted(stale)
+    assert fresh.exists() and not any(p.exists() for p in stale)
+    # a running git process in the repository: nothing is removed, even when old
+    fresh.unlink()
+    stale[0].write_text("")
+    os.utime(stale[0], (old, old))
+    busy = subprocess.Popen(["git", "cat-file", "--batch"], cwd=str(c2), stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL)
+    try:
+        assert remove_stale_locks(c2, git_dir) == []
+        assert stale[0].exists()
+    finally:
+        busy.stdin.close()
+        busy.wait(timeout=10)
+    # the monitor removes them before its git operations
+    shown: list = []
+    assert Monitor(Clone(c2), "code2", 1, show=shown.append, one_shot=True, auto_reply=False).cycle().ok
+    assert not stale[0].exists()
+
+
+CONFLICTED = b"""{
+  "messages": [
+    {
+      "id": "msg_1762250000_0001",
+      "from": "architect",
+      "to": "code2",
+      "subject": "Kick-off",
+      "body": "Welcome aboard.",
+      "timestamp": "2025-11-04T08:00:00Z",
+      "read": false
+    },
+<<<<<<< HEAD
+    {
+      "id": "msg_1762250100_aaaa",
+      "from": "build1",
+      "to": "all",
+      "subject": "ours",
+      "body": "written on one side",
+      "timestamp": "2025-11-04T08:01:40Z",
+      "read": false
+    }
+=======
+    {
+      "id": "msg_1762250101_bbbb",
+      "from": "build2",
+      "to": "code2",
+      "subject": "theirs",
+      "body": "written on the other side",
+      "timestamp": "2025-11-04T08:01:41Z",
+      "read": false
+    }
+>>>>>>> origin/main
+  ]
+}
+"""
+
+
+def test_committed_conflict_markers_are_refused_then_repaired(fleet, caplog):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    good = json.loads(QUIRKY.read_text(encoding="utf-8"))
+    good["messages"] = good["messages"][:1]
+    (b1 / "coordination" / "messages.json").write_text(json.dumps(good, indent=2) + "\n")
+    git(b1, "commit", "-qam", "good", "--no-gpg-sign")
+    (b1 / "coordination" / "messages.json").write_bytes(CONFLICTED)
+    git(b1, "commit", "-qam", "legacy merge with markers", "--no-gpg-sign")
+    git(b1, "push", "-q", "origin", "main")
+    before = fleet.remote_commits()
+    # monitors keep running, log it once, refuse to write on top of it
+    mon = Monitor(Clone(c2), "code2", 1, one_shot=True, auto_reply=False)
+    assert not mon.cycle().ok
+    assert not mon.cycle().ok
+    critical = [r for r in caplog.records if r.levelname == "CRITICAL"]
+    assert len(critical) == 1 and "--repair" in critical[0].getMessage()
+    proc = run_script("send_message.py", "while broken", "--to", "code2", "--from", "build1", "--repo", str(b1))
+    assert proc.returncode == 75 and "--repair" in proc.stderr
+    assert fleet.remote_commits() == before
+    result = repair_mailbox(Clone(b1), "build1")
+    assert result["repaired"] and result["kept"] == 1 and result["salvaged"] == 2
+    ids = [m["id"] for m in fleet.remote_messages()]
+    assert ids == ["msg_1762250000_0001", "msg_1762250100_aaaa", "msg_1762250101_bbbb"]
+    assert repair_mailbox(Clone(b1), "build1")["repaired"] is False
+    # the queued send goes out once the mailbox parses again, and the monitor recovers
+    Monitor(Clone(b1), "build1", 1, one_shot=True, auto_reply=False).cycle()
+    assert "while broken" in [m["body"] for m in fleet.remote_messages()]
+    shown: list = []
+    assert Monitor(Clone(c2), "code2", 1, show=shown.append, one_shot=True, auto_reply=False).cycle().ok
+    assert {m["subject"] for m in shown} >= {"ours", "theirs", "Kick-off"}
