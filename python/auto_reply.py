@@ -704,8 +704,9 @@ def _state_name(value: Any) -> str:
 
 
 def _check_lines(checks: Any, overall: str) -> List[str]:
-    """Lines for checks that add to the standard lines: failing ones, and ones not shown yet."""
-    covered = {"disk", "memory", "cpu", "queue", "circuit_breaker", "breaker", "last_fetch"}
+    """Lines that explain a problem: checks whose status is not HEALTHY, and, when the overall
+    state is not HEALTHY, plain check messages (one of them says why). A healthy server's reply
+    stays at the standard lines."""
     lines: List[str] = []
     if isinstance(checks, dict):
         items = list(checks.items())
@@ -717,11 +718,11 @@ def _check_lines(checks: Any, overall: str) -> List[str]:
         if isinstance(value, dict):
             status = _text(value.get("status")).upper()
             message = value.get("message")
-            if status == "HEALTHY" or (not status and name in covered and overall == "HEALTHY"):
+            if status == "HEALTHY" or (not status and overall == "HEALTHY"):
                 continue
             text = f"{status.lower()}: {message}" if status and message else (message or status)
         else:
-            if name in covered and overall == "HEALTHY":
+            if overall == "HEALTHY":
                 continue
             text = value
         if text is None or not str(text).strip():

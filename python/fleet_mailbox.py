@@ -252,16 +252,109 @@ def is_reply_subject(subject: Any) -> bool:
 
 
 # --------------------------------------------------------------------------- blob-level changes
+#
+# A busy fleet's mailbox grows to megabytes. Parsing it is unavoidable once per blob (a writer
+# must know it parses), but json.dumps with indent=2 runs the pure-Python encoder and costs many
+# times the parse. PROTOCOL.md fixes the layout (indent=2, ASCII, final newline), so a writer
+# splices the text instead of re-serialising the whole document: an appended message goes before
+# the closing bracket, a marked message replaces its own block. Every splice is checked to sit on
+# the canonical layout; anything else falls back to a full rewrite.
+
+_TAIL = b"\n  ]\n}\n"
+_EMPTY_TAIL = b'"messages": []\n}\n'
+_BLOCK_START = b"\n    {\n"
+_BLOCK_END = b"\n    }"
+_PARSED: "Dict[str, Dict[str, Any]]" = {}  # blob id -> parsed document (read-only), two entries
+
+
+def parse_cached(raw: Optional[bytes], blob: Optional[str]) -> Dict[str, Any]:
+    """:func:`parse_document` with a small cache keyed by blob id. Callers must not mutate it."""
+    if blob is not None and blob in _PARSED:
+        return _PARSED[blob]
+    data = parse_document(raw, blob)
+    if blob is not None:
+        while len(_PARSED) >= 2:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[blob] = data
+    return data
+
+
+def _indented(msg: Mapping[str, Any]) -> bytes:
+    text = json.dumps(msg, indent=2, ensure_ascii=True)
+    return ("\n".join("    " + line for line in text.split("\n"))).encode("ascii")
+
+
+def _last_key_is_messages(data: Mapping[str, Any]) -> bool:
+    return bool(data) and list(data)[-1] == "messages" and isinstance(data["messages"], list)
 
 
 def append_to_blob(raw: Optional[bytes], blob: Optional[str], msg: Dict[str, Any],
                    key: MessageKey) -> Optional[bytes]:
     """The new mailbox text with ``msg`` appended, or ``None`` when it is already there."""
-    data = parse_document(raw, blob)
+    data = parse_cached(raw, blob)
     if has_message(data, key):
         return None
-    data["messages"].append(msg)
-    return serialize(data)
+    if raw is not None and raw.startswith(b'{\n  "') and _last_key_is_messages(data):
+        # The text parses and its last key holds the list, so the final "]" closes that list.
+        if data["messages"] and raw.endswith(_TAIL):
+            return raw[:-len(_TAIL)] + b",\n" + _indented(msg) + _TAIL
+        if not data["messages"] and raw.endswith(_EMPTY_TAIL):
+            return raw[:-len(_EMPTY_TAIL)] + b'"messages": [\n' + _indented(msg) + _TAIL
+    fresh = parse_document(raw, blob)
+    fresh["messages"].append(msg)
+    return serialize(fresh)
+
+
+def _find_block(raw: bytes, msg: Mapping[str, Any], start: int = 0) -> Optional[Tuple[int, int]]:
+    """(start, end) of ``msg``'s canonical text block in ``raw``, or ``None``."""
+    needle = b'\n      "id": ' + json.dumps(msg["id"], ensure_ascii=True).encode("ascii")
+    expected = _indented(msg)
+    pos = raw.find(needle, start)
+    while pos != -1:
+        begin = raw.rfind(_BLOCK_START, 0, pos + 1)
+        end = raw.find(_BLOCK_END, pos)
+        if begin != -1 and end != -1:
+            first = begin + 1  # keep the newline before the block
+            last = end + len(_BLOCK_END)
+            if raw[first:last] == expected:
+                return first, last
+        pos = raw.find(needle, pos + 1)
+    return None
+
+
+def mark_in_blob(raw: Optional[bytes], blob: Optional[str], server: str, keys: Iterable[MessageKey],
+                 acknowledge: Iterable[MessageKey] = ()) -> Tuple[Optional[bytes], int]:
+    """(new text, messages changed) after :func:`mark_handled`; text ``None`` when nothing changed.
+
+    Each changed message's block is replaced in place when the text is on the canonical layout.
+    """
+    import copy
+
+    data = parse_cached(raw, blob)
+    wanted = set(keys) | set(acknowledge)
+    targets = [msg for _, msg in valid_messages(data, warn=False) if message_key(msg) in wanted]
+    edits: List[Tuple[int, int, bytes]] = []
+    spliceable = raw is not None and raw.startswith(b'{\n  "')
+    changed = 0
+    for msg in targets:
+        new = copy.deepcopy(msg)
+        if not mark_handled({"messages": [new]}, server, keys, acknowledge):
+            continue
+        changed += 1
+        where = _find_block(raw, msg) if spliceable and raw is not None else None
+        if where is None:
+            spliceable = False
+        else:
+            edits.append((where[0], where[1], _indented(new)))
+    if not changed:
+        return None, 0
+    if spliceable and raw is not None and len({e[0] for e in edits}) == len(edits):
+        out = bytearray(raw)
+        for begin, end, text in sorted(edits, reverse=True):
+            out[begin:end] = text
+        return bytes(out), changed
+    fresh = parse_document(raw, blob)
+    return serialize(fresh) if mark_handled(fresh, server, keys, acknowledge) else None, changed
 
 
 # --------------------------------------------------------------------------- repair

@@ -57,8 +57,9 @@ from fleet_mailbox import (
     is_handled_by,
     key_from_str,
     key_str,
-    mark_handled,
+    mark_in_blob,
     message_key,
+    parse_cached,
     parse_document,
     serialize,
     valid_messages,
@@ -384,7 +385,7 @@ class Monitor:
             raise MailboxCorrupt(blob, "unchanged since it was found corrupt")
         _, raw = self.clone.read_file(tip, MAILBOX_PATH)
         try:
-            data = parse_document(raw, blob)
+            data = parse_cached(raw, blob)
         except MailboxCorrupt as exc:
             self.corrupt_blob = blob
             if str(blob) not in self.corrupt_blobs_logged:  # once per blob (PROTOCOL.md)
@@ -510,12 +511,11 @@ class Monitor:
 
         def change(tip: Optional[str]):
             blob, raw = self.clone.read_file(tip, MAILBOX_PATH)
-            data = parse_document(raw, blob)
-            changed = mark_handled(data, server, marks, acks)
-            if not changed:
+            new_raw, changed = mark_in_blob(raw, blob, server, marks, acks)
+            if new_raw is None:
                 return None
             noun = "message" if changed == 1 else "messages"
-            return {MAILBOX_PATH: serialize(data)}, f"{server}: mark {changed} {noun} read"
+            return {MAILBOX_PATH: new_raw}, f"{server}: mark {changed} {noun} read"
 
         try:
             tx = self._timed("mark_read", lambda: self.clone.transact(
@@ -602,6 +602,7 @@ class Monitor:
 
     def _periodic(self, report: CycleReport) -> None:
         if self.iterations % HEALTH_EVERY == 1 or HEALTH_EVERY == 1:
+            self.write_status(report)  # the health check reads it: make it current first
             self._health_check()
         if self.heartbeat_seconds:
             self._maybe_heartbeat(report)

@@ -176,3 +176,48 @@ def test_entry_problem_types():
     assert entry_problem({"id": "a", "from": "b", "to": []}) is not None
     assert entry_problem({"id": "a", "from": "b", "to": "x", "subject": None}) is None
     assert entry_problem({"id": "a", "from": "b", "to": "x", "read_by": "code2"}) is not None
+
+
+def _full_append(raw, msg):
+    data = parse_document(raw)
+    data["messages"].append(msg)
+    return serialize(data)
+
+
+def test_spliced_append_equals_a_full_rewrite(quirky):
+    from fleet_mailbox import append_to_blob
+
+    raw = serialize(quirky)
+    msg = {"id": "msg_1_cccccccccccc", "from": "build1", "to": ["code2"], "subject": "\u2713 \"q\"",
+           "body": "line\nline", "extra": {"nested": [1, {"id": "x"}]}}
+    out = append_to_blob(raw, "blob-a", msg, message_key(msg))
+    assert out == _full_append(raw, msg)
+    empty = serialize({"messages": []})
+    assert append_to_blob(empty, "blob-b", msg, message_key(msg)) == _full_append(empty, msg)
+    # a layout that is not canonical (another tool's indentation) gets a full rewrite
+    other = json.dumps(quirky, indent=4).encode()
+    assert append_to_blob(other, "blob-c", msg, message_key(msg)) == _full_append(other, msg)
+
+
+def test_spliced_marks_equal_a_full_rewrite(quirky):
+    from fleet_mailbox import mark_in_blob
+
+    raw = serialize(quirky)
+    keys = [message_key(m) for _, m in valid_messages(quirky, warn=False) if is_addressed_to(m, "code2")]
+    acks = [("msg_1762250000_0001", "architect")]
+    out, changed = mark_in_blob(raw, "blob-d", "code2", keys, acks)
+    full = parse_document(raw)
+    assert changed == mark_handled(full, "code2", keys, acks) == len(keys)
+    assert out == serialize(full)
+    assert mark_in_blob(out, "blob-e", "code2", keys, acks) == (None, 0)
+    # colliding ids: only the named sender's copy changes
+    one = [("msg_1762250900_0017", "build2")]
+    out, changed = mark_in_blob(raw, "blob-d", "code2", one)
+    full = parse_document(raw)
+    mark_handled(full, "code2", one)
+    assert changed == 1 and out == serialize(full)
+    other = json.dumps(quirky, indent=4).encode()
+    out, _ = mark_in_blob(other, "blob-f", "code2", keys)
+    full = parse_document(other)
+    mark_handled(full, "code2", keys)
+    assert out == serialize(full)
