@@ -448,10 +448,12 @@ class Monitor:
                                   fields.pop("priority", "normal"), fields.pop("type", "response"),
                                   self.server, in_reply_to=fields.pop("in_reply_to", None),
                                   auto=bool(fields.pop("auto", True)), extra=fields)
+            # The ledger first: at most one reply per message, even with a second monitor.
+            if not self.responder.commit(msg, decision, reply["id"]):
+                return
             self.queue.enqueue(reply, reason="automatic reply", kind="reply")
             self.metrics.increment("auto_responses")
             report.replies += 1
-            self.responder.commit(msg, decision, reply["id"])
             log.info("automatic %s reply %s to %s for %s", decision.kind, reply["id"], reply["to"],
                      msg["id"], extra={"metadata": {"rule": decision.rule, "in_reply_to": msg["id"]}})
         else:
@@ -640,7 +642,8 @@ class Monitor:
             "queue_pending": stats.get("pending"), "queue_dead": stats.get("dead"),
             "breaker": self.breaker.get_status().get("state"),
             "last_fetch_age_s": (time.time() - self.last_fetch_ok) if self.last_fetch_ok else None,
-            "checks": {k: v.get("message") for k, v in checks.items() if isinstance(v, dict)},
+            "checks": {k: {"status": v.get("status"), "message": v.get("message")}
+                       for k, v in checks.items() if isinstance(v, dict)},
         }
 
     def _maybe_heartbeat(self, report: CycleReport) -> None:
