@@ -8,7 +8,7 @@ import sys
 
 from conftest import ROOT
 
-TARGETS = ["python", "tests", "bench"]
+TARGETS = [name for name in ("python", "tests", "bench") if (ROOT / name).is_dir()]
 
 
 def _tool(name: str) -> str:
