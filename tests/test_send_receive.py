@@ -356,3 +356,23 @@ def test_monitor_stops_on_sigterm_with_exit_0(fleet):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert git(c2, "status", "--porcelain") == ""
+
+
+def test_idle_cycles_cost_one_network_call_and_write_nothing(fleet, tmp_path, monkeypatch):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    send_message("wake up", to="code2", from_sender="build1", build_repo_path=str(b1))
+    mon = Monitor(Clone(c2), "code2", 1.0, one_shot=True, auto_reply=False)
+    assert len(mon.cycle().new_messages) == 1
+    runtime = {p: p.stat().st_mtime_ns for p in (c2 / "code2").rglob("*") if p.is_file()}
+    trace = tmp_path / "trace.txt"
+    monkeypatch.setenv("GIT_TRACE", str(trace))
+    for _ in range(5):
+        report = mon.cycle()
+        assert report.ok and not report.new_messages
+    monkeypatch.delenv("GIT_TRACE")
+    commands = [line.split("built-in: git ", 1)[1] for line in trace.read_text().splitlines()
+                if "built-in: git " in line]
+    top = [c for c in commands if not c.startswith("upload-pack")]
+    assert [c.split()[0] for c in top] == ["ls-remote"] * 5, top
+    after = {p: p.stat().st_mtime_ns for p in (c2 / "code2").rglob("*") if p.is_file()}
+    assert after == runtime
