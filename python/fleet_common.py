@@ -17,12 +17,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
-
-try:  # pragma: no cover - typing only
-    from typing import Final
-except ImportError:  # pragma: no cover - Python 3.7
-    Final = Any  # type: ignore[assignment,misc]
+from typing import Any, Callable, Dict, Final, Optional
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,9 @@ import random
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple, Union
 
 from fleet_common import SuiteError, UsageError
-
-try:
-    from typing import Final
-except ImportError:  # pragma: no cover
-    from typing import Any as Final  # type: ignore[assignment]
 
 LOCAL_TIMEOUT: Final = 30.0  # local plumbing
 NETWORK_TIMEOUT: Final = 60.0  # fetch, push, ls-remote

@@ -40,16 +40,11 @@ import sys
 import threading
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple, Union
 
 import fleet_common
 from fleet_common import SuiteError, UsageError, iso_utc, normalize_server_id
 from fleet_git import LOCAL_TIMEOUT, NETWORK_TIMEOUT
-
-try:
-    from typing import Final
-except ImportError:  # pragma: no cover - Python 3.7
-    Final = Any  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 

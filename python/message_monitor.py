@@ -64,6 +64,7 @@ from fleet_mailbox import (
     serialize,
     valid_messages,
 )
+from structured_log import write_line
 
 log = logging.getLogger(__name__)
 
@@ -847,28 +848,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _console(text: str, stream=None) -> None:
-    stream = stream or sys.stdout
-    try:
-        from structured_log import console_safe
-
-        text = console_safe(text, stream)
-    except ImportError:  # pragma: no cover
-        pass
-    stream.write(text + "\n")
-    stream.flush()
-
-
 def render_message(msg: Dict[str, Any], *, terminal: bool) -> str:
     """How a new message is shown: a block on a terminal, one line for journald and pipes."""
-    try:
-        from structured_log import preview, sanitize
-    except ImportError:  # pragma: no cover
-        def sanitize(text, max_len=None):  # type: ignore[misc]
-            return str(text)
+    from structured_log import preview, sanitize
 
-        def preview(text, length=120):  # type: ignore[misc]
-            return str(text)[:length]
     to = msg.get("to")
     to_text = ", ".join(map(str, to)) if isinstance(to, list) else str(to)
     fields = {
@@ -903,27 +886,27 @@ def _one_shot_command(args: argparse.Namespace, repo: str, server: str, interval
 
         render = render_systemd_unit if args.print_systemd_unit else render_task_scheduler
         repo_abs = repo if _looks_windows_absolute(repo) else str(Path(repo).expanduser().resolve())
-        _console(render(python=sys.executable, script=str(Path(__file__).resolve()), repo=repo_abs,
+        write_line(render(python=sys.executable, script=str(Path(__file__).resolve()), repo=repo_abs,
                         server=server, interval=interval).rstrip("\n"))
         return EXIT_OK
     if args.status:
-        _console(status_report(repo, server, as_json=args.json))
+        write_line(status_report(repo, server, as_json=args.json))
         return EXIT_OK
     if args.retry_dead:
         from message_queue import MessageQueue
 
         count = MessageQueue(str(Clone(repo).root), server).retry_dead()
-        _console(f"{count} dead message(s) will be retried by the monitor")
+        write_line(f"{count} dead message(s) will be retried by the monitor")
         return EXIT_OK
     if args.repair:
         result = repair_mailbox(Clone(repo, args.branch), server)
-        _console(result["summary"])
+        write_line(result["summary"])
         return EXIT_OK
     if args.archive_days is not None:
         from fleet_archive import archive_mailbox
 
         result = archive_mailbox(Clone(repo, args.branch), server, args.archive_days)
-        _console(result["summary"])
+        write_line(result["summary"])
         return EXIT_OK
     return None
 
@@ -941,7 +924,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.init:
             if args.server is not None:
                 normalize_server_id(args.server)
-            _console(init_fleet(repo, args.branch or "main"))
+            write_line(init_fleet(repo, args.branch or "main"))
             return EXIT_OK
         server = resolve_server_id(args.server)
         interval = args.interval if args.interval is not None else default_interval()
@@ -964,13 +947,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         lock = InstanceLock(clone.root, server).acquire()
     except UsageError as exc:
-        _console(f"message_monitor: error: {exc}", sys.stderr)
+        write_line(f"message_monitor: error: {exc}", sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        _console("message_monitor: interrupted", sys.stderr)
+        write_line("message_monitor: interrupted", sys.stderr)
         return EXIT_INTERRUPTED
     except SuiteError as exc:
-        _console(f"message_monitor: error: {exc}", sys.stderr)
+        write_line(f"message_monitor: error: {exc}", sys.stderr)
         return EXIT_FAILURE
     try:
         return _run_monitor(args, clone, server, interval)
@@ -993,7 +976,7 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
     notifier = default_notifier()
     add_network_hook(notifier.keepalive)  # a slow git call never starves the watchdog
     monitor = Monitor(clone, server, interval, one_shot=args.once, stop_event=stop,
-                      show=lambda m: _console(render_message(m, terminal=terminal)),
+                      show=lambda m: write_line(render_message(m, terminal=terminal)),
                       notifier=notifier, auto_reply=not args.no_auto_reply, rules_path=args.rules,
                       heartbeat_minutes=args.heartbeat_minutes, metrics_textfile=args.metrics_textfile,
                       auto_archive_days=args.auto_archive_days)
@@ -1005,7 +988,7 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
             report = monitor.cycle()
             monitor.metrics.maybe_flush(True)
             if not report.ok:
-                _console(f"message_monitor: error: {report.error}", sys.stderr)
+                write_line(f"message_monitor: error: {report.error}", sys.stderr)
                 return EXIT_FAILURE
             return EXIT_OK
         notifier.ready(f"monitoring {clone.root} as {server}")
@@ -1017,10 +1000,10 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
             restart_process(sys.argv)
         return code
     except KeyboardInterrupt:
-        _console("message_monitor: interrupted", sys.stderr)
+        write_line("message_monitor: interrupted", sys.stderr)
         return EXIT_INTERRUPTED if args.once else EXIT_OK
     except SuiteError as exc:
-        _console(f"message_monitor: error: {exc}", sys.stderr)
+        write_line(f"message_monitor: error: {exc}", sys.stderr)
         return EXIT_FAILURE
     finally:
         restore()

@@ -42,15 +42,10 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Final, Iterator, List, Mapping, Optional, Tuple, Union
 
 import fleet_common
 from fleet_common import SuiteError, UsageError
-
-try:
-    from typing import Final
-except ImportError:  # pragma: no cover - Python 3.7
-    from typing import Any as Final  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 

@@ -43,16 +43,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, Final, List, Optional, Sequence, TextIO, Tuple, TypedDict
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from fleet_common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, SuiteError, UsageError
-
-try:
-    from typing import Final, TypedDict
-except ImportError:  # pragma: no cover - Python 3.7
-    from typing import Any as Final  # type: ignore[assignment]
-    TypedDict = dict  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
 

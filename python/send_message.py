@@ -288,30 +288,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_cli_logging(repo: Optional[str], server: Optional[str]) -> None:
-    try:
-        from structured_log import setup_logging
-    except ImportError:  # pragma: no cover - the module is part of the suite
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-        return
+    from structured_log import setup_logging
+
     try:
         setup_logging(repo, server, console_level=logging.WARNING)
     except SuiteError:
         setup_logging(None, server, console_level=logging.WARNING)
 
 
-def _emit(text: str, stream=None) -> None:
-    stream = stream or sys.stdout
-    try:
-        from structured_log import console_safe
-
-        text = console_safe(text, stream)
-    except ImportError:  # pragma: no cover
-        pass
-    stream.write(text + "\n")
-    stream.flush()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from structured_log import write_line
+
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -327,32 +314,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               ack_required=args.ack_required, reply_to=args.reply_to,
                               queue=not args.no_queue, clone=clone)
     except KeyboardInterrupt:
-        _emit("send_message: interrupted", sys.stderr)
+        write_line("send_message: interrupted", sys.stderr)
         return EXIT_INTERRUPTED
     except UsageError as exc:
-        _emit(f"send_message: error: {exc}", sys.stderr)
+        write_line(f"send_message: error: {exc}", sys.stderr)
         return EXIT_USAGE
     except GitError as exc:
         log.debug("git failure: %s", exc.details())
-        _emit(f"send_message: error: {exc}", sys.stderr)
+        write_line(f"send_message: error: {exc}", sys.stderr)
         return EXIT_FAILURE
     except SuiteError as exc:
-        _emit(f"send_message: error: {exc}", sys.stderr)
+        write_line(f"send_message: error: {exc}", sys.stderr)
         return EXIT_FAILURE
     if args.json:
         import json
 
-        _emit(json.dumps(result.to_dict()))
+        write_line(json.dumps(result.to_dict()))
     if result.ok:
         if not args.json and not args.quiet:
-            _emit(f"Sent {result.message_id} to {_describe_to(result.message['to'])} "
+            write_line(f"Sent {result.message_id} to {_describe_to(result.message['to'])} "
                   f"(verified on origin at {str(result.commit)[:12]})")
         return EXIT_OK
     if result.status == "queued":
-        _emit(f"send_message: queued {result.message_id}: {result.reason}; "
+        write_line(f"send_message: queued {result.message_id}: {result.reason}; "
               "the monitor will deliver it", sys.stderr)
         return EXIT_TEMPFAIL
-    _emit(f"send_message: error: {result.reason}", sys.stderr)
+    write_line(f"send_message: error: {result.reason}", sys.stderr)
     return EXIT_FAILURE
 
 

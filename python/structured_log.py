@@ -48,7 +48,7 @@ import re
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Any, Dict, List, Mapping, Optional, Union
+from typing import IO, Any, Dict, Final, List, Mapping, Optional, Union
 
 from fleet_common import (
     SuiteError,
@@ -57,11 +57,6 @@ from fleet_common import (
     resolve_server_id,
     runtime_dir,
 )
-
-try:
-    from typing import Final
-except ImportError:  # pragma: no cover
-    from typing import Any as Final  # type: ignore[assignment]
 
 __all__ = [
     "DEFAULT_BACKUP_COUNT",
@@ -265,6 +260,13 @@ def console_safe(text: str, stream: Optional[IO[str]] = None) -> str:
         return text.encode(encoding, errors="backslashreplace").decode(encoding, errors="replace")
     except LookupError:
         return text.encode("ascii", errors="backslashreplace").decode("ascii")
+
+
+def write_line(text: str, stream: Optional[IO[str]] = None) -> None:
+    """One line of a CLI's own output, safe for the stream's encoding (for ``main`` functions)."""
+    target = sys.stdout if stream is None else stream
+    target.write(console_safe(text, target) + "\n")
+    target.flush()
 
 
 # --------------------------------------------------------------------------- formatters

@@ -36,15 +36,10 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple
 
 import fleet_common
 from fleet_common import UsageError
-
-try:
-    from typing import Final
-except ImportError:  # pragma: no cover - Python 3.7
-    from typing import Any as Final  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
