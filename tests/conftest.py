@@ -46,6 +46,22 @@ def hermetic(tmp_path_factory, monkeypatch):
     yield
 
 
+T0 = 1762254639.0  # 2025-11-04T11:10:39Z: a fixed epoch for injected clocks
+
+
+class FakeClock:
+    """Epoch seconds that move only when a test says so: tests inject clocks, never sleep."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def git(repo, *args: str, check: bool = True, input: Optional[bytes] = None) -> str:
     """Run git in ``repo`` for a test (the suite's own runner, so the environment is the same)."""
     from fleet_git import run_git

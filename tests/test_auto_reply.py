@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
-from conftest import QUIRKY, run_script
+from conftest import QUIRKY, T0, FakeClock, run_script
 
 import auto_reply
 from auto_reply import (
@@ -28,19 +28,6 @@ from auto_reply import (
 )
 from fleet_common import EXIT_USAGE, UsageError, iso_utc
 from fleet_mailbox import is_addressed_to, message_key, valid_messages
-
-T0 = 1762254639.0  # 2025-11-04T11:10:39Z
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def stamp(epoch: float) -> str:
@@ -65,9 +52,9 @@ STATUS: Dict[str, Any] = {
 STARTED = T0 - (2 * 3600 + 13 * 60)  # up 2 h 13 min at T0
 
 
-def responder(tmp_path: Path, server: str = "code2", rules: Any = None, clock: Optional[Clock] = None,
+def responder(tmp_path: Path, server: str = "code2", rules: Any = None, clock: Optional[FakeClock] = None,
               provider: Any = None, **kw: Any) -> AutoResponder:
-    clock = clock or Clock()
+    clock = clock or FakeClock()
     ledger = ReplyLedger(tmp_path / server / "state" / "auto_reply.json", clock=clock)
     return AutoResponder(server, rules if rules is not None else RuleSet.default(), ledger,
                          status_provider=provider or (lambda: dict(STATUS)), started_at=STARTED,
@@ -249,7 +236,7 @@ def test_what_may_be_answered(changes, reason):
 
 
 def test_cut_off_is_configurable_and_uses_the_injected_clock(tmp_path):
-    clock = Clock(T0)
+    clock = FakeClock(T0)
     r = responder(tmp_path, clock=clock, max_age_hours=1)
     message = msg("status?", at=T0)
     clock.advance(3599)
@@ -274,7 +261,7 @@ def test_legacy_auto_responses_in_the_fixture_get_no_reply(tmp_path):
             assert not ok and not reason.startswith("too-old"), (message["id"], server, reason)
             if is_addressed_to(message, server):
                 assert reason.split(":")[0] in ("auto", "type", "legacy-auto")
-            clock = Clock(fresh)
+            clock = FakeClock(fresh)
             assert responder(tmp_path / server, server=server, clock=clock).decide(message) is None
 
 
@@ -288,7 +275,7 @@ def test_fresh_legacy_looking_mail_full_of_trigger_words_gets_no_reply(tmp_path)
 
 
 def test_the_quirky_mailbox_gets_exactly_one_decision_for_code2(tmp_path):
-    clock = Clock(auto_reply.message_time({"timestamp": "2025-11-04T09:00:00Z"}).timestamp())
+    clock = FakeClock(auto_reply.message_time({"timestamp": "2025-11-04T09:00:00Z"}).timestamp())
     r = responder(tmp_path, clock=clock)
     decisions = []
     for _, message in valid_messages(quirky(), warn=False):
@@ -397,7 +384,7 @@ def test_acknowledge_without_message_marks_only(tmp_path):
 
 def test_ledger_at_most_once_survives_a_new_ledger_on_the_same_file(tmp_path):
     path = tmp_path / "code2" / "state" / "auto_reply.json"
-    clock = Clock()
+    clock = FakeClock()
     r = responder(tmp_path, clock=clock)
     message = msg("status?", sender="Build1")
     decision = r.decide(message)
@@ -418,7 +405,7 @@ def test_ledger_at_most_once_survives_a_new_ledger_on_the_same_file(tmp_path):
 
 def test_a_second_ledger_on_the_same_file_cannot_record_the_same_key(tmp_path):
     path = tmp_path / "auto_reply.json"
-    first, second = ReplyLedger(path, clock=Clock()), ReplyLedger(path, clock=Clock())
+    first, second = ReplyLedger(path, clock=FakeClock()), ReplyLedger(path, clock=FakeClock())
     key = ("msg_1", "build1")
     assert not second.already_replied(key)
     assert first.record(key, "build1", "r1")
@@ -428,7 +415,7 @@ def test_a_second_ledger_on_the_same_file_cannot_record_the_same_key(tmp_path):
 
 def test_ledger_prunes_old_entries(tmp_path):
     path = tmp_path / "auto_reply.json"
-    clock = Clock()
+    clock = FakeClock()
     ledger = ReplyLedger(path, clock=clock)
     assert ledger.record(("old", "build1"), "build1", "r1")
     clock.advance(31 * 86400)
@@ -448,7 +435,7 @@ def test_unreadable_ledger_is_moved_aside_not_emptied(tmp_path, caplog):
 
 
 def test_per_sender_limit_with_an_injected_clock(tmp_path, caplog):
-    clock = Clock()
+    clock = FakeClock()
     r = responder(tmp_path, clock=clock)
     sent = 0
     for n in range(3):
@@ -560,7 +547,7 @@ def test_responder_follows_rule_source_changes(tmp_path):
 def run_two_monitors(tmp_path: Path, rounds: int, strip: List[str], step: float) -> List[Dict[str, Any]]:
     """Servers a and b, each re-reading the whole mailbox every round (as if they had lost their
     processed-ids state): only the loop guard and the ledger can stop a loop."""
-    clock = Clock()
+    clock = FakeClock()
     responders = {s: responder(tmp_path, server=s, clock=clock) for s in ("a", "b")}
     mailbox = [msg("status report please?", "Please send a status report.", sender="a", to="b",
                    mid="msg_0_person", type="request")]

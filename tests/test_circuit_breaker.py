@@ -10,25 +10,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
+from conftest import T0, FakeClock
 
 import circuit_breaker
 from circuit_breaker import CircuitBreaker, CircuitOpenError, CircuitState
 from fleet_common import EXIT_TEMPFAIL, SuiteError
 
-START = 1_762_254_639.0
 
-
-class FakeClock:
-    """Epoch seconds that only move when a test says so."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 class Boom(Exception):
@@ -47,11 +38,6 @@ def fail(breaker: CircuitBreaker, times: int) -> None:
 
 def _raise(exc: BaseException) -> None:
     raise exc
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture
@@ -363,7 +349,7 @@ def test_state_persists_across_instances(clock, state_file):
     assert data["version"] == 1
     assert data["state"] == "OPEN"
     assert data["failure_count"] == 2
-    assert data["opened_at"] == START
+    assert data["opened_at"] == T0
     assert data["last_failure"] == "Boom: remote hung up"
     assert (data["total_failures"], data["total_successes"], data["times_opened"]) == (2, 0, 1)
     assert data["updated_at"] == "2025-11-04T11:10:39Z"
@@ -387,7 +373,7 @@ def test_state_persists_across_instances(clock, state_file):
 def test_half_open_on_disk_loads_as_open(clock, state_file):
     state_file.parent.mkdir(parents=True)
     state_file.write_text(json.dumps({
-        "version": 1, "state": "HALF_OPEN", "failure_count": 5, "opened_at": START - 400,
+        "version": 1, "state": "HALF_OPEN", "failure_count": 5, "opened_at": T0 - 400,
         "last_failure": "GitTimeout: push", "total_failures": 5, "total_successes": 0,
         "times_opened": 1, "updated_at": "2025-11-04T11:04:00Z",
     }), encoding="ascii")
@@ -396,7 +382,7 @@ def test_half_open_on_disk_loads_as_open(clock, state_file):
     assert breaker.can_execute()
     assert not breaker.can_execute()
 
-    recent = CircuitBreaker(timeout_seconds=300, state_path=state_file, clock=FakeClock(START - 350))
+    recent = CircuitBreaker(timeout_seconds=300, state_path=state_file, clock=FakeClock(T0 - 350))
     assert recent.get_status()["state"] == "OPEN"
     assert not recent.can_execute()
 
@@ -443,7 +429,7 @@ def test_open_without_opened_at_waits_a_full_timeout(clock, state_file):
                           encoding="ascii")
     breaker = CircuitBreaker(timeout_seconds=60, state_path=state_file, clock=clock)
     assert not breaker.can_execute()
-    assert json.loads(state_file.read_text(encoding="ascii"))["opened_at"] == START
+    assert json.loads(state_file.read_text(encoding="ascii"))["opened_at"] == T0
     clock.advance(60)
     assert breaker.can_execute()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from conftest import PYTHON_DIR, git
+from conftest import PYTHON_DIR, FakeClock, git
 
 import fleet_service
 from fleet_common import SuiteError, UsageError
@@ -37,14 +37,6 @@ HAS_UNIX_DGRAM = os.name != "nt" and hasattr(socket, "AF_UNIX")
 needs_unix = pytest.mark.skipif(not HAS_UNIX_DGRAM, reason="AF_UNIX datagrams (POSIX only)")
 posix_only = pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract sockets: Linux")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Receiver:
@@ -144,7 +136,7 @@ def test_notify_abstract_socket():
 
 @needs_unix
 def test_watchdog_is_rate_limited(receiver, sock_path):
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     n = SystemdNotifier({"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "4000000"}, clock=clock)
     assert n.watchdog() is True
     clock.now += 0.5

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from conftest import T0, FakeClock
 
 from fleet_common import SuiteError, UsageError, file_lock
 from message_queue import (
@@ -24,20 +25,6 @@ from message_queue import (
 )
 
 PYTHON_DIR = Path(__file__).resolve().parent.parent / "python"
-T0 = 1762254639.0
-
-
-class FakeClock:
-    """Epoch seconds that move only when a test says so."""
-
-    def __init__(self, start: float = T0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import logging
 import math
 
 import pytest
+from conftest import FakeClock
 from prometheus_client.parser import text_string_to_metric_families
 
 import monitoring_metrics
@@ -15,20 +16,9 @@ from monitoring_metrics import SEED_COUNTERS, MetricsCollector, nearest_rank
 T0 = 1_760_000_000.0  # a fixed epoch, on purpose not aligned to an hour
 
 
-class FakeClock:
-    def __init__(self, start: float = T0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture

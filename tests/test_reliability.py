@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON_DIR, QUIRKY, git, run_script
+from conftest import PYTHON_DIR, QUIRKY, FakeClock, git, run_script
 
 from circuit_breaker import CircuitBreaker
 from fleet_git import Clone, PushRejected, remove_stale_locks
@@ -20,14 +20,6 @@ from message_queue import MessageQueue
 from send_message import send_message
 
 FAST = (0.01, 0.01, 0.01)  # the backoff shape with tiny delays: tests never sleep for seconds
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def served_clone(fleet, server, name: str) -> Path:
@@ -55,7 +47,7 @@ def test_outage_queues_opens_the_breaker_and_drains_exactly_once(fleet, git_daem
     assert proc.returncode == 75, proc.stderr
     assert "queued" in proc.stderr and "monitor will deliver" in proc.stderr
     assert send_message("during 2", to="code2", from_sender="build1", build_repo_path=str(b1)).status == "queued"
-    clock = Clock()
+    clock = FakeClock(time.time())
     breaker = CircuitBreaker(2, 60, clock=clock, exclude=(PushRejected,),
                              state_path=str(b1 / "build1" / "state" / "circuit_breaker.json"))
     mon = monitor(b1, "build1", breaker)
@@ -116,7 +108,7 @@ def test_preflight_names_the_failed_step(fleet, git_daemon, caplog):
 
 def test_dead_after_five_attempts_and_kept(fleet, git_daemon, caplog):
     b1 = served_clone(fleet, git_daemon, "build1")
-    clock = Clock()
+    clock = FakeClock(time.time())
     queue = MessageQueue(str(b1), "build1", clock=clock)
     msg = {"id": "msg_1_bbbbbbbbbbbb", "from": "build1", "to": "code2", "subject": "s", "body": "b",
            "type": "info", "priority": "normal", "timestamp": "2025-11-04T08:00:00Z", "read": False,
