@@ -37,8 +37,10 @@ def _git(cwd: Path, *args: str, env: Dict[str, str]) -> str:
 
 
 def _send(clone: Path, env: Dict[str, str], *args: str) -> None:
-    subprocess.run([sys.executable, str(PYTHON / "send_message.py"), *args, "--repo", str(clone)],
-                   env=env, check=True, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(PYTHON / "send_message.py"), *args, "--repo", str(clone)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"send_message.py exited {proc.returncode}: {proc.stderr.strip()}")
 
 
 def run(seconds: float, interval: float) -> Dict[str, Any]:
