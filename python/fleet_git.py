@@ -431,7 +431,7 @@ class Clone:
         for attempt in range(1, max_attempts + 1):
             planned = change(tip)
             if planned is None:
-                return TxResult(commit=tip, changed=False, attempts=attempt)
+                return TxResult(commit=tip, changed=False, attempts=attempt, base=tip)
             files, message = planned
             tree = self.build_tree(tip, files)
             commit = self.commit_tree(tree, tip, message, author)
@@ -444,17 +444,21 @@ class Clone:
                 delay = min(delay * 1.6, 0.8)
                 tip = self.fetch()
                 continue
-            return TxResult(commit=commit, changed=True, attempts=attempt)
+            return TxResult(commit=commit, changed=True, attempts=attempt, base=tip)
         raise AssertionError("unreachable")  # pragma: no cover
 
 
 class TxResult:
-    __slots__ = ("commit", "changed", "attempts")
+    """A finished transaction: the commit now on the remote, built on ``base`` (its parent)."""
 
-    def __init__(self, commit: Optional[str], changed: bool, attempts: int) -> None:
+    __slots__ = ("commit", "changed", "attempts", "base")
+
+    def __init__(self, commit: Optional[str], changed: bool, attempts: int,
+                 base: Optional[str] = None) -> None:
         self.commit = commit
         self.changed = changed
         self.attempts = attempts
+        self.base = base
 
     def __repr__(self) -> str:
         return f"TxResult(commit={self.commit!r}, changed={self.changed}, attempts={self.attempts})"

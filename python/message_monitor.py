@@ -221,6 +221,7 @@ class Monitor:
         self.iterations = 0
         self.known_tip: Optional[str] = None
         self.processed_tip: Optional[str] = None
+        self.seen_tip: Optional[str] = None
         self.cached_blob: Optional[str] = None
         self.corrupt_blob: Optional[str] = None
         self.corrupt_blobs_logged: Set[str] = set()
@@ -361,6 +362,7 @@ class Monitor:
         self.metrics.increment("git_pull_success")
         report.tip = tip
         changed = tip != self.processed_tip
+        self.seen_tip = tip
         if changed:
             try:
                 self._process_mailbox(tip, report)
@@ -371,11 +373,22 @@ class Monitor:
         self._push_marks(report)
         if changed and report.ok:
             report.fast_forward = self.fast_forward()
-            self.processed_tip = self.known_tip
         self._periodic(report)
+        if report.ok:
+            self.processed_tip = self.seen_tip
         self._finish(report, busy=bool(report.new_messages or report.marked or report.sent
                                         or report.error))
         return report
+
+    def _landed(self, tx: Any) -> None:
+        """Follow our own commit. When it was built on the tip this cycle read, it holds nothing
+        new but our change, so the next cycle need not read it; when it lost a race and was
+        rebuilt on newer mail, the next cycle reads that mail."""
+        if not tx.changed or not tx.commit:
+            return
+        self.known_tip = tx.commit
+        if tx.base == self.seen_tip:
+            self.seen_tip = tx.commit
 
     def _read_mailbox(self, tip: Optional[str]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
         """(blob id, document) at ``tip``; the document is ``None`` when the blob is unchanged."""
@@ -484,8 +497,7 @@ class Monitor:
             self.queue.mark_sent(entry["id"], sender=sender)
             self.metrics.increment("messages_sent")
             report.sent += 1
-            if tx.commit:
-                self.known_tip = tx.commit
+            self._landed(tx)
             log.info("delivered queued message %s", entry["id"], extra={"metadata": {"id": entry["id"]}})
 
     def _warn_invalid(self, data: Dict[str, Any]) -> None:
@@ -533,7 +545,7 @@ class Monitor:
         self.marks_warned = None
         if tx.changed:
             report.marked = len(marks)
-            self.known_tip = tx.commit
+            self._landed(tx)
             self.metrics.increment("messages_processed", len(marks))
         self.state.marks_pushed(marks, acks)
         self.state.save()
@@ -662,8 +674,7 @@ class Monitor:
         self.state.save()
         self.metrics.increment("heartbeats")
         report.heartbeat = True
-        if tx.commit:
-            self.known_tip = tx.commit
+        self._landed(tx)
 
     def publish_heartbeat(self):
         """Write ``<server>/heartbeat.json`` (the fleet's format) by one transaction."""

@@ -376,3 +376,23 @@ def test_idle_cycles_cost_one_network_call_and_write_nothing(fleet, tmp_path, mo
     assert [c.split()[0] for c in top] == ["ls-remote"] * 5, top
     after = {p: p.stat().st_mtime_ns for p in (c2 / "code2").rglob("*") if p.is_file()}
     assert after == runtime
+
+
+def test_mail_that_lands_while_marks_are_pushed_is_shown_next_cycle(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    send_message("A", to="code2", from_sender="build1", build_repo_path=str(b1))
+    shown: list = []
+
+    def show(msg):
+        shown.append(msg["body"])
+        if msg["body"] == "A":  # another server's mail lands before the read marks are pushed
+            send_message("B", to="code2", from_sender="build1", build_repo_path=str(b1))
+
+    mon = Monitor(Clone(c2), "code2", 1.0, show=show, one_shot=True, auto_reply=False)
+    mon.cycle()
+    assert shown == ["A"]
+    mon.cycle()
+    assert shown == ["A", "B"]
+    mon.cycle()
+    assert shown == ["A", "B"]
+    assert all(m["read_by"] == ["code2"] for m in fleet.remote_messages())
