@@ -142,6 +142,16 @@ _RACE_MARKERS = (
 )
 
 
+LOCAL_LOCK_RETRIES: Final = 20
+
+
+def _local_lock_busy(text: str) -> bool:
+    """git could not take a lock in this clone (``.lock`` file exists): contention, not outage."""
+    lowered = text.lower()
+    return ".lock" in lowered and ("file exists" in lowered or "cannot lock ref" in lowered
+                                   or "unable to create" in lowered)
+
+
 def _is_race(text: str) -> bool:
     lowered = text.lower()
     return any(marker in lowered for marker in _RACE_MARKERS)
@@ -249,15 +259,22 @@ class Clone:
 
     def fetch(self) -> Optional[str]:
         """Fetch the shared branch into ``refs/remotes/origin/<branch>``; return its tip."""
-        proc = self.network_git(
-            "fetch", "--quiet", "--no-tags", "--no-recurse-submodules", "origin",
-            f"+refs/heads/{self.branch}:{self.remote_ref}", check=False,
-        )
-        if proc.returncode != 0:
+        for attempt in range(LOCAL_LOCK_RETRIES + 1):
+            proc = self.network_git(
+                "fetch", "--quiet", "--no-tags", "--no-recurse-submodules", "origin",
+                f"+refs/heads/{self.branch}:{self.remote_ref}", check=False,
+            )
+            if proc.returncode == 0:
+                break
             text = proc.stderr.decode("utf-8", "replace")
             if "couldn't find remote ref" in text.lower():
                 self.last_sync = time.monotonic()
                 return None
+            if _local_lock_busy(text) and attempt < LOCAL_LOCK_RETRIES:
+                # Another process of this clone (a send, a person's git) holds the ref lock for a
+                # moment: that is not an outage.
+                time.sleep(random.uniform(0.05, 0.2))
+                continue
             raise RemoteUnavailable(["git", "fetch", "origin", self.branch], proc.returncode,
                                     proc.stdout, proc.stderr)
         self.last_sync = time.monotonic()

@@ -396,3 +396,19 @@ def test_mail_that_lands_while_marks_are_pushed_is_shown_next_cycle(fleet):
     mon.cycle()
     assert shown == ["A", "B"]
     assert all(m["read_by"] == ["code2"] for m in fleet.remote_messages())
+
+
+def test_a_busy_local_ref_lock_is_waited_for_not_an_outage(fleet):
+    import threading
+
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    send_message("new", to="code2", from_sender="build1", build_repo_path=str(b1))
+    lock = c2 / ".git" / "refs" / "remotes" / "origin" / "main.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text("")  # another process of this clone is updating the ref right now
+    timer = threading.Timer(0.5, lock.unlink)
+    timer.start()
+    try:
+        assert Clone(c2).fetch() == git(fleet.origin, "rev-parse", "main")
+    finally:
+        timer.join()
