@@ -187,14 +187,15 @@ class Clone:
         root = Path(path)
         if not root.is_dir():
             raise NotAClone(f"--repo {path}: no such directory")
-        proc = run_git(root, "rev-parse", "--show-toplevel", "--absolute-git-dir", check=False)
+        proc = run_git(root, "rev-parse", "--show-toplevel", "--absolute-git-dir", "--show-object-format",
+                       check=False)
         lines = proc.stdout.decode("utf-8", "surrogateescape").splitlines()
-        if proc.returncode != 0 or len(lines) < 2:
+        if proc.returncode != 0 or len(lines) < 3:
             raise NotAClone(f"--repo {path}: not a git clone ({_first_line(proc.stderr) or 'no work tree'})")
         self.root = Path(lines[0])
         self.git_dir = Path(lines[1])
         cfg = run_git(self.root, "config", "-z", "--get-regexp",
-                      r"^(remote\.origin\.url|user\.name|user\.email)$", check=False)
+                      r"^(remote\.origin\.(url|fetch)|user\.name|user\.email)$", check=False)
         self._config: Dict[str, str] = {}
         for item in cfg.stdout.decode("utf-8", "surrogateescape").split("\0"):
             if item:
@@ -204,12 +205,19 @@ class Clone:
         if not self.origin_url:
             raise NotAClone(f"--repo {path}: the clone has no remote 'origin'")
         self.branch = branch or self._default_branch()
+        # git push moves refs/remotes/origin/<branch> itself when the fetch refspec maps it.
+        self._push_updates_tracking_ref = self._config.get("remote.origin.fetch") in (
+            "+refs/heads/*:refs/remotes/origin/*", f"+refs/heads/{self.branch}:{self.remote_ref_for(self.branch)}")
         self.remote_ref = f"refs/remotes/origin/{self.branch}"
-        self._hexlen: Optional[int] = None
+        self.hexlen = 64 if lines[2].strip() == "sha256" else 40
         self.last_sync: float = 0.0  # monotonic time of the last fetch or verified push
         self.push_attempts = 0  # pushes tried (for benchmarks: retries = attempts - commits)
 
     # ----------------------------------------------------------------- basics
+
+    @staticmethod
+    def remote_ref_for(branch: str) -> str:
+        return f"refs/remotes/origin/{branch}"
 
     def git(self, *args: str, **kw) -> "subprocess.CompletedProcess[bytes]":
         return run_git(self.root, *args, **kw)
@@ -225,19 +233,18 @@ class Clone:
             _call_network_hooks()
 
     def _default_branch(self) -> str:
+        prefix = "refs/remotes/origin/"
+        try:  # a symbolic ref is a small loose file in the files backend: no process needed
+            text = (self.git_dir / "refs" / "remotes" / "origin" / "HEAD").read_text(encoding="utf-8").strip()
+            if text.startswith("ref: " + prefix):
+                return text[len("ref: " + prefix):]
+        except OSError:
+            pass
         proc = self.git("symbolic-ref", "-q", "refs/remotes/origin/HEAD", check=False)
         ref = proc.stdout.decode().strip()
-        prefix = "refs/remotes/origin/"
         if proc.returncode == 0 and ref.startswith(prefix):
             return ref[len(prefix):]
         return "main"
-
-    @property
-    def hexlen(self) -> int:
-        if self._hexlen is None:
-            fmt = self.git("rev-parse", "--show-object-format", check=False).stdout.decode().strip()
-            self._hexlen = 64 if fmt == "sha256" else 40
-        return self._hexlen
 
     def identity_env(self, fallback_name: str) -> Dict[str, str]:
         """Author and committer: the clone's identity, else the server id (PROTOCOL.md)."""
@@ -332,7 +339,8 @@ class Clone:
         if status is None and proc.returncode == 0 and self.remote_tip() == commit:
             status = ("=", "verified by ls-remote")  # no porcelain line: ask the remote itself
         if status is not None and status[0] in (" ", "*", "=") and proc.returncode == 0:
-            self.git("update-ref", "-m", "fleet: verified push", self.remote_ref, commit, check=False)
+            if not self._push_updates_tracking_ref:
+                self.git("update-ref", "-m", "fleet: verified push", self.remote_ref, commit, check=False)
             self._mark_synced()
             return
         argv = ["git", "push", "origin", f"{commit}:{dest}"]
@@ -389,15 +397,18 @@ class Clone:
         the paths, not with the size of the repository, and the index is never used."""
         blobs = {path: (self.write_blob(data) if data is not None else None)
                  for path, data in changes.items()}
-        return self._edit_tree(f"{base_commit}^{{tree}}" if base_commit else None, "", blobs)
+        trees: Dict[str, List[TreeEntry]] = {}
+        if base_commit:
+            folders = sorted({"/".join(p.split("/")[:n]) for p in changes for n in range(p.count("/") + 1)})
+            specs = [f"{base_commit}:{folder}" if folder else f"{base_commit}^{{tree}}" for folder in folders]
+            for folder, found in zip(folders, self.read_objects(specs)):
+                if found is not None and found[1] == "tree":
+                    trees[folder] = _parse_tree(found[2], self.hexlen)
+        return self._edit_tree(trees, "", blobs)
 
-    def _edit_tree(self, treeish: Optional[str], prefix: str, blobs: Mapping[str, Optional[str]]) -> str:
-        entries: Dict[str, TreeEntry] = {}
-        if treeish is not None:
-            found = self.read_objects([treeish])[0]
-            if found is not None and found[1] == "tree":
-                for entry in _parse_tree(found[2], self.hexlen):
-                    entries[entry[3]] = entry
+    def _edit_tree(self, trees: Mapping[str, List[TreeEntry]], prefix: str,
+                   blobs: Mapping[str, Optional[str]]) -> str:
+        entries: Dict[str, TreeEntry] = {e[3]: e for e in trees.get(prefix.rstrip("/"), [])}
         children: Dict[str, Dict[str, Optional[str]]] = {}
         for path, oid in blobs.items():
             rel = path[len(prefix):]
@@ -410,8 +421,9 @@ class Clone:
                 entries[head] = ("100644", "blob", oid, head)
         for name, sub in children.items():
             existing = entries.get(name)
-            sub_treeish = existing[2] if existing and existing[1] == "tree" else None
-            sub_oid = self._edit_tree(sub_treeish, f"{prefix}{name}/", sub)
+            if existing is not None and existing[1] != "tree":
+                entries.pop(name)  # a file where a folder must go: the folder replaces it
+            sub_oid = self._edit_tree(trees, f"{prefix}{name}/", sub)
             if sub_oid == self.empty_tree_oid():
                 entries.pop(name, None)
             else:
