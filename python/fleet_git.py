@@ -3,16 +3,20 @@
 Every git call goes through :func:`run_git` (argument lists, a timeout, a controlled
 environment). :class:`Clone` wraps one server's clone of the fleet repository and offers what
 PROTOCOL.md asks of a writer: fetch the shared branch, read a file from the fetched tip, build a
-commit on top of that tip without touching the working tree or the index, push it as a
+commit on top of that tip without touching the working tree or the index (the new blob and the
+trees along its path are written as loose objects, the commit by ``commit-tree``), push it as a
 compare-and-swap, and accept it only once the remote's own ref-update status confirms it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import subprocess
+import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -160,7 +164,9 @@ def _is_race(text: str) -> bool:
 # --------------------------------------------------------------------------- tree editing
 
 
-TreeEntry = Tuple[str, str, str, str]  # mode, type, oid, name
+TreeEntry = Tuple[str, str, str, str]  # mode as git stores it ("40000" for a tree), type, oid, name
+
+LOOSE_COMPRESSION: Final = 1  # zlib level for objects we write: a multi-megabyte mailbox stays cheap
 
 
 def _parse_tree(raw: bytes, hexlen: int) -> List[TreeEntry]:
@@ -175,9 +181,19 @@ def _parse_tree(raw: bytes, hexlen: int) -> List[TreeEntry]:
         name = raw[space + 1:nul].decode("utf-8", "surrogateescape")
         oid = raw[nul + 1:nul + 1 + rawlen].hex()
         kind = "tree" if mode == "40000" else ("commit" if mode == "160000" else "blob")
-        entries.append((mode.rjust(6, "0") if kind == "tree" else mode, kind, oid, name))
+        entries.append((mode, kind, oid, name))
         pos = nul + 1 + rawlen
     return entries
+
+
+def _tree_bytes(entries: List[TreeEntry]) -> bytes:
+    """A tree object's content, entries in git's order (a tree sorts as if its name ended in /)."""
+    def order(entry: TreeEntry) -> bytes:
+        name = entry[3].encode("utf-8", "surrogateescape")
+        return name + b"/" if entry[1] == "tree" else name
+
+    return b"".join(mode.encode("ascii") + b" " + name.encode("utf-8", "surrogateescape") + b"\0"
+                    + bytes.fromhex(oid) for mode, _kind, oid, name in sorted(entries, key=order))
 
 
 class Clone:
@@ -188,9 +204,9 @@ class Clone:
         if not root.is_dir():
             raise NotAClone(f"--repo {path}: no such directory")
         proc = run_git(root, "rev-parse", "--show-toplevel", "--absolute-git-dir", "--show-object-format",
-                       check=False)
+                       "--git-common-dir", check=False)
         lines = proc.stdout.decode("utf-8", "surrogateescape").splitlines()
-        if proc.returncode != 0 or len(lines) < 3:
+        if proc.returncode != 0 or len(lines) < 4:
             raise NotAClone(f"--repo {path}: not a git clone ({_first_line(proc.stderr) or 'no work tree'})")
         self.root = Path(lines[0])
         self.git_dir = Path(lines[1])
@@ -210,6 +226,7 @@ class Clone:
             "+refs/heads/*:refs/remotes/origin/*", f"+refs/heads/{self.branch}:{self.remote_ref_for(self.branch)}")
         self.remote_ref = f"refs/remotes/origin/{self.branch}"
         self.hexlen = 64 if lines[2].strip() == "sha256" else 40
+        self.objects_dir = (root / lines[3]).resolve() / "objects"  # shared by worktrees
         self.last_sync: float = 0.0  # monotonic time of the last fetch or verified push
         self.push_attempts = 0  # pushes tried (for benchmarks: retries = attempts - commits)
 
@@ -388,14 +405,49 @@ class Clone:
         proc = self.git("rev-parse", "-q", "--verify", f"{commit}:{path}", check=False)
         return proc.stdout.decode().strip() or None
 
-    def write_blob(self, content: bytes) -> str:
-        return self.git("hash-object", "-w", "--stdin", input=content).stdout.decode().strip()
+    def write_object(self, kind: str, data: bytes) -> str:
+        """Store a loose object (``blob``, ``tree``) in the clone and return its id.
+
+        The loose-object format is git's stable on-disk format (zlib of ``"<kind> <size>\\0"`` plus
+        the content, at ``objects/<2 hex>/<rest>``); writing it here saves a git process per object
+        on every send. An object that exists already is left alone.
+        """
+        header = f"{kind} {len(data)}".encode("ascii") + b"\0"
+        digest = hashlib.sha1() if self.hexlen == 40 else hashlib.sha256()
+        digest.update(header)
+        digest.update(data)
+        oid = digest.hexdigest()
+        target = self.objects_dir / oid[:2] / oid[2:]
+        if target.exists():
+            return oid
+        target.parent.mkdir(exist_ok=True)
+        packer = zlib.compressobj(LOOSE_COMPRESSION)
+        body = packer.compress(header) + packer.compress(data) + packer.flush()
+        fd, tmp = tempfile.mkstemp(prefix="tmp_obj_", dir=str(target.parent))
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(body)
+            os.chmod(tmp, 0o444)
+            try:
+                os.replace(tmp, target)
+            except PermissionError:  # Windows: another writer stored the same object meanwhile
+                if not target.exists():
+                    raise
+            tmp = ""
+        finally:
+            if tmp:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+        return oid
 
     def build_tree(self, base_commit: Optional[str], changes: Mapping[str, Optional[bytes]]) -> str:
         """The root tree of ``base_commit`` with ``changes`` applied (path -> content, or None to
-        delete), built with ``mktree`` only along the changed paths: cost grows with the depth of
-        the paths, not with the size of the repository, and the index is never used."""
-        blobs = {path: (self.write_blob(data) if data is not None else None)
+        delete). Only the trees along the changed paths are read (one ``cat-file``) and written:
+        the cost grows with the depth of the paths, not the size of the repository, and the
+        index is never used."""
+        blobs = {path: (self.write_object("blob", data) if data is not None else None)
                  for path, data in changes.items()}
         trees: Dict[str, List[TreeEntry]] = {}
         if base_commit:
@@ -404,37 +456,36 @@ class Clone:
             for folder, found in zip(folders, self.read_objects(specs)):
                 if found is not None and found[1] == "tree":
                     trees[folder] = _parse_tree(found[2], self.hexlen)
-        return self._edit_tree(trees, "", blobs)
+        return self._edit_tree(trees, "", blobs) or self.write_object("tree", b"")
 
     def _edit_tree(self, trees: Mapping[str, List[TreeEntry]], prefix: str,
-                   blobs: Mapping[str, Optional[str]]) -> str:
+                   blobs: Mapping[str, Optional[str]]) -> Optional[str]:
+        """Write the edited tree at ``prefix``; ``None`` when it ends up empty."""
         entries: Dict[str, TreeEntry] = {e[3]: e for e in trees.get(prefix.rstrip("/"), [])}
         children: Dict[str, Dict[str, Optional[str]]] = {}
         for path, oid in blobs.items():
             rel = path[len(prefix):]
-            head, sep, rest = rel.partition("/")
+            head, sep, _rest = rel.partition("/")
             if sep:
                 children.setdefault(head, {})[path] = oid
             elif oid is None:
                 entries.pop(head, None)
             else:
-                entries[head] = ("100644", "blob", oid, head)
+                kept = entries.get(head)
+                mode = kept[0] if kept is not None and kept[1] == "blob" else "100644"
+                entries[head] = (mode, "blob", oid, head)
         for name, sub in children.items():
             existing = entries.get(name)
             if existing is not None and existing[1] != "tree":
                 entries.pop(name)  # a file where a folder must go: the folder replaces it
             sub_oid = self._edit_tree(trees, f"{prefix}{name}/", sub)
-            if sub_oid == self.empty_tree_oid():
+            if sub_oid is None:
                 entries.pop(name, None)
             else:
-                entries[name] = ("040000", "tree", sub_oid, name)
-        text = "".join(f"{m} {t} {o}\t{n}\0" for m, t, o, n in entries.values())
-        proc = self.git("mktree", "-z", "--missing", input=text.encode("utf-8", "surrogateescape"))
-        return proc.stdout.decode().strip()
-
-    def empty_tree_oid(self) -> str:
-        return ("4b825dc642cb6eb9a060e54bf8d69288fbee4904" if self.hexlen == 40 else
-                "6ef19b41225c5369f1c104d45d8d85efa9b057b53b14b4b9b939dd74decc5321")
+                entries[name] = ("40000", "tree", sub_oid, name)
+        if not entries:
+            return None
+        return self.write_object("tree", _tree_bytes(list(entries.values())))
 
     def commit_tree(self, tree: str, parent: Optional[str], message: str, author: str) -> str:
         args = ["commit-tree", tree, "-m", message]

@@ -1,0 +1,47 @@
+"""The plumbing transaction: objects we write are exactly what git would write."""
+
+from __future__ import annotations
+
+import os
+
+from conftest import git
+
+from fleet_git import Clone, run_git
+
+
+def test_trees_written_by_the_transaction_pass_fsck(fleet):
+    c2 = fleet.clone("code2")
+    for name in ("a.b", "a-b", "a0", "coordination.txt", "coordination-notes/x", "z"):
+        path = c2 / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(name)
+    (c2 / "tool.sh").write_text("#!/bin/sh\n")
+    os.chmod(c2 / "tool.sh", 0o755)
+    git(c2, "add", "-A")
+    git(c2, "update-index", "--chmod=+x", "tool.sh")
+    git(c2, "commit", "-qm", "odd names", "--no-gpg-sign")
+    git(c2, "push", "-q", "origin", "main")
+    clone = Clone(c2)
+    changes = {"a/new.json": b"{}\n", "coordination/messages.json": b'{\n  "messages": []\n}\n',
+               "code2/heartbeat.json": b"{}\n", "z": None}
+    tx = clone.transact(lambda tip: (changes, "code2: test"), author="code2")
+    assert tx.changed
+    for repo in (c2, fleet.origin):
+        proc = run_git(repo, "fsck", "--strict", "--no-dangling", check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    listing = git(fleet.origin, "ls-tree", "-r", "main")
+    assert "100755 blob" in listing and "\ttool.sh" in listing
+    assert "\ta/new.json" in listing and "\tcode2/heartbeat.json" in listing
+    assert "\tz" not in listing
+    # git's own tree for the same content is byte-identical
+    work = fleet.clone("check")
+    assert git(work, "write-tree") == git(work, "rev-parse", "HEAD^{tree}")
+
+
+def test_deleting_the_last_file_of_a_folder_removes_the_folder(fleet):
+    c2 = fleet.clone("code2")
+    clone = Clone(c2)
+    clone.transact(lambda tip: ({"tmp/only.txt": b"x"}, "add"), author="code2")
+    clone.transact(lambda tip: ({"tmp/only.txt": None}, "remove"), author="code2")
+    assert "tmp" not in git(fleet.origin, "ls-tree", "--name-only", "main").split()
+    assert run_git(fleet.origin, "fsck", "--strict", check=False).returncode == 0
