@@ -33,6 +33,9 @@ MAX_RACE_ATTEMPTS: Final = 50
 _network_hooks: List[Callable[[], None]] = []
 
 
+_UNKNOWN = object()
+
+
 class GitError(SuiteError):
     """A git command failed; carries what it ran and what it said."""
 
@@ -150,10 +153,11 @@ LOCAL_LOCK_RETRIES: Final = 20
 
 
 def _local_lock_busy(text: str) -> bool:
-    """git could not take a lock in this clone (``.lock`` file exists): contention, not outage."""
+    """A fetch could not update a ref of this clone because another process of the clone was
+    updating it (a lock file exists, or the ref moved under it): contention, not an outage."""
     lowered = text.lower()
-    return ".lock" in lowered and ("file exists" in lowered or "cannot lock ref" in lowered
-                                   or "unable to create" in lowered)
+    return ("cannot lock ref" in lowered or "unable to update local ref" in lowered
+            or (".lock" in lowered and "file exists" in lowered))
 
 
 def _is_race(text: str) -> bool:
@@ -228,6 +232,8 @@ class Clone:
         self.hexlen = 64 if lines[2].strip() == "sha256" else 40
         self.objects_dir = (root / lines[3]).resolve() / "objects"  # shared by worktrees
         self.last_sync: float = 0.0  # monotonic time of the last fetch or verified push
+        self._tip: object = _UNKNOWN
+        self._files: Dict[Tuple[str, str], Tuple[Optional[str], Optional[bytes]]] = {}
         self.push_attempts = 0  # pushes tried (for benchmarks: retries = attempts - commits)
 
     # ----------------------------------------------------------------- basics
@@ -275,9 +281,26 @@ class Clone:
         return env
 
     def tip(self) -> Optional[str]:
-        """The fetched tip of the shared branch, or ``None`` when the remote has no branch yet."""
-        proc = self.git("rev-parse", "-q", "--verify", f"{self.remote_ref}^{{commit}}", check=False)
-        return proc.stdout.decode().strip() or None
+        """The fetched tip of the shared branch, or ``None`` when the remote has no branch yet.
+
+        Known without a process after our own fetch or verified push. Someone else moving the
+        tracking ref in this clone only makes it stale, which costs one rejected push.
+        """
+        if self._tip is _UNKNOWN:
+            proc = self.git("rev-parse", "-q", "--verify", f"{self.remote_ref}^{{commit}}", check=False)
+            self._tip = proc.stdout.decode().strip() or None
+        return self._tip  # type: ignore[return-value]
+
+    def _tip_from_fetch_head(self) -> Optional[str]:
+        try:
+            first = (self.git_dir / "FETCH_HEAD").read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
+        except OSError:
+            first = ""
+        oid, _, rest = first.partition("\t")
+        if len(oid) == self.hexlen and f"branch '{self.branch}' of" in rest:
+            return oid
+        self._tip = _UNKNOWN
+        return self.tip()
 
     # ----------------------------------------------------------------- network
 
@@ -285,7 +308,7 @@ class Clone:
         """Fetch the shared branch into ``refs/remotes/origin/<branch>``; return its tip."""
         for attempt in range(LOCAL_LOCK_RETRIES + 1):
             proc = self.network_git(
-                "fetch", "--quiet", "--no-tags", "--no-recurse-submodules", "origin",
+                "-c", f"core.looseCompression={LOOSE_COMPRESSION}", "fetch", "--quiet", "--no-tags", "--no-recurse-submodules", "origin",
                 f"+refs/heads/{self.branch}:{self.remote_ref}", check=False,
             )
             if proc.returncode == 0:
@@ -293,6 +316,7 @@ class Clone:
             text = proc.stderr.decode("utf-8", "replace")
             if "couldn't find remote ref" in text.lower():
                 self.last_sync = time.monotonic()
+                self._tip = None
                 return None
             if _local_lock_busy(text) and attempt < LOCAL_LOCK_RETRIES:
                 # Another process of this clone (a send, a person's git) holds the ref lock for a
@@ -302,7 +326,8 @@ class Clone:
             raise RemoteUnavailable(["git", "fetch", "origin", self.branch], proc.returncode,
                                     proc.stdout, proc.stderr)
         self.last_sync = time.monotonic()
-        return self.tip()
+        self._tip = self._tip_from_fetch_head()
+        return self._tip
 
     def remote_tip(self) -> Optional[str]:
         """The remote's current tip by ``ls-remote`` (no objects transferred)."""
@@ -344,7 +369,8 @@ class Clone:
         """Push ``commit`` to the shared branch and verify by the remote's ref-update status."""
         self.push_attempts += 1
         dest = f"refs/heads/{self.branch}"
-        proc = self.network_git("push", "--porcelain", "--no-verify", "origin",
+        proc = self.network_git("-c", f"core.looseCompression={LOOSE_COMPRESSION}",
+                                "push", "--porcelain", "--no-verify", "origin",
                                 f"{commit}:{dest}", check=False)
         out = proc.stdout.decode("utf-8", "replace")
         status = None
@@ -356,6 +382,7 @@ class Clone:
         if status is None and proc.returncode == 0 and self.remote_tip() == commit:
             status = ("=", "verified by ls-remote")  # no porcelain line: ask the remote itself
         if status is not None and status[0] in (" ", "*", "=") and proc.returncode == 0:
+            self._tip = commit
             if not self._push_updates_tracking_ref:
                 self.git("update-ref", "-m", "fleet: verified push", self.remote_ref, commit, check=False)
             self._mark_synced()
@@ -391,13 +418,23 @@ class Clone:
         return results
 
     def read_file(self, commit: Optional[str], path: str) -> Tuple[Optional[str], Optional[bytes]]:
-        """(blob id, content) of ``path`` at ``commit``; ``(None, None)`` when absent."""
+        """(blob id, content) of ``path`` at ``commit``; ``(None, None)`` when absent.
+
+        A commit id names immutable content, so the last few reads are kept: a cycle that reads
+        the mailbox and then marks it read asks git once.
+        """
         if commit is None:
             return None, None
+        key = (commit, path)
+        if key in self._files:
+            return self._files[key]
         found = self.read_objects([f"{commit}:{path}"])[0]
-        if found is None or found[1] != "blob":
-            return None, None
-        return found[0], found[2]
+        result = (None, None) if found is None or found[1] != "blob" else (found[0], found[2])
+        if len(commit) == self.hexlen:
+            while len(self._files) >= 4:
+                self._files.pop(next(iter(self._files)))
+            self._files[key] = result
+        return result
 
     def blob_id(self, commit: Optional[str], path: str) -> Optional[str]:
         if commit is None:

@@ -116,15 +116,37 @@ def entry_problem(entry: Any) -> Optional[str]:
     return None
 
 
-def valid_messages(data: Mapping[str, Any], *, warn: bool = True) -> Iterator[Tuple[int, Dict[str, Any]]]:
-    """(position, message) for every valid entry; invalid ones are skipped with a warning."""
+def split_entries(data: Mapping[str, Any]) -> Tuple[List[Tuple[int, Dict[str, Any]]], List[Tuple[int, str]]]:
+    """(valid (position, message) pairs, invalid (position, problem) pairs) of a document.
+
+    Worked out once per cached (read-only) document: a big mailbox is not checked entry by
+    entry again by every step of a cycle.
+    """
+    for cached, split in _SPLITS.values():
+        if cached is data:
+            return split
+    valid: List[Tuple[int, Dict[str, Any]]] = []
+    invalid: List[Tuple[int, str]] = []
     for index, entry in enumerate(data.get("messages", [])):
         problem = entry_problem(entry)
         if problem is None:
-            yield index, entry
-        elif warn:
+            valid.append((index, entry))
+        else:
+            invalid.append((index, problem))
+    for blob, parsed in _PARSED.items():
+        if parsed is data:
+            _SPLITS[blob] = (data, (valid, invalid))
+    return valid, invalid
+
+
+def valid_messages(data: Mapping[str, Any], *, warn: bool = True) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(position, message) for every valid entry; invalid ones are skipped with a warning."""
+    valid, invalid = split_entries(data)
+    if warn:
+        for index, problem in invalid:
             log.warning("mailbox entry #%d skipped: %s", index, problem,
                         extra={"metadata": {"position": index, "problem": problem}})
+    return iter(valid)
 
 
 def recipients(msg: Mapping[str, Any]) -> Optional[Set[str]]:
@@ -265,6 +287,7 @@ _EMPTY_TAIL = b'"messages": []\n}\n'
 _BLOCK_START = b"\n    {\n"
 _BLOCK_END = b"\n    }"
 _PARSED: "Dict[str, Dict[str, Any]]" = {}  # blob id -> parsed document (read-only), two entries
+_SPLITS: "Dict[str, Tuple[Any, Any]]" = {}  # blob id -> (document, split_entries of it)
 
 
 def parse_cached(raw: Optional[bytes], blob: Optional[str]) -> Dict[str, Any]:
@@ -274,7 +297,9 @@ def parse_cached(raw: Optional[bytes], blob: Optional[str]) -> Dict[str, Any]:
     data = parse_document(raw, blob)
     if blob is not None:
         while len(_PARSED) >= 2:
-            _PARSED.pop(next(iter(_PARSED)))
+            oldest = next(iter(_PARSED))
+            del _PARSED[oldest]
+            _SPLITS.pop(oldest, None)
         _PARSED[blob] = data
     return data
 

@@ -392,12 +392,11 @@ class Monitor:
 
     def _read_mailbox(self, tip: Optional[str]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
         """(blob id, document) at ``tip``; the document is ``None`` when the blob is unchanged."""
-        blob = self.clone.blob_id(tip, MAILBOX_PATH)
+        blob, raw = self.clone.read_file(tip, MAILBOX_PATH)
         if blob is not None and blob == self.cached_blob:
             return blob, None
         if blob is not None and blob == self.corrupt_blob:
             raise MailboxCorrupt(blob, "unchanged since it was found corrupt")
-        _, raw = self.clone.read_file(tip, MAILBOX_PATH)
         try:
             data = parse_cached(raw, blob)
         except MailboxCorrupt as exc:
@@ -501,12 +500,11 @@ class Monitor:
             log.info("delivered queued message %s", entry["id"], extra={"metadata": {"id": entry["id"]}})
 
     def _warn_invalid(self, data: Dict[str, Any]) -> None:
-        from fleet_mailbox import entry_problem
+        from fleet_mailbox import split_entries
 
-        for index, entry in enumerate(data.get("messages", [])):
-            problem = entry_problem(entry)
-            if problem is None:
-                continue
+        entries = data.get("messages", [])
+        for index, problem in split_entries(data)[1]:
+            entry = entries[index]
             ident = f"{index}:{problem}:{entry.get('id') if isinstance(entry, dict) else entry!r}"[:300]
             if ident in self.warned_entries:
                 continue
@@ -554,14 +552,14 @@ class Monitor:
 
     def fast_forward(self) -> str:
         """Fast-forward the checked-out branch when nothing local can be touched (PROTOCOL.md)."""
-        proc = run_git(self.repo, "rev-parse", "-q", "--verify", "HEAD", check=False)
-        head = proc.stdout.decode().strip()
         tip = self.clone.tip()
-        if not head or not tip:
+        proc = run_git(self.repo, "rev-parse", "HEAD", "--symbolic-full-name", "HEAD", check=False)
+        lines = proc.stdout.decode().split()
+        if proc.returncode != 0 or len(lines) != 2 or not tip:
             return self._ff_warn("no commit checked out or no fetched branch", "skipped")
+        head, head_ref = lines
         if head == tip:
             return "current"
-        head_ref = run_git(self.repo, "symbolic-ref", "-q", "HEAD", check=False).stdout.decode().strip() or "HEAD"
         if head_ref != f"refs/heads/{self.clone.branch}":
             return self._ff_warn(f"{head_ref if head_ref != 'HEAD' else 'a detached HEAD'} is "
                                  f"checked out, not {self.clone.branch}", "other-branch")
@@ -570,13 +568,19 @@ class Monitor:
                        "REVERT_HEAD", "BISECT_LOG"):
             if (git_dir / marker).exists():
                 return self._ff_warn(f"a {marker} is in progress in the working tree", "busy")
-        if run_git(self.repo, "merge-base", "--is-ancestor", head, tip, check=False).returncode != 0:
-            return self._ff_warn("the local branch has commits the remote does not have", "diverged")
+        # --ff-only refuses, touching nothing, when the branch has diverged or local changes are
+        # in the way; --no-autostash: a person's work is never stashed.
         merge = run_git(self.repo, "merge", "--ff-only", "--no-autostash", "--quiet", "--no-stat",
                         tip, check=False)
         if merge.returncode != 0:
             reason = merge.stderr.decode("utf-8", "replace").strip().splitlines()
-            return self._ff_warn(reason[0] if reason else "git merge --ff-only failed", "refused")
+            text = reason[0] if reason else "git merge --ff-only failed"
+            if "not possible to fast-forward" in text.lower():
+                return self._ff_warn("the local branch has commits the remote does not have", "diverged")
+            return self._ff_warn(text, "refused")
+        after = run_git(self.repo, "rev-parse", "HEAD", check=False).stdout.decode().strip()
+        if after != tip:
+            return self._ff_warn("the local branch has commits the remote does not have", "diverged")
         self.ff_warned = None
         log.info("working tree fast-forwarded to %s", tip[:12], extra={"metadata": {"tip": tip}})
         self._check_upgrade(head, tip)
