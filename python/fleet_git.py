@@ -308,7 +308,8 @@ class Clone:
         """Fetch the shared branch into ``refs/remotes/origin/<branch>``; return its tip."""
         for attempt in range(LOCAL_LOCK_RETRIES + 1):
             proc = self.network_git(
-                "-c", f"core.looseCompression={LOOSE_COMPRESSION}", "fetch", "--quiet", "--no-tags", "--no-recurse-submodules", "origin",
+                "-c", f"core.looseCompression={LOOSE_COMPRESSION}", "fetch", "--quiet", "--no-tags",
+                "--no-recurse-submodules", "origin",
                 f"+refs/heads/{self.branch}:{self.remote_ref}", check=False,
             )
             if proc.returncode == 0:
