@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Final, Optional
@@ -180,6 +179,8 @@ def atomic_write_bytes(path: "os.PathLike[str] | str", data: bytes) -> None:
     Temporary file in the same folder, flush, fsync, ``os.replace``; on Windows the replace is
     retried briefly while another process holds the target open.
     """
+    import tempfile  # lazy: a send writes no state file
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))

@@ -10,11 +10,9 @@ compare-and-swap, and accept it only once the remote's own ref-update status con
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import subprocess
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -34,6 +32,32 @@ _network_hooks: List[Callable[[], None]] = []
 
 
 _UNKNOWN = object()
+
+
+def _ident_part(text: str) -> str:
+    """A name or email as git stores it in a commit: no angle brackets, no line breaks."""
+    cleaned = "".join(" " if ch in "<>\n\r\0" else ch for ch in text).strip(" .,:;\"'")
+    return cleaned or "unknown"
+
+
+def _hasher(hexlen: int):
+    """SHA-1 or SHA-256 for object ids. CPython's built-in ``_sha1``/``_sha256`` start much faster
+    than OpenSSL through ``hashlib``, which is only the fallback (a send is a short process)."""
+    try:
+        if hexlen == 40:
+            from _sha1 import sha1  # type: ignore[import-not-found]
+
+            return sha1()
+        try:
+            from _sha2 import sha256  # type: ignore[import-not-found]  # Python 3.12+
+        except ImportError:
+            from _sha256 import sha256  # type: ignore[import-not-found]
+
+        return sha256()
+    except ImportError:
+        import hashlib
+
+        return hashlib.sha1() if hexlen == 40 else hashlib.sha256()
 
 
 class GitError(SuiteError):
@@ -215,7 +239,7 @@ class Clone:
         self.root = Path(lines[0])
         self.git_dir = Path(lines[1])
         cfg = run_git(self.root, "config", "-z", "--get-regexp",
-                      r"^(remote\.origin\.(url|fetch)|user\.name|user\.email)$", check=False)
+                      r"^(remote\.origin\.(url|fetch)|(user|author|committer)\.(name|email))$", check=False)
         self._config: Dict[str, str] = {}
         for item in cfg.stdout.decode("utf-8", "surrogateescape").split("\0"):
             if item:
@@ -269,16 +293,16 @@ class Clone:
             return ref[len(prefix):]
         return "main"
 
-    def identity_env(self, fallback_name: str) -> Dict[str, str]:
-        """Author and committer: the clone's identity, else the server id (PROTOCOL.md)."""
-        env: Dict[str, str] = {}
-        name = os.environ.get("GIT_AUTHOR_NAME") or self._config.get("user.name")
-        email = os.environ.get("GIT_AUTHOR_EMAIL") or self._config.get("user.email")
-        if not name:
-            env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = fallback_name
-        if not email:
-            env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = f"{fallback_name}@fleet.invalid"
-        return env
+    def identity(self, role: str, fallback_name: str) -> Tuple[str, str]:
+        """(name, email) of the ``author`` or ``committer``: what git would use (environment,
+        ``author.*``/``committer.*``, ``user.*``), else the server id (PROTOCOL.md)."""
+        upper = role.upper()
+        name = (os.environ.get(f"GIT_{upper}_NAME") or self._config.get(f"{role}.name")
+                or self._config.get("user.name") or fallback_name)
+        email = (os.environ.get(f"GIT_{upper}_EMAIL") or self._config.get(f"{role}.email")
+                 or self._config.get("user.email") or os.environ.get("EMAIL")
+                 or f"{fallback_name}@fleet.invalid")
+        return name, email
 
     def tip(self) -> Optional[str]:
         """The fetched tip of the shared branch, or ``None`` when the remote has no branch yet.
@@ -451,7 +475,7 @@ class Clone:
         on every send. An object that exists already is left alone.
         """
         header = f"{kind} {len(data)}".encode("ascii") + b"\0"
-        digest = hashlib.sha1() if self.hexlen == 40 else hashlib.sha256()
+        digest = _hasher(self.hexlen)
         digest.update(header)
         digest.update(data)
         oid = digest.hexdigest()
@@ -461,7 +485,8 @@ class Clone:
         target.parent.mkdir(exist_ok=True)
         packer = zlib.compressobj(LOOSE_COMPRESSION)
         body = packer.compress(header) + packer.compress(data) + packer.flush()
-        fd, tmp = tempfile.mkstemp(prefix="tmp_obj_", dir=str(target.parent))
+        tmp = str(target.parent / f"tmp_obj_{os.urandom(6).hex()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(body)
@@ -526,12 +551,30 @@ class Clone:
         return self.write_object("tree", _tree_bytes(list(entries.values())))
 
     def commit_tree(self, tree: str, parent: Optional[str], message: str, author: str) -> str:
-        args = ["commit-tree", tree, "-m", message]
-        if parent:
-            args += ["-p", parent]
-        # --no-gpg-sign is not a commit-tree option; neutralise commit.gpgSign instead.
-        proc = run_git(self.root, "-c", "commit.gpgsign=false", *args, env=self.identity_env(author))
-        return proc.stdout.decode().strip()
+        """Write an unsigned commit of ``tree`` on ``parent`` and return its id.
+
+        Written as a loose object like the trees, with the identity git would use and the local
+        time zone; when a date is forced through ``GIT_AUTHOR_DATE``/``GIT_COMMITTER_DATE`` (whose
+        formats only git parses) ``git commit-tree`` writes it instead.
+        """
+        people = {role: self.identity(role, author) for role in ("author", "committer")}
+        if os.environ.get("GIT_AUTHOR_DATE") or os.environ.get("GIT_COMMITTER_DATE"):
+            env = {"GIT_AUTHOR_NAME": people["author"][0], "GIT_AUTHOR_EMAIL": people["author"][1],
+                   "GIT_COMMITTER_NAME": people["committer"][0],
+                   "GIT_COMMITTER_EMAIL": people["committer"][1]}
+            args = ["-c", "commit.gpgsign=false", "commit-tree", tree, "-m", message]
+            if parent:
+                args += ["-p", parent]
+            return run_git(self.root, *args, env=env).stdout.decode().strip()
+        now = time.time()
+        offset = int(time.localtime(now).tm_gmtoff or 0) // 60
+        stamp = f"{int(now)} {'-' if offset < 0 else '+'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
+        lines = [f"tree {tree}"] + ([f"parent {parent}"] if parent else [])
+        for role in ("author", "committer"):
+            name, email = (_ident_part(part) for part in people[role])
+            lines.append(f"{role} {name} <{email}> {stamp}")
+        body = "\n".join(lines) + "\n\n" + message.rstrip("\n") + "\n"
+        return self.write_object("commit", body.encode("utf-8", "surrogateescape"))
 
     # ----------------------------------------------------------------- the transaction
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import logging.handlers
 import os
 import re
 import sys
@@ -430,23 +429,36 @@ class ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-class StructuredFileHandler(logging.handlers.RotatingFileHandler):
+class StructuredFileHandler(logging.Handler):
     """JSON lines to a file shared by several processes, with bounded size-based rotation.
 
     Each record is appended as one ``write()`` of one line to a file opened (binary, append,
     unbuffered) for that record. Before writing, if the line would take the file past
     ``max_bytes``, the handler tries the lock ``<file>.lock`` with timeout 0 and rotates only when
     it holds it and the file is still too big; otherwise it writes without rotating this time.
+    Rotation renames ``structured.log`` to ``.1``, ``.1`` to ``.2`` and so on, dropping the oldest
+    beyond ``backup_count`` (the layout of logging's RotatingFileHandler, whose module a command
+    need not import).
     """
 
     def __init__(self, filename: "Union[str, os.PathLike[str]]", server_id: Optional[str] = None,
                  max_bytes: int = DEFAULT_MAX_BYTES, backup_count: int = DEFAULT_BACKUP_COUNT) -> None:
-        super().__init__(str(filename), mode="a", maxBytes=max_bytes, backupCount=backup_count,
-                         encoding="utf-8", delay=True)
+        super().__init__()
+        self.baseFilename = os.path.abspath(os.fspath(filename))
+        self.maxBytes = max_bytes
+        self.backupCount = backup_count
         self.lock_path = self.baseFilename + LOCK_SUFFIX
         self._rotation_lock: Any = None
         self._rotating = threading.local()
         self.setFormatter(JsonFormatter(server_id))
+
+    def doRollover(self) -> None:  # noqa: N802 - logging's name
+        for index in range(self.backupCount - 1, 0, -1):
+            older = f"{self.baseFilename}.{index}"
+            if os.path.exists(older):
+                os.replace(older, f"{self.baseFilename}.{index + 1}")
+        if os.path.exists(self.baseFilename):
+            os.replace(self.baseFilename, self.baseFilename + ".1")
 
     def _file_size(self) -> int:
         try:
@@ -460,9 +472,6 @@ class StructuredFileHandler(logging.handlers.RotatingFileHandler):
             return False
         size = self._file_size()
         return size > 0 and size + incoming > self.maxBytes
-
-    def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 - logging's name
-        return self._too_big(len(self.format(record)) + 1)
 
     def _rotate_if_owner(self, incoming: int) -> None:
         if getattr(self._rotating, "active", False):
