@@ -442,6 +442,7 @@ class CircuitBreaker:
             "state": self._state.value,
             "failure_count": self._failure_count,
             "opened_at": self._opened_at,
+            "timeout_seconds": self._timeout,  # lets a reader tell when it half-opens
             "last_failure": self._last_failure,
             "total_failures": self._total_failures,
             "total_successes": self._total_successes,

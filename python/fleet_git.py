@@ -34,6 +34,10 @@ _network_hooks: List[Callable[[], None]] = []
 _UNKNOWN = object()
 
 
+def _is_oid(text: str, hexlen: int) -> bool:
+    return len(text) == hexlen and all(c in "0123456789abcdef" for c in text)
+
+
 def _ident_part(text: str) -> str:
     """A name or email as git stores it in a commit: no angle brackets, no line breaks."""
     cleaned = "".join(" " if ch in "<>\n\r\0" else ch for ch in text).strip(" .,:;\"'")
@@ -254,7 +258,8 @@ class Clone:
             "+refs/heads/*:refs/remotes/origin/*", f"+refs/heads/{self.branch}:{self.remote_ref_for(self.branch)}")
         self.remote_ref = f"refs/remotes/origin/{self.branch}"
         self.hexlen = 64 if lines[2].strip() == "sha256" else 40
-        self.objects_dir = (root / lines[3]).resolve() / "objects"  # shared by worktrees
+        self.common_dir = (root / lines[3]).resolve()  # refs and objects shared by worktrees
+        self.objects_dir = self.common_dir / "objects"
         self.last_sync: float = 0.0  # monotonic time of the last fetch or verified push
         self._tip: object = _UNKNOWN
         self._files: Dict[Tuple[str, str], Tuple[Optional[str], Optional[bytes]]] = {}
@@ -311,9 +316,36 @@ class Clone:
         tracking ref in this clone only makes it stale, which costs one rejected push.
         """
         if self._tip is _UNKNOWN:
+            self._tip = self._read_ref(self.remote_ref)
+        if self._tip is _UNKNOWN:
             proc = self.git("rev-parse", "-q", "--verify", f"{self.remote_ref}^{{commit}}", check=False)
             self._tip = proc.stdout.decode().strip() or None
         return self._tip  # type: ignore[return-value]
+
+    def _read_ref(self, refname: str) -> object:
+        """A ref's id read from git's files backend (loose file, then ``packed-refs``): ``None``
+        when absent, ``_UNKNOWN`` when only git can tell (another ref storage, a symbolic ref)."""
+        if (self.common_dir / "reftable").is_dir():
+            return _UNKNOWN
+        try:
+            text: Optional[str] = (self.common_dir / refname).read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            text = None
+        except (OSError, UnicodeDecodeError):
+            return _UNKNOWN
+        if text is not None:
+            return text if _is_oid(text, self.hexlen) else _UNKNOWN
+        try:
+            packed = (self.common_dir / "packed-refs").read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return _UNKNOWN
+        for line in packed.splitlines():
+            oid, _, name = line.partition(" ")
+            if name == refname and _is_oid(oid, self.hexlen):
+                return oid
+        return None
 
     def _tip_from_fetch_head(self) -> Optional[str]:
         try:

@@ -45,3 +45,14 @@ def test_deleting_the_last_file_of_a_folder_removes_the_folder(fleet):
     clone.transact(lambda tip: ({"tmp/only.txt": None}, "remove"), author="code2")
     assert "tmp" not in git(fleet.origin, "ls-tree", "--name-only", "main").split()
     assert run_git(fleet.origin, "fsck", "--strict", check=False).returncode == 0
+
+
+def test_the_tip_is_read_like_git_reads_it(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    assert Clone(c2).tip() == git(c2, "rev-parse", "origin/main")
+    git(c2, "pack-refs", "--all")  # the tracking ref moves into packed-refs
+    assert not (c2 / ".git" / "refs" / "remotes" / "origin" / "main").exists()
+    assert Clone(c2).tip() == git(c2, "rev-parse", "origin/main")
+    git(c2, "update-ref", "-d", "refs/remotes/origin/main")
+    assert Clone(c2).tip() is None
+    assert Clone(b1).fetch() == Clone(b1).tip() == git(fleet.origin, "rev-parse", "main")

@@ -1,0 +1,191 @@
+"""Eight servers sending at once while eight monitors read and mark their mail.
+
+Eight clones, one per server; on each, a real ``message_monitor.py --interval 1
+--no-auto-reply`` (the realistic case: a server's monitor and its command-line sends share the
+clone) and, once every monitor has finished a first cycle, a sender process that sends its
+messages in a loop (``send_message(..., clone=...)``), addressed round-robin to the other seven
+servers. All senders start on the same signal.
+
+Reported: every message on the remote exactly once (counted by id and sender), every read mark
+applied (waited for with a deadline), total time, median and p95 send latency, push retries
+(attempts - messages), sends that ended in the retry queue, and the aggregate throughput as a
+fraction of one sender's throughput measured in the same run with the monitors running (its
+messages go to a server that has no monitor, so they cause no read marks). Target >= 50 %.
+
+Usage: ``python3 bench/contention.py [--quick] [--json] [--results-dir DIR]``.
+Exit 0 when every figure was measured, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import benchlib as bl
+
+NOBODY = "archive-only"  # a valid server id that no monitor watches
+
+
+def _senders(fleet: bl.BenchFleet, names: Sequence[str], count: int,
+             targets: Dict[str, List[str]]) -> Tuple[float, List[Dict[str, Any]]]:
+    pool = bl.SenderPool(fleet.base)
+    try:
+        for name in names:
+            pool.spawn(fleet.clones[name], name, targets[name], count)
+        return pool.run()
+    finally:
+        pool.close()
+
+
+def _summary(wall: float, reports: List[Dict[str, Any]]) -> Dict[str, Any]:
+    messages = sum(r["count"] for r in reports)
+    attempts = sum(r["push_attempts"] for r in reports)
+    latencies = [x for r in reports for x in r["latencies"]]
+    statuses: Dict[str, int] = {}
+    for r in reports:
+        for k, v in r["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    return {"messages": messages, "wall_s": wall, "per_s": messages / wall if wall > 0 else None,
+            "push_attempts": attempts, "retries": attempts - messages, "statuses": statuses,
+            "latency_median_s": bl.median(latencies), "latency_p95_s": bl.p95(latencies),
+            "latency_max_s": max(latencies) if latencies else None}
+
+
+def _remote_state(fleet: bl.BenchFleet, expected: Dict[Tuple[str, str], str]) -> Dict[str, int]:
+    """Missing, duplicated and unread messages among ``expected`` ((id, from) -> recipient)."""
+    counts: Dict[Tuple[str, str], int] = {}
+    unread = set(expected)
+    for msg in fleet.remote_messages():
+        key = (str(msg.get("id")), str(msg.get("from")))
+        if key not in expected:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+        if expected[key] in (msg.get("read_by") or []):
+            unread.discard(key)
+    return {"missing": sum(1 for k in expected if k not in counts),
+            "duplicated": sum(1 for v in counts.values() if v > 1), "unread": len(unread)}
+
+
+def run(per_sender: int, deadline: float) -> Dict[str, Any]:
+    import psutil
+
+    servers = list(bl.SERVERS)
+    procs: List[Any] = []
+    with bl.BenchFleet() as fleet:
+        for name in servers:
+            fleet.clone(name)
+        try:
+            for name in servers:
+                err = open(fleet.base / f"monitor-{name}.log", "wb")  # noqa: SIM115 - closed below
+                procs.append((bl.start_monitor(fleet.clones[name], name, 1.0, stdout=err, stderr=err), err))
+            for name in servers:
+                if not bl.wait_for(bl.monitor_started(fleet.clones[name], name), 60):
+                    raise RuntimeError(f"monitor {name} did not start: "
+                                       + (fleet.base / f"monitor-{name}.log").read_text(errors="replace")[-2000:])
+            bl.progress(f"contention: single sender x{per_sender}")
+            single = _summary(*_senders(fleet, [servers[0]], per_sender, {servers[0]: [NOBODY]}))
+            targets = {name: [s for s in servers[i + 1:] + servers[:i]] for i, name in enumerate(servers)}
+            bl.progress(f"contention: {len(servers)} senders x{per_sender}")
+            commits_before = int(bl.git(fleet.origin, "rev-list", "--count", bl.BRANCH))
+            cpu0 = psutil.cpu_times()
+            go = time.perf_counter()
+            wall, reports = _senders(fleet, servers, per_sender, targets)
+            sent_done = time.perf_counter() - go
+            cpu1 = psutil.cpu_times()
+            expected: Dict[Tuple[str, str], str] = {}
+            for r in reports:
+                rcpts = targets[r["sender"]]
+                for i, msg_id in enumerate(r["ids"]):
+                    expected[(msg_id, r["sender"])] = rcpts[i % len(rcpts)]
+            state = _remote_state(fleet, expected)
+            limit = time.monotonic() + deadline
+            while (state["missing"] or state["unread"]) and time.monotonic() < limit:
+                time.sleep(0.5)
+                state = _remote_state(fleet, expected)
+            all_read_s = time.perf_counter() - go
+            subjects = bl.git(fleet.origin, "log", "--format=%s",
+                              f"-{int(bl.git(fleet.origin, 'rev-list', '--count', bl.BRANCH)) - commits_before}",
+                              bl.BRANCH).splitlines()
+            alive = sum(1 for p, _ in procs if p.poll() is None)
+        finally:
+            for proc, _ in procs:
+                if proc.poll() is None:
+                    proc.terminate()  # all at once: each finishes its current step in parallel
+            for proc, err in procs:
+                bl.stop_process(proc)
+                err.close()
+        errors = _monitor_errors(fleet.base, servers)
+    many = _summary(wall, reports)
+    idle = cpu1.idle - cpu0.idle
+    total = sum(cpu1) - sum(cpu0)
+    return {"cpu_busy_send_phase": 1.0 - idle / total if total > 0 else None,
+            "commits": {"sends": sum(1 for t in subjects if " -> " in t),
+                        "read_marks": sum(1 for t in subjects if ": mark " in t),
+                        "other": sum(1 for t in subjects if " -> " not in t and ": mark " not in t)},
+            "servers": len(servers), "per_sender": per_sender, "single": single, "contention": many,
+            "send_phase_s": sent_done, "all_read_s": all_read_s, "final": state,
+            "monitors_alive_at_end": alive, "monitor_warnings": errors}
+
+
+def _monitor_errors(base: Path, servers: Sequence[str]) -> Dict[str, List[str]]:
+    """Warnings and whole tracebacks from each monitor's console output (for the report)."""
+    found: Dict[str, List[str]] = {}
+    for name in servers:
+        path = base / f"monitor-{name}.log"
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        bad: List[str] = []
+        in_trace = False
+        for line in lines:
+            if line.startswith("Traceback"):
+                in_trace = True
+            if in_trace or any(w in line for w in ("WARNING", "ERROR", "CRITICAL")):
+                bad.append(line)
+            if in_trace and line and not line.startswith((" ", "Traceback")):
+                in_trace = False
+        if bad:
+            found[name] = bad[:60]
+    return found
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = bl.common_parser("contention.py", "8 senders and 8 monitors on one fleet.")
+    parser.add_argument("--per-sender", type=int, default=None, help="messages per sender (25, quick 5)")
+    args = parser.parse_args(argv)
+    per_sender = args.per_sender or (5 if args.quick else 25)
+    started = time.time()
+    r = run(per_sender, 30.0 if args.quick else 90.0)
+    c, s, f = r["contention"], r["single"], r["final"]
+    fraction = c["per_s"] / s["per_s"] if c["per_s"] and s["per_s"] else None
+    figures = [
+        bl.Figure("contention.lost_or_duplicated", f"{r['servers']}x{per_sender} messages lost or duplicated",
+                  float(f["missing"] + f["duplicated"]), "", target=("measured", "==", 0.0),
+                  note=f"{f['missing']} missing, {f['duplicated']} duplicated"),
+        bl.Figure("contention.unread", "messages without their read mark at the end",
+                  float(f["unread"]), "", target=("measured", "==", 0.0),
+                  note=f"all read {r['all_read_s']:.1f} s after the start"),
+        bl.Figure("contention.total_time", "time to send all messages", r["send_phase_s"], "s"),
+        bl.Figure("contention.send_median", "send latency under contention (median)",
+                  c["latency_median_s"], "ms", scale=1000),
+        bl.Figure("contention.send_p95", "send latency under contention (p95)", c["latency_p95_s"], "ms",
+                  scale=1000, note=f"max {c['latency_max_s'] * 1000:.0f} ms"),
+        bl.Figure("contention.retries", "push retries (attempts - messages)", float(c["retries"]), "",
+                  note=f"{c['push_attempts']} pushes for {c['messages']} messages; "
+                       f"statuses {c['statuses']}"),
+        bl.Figure("contention.throughput", f"{r['servers']} senders vs 1 sender throughput", fraction, "x",
+                  ratio=fraction, target=("ratio", ">=", 0.5),
+                  note=f"{c['per_s']:.1f} vs {s['per_s']:.1f} msg/s; CPU "
+                       f"{100 * (r['cpu_busy_send_phase'] or 0):.0f} % busy; "
+                       f"{r['commits']['read_marks']} read-mark commits beside {r['commits']['sends']} sends"),
+    ]
+    if r["monitors_alive_at_end"] != r["servers"]:
+        figures[1].note += f"; only {r['monitors_alive_at_end']} monitors alive"
+    return bl.write_report("contention", figures, r, quick=args.quick, started=started, as_json=args.json,
+                           results_dir=args.results_dir)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

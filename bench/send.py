@@ -1,0 +1,164 @@
+"""Send latency and concurrent-sender throughput, against a git floor measured in the same run.
+
+Figures:
+
+* in-process ``send_message(...)`` from one clone, repeated, versus the send floor (one
+  ``git fetch`` plus one ``git push`` of a fresh commit to the same local bare remote);
+  target ratio <= 1.25;
+* the command line ``python3 python/send_message.py BODY --repo R --from S`` versus the CLI
+  floor (the send floor plus ``python3 -c pass``); target ratio <= 1.35;
+* four senders in four processes on four clones, each sending M messages in a loop: messages
+  per second, push retries (push attempts minus messages) and the aggregate throughput as a
+  fraction of one sender's throughput measured in the same run.
+
+Floor and measurement alternate run by run. The floor's push moves the remote, so before each
+measured send the sender's clone fetches, untimed: every send starts from a recent fetch, the
+state a clone is in after its own previous send (PROTOCOL.md: step 1 is then skipped).
+
+Usage: ``python3 bench/send.py [--quick] [--json] [--results-dir DIR]``. Exit 0 when every
+figure was measured (targets are reported, not enforced), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import benchlib as bl
+
+
+def _prepare_clone(path: Any) -> None:
+    bl.git(path, "fetch", "-q", "origin", bl.BRANCH)
+
+
+def in_process(fleet: bl.BenchFleet, reps: int, reused: bool = True) -> Dict[str, Any]:
+    from fleet_git import Clone
+    from send_message import send_message
+
+    sender = fleet.clone("code2")
+    floor = bl.SendFloor(fleet)
+    counter = [0]
+
+    def send_fresh_clone(_prep: Any) -> None:
+        counter[0] += 1
+        result = send_message(f"in-process send {counter[0]}", None, "code1", from_sender="code2",
+                              build_repo_path=str(sender))
+        if not result:
+            raise RuntimeError(f"send failed: {result.status} {result.reason}")
+
+    floors, measured = bl.interleaved(floor.run, send_fresh_clone, reps,
+                                      prepare_floor=floor.prepare,
+                                      prepare_measure=lambda: _prepare_clone(sender))
+    clone = Clone(sender)
+    if not reused:
+        return {"floor": floors, "send": measured}
+
+    def send_reused(_prep: Any) -> None:
+        counter[0] += 1
+        result = send_message(f"in-process send {counter[0]}", None, "code1", from_sender="code2",
+                              clone=clone)
+        if not result:
+            raise RuntimeError(f"send failed: {result.status} {result.reason}")
+
+    floors2, measured2 = bl.interleaved(floor.run, send_reused, reps, prepare_floor=floor.prepare,
+                                        prepare_measure=lambda: _prepare_clone(sender))
+    return {"floor": floors, "send": measured, "floor_reused": floors2, "send_reused": measured2,
+            "push_attempts_reused": clone.push_attempts}
+
+
+def cli(fleet: bl.BenchFleet, reps: int) -> Dict[str, Any]:
+    sender = fleet.clones.get("code2") or fleet.clone("code2")
+    floor = bl.SendFloor(fleet, "floor-cli", interpreter=True)
+    counter = [0]
+
+    def run_cli(_prep: Any) -> None:
+        counter[0] += 1
+        proc = subprocess.run([sys.executable, bl.python_script("send_message.py"),
+                               f"cli send {counter[0]}", "--repo", str(sender), "--from", "code2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if proc.returncode != 0:
+            raise RuntimeError(f"send_message.py exit {proc.returncode}: {proc.stderr.decode()[-500:]}")
+
+    floors, measured = bl.interleaved(floor.run, run_cli, reps, prepare_floor=floor.prepare,
+                                      prepare_measure=lambda: _prepare_clone(sender))
+    return {"floor": floors, "cli": measured}
+
+
+def _throughput(fleet: bl.BenchFleet, names: Sequence[str], count: int) -> Dict[str, Any]:
+    pool = bl.SenderPool(fleet.base)
+    try:
+        for name in names:
+            path = fleet.clones.get(name) or fleet.clone(name)
+            pool.spawn(path, name, ["code1"], count)
+        wall, reports = pool.run()
+    finally:
+        pool.close()
+    messages = sum(r["count"] for r in reports)
+    attempts = sum(r["push_attempts"] for r in reports)
+    latencies = [x for r in reports for x in r["latencies"]]
+    statuses: Dict[str, int] = {}
+    for r in reports:
+        for k, v in r["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    return {"senders": len(names), "messages": messages, "wall_s": wall,
+            "per_s": messages / wall if wall > 0 else None, "push_attempts": attempts,
+            "retries": attempts - messages, "statuses": statuses,
+            "latency_median_s": bl.median(latencies), "latency_p95_s": bl.p95(latencies)}
+
+
+def concurrency(fleet: bl.BenchFleet, count: int) -> Dict[str, Any]:
+    single = _throughput(fleet, ["solo"], count)
+    four = _throughput(fleet, ["par1", "par2", "par3", "par4"], count)
+    ids = [m["id"] for m in fleet.remote_messages()]
+    return {"single": single, "four": four, "duplicate_ids": len(ids) - len(set(ids))}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = bl.common_parser("send.py", "Send latency and concurrent-sender throughput.")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 30, quick 10)")
+    args = parser.parse_args(argv)
+    reps = args.reps or (10 if args.quick else 30)
+    per_sender = 5 if args.quick else 20
+    started = time.time()
+    figures: List[bl.Figure] = []
+    details: Dict[str, Any] = {"reps": reps, "messages_per_sender": per_sender}
+    with bl.BenchFleet() as fleet:
+        bl.progress(f"send: in-process x{reps}")
+        ip = in_process(fleet, reps, reused=not args.quick)
+        details["in_process"] = ip
+        figures.append(bl.Figure("send.in_process", "send_message in-process (median)",
+                                 bl.median(ip["send"]), "ms", bl.median(ip["floor"]),
+                                 target=("ratio", "<=", 1.25), scale=1000))
+        if "send_reused" in ip:
+            figures.append(bl.Figure("send.in_process_reused_clone",
+                                     "send_message in-process, reused Clone (median)",
+                                     bl.median(ip["send_reused"]), "ms", bl.median(ip["floor_reused"]),
+                                     scale=1000))
+        figures.append(bl.Figure("send.in_process_p95", "send_message in-process (p95)",
+                                 bl.p95(ip["send"]), "ms", bl.p95(ip["floor"]), scale=1000))
+        bl.progress(f"send: CLI x{reps}")
+        c = cli(fleet, reps)
+        details["cli"] = c
+        figures.append(bl.Figure("send.cli", "send_message.py CLI (median)", bl.median(c["cli"]), "ms",
+                                 bl.median(c["floor"]), target=("ratio", "<=", 1.35), scale=1000))
+        bl.progress(f"send: 1 and 4 concurrent senders x{per_sender}")
+        conc = concurrency(fleet, per_sender)
+        details["concurrency"] = conc
+        single, four = conc["single"], conc["four"]
+        figures.append(bl.Figure("send.single_sender_rate", "1 sender throughput", single["per_s"],
+                                 "msg/s", note=f"{single['retries']} retries"))
+        figures.append(bl.Figure("send.four_senders_rate", "4 concurrent senders throughput",
+                                 four["per_s"], "msg/s",
+                                 note=f"{four['messages']} msgs, {four['push_attempts']} pushes, "
+                                      f"{four['retries']} retries, {conc['duplicate_ids']} duplicates"))
+        fraction = (four["per_s"] / single["per_s"]) if single["per_s"] and four["per_s"] else None
+        figures.append(bl.Figure("send.four_senders_fraction", "4 senders vs 1 sender throughput",
+                                 fraction, "x", ratio=fraction))
+    return bl.write_report("send", figures, details, quick=args.quick, started=started,
+                           as_json=args.json, results_dir=args.results_dir)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
