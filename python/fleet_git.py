@@ -16,7 +16,7 @@ import subprocess
 import time
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from fleet_common import SuiteError, UsageError
 
@@ -32,6 +32,15 @@ _network_hooks: List[Callable[[], None]] = []
 
 
 _UNKNOWN = object()
+
+
+def _folders_of(paths: Iterable[str]) -> List[str]:
+    """Every folder that holds one of ``paths``, the root (``""``) first."""
+    return sorted({"/".join(p.split("/")[:n]) for p in paths for n in range(p.count("/") + 1)})
+
+
+def _tree_spec(commit: str, folder: str) -> str:
+    return f"{commit}:{folder}" if folder else f"{commit}^{{tree}}"
 
 
 def _is_oid(text: str, hexlen: int) -> bool:
@@ -235,20 +244,26 @@ class Clone:
         root = Path(path)
         if not root.is_dir():
             raise NotAClone(f"--repo {path}: no such directory")
-        proc = run_git(root, "rev-parse", "--show-toplevel", "--absolute-git-dir", "--show-object-format",
-                       "--git-common-dir", check=False)
-        lines = proc.stdout.decode("utf-8", "surrogateescape").splitlines()
-        if proc.returncode != 0 or len(lines) < 4:
-            raise NotAClone(f"--repo {path}: not a git clone ({_first_line(proc.stderr) or 'no work tree'})")
-        self.root = Path(lines[0])
-        self.git_dir = Path(lines[1])
-        cfg = run_git(self.root, "config", "-z", "--get-regexp",
-                      r"^(remote\.origin\.(url|fetch)|(user|author|committer)\.(name|email))$", check=False)
-        self._config: Dict[str, str] = {}
-        for item in cfg.stdout.decode("utf-8", "surrogateescape").split("\0"):
-            if item:
-                key, _, value = item.partition("\n")
-                self._config[key.lower()] = value
+        self._config = self._read_config(root)
+        dotgit = root / ".git"
+        if dotgit.is_dir() and not (dotgit / "commondir").exists() and self._config.get("remote.origin.url"):
+            # The usual case, --repo naming a clone's top folder: its layout is known without
+            # asking git, and the one config call above told the rest.
+            self.root = root.resolve()
+            self.git_dir = self.common_dir = dotgit.resolve()
+            object_format = self._config.get("extensions.objectformat", "sha1")
+        else:
+            proc = run_git(root, "rev-parse", "--show-toplevel", "--absolute-git-dir", "--show-object-format",
+                           "--git-common-dir", check=False)
+            lines = proc.stdout.decode("utf-8", "surrogateescape").splitlines()
+            if proc.returncode != 0 or len(lines) < 4:
+                raise NotAClone(f"--repo {path}: not a git clone ({_first_line(proc.stderr) or 'no work tree'})")
+            self.root = Path(lines[0])
+            self.git_dir = Path(lines[1])
+            self.common_dir = (root / lines[3]).resolve()  # refs and objects shared by worktrees
+            object_format = lines[2].strip()
+            if self.root.resolve() != root.resolve():
+                self._config = self._read_config(self.root)
         self.origin_url = self._config.get("remote.origin.url", "")
         if not self.origin_url:
             raise NotAClone(f"--repo {path}: the clone has no remote 'origin'")
@@ -257,15 +272,27 @@ class Clone:
         self._push_updates_tracking_ref = self._config.get("remote.origin.fetch") in (
             "+refs/heads/*:refs/remotes/origin/*", f"+refs/heads/{self.branch}:{self.remote_ref_for(self.branch)}")
         self.remote_ref = f"refs/remotes/origin/{self.branch}"
-        self.hexlen = 64 if lines[2].strip() == "sha256" else 40
-        self.common_dir = (root / lines[3]).resolve()  # refs and objects shared by worktrees
+        self.hexlen = 64 if object_format == "sha256" else 40
         self.objects_dir = self.common_dir / "objects"
         self.last_sync: float = 0.0  # monotonic time of the last fetch or verified push
         self._tip: object = _UNKNOWN
         self._files: Dict[Tuple[str, str], Tuple[Optional[str], Optional[bytes]]] = {}
+        self._trees: Dict[Tuple[str, str], Optional[List[TreeEntry]]] = {}
         self.push_attempts = 0  # pushes tried (for benchmarks: retries = attempts - commits)
 
     # ----------------------------------------------------------------- basics
+
+    @staticmethod
+    def _read_config(folder: Path) -> Dict[str, str]:
+        cfg = run_git(folder, "config", "-z", "--get-regexp",
+                      r"^(remote\.origin\.(url|fetch)|(user|author|committer)\.(name|email)"
+                      r"|extensions\.objectformat)$", check=False)
+        values: Dict[str, str] = {}
+        for item in cfg.stdout.decode("utf-8", "surrogateescape").split("\0"):
+            if item:
+                key, _, value = item.partition("\n")
+                values[key.lower()] = value
+        return values
 
     @staticmethod
     def remote_ref_for(branch: str) -> str:
@@ -485,12 +512,21 @@ class Clone:
         key = (commit, path)
         if key in self._files:
             return self._files[key]
-        found = self.read_objects([f"{commit}:{path}"])[0]
+        cacheable = len(commit) == self.hexlen
+        # The trees along the path come in the same call: a transaction that then writes this
+        # file needs them, and asks no second time.
+        folders = _folders_of([path]) if cacheable else []
+        specs = [_tree_spec(commit, folder) for folder in folders] + [f"{commit}:{path}"]
+        *trees, found = self.read_objects(specs)
         result = (None, None) if found is None or found[1] != "blob" else (found[0], found[2])
-        if len(commit) == self.hexlen:
-            while len(self._files) >= 4:
-                self._files.pop(next(iter(self._files)))
+        if cacheable:
+            if len(self._files) >= 4:
+                self._files.clear()
+                self._trees.clear()
             self._files[key] = result
+            for folder, tree in zip(folders, trees):
+                self._trees[(commit, folder)] = (_parse_tree(tree[2], self.hexlen)
+                                                 if tree is not None and tree[1] == "tree" else None)
         return result
 
     def blob_id(self, commit: Optional[str], path: str) -> Optional[str]:
@@ -546,9 +582,16 @@ class Clone:
                  for path, data in changes.items()}
         trees: Dict[str, List[TreeEntry]] = {}
         if base_commit:
-            folders = sorted({"/".join(p.split("/")[:n]) for p in changes for n in range(p.count("/") + 1)})
-            specs = [f"{base_commit}:{folder}" if folder else f"{base_commit}^{{tree}}" for folder in folders]
-            for folder, found in zip(folders, self.read_objects(specs)):
+            missing = []
+            for folder in _folders_of(changes):
+                if (base_commit, folder) in self._trees:
+                    known = self._trees[(base_commit, folder)]
+                    if known is not None:
+                        trees[folder] = known
+                else:
+                    missing.append(folder)
+            found_all = self.read_objects([_tree_spec(base_commit, folder) for folder in missing])
+            for folder, found in zip(missing, found_all):
                 if found is not None and found[1] == "tree":
                     trees[folder] = _parse_tree(found[2], self.hexlen)
         return self._edit_tree(trees, "", blobs) or self.write_object("tree", b"")

@@ -88,27 +88,43 @@ _OWNED_ATTR: Final = "_structured_log_owned"
 
 # --------------------------------------------------------------------------- redaction
 
+
+class _LazyPattern:
+    """A regular expression compiled on first use: a command that logs nothing never pays for
+    compiling the redaction patterns."""
+
+    __slots__ = ("_args", "_compiled")
+
+    def __init__(self, *args: Any) -> None:
+        self._args = args
+        self._compiled: Optional["re.Pattern[str]"] = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._compiled is None:
+            self._compiled = re.compile(*self._args)
+        return getattr(self._compiled, name)
+
 # scheme://user[:password]@host -> scheme://***@host
-_URL_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]{0,30}://)[^\s/?#@]+@")
-_TOKEN_RE = re.compile(
+_URL_USERINFO_RE = _LazyPattern(r"(?i)\b([a-z][a-z0-9+.\-]{0,30}://)[^\s/?#@]+@")
+_TOKEN_RE = _LazyPattern(
     r"\b(?:gh[pousr]_[A-Za-z0-9]{16,}"
     r"|github_pat_[A-Za-z0-9_]{20,}"
     r"|gl(?:pat|ptt|dt|rt|cbt|soat)-[A-Za-z0-9_\-]{16,}(?:\.[A-Za-z0-9_\-]+)*)"
 )
-_AUTH_HEADER_RE = re.compile(
+_AUTH_HEADER_RE = _LazyPattern(
     r"(?i)\b((?:proxy-)?authorization\\?[\"']?\s*[:=]\s*\\?[\"']?)"
     r"(?!\*\*\*|(?:bearer|basic|digest|token|negotiate|ntlm)\s+\*\*\*)"
     r"(?:(bearer|basic|digest|token|negotiate|ntlm)\s+)?"
     r"[^\s\"',;\\]+"
 )
-_BEARER_RE = re.compile(r"(?i)\b(bearer)\s+(?!\*\*\*)[A-Za-z0-9\-._~+/]+=*")
+_BEARER_RE = _LazyPattern(r"(?i)\b(bearer)\s+(?!\*\*\*)[A-Za-z0-9\-._~+/]+=*")
 _SECRET_WORD = (
     r"(?:passw(?:or)?d|passphrase|pwd|token|secret|api[_-]?key|apikey|access[_-]?key"
     r"|private[_-]?key)"
 )
 # The key may carry any prefix ("Jira password", "client_secret"); only the value is masked.
 # The suffix is bounded so a long run of key-like text cannot make the search quadratic.
-_KEY_VALUE_RE = re.compile(
+_KEY_VALUE_RE = _LazyPattern(
     r"(?i)(?P<key>" + _SECRET_WORD + r"[\w.\-]{0,40}?)"
     r"(?P<kq>\\?[\"']?)"
     r"(?P<sep>\s*[:=]\s*)"
@@ -117,7 +133,7 @@ _KEY_VALUE_RE = re.compile(
     r"|'(?P<sq>[^']*)'"
     r"|(?P<bare>[^\s\"',;&]+))"
 )
-_SECRET_KEY_RE = re.compile(r"(?i)^[\w.\- ]*(?:" + _SECRET_WORD + r"|authorization)$")
+_SECRET_KEY_RE = _LazyPattern(r"(?i)^[\w.\- ]*(?:" + _SECRET_WORD + r"|authorization)$")
 
 
 def _key_value_sub(match: "re.Match[str]") -> str:
@@ -184,11 +200,11 @@ def redact_data(value: Any, _depth: int = 0) -> Any:
 
 # C0 controls (tab and newline included), DEL, C1 controls, Arabic letter mark, LRM/RLM,
 # line/paragraph separators, bidi embeddings/overrides/isolates, lone surrogates.
-_UNSAFE_RE = re.compile(
+_UNSAFE_RE = _LazyPattern(
     "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 )
 _NAMED_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_NEWLINE_RE = re.compile(r"\r\n|\r|\n")
+_NEWLINE_RE = _LazyPattern(r"\r\n|\r|\n")
 
 
 def _escape_char(char: str) -> str:
