@@ -24,7 +24,8 @@ LOCAL_TIMEOUT: Final = 30.0  # local plumbing
 NETWORK_TIMEOUT: Final = 60.0  # fetch, push, ls-remote
 MAILBOX_PATH: Final = "coordination/messages.json"
 STANDALONE_FRESHNESS: Final = 10.0  # seconds a standalone send trusts the last fetch
-MAX_RACE_ATTEMPTS: Final = 50
+MAX_RACE_ATTEMPTS: Final = 200  # with RACE_DELAY_CAP, about a minute of lost races at most
+RACE_DELAY_CAP: Final = 1.0  # seconds: tens to hundreds of milliseconds (PROTOCOL.md step 5)
 
 # A hook that runs before and after every network call (the systemd watchdog keeps a monitor
 # alive through a slow git operation; see message_monitor).
@@ -662,7 +663,7 @@ class Clone:
         commit message)``, or ``None`` when the change is already there (idempotent). Lost push
         races are retried after a short, growing random delay; other failures raise.
         """
-        delay = 0.02
+        delay = 0.05
         tip = self.sync(fresh_for)
         for attempt in range(1, max_attempts + 1):
             planned = change(tip)
@@ -676,8 +677,10 @@ class Clone:
             except PushRejected:
                 if attempt == max_attempts:
                     raise
+                # Jittered and growing: with many writers, retries spread out instead of
+                # colliding again (measured in bench/contention.py).
                 time.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 1.6, 0.8)
+                delay = min(delay * 1.6, RACE_DELAY_CAP)
                 tip = self.fetch()
                 continue
             return TxResult(commit=commit, changed=True, attempts=attempt, base=tip)

@@ -39,7 +39,7 @@ from fleet_common import (
     normalize_server_id,
     resolve_server_id,
 )
-from fleet_git import MAILBOX_PATH, STANDALONE_FRESHNESS, Clone, GitError, RemoteUnavailable
+from fleet_git import MAILBOX_PATH, STANDALONE_FRESHNESS, Clone, GitError, PushRejected, RemoteUnavailable
 from fleet_mailbox import (
     MESSAGE_TYPES,
     PRIORITIES,
@@ -225,6 +225,10 @@ def deliver_or_queue(clone: Clone, msg: Dict[str, Any], *, queue: bool = True) -
                 return SendResult(False, "failed", msg, str(exc))
             return _queue(clone, msg, "the remote mailbox does not parse and needs "
                                       "message_monitor.py --repair")
+        except PushRejected as exc:  # lost every race for a minute: the monitor tries later
+            if not queue:
+                return SendResult(False, "failed", msg, f"lost every push race: {exc.reason}")
+            return _queue(clone, msg, "the shared branch is too busy right now (every push lost a race)")
         except RemoteUnavailable as exc:
             quick = time.monotonic() - started < QUICK_RETRY_WINDOW
             if attempt == 1 and quick:
