@@ -233,6 +233,7 @@ class Monitor:
         self.marks_warned: Optional[str] = None
         self.started_at = time.time()
         self.last_fetch_ok: Optional[float] = None
+        self.written_fetch_ok: Optional[float] = None
         self.last_status_write = 0.0
         self.status_dirty = True
         self.preflight_needed = False
@@ -629,8 +630,8 @@ class Monitor:
     # ----------------------------------------------------------------- periodic work
 
     def _periodic(self, report: CycleReport) -> None:
+        self.last_report = report
         if self.iterations % HEALTH_EVERY == 1 or HEALTH_EVERY == 1:
-            self.write_status(report)  # the health check reads it: make it current first
             self._health_check()
         if self.heartbeat_seconds:
             self._maybe_heartbeat(report)
@@ -638,6 +639,10 @@ class Monitor:
             self._maybe_archive()
 
     def _health_check(self) -> Optional[Dict[str, Any]]:
+        if self.last_fetch_ok != self.written_fetch_ok:
+            # The health check reads the status file: it must know about this cycle's fetch.
+            self.status_dirty = True
+            self.write_status(self.last_report or CycleReport())
         try:
             from system_health import get_system_health
 
@@ -761,6 +766,7 @@ class Monitor:
             "remote_tip": report.tip, "suite_version": SUITE_VERSION,
         })
         self.last_status_write = now
+        self.written_fetch_ok = self.last_fetch_ok
         self.status_dirty = False
 
     # ----------------------------------------------------------------- the loop

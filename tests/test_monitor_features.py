@@ -216,3 +216,15 @@ def test_cp1252_console_never_crashes(quirky_fleet):
 
 def test_quirky_fixture_is_the_shared_one():
     assert json.loads(QUIRKY.read_text(encoding="utf-8"))["messages"][0]["id"] == "msg_1762250000_0001"
+
+
+def test_a_status_reply_reports_this_cycles_fetch(fleet):
+    c2, b1 = fleet.clone("code2"), fleet.clone("build1")
+    stale = c2 / "code2" / "state"
+    stale.mkdir(parents=True)
+    (stale / "monitor_status.json").write_text(json.dumps(
+        {"version": 1, "last_fetch_ok_at": "2020-01-01T00:00:00Z", "interval": 10}))
+    send_message("status report please?", to="code2", from_sender="build1", build_repo_path=str(b1))
+    mon(c2, "code2").cycle()
+    reply = auto_messages(fleet)[0]
+    assert "Last fetch: 0 s ago" in reply["body"] and "last_fetch" not in reply["body"]
