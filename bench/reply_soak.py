@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,8 +44,16 @@ def _send(clone: Path, env: Dict[str, str], *args: str) -> None:
         raise RuntimeError(f"send_message.py exited {proc.returncode}: {proc.stderr.strip()}")
 
 
-def run(seconds: float, interval: float) -> Dict[str, Any]:
+def run(seconds: float, interval: float, keep: bool = False) -> Dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="fleet-soak-"))
+    try:
+        return _run_in(base, seconds, interval)
+    finally:
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _run_in(base: Path, seconds: float, interval: float) -> Dict[str, Any]:
     env = dict(os.environ)
     env.update({"GIT_CONFIG_GLOBAL": str(base / "gitconfig"), "GIT_CONFIG_NOSYSTEM": "1",
                 "GIT_AUTHOR_NAME": "soak", "GIT_AUTHOR_EMAIL": "soak@example.invalid",
@@ -82,6 +91,10 @@ def run(seconds: float, interval: float) -> Dict[str, Any]:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    return _summarise(base, origin, env, seconds, interval)
+
+
+def _summarise(base: Path, origin: Path, env: Dict[str, str], seconds: float, interval: float) -> Dict[str, Any]:
     raw = _git(origin, "show", "main:coordination/messages.json", env=env)
     messages = json.loads(raw)["messages"]
     autos = [m for m in messages if m.get("auto") is True]
@@ -101,8 +114,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary fleet for a look")
     args = parser.parse_args(argv)
-    result = run(args.seconds, args.interval)
+    result = run(args.seconds, args.interval, args.keep)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -655,7 +655,8 @@ class Monitor:
             level = logging.INFO if overall == "HEALTHY" else logging.WARNING
             problems = {k: v.get("message") for k, v in health.get("checks", {}).items()
                         if isinstance(v, dict) and v.get("status") != "HEALTHY"}
-            log.log(level, "health is %s%s", overall, f": {problems}" if problems else "",
+            detail = "; ".join(f"{name}: {text}" for name, text in problems.items())
+            log.log(level, "health is %s%s", overall, f" ({detail})" if detail else "",
                     extra={"metadata": {"overall": overall, "was": self.last_health}})
             self.last_health = overall
         return health
@@ -872,6 +873,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_argument("--retry-dead", action="store_true",
                           help="give dead messages in the retry queue five more attempts")
     commands.add_argument("--print-systemd-unit", action="store_true", help="print a systemd unit for this machine")
+    commands.add_argument("--service-user", default=None, metavar="USER",
+                          help="with --print-systemd-unit: the account the service runs as (owner of the clone)")
     commands.add_argument("--print-task-scheduler", action="store_true",
                           help="print the PowerShell that registers a Windows scheduled task")
     commands.add_argument("--self-check", action="store_true", help=argparse.SUPPRESS)
@@ -914,10 +917,14 @@ def _one_shot_command(args: argparse.Namespace, repo: str, server: str, interval
     if args.print_systemd_unit or args.print_task_scheduler:
         from fleet_service import render_systemd_unit, render_task_scheduler
 
-        render = render_systemd_unit if args.print_systemd_unit else render_task_scheduler
         repo_abs = repo if _looks_windows_absolute(repo) else str(Path(repo).expanduser().resolve())
-        write_line(render(python=sys.executable, script=str(Path(__file__).resolve()), repo=repo_abs,
-                        server=server, interval=interval).rstrip("\n"))
+        common = {"python": sys.executable, "script": str(Path(__file__).resolve()), "repo": repo_abs,
+                  "server": server, "interval": interval}
+        if args.print_systemd_unit:
+            text = render_systemd_unit(user=args.service_user, **common)
+        else:
+            text = render_task_scheduler(**common)
+        write_line(text.rstrip("\n"))
         return EXIT_OK
     if args.status:
         write_line(status_report(repo, server, as_json=args.json))
@@ -1086,6 +1093,21 @@ def repair_mailbox(clone: Clone, server: str, *, max_history: int = 500) -> Dict
     return result
 
 
+def _monitor_running(root: Path, server: str) -> bool:
+    """Whether a monitor holds this clone's single-instance lock right now."""
+    from fleet_service import AlreadyRunning, InstanceLock
+
+    lock = InstanceLock(root, server)
+    try:
+        lock.acquire()
+    except AlreadyRunning:
+        return True
+    except SuiteError:
+        return False
+    lock.release()
+    return False
+
+
 def status_report(repo: str, server: str, *, as_json: bool = False) -> str:
     """One screen: health, breaker, queue, last cycle and the 24-hour metrics summary."""
     import json
@@ -1103,6 +1125,8 @@ def status_report(repo: str, server: str, *, as_json: bool = False) -> str:
         last = None
     queue = MessageQueue(str(root), server).stats()
     metrics = MetricsCollector(str(root), server).get_summary(hours=24)
+    if last is not None:
+        last["running"] = _monitor_running(root, server)
     data = {"server": server, "repo": str(root), "health": health, "monitor": last,
             "queue": queue, "metrics": metrics}
     if as_json:
@@ -1112,8 +1136,11 @@ def status_report(repo: str, server: str, *, as_json: bool = False) -> str:
     for name, check in health.get("checks", {}).items():
         lines.append(f"  {name:<16}{check.get('status', '?'):<9}{check.get('message', '')}")
     if last:
-        lines.append(f"Monitor: pid {last.get('pid')}, started {last.get('started_at')}, "
-                     f"{last.get('iterations')} cycles, every {last.get('interval')} s")
+        running = _monitor_running(root, server)
+        state = "running" if running else "not running"
+        cycles = last.get("iterations")
+        lines.append(f"Monitor: {state} (pid {last.get('pid')}), started {last.get('started_at')}, "
+                     f"{cycles} cycle{'' if cycles == 1 else 's'}, every {last.get('interval')} s")
         lines.append(f"  last cycle {last.get('last_cycle_at')}: {last.get('last_cycle')}")
         lines.append(f"  last successful fetch: {last.get('last_fetch_ok_at')}")
     else:

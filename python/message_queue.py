@@ -252,8 +252,9 @@ class MessageQueue:
 
         outcome = self._mutate(change)
         if outcome != "present":
-            log.info(
-                "message %s %s: %s", msg_id, outcome, reason or "no reason given",
+            log.log(
+                logging.DEBUG if kind == "reply" else logging.INFO,  # replies always pass through
+                "message %s %s for delivery by the monitor: %s", msg_id, outcome, reason or "no reason given",
                 extra={"metadata": {"id": msg_id, "from": sender, "kind": kind, "reason": reason}},
             )
         return msg_id

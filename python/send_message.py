@@ -311,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         sender = resolve_server_id(args.sender)
         repo = args.repo or default_repo_path()
-        body = sys.stdin.read() if args.body == "-" else args.body
+        body = sys.stdin.read().rstrip("\r\n") if args.body == "-" else args.body
         to = args.to if args.to is not None else (None if args.reply_to else BROADCAST)
         if to is not None:
             normalize_recipients(to)  # refuse bad ids before touching anything

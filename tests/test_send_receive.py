@@ -54,6 +54,10 @@ def test_cli_seed_usage_and_env_defaults(fleet):
     msg = fleet.remote_messages()[-1]
     assert msg["to"] == ["code2", "build2"] and msg["priority"] == "high"
     assert msg["type"] == "request" and msg["ack_required"] is True and msg["ack_status"] == "pending"
+    proc = run_script("send_message.py", "-", "Log", "--to", "code2", "--repo", str(b1), "--from", "build1",
+                      input="line one\nline two\n")
+    assert proc.returncode == 0, proc.stderr
+    assert fleet.remote_messages()[-1]["body"] == "line one\nline two"
     proc = run_script("send_message.py", "Got it", "--reply-to", msg["id"], "--repo", str(b1),
                       "--from", "code2")
     assert proc.returncode == 0, proc.stderr

@@ -104,6 +104,8 @@ def test_single_instance_refusal_and_stale_lock_recovery(fleet):
     try:
         pid_file = c2 / "code2" / "state" / "monitor.pid"
         assert wait_for(pid_file.exists)
+        status = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--status")
+        assert f"Monitor: running (pid {first.pid})" in status.stdout, status.stdout
         second = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--once")
         assert second.returncode == 1
         assert "already running" in second.stderr and str(first.pid) in second.stderr
@@ -117,6 +119,8 @@ def test_single_instance_refusal_and_stale_lock_recovery(fleet):
         if first.poll() is None:
             first.kill()
     assert (c2 / "code2" / "state" / "monitor.lock").exists()
+    status = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--status")
+    assert "Monitor: not running" in status.stdout, status.stdout
     again = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--once")
     assert again.returncode == 0, again.stderr
 
@@ -124,12 +128,12 @@ def test_single_instance_refusal_and_stale_lock_recovery(fleet):
 def test_print_systemd_unit(fleet, tmp_path):
     c2 = fleet.clone("code2")
     proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--interval", "15",
-                      "--print-systemd-unit")
+                      "--print-systemd-unit", "--service-user", "fleet")
     assert proc.returncode == 0, proc.stderr
     unit = proc.stdout
     for expected in ("Type=notify", "Restart=always", "RestartSec=10", "WatchdogSec=",
                      f"ExecStart={sys.executable} {PYTHON_DIR / 'message_monitor.py'}",
-                     f"--repo {c2.resolve()}", "--server code2", "--interval 15"):
+                     f"--repo {c2.resolve()}", "--server code2", "--interval 15", "User=fleet"):
         assert expected in unit, (expected, unit)
     watchdog = int(unit.split("WatchdogSec=")[1].split()[0])
     from fleet_git import NETWORK_TIMEOUT
