@@ -466,9 +466,11 @@ class Clone:
         err = proc.stderr.decode("utf-8", "replace")
         if status is None and proc.returncode == 0 and self.remote_tip() == commit:
             status = ("=", "verified by ls-remote")  # no porcelain line: ask the remote itself
-        if status is not None and status[0] in (" ", "*", "=") and proc.returncode == 0:
+        if status is not None and status[0] in (" ", "*", "="):
+            # The remote's own ref-update status says the branch is at our commit. A non-zero
+            # exit beside it is local (the tracking ref was busy): set that ref ourselves.
             self._tip = commit
-            if not self._push_updates_tracking_ref:
+            if not self._push_updates_tracking_ref or proc.returncode != 0:
                 self.git("update-ref", "-m", "fleet: verified push", self.remote_ref, commit, check=False)
             self._mark_synced()
             return
