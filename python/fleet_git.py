@@ -375,17 +375,6 @@ class Clone:
                 return oid
         return None
 
-    def _tip_from_fetch_head(self) -> Optional[str]:
-        try:
-            first = (self.git_dir / "FETCH_HEAD").read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
-        except OSError:
-            first = ""
-        oid, _, rest = first.partition("\t")
-        if len(oid) == self.hexlen and f"branch '{self.branch}' of" in rest:
-            return oid
-        self._tip = _UNKNOWN
-        return self.tip()
-
     # ----------------------------------------------------------------- network
 
     def fetch(self) -> Optional[str]:
@@ -411,8 +400,8 @@ class Clone:
             raise RemoteUnavailable(["git", "fetch", "origin", self.branch], proc.returncode,
                                     proc.stdout, proc.stderr)
         self.last_sync = time.monotonic()
-        self._tip = self._tip_from_fetch_head()
-        return self._tip
+        self._tip = _UNKNOWN  # read the ref our fetch wrote (FETCH_HEAD may be someone else's)
+        return self.tip()
 
     def remote_tip(self) -> Optional[str]:
         """The remote's current tip by ``ls-remote`` (no objects transferred)."""
@@ -552,6 +541,10 @@ class Clone:
         oid = digest.hexdigest()
         target = self.objects_dir / oid[:2] / oid[2:]
         if target.exists():
+            try:  # as git does: a reused object is fresh again, so no prune takes it meanwhile
+                os.utime(target)
+            except OSError:
+                pass
             return oid
         target.parent.mkdir(exist_ok=True)
         packer = zlib.compressobj(LOOSE_COMPRESSION)
@@ -564,13 +557,14 @@ class Clone:
             os.chmod(tmp, 0o444)
             try:
                 os.replace(tmp, target)
+                tmp = ""
             except PermissionError:  # Windows: another writer stored the same object meanwhile
                 if not target.exists():
                     raise
-            tmp = ""
         finally:
             if tmp:
                 try:
+                    os.chmod(tmp, 0o644)  # Windows refuses to delete a read-only file
                     os.unlink(tmp)
                 except OSError:
                     pass

@@ -208,6 +208,7 @@ class Monitor:
         self.stop_event = stop_event or threading.Event()
         self.state = MonitorState(self.repo, self.server)
         self.queue = queue if queue is not None else MessageQueue(str(self.repo), self.server)
+        self._other_queues: Dict[str, Any] = {}
         self.breaker = breaker if breaker is not None else CircuitBreaker(
             failure_threshold, open_seconds,
             state_path=str(state_dir(self.repo, self.server) / "circuit_breaker.json"),
@@ -404,6 +405,7 @@ class Monitor:
         """(blob id, document) at ``tip``; the document is ``None`` when the blob is unchanged."""
         blob, raw = self.clone.read_file(tip, MAILBOX_PATH)
         if blob is not None and blob == self.cached_blob:
+            self.corrupt_blob = None  # back to a version read before (a revert of a bad commit)
             return blob, None
         if blob is not None and blob == self.corrupt_blob:
             raise MailboxCorrupt(blob, "unchanged since it was found corrupt")
@@ -482,32 +484,47 @@ class Monitor:
         else:
             self.responder.commit(msg, decision, None)
 
+    def _queues(self) -> List[Any]:
+        """This server's retry queue first, then any other server's queue in this clone: a
+        person may send ``--from`` another id through this clone, and nothing else would ever
+        deliver that queue (delivery is idempotent, so two monitors sharing one is harmless)."""
+        from fleet_common import is_valid_server_id
+        from message_queue import MessageQueue
+
+        queues = [self.queue]
+        for path in sorted(self.repo.glob("*/queue/message_queue.json")):
+            name = path.parent.parent.name
+            if name != self.server and is_valid_server_id(name) and name == name.lower():
+                queues.append(self._other_queues.setdefault(name, MessageQueue(str(self.repo), name)))
+        return queues
+
     def _drain_queue(self, report: CycleReport) -> None:
         """Deliver due queued messages (sends that found the remote down, automatic replies)."""
         from send_message import deliver
 
         if self.corrupt_blob is not None:
             return  # never write on top of a corrupt mailbox; attempts are not spent meanwhile
-        for entry in self.queue.get_due():
-            if self.stop_event.is_set() and not self.one_shot:
-                break
-            msg = entry.get("message") or {}
-            sender = entry.get("from")
-            try:
-                tx = self._timed("send", lambda m=msg: deliver(self.clone, m, fresh_for=self.interval))
-            except MailboxCorrupt:
-                return
-            except (RemoteUnavailable, GitError) as exc:
-                updated = self.queue.increment_attempts(entry["id"], str(exc), sender=sender)
-                log.warning("queued message %s not delivered (attempt %s): %s", entry["id"],
-                            updated.get("attempts"), exc, extra={"metadata": {"id": entry["id"]}})
-                self.metrics.increment("errors")
-                return  # the remote is struggling: the rest waits for the next cycle
-            self.queue.mark_sent(entry["id"], sender=sender)
-            self.metrics.increment("messages_sent")
-            report.sent += 1
-            self._landed(tx)
-            log.info("delivered queued message %s", entry["id"], extra={"metadata": {"id": entry["id"]}})
+        for queue in self._queues():
+            for entry in queue.get_due():
+                if self.stop_event.is_set() and not self.one_shot:
+                    return
+                msg = entry.get("message") or {}
+                sender = entry.get("from")
+                try:
+                    tx = self._timed("send", lambda m=msg: deliver(self.clone, m, fresh_for=self.interval))
+                except MailboxCorrupt:
+                    return
+                except (RemoteUnavailable, GitError) as exc:
+                    updated = queue.increment_attempts(entry["id"], str(exc), sender=sender)
+                    log.warning("queued message %s not delivered (attempt %s): %s", entry["id"],
+                                updated.get("attempts"), exc, extra={"metadata": {"id": entry["id"]}})
+                    self.metrics.increment("errors")
+                    return  # the remote is struggling: the rest waits for the next cycle
+                queue.mark_sent(entry["id"], sender=sender)
+                self.metrics.increment("messages_sent")
+                report.sent += 1
+                self._landed(tx)
+                log.info("delivered queued message %s", entry["id"], extra={"metadata": {"id": entry["id"]}})
 
     def _warn_invalid(self, data: Dict[str, Any]) -> None:
         from fleet_mailbox import split_entries

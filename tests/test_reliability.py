@@ -298,3 +298,30 @@ def test_committed_conflict_markers_are_refused_then_repaired(fleet, caplog):
     shown: list = []
     assert Monitor(Clone(c2), "code2", 1, show=shown.append, one_shot=True, auto_reply=False).cycle().ok
     assert {m["subject"] for m in shown} >= {"ours", "theirs", "Kick-off"}
+
+
+def test_a_send_queued_from_another_server_id_is_delivered_by_this_clones_monitor(fleet, git_daemon):
+    c2 = served_clone(fleet, git_daemon, "code2")
+    git_daemon.stop()
+    proc = run_script("send_message.py", "from a person", "--to", "code3", "--from", "build1", "--repo", str(c2))
+    assert proc.returncode == 75, proc.stderr
+    git_daemon.start()
+    assert monitor(c2, "code2").cycle().sent == 1
+    assert bodies(fleet) == ["from a person"]
+    assert MessageQueue(str(c2), "build1").stats()["pending"] == 0
+
+
+def test_writes_resume_when_a_corrupt_mailbox_is_reverted(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    mon = Monitor(Clone(c2), "code2", 1, auto_reply=False)
+    assert mon.cycle().ok
+    (b1 / "coordination" / "messages.json").write_bytes(CONFLICTED)
+    git(b1, "commit", "-qam", "broken", "--no-gpg-sign")
+    git(b1, "push", "-q", "origin", "main")
+    assert not mon.cycle().ok
+    send_message("waits", to="build1", from_sender="code2", build_repo_path=str(c2))
+    git(b1, "revert", "--no-edit", "HEAD")  # back to exactly the blob the monitor read before
+    git(b1, "push", "-q", "origin", "main")
+    report = mon.cycle()
+    assert report.ok and report.sent == 1
+    assert bodies(fleet) == ["waits"]
