@@ -508,8 +508,12 @@ class Clone:
         # The trees along the path come in the same call: a transaction that then writes this
         # file needs them, and asks no second time.
         folders = _folders_of([path]) if cacheable else []
-        specs = [_tree_spec(commit, folder) for folder in folders] + [f"{commit}:{path}"]
-        *trees, found = self.read_objects(specs)
+        loose = self._walk_loose(commit, path) if cacheable else None
+        if loose is not None:
+            *trees, found = loose
+        else:
+            specs = [_tree_spec(commit, folder) for folder in folders] + [f"{commit}:{path}"]
+            *trees, found = self.read_objects(specs)
         result = (None, None) if found is None or found[1] != "blob" else (found[0], found[2])
         if cacheable:
             if len(self._files) >= 4:
@@ -520,6 +524,47 @@ class Clone:
                 self._trees[(commit, folder)] = (_parse_tree(tree[2], self.hexlen)
                                                  if tree is not None and tree[1] == "tree" else None)
         return result
+
+    def _read_loose(self, oid: str) -> Optional[Tuple[str, bytes]]:
+        """(type, content) of a loose object, or ``None`` when it is packed or absent."""
+        try:
+            data = zlib.decompress((self.objects_dir / oid[:2] / oid[2:]).read_bytes())
+        except (OSError, zlib.error):
+            return None
+        nul = data.find(b"\0")
+        kind, _, size = data[:nul].partition(b" ")
+        body = data[nul + 1:]
+        if nul < 0 or not size.isdigit() or int(size) != len(body):
+            return None
+        return kind.decode("ascii", "replace"), body
+
+    def _walk_loose(self, commit: str, path: str) -> Optional[List[Optional[Tuple[str, str, bytes]]]]:
+        """The trees along ``path`` and its blob, as :meth:`read_objects` gives them, read from
+        loose objects alone; ``None`` as soon as one is packed (then git reads them).
+
+        The objects at the tip are loose after our own writes and after a small fetch, so a
+        send usually needs no process to read the mailbox."""
+        found = self._read_loose(commit)
+        if found is None or found[0] != "commit" or not found[1].startswith(b"tree "):
+            return None
+        oid = found[1][5:5 + self.hexlen].decode("ascii")
+        out: List[Optional[Tuple[str, str, bytes]]] = []
+        parts = path.split("/")
+        for depth, name in enumerate(parts):
+            tree = self._read_loose(oid)
+            if tree is None or tree[0] != "tree":
+                return None
+            out.append((oid, "tree", tree[1]))
+            entry = next((e for e in _parse_tree(tree[1], self.hexlen) if e[3] == name), None)
+            if entry is None:  # absent: the rest of the path does not exist either
+                out.extend([None] * (len(parts) - depth))
+                return out
+            oid = entry[2]
+        blob = self._read_loose(oid)
+        if blob is None:
+            return None
+        out.append((oid, blob[0], blob[1]))
+        return out
 
     def blob_id(self, commit: Optional[str], path: str) -> Optional[str]:
         if commit is None:

@@ -56,3 +56,20 @@ def test_the_tip_is_read_like_git_reads_it(fleet):
     git(c2, "update-ref", "-d", "refs/remotes/origin/main")
     assert Clone(c2).tip() is None
     assert Clone(b1).fetch() == Clone(b1).tip() == git(fleet.origin, "rev-parse", "main")
+
+
+def test_mailbox_reads_from_loose_objects_match_git(fleet):
+    from send_message import send_message
+
+    c2 = fleet.clone("code2")
+    assert send_message("loose", from_sender="code2", build_repo_path=str(c2))
+    clone = Clone(c2)
+    tip = clone.tip()
+    specs = [f"{tip}^{{tree}}", f"{tip}:coordination", f"{tip}:coordination/messages.json"]
+    assert clone._walk_loose(tip, "coordination/messages.json") == clone.read_objects(specs)
+    assert clone._walk_loose(tip, "coordination/missing.json")[-1] is None
+    assert clone._walk_loose(tip, "nowhere/x.json")[1:] == [None, None]
+    git(c2, "gc", "-q", "--prune=now")  # everything packed: git reads it
+    assert clone._walk_loose(tip, "coordination/messages.json") is None
+    assert Clone(c2).read_file(tip, "coordination/messages.json")[1] == \
+        git(c2, "show", f"{tip}:coordination/messages.json").encode() + b"\n"
