@@ -11,14 +11,56 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import logging
 import os
 import re
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Final, Optional
+from typing import IO, Any, Callable, Dict, Final, List, Optional
 
-log = logging.getLogger(__name__)
+
+class LazyLogger:
+    """``logging.getLogger(name)``, resolved on first use.
+
+    A one-shot command that logs nothing (a successful send) never imports :mod:`logging`, which
+    with its own imports costs more than the rest of the send's Python start. The first record
+    from any module runs the setup a CLI deferred with :func:`defer_logging_setup`.
+    """
+
+    __slots__ = ("_name", "_logger")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._logger: Any = None
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._logger is None:
+            import logging
+
+            start_logging()
+            self._logger = logging.getLogger(self._name)
+        return getattr(self._logger, attr)
+
+
+_deferred_setup: List[Callable[[], None]] = []
+
+
+def get_logger(name: str) -> LazyLogger:
+    return LazyLogger(name)
+
+
+def defer_logging_setup(setup: Callable[[], None]) -> None:
+    """Run ``setup`` (a CLI's handler configuration) just before the first record is logged."""
+    _deferred_setup[:] = [setup]
+
+
+def start_logging() -> None:
+    """Run a deferred logging setup now (before code that logs through :mod:`logging` directly)."""
+    while _deferred_setup:
+        _deferred_setup.pop()()
+
+
+log = get_logger(__name__)
 
 # Exit codes (PROTOCOL.md, "Command-line contract").
 EXIT_OK: Final = 0
@@ -49,6 +91,32 @@ class UsageError(SuiteError):
     """Bad usage or bad input: exit 2."""
 
     exit_code = EXIT_USAGE
+
+
+# --------------------------------------------------------------------------- console
+
+
+def console_safe(text: str, stream: Optional[IO[str]] = None) -> str:
+    """``text`` reduced to what ``stream.encoding`` can show, the rest as backslash escapes.
+
+    ``print(console_safe(line, sys.stdout))`` never raises ``UnicodeEncodeError`` on a code page
+    such as cp1252. A stream without an encoding (``io.StringIO``) gets the text unchanged.
+    """
+    target = sys.stdout if stream is None else stream
+    encoding = getattr(target, "encoding", None)
+    if not encoding:
+        return text
+    try:
+        return text.encode(encoding, errors="backslashreplace").decode(encoding, errors="replace")
+    except LookupError:
+        return text.encode("ascii", errors="backslashreplace").decode("ascii")
+
+
+def write_line(text: str, stream: Optional[IO[str]] = None) -> None:
+    """One line of a CLI's own output, safe for the stream's encoding (for ``main`` functions)."""
+    target = sys.stdout if stream is None else stream
+    target.write(console_safe(text, target) + "\n")
+    target.flush()
 
 
 # --------------------------------------------------------------------------- server ids

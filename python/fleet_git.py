@@ -18,7 +18,9 @@ import zlib
 from pathlib import Path
 from typing import Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from fleet_common import SuiteError, UsageError
+from fleet_common import SuiteError, UsageError, get_logger
+
+log = get_logger(__name__)
 
 LOCAL_TIMEOUT: Final = 30.0  # local plumbing
 NETWORK_TIMEOUT: Final = 60.0  # fetch, push, ls-remote
@@ -793,9 +795,6 @@ def remove_stale_locks(repo_root: Path, git_dir: Path, *, max_age: float = STALE
 
     Returns what was removed with each file's age; every removal is logged.
     """
-    import logging
-
-    log = logging.getLogger(__name__)
     now = time.time() if now is None else now
     stale = []
     for path in lock_files(git_dir):

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import logging
 import os
 import re
 import time
 from typing import Any, Container, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
-from fleet_common import BROADCAST, SuiteError, is_valid_server_id, parse_timestamp
+from fleet_common import BROADCAST, SuiteError, get_logger, is_valid_server_id, parse_timestamp
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MessageKey = Tuple[str, str]  # (id, lower-case from): PROTOCOL.md "Identity"
 

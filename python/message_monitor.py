@@ -48,6 +48,7 @@ from fleet_common import (
     resolve_server_id,
     runtime_dir,
     state_dir,
+    write_line,
 )
 from fleet_git import MAILBOX_PATH, Clone, GitError, RemoteUnavailable, run_git
 from fleet_mailbox import (
@@ -64,7 +65,6 @@ from fleet_mailbox import (
     serialize,
     valid_messages,
 )
-from structured_log import write_line
 
 log = logging.getLogger(__name__)
 

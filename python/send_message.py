@@ -20,7 +20,6 @@ reason on stderr); 130 interrupted by Ctrl+C.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -35,6 +34,8 @@ from fleet_common import (
     SuiteError,
     UsageError,
     default_repo_path,
+    defer_logging_setup,
+    get_logger,
     iso_utc,
     normalize_server_id,
     resolve_server_id,
@@ -49,7 +50,7 @@ from fleet_mailbox import (
     reply_subject,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 QUICK_RETRY_WINDOW = 2.0  # a failure faster than this gets one quick retry before queueing
 
@@ -260,8 +261,10 @@ def _breaker_open(clone: Clone, server: str) -> bool:
 
 
 def _queue(clone: Clone, msg: Dict[str, Any], reason: str) -> SendResult:
+    from fleet_common import start_logging
     from message_queue import MessageQueue
 
+    start_logging()  # the queue logs through logging directly
     MessageQueue(str(clone.root), msg["from"]).enqueue(msg, reason=reason)
     log.warning("message %s queued: %s", msg["id"], reason,
                 extra={"metadata": {"id": msg["id"], "reason": reason}})
@@ -295,6 +298,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_cli_logging(repo: Optional[str], server: Optional[str]) -> None:
+    import logging
+
     from structured_log import setup_logging
 
     try:
@@ -304,7 +309,7 @@ def _setup_cli_logging(repo: Optional[str], server: Optional[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from structured_log import write_line
+    from fleet_common import write_line
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -316,7 +321,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if to is not None:
             normalize_recipients(to)  # refuse bad ids before touching anything
         clone = Clone(repo, args.branch)
-        _setup_cli_logging(str(clone.root), sender)
+        root = str(clone.root)
+        defer_logging_setup(lambda: _setup_cli_logging(root, sender))
         result = send_message(body, args.subject, to, args.priority, args.msg_type, sender,
                               ack_required=args.ack_required, reply_to=args.reply_to,
                               queue=not args.no_queue, clone=clone)

@@ -49,8 +49,9 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Dict, Final, List, Mapping, Optional, Union
 
-from fleet_common import (
+from fleet_common import (  # console_safe and write_line live there: a send needs no logging
     SuiteError,
+    console_safe,
     file_lock,
     iso_utc,
     resolve_server_id,
@@ -259,29 +260,6 @@ def preview(text: object, length: int = 120) -> str:
     :func:`sanitize` escapes what is left and cuts it with ``…``; the result is safe either way.
     """
     return sanitize(redact(text), max_len=length)
-
-
-def console_safe(text: str, stream: Optional[IO[str]] = None) -> str:
-    """``text`` reduced to what ``stream.encoding`` can show, the rest as backslash escapes.
-
-    ``print(console_safe(line, sys.stdout))`` never raises ``UnicodeEncodeError`` on a code page
-    such as cp1252. A stream without an encoding (``io.StringIO``) gets the text unchanged.
-    """
-    target = sys.stdout if stream is None else stream
-    encoding = getattr(target, "encoding", None)
-    if not encoding:
-        return text
-    try:
-        return text.encode(encoding, errors="backslashreplace").decode(encoding, errors="replace")
-    except LookupError:
-        return text.encode("ascii", errors="backslashreplace").decode("ascii")
-
-
-def write_line(text: str, stream: Optional[IO[str]] = None) -> None:
-    """One line of a CLI's own output, safe for the stream's encoding (for ``main`` functions)."""
-    target = sys.stdout if stream is None else stream
-    target.write(console_safe(text, target) + "\n")
-    target.flush()
 
 
 # --------------------------------------------------------------------------- formatters

@@ -46,6 +46,8 @@ def test_outage_queues_opens_the_breaker_and_drains_exactly_once(fleet, git_daem
     proc = run_script("send_message.py", "during 1", "--to", "code2", "--from", "build1", "--repo", str(b1))
     assert proc.returncode == 75, proc.stderr
     assert "queued" in proc.stderr and "monitor will deliver" in proc.stderr
+    logged = [json.loads(line) for line in (b1 / "build1" / "logs" / "structured.log").read_text().splitlines()]
+    assert any(r["level"] == "WARNING" and "queued" in r["message"] for r in logged)
     assert send_message("during 2", to="code2", from_sender="build1", build_repo_path=str(b1)).status == "queued"
     clock = FakeClock(time.time())
     breaker = CircuitBreaker(2, 60, clock=clock, exclude=(PushRejected,),
