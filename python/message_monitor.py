@@ -656,8 +656,10 @@ class Monitor:
             self._maybe_archive()
 
     def _health_check(self) -> Optional[Dict[str, Any]]:
-        if self.last_fetch_ok != self.written_fetch_ok:
-            # The health check reads the status file: it must know about this cycle's fetch.
+        if self.last_fetch_ok is not None and (
+                self.written_fetch_ok is None or self.last_fetch_ok - self.written_fetch_ok > STATUS_REWRITE_IDLE):
+            # The health check reads the status file: it must not judge an old fetch (an idle
+            # monitor still rewrites it at most once a minute).
             self.status_dirty = True
             self.write_status(self.last_report or CycleReport())
         try:
