@@ -654,3 +654,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def summarize_senders(wall: float, reports: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Totals over sender-worker reports: messages, pushes, retries, statuses, latencies."""
+    messages = sum(r["count"] for r in reports)
+    attempts = sum(r["push_attempts"] for r in reports)
+    latencies = [x for r in reports for x in r["latencies"]]
+    statuses: Dict[str, int] = {}
+    for r in reports:
+        for k, v in r["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    return {"messages": messages, "wall_s": wall, "per_s": messages / wall if wall > 0 else None,
+            "push_attempts": attempts, "retries": attempts - messages, "statuses": statuses,
+            "latency_median_s": median(latencies), "latency_p95_s": p95(latencies),
+            "latency_max_s": max(latencies) if latencies else None}

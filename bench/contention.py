@@ -38,20 +38,6 @@ def _senders(fleet: bl.BenchFleet, names: Sequence[str], count: int,
         pool.close()
 
 
-def _summary(wall: float, reports: List[Dict[str, Any]]) -> Dict[str, Any]:
-    messages = sum(r["count"] for r in reports)
-    attempts = sum(r["push_attempts"] for r in reports)
-    latencies = [x for r in reports for x in r["latencies"]]
-    statuses: Dict[str, int] = {}
-    for r in reports:
-        for k, v in r["statuses"].items():
-            statuses[k] = statuses.get(k, 0) + v
-    return {"messages": messages, "wall_s": wall, "per_s": messages / wall if wall > 0 else None,
-            "push_attempts": attempts, "retries": attempts - messages, "statuses": statuses,
-            "latency_median_s": bl.median(latencies), "latency_p95_s": bl.p95(latencies),
-            "latency_max_s": max(latencies) if latencies else None}
-
-
 def _remote_state(fleet: bl.BenchFleet, expected: Dict[Tuple[str, str], str]) -> Dict[str, int]:
     """Missing, duplicated and unread messages among ``expected`` ((id, from) -> recipient)."""
     counts: Dict[Tuple[str, str], int] = {}
@@ -84,7 +70,7 @@ def run(per_sender: int, deadline: float) -> Dict[str, Any]:
                     raise RuntimeError(f"monitor {name} did not start: "
                                        + (fleet.base / f"monitor-{name}.log").read_text(errors="replace")[-2000:])
             bl.progress(f"contention: single sender x{per_sender}")
-            single = _summary(*_senders(fleet, [servers[0]], per_sender, {servers[0]: [NOBODY]}))
+            single = bl.summarize_senders(*_senders(fleet, [servers[0]], per_sender, {servers[0]: [NOBODY]}))
             targets = {name: [s for s in servers[i + 1:] + servers[:i]] for i, name in enumerate(servers)}
             bl.progress(f"contention: {len(servers)} senders x{per_sender}")
             commits_before = int(bl.git(fleet.origin, "rev-list", "--count", bl.BRANCH))
@@ -116,7 +102,7 @@ def run(per_sender: int, deadline: float) -> Dict[str, Any]:
                 bl.stop_process(proc)
                 err.close()
         errors = _monitor_errors(fleet.base, servers)
-    many = _summary(wall, reports)
+    many = bl.summarize_senders(wall, reports)
     idle = cpu1.idle - cpu0.idle
     total = sum(cpu1) - sum(cpu0)
     return {"cpu_busy_send_phase": 1.0 - idle / total if total > 0 else None,

@@ -95,17 +95,7 @@ def _throughput(fleet: bl.BenchFleet, names: Sequence[str], count: int) -> Dict[
         wall, reports = pool.run()
     finally:
         pool.close()
-    messages = sum(r["count"] for r in reports)
-    attempts = sum(r["push_attempts"] for r in reports)
-    latencies = [x for r in reports for x in r["latencies"]]
-    statuses: Dict[str, int] = {}
-    for r in reports:
-        for k, v in r["statuses"].items():
-            statuses[k] = statuses.get(k, 0) + v
-    return {"senders": len(names), "messages": messages, "wall_s": wall,
-            "per_s": messages / wall if wall > 0 else None, "push_attempts": attempts,
-            "retries": attempts - messages, "statuses": statuses,
-            "latency_median_s": bl.median(latencies), "latency_p95_s": bl.p95(latencies)}
+    return dict(bl.summarize_senders(wall, reports), senders=len(names))
 
 
 def concurrency(fleet: bl.BenchFleet, count: int) -> Dict[str, Any]:
