@@ -157,6 +157,10 @@ class SystemdNotifier:
         with self._lock:
             self._close()
 
+    def __del__(self) -> None:
+        if getattr(self, "_sock", None) is not None:
+            self._close()
+
     def ready(self, status: Optional[str] = None) -> bool:
         """``READY=1`` with ``MAINPID`` (and ``STATUS`` when given)."""
         lines = ["READY=1", f"MAINPID={os.getpid()}"]

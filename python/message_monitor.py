@@ -376,7 +376,8 @@ class Monitor:
                 report.error = str(exc)
         self._drain_queue(report)
         self._push_marks(report)
-        if changed and report.ok:
+        self._periodic(report)  # before the fast-forward, so that it includes a new heartbeat
+        if (changed or report.heartbeat) and report.ok:
             self.ff_pending = True
         # Updating the working tree costs an index refresh: under heavy traffic at a short
         # interval it is done at most every FF_MIN_INTERVAL seconds (mail never waits for it).
@@ -384,7 +385,6 @@ class Monitor:
             report.fast_forward = self.fast_forward()
             self.ff_pending = False
             self.last_ff = time.monotonic()
-        self._periodic(report)
         if report.ok:
             self.processed_tip = self.seen_tip
         self._finish(report, busy=bool(report.new_messages or report.marked or report.sent

@@ -124,13 +124,14 @@ def test_notify_messages_over_a_real_socket(receiver, sock_path):
 def test_notify_abstract_socket():
     name = f"fleet-test-{uuid.uuid4().hex}"
     rec = Receiver("\0" + name)
+    n = SystemdNotifier({"NOTIFY_SOCKET": "@" + name})
     try:
-        n = SystemdNotifier({"NOTIFY_SOCKET": "@" + name})
         assert n.ready()
         assert rec.recv()[0] == "READY=1"
         assert n.stopping()
         assert rec.recv() == ["STOPPING=1"]
     finally:
+        n.close()
         rec.close()
 
 

@@ -193,7 +193,7 @@ def test_upgrade_by_push_restarts_into_the_new_version(tmp_path):
     fleet, seed, c2 = _suite_fleet(tmp_path)
     script = c2 / "python" / "message_monitor.py"
     proc = subprocess.Popen(monitor_cmd(c2, "--interval", "0.3", script=script),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     status = c2 / "code2" / "state" / "monitor_status.json"
 
     def version() -> str:
