@@ -99,7 +99,7 @@ class UsageError(SuiteError):
 def console_safe(text: str, stream: Optional[IO[str]] = None) -> str:
     """``text`` reduced to what ``stream.encoding`` can show, the rest as backslash escapes.
 
-    ``print(console_safe(line, sys.stdout))`` never raises ``UnicodeEncodeError`` on a code page
+    Writing ``console_safe(line, sys.stdout)`` never raises ``UnicodeEncodeError`` on a code page
     such as cp1252. A stream without an encoding (``io.StringIO``) gets the text unchanged.
     """
     target = sys.stdout if stream is None else stream
