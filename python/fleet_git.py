@@ -177,11 +177,6 @@ def add_network_hook(hook: Callable[[], None]) -> None:
     _network_hooks.append(hook)
 
 
-def remove_network_hook(hook: Callable[[], None]) -> None:
-    if hook in _network_hooks:
-        _network_hooks.remove(hook)
-
-
 _RACE_MARKERS = (
     "non-fast-forward", "fetch first", "[rejected]", "cannot lock ref", "failed to update ref",
     "stale info", "incorrect old value", "reference already exists", "failed to lock",
@@ -271,10 +266,10 @@ class Clone:
         if not self.origin_url:
             raise NotAClone(f"--repo {path}: the clone has no remote 'origin'")
         self.branch = branch or self._default_branch()
+        self.remote_ref = f"refs/remotes/origin/{self.branch}"
         # git push moves refs/remotes/origin/<branch> itself when the fetch refspec maps it.
         self._push_updates_tracking_ref = self._config.get("remote.origin.fetch") in (
-            "+refs/heads/*:refs/remotes/origin/*", f"+refs/heads/{self.branch}:{self.remote_ref_for(self.branch)}")
-        self.remote_ref = f"refs/remotes/origin/{self.branch}"
+            "+refs/heads/*:refs/remotes/origin/*", f"+refs/heads/{self.branch}:{self.remote_ref}")
         self.hexlen = 64 if object_format == "sha256" else 40
         self.objects_dir = self.common_dir / "objects"
         self.last_sync: float = 0.0  # monotonic time of the last fetch or verified push
@@ -296,10 +291,6 @@ class Clone:
                 key, _, value = item.partition("\n")
                 values[key.lower()] = value
         return values
-
-    @staticmethod
-    def remote_ref_for(branch: str) -> str:
-        return f"refs/remotes/origin/{branch}"
 
     def git(self, *args: str, **kw) -> "subprocess.CompletedProcess[bytes]":
         return run_git(self.root, *args, **kw)
@@ -568,14 +559,8 @@ class Clone:
         out.append((oid, blob[0], blob[1]))
         return out
 
-    def blob_id(self, commit: Optional[str], path: str) -> Optional[str]:
-        if commit is None:
-            return None
-        proc = self.git("rev-parse", "-q", "--verify", f"{commit}:{path}", check=False)
-        return proc.stdout.decode().strip() or None
-
     def write_object(self, kind: str, data: bytes) -> str:
-        """Store a loose object (``blob``, ``tree``) in the clone and return its id.
+        """Store a loose object (``blob``, ``tree``, ``commit``) in the clone and return its id.
 
         The loose-object format is git's stable on-disk format (zlib of ``"<kind> <size>\\0"`` plus
         the content, at ``objects/<2 hex>/<rest>``); writing it here saves a git process per object

@@ -205,14 +205,6 @@ def has_message(data: Mapping[str, Any], key: MessageKey) -> bool:
     return any(message_key(msg) == key for _, msg in valid_messages(data, warn=False))
 
 
-def append_message(data: Dict[str, Any], msg: Dict[str, Any]) -> bool:
-    """Add ``msg`` unless a message with the same id and sender is already there."""
-    if has_message(data, message_key(msg)):
-        return False
-    data["messages"].append(msg)
-    return True
-
-
 def mark_handled(data: Dict[str, Any], server: str, keys: Iterable[MessageKey],
                  acknowledge: Iterable[MessageKey] = ()) -> int:
     """Record that ``server`` processed these messages; return how many changed.
