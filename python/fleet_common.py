@@ -280,6 +280,68 @@ def _replace_with_retry(src: str, dst: Path) -> None:
             time.sleep(0.05)
 
 
+# Bounds on JSON read from another machine (PROTOCOL.md, "Trust between servers"). A document
+# that breaks one is bad input: one clear line, never a RecursionError or a minutes-long parse.
+MAX_JSON_DEPTH: Final = 32  # a mailbox entry needs 4 levels; rules and state files fewer
+MAX_INT_DIGITS: Final = 30  # json turns digits into int in quadratic time on Python < 3.11
+
+
+class BadInput(SuiteError):
+    """A document from the shared repository or a local file breaks a bound or does not parse."""
+
+
+_STRING_BODY = re.compile(rb'"[^"]*"')
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_EMPTY_PAIR = re.compile(rb"\[\]|\{\}")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"a number with {len(text)} digits")
+    return int(text)
+
+
+def json_depth_exceeds(raw: bytes, max_depth: int) -> bool:
+    """Whether JSON text nests deeper than ``max_depth``, found in C-speed passes (no recursion).
+
+    Strings are blanked first; then each pass removes the innermost empty pairs, so a document
+    of depth d is empty after d passes. Unbalanced text is left to the parser to refuse.
+    """
+    # Escaped backslashes, then escaped quotes, go first (left to right, as JSON reads them), so
+    # every quote left delimits a string; then only quotes and brackets are kept, and strings go.
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    brackets = _STRING_BODY.sub(b"", text)
+    for _ in range(max_depth):
+        if not brackets:
+            return False
+        shorter = _EMPTY_PAIR.sub(b"", brackets)
+        if shorter == brackets:
+            return False  # unbalanced: not JSON, the parser says so
+        brackets = shorter
+    return bool(brackets) and _EMPTY_PAIR.search(brackets) is not None
+
+
+def load_json_bounded(raw: "bytes | str", *, what: str, max_bytes: int,
+                      max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse JSON that another machine (or a damaged disk) may have written, within bounds.
+
+    Refuses, with :class:`BadInput` and a one-line reason naming ``what``: more than
+    ``max_bytes``, nesting deeper than ``max_depth``, integers longer than
+    :data:`MAX_INT_DIGITS` digits, text that is not UTF-8 JSON. A UTF-8 BOM is allowed
+    (PowerShell 5 writes one).
+    """
+    data = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+    if len(data) > max_bytes:
+        raise BadInput(f"{what} is {len(data)} bytes, more than the {max_bytes} allowed")
+    if json_depth_exceeds(data, max_depth):
+        raise BadInput(f"{what} nests deeper than {max_depth} levels")
+    try:
+        return json.loads(data.decode("utf-8-sig"), parse_int=_bounded_int)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInput(f"{what} does not parse: {text[:200]}") from None
+
+
 def dump_json_bytes(data: Any) -> bytes:
     return (json.dumps(data, indent=2, ensure_ascii=True) + "\n").encode("ascii")
 
