@@ -1,0 +1,493 @@
+"""Per-server state refs: read receipts, acknowledgements and presence, off the shared branch.
+
+Contract: PROTOCOL.md, "Per-server state refs". Server S owns ``refs/fleet/S`` on ``origin`` (or,
+where the host refuses refs outside ``refs/heads``, the branch ``fleet-state/S``): one root commit
+whose tree holds ``state.json``. Every update is a new root commit pushed with
+``--force-with-lease`` on the tip it was built from, so the ref's history never grows and only
+processes of S ever race for it; a lost lease is re-read, merged (set union) and pushed again.
+
+Everyone reads every state ref. One ``ls-remote`` lists the shared branch and all state refs
+(:meth:`StateStore.poll`), and a state ref is fetched only when its tip moved. Fetched state refs
+are mirrored locally under the same names (``refs/fleet/S``; the fallback branch under
+``refs/fleet-state/S``), which is also what an operator gets from
+``git fetch origin 'refs/fleet/*:refs/fleet/*'``.
+
+Everything read here comes from another machine: the file's size, nesting, entry counts and text
+lengths are bounded, and a state ref that breaks a bound is ignored with a warning (it never
+stops a reader). A ``version`` newer than this program's is read for the keys it knows and never
+rewritten; unknown keys are kept by every write.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any, Dict, Final, Iterable, List, Mapping, Optional, Tuple
+
+from fleet_common import (
+    BadInput,
+    SuiteError,
+    get_logger,
+    is_valid_server_id,
+    iso_utc,
+    load_json_bounded,
+    normalize_server_id,
+    parse_timestamp,
+)
+from fleet_git import Clone, GitError, RemoteUnavailable, _first_line
+from fleet_mailbox import MessageKey
+
+log = get_logger(__name__)
+
+STATE_FILE: Final = "state.json"
+STATE_VERSION: Final = 1
+REF_PREFIX: Final = "refs/fleet/"  # on the remote and, mirrored, in every clone
+FALLBACK_PREFIX: Final = "refs/heads/fleet-state/"  # on a remote that refuses custom refs
+LOCAL_FALLBACK_PREFIX: Final = "refs/fleet-state/"  # its local mirror (not a local branch)
+
+MAX_STATE_BYTES: Final = 8 * 1024 * 1024
+MAX_STATE_DEPTH: Final = 8
+MAX_ENTRIES: Final = 200_000  # read receipts or acknowledgements in one state ref
+MAX_ID_CHARS: Final = 512  # a message id or sender longer than this is not recorded
+MAX_NOTE_CHARS: Final = 2000
+MAX_LEASE_ATTEMPTS: Final = 20
+
+
+class StateRefError(SuiteError):
+    """A state ref could not be written (refused, or a lease lost too often)."""
+
+
+def _key_ok(mid: Any, sender: Any) -> bool:
+    return (isinstance(mid, str) and isinstance(sender, str) and 0 < len(mid) <= MAX_ID_CHARS
+            and 0 < len(sender) <= MAX_ID_CHARS)
+
+
+def _bounded_text(value: Any, limit: int) -> Optional[str]:
+    return value[:limit] if isinstance(value, str) else None
+
+
+class ServerState:
+    """One server's ``state.json``: what it has read and acknowledged, and its presence."""
+
+    __slots__ = ("server", "version", "read", "acks", "presence", "updated", "extra")
+
+    def __init__(self, server: str) -> None:
+        self.server = server
+        self.version = STATE_VERSION
+        self.read: Dict[MessageKey, None] = {}  # ordered set
+        self.acks: Dict[MessageKey, Dict[str, Any]] = {}
+        self.presence: Optional[Dict[str, Any]] = None
+        self.updated: Optional[str] = None
+        self.extra: Dict[str, Any] = {}  # unknown keys, kept by every write
+
+    # ----------------------------------------------------------------- reading
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, server: str) -> "ServerState":
+        """Parse a state file; :class:`BadInput` when it breaks a bound or has the wrong shape."""
+        doc = load_json_bounded(raw, what=f"the state ref of {server}", max_bytes=MAX_STATE_BYTES,
+                                max_depth=MAX_STATE_DEPTH)
+        if not isinstance(doc, dict):
+            raise BadInput(f"the state ref of {server} is not a JSON object")
+        state = cls(server)
+        version = doc.get("version", 1)
+        state.version = version if isinstance(version, int) and version >= 1 else STATE_VERSION
+        read = doc.get("read", [])
+        acks = doc.get("acks", [])
+        if not isinstance(read, list) or not isinstance(acks, list):
+            raise BadInput(f"the state ref of {server}: 'read' and 'acks' must be lists")
+        if len(read) > MAX_ENTRIES or len(acks) > MAX_ENTRIES:
+            raise BadInput(f"the state ref of {server} holds more than {MAX_ENTRIES} entries")
+        for item in read:
+            if isinstance(item, list) and len(item) == 2 and _key_ok(item[0], item[1]):
+                state.read[(item[0], item[1].lower())] = None
+        for item in acks:
+            if isinstance(item, dict) and _key_ok(item.get("id"), item.get("from")):
+                entry = {"id": item["id"], "from": item["from"].lower()}
+                at = _bounded_text(item.get("at"), 40)
+                if at:
+                    entry["at"] = at
+                note = _bounded_text(item.get("note"), MAX_NOTE_CHARS)
+                if note:
+                    entry["note"] = note
+                state.acks[(entry["id"], entry["from"])] = entry
+        presence = doc.get("presence")
+        state.presence = presence if isinstance(presence, dict) else None
+        state.updated = _bounded_text(doc.get("updated"), 40)
+        state.extra = {k: v for k, v in doc.items()
+                       if k not in ("version", "server", "updated", "presence", "read", "acks")}
+        return state
+
+    def has_read(self, key: MessageKey) -> bool:
+        return key in self.read
+
+    def has_acked(self, key: MessageKey) -> bool:
+        return key in self.acks
+
+    def presence_time(self) -> Optional[float]:
+        """Epoch seconds of the last presence, or ``None``."""
+        if not self.presence:
+            return None
+        moment = parse_timestamp(self.presence.get("timestamp"))
+        return moment.timestamp() if moment is not None else None
+
+    # ----------------------------------------------------------------- writing
+
+    @property
+    def writable(self) -> bool:
+        """A state written by a newer program is read, never rewritten (PROTOCOL.md)."""
+        return self.version <= STATE_VERSION
+
+    def merge(self, other: "ServerState") -> None:
+        """Fold ``other`` in: set union of receipts and acknowledgements, newest presence."""
+        for key in other.read:
+            self.read.setdefault(key, None)
+        for key, entry in other.acks.items():
+            self.acks.setdefault(key, entry)
+        if other.presence is not None:
+            mine = self.presence_time()
+            theirs = other.presence_time()
+            if self.presence is None or (theirs is not None and (mine is None or theirs > mine)):
+                self.presence = other.presence
+        for k, v in other.extra.items():
+            self.extra.setdefault(k, v)
+
+    def to_bytes(self) -> bytes:
+        doc: Dict[str, Any] = {"version": STATE_VERSION, "server": self.server, "updated": iso_utc()}
+        if self.presence is not None:
+            doc["presence"] = self.presence
+        doc["read"] = [[mid, sender] for mid, sender in self.read]
+        doc["acks"] = list(self.acks.values())
+        for k, v in self.extra.items():
+            doc.setdefault(k, v)
+        return (json.dumps(doc, indent=1, ensure_ascii=True) + "\n").encode("ascii")
+
+    def copy(self) -> "ServerState":
+        twin = ServerState(self.server)
+        twin.version = self.version
+        twin.read = dict(self.read)
+        twin.acks = {k: dict(v) for k, v in self.acks.items()}
+        twin.presence = dict(self.presence) if self.presence is not None else None
+        twin.updated = self.updated
+        twin.extra = dict(self.extra)
+        return twin
+
+
+class StateChange:
+    """What one writer adds to its own state: receipts, acknowledgements, presence, prunes.
+
+    A change is re-applied to the freshly read state after a lost lease, so it is data, not a
+    closure over a stale document.
+    """
+
+    def __init__(self, read: Iterable[MessageKey] = (), acks: Iterable[Mapping[str, Any]] = (),
+                 presence: Optional[Dict[str, Any]] = None,
+                 drop: Iterable[MessageKey] = ()) -> None:
+        self.read = [k for k in read if _key_ok(*k)]
+        self.acks = [dict(a) for a in acks if _key_ok(a.get("id"), a.get("from"))]
+        self.presence = presence
+        self.drop = set(drop)
+
+    def apply(self, state: ServerState) -> bool:
+        """Apply to ``state``; whether anything changed."""
+        changed = False
+        for key in self.read:
+            key = (key[0], key[1].lower())
+            if key not in state.read:
+                state.read[key] = None
+                changed = True
+        for ack in self.acks:
+            key = (ack["id"], ack["from"].lower())
+            if key not in state.acks:
+                entry = {"id": key[0], "from": key[1], "at": ack.get("at") or iso_utc()}
+                note = _bounded_text(ack.get("note"), MAX_NOTE_CHARS)
+                if note:
+                    entry["note"] = note
+                state.acks[key] = entry
+                changed = True
+            state.read.setdefault(key, None)
+        if self.presence is not None:
+            state.presence = self.presence
+            changed = True
+        for key in self.drop:
+            if key in state.read:
+                del state.read[key]
+                changed = True
+            if key in state.acks:
+                del state.acks[key]
+                changed = True
+        return changed
+
+
+# --------------------------------------------------------------------------- refs
+
+
+def parse_state_ref(ref: str) -> Optional[Tuple[str, str]]:
+    """(server, local mirror ref) for a remote state ref name, or ``None`` for anything else."""
+    for prefix, local in ((REF_PREFIX, REF_PREFIX), (FALLBACK_PREFIX, LOCAL_FALLBACK_PREFIX)):
+        if ref.startswith(prefix):
+            name = ref[len(prefix):]
+            if is_valid_server_id(name) and name == name.lower():
+                return name, local + name
+    return None
+
+
+class RemoteView:
+    """One ``ls-remote``: the shared branch's tip and every state ref's tip."""
+
+    __slots__ = ("branch_tip", "state_tips")
+
+    def __init__(self, branch_tip: Optional[str], state_tips: Dict[str, str]) -> None:
+        self.branch_tip = branch_tip
+        self.state_tips = state_tips  # remote ref name -> oid
+
+    def servers(self) -> List[str]:
+        found = {parse_state_ref(ref) for ref in self.state_tips}
+        return sorted({item[0] for item in found if item is not None})
+
+
+class StateStore:
+    """Read every server's state ref and write this clone's own, over one :class:`Clone`."""
+
+    def __init__(self, clone: Clone) -> None:
+        self.clone = clone
+        self._states: Dict[str, Tuple[Tuple[str, ...], ServerState]] = {}
+        self._warned: Dict[str, str] = {}
+        self._own: Dict[str, Tuple[str, str]] = {}
+        self.last_view: Optional[RemoteView] = None
+
+    # ----------------------------------------------------------------- polling and fetching
+
+    def poll(self) -> RemoteView:
+        """The shared branch and every state ref in one network call (an idle cycle's only one)."""
+        branch = f"refs/heads/{self.clone.branch}"
+        proc = self.clone.network_git("ls-remote", "origin", branch, REF_PREFIX + "*",
+                                      FALLBACK_PREFIX + "*", check=False)
+        if proc.returncode != 0:
+            raise RemoteUnavailable(["git", "ls-remote", "origin"], proc.returncode, proc.stdout,
+                                    proc.stderr)
+        tip = None
+        states: Dict[str, str] = {}
+        for line in proc.stdout.decode("utf-8", "replace").splitlines():
+            oid, _, ref = line.partition("\t")
+            if ref == branch:
+                tip = oid
+            elif parse_state_ref(ref) is not None:
+                states[ref] = oid
+        self.last_view = RemoteView(tip, states)
+        return self.last_view
+
+    def local_tip(self, local_ref: str) -> Optional[str]:
+        found = self.clone._read_ref(local_ref)
+        if isinstance(found, str) or found is None:
+            return found
+        proc = self.clone.git("rev-parse", "-q", "--verify", local_ref, check=False)
+        return proc.stdout.decode().strip() or None
+
+    def refspecs_to_fetch(self, view: RemoteView, servers: Optional[Iterable[str]] = None) -> List[str]:
+        """Refspecs for the state refs whose remote tip differs from the local mirror."""
+        wanted = None if servers is None else {normalize_server_id(s) for s in servers}
+        specs = []
+        for ref, oid in sorted(view.state_tips.items()):
+            parsed = parse_state_ref(ref)
+            if parsed is None or (wanted is not None and parsed[0] not in wanted):
+                continue
+            if self.local_tip(parsed[1]) != oid:
+                specs.append(f"+{ref}:{parsed[1]}")
+        return specs
+
+    def fetch(self, servers: Optional[Iterable[str]] = None, view: Optional[RemoteView] = None) -> RemoteView:
+        """Bring the local mirrors of these servers' state refs (all when ``None``) up to date.
+
+        Refs that vanished on the remote are dropped locally, so a deleted state is not read.
+        """
+        view = view or self.poll()
+        specs = self.refspecs_to_fetch(view, servers)
+        if specs:
+            proc = self.clone.network_git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
+                                          "origin", *specs, check=False)
+            if proc.returncode != 0:
+                raise RemoteUnavailable(["git", "fetch", "origin", "state refs"], proc.returncode,
+                                        proc.stdout, proc.stderr)
+        if servers is None:
+            present = {parse_state_ref(ref)[1] for ref in view.state_tips}  # type: ignore[index]
+            for local in self._local_refs():
+                if local not in present:
+                    self.clone.git("update-ref", "-d", local, check=False)
+        return view
+
+    def _local_refs(self) -> List[str]:
+        proc = self.clone.git("for-each-ref", "--format=%(refname)", REF_PREFIX, LOCAL_FALLBACK_PREFIX,
+                              check=False)
+        return [line for line in proc.stdout.decode("utf-8", "replace").splitlines() if line]
+
+    # ----------------------------------------------------------------- reading
+
+    def known_servers(self) -> List[str]:
+        """Servers with a state ref mirrored in this clone."""
+        names = set()
+        for local in self._local_refs():
+            name = local.rsplit("/", 1)[-1]
+            if is_valid_server_id(name) and name == name.lower():
+                names.add(name)
+        return sorted(names)
+
+    def read(self, server: str) -> ServerState:
+        """``server``'s state as last fetched (both ref names merged); empty when it has none.
+
+        A state ref that breaks a bound or whose objects are missing is ignored with one warning
+        (its receipts then count as absent: a message shows as unread, never as read).
+        """
+        server = normalize_server_id(server)
+        tips = tuple(t or "" for t in (self.local_tip(REF_PREFIX + server),
+                                        self.local_tip(LOCAL_FALLBACK_PREFIX + server)))
+        cached = self._states.get(server)
+        if cached is not None and cached[0] == tips:
+            return cached[1]
+        state = ServerState(server)
+        for tip in tips:
+            if not tip:
+                continue
+            try:
+                state.merge(self._read_commit(tip, server))
+            except (BadInput, GitError) as exc:
+                if self._warned.get(server) != tip:
+                    self._warned[server] = tip
+                    log.warning("state ref of %s ignored: %s", server, exc,
+                                extra={"metadata": {"server": server, "tip": tip}})
+        self._states[server] = (tips, state)
+        return state
+
+    def _read_commit(self, commit: str, server: str) -> ServerState:
+        blob, raw = self.clone.read_file(commit, STATE_FILE)
+        if raw is None:
+            return ServerState(server)
+        return ServerState.from_bytes(raw, server)
+
+    def read_all(self, servers: Optional[Iterable[str]] = None) -> Dict[str, ServerState]:
+        names = self.known_servers() if servers is None else [normalize_server_id(s) for s in servers]
+        return {name: self.read(name) for name in names}
+
+    # ----------------------------------------------------------------- writing
+
+    def update(self, server: str, change: StateChange, *, author: Optional[str] = None) -> bool:
+        """Apply ``change`` to ``server``'s own state ref and push it; whether it was pushed.
+
+        The push carries a lease on the tip the new state was built from: when another process of
+        the same server won meanwhile, its state is fetched, the change applied to it again, and
+        pushed again (nothing is lost). A remote that refuses ``refs/fleet/*`` gets the fallback
+        branch from then on (remembered in the clone's config, said once in the log).
+        """
+        server = normalize_server_id(server)
+        delay = 0.05
+        for _attempt in range(MAX_LEASE_ATTEMPTS):
+            remote_ref, local_ref = self._own_refs(server)
+            base = self.local_tip(local_ref)
+            current = self._read_commit(base, server) if base else ServerState(server)
+            if not current.writable:
+                raise StateRefError(f"the state ref of {server} was written by a newer version "
+                                    f"({current.version}); not rewriting it")
+            if not change.apply(current):
+                return False
+            blob = self.clone.write_object("blob", current.to_bytes())
+            tree = self.clone.write_object("tree", b"100644 " + STATE_FILE.encode() + b"\0" + bytes.fromhex(blob))
+            commit = self.clone.commit_tree(tree, None, f"{server}: state", author or server)
+            outcome = self._push(commit, remote_ref, base)
+            if outcome == "ok":
+                self.clone.git("update-ref", local_ref, commit, check=False)
+                return True
+            if outcome == "refused" and remote_ref.startswith(REF_PREFIX):
+                self._use_fallback(server)
+                continue
+            if outcome == "refused":
+                raise StateRefError(f"the remote refused {remote_ref}")
+            # Lease lost: another process of this server pushed first. Fetch it and merge.
+            time.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 1.6, 1.0)
+            self.fetch([server])
+        raise StateRefError(f"the state ref of {server} kept moving; gave up after "
+                            f"{MAX_LEASE_ATTEMPTS} attempts")
+
+    def _push(self, commit: str, remote_ref: str, base: Optional[str]) -> str:
+        """``ok``, ``lease`` (lost to another process of this server) or ``refused``."""
+        lease = f"--force-with-lease={remote_ref}:{base or ''}"
+        proc = self.clone.network_git("push", "--porcelain", "--no-verify", lease, "origin",
+                                      f"{commit}:{remote_ref}", check=False)
+        status = None
+        for line in proc.stdout.decode("utf-8", "replace").splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3 and parts[1].endswith(":" + remote_ref):
+                status = (parts[0], parts[2])
+        if status is not None and status[0] in (" ", "*", "+", "="):
+            return "ok"
+        text = (status[1] if status else "") + " " + proc.stderr.decode("utf-8", "replace")
+        lowered = text.lower()
+        if "stale info" in lowered or "fetch first" in lowered or "non-fast-forward" in lowered \
+                or "cannot lock ref" in lowered or "incorrect old value" in lowered:
+            return "lease"
+        if status is not None and status[0] == "!":
+            return "refused"
+        raise RemoteUnavailable(["git", "push", "origin", remote_ref], proc.returncode, proc.stdout,
+                                proc.stderr, _first_line(proc.stderr) or "push failed")
+
+    # ----------------------------------------------------------------- which ref is ours
+
+    def _config_key(self, server: str) -> str:
+        return f"fleet.{server}.stateref"
+
+    def _own_refs(self, server: str) -> Tuple[str, str]:
+        """(remote ref, local mirror) that this server writes."""
+        if server not in self._own:
+            proc = self.clone.git("config", "--get", self._config_key(server), check=False)
+            if proc.stdout.decode().strip() == "branch":
+                self._own[server] = (FALLBACK_PREFIX + server, LOCAL_FALLBACK_PREFIX + server)
+            else:
+                self._own[server] = (REF_PREFIX + server, REF_PREFIX + server)
+        return self._own[server]
+
+    def _use_fallback(self, server: str) -> None:
+        self.clone.git("config", self._config_key(server), "branch")
+        self._own.pop(server, None)
+        log.warning("the remote refuses %s%s: this server's state is kept on the branch %s%s "
+                    "from now on", REF_PREFIX, server, FALLBACK_PREFIX[len("refs/heads/"):], server,
+                    extra={"metadata": {"server": server}})
+
+
+# --------------------------------------------------------------------------- questions
+
+
+def has_read(msg: Mapping[str, Any], server: str, states: Mapping[str, ServerState]) -> bool:
+    """Whether ``server`` has read ``msg``: the legacy mailbox fields or its state ref."""
+    from fleet_mailbox import is_handled_by, message_key
+
+    state = states.get(server)
+    return is_handled_by(msg, server, state.read if state is not None else ()) or (
+        state is not None and message_key(msg) in state.acks)
+
+
+def has_acknowledged(msg: Mapping[str, Any], server: str, states: Mapping[str, ServerState]) -> bool:
+    """Whether ``server`` acknowledged ``msg``: legacy ``acknowledged_by`` or its state ref."""
+    from fleet_mailbox import message_key
+
+    acked = msg.get("acknowledged_by")
+    if isinstance(acked, list) and server in [a.lower() for a in acked if isinstance(a, str)]:
+        return True
+    state = states.get(server)
+    return state is not None and message_key(msg) in state.acks
+
+
+def presence_doc(*, started: float, interval: float, healthy: Optional[bool] = None,
+                 activity: str = "idle", version: str = "", extra: Optional[Mapping[str, Any]] = None
+                 ) -> Dict[str, Any]:
+    """A ``presence`` object as PROTOCOL.md shows it (timestamp first)."""
+    import datetime as _dt
+
+    doc: Dict[str, Any] = {"timestamp": iso_utc(),
+                           "started": iso_utc(_dt.datetime.fromtimestamp(started, _dt.timezone.utc)),
+                           "healthy": healthy, "activity": activity, "suite_version": version,
+                           "interval": interval}
+    if extra:
+        doc.update(extra)
+    return doc
+

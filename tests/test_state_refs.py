@@ -1,0 +1,182 @@
+"""Per-server state refs on real git: write, read everywhere, merge lost leases, bounds, fallback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import PYTHON_DIR, git
+
+from fleet_git import Clone
+from fleet_state import (
+    MAX_ENTRIES,
+    REF_PREFIX,
+    STATE_FILE,
+    ServerState,
+    StateChange,
+    StateRefError,
+    StateStore,
+    has_acknowledged,
+    has_read,
+)
+
+
+def _remote_state(fleet, server: str, ref: str = "") -> dict:
+    ref = ref or f"{REF_PREFIX}{server}"
+    return json.loads(git(fleet.origin, "show", f"{ref}:{STATE_FILE}"))
+
+
+def test_write_then_every_clone_reads_it(fleet):
+    a, b = fleet.clone("code2"), fleet.clone("build1")
+    store = StateStore(Clone(a))
+    assert store.update("code2", StateChange(read=[("m1", "Build1")],
+                                             acks=[{"id": "m2", "from": "build1", "note": "done"}]))
+    doc = _remote_state(fleet, "code2")
+    assert doc["version"] == 1 and doc["server"] == "code2"
+    assert ["m1", "build1"] in doc["read"] and doc["acks"][0]["note"] == "done"
+    # Idempotent: the same change again pushes nothing.
+    assert not store.update("code2", StateChange(read=[("m1", "build1")]))
+    other = StateStore(Clone(b))
+    view = other.fetch()
+    assert view.servers() == ["code2"]
+    state = other.read("code2")
+    assert state.has_read(("m1", "build1")) and state.has_acked(("m2", "build1"))
+    msg = {"id": "m1", "from": "build1", "to": "all"}
+    assert has_read(msg, "code2", {"code2": state}) and not has_read(msg, "other", {"code2": state})
+    assert has_acknowledged({"id": "m2", "from": "BUILD1", "to": "code2"}, "code2", {"code2": state})
+
+
+def test_history_never_grows(fleet):
+    store = StateStore(Clone(fleet.clone("code2")))
+    for n in range(5):
+        store.update("code2", StateChange(read=[(f"m{n}", "x")]))
+    assert git(fleet.origin, "rev-list", "--count", f"{REF_PREFIX}code2") == "1"
+    assert len(_remote_state(fleet, "code2")["read"]) == 5
+    # The shared branch is untouched.
+    assert len(fleet.remote_commits()) == 1
+
+
+def test_lost_lease_is_merged_not_lost(fleet):
+    """Two processes of one server, each with a stale view: both changes end up in the ref."""
+    one = StateStore(Clone(fleet.clone("code2")))
+    two = StateStore(Clone(fleet.clone("code2-again")))
+    one.update("code2", StateChange(read=[("a", "x")]))
+    two.update("code2", StateChange(read=[("b", "x")]))  # built on nothing: loses the lease
+    one.update("code2", StateChange(read=[("c", "x")]))  # built on its own stale tip: loses too
+    read = {tuple(item) for item in _remote_state(fleet, "code2")["read"]}
+    assert read == {("a", "x"), ("b", "x"), ("c", "x")}
+
+
+RACER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from fleet_git import Clone
+    from fleet_state import StateChange, StateStore
+    store = StateStore(Clone(sys.argv[2]))
+    for n in range(int(sys.argv[4])):
+        store.update("code2", StateChange(read=[(f"{sys.argv[3]}-{n}", "x")]))
+""")
+
+
+@pytest.mark.timeout(180)
+def test_racing_processes_of_one_server_lose_nothing(fleet):
+    clone = fleet.clone("code2")
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(PYTHON_DIR), str(clone), f"p{i}", "5"],
+                              stderr=subprocess.PIPE) for i in range(4)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=170)
+        assert proc.returncode == 0, err.decode()
+    read = {tuple(item) for item in _remote_state(fleet, "code2")["read"]}
+    assert read == {(f"p{i}-{n}", "x") for i in range(4) for n in range(5)}
+
+
+def test_unknown_keys_kept_and_newer_version_never_rewritten(fleet):
+    evil = fleet.clone("evil")
+    store = StateStore(Clone(fleet.clone("code2")))
+    _push_raw_state(evil, "code2", {"version": 1, "server": "code2", "read": [], "acks": [],
+                                    "future": {"x": 1}})
+    store.fetch()
+    store.update("code2", StateChange(read=[("m", "x")]))
+    assert _remote_state(fleet, "code2")["future"] == {"x": 1}
+    _push_raw_state(evil, "code2", {"version": 7, "server": "code2", "read": [["old", "x"]]})
+    store.fetch()
+    assert store.read("code2").has_read(("old", "x"))  # read for the keys it knows
+    with pytest.raises(StateRefError, match="newer version"):
+        store.update("code2", StateChange(read=[("n", "x")]))
+    assert _remote_state(fleet, "code2")["version"] == 7
+
+
+def _push_raw_state(clone, server: str, doc, raw: bytes = b"") -> None:
+    data = raw or json.dumps(doc).encode()
+    blob = git(clone, "hash-object", "-w", "--stdin", input=data)
+    tree = git(clone, "mktree", input=f"100644 blob {blob}\t{STATE_FILE}\n".encode())
+    commit = git(clone, "commit-tree", tree, "-m", "x")
+    git(clone, "push", "-q", "--force", "origin", f"{commit}:{REF_PREFIX}{server}")
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 5000 + b"]" * 5000,
+    b'{"version": ' + b"9" * 5000 + b"}",
+    b'{"read": "not a list"}',
+    b"\xff\xfe",
+    b'{"read": [' + b",".join([b'["m", "x"]'] * (MAX_ENTRIES + 1)) + b"]}",
+])
+def test_hostile_state_refs_are_ignored_with_a_warning(fleet, raw, caplog):
+    evil = fleet.clone("evil")
+    _push_raw_state(evil, "code2", None, raw)
+    _push_raw_state(evil, "build1", {"version": 1, "read": [["m", "x"], ["y" * 5000, "x"], [1, 2]]})
+    store = StateStore(Clone(fleet.clone("reader")))
+    store.fetch()
+    states = store.read_all()
+    assert set(states) == {"code2", "build1"}
+    assert not states["code2"].read  # ignored: nothing counts as read
+    assert list(states["build1"].read) == [("m", "x")]  # bad entries dropped, good ones kept
+    assert any("state ref of code2 ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_refs_with_bad_server_names_are_not_read(fleet):
+    evil = fleet.clone("evil")
+    _push_raw_state(evil, "Code2", {"read": [["m", "x"]]})
+    _push_raw_state(evil, "bad!name", {"read": [["m", "x"]]})
+    _push_raw_state(evil, "nested/code2", {"read": [["m", "x"]]})
+    store = StateStore(Clone(fleet.clone("reader")))
+    view = store.fetch()
+    assert view.servers() == [] and store.known_servers() == []
+
+
+def test_host_refusing_custom_refs_gets_the_fallback_branch(fleet, caplog):
+    if sys.platform == "win32":
+        pytest.skip("update hooks need a POSIX shell")
+    hook = fleet.origin / "hooks" / "update"
+    hook.parent.mkdir(exist_ok=True)
+    hook.write_text('#!/bin/sh\ncase "$1" in refs/fleet/*) echo "custom refs refused" >&2; exit 1;; esac\nexit 0\n')
+    hook.chmod(0o755)
+    clone = fleet.clone("code2")
+    store = StateStore(Clone(clone))
+    assert store.update("code2", StateChange(read=[("m1", "x")]))
+    assert git(fleet.origin, "for-each-ref", "--format=%(refname)", "refs/fleet/") == ""
+    doc = _remote_state(fleet, "code2", "refs/heads/fleet-state/code2")
+    assert doc["read"] == [["m1", "x"]]
+    assert sum("fleet-state/code2" in r.getMessage() for r in caplog.records) == 1
+    # Remembered: the next write goes straight to the branch, with a new clone object too.
+    again = StateStore(Clone(clone))
+    assert again.update("code2", StateChange(read=[("m2", "x")]))
+    assert sum("fleet-state/code2" in r.getMessage() for r in caplog.records) == 1
+    reader = StateStore(Clone(fleet.clone("build1")))
+    reader.fetch()
+    assert set(reader.read("code2").read) == {("m1", "x"), ("m2", "x")}
+    assert git(fleet.origin, "rev-list", "--count", "refs/heads/fleet-state/code2") == "1"
+
+
+def test_merge_keeps_newest_presence():
+    old = ServerState("code2")
+    old.presence = {"timestamp": "2026-01-01T00:00:00Z", "activity": "old"}
+    new = ServerState("code2")
+    new.presence = {"timestamp": "2026-01-02T00:00:00Z", "activity": "new"}
+    old.merge(new)
+    assert old.presence["activity"] == "new"
+    new.merge(old)
+    assert new.presence["activity"] == "new"
