@@ -65,6 +65,7 @@ from fleet_mailbox import (
     serialize,
     valid_messages,
 )
+from fleet_state import RemoteView, StateChange, StateRefError, StateStore, presence_doc
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ HEALTH_EVERY = 10  # iterations between health checks (the seed)
 RULES_PATH = "coordination/auto_reply_rules.json"
 STATUS_REWRITE_IDLE = 60.0  # seconds between status-file rewrites while idle
 FF_MIN_INTERVAL = 5.0  # seconds between working-tree fast-forwards at short intervals
+PRESENCE_SECONDS = 300.0  # presence refreshed at least this often without --heartbeat-minutes
+MARK_READ_MODES = ("on-show", "never")
 PROCESSED_CAP = 20000  # local processed keys kept (the mailbox's read_by is the lasting record)
 STATE_VERSION = 1
 
@@ -105,9 +108,11 @@ class MonitorState:
     def _fresh(self) -> Dict[str, Any]:
         return {"version": STATE_VERSION, "server": self.server}
 
-    def record(self, key: MessageKey, *, ack: bool = False) -> None:
+    def record(self, key: MessageKey, *, mark: bool = True, ack: bool = False) -> None:
+        """Remember that the message was shown; queue a read mark (and an acknowledgement)."""
         self.processed[key] = None
-        self.pending_marks.add(key)
+        if mark or ack:
+            self.pending_marks.add(key)
         if ack:
             self.pending_acks.add(key)
         self.dirty = True
@@ -136,6 +141,45 @@ class MonitorState:
         data.update(self.extra)
         atomic_write_json(self.path, data)
         self.dirty = False
+
+
+# --------------------------------------------------------------------------- options
+
+
+class ReadingOptions:
+    """How this server reads and publishes: where receipts go, presence, the message hook.
+
+    ``mark_read``: ``on-show`` records a read receipt in the state ref when the monitor shows a
+    message; ``never`` only remembers locally that it was shown (a service whose journal nobody
+    reads leaves the mail unread for the agent's inbox). ``legacy_marks`` also mirrors receipts
+    into the mailbox fields for older tools; ``heartbeat_on_main`` also commits
+    ``<server>/heartbeat.json``; ``on_message`` runs a command per new message.
+    """
+
+    __slots__ = ("mark_read", "legacy_marks", "heartbeat_on_main", "on_message", "on_message_timeout")
+
+    def __init__(self, mark_read: str = "on-show", legacy_marks: bool = False,
+                 heartbeat_on_main: bool = False, on_message: Optional[str] = None,
+                 on_message_timeout: float = 60.0) -> None:
+        if mark_read not in MARK_READ_MODES:
+            raise UsageError(f"--mark-read must be one of {', '.join(MARK_READ_MODES)}")
+        self.mark_read = mark_read
+        self.legacy_marks = legacy_marks
+        self.heartbeat_on_main = heartbeat_on_main
+        self.on_message = on_message
+        self.on_message_timeout = on_message_timeout
+
+
+class _AnyOf:
+    """Membership in any of several containers (local shown keys, state-ref receipts)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, *parts: Any) -> None:
+        self.parts = parts
+
+    def __contains__(self, key: object) -> bool:
+        return any(key in part for part in self.parts)
 
 
 # --------------------------------------------------------------------------- the cycle
@@ -192,7 +236,8 @@ class Monitor:
                  heartbeat_minutes: Optional[float] = None,
                  metrics_textfile: Optional[str] = None,
                  auto_archive_days: Optional[float] = None,
-                 preflight_timeout: float = 5.0) -> None:
+                 preflight_timeout: float = 5.0,
+                 reading: Optional[ReadingOptions] = None) -> None:
         from circuit_breaker import CircuitBreaker
         from fleet_git import PushRejected
         from message_queue import MessageQueue
@@ -207,6 +252,15 @@ class Monitor:
         self.backoff = tuple(backoff)
         self.stop_event = stop_event or threading.Event()
         self.state = MonitorState(self.repo, self.server)
+        self.reading = reading or ReadingOptions()
+        self.states = StateStore(clone)  # this server's receipts and presence (PROTOCOL.md)
+        self.presence_due = True
+        self.hook = None
+        if self.reading.on_message:
+            from fleet_hook import MessageHook
+
+            self.hook = MessageHook(self.reading.on_message, self.reading.on_message_timeout,
+                                    repo=self.repo, server=self.server)
         self.queue = queue if queue is not None else MessageQueue(str(self.repo), self.server)
         self._other_queues: Dict[str, Any] = {}
         self.breaker = breaker if breaker is not None else CircuitBreaker(
@@ -281,9 +335,15 @@ class Monitor:
     # ----------------------------------------------------------------- the remote
 
     def _poll_remote(self) -> Optional[str]:
-        """The remote tip; fetch only when it moved. One network call when idle."""
-        remote = self._timed("ls_remote", self.clone.remote_tip)
+        """The remote tip; fetch only when it moved. One network call when idle.
+
+        The same ``ls-remote`` lists every state ref: this server's own is fetched when another
+        of its processes (an inbox command, a second monitor) moved it.
+        """
+        view = self._timed("ls_remote", self.states.poll)
         self.last_fetch_ok = time.time()
+        remote = view.branch_tip
+        self._follow_own_state(view)
         if remote is not None and remote == self.known_tip:
             return remote
         local = self.clone.tip()
@@ -291,6 +351,10 @@ class Monitor:
             local = self._timed("git_fetch", self.clone.fetch)
         self.known_tip = local
         return local
+
+    def _follow_own_state(self, view: RemoteView) -> None:
+        if self.states.refspecs_to_fetch(view, [self.server]):
+            self._timed("git_fetch", lambda: self.states.fetch([self.server], view))
 
     def _preflight(self) -> Optional[str]:
         """Why the remote cannot be reached (DNS, TCP, HTTP), or ``None`` when it can."""
@@ -427,12 +491,15 @@ class Monitor:
         if data is None:
             return
         self._warn_invalid(data)
+        own = self.states.read(self.server)
+        handled = _AnyOf(self.state.processed, own.read, own.acks)
+        mark = self.reading.mark_read == "on-show"
         for _, msg in valid_messages(data, warn=False):
             if not is_addressed_to(msg, self.server):
                 continue
-            if is_handled_by(msg, self.server, self.state.processed):
+            if is_handled_by(msg, self.server, handled):
                 continue
-            self.state.record(message_key(msg))
+            self.state.record(message_key(msg), mark=mark)
             report.new_messages.append(msg)
         self.state.save()  # before showing: a restart never shows a message twice
         for msg in report.new_messages:
@@ -441,6 +508,8 @@ class Monitor:
                                          "priority": msg.get("priority")}})
             self.metrics.increment("messages_received")
             self.show(msg)
+            if self.hook is not None:
+                self.hook.run(msg)
             self._auto_reply(msg, report)
         self.cached_blob = blob
 
@@ -540,13 +609,36 @@ class Monitor:
                         extra={"metadata": {"position": index, "problem": problem}})
 
     def _push_marks(self, report: CycleReport) -> None:
+        """Receipts and acknowledgements of this cycle: one push of this server's state ref
+        (PROTOCOL.md), plus, with ``legacy_marks``, one mailbox commit for older tools. Whatever
+        could not be pushed stays pending for a later cycle, across restarts."""
         marks = set(self.state.pending_marks)
         acks = set(self.state.pending_acks)
         if not marks and not acks:
             return
-        if self.corrupt_blob is not None:
+        change = StateChange(read=marks, acks=[{"id": k[0], "from": k[1]} for k in acks])
+        try:
+            if self.reading.legacy_marks:
+                self._mirror_marks(marks, acks)
+            pushed = self._timed("mark_read", lambda: self.states.update(self.server, change))
+        except (RemoteUnavailable, MailboxCorrupt, GitError, StateRefError) as exc:
             report.marks_pending = len(marks)
+            if self.marks_warned != str(exc):
+                self.marks_warned = str(exc)
+                log.warning("read marks kept for a later cycle: %s", exc,
+                            extra={"metadata": {"pending": len(marks)}})
             return
+        self.marks_warned = None
+        if pushed:
+            report.marked = len(marks)
+            self.metrics.increment("messages_processed", len(marks))
+        self.state.marks_pushed(marks, acks)
+        self.state.save()
+
+    def _mirror_marks(self, marks: Set[MessageKey], acks: Set[MessageKey]) -> None:
+        """``--legacy-marks``: the same receipts in the mailbox fields, one commit at most."""
+        if self.corrupt_blob is not None:
+            raise MailboxCorrupt(self.corrupt_blob, "unchanged since it was found corrupt")
         server = self.server
 
         def change(tip: Optional[str]):
@@ -557,23 +649,8 @@ class Monitor:
             noun = "message" if changed == 1 else "messages"
             return {MAILBOX_PATH: new_raw}, f"{server}: mark {changed} {noun} read"
 
-        try:
-            tx = self._timed("mark_read", lambda: self.clone.transact(
-                change, author=server, fresh_for=max(self.interval, 1.0)))
-        except (RemoteUnavailable, MailboxCorrupt, GitError) as exc:
-            report.marks_pending = len(marks)
-            if self.marks_warned != str(exc):
-                self.marks_warned = str(exc)
-                log.warning("read marks kept for a later cycle: %s", exc,
-                            extra={"metadata": {"pending": len(marks)}})
-            return
-        self.marks_warned = None
-        if tx.changed:
-            report.marked = len(marks)
-            self._landed(tx)
-            self.metrics.increment("messages_processed", len(marks))
-        self.state.marks_pushed(marks, acks)
-        self.state.save()
+        tx = self.clone.transact(change, author=server, fresh_for=max(self.interval, 1.0))
+        self._landed(tx)
 
     # ----------------------------------------------------------------- the working tree
 
@@ -650,7 +727,8 @@ class Monitor:
         self.last_report = report
         if self.iterations % HEALTH_EVERY == 1 or HEALTH_EVERY == 1:
             self._health_check()
-        if self.heartbeat_seconds:
+        self._maybe_presence()
+        if self.heartbeat_seconds and self.reading.heartbeat_on_main:
             self._maybe_heartbeat(report)
         if self.auto_archive_days:
             self._maybe_archive()
@@ -678,6 +756,7 @@ class Monitor:
             log.log(level, "health is %s%s", overall, f" ({detail})" if detail else "",
                     extra={"metadata": {"overall": overall, "was": self.last_health}})
             self.last_health = overall
+            self.presence_due = True  # readers of the state ref learn of the change now
         return health
 
     def status_snapshot(self) -> Dict[str, Any]:
@@ -697,7 +776,48 @@ class Monitor:
                        for k, v in checks.items() if isinstance(v, dict)},
         }
 
+    def _maybe_presence(self, activity: Optional[str] = None) -> None:
+        """Publish presence in this server's state ref: at start, when health changes, and at
+        least every ``--heartbeat-minutes`` (default 5 minutes). No commit on the shared branch."""
+        period = float(self.heartbeat_seconds or PRESENCE_SECONDS)
+        last = self.state.extra.get("last_presence_at")
+        now = time.time()
+        if activity is None and not self.presence_due and isinstance(last, (int, float)) \
+                and now - last < period:
+            return
+        try:
+            self._timed("heartbeat", lambda: self.states.update(
+                self.server, StateChange(presence=self.presence(activity, period))))
+        except (RemoteUnavailable, GitError, StateRefError) as exc:
+            log.warning("presence not published: %s", exc)
+            return
+        self.presence_due = False
+        self.state.extra["last_presence_at"] = now
+        self.state.dirty = True
+        self.state.save()
+        self.metrics.increment("heartbeats")
+
+    def presence(self, activity: Optional[str], period: float) -> Dict[str, Any]:
+        """This server's ``presence`` (PROTOCOL.md): health, queue, breaker, and how fresh to
+        expect it (``interval`` between cycles, ``period`` between presence updates)."""
+        health = self._health_check() or {}
+        checks = health.get("checks", {})
+        stats = self.queue.stats()
+        report = self.last_report
+        busy = report is not None and bool(report.new_messages or report.sent)
+        return presence_doc(
+            started=self.started_at, interval=self.interval,
+            healthy=health.get("overall") != "CRITICAL" if health else None,
+            activity=activity or ("busy" if busy else "idle"), version=SUITE_VERSION,
+            extra={"health": health.get("overall"),
+                   "system": {"cpu_usage": checks.get("cpu", {}).get("percent"),
+                              "memory_used_gb": checks.get("memory", {}).get("used_gb"),
+                              "disk_free_gb": checks.get("disk", {}).get("free_gb")},
+                   "queue": {"pending": stats.get("pending"), "dead": stats.get("dead")},
+                   "breaker": self.breaker.get_status().get("state"), "period": period})
+
     def _maybe_heartbeat(self, report: CycleReport) -> None:
+        """``--heartbeat-on-main``: also the legacy ``<server>/heartbeat.json`` commit."""
         last = self.state.extra.get("last_heartbeat_at")
         now = time.time()
         if isinstance(last, (int, float)) and now - last < float(self.heartbeat_seconds or 0):
@@ -710,7 +830,6 @@ class Monitor:
         self.state.extra["last_heartbeat_at"] = now
         self.state.dirty = True
         self.state.save()
-        self.metrics.increment("heartbeats")
         report.heartbeat = True
         self._landed(tx)
 
@@ -757,6 +876,8 @@ class Monitor:
 
     def _finish(self, report: CycleReport, *, busy: bool) -> None:
         self.last_report = report
+        if self.hook is not None:
+            self.hook.reap()
         self.write_status(report)
         self.metrics.maybe_flush(busy)
         if self.metrics_textfile:
@@ -801,6 +922,10 @@ class Monitor:
             if remaining > 0 and self._sleep(remaining):
                 break
         self.metrics.maybe_flush(True)
+        if self.hook is not None:
+            self.hook.stop()
+        if not self.one_shot and self.iterations and self.breaker.can_execute():
+            self._maybe_presence("stopped")  # readers see a clean stop, not a silent server
         log.info("monitor stopped", extra={"metadata": {"iterations": self.iterations}})
         return EXIT_OK
 
@@ -875,7 +1000,18 @@ def _parser() -> argparse.ArgumentParser:
                         help="automatic-reply rules (overrides coordination/auto_reply_rules.json)")
     parser.add_argument("--no-auto-reply", action="store_true", help="never reply automatically")
     parser.add_argument("--heartbeat-minutes", type=float, default=None, metavar="N",
-                        help="publish <server>/heartbeat.json at most every N minutes")
+                        help="publish presence in this server's state ref every N minutes (default 5)")
+    parser.add_argument("--heartbeat-on-main", action="store_true",
+                        help="also commit <server>/heartbeat.json to the shared branch (older dashboards)")
+    parser.add_argument("--mark-read", choices=MARK_READ_MODES, default=None,
+                        help="whether showing a message marks it read (default: on-show on a "
+                             "terminal, never as a service)")
+    parser.add_argument("--legacy-marks", action="store_true",
+                        help="also write read marks and acknowledgements into the mailbox (older tools)")
+    parser.add_argument("--on-message", default=None, metavar="CMD",
+                        help="run CMD for each new message (JSON on stdin, FLEET_MSG_* variables)")
+    parser.add_argument("--on-message-timeout", type=float, default=60.0, metavar="SEC",
+                        help="seconds CMD may run before it is stopped (default 60)")
     parser.add_argument("--metrics-textfile", default=None, metavar="PATH",
                         help="write Prometheus metrics for node_exporter's textfile collector")
     parser.add_argument("--auto-archive-days", type=float, default=None, metavar="N",
@@ -1035,7 +1171,11 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
                       show=lambda m: write_line(render_message(m, terminal=terminal)),
                       notifier=notifier, auto_reply=not args.no_auto_reply, rules_path=args.rules,
                       heartbeat_minutes=args.heartbeat_minutes, metrics_textfile=args.metrics_textfile,
-                      auto_archive_days=args.auto_archive_days)
+                      auto_archive_days=args.auto_archive_days,
+                      reading=ReadingOptions(
+                          mark_read=args.mark_read or ("on-show" if terminal else "never"),
+                          legacy_marks=args.legacy_marks, heartbeat_on_main=args.heartbeat_on_main,
+                          on_message=args.on_message, on_message_timeout=args.on_message_timeout))
     restore: Callable[[], None] = _nothing
     if not args.once:
         restore = install_stop_handlers(lambda name: stop.set())

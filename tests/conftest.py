@@ -110,6 +110,22 @@ class Fleet:
     def remote_commits(self) -> List[str]:
         return git(self.origin, "rev-list", self.branch).split()
 
+    def state(self, server: str) -> dict:
+        """``state.json`` of ``server``'s state ref on the remote (``{}`` when it has none)."""
+        raw = git(self.origin, "show", f"refs/fleet/{server}:state.json", check=False)
+        return json.loads(raw) if raw.startswith("{") else {}
+
+    def readers(self, msg: dict) -> set:
+        """Servers whose state ref holds a read receipt for ``msg`` (PROTOCOL.md)."""
+        key = [msg["id"], str(msg["from"]).lower()]
+        names = git(self.origin, "for-each-ref", "--format=%(refname:lstrip=2)", "refs/fleet/").split()
+        return {name for name in names if key in self.state(name).get("read", [])}
+
+    def ackers(self, msg: dict) -> set:
+        names = git(self.origin, "for-each-ref", "--format=%(refname:lstrip=2)", "refs/fleet/").split()
+        return {name for name in names
+                if any(a.get("id") == msg["id"] for a in self.state(name).get("acks", []))}
+
 
 @pytest.fixture
 def fleet(tmp_path) -> Fleet:

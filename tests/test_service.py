@@ -192,7 +192,7 @@ def _suite_fleet(tmp_path: Path) -> Tuple[Fleet, Path, Path]:
 def test_upgrade_by_push_restarts_into_the_new_version(tmp_path):
     fleet, seed, c2 = _suite_fleet(tmp_path)
     script = c2 / "python" / "message_monitor.py"
-    proc = subprocess.Popen(monitor_cmd(c2, "--interval", "0.3", script=script),
+    proc = subprocess.Popen(monitor_cmd(c2, "--interval", "0.3", "--mark-read", "on-show", script=script),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     status = c2 / "code2" / "state" / "monitor_status.json"
 
@@ -220,7 +220,7 @@ def test_upgrade_by_push_restarts_into_the_new_version(tmp_path):
         assert wait_for(lambda: version() == "1.0.1", 60), log.read_text()[-2000:]
         assert proc.poll() is None
         assert send_message("after the upgrade", to="code2", from_sender="build1", build_repo_path=str(seed))
-        assert wait_for(lambda: fleet.remote_messages()[-1].get("read_by") == ["code2"])
+        assert wait_for(lambda: fleet.readers(fleet.remote_messages()[-1]) == {"code2"})
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

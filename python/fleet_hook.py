@@ -1,0 +1,160 @@
+"""``message_monitor.py --on-message CMD``: run a command for each new message, safely.
+
+This is how an agent gets woken: the monitor starts ``CMD`` once for each new message addressed to
+its server, with the message as JSON on standard input and its id, sender, subject and priority
+in ``FLEET_MSG_ID``, ``FLEET_MSG_FROM``, ``FLEET_MSG_SUBJECT`` and ``FLEET_MSG_PRIORITY`` (plus
+``FLEET_SERVER`` and ``FLEET_REPO``). Nothing from the message is ever put into a command line or
+a shell: ``CMD`` is split once, by the operator's own quoting, and run without a shell.
+
+Contract:
+- A command is started and not waited for: the cycle goes on. Each later cycle reaps finished
+  commands (a non-zero exit is logged as a warning) and stops any that ran past the time limit
+  (logged). At most :data:`MAX_RUNNING` run at once; further messages wait their turn in order.
+- At most once per message: the monitor records a message as processed before showing it and
+  before starting its command, so no restart starts it again. A monitor that stops kills what
+  is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import threading
+import time
+from collections import deque
+from typing import Any, Deque, Dict, List, Mapping, Tuple
+
+from fleet_common import UsageError, get_logger
+
+log = get_logger(__name__)
+
+MAX_RUNNING = 4
+ENV_TEXT_LIMIT = 1000  # characters of a subject or id put into the environment
+STDIN_LIMIT = 4 * 1024 * 1024
+
+
+def _env_text(value: Any) -> str:
+    """A message field fit for an environment variable: bounded, no control characters."""
+    text = "" if value is None else str(value)
+    text = "".join(ch if ch >= " " and ch != "\x7f" else " " for ch in text[:ENV_TEXT_LIMIT])
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def split_command(command: str) -> List[str]:
+    """The operator's command as an argument list (POSIX quoting; Windows keeps backslashes)."""
+    try:
+        argv = shlex.split(command, posix=os.name != "nt")
+    except ValueError as exc:
+        raise UsageError(f"--on-message: cannot split the command: {exc}") from None
+    if not argv:
+        raise UsageError("--on-message needs a command")
+    return argv
+
+
+class MessageHook:
+    """Start the ``--on-message`` command for messages; reap and time-limit the runs."""
+
+    def __init__(self, command: str, timeout: float, *, repo: "os.PathLike[str] | str",
+                 server: str, max_running: int = MAX_RUNNING) -> None:
+        self.argv = split_command(command)
+        self.timeout = float(timeout)
+        self.repo = str(repo)
+        self.server = server
+        self.max_running = max_running
+        self.running: List[Tuple[subprocess.Popen, float, str]] = []
+        self.waiting: Deque[Dict[str, Any]] = deque()
+
+    def run(self, msg: Mapping[str, Any]) -> None:
+        """Start the command for ``msg`` now, or as soon as a slot frees."""
+        self.waiting.append(dict(msg))
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        self.reap(start=False)
+        while self.waiting and len(self.running) < self.max_running:
+            self._start(self.waiting.popleft())
+
+    def _start(self, msg: Dict[str, Any]) -> None:
+        msg_id = _env_text(msg.get("id"))
+        env = dict(os.environ)
+        env.update({"FLEET_MSG_ID": msg_id, "FLEET_MSG_FROM": _env_text(msg.get("from")),
+                    "FLEET_MSG_SUBJECT": _env_text(msg.get("subject")),
+                    "FLEET_MSG_PRIORITY": _env_text(msg.get("priority") or "normal"),
+                    "FLEET_SERVER": self.server, "FLEET_REPO": self.repo})
+        data = json.dumps(msg, ensure_ascii=True).encode("ascii")[:STDIN_LIMIT]
+        kw: Dict[str, Any] = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
+                              else {"start_new_session": True})
+        try:
+            proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, env=env, cwd=self.repo, **kw)
+        except OSError as exc:
+            log.warning("--on-message command could not start for %s: %s", msg_id, exc,
+                        extra={"metadata": {"id": msg_id}})
+            return
+        # Fed from a thread: a command that never reads its input must not block the cycle.
+        threading.Thread(target=_feed, args=(proc, data), daemon=True).start()
+        self.running.append((proc, time.monotonic() + self.timeout, msg_id))
+        log.info("--on-message started for %s (pid %d)", msg_id, proc.pid,
+                 extra={"metadata": {"id": msg_id, "pid": proc.pid}})
+
+    def reap(self, *, start: bool = True) -> None:
+        """Collect finished commands, stop those past the time limit, start waiting ones."""
+        still: List[Tuple[subprocess.Popen, float, str]] = []
+        now = time.monotonic()
+        for proc, deadline, msg_id in self.running:
+            code = proc.poll()
+            if code is None and now >= deadline:
+                _kill(proc)
+                log.warning("--on-message for %s ran past %g s and was stopped", msg_id, self.timeout,
+                            extra={"metadata": {"id": msg_id, "pid": proc.pid}})
+                continue
+            if code is None:
+                still.append((proc, deadline, msg_id))
+            elif code != 0:
+                log.warning("--on-message for %s exited with %d", msg_id, code,
+                            extra={"metadata": {"id": msg_id, "exit": code}})
+        self.running = still
+        if start:
+            self._start_waiting()
+
+    def stop(self) -> None:
+        """Stop every running command (the monitor is stopping)."""
+        for proc, _deadline, msg_id in self.running:
+            if proc.poll() is None:
+                _kill(proc)
+                log.warning("--on-message for %s stopped with the monitor", msg_id)
+        self.running = []
+        if self.waiting:
+            log.warning("--on-message not run for %d message(s): the monitor stopped first",
+                        len(self.waiting))
+            self.waiting.clear()
+
+
+def _feed(proc: subprocess.Popen, data: bytes) -> None:
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(data)
+        proc.stdin.close()
+    except (OSError, ValueError):
+        pass  # the command exited or does not read its input: that is its business
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill the command and anything it started (its own process group / session)."""
+    try:
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=False)
+        else:
+            import signal
+
+            os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        proc.kill()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+

@@ -1,0 +1,210 @@
+"""The monitor on state refs: receipts, presence and the message hook, on real git and processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import PYTHON_DIR, git, run_script
+
+from fleet_git import Clone
+from fleet_state import StateChange, StateStore
+from message_monitor import Monitor, ReadingOptions
+from send_message import send_message
+
+
+def mon(path, server, shown=None, **kw) -> Monitor:
+    return Monitor(Clone(path), server, 1.0, show=(shown.append if shown is not None else None),
+                   one_shot=True, auto_reply=False, **kw)
+
+
+def test_reading_a_broadcast_commits_nothing_on_the_shared_branch(fleet):
+    b1 = fleet.clone("build1")
+    servers = {s: fleet.clone(s) for s in ("code2", "build2", "build3")}
+    send_message("deploy at 5", "Deploy", to="all", from_sender="build1", build_repo_path=str(b1))
+    before = fleet.remote_commits()
+    for server, path in servers.items():
+        shown: list = []
+        mon(path, server, shown).cycle()
+        assert [m["subject"] for m in shown] == ["Deploy"]
+    assert fleet.remote_commits() == before  # no read mark, no heartbeat on the shared branch
+    assert fleet.readers(fleet.remote_messages()[0]) == set(servers)
+    for server in servers:
+        assert git(fleet.origin, "rev-list", "--count", f"refs/fleet/{server}") == "1"
+
+
+def test_service_mode_shows_once_and_leaves_the_mail_unread(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    send_message("run the tests", to="code2", from_sender="build1", build_repo_path=str(b1))
+    shown: list = []
+    mon(c2, "code2", shown, reading=ReadingOptions(mark_read="never")).cycle()
+    assert len(shown) == 1
+    assert fleet.readers(fleet.remote_messages()[0]) == set()  # the agent still finds it unread
+    again: list = []
+    mon(c2, "code2", again, reading=ReadingOptions(mark_read="never")).cycle()
+    assert again == []  # shown once, recorded locally
+
+
+def test_the_cli_marks_read_on_a_terminal_and_never_as_a_service(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    send_message("first", to="code2", from_sender="build1", build_repo_path=str(b1))
+    proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--once", "--no-auto-reply")
+    assert proc.returncode == 0, proc.stderr
+    assert "first" in proc.stdout
+    assert fleet.readers(fleet.remote_messages()[0]) == set()  # stdout is a pipe: a service
+    if os.name == "nt":
+        pytest.skip("a pseudo-terminal needs POSIX")
+    import pty
+
+    send_message("second", to="code2", from_sender="build1", build_repo_path=str(b1))
+    master, slave = pty.openpty()
+    try:
+        done = subprocess.run([sys.executable, str(PYTHON_DIR / "message_monitor.py"), "--repo", str(c2),
+                               "--server", "code2", "--once", "--no-auto-reply"],
+                              stdout=slave, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert done.returncode == 0, done.stderr
+    second = fleet.remote_messages()[1]
+    assert fleet.readers(second) == {"code2"}  # a person at a terminal has read it
+
+
+def test_presence_lives_in_the_state_ref(fleet):
+    c2 = fleet.clone("code2")
+    before = fleet.remote_commits()
+    m = mon(c2, "code2", heartbeat_minutes=60)
+    m.cycle()
+    presence = fleet.state("code2")["presence"]
+    assert presence["interval"] == 1.0 and presence["period"] == 3600.0
+    assert presence["suite_version"] and presence["started"] and presence["timestamp"]
+    assert set(presence["queue"]) == {"pending", "dead"} and presence["breaker"] == "CLOSED"
+    tip = git(fleet.origin, "rev-parse", "refs/fleet/code2")
+    m.cycle()
+    assert git(fleet.origin, "rev-parse", "refs/fleet/code2") == tip  # not due: nothing pushed
+    assert fleet.remote_commits() == before
+    assert git(fleet.origin, "ls-tree", "--name-only", "main").split() == ["README.md", "coordination"]
+
+
+def test_heartbeat_on_main_keeps_the_old_file(fleet):
+    c2 = fleet.clone("code2")
+    mon(c2, "code2", heartbeat_minutes=60, reading=ReadingOptions(heartbeat_on_main=True)).cycle()
+    beat = json.loads(git(fleet.origin, "show", "main:code2/heartbeat.json"))
+    assert beat["server"] == "code2"
+    assert "presence" in fleet.state("code2")
+
+
+def test_receipts_written_by_another_process_are_honoured(fleet):
+    """An inbox command (another process of code2) marks mail read: the monitor never shows it."""
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    sent = send_message("read elsewhere", to="code2", from_sender="build1", build_repo_path=str(b1))
+    StateStore(Clone(c2)).update("code2", StateChange(read=[(sent.message_id, "build1")]))
+    shown: list = []
+    mon(c2, "code2", shown).cycle()
+    assert shown == []
+
+
+def test_legacy_marks_mirror_receipts_into_the_mailbox(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    for n in range(3):
+        send_message(f"m{n}", to="code2", from_sender="build1", build_repo_path=str(b1))
+    before = len(fleet.remote_commits())
+    mon(c2, "code2", reading=ReadingOptions(legacy_marks=True)).cycle()
+    msgs = fleet.remote_messages()
+    assert all(m["read_by"] == ["code2"] and m["read"] is True for m in msgs)
+    assert all(fleet.readers(m) == {"code2"} for m in msgs)
+    assert len(fleet.remote_commits()) == before + 1  # one mailbox commit for the whole cycle
+
+
+def test_mail_marked_read_by_older_tools_is_honoured(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    send_message("old", to="code2", from_sender="build1", build_repo_path=str(b1))
+    mon(b1, "build1").cycle()  # nothing for build1
+    # an older tool marks it read in the mailbox itself
+    raw = json.loads(git(fleet.origin, "show", "main:coordination/messages.json"))
+    raw["messages"][0]["read"] = True
+    work = fleet.clone("oldtool")
+    (work / "coordination" / "messages.json").write_text(json.dumps(raw, indent=2) + "\n")
+    git(work, "commit", "-qam", "mark read (old tool)", "--no-gpg-sign")
+    git(work, "push", "-q", "origin", "main")
+    shown: list = []
+    mon(c2, "code2", shown).cycle()
+    assert shown == []
+
+
+def test_a_host_that_refuses_custom_refs_gets_the_fallback_branch(fleet):
+    if os.name == "nt":
+        pytest.skip("update hooks need a POSIX shell")
+    hook = fleet.origin / "hooks" / "update"
+    hook.parent.mkdir(exist_ok=True)
+    hook.write_text('#!/bin/sh\ncase "$1" in refs/fleet/*) exit 1;; esac\nexit 0\n')
+    hook.chmod(0o755)
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    send_message("hello", to="code2", from_sender="build1", build_repo_path=str(b1))
+    shown: list = []
+    mon(c2, "code2", shown).cycle()
+    assert len(shown) == 1
+    state = json.loads(git(fleet.origin, "show", "refs/heads/fleet-state/code2:state.json"))
+    assert state["read"] == [[fleet.remote_messages()[0]["id"], "build1"]]
+    again: list = []
+    mon(c2, "code2", again).cycle()
+    assert again == []
+
+
+HOOK = """
+import json, os, sys, time
+msg = json.load(sys.stdin)
+mode = os.environ["FLEET_MSG_SUBJECT"]
+out = os.path.join(sys.argv[1], os.environ["FLEET_MSG_ID"] + ".json")
+if mode == "hang":
+    time.sleep(600)
+with open(out, "w") as handle:
+    json.dump({"body": msg["body"], "env": {k: v for k, v in os.environ.items() if k.startswith("FLEET_")}}, handle)
+sys.exit(3 if mode == "fail" else 0)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_on_message_runs_once_per_message_and_never_stalls_the_cycle(fleet, tmp_path, caplog):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    script = tmp_path / "hook.py"
+    script.write_text(HOOK)
+    out = tmp_path / "out"
+    out.mkdir()
+    command = f'"{sys.executable}" "{script}" "{out}"'
+    sent = {}
+    for subject in ("ok", "fail", "hang", "$(touch pwned)"):
+        sent[subject] = send_message(f"body of {subject}", subject, to="code2", from_sender="build1",
+                                     build_repo_path=str(b1)).message_id
+    m = mon(c2, "code2", reading=ReadingOptions(on_message=command, on_message_timeout=2.0))
+    m.one_shot = False
+    report = m.cycle()
+    assert len(report.new_messages) == 4
+    hung = [p for p, _d, mid in m.hook.running if mid == sent["hang"]]
+    assert hung and hung[0].poll() is None  # the cycle came back while the command still runs
+
+    def finished() -> bool:
+        m.hook.reap()
+        return not m.hook.running
+
+    deadline = time.monotonic() + 60
+    while not finished():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert hung[0].poll() is not None  # stopped at its time limit
+    results = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(results) == {sent["ok"], sent["fail"], sent["$(touch pwned)"]}
+    env = results[sent["ok"]]["env"]
+    assert env["FLEET_MSG_FROM"] == "build1" and env["FLEET_MSG_PRIORITY"] == "normal"
+    assert results[sent["ok"]]["body"] == "body of ok"
+    assert not (c2 / "pwned").exists() and not (tmp_path / "pwned").exists()
+    text = caplog.text
+    assert f"--on-message for {sent['fail']} exited with 3" in text
+    assert f"--on-message for {sent['hang']} ran past 2 s" in text
+    # a new monitor (a restart) never runs the command again for these messages
+    again = mon(c2, "code2", reading=ReadingOptions(on_message=command, on_message_timeout=2.0))
+    assert again.cycle().new_messages == [] and not again.hook.running
