@@ -411,6 +411,21 @@ def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) 
     return predicate()
 
 
+def state_receipts(origin: Path) -> Dict[str, set]:
+    """Every server's read receipts on the remote: server -> {(id, from)} (PROTOCOL.md state refs)."""
+    found: Dict[str, set] = {}
+    refs = git(origin, "for-each-ref", "--format=%(refname)", "refs/fleet/", "refs/heads/fleet-state/")
+    for ref in refs.split():
+        raw = subprocess.run(["git", "cat-file", "blob", f"{ref}:state.json"], cwd=str(origin),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            continue
+        found[ref.rsplit("/", 1)[-1]] = {(i, f) for i, f in doc.get("read", [])}
+    return found
+
+
 def monitor_started(clone: Path, server: str) -> Callable[[], bool]:
     """True once the monitor finished its first cycle (it writes its status file then)."""
     path = clone / server / "state" / "monitor_status.json"
@@ -424,10 +439,10 @@ class SenderPool:
         self.base = base
         self.procs: List[Tuple["subprocess.Popen[str]", Path]] = []
 
-    def spawn(self, clone: Path, sender: str, targets: Sequence[str], count: int) -> None:
+    def spawn(self, clone: Path, sender: str, targets: Sequence[str], count: int, pace: float = 0.0) -> None:
         log_path = self.base / f"worker-{sender}-{len(self.procs)}.log"
         argv = [sys.executable, str(Path(__file__).resolve()), "send-worker", "--repo", str(clone),
-                "--from", sender, "--to", ",".join(targets), "--count", str(count)]
+                "--from", sender, "--to", ",".join(targets), "--count", str(count), "--pace", f"{pace:g}"]
         with open(log_path, "wb") as err:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                                     text=True, env=dict(os.environ))
@@ -469,6 +484,7 @@ def _send_worker(argv: Sequence[str]) -> int:
     parser.add_argument("--from", dest="sender", required=True)
     parser.add_argument("--to", required=True)
     parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--pace", type=float, default=0.0, help="seconds between sends (0: back to back)")
     args = parser.parse_args(argv)
     from fleet_git import Clone
     from send_message import send_message
@@ -482,6 +498,8 @@ def _send_worker(argv: Sequence[str]) -> int:
     ids: List[str] = []
     statuses: Dict[str, int] = {}
     for i in range(args.count):
+        if args.pace and i:
+            time.sleep(args.pace)
         body = f"{args.sender} message {i} of {args.count}: " + "x" * 300
         started = time.perf_counter()
         result = send_message(body, f"bench {i}", targets[i % len(targets)], from_sender=args.sender,

@@ -39,21 +39,24 @@ def _senders(fleet: bl.BenchFleet, names: Sequence[str], count: int,
 
 
 def _remote_state(fleet: bl.BenchFleet, expected: Dict[Tuple[str, str], str]) -> Dict[str, int]:
-    """Missing, duplicated and unread messages among ``expected`` ((id, from) -> recipient)."""
+    """Missing, duplicated and unread messages among ``expected`` ((id, from) -> recipient).
+
+    Read means a receipt in the recipient's state ref (or, in legacy mode, ``read_by``)."""
     counts: Dict[Tuple[str, str], int] = {}
     unread = set(expected)
+    receipts = bl.state_receipts(fleet.origin)
     for msg in fleet.remote_messages():
         key = (str(msg.get("id")), str(msg.get("from")))
         if key not in expected:
             continue
         counts[key] = counts.get(key, 0) + 1
-        if expected[key] in (msg.get("read_by") or []):
+        if expected[key] in (msg.get("read_by") or []) or key in receipts.get(expected[key], ()):
             unread.discard(key)
     return {"missing": sum(1 for k in expected if k not in counts),
             "duplicated": sum(1 for v in counts.values() if v > 1), "unread": len(unread)}
 
 
-def run(per_sender: int, deadline: float) -> Dict[str, Any]:
+def run(per_sender: int, deadline: float, legacy_marks: bool = False) -> Dict[str, Any]:
     import psutil
 
     servers = list(bl.SERVERS)
@@ -64,7 +67,9 @@ def run(per_sender: int, deadline: float) -> Dict[str, Any]:
         try:
             for name in servers:
                 err = open(fleet.base / f"monitor-{name}.log", "wb")  # noqa: SIM115 - closed below
-                procs.append((bl.start_monitor(fleet.clones[name], name, 1.0, stdout=err, stderr=err), err))
+                extra = ["--no-auto-reply", "--mark-read", "on-show"] + (["--legacy-marks"] if legacy_marks else [])
+                procs.append((bl.start_monitor(fleet.clones[name], name, 1.0, stdout=err, stderr=err,
+                                               extra=extra), err))
             for name in servers:
                 if not bl.wait_for(bl.monitor_started(fleet.clones[name], name), 60):
                     raise RuntimeError(f"monitor {name} did not start: "
@@ -140,10 +145,12 @@ def _monitor_errors(base: Path, servers: Sequence[str]) -> Dict[str, List[str]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = bl.common_parser("contention.py", "8 senders and 8 monitors on one fleet.")
     parser.add_argument("--per-sender", type=int, default=None, help="messages per sender (25, quick 5)")
+    parser.add_argument("--legacy-marks", action="store_true",
+                        help="monitors also write read marks into the mailbox (how fleets ran before state refs)")
     args = parser.parse_args(argv)
     per_sender = args.per_sender or (5 if args.quick else 25)
     started = time.time()
-    r = run(per_sender, 30.0 if args.quick else 90.0)
+    r = run(per_sender, 30.0 if args.quick else 90.0, legacy_marks=args.legacy_marks)
     c, s, f = r["contention"], r["single"], r["final"]
     fraction = c["per_s"] / s["per_s"] if c["per_s"] and s["per_s"] else None
     figures = [

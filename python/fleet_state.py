@@ -403,6 +403,8 @@ class StateStore:
             if outcome == "refused":
                 raise StateRefError(f"the remote refused {remote_ref}")
             # Lease lost: another process of this server pushed first. Fetch it and merge.
+            log.info("state ref %s moved meanwhile (lease lost); merging and pushing again", remote_ref,
+                     extra={"metadata": {"ref": remote_ref}})
             time.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 1.6, 1.0)
             self.fetch([server])
