@@ -441,6 +441,36 @@ def test_wait_for_a_reply_ignores_other_mail(fleet):
     assert pairs(inbox.unread()) != []  # the unrelated mail is still unread
 
 
+def test_send_wait_reply_gets_the_monitors_automatic_status_answer(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    monitor = subprocess.Popen([sys.executable, str(PYTHON_DIR / "message_monitor.py"), "--repo", str(c2),
+                                "--server", "code2", "--interval", "0.5", "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        proc = run_script("send_message.py", "status report please?", "--to", "code2", "--from", "build1",
+                          "--repo", str(b1), "--wait-reply", "90", "--json", timeout=150)
+    finally:
+        monitor.terminate()
+        _, monitor_err = monitor.communicate(timeout=60)
+    assert proc.returncode == 0, proc.stderr + monitor_err
+    result = json.loads(proc.stdout)
+    assert result["status"] == "sent" and result["reply"]["arrived"] is True
+    answer = result["reply"]["messages"][0]
+    assert answer["from"] == "code2" and answer["in_reply_to"] == result["message_id"]
+    assert answer["type"] == "response" and "Status" in answer["body"]
+
+
+def test_send_wait_reply_without_answer_exits_124_and_the_message_is_sent(fleet):
+    b1 = fleet.clone("build1")
+    fleet.clone("code2")
+    proc = run_script("send_message.py", "anyone?", "--to", "code2", "--from", "build1", "--repo", str(b1),
+                      "--wait-reply", "1")
+    assert proc.returncode == EXIT_TIMEOUT
+    assert proc.stdout.startswith("Sent msg_") and "waiting up to 1 s" in proc.stdout
+    assert proc.stderr == "send_message: no answer within 1 s (the message was sent)\n"
+    assert fleet.remote_messages()[-1]["body"] == "anyone?"
+
+
 def test_mail_a_service_monitor_has_shown_is_still_unread_for_its_agent(fleet):
     helptext = run_script("message_monitor.py", "--help").stdout
     if "--mark-read" not in helptext:
