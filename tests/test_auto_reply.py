@@ -114,12 +114,12 @@ def test_custom_rules_all_conditions_must_hold(tmp_path):
         {"name": "nothing", "kind": "status", "match": {}},
         {"name": "not-alone", "kind": "status", "match": {"ack_required": False}},
         {"name": "urgent-architect", "kind": "presence",
-         "match": {"from": ["Architect"], "priority": ["URGENT"], "regex": r"build\s+\d+"}},
+         "match": {"from": ["Architect"], "priority": ["URGENT"], "words": ["build 4411"]}},
         {"name": "ack-info", "kind": "acknowledge", "match": {"type": ["info"], "ack_required": True}},
     ]}))
     rules = load_rules(path)
     assert rules.match(msg("status")) is None  # disabled; an empty match matches nothing
-    hit = msg("about", "Build   4411", sender="ARCHITECT", priority="urgent")
+    hit = msg("about", "Build 4411", sender="ARCHITECT", priority="urgent")
     assert rules.match(hit).name == "urgent-architect"
     assert rules.match(dict(hit, priority="high")) is None
     assert rules.match(dict(hit, body="Build x")) is None
@@ -143,7 +143,7 @@ def test_custom_rules_all_conditions_must_hold(tmp_path):
     ('{"version": 1, "rules": [{"name": "x", "kind": "status", "match": {"from": [3]}}]}',
      "match.from must hold non-empty strings"),
     ('{"version": 1, "rules": [{"name": "x", "kind": "status", "match": {"regex": "(unclosed"}}]}',
-     "invalid regex"),
+     "rule #1 ('x'): match.regex is not accepted"),
     ('{"version": 1, "rules": [{"kind": "status", "match": {"words": ["a"]}}]}', "missing 'name'"),
     ('{"version": 2, "rules": []}', "newer than this program"),
     ('{"version": 1, "rules": [{"name": "x", "kind": "status", "match": {"words": ["a"]}, '
