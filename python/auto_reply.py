@@ -27,9 +27,12 @@ keeps at most one automatic reply per original message (key: id and sender), eve
      "replied": {"<sender>\\u001f<id>": {"at": 1762254639.5, "reply_id": "msg_..." | null}},
      "recent": {"<sender>": [1762254639.5, ...]}}
 
-``replied`` entries are pruned after 30 days, ``recent`` ones after a day. The monitor calls
-:meth:`AutoResponder.commit` (-> :meth:`ReplyLedger.record`, written at once) BEFORE it sends, so
-a crash between recording and sending loses a reply but never sends a second one.
+``replied`` entries are pruned after 30 days, ``recent`` ones after a day. The monitor decides a
+whole cycle in memory (:meth:`AutoResponder.hold`), writes the ledger once
+(:meth:`AutoResponder.commit_held`, which also refuses what another process recorded meanwhile),
+and only then queues the replies it returned: a crash between recording and sending loses a reply
+but never sends a second one, and a cycle costs one ledger write however many messages it
+answers (PROTOCOL.md, "Trust between servers": no per-message work grows with the mailbox).
 
 Rules (:func:`load_rules`): ``{"version": 1, "rules": [ {"name", "kind", "match",
 "send_ack_message", "enabled"} ... ]}``, first matching enabled rule wins. A local ``--rules``
@@ -132,6 +135,7 @@ LEDGER_RETENTION_S: Final = 30 * 86400.0
 RECENT_RETENTION_S: Final = 86400.0
 LEDGER_MAX_ENTRIES: Final = 50000
 LEDGER_LOCK_TIMEOUT: Final = 10.0
+LIMIT_WARNED_SENDERS: Final = 1024
 MAX_STATUS_CHECK_LINES: Final = 6
 MAX_LINE: Final = 160
 
@@ -735,15 +739,18 @@ def _is_number(value: Any) -> bool:
 class ReplyLedger:
     """Which messages this server has answered automatically, and when it answered whom.
 
-    One monitor owns the file; :meth:`record` still re-reads it under a lock
-    (``auto_reply.json.lock``) and refuses a key that is already there, so two processes for
-    the same server cannot both send.
+    One monitor owns the file. Decisions are staged in memory (:meth:`stage`) and written
+    together (:meth:`flush`: one read and one write however many there are); the write re-reads
+    the file under a lock (``auto_reply.json.lock``) and refuses a key that is already there, so
+    two processes for the same server cannot both send. :meth:`record` does both for one key.
     """
 
     def __init__(self, path: Union[str, "os.PathLike[str]"], clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self.clock = clock
         self._data = self._load()
+        # name -> (key, entry, sender, sent): decisions made in memory, not yet written (flush).
+        self._staged: Dict[str, Tuple[MessageKey, Dict[str, Any], str, bool]] = {}
 
     def _load(self) -> Dict[str, Any]:
         data = load_state_file(self.path, version=LEDGER_VERSION, fresh=_fresh_ledger)
@@ -787,32 +794,69 @@ class ReplyLedger:
                      window: float = DEFAULT_PER_SENDER_WINDOW) -> bool:
         return self.recent_count(sender, now, window) < limit
 
-    def record(self, key: MessageKey, sender: str, reply_id: Optional[str],
-               now: Optional[float] = None, *, sent: bool = True) -> bool:
-        """Record the (coming) reply to ``key`` and write the file at once.
+    def stage(self, key: MessageKey, sender: str, reply_id: Optional[str],
+              now: Optional[float] = None, *, sent: bool = True) -> bool:
+        """Remember the (coming) reply to ``key`` in memory, for :meth:`flush` to write.
 
-        ``sent`` False records a decision that sends no mail (an acknowledgement mark, a reply
-        withheld by the limit): remembered, not counted against the sender's limit. Returns
-        False, writing nothing, when the key was already recorded: then do not send.
+        From now on :meth:`already_replied` and :meth:`recent_count` count it, so one cycle's
+        later decisions see its earlier ones. ``sent`` False records a decision that sends no
+        mail (an acknowledgement mark, a reply withheld by the limit): remembered, not counted
+        against the sender's limit. Returns False when the key is already recorded.
         """
         when = self.clock() if now is None else now
+        name = key_str(key)
+        if name in self._data["replied"]:
+            return False
+        entry = {"at": when, "reply_id": reply_id}
+        self._data["replied"][name] = entry
+        who = sender.strip().lower()
+        if sent:
+            self._data["recent"].setdefault(who, []).append(when)
+        self._staged[name] = (key, entry, who, sent)
+        return True
+
+    def flush(self) -> Set[MessageKey]:
+        """Write what :meth:`stage` remembered, in one write; the keys that may be answered.
+
+        Re-reads the file under the lock (``auto_reply.json.lock``): a key that another process
+        recorded meanwhile is left out of the answer, so it is answered once. Writes nothing
+        when nothing was staged. Raises :class:`SuiteError` when the file cannot be written:
+        then nothing staged may be answered.
+        """
+        if not self._staged:
+            return set()
+        staged, self._staged = self._staged, {}
         lock_path = self.path.with_name(self.path.name + ".lock")
+        accepted: Set[MessageKey] = set()
         try:
             with file_lock(lock_path, timeout=LEDGER_LOCK_TIMEOUT):
-                self._data = self._load()  # another process may have recorded it
-                name = key_str(key)
-                if name in self._data["replied"]:
-                    return False
-                self._data["replied"][name] = {"at": when, "reply_id": reply_id}
-                if sent:
-                    self._data["recent"].setdefault(sender.strip().lower(), []).append(when)
-                self._prune(when)
-                atomic_write_json(self.path, self._data)
+                self._data = self._load()  # another process may have recorded some of them
+                replied, recent = self._data["replied"], self._data["recent"]
+                latest = self.clock()
+                for name, (key, entry, sender, sent) in staged.items():
+                    latest = max(latest, entry["at"])
+                    if name in replied:
+                        continue
+                    replied[name] = entry
+                    if sent:
+                        recent.setdefault(sender, []).append(entry["at"])
+                    accepted.add(key)
+                self._prune(latest)
+                if accepted:
+                    atomic_write_json(self.path, self._data)
         except SuiteError:
             raise
         except Exception as exc:  # noqa: BLE001 - filelock.Timeout and OSError: one typed error
-            raise SuiteError(f"cannot record an automatic reply in {self.path}: {exc}") from exc
-        return True
+            raise SuiteError(f"cannot record automatic replies in {self.path}: {exc}") from exc
+        return accepted
+
+    def record(self, key: MessageKey, sender: str, reply_id: Optional[str],
+               now: Optional[float] = None, *, sent: bool = True) -> bool:
+        """:meth:`stage` and :meth:`flush` one decision: written at once. False, writing
+        nothing, when the key was already recorded (here or by another process): do not send."""
+        if not self.stage(key, sender, reply_id, now, sent=sent):
+            return False
+        return key in self.flush()
 
     def _prune(self, now: float) -> None:
         """Keep the file bounded: 30 days of replies, a day of per-sender times."""
@@ -965,9 +1009,11 @@ class Decision:
 class AutoResponder:
     """Decides, for one server, whether and how to answer a message automatically.
 
-    ``decide`` is pure apart from reading the ledger and calling ``status_provider``; the caller
-    records with :meth:`commit` before it sends, and commits one decision before deciding on the
-    next message (the per-sender limit counts committed replies).
+    ``decide`` is pure apart from reading the ledger and calling ``status_provider``. The caller
+    records a decision before it sends, and before deciding on the next message (the per-sender
+    limit counts recorded replies): a monitor's cycle keeps each decision in memory with
+    :meth:`hold`, then :meth:`commit_held` writes them all at once and returns the replies to
+    queue; :meth:`commit` writes a single decision at once.
     """
 
     def __init__(self, server: str, rules_source_or_ruleset: Union[RuleSource, RuleSet],
@@ -993,6 +1039,10 @@ class AutoResponder:
         self.max_age_hours = max_age_hours
         self.per_sender_limit = per_sender_limit
         self.per_sender_window = per_sender_window
+        self._held: List[Tuple[Mapping[str, Any], Decision, Dict[str, Any]]] = []
+        # sender -> when a withheld reply was last logged as a warning: one warning per sender
+        # and window, not one per message, when a sender floods this server with requests.
+        self._limit_warned: Dict[str, float] = {}
 
     def ruleset(self) -> RuleSet:
         rules = self.rules
@@ -1020,16 +1070,29 @@ class AutoResponder:
             return Decision(rule=rule.name, kind=rule.kind, acknowledge=True, reply=None)
         sender = msg["from"].strip().lower()
         if not self.ledger.within_limit(sender, now, self.per_sender_limit, self.per_sender_window):
-            log.warning(
+            shown_id = _one_line(msg["id"], 80)
+            log.log(
+                logging.WARNING if self._first_limited(sender, now) else logging.DEBUG,
                 "automatic reply to %s withheld: %d automatic replies to %s in the last %s "
-                "(limit %d)", msg["id"], self.ledger.recent_count(sender, now, self.per_sender_window),
+                "(limit %d)", shown_id, self.ledger.recent_count(sender, now, self.per_sender_window),
                 sender, format_duration(self.per_sender_window), self.per_sender_limit,
-                extra={"metadata": {"id": msg["id"], "from": sender, "rule": rule.name,
+                extra={"metadata": {"id": shown_id, "from": sender, "rule": rule.name,
                                     "limit": self.per_sender_limit}})
             return Decision(rule=rule.name, kind=rule.kind, acknowledge=acknowledge, reply=None,
                             limited=True)
         return Decision(rule=rule.name, kind=rule.kind, acknowledge=acknowledge,
                         reply=self._reply(msg, rule, sender, now))
+
+    def _first_limited(self, sender: str, now: float) -> bool:
+        """Whether this withheld reply is the first to ``sender`` in the current window."""
+        last = self._limit_warned.get(sender)
+        if last is not None and now - last < self.per_sender_window:
+            return False
+        self._limit_warned.pop(sender, None)
+        self._limit_warned[sender] = now
+        while len(self._limit_warned) > LIMIT_WARNED_SENDERS:
+            del self._limit_warned[next(iter(self._limit_warned))]
+        return True
 
     def _reply(self, msg: Mapping[str, Any], rule: Rule, sender: str, now: float) -> Dict[str, Any]:
         uptime = self.uptime(now)
@@ -1053,6 +1116,29 @@ class AutoResponder:
         """Record the decision in the ledger (before sending). False: already recorded, do not send."""
         return self.ledger.record(message_key(msg), _text(msg.get("from")).strip().lower(), reply_id,
                                   self.clock(), sent=decision.reply is not None)
+
+    def hold(self, msg: Mapping[str, Any], decision: Decision,
+             reply: Optional[Dict[str, Any]] = None) -> bool:
+        """Record the decision in memory, for :meth:`commit_held` to write; the next
+        :meth:`decide` already counts it. ``reply``: the complete message that answers ``msg``
+        (its ``id`` included), or ``None``. False: already recorded, nothing to send."""
+        reply_id = reply.get("id") if reply is not None else None
+        if not self.ledger.stage(message_key(msg), _text(msg.get("from")).strip().lower(),
+                                 reply_id if isinstance(reply_id, str) else None, self.clock(),
+                                 sent=decision.reply is not None):
+            return False
+        if reply is not None:
+            self._held.append((msg, decision, reply))
+        return True
+
+    def commit_held(self) -> List[Tuple[Mapping[str, Any], Decision, Dict[str, Any]]]:
+        """Write every held decision to the ledger, in one write, and return the held
+        ``(message, decision, reply)`` that may now be sent -- after this returns, so that the
+        ledger is durable first. A message that another process recorded meanwhile is left out;
+        when the write fails (:class:`SuiteError`), nothing held may be sent."""
+        held, self._held = self._held, []
+        accepted = self.ledger.flush()
+        return [item for item in held if message_key(item[0]) in accepted]
 
 
 # --------------------------------------------------------------------------- command line
