@@ -36,7 +36,9 @@ answers (PROTOCOL.md, "Trust between servers": no per-message work grows with th
 
 Rules (:func:`load_rules`): ``{"version": 1, "rules": [ {"name", "kind", "match",
 "send_ack_message", "enabled"} ... ]}``, first matching enabled rule wins. A local ``--rules``
-file overrides the fleet-wide ``coordination/auto_reply_rules.json`` (:class:`RuleSource`).
+file overrides the fleet-wide ``coordination/auto_reply_rules.json`` (:class:`RuleSource`). The
+default rules answer status and presence requests; they acknowledge nothing (an ``acknowledge``
+rule in a rules file does, for fleets that want it).
 
 Any member can commit the shared rules, so a rule's cost is bounded whatever its text
 (PROTOCOL.md, "Trust between servers"): rules match whole words and phrases only, all found in
@@ -160,11 +162,13 @@ MAX_TIMESTAMP_CHARS: Final = 64
 OK: Final = "ok"
 ACK_ONLY: Final = "ack-only"
 
+# No acknowledge rule: an acknowledgement says that someone took note, which a program cannot
+# say for a person. A fleet that wants them adds one to its rules file, for example
+# {"name": "ack-required", "kind": "acknowledge", "match": {"ack_required": true},
+#  "send_ack_message": true}.
 DEFAULT_RULES_DOCUMENT: Final = {
     "version": RULES_VERSION,
     "rules": [
-        {"name": "ack-required", "kind": "acknowledge", "match": {"ack_required": True},
-         "send_ack_message": True},
         {"name": "presence", "kind": "presence",
          "match": {"words": ["are you there", "ping", "are you online", "are you alive", "are you",
                              "ready?"]}},

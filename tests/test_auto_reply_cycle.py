@@ -26,6 +26,7 @@ from fleet_git import Clone
 from fleet_mailbox import message_key
 from message_monitor import Monitor
 from message_queue import PENDING, SENT, MessageQueue
+from send_message import send_message
 
 
 def stamp(epoch: float) -> str:
@@ -182,3 +183,15 @@ def test_a_cycle_of_2000_requests_writes_the_ledger_and_the_queue_once(tmp_path,
     assert len(autos) == senders * limit
     assert sorted({m["to"] for m in autos}) == [f"build{n + 1}" for n in range(senders)]
 
+
+def test_the_default_monitor_acknowledges_nothing(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    send_message("Deploy 4411 done", "Deploy", to="code2", from_sender="build1", build_repo_path=str(b1),
+                 ack_required=True)
+    assert Monitor(Clone(c2), "code2", 1.0, one_shot=True).cycle().ok
+    original = fleet.remote_messages()[0]
+    assert "code2" not in (original.get("acknowledged_by") or [])
+    assert original.get("ack_status") != "acknowledged"
+    assert [m for m in fleet.remote_messages() if m.get("auto") is True] == []
+    ledger = ReplyLedger(c2 / "code2" / "state" / "auto_reply.json")
+    assert ledger.keys() == []  # not even recorded
