@@ -9,7 +9,9 @@ and build1 as real processes at the given interval, and sends, as people would:
 
 - at the start, from code2 to build1: "status report please?" (one status reply expected);
 - a third of the way in, from build1 to all: "are you there?" (one presence reply, from code2);
-- two thirds of the way in, from code2 to build1, requiring an acknowledgement (one ack).
+- two thirds of the way in, from code2 to build1, requiring an acknowledgement (one ack: the
+  fleet's ``coordination/auto_reply_rules.json`` asks for acknowledgements, which the default
+  rules no longer send).
 
 At the end it prints every message on the remote, the count of automatic ones, and the text of the
 automatic status reply. Exit 0 when the counts are exactly the expected three, 1 otherwise.
@@ -30,6 +32,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = ROOT / "python"
+RULES_PATH = "coordination/auto_reply_rules.json"
+# The default rules acknowledge nothing; a fleet that wants acknowledgements says so.
+ACK_RULE = {"name": "ack-required", "kind": "acknowledge", "match": {"ack_required": True},
+            "send_ack_message": True}
 
 
 def _git(cwd: Path, *args: str, env: Dict[str, str]) -> str:
@@ -42,6 +48,18 @@ def _send(clone: Path, env: Dict[str, str], *args: str) -> None:
                           env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"send_message.py exited {proc.returncode}: {proc.stderr.strip()}")
+
+
+def _share_rules(seed: Path, env: Dict[str, str]) -> None:
+    """Commit the fleet's rules: an acknowledge rule, then the default rules."""
+    defaults = subprocess.run([sys.executable, str(PYTHON / "auto_reply.py"), "--print-defaults"],
+                              env=env, check=True, capture_output=True, text=True).stdout
+    document = json.loads(defaults)
+    document["rules"].insert(0, ACK_RULE)
+    (seed / RULES_PATH).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    _git(seed, "add", RULES_PATH, env=env)
+    _git(seed, "commit", "-q", "--no-gpg-sign", "-m", "fleet: acknowledge what requires it", env=env)
+    _git(seed, "push", "-q", "origin", "HEAD", env=env)
 
 
 def run(seconds: float, interval: float, keep: bool = False) -> Dict[str, Any]:
@@ -63,6 +81,7 @@ def _run_in(base: Path, seconds: float, interval: float) -> Dict[str, Any]:
     subprocess.run([sys.executable, str(PYTHON / "message_monitor.py"), "--init", "--repo",
                     str(base / "seed")], env=env, check=True, capture_output=True)
     origin = base / "seed.origin.git"
+    _share_rules(base / "seed", env)
     clones = {}
     for server in ("code2", "build1"):
         clones[server] = base / server

@@ -27,13 +27,26 @@ keeps at most one automatic reply per original message (key: id and sender), eve
      "replied": {"<sender>\\u001f<id>": {"at": 1762254639.5, "reply_id": "msg_..." | null}},
      "recent": {"<sender>": [1762254639.5, ...]}}
 
-``replied`` entries are pruned after 30 days, ``recent`` ones after a day. The monitor calls
-:meth:`AutoResponder.commit` (-> :meth:`ReplyLedger.record`, written at once) BEFORE it sends, so
-a crash between recording and sending loses a reply but never sends a second one.
+``replied`` entries are pruned after 30 days, ``recent`` ones after a day. The monitor decides a
+whole cycle in memory (:meth:`AutoResponder.hold`), writes the ledger once
+(:meth:`AutoResponder.commit_held`, which also refuses what another process recorded meanwhile),
+and only then queues the replies it returned: a crash between recording and sending loses a reply
+but never sends a second one, and a cycle costs one ledger write however many messages it
+answers (PROTOCOL.md, "Trust between servers": no per-message work grows with the mailbox).
 
 Rules (:func:`load_rules`): ``{"version": 1, "rules": [ {"name", "kind", "match",
 "send_ack_message", "enabled"} ... ]}``, first matching enabled rule wins. A local ``--rules``
-file overrides the fleet-wide ``coordination/auto_reply_rules.json`` (:class:`RuleSource`).
+file overrides the fleet-wide ``coordination/auto_reply_rules.json`` (:class:`RuleSource`). The
+default rules answer status and presence requests; they acknowledge nothing (an ``acknowledge``
+rule in a rules file does, for fleets that want it).
+
+Any member can commit the shared rules, so a rule's cost is bounded whatever its text
+(PROTOCOL.md, "Trust between servers"): rules match whole words and phrases only, all found in
+one pass over the tokens of the first :data:`MAX_MATCHED_CHARS` characters of the subject and of
+the body (:class:`PhraseIndex`) -- never by a regular expression from a rules file (a ``regex``
+key is refused, in a local file too: Python's ``re`` cannot be stopped once it backtracks). The
+file is bounded in size and depth (:func:`fleet_common.load_json_bounded`), and in rules,
+phrases and list lengths; a file that breaks a bound is invalid like any other.
 
 As a script: ``python3 python/auto_reply.py --check FILE`` validates a rules file;
 ``--print-defaults`` prints the default rules. Exit codes: 0 valid, 2 invalid or bad usage,
@@ -43,6 +56,7 @@ As a script: ``python3 python/auto_reply.py --check FILE`` validates a rules fil
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime as _dt
 import hashlib
 import json
@@ -63,8 +77,8 @@ from typing import (
     List,
     Mapping,
     Optional,
-    Pattern,
     Sequence,
+    Set,
     Tuple,
     Union,
 )
@@ -73,11 +87,14 @@ from fleet_common import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
+    BadInput,
     SuiteError,
     UsageError,
     atomic_write_json,
     file_lock,
     is_valid_server_id,
+    json_depth_exceeds,
+    load_json_bounded,
     load_state_file,
     move_aside,
     normalize_server_id,
@@ -104,7 +121,7 @@ LEDGER_NAME: Final = "auto_reply.json"
 SHARED_RULES_PATH: Final = "coordination/auto_reply_rules.json"
 
 KINDS: Final = ("status", "presence", "acknowledge")
-MATCH_KEYS: Final = ("words", "regex", "from", "type", "priority", "ack_required")
+MATCH_KEYS: Final = ("words", "from", "type", "priority", "ack_required")
 _RULE_KEYS: Final = ("name", "kind", "match", "send_ack_message", "enabled", "description", "comment")
 _TOP_KEYS: Final = ("version", "rules", "description", "comment")
 
@@ -120,18 +137,38 @@ LEDGER_RETENTION_S: Final = 30 * 86400.0
 RECENT_RETENTION_S: Final = 86400.0
 LEDGER_MAX_ENTRIES: Final = 50000
 LEDGER_LOCK_TIMEOUT: Final = 10.0
+LIMIT_WARNED_SENDERS: Final = 1024
 MAX_STATUS_CHECK_LINES: Final = 6
 MAX_LINE: Final = 160
+
+# Bounds on a rules file (PROTOCOL.md, "Trust between servers"). Matching one message is one
+# pass over at most about 4 * MAX_MATCHED_CHARS tokens, whatever the rules; the bounds on the
+# file keep building the rules and their index (once per file) and the error lines small.
+MAX_RULES_BYTES: Final = 64 * 1024
+MAX_RULES_DEPTH: Final = 8  # a rules file needs 5: object, rules list, rule, match, words list
+MAX_RULES: Final = 64
+MAX_PHRASES: Final = 256  # words and phrases in the whole file
+MAX_PHRASE_CHARS: Final = 64
+MAX_LIST_ITEMS: Final = 64  # match.from, match.type, match.priority
+MAX_ITEM_CHARS: Final = 64  # a sender, type or priority; a rule's name
+# Only the start of a subject and of a body is matched: a request says what it wants early.
+MAX_MATCHED_CHARS: Final = 2048
+# Subjects and timestamps are parsed by fleet_mailbox / fleet_common regexes whose cost grows
+# with the square of a crafted value's length; no real prefix or timestamp is this long.
+MAX_SUBJECT_PREFIX_CHARS: Final = 256
+MAX_TIMESTAMP_CHARS: Final = 64
 
 # Reason codes returned by should_reply (the text after the colon is detail for logs).
 OK: Final = "ok"
 ACK_ONLY: Final = "ack-only"
 
+# No acknowledge rule: an acknowledgement says that someone took note, which a program cannot
+# say for a person. A fleet that wants them adds one to its rules file, for example
+# {"name": "ack-required", "kind": "acknowledge", "match": {"ack_required": true},
+#  "send_ack_message": true}.
 DEFAULT_RULES_DOCUMENT: Final = {
     "version": RULES_VERSION,
     "rules": [
-        {"name": "ack-required", "kind": "acknowledge", "match": {"ack_required": True},
-         "send_ack_message": True},
         {"name": "presence", "kind": "presence",
          "match": {"words": ["are you there", "ping", "are you online", "are you alive", "are you",
                              "ready?"]}},
@@ -173,14 +210,98 @@ def _epoch(now: Union[float, _dt.datetime]) -> float:
     return now.timestamp() if isinstance(now, _dt.datetime) else float(now)
 
 
-def word_pattern(words: Sequence[str]) -> Pattern[str]:
-    """One regex for "any of these words or phrases, as whole words, any case".
+# Text as tokens: each maximal run of word characters, each other character, and a gap mark
+# between two non-word characters and at an end beside one. A phrase occurs in a text as whole
+# words -- what ``(?<!\w)phrase(?!\w)`` finds, so ``ready?`` needs a non-word character or the
+# end after it -- exactly when its tokens occur in a row among the text's. Both patterns here
+# are fixed and linear; no pattern ever comes from a rules file.
+_TOKEN: Final = re.compile(r"\w+|\W")
+_WORD_PREFIX: Final = re.compile(r"\w*")
+_WORD_CHAR: Final = re.compile(r"\w")
+_NON_WORD_GAP: Final = re.compile(r"(?<!\w)(?!\w)")
+_GAP: Final = "\x00"
+_FIELD_SEPARATOR: Final = "\x03"  # between subject and body: no phrase spans both
+_UNFORGEABLE: Final = {ord(_GAP): 0xFFFD, ord(_FIELD_SEPARATOR): 0xFFFD}
 
-    The guards are look-arounds rather than ``\\b`` so that a word ending in punctuation
-    (``ready?``) still needs a non-word character (or the end) after it.
+
+def word_tokens(text: str) -> List[str]:
+    """``text`` lower-cased as tokens (see above); linear in its length."""
+    return _TOKEN.findall(_NON_WORD_GAP.sub(_GAP, text.lower().translate(_UNFORGEABLE)))
+
+
+def _clip(text: str, limit: int = MAX_MATCHED_CHARS) -> str:
+    """The first ``limit`` characters, without the part of a word that the cut went through
+    (``reporter`` cut to ``report`` must not match ``report``)."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    if _WORD_CHAR.match(text, limit):  # the cut fell inside a word (or just before one)
+        head = head[: limit - _WORD_PREFIX.match(head[::-1]).end()]
+    return head
+
+
+def message_tokens(msg: Mapping[str, Any]) -> List[str]:
+    """The tokens of the start of the subject and of the body, as phrases are looked for."""
+    return (word_tokens(_clip(_text(msg.get("subject")))) + [_FIELD_SEPARATOR]
+            + word_tokens(_clip(_text(msg.get("body")))))
+
+
+Phrase = Tuple[str, ...]
+
+
+class PhraseIndex:
+    """Which of many phrases occur in a text, in one pass over its tokens (Aho-Corasick).
+
+    The pass costs a few dictionary look-ups per token, amortised, whatever the number, length
+    or shape of the phrases; building the index costs their total length, once per rules file.
     """
-    alternatives = "|".join(re.escape(word) for word in words)
-    return re.compile(r"(?<![\w])(?:" + alternatives + r")(?![\w])", re.IGNORECASE)
+
+    def __init__(self, phrases: Sequence[Phrase]) -> None:
+        goto: List[Dict[str, int]] = [{}]
+        ends: List[Optional[Phrase]] = [None]  # the phrase that ends in a state
+        for phrase in phrases:
+            state = 0
+            for token in phrase:
+                following = goto[state].get(token)
+                if following is None:
+                    following = goto[state][token] = len(goto)
+                    goto.append({})
+                    ends.append(None)
+                state = following
+            ends[state] = phrase
+        fail = [0] * len(goto)  # the longest proper suffix of a state that is also a state
+        link = [0] * len(goto)  # the nearest such suffix where a phrase ends (0: none)
+        queue = collections.deque(goto[0].values())
+        while queue:
+            state = queue.popleft()
+            for token, child in goto[state].items():
+                suffix = fail[state]
+                while suffix and token not in goto[suffix]:
+                    suffix = fail[suffix]
+                fail[child] = goto[suffix].get(token, 0) if state else 0
+                link[child] = fail[child] if ends[fail[child]] is not None else link[fail[child]]
+                queue.append(child)
+        # The first state whose phrase ends when the search is in a state (0: none).
+        self._hit = [state if ends[state] is not None else link[state] for state in range(len(goto))]
+        self._goto, self._fail, self._link, self._ends = goto, fail, link, ends
+
+    def found(self, tokens: Sequence[str]) -> Set[Phrase]:
+        goto, fail, link, ends, first_hit = self._goto, self._fail, self._link, self._ends, self._hit
+        found: Set[Phrase] = set()
+        reported: Set[int] = set()  # each state's phrases are collected once: bounded work
+        state = 0
+        for token in tokens:
+            following = goto[state].get(token)
+            while following is None and state:  # amortised: never more steps back than forward
+                state = fail[state]
+                following = goto[state].get(token)
+            state = following or 0
+            hit = first_hit[state]
+            while hit and hit not in reported:
+                reported.add(hit)
+                found.add(ends[hit])  # type: ignore[arg-type]
+                hit = link[hit]
+        return found
 
 
 # --------------------------------------------------------------------------- rules
@@ -191,22 +312,22 @@ class Match:
     """The conditions of a rule; every condition given must hold."""
 
     words: Tuple[str, ...] = ()
-    regex: Optional[str] = None
     senders: Optional[FrozenSet[str]] = None
     types: Optional[FrozenSet[str]] = None
     priorities: Optional[FrozenSet[str]] = None
     ack_required: Optional[bool] = None
-    word_re: Optional[Pattern[str]] = field(default=None, compare=False, repr=False)
-    regex_re: Optional[Pattern[str]] = field(default=None, compare=False, repr=False)
+    # ``words`` as tokens (see word_tokens), without repeats.
+    phrases: Tuple[Phrase, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def selective(self) -> bool:
         """False for a match that names no condition: it matches nothing (not everything)."""
-        return bool(self.words or self.regex is not None or self.senders is not None
-                    or self.types is not None or self.priorities is not None
-                    or self.ack_required is True)
+        return bool(self.words or self.senders is not None or self.types is not None
+                    or self.priorities is not None or self.ack_required is True)
 
-    def holds(self, msg: Mapping[str, Any]) -> bool:
+    def holds(self, msg: Mapping[str, Any], found: Optional[Set[Phrase]] = None) -> bool:
+        """Whether every condition holds. ``found``: the phrases of ``msg`` that a rule set's
+        :class:`PhraseIndex` found (it looks once per message for the phrases of all rules)."""
         if not self.selective:
             return False
         if self.ack_required is not None and _truthy(msg.get("ack_required")) != self.ack_required:
@@ -219,19 +340,17 @@ class Match:
         if self.priorities is not None and (
                 _text(msg.get("priority")).strip().lower() or "normal") not in self.priorities:
             return False
-        subject, body = _text(msg.get("subject")), _text(msg.get("body"))
-        if self.word_re is not None and not (self.word_re.search(subject) or self.word_re.search(body)):
-            return False
-        if self.regex_re is not None and not self.regex_re.search(subject + "\n" + body):
-            return False
+        if self.phrases:
+            if found is None:
+                found = PhraseIndex(self.phrases).found(message_tokens(msg))
+            if not any(phrase in found for phrase in self.phrases):
+                return False
         return True
 
     def to_json(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         if self.words:
             out["words"] = list(self.words)
-        if self.regex is not None:
-            out["regex"] = self.regex
         for key, values in (("from", self.senders), ("type", self.types), ("priority", self.priorities)):
             if values is not None:
                 out[key] = sorted(values)
@@ -248,8 +367,8 @@ class Rule:
     send_ack_message: bool = False
     enabled: bool = True
 
-    def matches(self, msg: Mapping[str, Any]) -> bool:
-        return self.enabled and self.match.holds(msg)
+    def matches(self, msg: Mapping[str, Any], found: Optional[Set[Phrase]] = None) -> bool:
+        return self.enabled and self.match.holds(msg, found)
 
     def to_json(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"name": self.name, "kind": self.kind, "match": self.match.to_json()}
@@ -264,6 +383,11 @@ class Rule:
 class RuleSet:
     rules: Tuple[Rule, ...]
     source: str = "defaults"
+    index: PhraseIndex = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        phrases = [phrase for rule in self.rules if rule.enabled for phrase in rule.match.phrases]
+        object.__setattr__(self, "index", PhraseIndex(phrases))  # frozen: set once, here
 
     @classmethod
     def default(cls) -> "RuleSet":
@@ -271,10 +395,13 @@ class RuleSet:
 
     def match(self, msg: Mapping[str, Any], kinds: Optional[Sequence[str]] = None) -> Optional[Rule]:
         """The first enabled rule (of one of ``kinds``, when given) whose match holds."""
+        found: Optional[Set[Phrase]] = None  # looked for once per message, when a rule needs it
         for rule in self.rules:
             if kinds is not None and rule.kind not in kinds:
                 continue
-            if rule.matches(msg):
+            if found is None and rule.enabled and rule.match.phrases:
+                found = self.index.found(message_tokens(msg))
+            if rule.matches(msg, found):
                 return rule
         return None
 
@@ -282,38 +409,45 @@ class RuleSet:
         return {"version": RULES_VERSION, "rules": [rule.to_json() for rule in self.rules]}
 
 
-def _string_list(value: Any, where: str, fail: Callable[[str], RuleError]) -> List[str]:
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value from a rules file as an error message shows it: quoted, escaped, one short line."""
+    return _one_line(repr(value), limit)
+
+
+def _string_list(value: Any, where: str, fail: Callable[[str], RuleError], *,
+                 max_items: int = MAX_LIST_ITEMS, max_chars: int = MAX_ITEM_CHARS) -> List[str]:
     if isinstance(value, str) or not isinstance(value, list) or not value:
         raise fail(f"{where} must be a non-empty list of strings")
+    if len(value) > max_items:
+        raise fail(f"{where} holds {len(value)} items, more than the {max_items} allowed")
     items: List[str] = []
     for item in value:
         if not isinstance(item, str) or not item.strip():
-            raise fail(f"{where} must hold non-empty strings, found {item!r}")
-        items.append(item.strip())
+            raise fail(f"{where} must hold non-empty strings, found {_shown(item)}")
+        item = item.strip()
+        if len(item) > max_chars:
+            raise fail(f"{where}: {_shown(item)} is longer than {max_chars} characters")
+        if not item.isprintable():
+            raise fail(f"{where}: {_shown(item)} holds a control character")
+        items.append(item)
     return items
 
 
 def _parse_match(raw: Any, where: str, fail: Callable[[str], RuleError]) -> Match:
     if not isinstance(raw, dict):
         raise fail(f"{where}: 'match' must be an object")
+    if "regex" in raw:
+        # A backtracking pattern such as (a+)+$ stalls every monitor on one message, and Python's
+        # re cannot be interrupted: rules match whole words and phrases only, in any file.
+        raise fail(f"{where}: match.regex is not accepted (a regular expression can take hours "
+                   "on one message); use match.words, whole words and phrases")
     unknown = sorted(set(raw) - set(MATCH_KEYS))
     if unknown:
-        raise fail(f"{where}: unknown match key {unknown[0]!r} (known: {', '.join(MATCH_KEYS)})")
+        raise fail(f"{where}: unknown match key {_shown(unknown[0])} (known: {', '.join(MATCH_KEYS)})")
     words: Tuple[str, ...] = ()
-    word_re = None
     if "words" in raw:
-        words = tuple(_string_list(raw["words"], f"{where}: match.words", fail))
-        word_re = word_pattern(words)
-    regex = None
-    regex_re = None
-    if "regex" in raw:
-        regex = raw["regex"]
-        if not isinstance(regex, str) or not regex:
-            raise fail(f"{where}: match.regex must be a non-empty string")
-        try:
-            regex_re = re.compile(regex, re.IGNORECASE)
-        except re.error as exc:
-            raise fail(f"{where}: invalid regex {regex!r}: {exc}") from None
+        words = tuple(_string_list(raw["words"], f"{where}: match.words", fail,
+                                   max_items=MAX_PHRASES, max_chars=MAX_PHRASE_CHARS))
     sets: Dict[str, Optional[FrozenSet[str]]] = {}
     for key in ("from", "type", "priority"):
         sets[key] = (frozenset(item.lower() for item in _string_list(raw[key], f"{where}: match.{key}", fail))
@@ -321,8 +455,8 @@ def _parse_match(raw: Any, where: str, fail: Callable[[str], RuleError]) -> Matc
     ack = raw.get("ack_required")
     if "ack_required" in raw and not isinstance(ack, bool):
         raise fail(f"{where}: match.ack_required must be true or false")
-    return Match(words=words, regex=regex, senders=sets["from"], types=sets["type"],
-                 priorities=sets["priority"], ack_required=ack, word_re=word_re, regex_re=regex_re)
+    return Match(words=words, senders=sets["from"], types=sets["type"], priorities=sets["priority"],
+                 ack_required=ack, phrases=tuple(dict.fromkeys(tuple(word_tokens(w)) for w in words)))
 
 
 def parse_rules(doc: Any, source: str) -> RuleSet:
@@ -335,10 +469,10 @@ def parse_rules(doc: Any, source: str) -> RuleSet:
         raise fail("the top level must be a JSON object with 'version' and 'rules'")
     unknown = sorted(set(doc) - set(_TOP_KEYS))
     if unknown:
-        raise fail(f"unknown key {unknown[0]!r} (known: {', '.join(_TOP_KEYS)})")
+        raise fail(f"unknown key {_shown(unknown[0])} (known: {', '.join(_TOP_KEYS)})")
     version = doc.get("version", RULES_VERSION)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise fail(f"'version' must be a positive integer, found {version!r}")
+        raise fail(f"'version' must be a positive integer, found {_shown(version)}")
     if version > RULES_VERSION:
         raise fail(f"format version {version} is newer than this program understands ({RULES_VERSION})")
     if "rules" not in doc:
@@ -346,8 +480,11 @@ def parse_rules(doc: Any, source: str) -> RuleSet:
     raw_rules = doc["rules"]
     if not isinstance(raw_rules, list):
         raise fail("'rules' must be a list")
+    if len(raw_rules) > MAX_RULES:
+        raise fail(f"{len(raw_rules)} rules, more than the {MAX_RULES} allowed")
     rules: List[Rule] = []
     names = set()
+    phrases = 0
     for index, raw in enumerate(raw_rules, 1):
         where = f"rule #{index}"
         if not isinstance(raw, dict):
@@ -356,19 +493,25 @@ def parse_rules(doc: Any, source: str) -> RuleSet:
         if not isinstance(name, str) or not name.strip():
             raise fail(f"{where}: missing 'name' (a non-empty string)")
         name = name.strip()
+        if len(name) > MAX_ITEM_CHARS or not name.isprintable():
+            raise fail(f"{where}: the name {_shown(name)} must be at most {MAX_ITEM_CHARS} "
+                       "printable characters")
         where = f"rule #{index} ({name!r})"
         if name in names:
             raise fail(f"{where}: the name is used twice")
         names.add(name)
         unknown = sorted(set(raw) - set(_RULE_KEYS))
         if unknown:
-            raise fail(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(_RULE_KEYS[:5])})")
+            raise fail(f"{where}: unknown key {_shown(unknown[0])} (known: {', '.join(_RULE_KEYS[:5])})")
         kind = raw.get("kind")
         if kind not in KINDS:
-            raise fail(f"{where}: unknown kind {kind!r} (use status, presence or acknowledge)")
+            raise fail(f"{where}: unknown kind {_shown(kind)} (use status, presence or acknowledge)")
         if "match" not in raw:
             raise fail(f"{where}: missing 'match'")
         match = _parse_match(raw["match"], where, fail)
+        phrases += len(match.phrases)
+        if phrases > MAX_PHRASES:
+            raise fail(f"{where}: more than {MAX_PHRASES} words and phrases in the whole file")
         flags = {}
         for key, default in (("send_ack_message", False), ("enabled", True)):
             value = raw.get(key, default)
@@ -385,13 +528,28 @@ def _looks_like_json(text: str) -> bool:
     return text.lstrip("\ufeff \t\r\n").startswith(("{", "["))
 
 
+def _json_syntax_error(text: str, name: str) -> Optional[str]:
+    """Where a rules text within the size and depth bounds breaks JSON (line and column), or
+    ``None`` when its problem is another (a number too long, nesting too deep)."""
+    if json_depth_exceeds(text.encode("utf-8"), MAX_RULES_DEPTH):
+        return None
+    try:
+        json.loads(text, parse_int=len, parse_float=len)  # numbers only measured: no cost
+    except json.JSONDecodeError as exc:
+        return f"auto-reply rules {name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+    except (ValueError, RecursionError):
+        return None
+    return None
+
+
 def load_rules(path_or_text: Union[str, bytes, "os.PathLike[str]"], *,
                source: Optional[str] = None) -> RuleSet:
     """Load a rules file (a path) or rules text (a string or bytes starting with ``{``).
 
     Raises :class:`RuleError` with one line naming the file and the problem: unreadable file,
-    bad JSON (with line and column), unknown kind or key, wrong types, bad regex, missing name,
-    newer format version.
+    more than :data:`MAX_RULES_BYTES`, nesting deeper than :data:`MAX_RULES_DEPTH`, a number
+    too long, bad JSON (with line and column), unknown kind or key, wrong types, a ``regex``,
+    too many rules or phrases, missing name, newer format version.
     """
     if isinstance(path_or_text, bytes):
         raw: bytes = path_or_text
@@ -403,9 +561,12 @@ def load_rules(path_or_text: Union[str, bytes, "os.PathLike[str]"], *,
         path = Path(path_or_text)
         name = source or f"file {path}"
         try:
-            raw = path.read_bytes()
+            with path.open("rb") as handle:
+                raw = handle.read(MAX_RULES_BYTES + 1)  # enough to tell that it is too big
         except OSError as exc:
             raise RuleError(f"auto-reply rules {name}: cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_RULES_BYTES:
+        raise RuleError(f"auto-reply rules {name}: more than the {MAX_RULES_BYTES} bytes allowed")
     try:
         text = raw.decode("utf-8-sig")  # PowerShell 5 writes a BOM
     except UnicodeDecodeError as exc:
@@ -413,11 +574,10 @@ def load_rules(path_or_text: Union[str, bytes, "os.PathLike[str]"], *,
     if not text.strip():
         raise RuleError(f"auto-reply rules {name}: the file is empty")
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RuleError(
-            f"auto-reply rules {name}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
+        doc = load_json_bounded(raw, what=f"auto-reply rules {name}", max_bytes=MAX_RULES_BYTES,
+                                max_depth=MAX_RULES_DEPTH)
+    except BadInput as exc:
+        raise RuleError(_json_syntax_error(text, name) or str(exc)) from None
     return parse_rules(doc, name)
 
 
@@ -485,13 +645,28 @@ class RuleSource:
 # --------------------------------------------------------------------------- the loop guard
 
 
+def _subject_head(msg: Mapping[str, Any]) -> str:
+    """The start of the subject, where reply prefixes are: fleet_mailbox's prefix patterns cost
+    the square of what they are given ("re" and a megabyte of spaces)."""
+    return _text(msg.get("subject"))[:MAX_SUBJECT_PREFIX_CHARS]
+
+
+def _message_moment(msg: Mapping[str, Any]) -> Optional[_dt.datetime]:
+    """The message's time, or ``None``; a timestamp no writer produces is not parsed at all
+    (fleet_common's timestamp pattern, like the prefix one, grows with the square of padding)."""
+    stamp = msg.get("timestamp")
+    if isinstance(stamp, str) and len(stamp) > MAX_TIMESTAMP_CHARS:
+        return None
+    return message_time(msg)
+
+
 def legacy_auto_marker(msg: Mapping[str, Any]) -> Optional[str]:
     """What marks ``msg`` as an automatic reply from an older monitor (no ``auto`` field)."""
     body = _text(msg.get("body")).lower()
     for marker in LEGACY_BODY_MARKERS:
         if marker in body:
             return f"body says {marker!r}"
-    subject = _text(msg.get("subject")).strip().lower()
+    subject = _subject_head(msg).strip().lower()
     for candidate in (subject, strip_reply_prefixes(subject).lower()):
         for prefix in LEGACY_SUBJECT_PREFIXES:
             if candidate.startswith(prefix):
@@ -521,7 +696,7 @@ def _gate(msg: Mapping[str, Any], server: str, now: float, max_age_hours: float)
     acked = msg.get("acknowledged_by")
     if isinstance(acked, list) and server in [a.strip().lower() for a in acked if isinstance(a, str)]:
         return False, "acknowledged: already acknowledged by this server"
-    moment = message_time(msg)
+    moment = _message_moment(msg)
     if moment is None:
         return False, "too-old: no readable timestamp (counts as old)"
     age = now - moment.timestamp()
@@ -529,7 +704,7 @@ def _gate(msg: Mapping[str, Any], server: str, now: float, max_age_hours: float)
         return False, f"too-old: {age / 3600.0:.1f} h old (cut-off {max_age_hours:g} h)"
     # A timestamp in the future (a sender's clock ahead) counts as fresh.
     in_reply_to = msg.get("in_reply_to")
-    is_reply = bool(isinstance(in_reply_to, str) and in_reply_to.strip()) or is_reply_subject(msg.get("subject"))
+    is_reply = bool(isinstance(in_reply_to, str) and in_reply_to.strip()) or is_reply_subject(_subject_head(msg))
     if is_reply:
         if _truthy(msg.get("ack_required")):
             return True, f"{ACK_ONLY}: a reply that requires an acknowledgement"
@@ -568,15 +743,18 @@ def _is_number(value: Any) -> bool:
 class ReplyLedger:
     """Which messages this server has answered automatically, and when it answered whom.
 
-    One monitor owns the file; :meth:`record` still re-reads it under a lock
-    (``auto_reply.json.lock``) and refuses a key that is already there, so two processes for
-    the same server cannot both send.
+    One monitor owns the file. Decisions are staged in memory (:meth:`stage`) and written
+    together (:meth:`flush`: one read and one write however many there are); the write re-reads
+    the file under a lock (``auto_reply.json.lock``) and refuses a key that is already there, so
+    two processes for the same server cannot both send. :meth:`record` does both for one key.
     """
 
     def __init__(self, path: Union[str, "os.PathLike[str]"], clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self.clock = clock
         self._data = self._load()
+        # name -> (key, entry, sender, sent): decisions made in memory, not yet written (flush).
+        self._staged: Dict[str, Tuple[MessageKey, Dict[str, Any], str, bool]] = {}
 
     def _load(self) -> Dict[str, Any]:
         data = load_state_file(self.path, version=LEDGER_VERSION, fresh=_fresh_ledger)
@@ -620,32 +798,69 @@ class ReplyLedger:
                      window: float = DEFAULT_PER_SENDER_WINDOW) -> bool:
         return self.recent_count(sender, now, window) < limit
 
-    def record(self, key: MessageKey, sender: str, reply_id: Optional[str],
-               now: Optional[float] = None, *, sent: bool = True) -> bool:
-        """Record the (coming) reply to ``key`` and write the file at once.
+    def stage(self, key: MessageKey, sender: str, reply_id: Optional[str],
+              now: Optional[float] = None, *, sent: bool = True) -> bool:
+        """Remember the (coming) reply to ``key`` in memory, for :meth:`flush` to write.
 
-        ``sent`` False records a decision that sends no mail (an acknowledgement mark, a reply
-        withheld by the limit): remembered, not counted against the sender's limit. Returns
-        False, writing nothing, when the key was already recorded: then do not send.
+        From now on :meth:`already_replied` and :meth:`recent_count` count it, so one cycle's
+        later decisions see its earlier ones. ``sent`` False records a decision that sends no
+        mail (an acknowledgement mark, a reply withheld by the limit): remembered, not counted
+        against the sender's limit. Returns False when the key is already recorded.
         """
         when = self.clock() if now is None else now
+        name = key_str(key)
+        if name in self._data["replied"]:
+            return False
+        entry = {"at": when, "reply_id": reply_id}
+        self._data["replied"][name] = entry
+        who = sender.strip().lower()
+        if sent:
+            self._data["recent"].setdefault(who, []).append(when)
+        self._staged[name] = (key, entry, who, sent)
+        return True
+
+    def flush(self) -> Set[MessageKey]:
+        """Write what :meth:`stage` remembered, in one write; the keys that may be answered.
+
+        Re-reads the file under the lock (``auto_reply.json.lock``): a key that another process
+        recorded meanwhile is left out of the answer, so it is answered once. Writes nothing
+        when nothing was staged. Raises :class:`SuiteError` when the file cannot be written:
+        then nothing staged may be answered.
+        """
+        if not self._staged:
+            return set()
+        staged, self._staged = self._staged, {}
         lock_path = self.path.with_name(self.path.name + ".lock")
+        accepted: Set[MessageKey] = set()
         try:
             with file_lock(lock_path, timeout=LEDGER_LOCK_TIMEOUT):
-                self._data = self._load()  # another process may have recorded it
-                name = key_str(key)
-                if name in self._data["replied"]:
-                    return False
-                self._data["replied"][name] = {"at": when, "reply_id": reply_id}
-                if sent:
-                    self._data["recent"].setdefault(sender.strip().lower(), []).append(when)
-                self._prune(when)
-                atomic_write_json(self.path, self._data)
+                self._data = self._load()  # another process may have recorded some of them
+                replied, recent = self._data["replied"], self._data["recent"]
+                latest = self.clock()
+                for name, (key, entry, sender, sent) in staged.items():
+                    latest = max(latest, entry["at"])
+                    if name in replied:
+                        continue
+                    replied[name] = entry
+                    if sent:
+                        recent.setdefault(sender, []).append(entry["at"])
+                    accepted.add(key)
+                self._prune(latest)
+                if accepted:
+                    atomic_write_json(self.path, self._data)
         except SuiteError:
             raise
         except Exception as exc:  # noqa: BLE001 - filelock.Timeout and OSError: one typed error
-            raise SuiteError(f"cannot record an automatic reply in {self.path}: {exc}") from exc
-        return True
+            raise SuiteError(f"cannot record automatic replies in {self.path}: {exc}") from exc
+        return accepted
+
+    def record(self, key: MessageKey, sender: str, reply_id: Optional[str],
+               now: Optional[float] = None, *, sent: bool = True) -> bool:
+        """:meth:`stage` and :meth:`flush` one decision: written at once. False, writing
+        nothing, when the key was already recorded (here or by another process): do not send."""
+        if not self.stage(key, sender, reply_id, now, sent=sent):
+            return False
+        return key in self.flush()
 
     def _prune(self, now: float) -> None:
         """Keep the file bounded: 30 days of replies, a day of per-sender times."""
@@ -798,9 +1013,11 @@ class Decision:
 class AutoResponder:
     """Decides, for one server, whether and how to answer a message automatically.
 
-    ``decide`` is pure apart from reading the ledger and calling ``status_provider``; the caller
-    records with :meth:`commit` before it sends, and commits one decision before deciding on the
-    next message (the per-sender limit counts committed replies).
+    ``decide`` is pure apart from reading the ledger and calling ``status_provider``. The caller
+    records a decision before it sends, and before deciding on the next message (the per-sender
+    limit counts recorded replies): a monitor's cycle keeps each decision in memory with
+    :meth:`hold`, then :meth:`commit_held` writes them all at once and returns the replies to
+    queue; :meth:`commit` writes a single decision at once.
     """
 
     def __init__(self, server: str, rules_source_or_ruleset: Union[RuleSource, RuleSet],
@@ -826,6 +1043,10 @@ class AutoResponder:
         self.max_age_hours = max_age_hours
         self.per_sender_limit = per_sender_limit
         self.per_sender_window = per_sender_window
+        self._held: List[Tuple[Mapping[str, Any], Decision, Dict[str, Any]]] = []
+        # sender -> when a withheld reply was last logged as a warning: one warning per sender
+        # and window, not one per message, when a sender floods this server with requests.
+        self._limit_warned: Dict[str, float] = {}
 
     def ruleset(self) -> RuleSet:
         rules = self.rules
@@ -853,16 +1074,29 @@ class AutoResponder:
             return Decision(rule=rule.name, kind=rule.kind, acknowledge=True, reply=None)
         sender = msg["from"].strip().lower()
         if not self.ledger.within_limit(sender, now, self.per_sender_limit, self.per_sender_window):
-            log.warning(
+            shown_id = _one_line(msg["id"], 80)
+            log.log(
+                logging.WARNING if self._first_limited(sender, now) else logging.DEBUG,
                 "automatic reply to %s withheld: %d automatic replies to %s in the last %s "
-                "(limit %d)", msg["id"], self.ledger.recent_count(sender, now, self.per_sender_window),
+                "(limit %d)", shown_id, self.ledger.recent_count(sender, now, self.per_sender_window),
                 sender, format_duration(self.per_sender_window), self.per_sender_limit,
-                extra={"metadata": {"id": msg["id"], "from": sender, "rule": rule.name,
+                extra={"metadata": {"id": shown_id, "from": sender, "rule": rule.name,
                                     "limit": self.per_sender_limit}})
             return Decision(rule=rule.name, kind=rule.kind, acknowledge=acknowledge, reply=None,
                             limited=True)
         return Decision(rule=rule.name, kind=rule.kind, acknowledge=acknowledge,
                         reply=self._reply(msg, rule, sender, now))
+
+    def _first_limited(self, sender: str, now: float) -> bool:
+        """Whether this withheld reply is the first to ``sender`` in the current window."""
+        last = self._limit_warned.get(sender)
+        if last is not None and now - last < self.per_sender_window:
+            return False
+        self._limit_warned.pop(sender, None)
+        self._limit_warned[sender] = now
+        while len(self._limit_warned) > LIMIT_WARNED_SENDERS:
+            del self._limit_warned[next(iter(self._limit_warned))]
+        return True
 
     def _reply(self, msg: Mapping[str, Any], rule: Rule, sender: str, now: float) -> Dict[str, Any]:
         uptime = self.uptime(now)
@@ -879,13 +1113,36 @@ class AutoResponder:
             body = render_status(self.server, status, uptime_s=uptime, version=self.version)
             kind = "response"
         # Always to the sender alone, also for a broadcast: one answer, to who asked.
-        return {"to": sender, "subject": reply_subject(msg.get("subject")), "body": body,
+        return {"to": sender, "subject": reply_subject(_subject_head(msg)), "body": body,
                 "type": kind, "priority": "normal", "in_reply_to": msg["id"], "auto": True}
 
     def commit(self, msg: Mapping[str, Any], decision: Decision, reply_id: Optional[str]) -> bool:
         """Record the decision in the ledger (before sending). False: already recorded, do not send."""
         return self.ledger.record(message_key(msg), _text(msg.get("from")).strip().lower(), reply_id,
                                   self.clock(), sent=decision.reply is not None)
+
+    def hold(self, msg: Mapping[str, Any], decision: Decision,
+             reply: Optional[Dict[str, Any]] = None) -> bool:
+        """Record the decision in memory, for :meth:`commit_held` to write; the next
+        :meth:`decide` already counts it. ``reply``: the complete message that answers ``msg``
+        (its ``id`` included), or ``None``. False: already recorded, nothing to send."""
+        reply_id = reply.get("id") if reply is not None else None
+        if not self.ledger.stage(message_key(msg), _text(msg.get("from")).strip().lower(),
+                                 reply_id if isinstance(reply_id, str) else None, self.clock(),
+                                 sent=decision.reply is not None):
+            return False
+        if reply is not None:
+            self._held.append((msg, decision, reply))
+        return True
+
+    def commit_held(self) -> List[Tuple[Mapping[str, Any], Decision, Dict[str, Any]]]:
+        """Write every held decision to the ledger, in one write, and return the held
+        ``(message, decision, reply)`` that may now be sent -- after this returns, so that the
+        ledger is durable first. A message that another process recorded meanwhile is left out;
+        when the write fails (:class:`SuiteError`), nothing held may be sent."""
+        held, self._held = self._held, []
+        accepted = self.ledger.flush()
+        return [item for item in held if message_key(item[0]) in accepted]
 
 
 # --------------------------------------------------------------------------- command line

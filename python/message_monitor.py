@@ -511,6 +511,7 @@ class Monitor:
             if self.hook is not None:
                 self.hook.run(msg)
             self._auto_reply(msg, report)
+        self._queue_auto_replies(report)
         self.cached_blob = blob
 
     def _refresh_rules(self, tip: Optional[str]) -> None:
@@ -521,10 +522,10 @@ class Monitor:
         source.update_from_shared(blob, raw)
 
     def _auto_reply(self, msg: Dict[str, Any], report: CycleReport) -> None:
-        """Decide and queue an automatic reply; the queue delivers it in this cycle.
+        """Decide on an automatic reply, in memory; :meth:`_queue_auto_replies` records and
+        queues the cycle's replies together, and the queue delivers them in this cycle.
 
-        The message is already recorded as processed, so no restart can decide on it again;
-        the reply is durable in the queue before the ledger records it (at most one reply).
+        The message is already recorded as processed, so no restart can decide on it again.
         """
         if self.responder is None:
             return
@@ -533,7 +534,7 @@ class Monitor:
             return
         if decision.acknowledge:
             self.state.record(message_key(msg), ack=True)
-            self.state.save()
+        reply = None
         if decision.reply:
             from send_message import build_message
 
@@ -542,16 +543,27 @@ class Monitor:
                                   fields.pop("priority", "normal"), fields.pop("type", "response"),
                                   self.server, in_reply_to=fields.pop("in_reply_to", None),
                                   auto=bool(fields.pop("auto", True)), extra=fields)
-            # The ledger first: at most one reply per message, even with a second monitor.
-            if not self.responder.commit(msg, decision, reply["id"]):
-                return
-            self.queue.enqueue(reply, reason="automatic reply", kind="reply")
+        self.responder.hold(msg, decision, reply)
+
+    def _queue_auto_replies(self, report: CycleReport) -> None:
+        """One ledger write, then one queue write, for all of a cycle's automatic replies.
+
+        The ledger first: at most one reply per message, even across a crash or with a second
+        monitor (a reply that another process recorded meanwhile is dropped). Writing per message
+        made a cycle quadratic in its requests.
+        """
+        if self.responder is None:
+            return
+        self.state.save()  # acknowledgements decided this cycle, before the ledger says so
+        replies = self.responder.commit_held()
+        if not replies:
+            return
+        self.queue.enqueue_many([reply for _, _, reply in replies], reason="automatic reply", kind="reply")
+        for msg, decision, reply in replies:
             self.metrics.increment("auto_responses")
             report.replies += 1
             log.info("automatic %s reply %s to %s for %s", decision.kind, reply["id"], reply["to"],
                      msg["id"], extra={"metadata": {"rule": decision.rule, "in_reply_to": msg["id"]}})
-        else:
-            self.responder.commit(msg, decision, None)
 
     def _queues(self) -> List[Any]:
         """This server's retry queue first, then any other server's queue in this clone: a

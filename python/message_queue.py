@@ -214,6 +214,60 @@ class MessageQueue:
         delivered now) is kept as ``last_error``. Raises :class:`UsageError` for a message without
         a string id, or a repository folder that does not exist.
         """
+        return self.enqueue_many([message], reason, kind)[0]
+
+    def enqueue_many(self, messages: List[Dict[str, Any]], reason: str = "",
+                     kind: str = "message") -> List[str]:
+        """:meth:`enqueue` several messages in one locked write (a monitor's cycle queues all its
+        automatic replies at once); return their ids. All are checked before any is queued."""
+        if not isinstance(kind, str) or not kind:
+            raise UsageError("kind must be a non-empty string")
+        checked = [self._checked(message) for message in messages]
+        if not checked:
+            return []
+        now = self.clock()
+
+        def change(items: Items) -> List[str]:
+            index: Dict[Tuple[str, str], Dict[str, Any]] = {}
+            for entry in items:  # the first entry of a key, as _find reads it
+                if _is_entry(entry):
+                    index.setdefault((entry["id"], _sender_key(entry.get("from"))), entry)
+            outcomes = []
+            for msg_id, sender, payload in checked:
+                entry = index.get((msg_id, _sender_key(sender)))
+                if entry is not None and entry.get("status") == PENDING:
+                    outcomes.append("present")
+                    continue
+                fresh = {
+                    "id": msg_id, "from": sender, "kind": kind, "message": payload,
+                    "status": PENDING, "attempts": 0, "queued_at": self._iso(now),
+                    "next_attempt_at": now, "last_error": reason or None,
+                    "last_attempt_at": None, "sent_at": None,
+                }
+                if entry is None:
+                    items.append(fresh)
+                    index[(msg_id, _sender_key(sender))] = fresh
+                    outcomes.append("queued")
+                    continue
+                previous = entry.get("status")
+                entry.clear()
+                entry.update(fresh)
+                outcomes.append(f"requeued ({previous})")
+            return outcomes
+
+        outcomes = self._mutate(change)
+        for (msg_id, sender, _), outcome in zip(checked, outcomes):
+            if outcome != "present":
+                log.log(
+                    logging.DEBUG if kind == "reply" else logging.INFO,  # replies always pass through
+                    "message %s %s for delivery by the monitor: %s", msg_id, outcome,
+                    reason or "no reason given",
+                    extra={"metadata": {"id": msg_id, "from": sender, "kind": kind, "reason": reason}},
+                )
+        return [msg_id for msg_id, _, _ in checked]
+
+    def _checked(self, message: Any) -> Tuple[str, str, Dict[str, Any]]:
+        """(id, sender, private JSON copy) of a message to queue, or :class:`UsageError`."""
         if not isinstance(message, dict):
             raise UsageError(f"a queued message must be a JSON object, not {type(message).__name__}")
         msg_id = message.get("id")
@@ -222,42 +276,12 @@ class MessageQueue:
         sender = message.get("from", self.server_id)
         if not isinstance(sender, str) or not sender:
             raise UsageError(f"message {msg_id}: 'from' must be a non-empty string")
-        if not isinstance(kind, str) or not kind:
-            raise UsageError("kind must be a non-empty string")
         try:
             # A private copy: the caller may go on changing its dict; JSON-only values are checked now.
             payload = json.loads(json.dumps(message))
         except (TypeError, ValueError) as exc:
             raise UsageError(f"message {msg_id} cannot be stored as JSON: {exc}") from None
-
-        now = self.clock()
-
-        def change(items: Items) -> str:
-            entry = self._find(items, msg_id, sender)
-            if entry is not None and entry.get("status") == PENDING:
-                return "present"
-            fresh = {
-                "id": msg_id, "from": sender, "kind": kind, "message": payload,
-                "status": PENDING, "attempts": 0, "queued_at": self._iso(now),
-                "next_attempt_at": now, "last_error": reason or None,
-                "last_attempt_at": None, "sent_at": None,
-            }
-            if entry is None:
-                items.append(fresh)
-                return "queued"
-            previous = entry.get("status")
-            entry.clear()
-            entry.update(fresh)
-            return f"requeued ({previous})"
-
-        outcome = self._mutate(change)
-        if outcome != "present":
-            log.log(
-                logging.DEBUG if kind == "reply" else logging.INFO,  # replies always pass through
-                "message %s %s for delivery by the monitor: %s", msg_id, outcome, reason or "no reason given",
-                extra={"metadata": {"id": msg_id, "from": sender, "kind": kind, "reason": reason}},
-            )
-        return msg_id
+        return msg_id, sender, payload
 
     def mark_sent(self, message_id: str, sender: Optional[str] = None) -> bool:
         """Mark an entry delivered and verified; ``False`` when the queue does not hold it."""

@@ -50,6 +50,11 @@ STATUS: Dict[str, Any] = {
     "queue_pending": 0, "queue_dead": 0, "breaker": "CLOSED", "last_fetch_age_s": 4,
 }
 STARTED = T0 - (2 * 3600 + 13 * 60)  # up 2 h 13 min at T0
+ACK_RULE: Dict[str, Any] = {"name": "ack-required", "kind": "acknowledge", "match": {"ack_required": True},
+                            "send_ack_message": True}
+# What a fleet that wants acknowledgements writes: its acknowledge rule, then the defaults.
+ACK_RULES = auto_reply.parse_rules(
+    {"version": 1, "rules": [ACK_RULE, *auto_reply.DEFAULT_RULES_DOCUMENT["rules"]]}, "with-ack")
 
 
 def responder(tmp_path: Path, server: str = "code2", rules: Any = None, clock: Optional[FakeClock] = None,
@@ -96,8 +101,11 @@ def test_default_rules_match_words_as_words(subject, body, expected):
     assert (rule.kind if rule else None) == expected
 
 
-def test_default_rules_acknowledge_whatever_requires_it():
-    rule = RuleSet.default().match(msg("nothing special", "plain", ack_required=True))
+def test_default_rules_acknowledge_nothing_but_a_rules_file_can_ask_for_it():
+    message = msg("nothing special", "plain", ack_required=True)
+    assert RuleSet.default().match(message) is None
+    assert all(rule.kind != "acknowledge" for rule in RuleSet.default().rules)
+    rule = ACK_RULES.match(message)
     assert rule is not None and rule.name == "ack-required" and rule.send_ack_message
 
 
@@ -114,12 +122,12 @@ def test_custom_rules_all_conditions_must_hold(tmp_path):
         {"name": "nothing", "kind": "status", "match": {}},
         {"name": "not-alone", "kind": "status", "match": {"ack_required": False}},
         {"name": "urgent-architect", "kind": "presence",
-         "match": {"from": ["Architect"], "priority": ["URGENT"], "regex": r"build\s+\d+"}},
+         "match": {"from": ["Architect"], "priority": ["URGENT"], "words": ["build 4411"]}},
         {"name": "ack-info", "kind": "acknowledge", "match": {"type": ["info"], "ack_required": True}},
     ]}))
     rules = load_rules(path)
     assert rules.match(msg("status")) is None  # disabled; an empty match matches nothing
-    hit = msg("about", "Build   4411", sender="ARCHITECT", priority="urgent")
+    hit = msg("about", "Build 4411", sender="ARCHITECT", priority="urgent")
     assert rules.match(hit).name == "urgent-architect"
     assert rules.match(dict(hit, priority="high")) is None
     assert rules.match(dict(hit, body="Build x")) is None
@@ -143,7 +151,7 @@ def test_custom_rules_all_conditions_must_hold(tmp_path):
     ('{"version": 1, "rules": [{"name": "x", "kind": "status", "match": {"from": [3]}}]}',
      "match.from must hold non-empty strings"),
     ('{"version": 1, "rules": [{"name": "x", "kind": "status", "match": {"regex": "(unclosed"}}]}',
-     "invalid regex"),
+     "rule #1 ('x'): match.regex is not accepted"),
     ('{"version": 1, "rules": [{"kind": "status", "match": {"words": ["a"]}}]}', "missing 'name'"),
     ('{"version": 2, "rules": []}', "newer than this program"),
     ('{"version": 1, "rules": [{"name": "x", "kind": "status", "match": {"words": ["a"]}, '
@@ -276,7 +284,10 @@ def test_fresh_legacy_looking_mail_full_of_trigger_words_gets_no_reply(tmp_path)
 
 def test_the_quirky_mailbox_gets_exactly_one_decision_for_code2(tmp_path):
     clock = FakeClock(auto_reply.message_time({"timestamp": "2025-11-04T09:00:00Z"}).timestamp())
-    r = responder(tmp_path, clock=clock)
+    kick_off = next(m for _, m in valid_messages(quirky(), warn=False) if m["id"] == "msg_1762250000_0001")
+    by_default = responder(tmp_path / "defaults", clock=clock).decide(kick_off)
+    assert by_default.kind == "status" and not by_default.acknowledge  # "Please confirm ..."
+    r = responder(tmp_path, clock=clock, rules=ACK_RULES)
     decisions = []
     for _, message in valid_messages(quirky(), warn=False):
         decision = r.decide(message)
@@ -308,7 +319,8 @@ def test_reply_to_a_broadcast_goes_to_the_sender_only(tmp_path):
 def test_an_ack_required_reply_gets_one_re_and_only_an_acknowledgement(tmp_path):
     message = msg("Re: Re: status", "status report please?", ack_required=True,
                   in_reply_to="msg_0_000000000000")
-    decision = responder(tmp_path).decide(message)
+    assert responder(tmp_path / "defaults").decide(message) is None  # the defaults acknowledge nothing
+    decision = responder(tmp_path, rules=ACK_RULES).decide(message)
     assert decision is not None and decision.kind == "acknowledge" and decision.acknowledge
     assert decision.reply["subject"] == "Re: status"
     assert decision.reply["subject"].count("Re:") == 1
@@ -459,7 +471,7 @@ def test_per_sender_limit_with_an_injected_clock(tmp_path, caplog):
 
 
 def test_limited_acknowledgement_still_acknowledges(tmp_path):
-    r = responder(tmp_path, per_sender_limit=0)
+    r = responder(tmp_path, per_sender_limit=0, rules=ACK_RULES)
     decision = r.decide(msg("deploy", ack_required=True))
     assert decision.acknowledge and decision.reply is None and decision.limited
 
@@ -512,7 +524,7 @@ def test_rule_source_never_good_means_defaults(caplog):
     source = RuleSource()
     source.update_from_shared("blob-bad", BAD)
     assert source.current().source == "defaults"
-    assert [r.name for r in source.current().rules] == ["ack-required", "presence", "status"]
+    assert [r.name for r in source.current().rules] == ["presence", "status"]
 
 
 def test_local_rules_file_overrides_shared_rules(tmp_path):
@@ -609,7 +621,7 @@ def test_cli_checks_a_rules_file(tmp_path, capsys):
     assert "bad.json" in capsys.readouterr().err
     assert auto_reply.main(["--print-defaults"]) == 0
     printed = capsys.readouterr().out
-    assert [r.name for r in load_rules(printed).rules] == ["ack-required", "presence", "status"]
+    assert [r.name for r in load_rules(printed).rules] == ["presence", "status"]
 
 
 def test_cli_runs_as_a_script(tmp_path):

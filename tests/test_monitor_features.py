@@ -71,11 +71,16 @@ def test_broadcast_status_request_is_answered_to_the_sender_only(fleet):
     assert all(m["to"] == "build1" and m["subject"] == "Re: Roll call" for m in autos)
 
 
-def test_acknowledgement_in_the_same_transaction_as_the_read_mark(fleet):
+def test_acknowledgement_in_the_same_transaction_as_the_read_mark(fleet, tmp_path):
+    # The default rules acknowledge nothing; a rules file asks for acknowledgements.
+    rules = tmp_path / "ack_rules.json"
+    rules.write_text(json.dumps({"version": 1, "rules": [
+        {"name": "ack-required", "kind": "acknowledge", "match": {"ack_required": True},
+         "send_ack_message": True}]}))
     b1, c2 = fleet.clone("build1"), fleet.clone("code2")
     sent = send_message("Deploy finished, please acknowledge", "Deploy", to="code2", from_sender="build1",
                         build_repo_path=str(b1), ack_required=True)
-    mon(c2, "code2").cycle()
+    mon(c2, "code2", rules_path=str(rules)).cycle()
     original = fleet.remote_messages()[0]
     assert fleet.ackers(original) == {"code2"} and fleet.readers(original) == {"code2"}
     # one state-ref push carried both the read mark and the acknowledgement; the shared branch

@@ -1,0 +1,197 @@
+"""Automatic replies in the monitor's cycle: one ledger write and one queue write per cycle,
+however many requests it answers, and still at most one reply per message (PROTOCOL.md, "Trust
+between servers": no per-message work grows with the mailbox's size).
+
+Costs are proven by counting writes and reads on real files and real git, never by durations.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+from conftest import T0, FakeClock, Fleet
+
+import auto_reply
+from auto_reply import AutoResponder, ReplyLedger, RuleSet
+from fleet_common import UsageError, iso_utc
+from fleet_git import Clone
+from fleet_mailbox import message_key
+from message_monitor import Monitor
+from message_queue import PENDING, SENT, MessageQueue
+from send_message import send_message
+
+
+def stamp(epoch: float) -> str:
+    return iso_utc(_dt.datetime.fromtimestamp(epoch, _dt.timezone.utc))
+
+
+def request(subject: str = "status report please", body: str = "", *, sender: str = "build1",
+            to: Any = "code2", at: float = T0, mid: str = "msg_1_aaaaaaaaaaaa", **extra: Any) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"id": mid, "from": sender, "to": to, "subject": subject, "body": body,
+                           "type": "request", "priority": "normal", "timestamp": stamp(at),
+                           "read": False, "ack_required": False}
+    out.update(extra)
+    return out
+
+
+def responder(tmp_path: Path, rules: Any = None, clock: Any = None, server: str = "code2",
+              **kw: Any) -> AutoResponder:
+    clock = clock or FakeClock()
+    ledger = ReplyLedger(tmp_path / server / "state" / "auto_reply.json", clock=clock)
+    return AutoResponder(server, rules if rules is not None else RuleSet.default(), ledger,
+                         status_provider=lambda: {"overall": "HEALTHY"}, started_at=T0 - 60,
+                         version="1.0.0", clock=clock, **kw)
+
+
+def test_held_decisions_are_written_once_and_counted_at_once(tmp_path, monkeypatch, caplog):
+    replaced: List[str] = []
+    real_replace = os.replace
+
+    def counting_replace(src, dst, *args, **kwargs):
+        replaced.append(Path(dst).name)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", counting_replace)
+    r = responder(tmp_path)
+    decisions = []
+    with caplog.at_level(logging.DEBUG, logger="auto_reply"):
+        for n in range(100):
+            message = request(mid=f"msg_{n}", sender=f"build{n % 2}")
+            decision = r.decide(message)
+            assert decision is not None
+            reply = dict(decision.reply, id=f"reply_{n}") if decision.reply else None
+            assert r.hold(message, decision, reply)
+            assert not r.hold(message, decision, reply)  # held once
+            decisions.append(decision)
+    assert replaced == []  # nothing written while deciding
+    assert sum(d.reply is not None for d in decisions) == 2 * auto_reply.DEFAULT_PER_SENDER_LIMIT
+    warnings = [rec for rec in caplog.records if rec.levelno == logging.WARNING]
+    assert len(warnings) == 2  # one per flooding sender, not one per withheld reply
+    sendable = r.commit_held()
+    assert replaced == ["auto_reply.json"]
+    assert sorted(reply["id"] for _, _, reply in sendable) == sorted(
+        f"reply_{n}" for n in range(6))
+    data = json.loads((tmp_path / "code2" / "state" / "auto_reply.json").read_text())
+    assert len(data["replied"]) == 100
+    assert r.commit_held() == [] and replaced == ["auto_reply.json"]  # nothing held: no write
+
+
+def test_a_second_process_that_recorded_first_wins_the_whole_batch(tmp_path):
+    clock = FakeClock()
+    first, second = responder(tmp_path, clock=clock), responder(tmp_path, clock=clock)
+    messages = [request(mid=f"msg_{n}", sender=f"build{n}") for n in range(4)]
+    for r in (first, second):
+        for n, message in enumerate(messages):
+            decision = r.decide(message)
+            assert r.hold(message, decision, dict(decision.reply, id=f"{id(r)}_{n}"))
+    assert len(second.commit_held()) == 4
+    assert first.commit_held() == []  # re-read under the lock: every key is taken
+    assert second.ledger.reply_for(message_key(messages[0]))["reply_id"].startswith(str(id(second)))
+
+
+def test_enqueue_many_is_one_write_and_idempotent(tmp_path, monkeypatch):
+    clock = FakeClock()
+    queue = MessageQueue(tmp_path, "code2", clock=clock)
+    replies = [{"id": f"msg_{n}_{n:012x}", "from": "code2", "to": "build1", "subject": "Re: x",
+                "body": "b", "type": "response", "priority": "normal", "auto": True} for n in range(500)]
+    writes: List[str] = []
+    real_replace = os.replace
+
+    def counting_replace(src, dst, *args, **kwargs):
+        writes.append(Path(dst).name)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", counting_replace)
+    assert queue.enqueue_many(replies + replies[:3], reason="automatic reply", kind="reply") == \
+        [r["id"] for r in replies + replies[:3]]
+    assert writes == ["message_queue.json"]
+    assert len(queue.get_pending()) == 500
+    queue.mark_sent(replies[0]["id"])
+    assert queue.get(replies[0]["id"])["status"] == SENT
+    queue.enqueue_many(replies[:2])  # a sent entry is queued again, a pending one left alone
+    assert [queue.get(r["id"])["status"] for r in replies[:2]] == [PENDING, PENDING]
+    assert len(queue.get_pending()) == 500
+    before = len(writes)
+    with pytest.raises(UsageError):
+        queue.enqueue_many([replies[0], {"from": "code2"}])  # checked before anything is written
+    assert len(writes) == before
+    assert queue.enqueue_many([]) == [] and len(writes) == before
+
+
+def flood(count: int, senders: int) -> bytes:
+    now = time.time()
+    messages = []
+    for n in range(count):
+        messages.append({
+            "id": f"msg_{int(now)}_{secrets.token_hex(6)}", "from": f"build{n % senders + 1}",
+            "to": "code2", "subject": "status report please", "body": f"request {n}",
+            "type": "request", "priority": "normal", "timestamp": stamp(now - 60),
+            "read": False, "ack_required": False})
+    return (json.dumps({"messages": messages}, indent=2) + "\n").encode()
+
+
+@pytest.mark.timeout(300)
+def test_a_cycle_of_2000_requests_writes_the_ledger_and_the_queue_once(tmp_path, monkeypatch):
+    senders = 4
+    fleet = Fleet(tmp_path, mailbox=flood(2000, senders))
+    c2 = fleet.clone("code2")
+    ledger_file = c2 / "code2" / "state" / "auto_reply.json"
+    queue_file = c2 / "code2" / "queue" / "message_queue.json"
+    writes: Dict[str, int] = {}
+    loads: List[int] = []
+    real_replace = os.replace
+    real_load = ReplyLedger._load
+
+    def counting_replace(src, dst, *args, **kwargs):
+        target = os.path.realpath(dst)
+        writes[target] = writes.get(target, 0) + 1
+        return real_replace(src, dst, *args, **kwargs)
+
+    def counting_load(self):
+        loads.append(1)
+        return real_load(self)
+
+    monkeypatch.setattr(os, "replace", counting_replace)
+    monkeypatch.setattr(ReplyLedger, "_load", counting_load)
+    monitor = Monitor(Clone(c2), "code2", 1.0, one_shot=False)
+    monitor.stop_event.set()  # stopping: the queue is not drained, so its writes are the enqueue's
+    report = monitor.cycle()
+    assert len(report.new_messages) == 2000
+    limit = auto_reply.DEFAULT_PER_SENDER_LIMIT
+    assert report.replies == senders * limit
+    assert writes.get(os.path.realpath(ledger_file)) == 1
+    assert writes.get(os.path.realpath(queue_file)) == 1
+    assert len(loads) == 2  # once when the monitor started, once under the lock to write
+    ledger = json.loads(ledger_file.read_text())
+    assert len(ledger["replied"]) == 2000
+    assert sum(e["reply_id"] is not None for e in ledger["replied"].values()) == senders * limit
+    queued = MessageQueue(str(c2), "code2").get_pending()
+    assert len(queued) == senders * limit and all(e["kind"] == "reply" for e in queued)
+    # A restarted monitor delivers the replies once and decides nothing again.
+    monkeypatch.setattr(os, "replace", real_replace)
+    for _ in range(2):
+        assert Monitor(Clone(c2), "code2", 1.0, one_shot=True).cycle().ok
+    autos = [m for m in fleet.remote_messages() if m.get("auto") is True]
+    assert len(autos) == senders * limit
+    assert sorted({m["to"] for m in autos}) == [f"build{n + 1}" for n in range(senders)]
+
+
+def test_the_default_monitor_acknowledges_nothing(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    send_message("Deploy 4411 done", "Deploy", to="code2", from_sender="build1", build_repo_path=str(b1),
+                 ack_required=True)
+    assert Monitor(Clone(c2), "code2", 1.0, one_shot=True).cycle().ok
+    original = fleet.remote_messages()[0]
+    assert "code2" not in (original.get("acknowledged_by") or [])
+    assert original.get("ack_status") != "acknowledged"
+    assert [m for m in fleet.remote_messages() if m.get("auto") is True] == []
+    ledger = ReplyLedger(c2 / "code2" / "state" / "auto_reply.json")
+    assert ledger.keys() == []  # not even recorded
