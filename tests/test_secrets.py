@@ -6,8 +6,10 @@ import json
 from typing import List
 
 import pytest
-from conftest import QUIRKY
+from conftest import QUIRKY, git, run_script
 
+from fleet_common import UsageError
+from send_message import find_secret_in, send_message
 from structured_log import find_secret, redact
 
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
@@ -95,6 +97,9 @@ def test_the_quirky_fixture_holds_a_secret():
     data = json.loads(QUIRKY.read_text(encoding="utf-8"))
     (rotated,) = [m for m in data["messages"] if isinstance(m, dict) and m.get("subject") == "Credentials rotated"]
     assert find_secret(rotated["body"]) == "a GitHub token"
+    assert find_secret_in(rotated["body"], rotated["subject"]) == "body holds a GitHub token"
+    assert find_secret_in("hello", "password: Zebra99") == "subject holds a password"
+    assert find_secret_in("hello", None) == ""
 
 
 # --------------------------------------------------------------------------- linear time
@@ -122,3 +127,51 @@ def test_patterns_stay_linear_on_adversarial_input(unit):
         assert isinstance(redacted, str)
         find_secret(text)
 
+
+# --------------------------------------------------------------------------- the send check
+
+
+def test_send_refuses_a_secret_before_anything(fleet):
+    b1 = fleet.clone("build1")
+    before = fleet.remote_commits()
+    with pytest.raises(UsageError) as caught:
+        send_message("the new Jira password: Hunter2-secret", "Jira", to="code2", from_sender="build1",
+                     build_repo_path=str(b1))
+    text = str(caught.value)
+    assert "password" in text and "Hunter2" not in text and "--allow-secret" in text
+    assert "\n" not in text
+    with pytest.raises(UsageError):
+        send_message("see the subject", "token ghp_abcdefghijklmnopqrstuvwxyz0123456789", to="code2",
+                     from_sender="build1", build_repo_path=str(b1))
+    assert fleet.remote_commits() == before
+    assert not (b1 / "build1").exists()  # no queue, no state, no log
+
+
+def test_send_with_allow_secret_goes_through(fleet):
+    b1 = fleet.clone("build1")
+    result = send_message("the new Jira password: Hunter2-secret", "Jira", to="code2", from_sender="build1",
+                          build_repo_path=str(b1), allow_secret=True)
+    assert result
+    assert fleet.remote_messages()[-1]["body"] == "the new Jira password: Hunter2-secret"
+
+
+def test_cli_refuses_with_exit_2_and_one_line(fleet):
+    b1 = fleet.clone("build1")
+    before = fleet.remote_commits()
+    key = f"-----BEGIN RSA PRIVATE KEY-----\n{PEM_BODY}\n-----END RSA PRIVATE KEY-----"
+    proc = run_script("send_message.py", "-", "deploy key", "--to", "code2", "--from", "build1",
+                      "--repo", str(b1), input=key + "\n")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "private key" in lines[0] and "--allow-secret" in lines[0]
+    assert PEM_BODY not in proc.stderr + proc.stdout
+    assert fleet.remote_commits() == before
+
+    proc = run_script("send_message.py", "password hunter3", "--to", "code2", "--from", "build1",
+                      "--repo", str(b1), "--allow-secret")
+    assert proc.returncode == 0, proc.stderr
+    assert "hunter3" not in proc.stderr and "allow-secret" in proc.stderr  # warned, secret not shown
+    assert fleet.remote_messages()[-1]["body"] == "password hunter3"
+    log = (b1 / "build1" / "logs" / "structured.log").read_text(encoding="utf-8")
+    assert "hunter3" not in log and "holds a password" in log
+    assert git(b1, "status", "--porcelain") == ""
