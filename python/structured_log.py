@@ -12,6 +12,13 @@ Contract
   WARNING, ERROR, CRITICAL (custom levels map to the standard level below them); ``metadata``
   holds ``extra={"metadata": {...}}`` from the record, the ``logger`` name, ``exception`` (the
   formatted traceback) when the record has ``exc_info`` and ``stack`` when it has ``stack_info``.
+  Every string in a line is redacted, bounded and neutralised (PROTOCOL.md, "Trust between
+  servers"): the message and each metadata string are cut at :data:`MAX_FIELD_CHARS` characters
+  (``…`` and the original length mark a cut; each string argument of the format at
+  :data:`MAX_ARG_CHARS` first), tracebacks keep their last :data:`MAX_TRACEBACK_CHARS`, lists and
+  mappings their first :data:`MAX_ITEMS` entries, and control characters (newlines too) are
+  written as :func:`sanitize` escapes, so ``jq -r .message`` replays nothing. A line stays under
+  :data:`MAX_LINE_CHARS`.
 * Several processes (the CLI and the monitor) append to the same file: each record is one
   ``write()`` of one complete line on a file opened in append mode, and the file is opened per
   record so that a rotation by another process (or Windows' refusal to rename an open file) never
@@ -20,7 +27,8 @@ Contract
   ``structured.log.lock`` without waiting; a process that cannot take it skips rotating this time.
 * Console: ``HH:MM:SS LEVEL message`` (local time), one line per record: newlines in the message
   (and the traceback) are shown as `` | ``, and the whole line goes through :func:`sanitize`, so a
-  message from another server can never drive the operator's terminal or split a journald entry.
+  message from another server can never drive the operator's terminal or split a journald entry;
+  the message and traceback are bounded as in the file.
   Colour by level through colorama only when the stream is a terminal and ``NO_COLOR`` is unset or
   empty (``FORCE_COLOR`` set to anything but ``0`` forces it; an explicit ``color=`` wins over both).
   Output goes through :func:`console_safe`, so a code page such as cp1252 never makes it crash.
@@ -42,8 +50,10 @@ as ``fleet_git``). :class:`StructuredLogger` keeps the earlier script's API.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -69,11 +79,15 @@ __all__ = [
     "JsonFormatter",
     "StructuredFileHandler",
     "StructuredLogger",
+    "bounded_data",
+    "clip",
     "color_wanted",
     "console_safe",
+    "cut",
     "find_secret",
     "log_file_path",
     "preview",
+    "record_message",
     "redact",
     "sanitize",
     "setup_logging",
@@ -355,28 +369,6 @@ def _is_secret_key(key: object) -> bool:
     return isinstance(key, str) and bool(_SECRET_KEY_RE.match(key))
 
 
-def redact_data(value: Any, _depth: int = 0) -> Any:
-    """A JSON-ready copy of ``value`` with every string redacted and secret-keyed values masked."""
-    if isinstance(value, str):
-        return redact(value)
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    if _depth >= 20:
-        return redact(repr(value))
-    if isinstance(value, Mapping):
-        out: Dict[str, Any] = {}
-        for key, item in value.items():
-            name = key if isinstance(key, str) else str(key)
-            if _is_secret_key(name) and isinstance(item, (str, int, float)) and not isinstance(item, bool):
-                out[name] = REDACTED
-            else:
-                out[name] = redact_data(item, _depth + 1)
-        return out
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [redact_data(item, _depth + 1) for item in value]
-    return redact(str(value))
-
-
 # --------------------------------------------------------------------------- sanitizing
 
 # C0 controls (tab and newline included), DEL, C1 controls, Arabic letter mark, LRM/RLM,
@@ -438,8 +430,128 @@ def preview(text: object, length: int = 120) -> str:
 
     Redaction runs on the raw text (where a newline still ends a secret value), then
     :func:`sanitize` escapes what is left and cuts it with ``…``; the result is safe either way.
+    Only the start of a long text is read (:data:`REDACTION_MARGIN` beyond what is shown).
     """
-    return sanitize(redact(text), max_len=length)
+    value = text if isinstance(text, str) else str(text)
+    return sanitize(redact(value[: max(length, 0) + REDACTION_MARGIN]), max_len=length)
+
+
+# --------------------------------------------------------------------------- bounds
+
+# Text from another machine is bounded before it is shown or logged (PROTOCOL.md, "Trust between
+# servers"): a 2 MB subject must not make a 2 MB log line that rotates the history away.
+MAX_FIELD_CHARS: Final = 1000  # the message and each string in the metadata
+MAX_ARG_CHARS: Final = 300  # each string argument of a %-format, so several fit in a message
+MAX_TRACEBACK_CHARS: Final = 4000  # tracebacks keep their end, where the error is
+MAX_KEY_CHARS: Final = 100
+MAX_ITEMS: Final = 20  # items of a list and keys of a mapping in the metadata
+MAX_DEPTH: Final = 6
+MAX_LINE_CHARS: Final = 16 * 1024  # a JSON line over this is written again with tighter bounds
+# Redaction reads this much beyond what is kept, so a secret that starts in the kept part is still
+# recognised whole; nothing further is read, so a huge text costs no more than a small one.
+REDACTION_MARGIN: Final = 64 * 1024
+
+
+class _Bounds:
+    __slots__ = ("text", "items", "depth")
+
+    def __init__(self, text: int, items: int, depth: int) -> None:
+        self.text, self.items, self.depth = text, items, depth
+
+
+_NORMAL_BOUNDS: Final = _Bounds(MAX_FIELD_CHARS, MAX_ITEMS, MAX_DEPTH)
+_TIGHT_BOUNDS: Final = _Bounds(100, 5, 3)
+
+
+def cut(text: object, limit: int = MAX_FIELD_CHARS, *, keep_end: bool = False) -> str:
+    """``text`` redacted and cut to ``limit`` characters; not sanitized.
+
+    A cut is marked by ``…`` and the original length: ``abc… (2000000 characters)``; with
+    ``keep_end`` the end is kept instead (``…(5123 characters) ...end``).
+    """
+    value = text if isinstance(text, str) else str(text)
+    window = max(limit, 0) + REDACTION_MARGIN
+    part = value if len(value) <= window else (value[-window:] if keep_end else value[:window])
+    shown = redact(part)
+    if len(shown) <= limit and len(part) == len(value):
+        return shown
+    note = f"({len(value)} characters)"
+    if keep_end:
+        return f"{ELLIPSIS}{note} {shown[-limit:] if limit > 0 else ''}"
+    return f"{shown[:max(limit, 0)]}{ELLIPSIS} {note}"
+
+
+def clip(text: object, limit: int = MAX_FIELD_CHARS, *, keep_end: bool = False) -> str:
+    """``text`` redacted, cut to ``limit`` characters (see :func:`cut`) and sanitized: one inert
+    line of bounded length, for any field that is shown or logged."""
+    return sanitize(cut(text, limit, keep_end=keep_end))
+
+
+def _clip_arg(arg: Any) -> Any:
+    if isinstance(arg, str) and len(arg) > MAX_ARG_CHARS:
+        return cut(arg, MAX_ARG_CHARS)
+    return arg
+
+
+def record_message(record: logging.LogRecord) -> str:
+    """``record.getMessage()`` with each long string argument cut first (:data:`MAX_ARG_CHARS`),
+    so a huge id does not push the rest of the message out of the bounded field."""
+    args = record.args
+    if args:
+        if isinstance(args, Mapping):
+            bounded: Any = {key: _clip_arg(value) for key, value in args.items()}
+        elif isinstance(args, tuple):
+            bounded = tuple(_clip_arg(value) for value in args)
+        else:  # pragma: no cover - logging makes args a tuple or a mapping
+            bounded = args
+        try:
+            return str(record.msg) % bounded
+        except (TypeError, ValueError, KeyError):
+            pass  # getMessage raises the same error for the handler to report
+    return record.getMessage()
+
+
+def _collection_note(value: Any) -> str:
+    return f"<{type(value).__name__} of {len(value)} items>"
+
+
+def bounded_data(value: Any, bounds: _Bounds = _NORMAL_BOUNDS, _depth: int = 0) -> Any:
+    """A JSON-ready copy of ``value`` for the log: every string redacted, sanitized and cut,
+    secret-keyed values masked, lists and mappings cut to their first items (plus a note of how
+    many more), nesting cut at a fixed depth, numbers that JSON cannot carry written as text."""
+    if isinstance(value, str):
+        return clip(value, bounds.text)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        # Python refuses to print an int of more than 4300 digits; a log never needs one.
+        return value if value.bit_length() <= 64 else f"<integer of {value.bit_length()} bits>"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    is_mapping = isinstance(value, Mapping)
+    if is_mapping or isinstance(value, (list, tuple, set, frozenset)):
+        if _depth >= bounds.depth:
+            return _collection_note(value)
+        extra = len(value) - bounds.items
+        if is_mapping:
+            out: Dict[str, Any] = {}
+            for key, item in itertools.islice(value.items(), bounds.items):
+                raw_key = key if isinstance(key, str) else str(key)
+                name = clip(raw_key, MAX_KEY_CHARS)
+                # The key's end names what it holds ("jira_password"), so that is what is checked.
+                secret_key = _is_secret_key(raw_key[-MAX_KEY_CHARS:])
+                if secret_key and isinstance(item, (str, int, float)) and not isinstance(item, bool):
+                    out[name] = REDACTED
+                else:
+                    out[name] = bounded_data(item, bounds, _depth + 1)
+            if extra > 0:
+                out[ELLIPSIS] = f"+{extra} more"
+            return out
+        items = [bounded_data(item, bounds, _depth + 1) for item in itertools.islice(value, bounds.items)]
+        if extra > 0:
+            items.append(f"{ELLIPSIS} +{extra} more")
+        return items
+    return clip(value, bounds.text)
 
 
 # --------------------------------------------------------------------------- formatters
@@ -464,34 +576,46 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self.server_id = resolve_server_id(server_id)
 
-    def to_dict(self, record: logging.LogRecord) -> Dict[str, Any]:
+    def to_dict(self, record: logging.LogRecord, bounds: _Bounds = _NORMAL_BOUNDS) -> Dict[str, Any]:
         raw = getattr(record, "metadata", None)
         if raw is None:
             metadata: Dict[str, Any] = {}
         elif isinstance(raw, Mapping):
-            metadata = redact_data(raw)
+            metadata = bounded_data(raw, bounds)
         else:
-            metadata = {"value": redact_data(raw)}
-        metadata["logger"] = record.name
+            metadata = {"value": bounded_data(raw, bounds)}
+        metadata["logger"] = clip(record.name, MAX_KEY_CHARS)
         if record.exc_info:
             if not record.exc_text:
                 record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            metadata["exception"] = redact(record.exc_text)
+            metadata["exception"] = clip(record.exc_text, MAX_TRACEBACK_CHARS, keep_end=True)
         if record.stack_info:
-            metadata["stack"] = redact(self.formatStack(record.stack_info))
+            metadata["stack"] = clip(self.formatStack(record.stack_info), MAX_TRACEBACK_CHARS,
+                                     keep_end=True)
         moment = _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)
         return {
             "timestamp": iso_utc(moment, fraction=True),
             "level": _standard_level(record.levelno),
-            "message": redact(record.getMessage()),
+            "message": clip(record_message(record)),
             "server": self.server_id,
             "metadata": metadata,
         }
 
     def format(self, record: logging.LogRecord) -> str:
         # ensure_ascii also escapes U+2028/U+2029, so a line is always exactly one line.
-        return json.dumps(self.to_dict(record), ensure_ascii=True, default=str)
+        line = json.dumps(self.to_dict(record), ensure_ascii=True, default=str)
+        if len(line) <= MAX_LINE_CHARS:
+            return line
+        # Many long strings in the metadata: again with tighter bounds, and without the
+        # metadata if even that is too long (escapes can make a string up to 12 times longer).
+        entry = self.to_dict(record, _TIGHT_BOUNDS)
+        line = json.dumps(entry, ensure_ascii=True, default=str)
+        if len(line) <= MAX_LINE_CHARS:
+            return line
+        entry["metadata"] = {"logger": entry["metadata"]["logger"],
+                             ELLIPSIS: f"metadata of {len(line)} characters left out"}
+        return json.dumps(entry, ensure_ascii=True, default=str)
 
 
 _ANSI_FALLBACK: Final = {
@@ -560,13 +684,13 @@ class ConsoleFormatter(logging.Formatter):
         self._styles: Optional[Dict[str, str]] = _level_styles() if color else None
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [redact(record.getMessage())]
+        parts = [cut(record_message(record))]
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            parts.append(redact(record.exc_text))
+            parts.append(cut(record.exc_text, MAX_TRACEBACK_CHARS, keep_end=True))
         if record.stack_info:
-            parts.append(redact(self.formatStack(record.stack_info)))
+            parts.append(cut(self.formatStack(record.stack_info), MAX_TRACEBACK_CHARS, keep_end=True))
         message = LINE_JOIN.join(_NEWLINE_RE.sub(LINE_JOIN, part.strip("\r\n")) for part in parts)
         line = sanitize(f"{self.formatTime(record, self.datefmt)} {record.levelname} {message}")
         if not self._styles:
