@@ -19,6 +19,10 @@ Contract
   mappings their first :data:`MAX_ITEMS` entries, and control characters (newlines too) are
   written as :func:`sanitize` escapes, so ``jq -r .message`` replays nothing. A line stays under
   :data:`MAX_LINE_CHARS`.
+* The file is opened without following symlinks (:func:`open_runtime_file`): a symlink, folder or
+  FIFO at its path is moved aside with one warning and a regular file started. When the file
+  cannot be written (a read-only folder, a full disk), one warning goes to stderr, not a traceback
+  per record, and logging goes on.
 * Several processes (the CLI and the monitor) append to the same file: each record is one
   ``write()`` of one complete line on a file opened in append mode, and the file is opened per
   record so that a rotation by another process (or Windows' refusal to rename an open file) never
@@ -56,6 +60,7 @@ import logging
 import math
 import os
 import re
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -86,10 +91,12 @@ __all__ = [
     "cut",
     "find_secret",
     "log_file_path",
+    "open_runtime_file",
     "preview",
     "record_message",
     "redact",
     "sanitize",
+    "set_aside_unsafe",
     "setup_logging",
     "teardown_logging",
 ]
@@ -699,6 +706,90 @@ class ConsoleFormatter(logging.Formatter):
         return f"{style}{line}{self._styles['RESET']}"
 
 
+# --------------------------------------------------------------------------- runtime files
+
+# Runtime files are opened without following symlinks (PROTOCOL.md, "Trust between servers"): a
+# member may commit <server>/logs/structured.log as a link to ~/.bashrc. O_NOFOLLOW refuses a link
+# where the OS has it, O_NONBLOCK keeps a FIFO from blocking the open, and on every OS the opened
+# file must be a regular file that the path still names (Windows has no O_NOFOLLOW).
+_NO_FOLLOW_FLAGS: Final = (getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                           | getattr(os, "O_BINARY", 0))
+UNSAFE_SUFFIX: Final = ".unsafe-"
+
+
+def _unsafe_kind(path: str) -> Optional[str]:
+    """What is at ``path`` when it is neither missing nor a regular file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "a special file"
+
+
+def set_aside_unsafe(path: "Union[str, os.PathLike[str]]") -> Optional[str]:
+    """Move a symlink or any other non-regular file at ``path`` aside (renaming the link itself,
+    never its target), with one warning; the name it now has, or ``None`` when nothing was there."""
+    name = os.fspath(path)
+    kind = _unsafe_kind(name)
+    if kind is None:
+        return None
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    aside = f"{name}{UNSAFE_SUFFIX}{stamp}"
+    os.replace(name, aside)
+    logging.getLogger(__name__).warning(
+        "%s was %s, not a regular file: moved aside to %s, never written through", name, kind,
+        os.path.basename(aside), extra={"metadata": {"path": name, "aside": aside, "kind": kind}})
+    return aside
+
+
+def _check_opened(path: str, fd: int) -> None:
+    opened = os.fstat(fd)
+    if not stat.S_ISREG(opened.st_mode):
+        raise OSError(f"{path} is not a regular file")
+    if not getattr(os, "O_NOFOLLOW", 0):
+        # No O_NOFOLLOW (Windows): the path must still name, itself, the file that was opened.
+        named = os.lstat(path)
+        if stat.S_ISLNK(named.st_mode) or (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+            raise OSError(f"{path} changed while it was opened")
+
+
+def open_runtime_file(path: "Union[str, os.PathLike[str]]", flags: int, mode: int = 0o666) -> int:
+    """``os.open`` for a runtime file that never follows a symlink; returns the descriptor.
+
+    A symlink, folder, FIFO or device at ``path`` is first moved aside (:func:`set_aside_unsafe`);
+    one that appears while opening is refused and moved aside once more. Raises
+    ``FileNotFoundError`` when there is no file and ``flags`` do not create one, ``OSError`` when
+    no regular file can be opened.
+    """
+    name = os.fspath(path)
+    for attempt in (1, 2):
+        set_aside_unsafe(name)
+        try:
+            fd = os.open(name, flags | _NO_FOLLOW_FLAGS, mode)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            # ELOOP: a symlink appeared after the check.
+            if attempt == 1 and _unsafe_kind(name) is not None:
+                continue
+            raise
+        try:
+            _check_opened(name, fd)
+        except OSError:
+            os.close(fd)
+            if attempt == 1:
+                continue
+            raise
+        return fd
+    raise OSError(f"{name} could not be opened as a regular file")  # pragma: no cover
+
+
 # --------------------------------------------------------------------------- handlers
 
 
@@ -736,7 +827,12 @@ class StructuredFileHandler(logging.Handler):
     it holds it and the file is still too big; otherwise it writes without rotating this time.
     Rotation renames ``structured.log`` to ``.1``, ``.1`` to ``.2`` and so on, dropping the oldest
     beyond ``backup_count`` (the layout of logging's RotatingFileHandler, whose module a command
-    need not import).
+    need not import); it renames links themselves and never opens a rotated file.
+
+    The file is opened with :func:`open_runtime_file`, so a symlink or other non-regular file at
+    its path is moved aside (one warning) and never written through. When writing fails (a
+    read-only log folder, a full disk) one warning goes to stderr and records are dropped until a
+    write succeeds again.
     """
 
     def __init__(self, filename: "Union[str, os.PathLike[str]]", server_id: Optional[str] = None,
@@ -748,19 +844,20 @@ class StructuredFileHandler(logging.Handler):
         self.lock_path = self.baseFilename + LOCK_SUFFIX
         self._rotation_lock: Any = None
         self._rotating = threading.local()
+        self._failing = False  # warned about a failing write; quiet until one succeeds
         self.setFormatter(JsonFormatter(server_id))
 
     def doRollover(self) -> None:  # noqa: N802 - logging's name
         for index in range(self.backupCount - 1, 0, -1):
             older = f"{self.baseFilename}.{index}"
-            if os.path.exists(older):
+            if os.path.lexists(older):
                 os.replace(older, f"{self.baseFilename}.{index + 1}")
-        if os.path.exists(self.baseFilename):
+        if os.path.lexists(self.baseFilename):
             os.replace(self.baseFilename, self.baseFilename + ".1")
 
     def _file_size(self) -> int:
         try:
-            return os.stat(self.baseFilename).st_size
+            return os.lstat(self.baseFilename).st_size
         except FileNotFoundError:
             return 0
 
@@ -791,7 +888,8 @@ class StructuredFileHandler(logging.Handler):
             self._rotating.active = False
 
     def _append(self, data: bytes) -> None:
-        with open(self.baseFilename, "ab", buffering=0) as handle:
+        fd = open_runtime_file(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with os.fdopen(fd, "ab", buffering=0) as handle:
             view = memoryview(data)
             while view:
                 written = handle.write(view)
@@ -805,10 +903,34 @@ class StructuredFileHandler(logging.Handler):
             if self._too_big(len(data)):
                 self._rotate_if_owner(len(data))
             self._append(data)
+            self._failing = False
         except RecursionError:  # pragma: no cover - as logging's handlers do
             raise
         except Exception:  # noqa: BLE001 - logging must never take the program down
             self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """One line on stderr when writing the file starts failing, instead of logging's
+        ``--- Logging error ---`` traceback for every record; other errors (a bad format string)
+        get logging's usual report."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        if self._failing:
+            return
+        self._failing = True
+        stream = sys.stderr
+        if stream is None:  # pythonw on Windows has no console
+            return
+        reason = error.strerror or str(error)
+        line = sanitize(f"structured_log: warning: cannot write {self.baseFilename}: {reason}; "
+                        "log records are not saved until it can be written")
+        try:
+            stream.write(console_safe(line, stream) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stderr must not stop the program either
+            pass
 
 
 # --------------------------------------------------------------------------- root setup

@@ -657,3 +657,124 @@ def test_console_line_is_bounded():
 def test_preview_of_a_huge_text_reads_only_its_start():
     assert preview("password: hunter2 " + "x" * 5_000_000, 30) == "password: *** " + "x" * 15 + "\u2026"
 
+
+# --------------------------------------------------------------------------- failing writes
+
+
+READONLY_WRITER = textwrap.dedent("""
+    import logging, sys
+    from structured_log import StructuredFileHandler
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(StructuredFileHandler(sys.argv[1], "code2"))
+    for i in range(5):
+        logging.getLogger("x").info("record %d", i)
+    print("done")
+""")
+
+
+def run_readonly_writer(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", READONLY_WRITER, str(path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=child_env(), timeout=60, text=True)
+
+
+def assert_one_warning(proc: subprocess.CompletedProcess, path: Path) -> None:
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+    assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "cannot write" in lines[0] and str(path) in lines[0]
+
+
+def test_unwritable_log_file_warns_once_and_goes_on(tmp_path):
+    not_a_folder = tmp_path / "logs"
+    not_a_folder.write_text("a file where the log folder should be")
+    path = not_a_folder / "structured.log"
+    assert_one_warning(run_readonly_writer(path), path)
+
+
+@pytest.mark.skipif(os.name == "nt" or (hasattr(os, "geteuid") and os.geteuid() == 0),
+                    reason="needs POSIX permissions that bind the user (root writes anyway)")
+def test_read_only_log_folder_warns_once_and_goes_on(repo):
+    logs = repo / "code2" / "logs"
+    logs.mkdir(parents=True)
+    logs.chmod(0o555)
+    try:
+        assert_one_warning(run_readonly_writer(logs / "structured.log"), logs / "structured.log")
+    finally:
+        logs.chmod(0o755)
+
+
+# --------------------------------------------------------------------------- runtime files
+
+
+def symlink_or_skip(link: Path, target: Path) -> None:
+    try:
+        link.symlink_to(target)
+    except (OSError, NotImplementedError):
+        pytest.skip("this system cannot create symlinks")
+
+
+def test_symlinked_log_file_is_moved_aside_never_written_through(repo, tmp_path):
+    bashrc = tmp_path / "bashrc"
+    bashrc.write_text("alias ls='ls --color'\n")
+    logs = repo / "code2" / "logs"
+    logs.mkdir(parents=True)
+    symlink_or_skip(logs / "structured.log", bashrc)
+    setup_logging(repo, "code2", console=False)
+    logging.getLogger("x").info("one")
+    logging.getLogger("x").info("two")
+    assert bashrc.read_text() == "alias ls='ls --color'\n"
+    path = logs / "structured.log"
+    assert path.is_file() and not path.is_symlink()
+    (aside,) = [p for p in logs.iterdir() if p.name.startswith("structured.log.unsafe-")]
+    assert aside.is_symlink()
+    entries = read_lines(path)
+    warnings = [e for e in entries if e["level"] == "WARNING"]
+    assert len(warnings) == 1 and "symlink" in warnings[0]["message"]
+    assert [e["message"] for e in entries if e["level"] == "INFO"] == ["one", "two"]
+
+
+def test_dangling_symlink_is_not_created_through(repo, tmp_path):
+    target = tmp_path / "elsewhere" / "created.txt"
+    target.parent.mkdir()
+    logs = repo / "code2" / "logs"
+    logs.mkdir(parents=True)
+    symlink_or_skip(logs / "structured.log", target)
+    setup_logging(repo, "code2", console=False)
+    logging.getLogger("x").info("one")
+    assert not target.exists()
+    assert (logs / "structured.log").is_file()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_fifo_or_folder_at_the_log_path_is_moved_aside(repo):
+    logs = repo / "code2" / "logs"
+    logs.mkdir(parents=True)
+    os.mkfifo(logs / "structured.log")  # a writer opening it would block forever without a reader
+    setup_logging(repo, "code2", console=False)
+    logging.getLogger("x").info("after the fifo")
+    assert (logs / "structured.log").is_file()
+    (logs / "structured.log").rename(logs / "old.log")
+    (logs / "structured.log").mkdir()
+    logging.getLogger("x").info("after the folder")
+    assert read_lines(logs / "structured.log")[-1]["message"] == "after the folder"
+    assert len([p for p in logs.iterdir() if ".unsafe-" in p.name]) == 2
+
+
+def test_rotation_never_writes_through_a_symlinked_backup(repo, tmp_path):
+    bashrc = tmp_path / "bashrc"
+    bashrc.write_text("keep me\n")
+    logs = repo / "code2" / "logs"
+    logs.mkdir(parents=True)
+    symlink_or_skip(logs / "structured.log.1", bashrc)
+    setup_logging(repo, "code2", console=False, max_bytes=2000, backup_count=2)
+    for i in range(100):
+        logging.getLogger("x").info("record %d %s", i, "x" * 50)
+    assert bashrc.read_text() == "keep me\n"
+    for path in logs.iterdir():
+        if re.match(r"^structured\.log(\.\d+)?$", path.name):
+            assert not path.is_symlink()
+            for entry in read_lines(path):
+                assert_record_shape(entry)
