@@ -1010,6 +1010,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             value = getattr(args, name)
             if value is not None and value < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative")
+        if args.metrics_textfile:
+            from monitoring_metrics import check_textfile_path
+
+            check_textfile_path(args.metrics_textfile)  # a missing folder is refused, not created
         done = _one_shot_command(args, repo, server, interval)
         if done is not None:
             return done

@@ -26,7 +26,9 @@ Summaries (:meth:`MetricsCollector.get_summary`) give exact nearest-rank percent
 samples cover the window; otherwise the older part of the window comes from the hourly aggregates
 (by whole hours) and the percentiles are estimates (``"percentiles_exact": false``).
 :meth:`MetricsCollector.to_prometheus` renders a summary in the Prometheus text format, for
-node_exporter's textfile collector.
+node_exporter's textfile collector; :meth:`MetricsCollector.write_prometheus_textfile` writes it
+atomically into a folder that must exist (:func:`check_textfile_path` refuses a missing one, for
+``--metrics-textfile`` at start: the folder is the operator's, never created here).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
+import tempfile
 import threading
 import time
 from collections import deque
@@ -499,8 +503,41 @@ class MetricsCollector:
 
     def write_prometheus_textfile(self, path: Union[str, Path],
                                   summary: Optional[Mapping[str, Any]] = None) -> None:
-        """Write :meth:`to_prometheus` atomically (node_exporter reads ``*.prom`` files)."""
-        fleet_common.atomic_write_bytes(path, self.to_prometheus(summary).encode("utf-8"))
+        """Write :meth:`to_prometheus` atomically (node_exporter reads ``*.prom`` files).
+
+        The folder must exist: ``FileNotFoundError`` (an ``OSError``) otherwise, never a new folder.
+        """
+        _write_into_existing_folder(Path(path), self.to_prometheus(summary).encode("utf-8"))
+
+
+def check_textfile_path(path: Union[str, Path]) -> Path:
+    """The Prometheus textfile path, or :class:`UsageError` when its folder does not exist (it is
+    never created: a typo must not make a folder node_exporter does not read) or it is a folder."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise UsageError(f"metrics textfile {target}: folder {target.parent} does not exist")
+    if target.is_dir():
+        raise UsageError(f"metrics textfile {target} is a folder")
+    return target
+
+
+def _write_into_existing_folder(target: Path, data: bytes) -> None:
+    """Temporary file beside ``target``, fsync, ``os.replace``: readers see the old file or the new
+    one. Unlike ``fleet_common.atomic_write_bytes`` it creates no folder."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+        tmp_name = ""
+    finally:
+        if tmp_name:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
 
 
 def _histogram_pairs(agg: Hourly) -> List[Tuple[float, int]]:

@@ -7,7 +7,7 @@ import logging
 import math
 
 import pytest
-from conftest import FakeClock
+from conftest import FakeClock, run_script
 from prometheus_client.parser import text_string_to_metric_families
 
 import monitoring_metrics
@@ -296,6 +296,7 @@ def test_prometheus_text_parses_and_matches(repo, clock, tmp_path):
     assert families["fleet_operation_duration_ms"].type == "summary"
 
     prom = tmp_path / "textfile" / "fleet.prom"
+    prom.parent.mkdir()  # the folder is the operator's: never created by the writer
     metrics.write_prometheus_textfile(prom, summary)
     assert prom.read_text(encoding="utf-8") == text
     assert [p.name for p in prom.parent.iterdir()] == ["fleet.prom"]  # no temp file left
@@ -330,3 +331,33 @@ def test_bad_input(repo, clock):
     assert metrics.get_summary()["operations"]["x"]["max_ms"] == 0.0
     with pytest.raises(monitoring_metrics.UsageError):
         MetricsCollector(str(repo), "../evil", clock=clock)
+
+
+# --------------------------------------------------------------------------- files it was given or owns
+
+
+def test_textfile_folder_is_never_created(repo, clock, tmp_path):
+    metrics = collector(repo, clock)
+    metrics.record_operation("git_fetch", 5.0, True)
+    missing = tmp_path / "nonexistent" / "dir" / "x.prom"
+    with pytest.raises(OSError):
+        metrics.write_prometheus_textfile(missing)
+    assert not (tmp_path / "nonexistent").exists()
+    with pytest.raises(monitoring_metrics.UsageError, match="does not exist"):
+        monitoring_metrics.check_textfile_path(missing)
+    with pytest.raises(monitoring_metrics.UsageError, match="is a folder"):
+        monitoring_metrics.check_textfile_path(tmp_path)
+    assert monitoring_metrics.check_textfile_path(tmp_path / "x.prom") == tmp_path / "x.prom"
+
+
+def test_monitor_refuses_a_textfile_in_a_missing_folder_at_start(fleet, tmp_path):
+    c2 = fleet.clone("code2")
+    missing = tmp_path / "nonexistent" / "dir" / "x.prom"
+    proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--once",
+                      "--metrics-textfile", str(missing))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0] and "nonexistent" in lines[0]
+    assert not (tmp_path / "nonexistent").exists()
+    assert not (c2 / "code2").exists()  # refused before the cycle: no log, no state
+
