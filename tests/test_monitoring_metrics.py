@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 
 import pytest
 from conftest import FakeClock, run_script
@@ -361,3 +362,44 @@ def test_monitor_refuses_a_textfile_in_a_missing_folder_at_start(fleet, tmp_path
     assert not (tmp_path / "nonexistent").exists()
     assert not (c2 / "code2").exists()  # refused before the cycle: no log, no state
 
+
+def test_symlinked_metrics_file_is_moved_aside_never_read_or_written_through(repo, clock, tmp_path, caplog):
+    target = tmp_path / "bashrc"
+    target.write_text('{"version": 1, "counters": {"errors": 1000}}')
+    metrics = collector(repo, clock)
+    metrics.path.parent.mkdir(parents=True)
+    try:
+        metrics.path.symlink_to(target)
+    except (OSError, NotImplementedError):
+        pytest.skip("this system cannot create symlinks")
+    metrics.increment("errors")
+    with caplog.at_level(logging.WARNING):
+        assert metrics.flush()
+    assert target.read_text() == '{"version": 1, "counters": {"errors": 1000}}'
+    assert metrics.path.is_file() and not metrics.path.is_symlink()
+    assert json.loads(metrics.path.read_text())["counters"] == {"errors": 1}  # nothing read through it
+    asides = [p for p in metrics.path.parent.iterdir() if p.name.startswith("metrics.json.unsafe-")]
+    assert len(asides) == 1 and asides[0].is_symlink()
+    assert sum("symlink" in record.getMessage() for record in caplog.records) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_fifo_metrics_file_does_not_block(repo, clock):
+    metrics = collector(repo, clock)
+    metrics.path.parent.mkdir(parents=True)
+    os.mkfifo(metrics.path)
+    metrics.increment("errors")
+    assert metrics.flush()
+    assert json.loads(metrics.path.read_text())["counters"] == {"errors": 1}
+
+
+def test_oversized_metrics_file_is_moved_aside(repo, clock, monkeypatch):
+    monkeypatch.setattr(monitoring_metrics, "MAX_FILE_BYTES", 1000)
+    metrics = collector(repo, clock)
+    metrics.path.parent.mkdir(parents=True)
+    metrics.path.write_text('{"version": 1, "counters": {"errors": 3}, "pad": "' + "x" * 2000 + '"}')
+    metrics.increment("errors")
+    assert metrics.flush()
+    assert json.loads(metrics.path.read_text())["counters"] == {"errors": 1}
+    assert len(list(metrics.path.parent.glob("metrics.json.corrupt-*"))) == 1
