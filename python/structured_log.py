@@ -14,11 +14,11 @@ Contract
   formatted traceback) when the record has ``exc_info`` and ``stack`` when it has ``stack_info``.
   Every string in a line is redacted, bounded and neutralised (PROTOCOL.md, "Trust between
   servers"): the message and each metadata string are cut at :data:`MAX_FIELD_CHARS` characters
-  (``…`` and the original length mark a cut; each string argument of the format at
-  :data:`MAX_ARG_CHARS` first), tracebacks keep their last :data:`MAX_TRACEBACK_CHARS`, lists and
-  mappings their first :data:`MAX_ITEMS` entries, and control characters (newlines too) are
-  written as :func:`sanitize` escapes, so ``jq -r .message`` replays nothing. A line stays under
-  :data:`MAX_LINE_CHARS`.
+  (``…`` and the original length mark a cut; the string arguments of the format share that
+  first, each keeping at least :data:`MAX_ARG_CHARS`), tracebacks keep their last
+  :data:`MAX_TRACEBACK_CHARS`, lists and mappings their first :data:`MAX_ITEMS` entries, and
+  control characters (newlines too) are written as :func:`sanitize` escapes, so
+  ``jq -r .message`` replays nothing. A line stays under :data:`MAX_LINE_CHARS`.
 * The file is opened without following symlinks (:func:`open_runtime_file`): a symlink, folder or
   FIFO at its path is moved aside with one warning and a regular file started. When the file
   cannot be written (a read-only folder, a full disk), one warning goes to stderr, not a traceback
@@ -448,7 +448,8 @@ def preview(text: object, length: int = 120) -> str:
 # Text from another machine is bounded before it is shown or logged (PROTOCOL.md, "Trust between
 # servers"): a 2 MB subject must not make a 2 MB log line that rotates the history away.
 MAX_FIELD_CHARS: Final = 1000  # the message and each string in the metadata
-MAX_ARG_CHARS: Final = 300  # each string argument of a %-format, so several fit in a message
+MAX_ARG_CHARS: Final = 200  # the least a string argument of a %-format keeps when several share
+_CUT_NOTE_CHARS: Final = 30  # what "… (2000000 characters)" adds to a cut text
 MAX_TRACEBACK_CHARS: Final = 4000  # tracebacks keep their end, where the error is
 MAX_KEY_CHARS: Final = 100
 MAX_ITEMS: Final = 20  # items of a list and keys of a mapping in the metadata
@@ -494,21 +495,26 @@ def clip(text: object, limit: int = MAX_FIELD_CHARS, *, keep_end: bool = False) 
     return sanitize(cut(text, limit, keep_end=keep_end))
 
 
-def _clip_arg(arg: Any) -> Any:
-    if isinstance(arg, str) and len(arg) > MAX_ARG_CHARS:
-        return cut(arg, MAX_ARG_CHARS)
+def _clip_arg(arg: Any, share: int) -> Any:
+    if isinstance(arg, str) and len(arg) > share:
+        return cut(arg, share)
     return arg
 
 
 def record_message(record: logging.LogRecord) -> str:
-    """``record.getMessage()`` with each long string argument cut first (:data:`MAX_ARG_CHARS`),
-    so a huge id does not push the rest of the message out of the bounded field."""
+    """``record.getMessage()`` with long string arguments cut first: they share
+    :data:`MAX_FIELD_CHARS` (at least :data:`MAX_ARG_CHARS` each), so a huge id does not push the
+    rest of the message out of the bounded field, and a lone long argument keeps the whole field."""
     args = record.args
     if args:
+        values = list(args.values()) if isinstance(args, Mapping) else list(args)
+        strings = sum(isinstance(value, str) for value in values)
+        room = MAX_FIELD_CHARS - len(str(record.msg))
+        share = max(MAX_ARG_CHARS, room // max(strings, 1) - _CUT_NOTE_CHARS)
         if isinstance(args, Mapping):
-            bounded: Any = {key: _clip_arg(value) for key, value in args.items()}
+            bounded: Any = {key: _clip_arg(value, share) for key, value in args.items()}
         elif isinstance(args, tuple):
-            bounded = tuple(_clip_arg(value) for value in args)
+            bounded = tuple(_clip_arg(value, share) for value in args)
         else:  # pragma: no cover - logging makes args a tuple or a mapping
             bounded = args
         try:

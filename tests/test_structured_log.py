@@ -658,6 +658,21 @@ def test_preview_of_a_huge_text_reads_only_its_start():
     assert preview("password: hunter2 " + "x" * 5_000_000, 30) == "password: *** " + "x" * 15 + "\u2026"
 
 
+def test_one_long_argument_keeps_the_whole_field_several_share_it():
+    from structured_log import MAX_FIELD_CHARS, record_message
+
+    def message(*args: object) -> str:
+        return record_message(logging.LogRecord("x", logging.INFO, __file__, 1, " ".join(["%s"] * len(args)),
+                                                args, None))
+
+    details = "git stderr: " + "e" * 5000
+    assert message(details).startswith(details[:MAX_FIELD_CHARS - 40])
+    shared = message("a" * 5000, "b" * 5000, "c" * 5000, 42)
+    assert shared.count("(5000 characters)") == 3 and shared.endswith(" 42")
+    assert "b" * (MAX_FIELD_CHARS // 3 - 40) in shared
+    assert message("short", {"k": "v"}) == "short {'k': 'v'}"
+
+
 # --------------------------------------------------------------------------- failing writes
 
 
@@ -778,3 +793,4 @@ def test_rotation_never_writes_through_a_symlinked_backup(repo, tmp_path):
             assert not path.is_symlink()
             for entry in read_lines(path):
                 assert_record_shape(entry)
+
