@@ -1048,19 +1048,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def render_message(msg: Dict[str, Any], *, terminal: bool) -> str:
-    """How a new message is shown: a block on a terminal, one line for journald and pipes."""
-    from structured_log import preview, sanitize
+# What a shown message may take of a console line: every field comes from another machine
+# (PROTOCOL.md, "Trust between servers"), so each is cut, not only the previews.
+RENDER_ID_CHARS = 100  # id, from and each recipient (a valid server id has at most 64)
+RENDER_WORD_CHARS = 40  # priority, type, timestamp
+RENDER_RECIPIENTS = 5  # then "+N more"
 
-    to = msg.get("to")
-    to_text = ", ".join(map(str, to)) if isinstance(to, list) else str(to)
+
+def _render_to(to: Any) -> str:
+    from structured_log import clip
+
+    if not isinstance(to, list):
+        return clip(to, RENDER_ID_CHARS)
+    shown = ", ".join(clip(item, RENDER_ID_CHARS) for item in to[:RENDER_RECIPIENTS])
+    more = len(to) - RENDER_RECIPIENTS
+    return f"{shown} +{more} more" if more > 0 else shown
+
+
+def render_message(msg: Dict[str, Any], *, terminal: bool) -> str:
+    """How a new message is shown: a block on a terminal, one line for journald and pipes.
+
+    Every field is redacted, neutralised and cut (``…``), so the whole stays a few hundred
+    characters whatever the message holds.
+    """
+    from structured_log import clip, preview
+
     fields = {
-        "from": sanitize(str(msg.get("from"))), "to": sanitize(to_text),
-        "priority": sanitize(str(msg.get("priority") or "normal")).upper(),
-        "type": sanitize(str(msg.get("type") or "info")),
+        "from": clip(msg.get("from"), RENDER_ID_CHARS), "to": _render_to(msg.get("to")),
+        "priority": clip(msg.get("priority") or "normal", RENDER_WORD_CHARS).upper(),
+        "type": clip(msg.get("type") or "info", RENDER_WORD_CHARS),
         "subject": preview(str(msg.get("subject") or "(no subject)"), 100),
         "body": preview(str(msg.get("body") or ""), 200),
-        "id": sanitize(str(msg.get("id"))), "when": sanitize(str(msg.get("timestamp") or "?")),
+        "id": clip(msg.get("id"), RENDER_ID_CHARS),
+        "when": clip(msg.get("timestamp") or "?", RENDER_WORD_CHARS),
     }
     if not terminal:
         return ("NEW MESSAGE id={id} from={from} to={to} priority={priority} type={type} "
@@ -1138,6 +1158,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             value = getattr(args, name)
             if value is not None and value < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative")
+        if args.metrics_textfile:
+            from monitoring_metrics import check_textfile_path
+
+            check_textfile_path(args.metrics_textfile)  # a missing folder is refused, not created
         done = _one_shot_command(args, repo, server, interval)
         if done is not None:
             return done

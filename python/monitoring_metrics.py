@@ -26,7 +26,14 @@ Summaries (:meth:`MetricsCollector.get_summary`) give exact nearest-rank percent
 samples cover the window; otherwise the older part of the window comes from the hourly aggregates
 (by whole hours) and the percentiles are estimates (``"percentiles_exact": false``).
 :meth:`MetricsCollector.to_prometheus` renders a summary in the Prometheus text format, for
-node_exporter's textfile collector.
+node_exporter's textfile collector; :meth:`MetricsCollector.write_prometheus_textfile` writes it
+atomically into a folder that must exist (:func:`check_textfile_path` refuses a missing one, for
+``--metrics-textfile`` at start: the folder is the operator's, never created here).
+
+``metrics.json`` is a runtime file (PROTOCOL.md, "Trust between servers"): it is read without
+following symlinks (``structured_log.open_runtime_file``; a symlink or other non-regular file there
+is moved aside with one warning), read at most :data:`MAX_FILE_BYTES`, and replaced, never written
+in place.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
+import tempfile
 import threading
 import time
 from collections import deque
@@ -59,6 +68,8 @@ RAW_RETENTION_S: Final = 24 * 3600.0
 HOURLY_RETENTION_S: Final = 7 * 24 * 3600.0
 MAX_SAMPLES_PER_OP: Final = 2000
 MIN_FLUSH_INTERVAL_S: Final = 60.0
+# A week of a monitor stays well under a megabyte; a file far bigger is damage, moved aside.
+MAX_FILE_BYTES: Final = 16 * 1024 * 1024
 LOCK_TIMEOUT_S: Final = 5.0
 HOUR: Final = 3600
 # Upper bounds (ms) of the hourly histogram buckets; the implicit last bucket is +Inf.
@@ -275,8 +286,35 @@ class MetricsCollector:
     def _fresh(self) -> Dict[str, Any]:
         return fresh_document(self.server, self.clock())
 
+    def _read_raw(self) -> Optional[bytes]:
+        """The file's bytes (at most one more than :data:`MAX_FILE_BYTES`), ``None`` when absent."""
+        from structured_log import open_runtime_file
+
+        try:
+            fd = open_runtime_file(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read(MAX_FILE_BYTES + 1)
+
     def _load(self) -> Dict[str, Any]:
-        data = fleet_common.load_state_file(self.path, version=FORMAT_VERSION, fresh=self._fresh)
+        """The file's document (STYLE.md rule 11): absent, a fresh one; unreadable or too big, moved
+        aside and a fresh one; from a newer program, :class:`SuiteError`, so it is never overwritten.
+        """
+        raw = self._read_raw()
+        if raw is None:
+            return self._fresh()
+        try:
+            data = fleet_common.load_json_bounded(raw, what=METRICS_FILE, max_bytes=MAX_FILE_BYTES)
+            if not isinstance(data, dict):
+                raise fleet_common.BadInput(f"{METRICS_FILE} is not a JSON object")
+        except fleet_common.BadInput as exc:
+            fleet_common.move_aside(self.path, str(exc))
+            return self._fresh()
+        found = data.get("version", 1)
+        if not isinstance(found, int) or isinstance(found, bool) or found > FORMAT_VERSION:
+            raise SuiteError(f"{self.path} has format version {found!r}, newer than this "
+                             f"program's {FORMAT_VERSION}")
         return _clean_document(data, self.server, self.clock())
 
     def _snapshot_pending(self) -> Tuple[Dict[str, List[Sample]], Dict[str, Dict[int, Hourly]],
@@ -499,8 +537,41 @@ class MetricsCollector:
 
     def write_prometheus_textfile(self, path: Union[str, Path],
                                   summary: Optional[Mapping[str, Any]] = None) -> None:
-        """Write :meth:`to_prometheus` atomically (node_exporter reads ``*.prom`` files)."""
-        fleet_common.atomic_write_bytes(path, self.to_prometheus(summary).encode("utf-8"))
+        """Write :meth:`to_prometheus` atomically (node_exporter reads ``*.prom`` files).
+
+        The folder must exist: ``FileNotFoundError`` (an ``OSError``) otherwise, never a new folder.
+        """
+        _write_into_existing_folder(Path(path), self.to_prometheus(summary).encode("utf-8"))
+
+
+def check_textfile_path(path: Union[str, Path]) -> Path:
+    """The Prometheus textfile path, or :class:`UsageError` when its folder does not exist (it is
+    never created: a typo must not make a folder node_exporter does not read) or it is a folder."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise UsageError(f"metrics textfile {target}: folder {target.parent} does not exist")
+    if target.is_dir():
+        raise UsageError(f"metrics textfile {target} is a folder")
+    return target
+
+
+def _write_into_existing_folder(target: Path, data: bytes) -> None:
+    """Temporary file beside ``target``, fsync, ``os.replace``: readers see the old file or the new
+    one. Unlike ``fleet_common.atomic_write_bytes`` it creates no folder."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+        tmp_name = ""
+    finally:
+        if tmp_name:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
 
 
 def _histogram_pairs(agg: Hourly) -> List[Tuple[float, int]]:

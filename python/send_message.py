@@ -12,6 +12,11 @@ the working tree and index of the clone are never touched.
 Importable: ``send_message(body, subject=None, to="all", ...)`` returns a :class:`SendResult`
 that is truthy only when the message is sent and verified, and always carries the message id.
 
+Every server of the fleet reads the mailbox, and git keeps it forever: a body or subject that
+holds a credential (a password, a token, a private key: ``structured_log.find_secret``) is refused
+as bad input, naming the kind of secret and never the secret, unless ``--allow-secret``
+(``allow_secret=True``) says to send it anyway.
+
 Exit codes: 0 sent and verified; 2 bad usage or bad input; 75 not deliverable now, queued in
 ``<server>/queue/message_queue.json`` for the monitor to deliver; 1 any other failure (one-line
 reason on stderr); 130 interrupted by Ctrl+C. With ``--wait-reply SEC`` the message is sent first,
@@ -180,13 +185,18 @@ def send_message(body: str, subject: Optional[str] = None, to: Union[str, Sequen
                  ack_required: bool = False, reply_to: Optional[str] = None,
                  branch: Optional[str] = None, auto: bool = False, queue: bool = True,
                  message_id: Optional[str] = None, extra: Optional[Dict[str, Any]] = None,
-                 clone: Optional[Clone] = None) -> SendResult:
+                 clone: Optional[Clone] = None, allow_secret: bool = False) -> SendResult:
     """Send one message and verify it on the remote.
 
-    Bad input raises :class:`UsageError` before any file or git operation. When the remote
-    cannot be reached, or its mailbox does not parse, the message goes to the retry queue
+    Bad input raises :class:`UsageError` before any file or git operation, and so does a body or
+    subject that holds a secret, unless ``allow_secret`` (then the send logs a warning). When the
+    remote cannot be reached, or its mailbox does not parse, the message goes to the retry queue
     (``queue=True``) and the result is falsy with ``status == "queued"``.
     """
+    secret = find_secret_in(body, subject)
+    if secret and not allow_secret:
+        raise UsageError(f"the message {secret} and was not sent; every server reads the mailbox "
+                         "and git keeps it (--allow-secret sends it anyway)")
     sender = resolve_server_id(from_sender)
     if to is None and not reply_to:
         to = BROADCAST
@@ -211,7 +221,23 @@ def send_message(body: str, subject: Optional[str] = None, to: Union[str, Sequen
     msg = build_message(body, subject, to if to is not None else BROADCAST, priority, msg_type, sender,
                         ack_required=ack_required, in_reply_to=reply_to, auto=auto,
                         message_id=message_id, extra=extra)
+    if secret:
+        log.warning("message %s: its %s; sending it as asked (--allow-secret)", msg["id"], secret,
+                    extra={"metadata": {"id": msg["id"]}})
     return deliver_or_queue(clone, msg, queue=queue)
+
+
+def find_secret_in(body: object, subject: object = None) -> str:
+    """``"body holds a password"`` (which field, which kind of secret) or ``""`` when neither the
+    body nor the subject holds one. Never the secret itself."""
+    from structured_log import find_secret  # lazy: the detector's patterns compile on first use
+
+    for field, text in (("body", body), ("subject", subject)):
+        if isinstance(text, str) and text:
+            kind = find_secret(text)
+            if kind:
+                return f"{field} holds {kind}"
+    return ""
 
 
 def deliver_or_queue(clone: Clone, msg: Dict[str, Any], *, queue: bool = True) -> SendResult:
@@ -296,6 +322,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-queue", action="store_true", help="fail (exit 1) instead of queueing")
     parser.add_argument("--wait-reply", type=float, default=None, metavar="SEC",
                         help="after sending, wait up to SEC seconds for the answer and print it")
+    parser.add_argument("--allow-secret", action="store_true",
+                        help="send a body that holds a password, token or key (refused otherwise, exit 2)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     return parser
@@ -331,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         defer_logging_setup(lambda: _setup_cli_logging(root, sender))
         result = send_message(body, args.subject, to, args.priority, args.msg_type, sender,
                               ack_required=args.ack_required, reply_to=args.reply_to,
-                              queue=not args.no_queue, clone=clone)
+                              queue=not args.no_queue, clone=clone, allow_secret=args.allow_secret)
     except KeyboardInterrupt:
         write_line("send_message: interrupted", sys.stderr)
         return EXIT_INTERRUPTED

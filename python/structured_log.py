@@ -12,6 +12,17 @@ Contract
   WARNING, ERROR, CRITICAL (custom levels map to the standard level below them); ``metadata``
   holds ``extra={"metadata": {...}}`` from the record, the ``logger`` name, ``exception`` (the
   formatted traceback) when the record has ``exc_info`` and ``stack`` when it has ``stack_info``.
+  Every string in a line is redacted, bounded and neutralised (PROTOCOL.md, "Trust between
+  servers"): the message and each metadata string are cut at :data:`MAX_FIELD_CHARS` characters
+  (``…`` and the original length mark a cut; the string arguments of the format share that
+  first, each keeping at least :data:`MAX_ARG_CHARS`), tracebacks keep their last
+  :data:`MAX_TRACEBACK_CHARS`, lists and mappings their first :data:`MAX_ITEMS` entries, and
+  control characters (newlines too) are written as :func:`sanitize` escapes, so
+  ``jq -r .message`` replays nothing. A line stays under :data:`MAX_LINE_CHARS`.
+* The file is opened without following symlinks (:func:`open_runtime_file`): a symlink, folder or
+  FIFO at its path is moved aside with one warning and a regular file started. When the file
+  cannot be written (a read-only folder, a full disk), one warning goes to stderr, not a traceback
+  per record, and logging goes on.
 * Several processes (the CLI and the monitor) append to the same file: each record is one
   ``write()`` of one complete line on a file opened in append mode, and the file is opened per
   record so that a rotation by another process (or Windows' refusal to rename an open file) never
@@ -20,13 +31,16 @@ Contract
   ``structured.log.lock`` without waiting; a process that cannot take it skips rotating this time.
 * Console: ``HH:MM:SS LEVEL message`` (local time), one line per record: newlines in the message
   (and the traceback) are shown as `` | ``, and the whole line goes through :func:`sanitize`, so a
-  message from another server can never drive the operator's terminal or split a journald entry.
+  message from another server can never drive the operator's terminal or split a journald entry;
+  the message and traceback are bounded as in the file.
   Colour by level through colorama only when the stream is a terminal and ``NO_COLOR`` is unset or
   empty (``FORCE_COLOR`` set to anything but ``0`` forces it; an explicit ``color=`` wins over both).
   Output goes through :func:`console_safe`, so a code page such as cp1252 never makes it crash.
 * Redaction: both formatters pass the message and every string in the metadata through
   :func:`redact`; string or number values under a credential-like key (``password``,
   ``client_secret``, ``auth_token`` ...) are replaced by ``***`` whatever they look like.
+  :func:`find_secret` is the same detector as a question (which kind of secret does a text hold?),
+  for ``send_message`` to refuse a body that holds one.
 * :func:`sanitize` shows each control character as a visible escape: newline, carriage return and
   tab as ``\\n``, ``\\r``, ``\\t``; other C0/C1 controls, DEL and lone surrogates as ``\\xNN`` /
   ``\\uNNNN``; Unicode bidi controls and line/paragraph separators as ``\\uNNNN``. An escape
@@ -40,14 +54,17 @@ as ``fleet_git``). :class:`StructuredLogger` keeps the earlier script's API.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import logging
+import math
 import os
 import re
+import stat
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Any, Dict, Final, List, Mapping, Optional, Union
+from typing import IO, Any, Callable, Dict, Final, Iterator, List, Mapping, Optional, Tuple, Union
 
 from fleet_common import (  # console_safe and write_line live there: a send needs no logging
     SuiteError,
@@ -67,12 +84,19 @@ __all__ = [
     "JsonFormatter",
     "StructuredFileHandler",
     "StructuredLogger",
+    "bounded_data",
+    "clip",
     "color_wanted",
     "console_safe",
+    "cut",
+    "find_secret",
     "log_file_path",
+    "open_runtime_file",
     "preview",
+    "record_message",
     "redact",
     "sanitize",
+    "set_aside_unsafe",
     "setup_logging",
     "teardown_logging",
 ]
@@ -87,7 +111,12 @@ LINE_JOIN: Final = " | "  # a newline inside one console record
 
 _OWNED_ATTR: Final = "_structured_log_owned"
 
-# --------------------------------------------------------------------------- redaction
+# --------------------------------------------------------------------------- secrets
+#
+# One detector serves both the log redaction (:func:`redact`) and the send check
+# (:func:`find_secret`). Every pattern runs on text from other machines, so none nests one
+# quantifier inside another: each repetition is bounded, or runs over characters that what follows
+# cannot start with, and every search stays linear in the text's length.
 
 
 class _LazyPattern:
@@ -106,19 +135,22 @@ class _LazyPattern:
         return getattr(self._compiled, name)
 
 # scheme://user[:password]@host -> scheme://***@host
-_URL_USERINFO_RE = _LazyPattern(r"(?i)\b([a-z][a-z0-9+.\-]{0,30}://)[^\s/?#@]+@")
-_TOKEN_RE = _LazyPattern(
-    r"\b(?:gh[pousr]_[A-Za-z0-9]{16,}"
-    r"|github_pat_[A-Za-z0-9_]{20,}"
-    r"|gl(?:pat|ptt|dt|rt|cbt|soat)-[A-Za-z0-9_\-]{16,}(?:\.[A-Za-z0-9_\-]+)*)"
+_URL_USERINFO_RE = _LazyPattern(r"(?i)\b([a-z][a-z0-9+.\-]{0,30}://)(?P<userinfo>[^\s/?#@]+)@")
+_GITHUB_TOKEN_RE = _LazyPattern(r"\b(?:gh[pousr]_[A-Za-z0-9]{16,}|github_pat_[A-Za-z0-9_]{20,})")
+# A GitLab token may carry dot-separated parts; the optional tail ends on a non-dot, so a full stop
+# after the token stays in the sentence.
+_GITLAB_TOKEN_RE = _LazyPattern(
+    r"\bgl(?:pat|ptt|dt|rt|cbt|soat)-[A-Za-z0-9_\-]{16,}(?:\.[A-Za-z0-9_\-.]*[A-Za-z0-9_\-])?"
 )
+_SLACK_TOKEN_RE = _LazyPattern(r"\b(?:xox[abeoprs]-[A-Za-z0-9\-]{10,}|xapp-[0-9]-[A-Za-z0-9\-]{10,})")
+_AWS_KEY_ID_RE = _LazyPattern(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
 _AUTH_HEADER_RE = _LazyPattern(
     r"(?i)\b((?:proxy-)?authorization\\?[\"']?\s*[:=]\s*\\?[\"']?)"
     r"(?!\*\*\*|(?:bearer|basic|digest|token|negotiate|ntlm)\s+\*\*\*)"
     r"(?:(bearer|basic|digest|token|negotiate|ntlm)\s+)?"
-    r"[^\s\"',;\\]+"
+    r"(?P<cred>[^\s\"',;\\]+)"
 )
-_BEARER_RE = _LazyPattern(r"(?i)\b(bearer)\s+(?!\*\*\*)[A-Za-z0-9\-._~+/]+=*")
+_BEARER_RE = _LazyPattern(r"(?i)\b(bearer)\s+(?!\*\*\*)(?P<cred>[A-Za-z0-9\-._~+/]+=*)")
 _SECRET_WORD = (
     r"(?:passw(?:or)?d|passphrase|pwd|token|secret|api[_-]?key|apikey|access[_-]?key"
     r"|private[_-]?key)"
@@ -134,7 +166,65 @@ _KEY_VALUE_RE = _LazyPattern(
     r"|'(?P<sq>[^']*)'"
     r"|(?P<bare>[^\s\"',;&]+))"
 )
+# "password hunter3", "passwd<TAB>x", "my password is x": a value after a space, a tab or "is".
+# Prose ("the password is stored in the vault", "reset your password for Jira") must pass, so
+# the value is masked only when it looks like one: it holds a digit or a symbol, or it is a short
+# word that is not an English function word.
+_SPOKEN_KEY = r"(?:passw(?:or)?d|passphrase|secret[_\-]?access[_\-]?key)"
+_VALUE_CHAR = r"[^\s\"'`,;&()<>\[\]{}]"
+_FUNCTION_WORDS = (
+    "a|all|am|an|and|any|are|as|at|be|but|by|can|did|do|for|get|got|had|has|he|her|him|his|how|i"
+    "|if|in|is|it|its|let|may|me|my|new|no|nor|not|now|of|off|ok|old|on|one|or|our|out|per|put"
+    "|see|set|she|so|the|to|too|two|up|us|use|via|was|we|who|why|yes|yet|you"
+)
+_SPOKEN_RE = _LazyPattern(
+    r"(?i)(?P<key>" + _SPOKEN_KEY + r")"
+    r"(?P<sep>[ \t]{1,16}(?:(?:is|was)[ \t]{1,16})?)"
+    r"(?!(?:" + _FUNCTION_WORDS + r")(?!" + _VALUE_CHAR + r"))"
+    r"(?=" + _VALUE_CHAR + r"*[\d!#$%*+/=?@^|~\\]|" + _VALUE_CHAR + r"{1,3}(?!" + _VALUE_CHAR + r"))"
+    r"(?P<value>[\w!#$%*+/?@^|~\\]" + _VALUE_CHAR + r"*)"
+)
 _SECRET_KEY_RE = _LazyPattern(r"(?i)^[\w.\- ]*(?:" + _SECRET_WORD + r"|authorization)$")
+
+# PEM private keys: from "-----BEGIN ... PRIVATE KEY-----" to the next "-----" (its END line, or
+# whatever comes next when that line is missing), found with str.find so that a text of many
+# BEGIN lines and no END stays linear.
+_PEM_START: Final = "-----BEGIN "
+_PEM_DASHES: Final = "-----"
+_PEM_BEGIN_RE = _LazyPattern(r"-----BEGIN (?P<label>[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?)-----")
+_PEM_END_RE = _LazyPattern(r"-----END [A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----")
+
+
+def _pem_blocks(text: str) -> Iterator[Tuple[int, int, str, str]]:
+    """``(start, end, label, body)`` of each private-key block in ``text``."""
+    at = text.find(_PEM_START)
+    while at >= 0:
+        begin = _PEM_BEGIN_RE.match(text, at)
+        if begin is None:
+            at = text.find(_PEM_START, at + 1)
+            continue
+        stop = text.find(_PEM_DASHES, begin.end())
+        if stop < 0:
+            yield at, len(text), begin.group("label"), text[begin.end():]
+            return
+        body = text[begin.end():stop]
+        end_line = _PEM_END_RE.match(text, stop)
+        end = end_line.end() if end_line is not None else stop
+        yield at, end, begin.group("label"), body
+        at = text.find(_PEM_START, end)
+
+
+def _redact_pem(text: str) -> str:
+    if _PEM_START not in text:
+        return text
+    pieces: List[str] = []
+    done = 0
+    for start, end, label, _body in _pem_blocks(text):
+        pieces.append(text[done:start])
+        pieces.append(f"-----BEGIN {label}-----{REDACTED}-----END {label}-----")
+        done = end
+    pieces.append(text[done:])
+    return "".join(pieces)
 
 
 def _key_value_sub(match: "re.Match[str]") -> str:
@@ -153,48 +243,137 @@ def _auth_sub(match: "re.Match[str]") -> str:
     return match.group(1) + (scheme + " " if scheme else "") + REDACTED
 
 
+def _spoken_sub(match: "re.Match[str]") -> str:
+    return match.group("key") + match.group("sep") + REDACTED
+
+
 def redact(text: object) -> str:
     """``text`` with credentials replaced by ``***``.
 
-    Masks the user information of URLs (``https://user:token@host`` -> ``https://***@host``),
-    GitHub (``ghp_`` ``gho_`` ``ghu_`` ``ghs_`` ``ghr_`` ``github_pat_``) and GitLab (``glpat-``
-    ...) tokens, ``Authorization:`` header values, ``Bearer <token>``, and the value written after
-    a credential-like key (``password``, ``passwd``, ``pwd``, ``token``, ``secret``, ``api_key``,
-    ``apikey``, ``access_key``, with any prefix, any case) as ``key=value``, ``key: value`` or
-    ``"key": "value"``.
+    Masks private-key blocks (``-----BEGIN ... PRIVATE KEY-----`` to its END line), the user
+    information of URLs (``https://user:token@host`` -> ``https://***@host``), GitHub (``ghp_``
+    ``gho_`` ``ghu_`` ``ghs_`` ``ghr_`` ``github_pat_``), GitLab (``glpat-`` ...) and Slack
+    (``xoxb-`` ``xoxp-`` ... ``xapp-``) tokens, AWS access key ids (``AKIA...``, ``ASIA...``),
+    ``Authorization:`` header values, ``Bearer <token>``, the value written after a credential-like
+    key (``password``, ``passwd``, ``pwd``, ``token``, ``secret``, ``api_key``, ``apikey``,
+    ``access_key``, with any prefix, any case) as ``key=value``, ``key: value`` or
+    ``"key": "value"``, and a password-like value after ``password``, ``passwd``, ``passphrase`` or
+    ``aws_secret_access_key`` and a space, a tab or ``is`` (``password hunter3``).
     """
     value = text if isinstance(text, str) else str(text)
+    value = _redact_pem(value)
     value = _URL_USERINFO_RE.sub(r"\1" + REDACTED + "@", value)
-    value = _TOKEN_RE.sub(REDACTED, value)
+    value = _GITHUB_TOKEN_RE.sub(REDACTED, value)
+    value = _GITLAB_TOKEN_RE.sub(REDACTED, value)
+    value = _SLACK_TOKEN_RE.sub(REDACTED, value)
+    value = _AWS_KEY_ID_RE.sub(REDACTED, value)
     value = _AUTH_HEADER_RE.sub(_auth_sub, value)
     value = _BEARER_RE.sub(r"\1 " + REDACTED, value)
-    return _KEY_VALUE_RE.sub(_key_value_sub, value)
+    value = _KEY_VALUE_RE.sub(_key_value_sub, value)
+    return _SPOKEN_RE.sub(_spoken_sub, value)
+
+
+def _placeholder(value: Optional[str]) -> bool:
+    """Whether a matched value is no credential: masked, empty, ``xxxx``, ``$VAR``, ``<pw>``."""
+    core = (value or "").strip().strip("\"'\\")
+    return (not core or REDACTED in core or (len(core) > 2 and len(set(core)) == 1)
+            or core[0] in "$<{%")
+
+
+def _key_kind(key: str) -> str:
+    lowered = key.lower()
+    for word, kind in (("pass", "a password"), ("pwd", "a password"), ("token", "a token"),
+                       ("private", "a private key"), ("secret", "a secret"), ("api", "an API key"),
+                       ("access", "an access key")):
+        if word in lowered:
+            return kind
+    return "a secret"
+
+
+def _found_pem(text: str) -> Optional[str]:
+    for _start, _end, _label, body in _pem_blocks(text):
+        if not _placeholder(body):
+            return "a private key"
+    return None
+
+
+def _found_url(text: str) -> Optional[str]:
+    for match in _URL_USERINFO_RE.finditer(text):
+        _user, colon, password = match.group("userinfo").partition(":")
+        if colon and not _placeholder(password):
+            return "a password in a URL"
+    return None
+
+
+def _found_auth(text: str) -> Optional[str]:
+    for match in _AUTH_HEADER_RE.finditer(text):
+        if not _placeholder(match.group("cred")):
+            return "an Authorization header"
+    return None
+
+
+def _found_bearer(text: str) -> Optional[str]:
+    # "the bearer of bad news" is prose: a token holds a digit or a symbol.
+    for match in _BEARER_RE.finditer(text):
+        cred = match.group("cred")
+        if not _placeholder(cred) and not cred.isalpha():
+            return "a bearer token"
+    return None
+
+
+def _found_key_value(text: str) -> Optional[str]:
+    for match in _KEY_VALUE_RE.finditer(text):
+        value = next((v for v in match.group("edq", "dq", "sq", "bare") if v is not None), "")
+        if not _placeholder(value):
+            return _key_kind(match.group("key"))
+    return None
+
+
+def _found_spoken(text: str) -> Optional[str]:
+    for match in _SPOKEN_RE.finditer(text):
+        if not _placeholder(match.group("value")):
+            return "an AWS secret key" if "access" in match.group("key").lower() else "a password"
+    return None
+
+
+def _found_pattern(pattern: _LazyPattern, kind: str) -> Callable[[str], Optional[str]]:
+    def found(text: str) -> Optional[str]:
+        return kind if pattern.search(text) is not None else None
+    return found
+
+
+_DETECTORS: Final = (
+    _found_pem,
+    _found_pattern(_AWS_KEY_ID_RE, "an AWS access key"),
+    _found_pattern(_GITHUB_TOKEN_RE, "a GitHub token"),
+    _found_pattern(_GITLAB_TOKEN_RE, "a GitLab token"),
+    _found_pattern(_SLACK_TOKEN_RE, "a Slack token"),
+    _found_url,
+    _found_auth,
+    _found_bearer,
+    _found_key_value,
+    _found_spoken,
+)
+
+
+def find_secret(text: object) -> Optional[str]:
+    """The kind of the first credential in ``text`` (``"a password"``, ``"a GitHub token"`` ...),
+    or ``None``.
+
+    The same patterns as :func:`redact`; a value that is already masked (``***``) or a placeholder
+    (``$PASSWORD``, ``<token>``, ``xxxx``) does not count, nor does ``Bearer`` before a plain word.
+    The answer names the kind only, never the secret.
+    """
+    value = text if isinstance(text, str) else str(text)
+    for detector in _DETECTORS:
+        kind = detector(value)
+        if kind is not None:
+            return kind
+    return None
 
 
 def _is_secret_key(key: object) -> bool:
     return isinstance(key, str) and bool(_SECRET_KEY_RE.match(key))
-
-
-def redact_data(value: Any, _depth: int = 0) -> Any:
-    """A JSON-ready copy of ``value`` with every string redacted and secret-keyed values masked."""
-    if isinstance(value, str):
-        return redact(value)
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    if _depth >= 20:
-        return redact(repr(value))
-    if isinstance(value, Mapping):
-        out: Dict[str, Any] = {}
-        for key, item in value.items():
-            name = key if isinstance(key, str) else str(key)
-            if _is_secret_key(name) and isinstance(item, (str, int, float)) and not isinstance(item, bool):
-                out[name] = REDACTED
-            else:
-                out[name] = redact_data(item, _depth + 1)
-        return out
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [redact_data(item, _depth + 1) for item in value]
-    return redact(str(value))
 
 
 # --------------------------------------------------------------------------- sanitizing
@@ -258,8 +437,134 @@ def preview(text: object, length: int = 120) -> str:
 
     Redaction runs on the raw text (where a newline still ends a secret value), then
     :func:`sanitize` escapes what is left and cuts it with ``…``; the result is safe either way.
+    Only the start of a long text is read (:data:`REDACTION_MARGIN` beyond what is shown).
     """
-    return sanitize(redact(text), max_len=length)
+    value = text if isinstance(text, str) else str(text)
+    return sanitize(redact(value[: max(length, 0) + REDACTION_MARGIN]), max_len=length)
+
+
+# --------------------------------------------------------------------------- bounds
+
+# Text from another machine is bounded before it is shown or logged (PROTOCOL.md, "Trust between
+# servers"): a 2 MB subject must not make a 2 MB log line that rotates the history away.
+MAX_FIELD_CHARS: Final = 1000  # the message and each string in the metadata
+MAX_ARG_CHARS: Final = 200  # the least a string argument of a %-format keeps when several share
+_CUT_NOTE_CHARS: Final = 30  # what "… (2000000 characters)" adds to a cut text
+MAX_TRACEBACK_CHARS: Final = 4000  # tracebacks keep their end, where the error is
+MAX_KEY_CHARS: Final = 100
+MAX_ITEMS: Final = 20  # items of a list and keys of a mapping in the metadata
+MAX_DEPTH: Final = 6
+MAX_LINE_CHARS: Final = 16 * 1024  # a JSON line over this is written again with tighter bounds
+# Redaction reads this much beyond what is kept, so a secret that starts in the kept part is still
+# recognised whole; nothing further is read, so a huge text costs no more than a small one.
+REDACTION_MARGIN: Final = 64 * 1024
+
+
+class _Bounds:
+    __slots__ = ("text", "items", "depth")
+
+    def __init__(self, text: int, items: int, depth: int) -> None:
+        self.text, self.items, self.depth = text, items, depth
+
+
+_NORMAL_BOUNDS: Final = _Bounds(MAX_FIELD_CHARS, MAX_ITEMS, MAX_DEPTH)
+_TIGHT_BOUNDS: Final = _Bounds(100, 5, 3)
+
+
+def cut(text: object, limit: int = MAX_FIELD_CHARS, *, keep_end: bool = False) -> str:
+    """``text`` redacted and cut to ``limit`` characters; not sanitized.
+
+    A cut is marked by ``…`` and the original length: ``abc… (2000000 characters)``; with
+    ``keep_end`` the end is kept instead (``…(5123 characters) ...end``).
+    """
+    value = text if isinstance(text, str) else str(text)
+    window = max(limit, 0) + REDACTION_MARGIN
+    part = value if len(value) <= window else (value[-window:] if keep_end else value[:window])
+    shown = redact(part)
+    if len(shown) <= limit and len(part) == len(value):
+        return shown
+    note = f"({len(value)} characters)"
+    if keep_end:
+        return f"{ELLIPSIS}{note} {shown[-limit:] if limit > 0 else ''}"
+    return f"{shown[:max(limit, 0)]}{ELLIPSIS} {note}"
+
+
+def clip(text: object, limit: int = MAX_FIELD_CHARS, *, keep_end: bool = False) -> str:
+    """``text`` redacted, cut to ``limit`` characters (see :func:`cut`) and sanitized: one inert
+    line of bounded length, for any field that is shown or logged."""
+    return sanitize(cut(text, limit, keep_end=keep_end))
+
+
+def _clip_arg(arg: Any, share: int) -> Any:
+    if isinstance(arg, str) and len(arg) > share:
+        return cut(arg, share)
+    return arg
+
+
+def record_message(record: logging.LogRecord) -> str:
+    """``record.getMessage()`` with long string arguments cut first: they share
+    :data:`MAX_FIELD_CHARS` (at least :data:`MAX_ARG_CHARS` each), so a huge id does not push the
+    rest of the message out of the bounded field, and a lone long argument keeps the whole field."""
+    args = record.args
+    if args:
+        values = list(args.values()) if isinstance(args, Mapping) else list(args)
+        strings = sum(isinstance(value, str) for value in values)
+        room = MAX_FIELD_CHARS - len(str(record.msg))
+        share = max(MAX_ARG_CHARS, room // max(strings, 1) - _CUT_NOTE_CHARS)
+        if isinstance(args, Mapping):
+            bounded: Any = {key: _clip_arg(value, share) for key, value in args.items()}
+        elif isinstance(args, tuple):
+            bounded = tuple(_clip_arg(value, share) for value in args)
+        else:  # pragma: no cover - logging makes args a tuple or a mapping
+            bounded = args
+        try:
+            return str(record.msg) % bounded
+        except (TypeError, ValueError, KeyError):
+            pass  # getMessage raises the same error for the handler to report
+    return record.getMessage()
+
+
+def _collection_note(value: Any) -> str:
+    return f"<{type(value).__name__} of {len(value)} items>"
+
+
+def bounded_data(value: Any, bounds: _Bounds = _NORMAL_BOUNDS, _depth: int = 0) -> Any:
+    """A JSON-ready copy of ``value`` for the log: every string redacted, sanitized and cut,
+    secret-keyed values masked, lists and mappings cut to their first items (plus a note of how
+    many more), nesting cut at a fixed depth, numbers that JSON cannot carry written as text."""
+    if isinstance(value, str):
+        return clip(value, bounds.text)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        # Python refuses to print an int of more than 4300 digits; a log never needs one.
+        return value if value.bit_length() <= 64 else f"<integer of {value.bit_length()} bits>"
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    is_mapping = isinstance(value, Mapping)
+    if is_mapping or isinstance(value, (list, tuple, set, frozenset)):
+        if _depth >= bounds.depth:
+            return _collection_note(value)
+        extra = len(value) - bounds.items
+        if is_mapping:
+            out: Dict[str, Any] = {}
+            for key, item in itertools.islice(value.items(), bounds.items):
+                raw_key = key if isinstance(key, str) else str(key)
+                name = clip(raw_key, MAX_KEY_CHARS)
+                # The key's end names what it holds ("jira_password"), so that is what is checked.
+                secret_key = _is_secret_key(raw_key[-MAX_KEY_CHARS:])
+                if secret_key and isinstance(item, (str, int, float)) and not isinstance(item, bool):
+                    out[name] = REDACTED
+                else:
+                    out[name] = bounded_data(item, bounds, _depth + 1)
+            if extra > 0:
+                out[ELLIPSIS] = f"+{extra} more"
+            return out
+        items = [bounded_data(item, bounds, _depth + 1) for item in itertools.islice(value, bounds.items)]
+        if extra > 0:
+            items.append(f"{ELLIPSIS} +{extra} more")
+        return items
+    return clip(value, bounds.text)
 
 
 # --------------------------------------------------------------------------- formatters
@@ -284,34 +589,46 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self.server_id = resolve_server_id(server_id)
 
-    def to_dict(self, record: logging.LogRecord) -> Dict[str, Any]:
+    def to_dict(self, record: logging.LogRecord, bounds: _Bounds = _NORMAL_BOUNDS) -> Dict[str, Any]:
         raw = getattr(record, "metadata", None)
         if raw is None:
             metadata: Dict[str, Any] = {}
         elif isinstance(raw, Mapping):
-            metadata = redact_data(raw)
+            metadata = bounded_data(raw, bounds)
         else:
-            metadata = {"value": redact_data(raw)}
-        metadata["logger"] = record.name
+            metadata = {"value": bounded_data(raw, bounds)}
+        metadata["logger"] = clip(record.name, MAX_KEY_CHARS)
         if record.exc_info:
             if not record.exc_text:
                 record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            metadata["exception"] = redact(record.exc_text)
+            metadata["exception"] = clip(record.exc_text, MAX_TRACEBACK_CHARS, keep_end=True)
         if record.stack_info:
-            metadata["stack"] = redact(self.formatStack(record.stack_info))
+            metadata["stack"] = clip(self.formatStack(record.stack_info), MAX_TRACEBACK_CHARS,
+                                     keep_end=True)
         moment = _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)
         return {
             "timestamp": iso_utc(moment, fraction=True),
             "level": _standard_level(record.levelno),
-            "message": redact(record.getMessage()),
+            "message": clip(record_message(record)),
             "server": self.server_id,
             "metadata": metadata,
         }
 
     def format(self, record: logging.LogRecord) -> str:
         # ensure_ascii also escapes U+2028/U+2029, so a line is always exactly one line.
-        return json.dumps(self.to_dict(record), ensure_ascii=True, default=str)
+        line = json.dumps(self.to_dict(record), ensure_ascii=True, default=str)
+        if len(line) <= MAX_LINE_CHARS:
+            return line
+        # Many long strings in the metadata: again with tighter bounds, and without the
+        # metadata if even that is too long (escapes can make a string up to 12 times longer).
+        entry = self.to_dict(record, _TIGHT_BOUNDS)
+        line = json.dumps(entry, ensure_ascii=True, default=str)
+        if len(line) <= MAX_LINE_CHARS:
+            return line
+        entry["metadata"] = {"logger": entry["metadata"]["logger"],
+                             ELLIPSIS: f"metadata of {len(line)} characters left out"}
+        return json.dumps(entry, ensure_ascii=True, default=str)
 
 
 _ANSI_FALLBACK: Final = {
@@ -380,19 +697,103 @@ class ConsoleFormatter(logging.Formatter):
         self._styles: Optional[Dict[str, str]] = _level_styles() if color else None
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [redact(record.getMessage())]
+        parts = [cut(record_message(record))]
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            parts.append(redact(record.exc_text))
+            parts.append(cut(record.exc_text, MAX_TRACEBACK_CHARS, keep_end=True))
         if record.stack_info:
-            parts.append(redact(self.formatStack(record.stack_info)))
+            parts.append(cut(self.formatStack(record.stack_info), MAX_TRACEBACK_CHARS, keep_end=True))
         message = LINE_JOIN.join(_NEWLINE_RE.sub(LINE_JOIN, part.strip("\r\n")) for part in parts)
         line = sanitize(f"{self.formatTime(record, self.datefmt)} {record.levelname} {message}")
         if not self._styles:
             return line
         style = self._styles.get(_standard_level(record.levelno), "")
         return f"{style}{line}{self._styles['RESET']}"
+
+
+# --------------------------------------------------------------------------- runtime files
+
+# Runtime files are opened without following symlinks (PROTOCOL.md, "Trust between servers"): a
+# member may commit <server>/logs/structured.log as a link to ~/.bashrc. O_NOFOLLOW refuses a link
+# where the OS has it, O_NONBLOCK keeps a FIFO from blocking the open, and on every OS the opened
+# file must be a regular file that the path still names (Windows has no O_NOFOLLOW).
+_NO_FOLLOW_FLAGS: Final = (getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                           | getattr(os, "O_BINARY", 0))
+UNSAFE_SUFFIX: Final = ".unsafe-"
+
+
+def _unsafe_kind(path: str) -> Optional[str]:
+    """What is at ``path`` when it is neither missing nor a regular file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "a special file"
+
+
+def set_aside_unsafe(path: "Union[str, os.PathLike[str]]") -> Optional[str]:
+    """Move a symlink or any other non-regular file at ``path`` aside (renaming the link itself,
+    never its target), with one warning; the name it now has, or ``None`` when nothing was there."""
+    name = os.fspath(path)
+    kind = _unsafe_kind(name)
+    if kind is None:
+        return None
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    aside = f"{name}{UNSAFE_SUFFIX}{stamp}"
+    os.replace(name, aside)
+    logging.getLogger(__name__).warning(
+        "%s was %s, not a regular file: moved aside to %s, never written through", name, kind,
+        os.path.basename(aside), extra={"metadata": {"path": name, "aside": aside, "kind": kind}})
+    return aside
+
+
+def _check_opened(path: str, fd: int) -> None:
+    opened = os.fstat(fd)
+    if not stat.S_ISREG(opened.st_mode):
+        raise OSError(f"{path} is not a regular file")
+    if not getattr(os, "O_NOFOLLOW", 0):
+        # No O_NOFOLLOW (Windows): the path must still name, itself, the file that was opened.
+        named = os.lstat(path)
+        if stat.S_ISLNK(named.st_mode) or (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino):
+            raise OSError(f"{path} changed while it was opened")
+
+
+def open_runtime_file(path: "Union[str, os.PathLike[str]]", flags: int, mode: int = 0o666) -> int:
+    """``os.open`` for a runtime file that never follows a symlink; returns the descriptor.
+
+    A symlink, folder, FIFO or device at ``path`` is first moved aside (:func:`set_aside_unsafe`);
+    one that appears while opening is refused and moved aside once more. Raises
+    ``FileNotFoundError`` when there is no file and ``flags`` do not create one, ``OSError`` when
+    no regular file can be opened.
+    """
+    name = os.fspath(path)
+    for attempt in (1, 2):
+        set_aside_unsafe(name)
+        try:
+            fd = os.open(name, flags | _NO_FOLLOW_FLAGS, mode)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            # ELOOP: a symlink appeared after the check.
+            if attempt == 1 and _unsafe_kind(name) is not None:
+                continue
+            raise
+        try:
+            _check_opened(name, fd)
+        except OSError:
+            os.close(fd)
+            if attempt == 1:
+                continue
+            raise
+        return fd
+    raise OSError(f"{name} could not be opened as a regular file")  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- handlers
@@ -432,7 +833,12 @@ class StructuredFileHandler(logging.Handler):
     it holds it and the file is still too big; otherwise it writes without rotating this time.
     Rotation renames ``structured.log`` to ``.1``, ``.1`` to ``.2`` and so on, dropping the oldest
     beyond ``backup_count`` (the layout of logging's RotatingFileHandler, whose module a command
-    need not import).
+    need not import); it renames links themselves and never opens a rotated file.
+
+    The file is opened with :func:`open_runtime_file`, so a symlink or other non-regular file at
+    its path is moved aside (one warning) and never written through. When writing fails (a
+    read-only log folder, a full disk) one warning goes to stderr and records are dropped until a
+    write succeeds again.
     """
 
     def __init__(self, filename: "Union[str, os.PathLike[str]]", server_id: Optional[str] = None,
@@ -444,19 +850,20 @@ class StructuredFileHandler(logging.Handler):
         self.lock_path = self.baseFilename + LOCK_SUFFIX
         self._rotation_lock: Any = None
         self._rotating = threading.local()
+        self._failing = False  # warned about a failing write; quiet until one succeeds
         self.setFormatter(JsonFormatter(server_id))
 
     def doRollover(self) -> None:  # noqa: N802 - logging's name
         for index in range(self.backupCount - 1, 0, -1):
             older = f"{self.baseFilename}.{index}"
-            if os.path.exists(older):
+            if os.path.lexists(older):
                 os.replace(older, f"{self.baseFilename}.{index + 1}")
-        if os.path.exists(self.baseFilename):
+        if os.path.lexists(self.baseFilename):
             os.replace(self.baseFilename, self.baseFilename + ".1")
 
     def _file_size(self) -> int:
         try:
-            return os.stat(self.baseFilename).st_size
+            return os.lstat(self.baseFilename).st_size
         except FileNotFoundError:
             return 0
 
@@ -487,7 +894,8 @@ class StructuredFileHandler(logging.Handler):
             self._rotating.active = False
 
     def _append(self, data: bytes) -> None:
-        with open(self.baseFilename, "ab", buffering=0) as handle:
+        fd = open_runtime_file(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with os.fdopen(fd, "ab", buffering=0) as handle:
             view = memoryview(data)
             while view:
                 written = handle.write(view)
@@ -501,10 +909,34 @@ class StructuredFileHandler(logging.Handler):
             if self._too_big(len(data)):
                 self._rotate_if_owner(len(data))
             self._append(data)
+            self._failing = False
         except RecursionError:  # pragma: no cover - as logging's handlers do
             raise
         except Exception:  # noqa: BLE001 - logging must never take the program down
             self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """One line on stderr when writing the file starts failing, instead of logging's
+        ``--- Logging error ---`` traceback for every record; other errors (a bad format string)
+        get logging's usual report."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        if self._failing:
+            return
+        self._failing = True
+        stream = sys.stderr
+        if stream is None:  # pythonw on Windows has no console
+            return
+        reason = error.strerror or str(error)
+        line = sanitize(f"structured_log: warning: cannot write {self.baseFilename}: {reason}; "
+                        "log records are not saved until it can be written")
+        try:
+            stream.write(console_safe(line, stream) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stderr must not stop the program either
+            pass
 
 
 # --------------------------------------------------------------------------- root setup

@@ -157,7 +157,8 @@ def test_rule_file_errors(fleet, tmp_path, caplog):
 def test_secrets_and_escape_sequences_never_reach_the_console(quirky_fleet):
     c2, b1 = quirky_fleet.clone("code2"), quirky_fleet.clone("build1")
     send_message("evil \x1b]0;pwned\x07 \x1b[2J\x1b[31mred\x1b[0m \u202eabc token=s3cr3t-value",
-                 "\x1b[1mbold subject", to="code2", from_sender="build1", build_repo_path=str(b1))
+                 "\x1b[1mbold subject", to="code2", from_sender="build1", build_repo_path=str(b1),
+                 allow_secret=True)
     proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--once", "--no-auto-reply")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout + proc.stderr

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 
 import pytest
-from conftest import FakeClock
+from conftest import FakeClock, run_script
 from prometheus_client.parser import text_string_to_metric_families
 
 import monitoring_metrics
@@ -296,6 +297,7 @@ def test_prometheus_text_parses_and_matches(repo, clock, tmp_path):
     assert families["fleet_operation_duration_ms"].type == "summary"
 
     prom = tmp_path / "textfile" / "fleet.prom"
+    prom.parent.mkdir()  # the folder is the operator's: never created by the writer
     metrics.write_prometheus_textfile(prom, summary)
     assert prom.read_text(encoding="utf-8") == text
     assert [p.name for p in prom.parent.iterdir()] == ["fleet.prom"]  # no temp file left
@@ -330,3 +332,74 @@ def test_bad_input(repo, clock):
     assert metrics.get_summary()["operations"]["x"]["max_ms"] == 0.0
     with pytest.raises(monitoring_metrics.UsageError):
         MetricsCollector(str(repo), "../evil", clock=clock)
+
+
+# --------------------------------------------------------------------------- files it was given or owns
+
+
+def test_textfile_folder_is_never_created(repo, clock, tmp_path):
+    metrics = collector(repo, clock)
+    metrics.record_operation("git_fetch", 5.0, True)
+    missing = tmp_path / "nonexistent" / "dir" / "x.prom"
+    with pytest.raises(OSError):
+        metrics.write_prometheus_textfile(missing)
+    assert not (tmp_path / "nonexistent").exists()
+    with pytest.raises(monitoring_metrics.UsageError, match="does not exist"):
+        monitoring_metrics.check_textfile_path(missing)
+    with pytest.raises(monitoring_metrics.UsageError, match="is a folder"):
+        monitoring_metrics.check_textfile_path(tmp_path)
+    assert monitoring_metrics.check_textfile_path(tmp_path / "x.prom") == tmp_path / "x.prom"
+
+
+def test_monitor_refuses_a_textfile_in_a_missing_folder_at_start(fleet, tmp_path):
+    c2 = fleet.clone("code2")
+    missing = tmp_path / "nonexistent" / "dir" / "x.prom"
+    proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--once",
+                      "--metrics-textfile", str(missing))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0] and "nonexistent" in lines[0]
+    assert not (tmp_path / "nonexistent").exists()
+    assert not (c2 / "code2").exists()  # refused before the cycle: no log, no state
+
+
+def test_symlinked_metrics_file_is_moved_aside_never_read_or_written_through(repo, clock, tmp_path, caplog):
+    target = tmp_path / "bashrc"
+    target.write_text('{"version": 1, "counters": {"errors": 1000}}')
+    metrics = collector(repo, clock)
+    metrics.path.parent.mkdir(parents=True)
+    try:
+        metrics.path.symlink_to(target)
+    except (OSError, NotImplementedError):
+        pytest.skip("this system cannot create symlinks")
+    metrics.increment("errors")
+    with caplog.at_level(logging.WARNING):
+        assert metrics.flush()
+    assert target.read_text() == '{"version": 1, "counters": {"errors": 1000}}'
+    assert metrics.path.is_file() and not metrics.path.is_symlink()
+    assert json.loads(metrics.path.read_text())["counters"] == {"errors": 1}  # nothing read through it
+    asides = [p for p in metrics.path.parent.iterdir() if p.name.startswith("metrics.json.unsafe-")]
+    assert len(asides) == 1 and asides[0].is_symlink()
+    assert sum("symlink" in record.getMessage() for record in caplog.records) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_fifo_metrics_file_does_not_block(repo, clock):
+    metrics = collector(repo, clock)
+    metrics.path.parent.mkdir(parents=True)
+    os.mkfifo(metrics.path)
+    metrics.increment("errors")
+    assert metrics.flush()
+    assert json.loads(metrics.path.read_text())["counters"] == {"errors": 1}
+
+
+def test_oversized_metrics_file_is_moved_aside(repo, clock, monkeypatch):
+    monkeypatch.setattr(monitoring_metrics, "MAX_FILE_BYTES", 1000)
+    metrics = collector(repo, clock)
+    metrics.path.parent.mkdir(parents=True)
+    metrics.path.write_text('{"version": 1, "counters": {"errors": 3}, "pad": "' + "x" * 2000 + '"}')
+    metrics.increment("errors")
+    assert metrics.flush()
+    assert json.loads(metrics.path.read_text())["counters"] == {"errors": 1}
+    assert len(list(metrics.path.parent.glob("metrics.json.corrupt-*"))) == 1

@@ -142,7 +142,7 @@ def test_every_line_is_json_with_the_five_fields(repo):
     assert entries[0]["message"] == "fetched origin"
     assert entries[0]["metadata"] == {"ms": 12, "logger": "fleet_git"}
     assert entries[1]["metadata"] == {"new": 2, "ids": ["a"], "logger": "message_monitor"}
-    assert entries[2]["message"] == "two\nlines"
+    assert entries[2]["message"] == "two\\nlines"  # a newline is a visible escape, not a line break
     assert "ValueError: boom" in entries[5]["metadata"]["exception"]
     assert "Traceback" in entries[5]["metadata"]["exception"]
     # ASCII on disk, one physical line per record.
@@ -163,7 +163,8 @@ def test_non_ascii_and_escapes_survive_json_round_trip(repo):
     text = "Unicode \u2713 \u2192 \u00e9\u00e8 \u4f60\u597d \U0001f680 \x1b[31m \u2028"
     logging.getLogger("x").info(text)
     (entry,) = read_lines(repo / "code2" / "logs" / "structured.log")
-    assert entry["message"] == text
+    # Non-ASCII text survives; ESC and the line separator come back as visible escapes.
+    assert entry["message"] == "Unicode \u2713 \u2192 \u00e9\u00e8 \u4f60\u597d \U0001f680 \\x1b[31m \\u2028"
 
 
 def test_file_handler_only_when_repo_exists(tmp_path):
@@ -339,7 +340,8 @@ def test_hostile_message_through_a_real_pipe(repo):
     assert len(lines) == 2
     assert CONSOLE_RE.match(lines[0]) and lines[0].split()[1] == "ERROR"
     entries = read_lines(repo / "code2" / "logs" / "structured.log")
-    assert entries[0]["message"] == HOSTILE  # the file keeps the text, JSON-escaped
+    # The file keeps the text with its control characters neutralised, as on the console.
+    assert entries[0]["message"] == sanitize(HOSTILE)
 
 
 # --------------------------------------------------------------------------- colour
@@ -569,3 +571,226 @@ def test_structured_logger_does_not_touch_root_logger(tmp_path):
     logger.info("x")
     logger.close()
     assert logging.getLogger().handlers == before
+
+
+# --------------------------------------------------------------------------- bounds and neutralising
+
+
+def test_every_string_of_a_json_line_is_bounded(repo):
+    from structured_log import MAX_FIELD_CHARS, MAX_LINE_CHARS
+
+    setup_logging(repo, "code2", console=False)
+    huge_id, huge_from, huge_subject = "i" * 1_000_000, "f" * 1_000_000, "s" * 2_000_000
+    logging.getLogger("message_monitor").info(
+        "new message %s from %s: %s", huge_id, huge_from, huge_subject,
+        extra={"metadata": {"id": huge_id, "from": huge_from, "to": ["code2"] * 50_000,
+                            "nested": {"deeper": {"keys": {str(n): n for n in range(1000)}}},
+                            "deep": [[[[[[[["x"]]]]]]]], "big": 10 ** 5000, "nan": float("nan")}})
+    raw = (repo / "code2" / "logs" / "structured.log").read_text(encoding="ascii")
+    assert raw.count("\n") == 1 and len(raw) < 8 * 1024
+    (entry,) = read_lines(repo / "code2" / "logs" / "structured.log")
+    assert entry["message"].startswith("new message iii")
+    assert "(1000000 characters)" in entry["message"]  # each argument says how long it was
+    assert len(entry["message"]) <= MAX_FIELD_CHARS + 40
+    meta = entry["metadata"]
+    assert meta["id"].startswith("iii") and meta["id"].endswith("\u2026 (1000000 characters)")
+    assert len(meta["to"]) == 21 and meta["to"][-1] == "\u2026 +49980 more"
+    assert meta["nested"]["deeper"]["keys"]["\u2026"] == "+980 more"
+    assert meta["big"].startswith("<integer of") and meta["nan"] == "nan"
+    assert len(raw) < MAX_LINE_CHARS
+
+
+def test_a_line_with_many_long_metadata_strings_stays_under_the_line_bound(repo):
+    from structured_log import MAX_LINE_CHARS
+
+    setup_logging(repo, "code2", console=False)
+    metadata = {f"k{n}": ["\x1b" * 5000] * 20 for n in range(20)}
+    logging.getLogger("x").info("many", extra={"metadata": metadata})
+    raw = (repo / "code2" / "logs" / "structured.log").read_text(encoding="ascii")
+    assert len(raw) <= MAX_LINE_CHARS + 1
+    (entry,) = read_lines(repo / "code2" / "logs" / "structured.log")
+    assert entry["message"] == "many" and entry["metadata"]["logger"] == "x"
+
+
+def test_every_string_value_is_neutralised(repo):
+    setup_logging(repo, "code2", console=False)
+    try:
+        raise ValueError("bad \x1b[2J\nline")
+    except ValueError:
+        logging.getLogger("x").exception("msg \x1b]0;t\x07 %s", "arg\r\nsplit",
+                                          extra={"metadata": {"subject": "s\x1b[31m\u202e",
+                                                              "list": ["a\nb"], "k\x1b": 1}})
+    (entry,) = read_lines(repo / "code2" / "logs" / "structured.log")
+    strings = [entry["message"], entry["metadata"]["subject"], entry["metadata"]["list"][0],
+               entry["metadata"]["exception"], *entry["metadata"]]
+    for text in strings:
+        for char in UNSAFE_CHARS + ["\n", "\u202e"]:
+            assert char not in text, (char, text)
+    assert entry["message"] == "msg \\x1b]0;t\\x07 arg\\r\\nsplit"
+    assert entry["metadata"]["subject"] == "s\\x1b[31m\\u202e"
+    assert "ValueError: bad \\x1b[2J\\nline" in entry["metadata"]["exception"]
+    assert "k\\x1b" in entry["metadata"]
+
+
+def test_long_traceback_keeps_its_end():
+    from structured_log import MAX_TRACEBACK_CHARS
+
+    try:
+        raise RuntimeError("x" * 50_000 + " the end")
+    except RuntimeError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    entry = json.loads(JsonFormatter("code2").format(record))
+    exception = entry["metadata"]["exception"]
+    assert exception.endswith(" the end") and "characters)" in exception
+    assert len(exception) <= MAX_TRACEBACK_CHARS + 40
+
+
+def test_console_line_is_bounded():
+    stream = io.StringIO()
+    setup_logging(None, "code2", stream=stream, color=False)
+    logging.getLogger("message_monitor").info("new message %s: %s", "i" * 1_000_000, "s\n" * 1_000_000)
+    (line,) = stream.getvalue().splitlines()
+    assert CONSOLE_RE.match(line) and len(line) < 4 * 1024
+    assert "(1000000 characters)" in line and "(2000000 characters)" in line
+
+
+def test_preview_of_a_huge_text_reads_only_its_start():
+    assert preview("password: hunter2 " + "x" * 5_000_000, 30) == "password: *** " + "x" * 15 + "\u2026"
+
+
+def test_one_long_argument_keeps_the_whole_field_several_share_it():
+    from structured_log import MAX_FIELD_CHARS, record_message
+
+    def message(*args: object) -> str:
+        return record_message(logging.LogRecord("x", logging.INFO, __file__, 1, " ".join(["%s"] * len(args)),
+                                                args, None))
+
+    details = "git stderr: " + "e" * 5000
+    assert message(details).startswith(details[:MAX_FIELD_CHARS - 40])
+    shared = message("a" * 5000, "b" * 5000, "c" * 5000, 42)
+    assert shared.count("(5000 characters)") == 3 and shared.endswith(" 42")
+    assert "b" * (MAX_FIELD_CHARS // 3 - 40) in shared
+    assert message("short", {"k": "v"}) == "short {'k': 'v'}"
+
+
+# --------------------------------------------------------------------------- failing writes
+
+
+READONLY_WRITER = textwrap.dedent("""
+    import logging, sys
+    from structured_log import StructuredFileHandler
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(StructuredFileHandler(sys.argv[1], "code2"))
+    for i in range(5):
+        logging.getLogger("x").info("record %d", i)
+    print("done")
+""")
+
+
+def run_readonly_writer(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", READONLY_WRITER, str(path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=child_env(), timeout=60, text=True)
+
+
+def assert_one_warning(proc: subprocess.CompletedProcess, path: Path) -> None:
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+    assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "cannot write" in lines[0] and str(path) in lines[0]
+
+
+def test_unwritable_log_file_warns_once_and_goes_on(tmp_path):
+    not_a_folder = tmp_path / "logs"
+    not_a_folder.write_text("a file where the log folder should be")
+    path = not_a_folder / "structured.log"
+    assert_one_warning(run_readonly_writer(path), path)
+
+
+@pytest.mark.skipif(os.name == "nt" or (hasattr(os, "geteuid") and os.geteuid() == 0),
+                    reason="needs POSIX permissions that bind the user (root writes anyway)")
+def test_read_only_log_folder_warns_once_and_goes_on(repo):
+    logs = repo / "code2" / "logs"
+    logs.mkdir(parents=True)
+    logs.chmod(0o555)
+    try:
+        assert_one_warning(run_readonly_writer(logs / "structured.log"), logs / "structured.log")
+    finally:
+        logs.chmod(0o755)
+
+
+# --------------------------------------------------------------------------- runtime files
+
+
+def symlink_or_skip(link: Path, target: Path) -> None:
+    try:
+        link.symlink_to(target)
+    except (OSError, NotImplementedError):
+        pytest.skip("this system cannot create symlinks")
+
+
+def test_symlinked_log_file_is_moved_aside_never_written_through(repo, tmp_path):
+    bashrc = tmp_path / "bashrc"
+    bashrc.write_text("alias ls='ls --color'\n")
+    logs = repo / "code2" / "logs"
+    logs.mkdir(parents=True)
+    symlink_or_skip(logs / "structured.log", bashrc)
+    setup_logging(repo, "code2", console=False)
+    logging.getLogger("x").info("one")
+    logging.getLogger("x").info("two")
+    assert bashrc.read_text() == "alias ls='ls --color'\n"
+    path = logs / "structured.log"
+    assert path.is_file() and not path.is_symlink()
+    (aside,) = [p for p in logs.iterdir() if p.name.startswith("structured.log.unsafe-")]
+    assert aside.is_symlink()
+    entries = read_lines(path)
+    warnings = [e for e in entries if e["level"] == "WARNING"]
+    assert len(warnings) == 1 and "symlink" in warnings[0]["message"]
+    assert [e["message"] for e in entries if e["level"] == "INFO"] == ["one", "two"]
+
+
+def test_dangling_symlink_is_not_created_through(repo, tmp_path):
+    target = tmp_path / "elsewhere" / "created.txt"
+    target.parent.mkdir()
+    logs = repo / "code2" / "logs"
+    logs.mkdir(parents=True)
+    symlink_or_skip(logs / "structured.log", target)
+    setup_logging(repo, "code2", console=False)
+    logging.getLogger("x").info("one")
+    assert not target.exists()
+    assert (logs / "structured.log").is_file()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_fifo_or_folder_at_the_log_path_is_moved_aside(repo):
+    logs = repo / "code2" / "logs"
+    logs.mkdir(parents=True)
+    os.mkfifo(logs / "structured.log")  # a writer opening it would block forever without a reader
+    setup_logging(repo, "code2", console=False)
+    logging.getLogger("x").info("after the fifo")
+    assert (logs / "structured.log").is_file()
+    (logs / "structured.log").rename(logs / "old.log")
+    (logs / "structured.log").mkdir()
+    logging.getLogger("x").info("after the folder")
+    assert read_lines(logs / "structured.log")[-1]["message"] == "after the folder"
+    assert len([p for p in logs.iterdir() if ".unsafe-" in p.name]) == 2
+
+
+def test_rotation_never_writes_through_a_symlinked_backup(repo, tmp_path):
+    bashrc = tmp_path / "bashrc"
+    bashrc.write_text("keep me\n")
+    logs = repo / "code2" / "logs"
+    logs.mkdir(parents=True)
+    symlink_or_skip(logs / "structured.log.1", bashrc)
+    setup_logging(repo, "code2", console=False, max_bytes=2000, backup_count=2)
+    for i in range(100):
+        logging.getLogger("x").info("record %d %s", i, "x" * 50)
+    assert bashrc.read_text() == "keep me\n"
+    for path in logs.iterdir():
+        if re.match(r"^structured\.log(\.\d+)?$", path.name):
+            assert not path.is_symlink()
+            for entry in read_lines(path):
+                assert_record_shape(entry)
+
