@@ -206,7 +206,7 @@ def test_wait_for_mail_returns_on_arrival_and_times_out_without_blocking_the_ser
 def test_bad_input_is_a_tool_error_with_the_cli_reason(fleet, sdk):
     c2 = fleet.clone("code2")
     unknown = "msg_1762254639_000000000000"
-    cli = run_script("inbox.py", "--repo", str(c2), "--server", "code2", "read", unknown)
+    cli = run_script("inbox.py", "--repo", str(c2), "--server", "code2", "show", unknown)
     assert cli.returncode == 2, cli.stderr
     cli_reason = cli.stderr.strip().split("error: ", 1)[-1]
 
