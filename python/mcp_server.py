@@ -39,6 +39,7 @@ import argparse
 import functools
 import json
 import sys
+import threading
 from typing import Any, Callable, Dict, Final, List, Optional, Sequence
 
 from fleet_common import (
@@ -139,18 +140,34 @@ class MailTools:
     def search_messages(self, words: str, include_archive: bool = False) -> Dict[str, Any]:
         return self._inbox().search(words, include_archive=include_archive)
 
-    def wait_for_mail(self, timeout_seconds: float = DEFAULT_WAIT_SECONDS,
-                      reply_to: Optional[str] = None) -> Dict[str, Any]:
+    def wait_for_mail(self, timeout_seconds: float = DEFAULT_WAIT_SECONDS, reply_to: Optional[str] = None,
+                      stop: Optional[threading.Event] = None) -> Dict[str, Any]:
+        """The inbox's wait; ``stop`` set (the client went away) ends it at its next poll."""
         if not 0 < timeout_seconds <= MAX_WAIT_SECONDS:
             raise UsageError(f"timeout_seconds must be more than 0 and at most {int(MAX_WAIT_SECONDS)}, "
                              f"not {timeout_seconds:g}")
-        return self._inbox().wait(timeout=timeout_seconds, reply_to=reply_to)
+        if stop is None:
+            return self._inbox().wait(timeout=timeout_seconds, reply_to=reply_to)
+        try:
+            return self._inbox().wait(timeout=timeout_seconds, reply_to=reply_to,
+                                      sleep=functools.partial(_sleep_unless_stopped, stop))
+        except _WaitStopped:
+            return {"arrived": False, "messages": []}
 
     def fleet_status(self) -> Dict[str, Any]:
         return fleet_status_dict(self.repo, self.branch)
 
 
 TOOL_NAMES: Final = tuple(DESCRIPTIONS)
+
+
+class _WaitStopped(Exception):
+    """Raised inside a wait whose caller has gone; never leaves :meth:`MailTools.wait_for_mail`."""
+
+
+def _sleep_unless_stopped(stop: threading.Event, seconds: float) -> None:
+    if stop.wait(seconds):
+        raise _WaitStopped()
 
 
 def fleet_status_dict(repo: str, branch: Optional[str]) -> Dict[str, Any]:
@@ -235,16 +252,42 @@ def _as_tool(method: Callable[..., Dict[str, Any]], tool_error: type) -> Callabl
     return tool
 
 
+def _wait_tool(tools: MailTools, tool_error: type) -> Callable[..., Any]:
+    """``wait_for_mail`` as an SDK tool that a cancelled call (or a client that closed the
+    connection, which cancels every call in flight) does not outlive.
+
+    The wait runs in a worker thread like every tool, but abandoned on cancellation, and the
+    cancellation sets ``stop``, which ends the thread at its next poll: without it, a server
+    whose client has gone would live on for the rest of a 300-second wait.
+    """
+    import anyio.to_thread
+
+    run = _as_tool(tools.wait_for_mail, tool_error)
+
+    async def wait_for_mail(timeout_seconds: float = DEFAULT_WAIT_SECONDS,
+                            reply_to: Optional[str] = None) -> str:
+        stop = threading.Event()
+        try:
+            return await anyio.to_thread.run_sync(
+                functools.partial(run, timeout_seconds, reply_to, stop=stop), abandon_on_cancel=True)
+        finally:
+            stop.set()
+
+    return wait_for_mail
+
+
 def build_server(tools: MailTools) -> Any:
     """An SDK ``MCPServer`` with every tool of ``tools`` registered under its lean schema."""
     sdk = import_sdk()
     from mcp.server.mcpserver.exceptions import ToolError
     from mcp.server.mcpserver.tools import Tool
 
+    handlers = {name: _as_tool(getattr(tools, name), ToolError) for name in TOOL_NAMES}
+    handlers["wait_for_mail"] = _wait_tool(tools, ToolError)
     registered = []
     for name in TOOL_NAMES:
-        tool = Tool.from_function(_as_tool(getattr(tools, name), ToolError), name=name,
-                                  description=DESCRIPTIONS[name], structured_output=False)
+        tool = Tool.from_function(handlers[name], name=name, description=DESCRIPTIONS[name],
+                                  structured_output=False)
         # Only the advertised schema is trimmed: arguments are still validated by the model the
         # SDK built from the signature.
         registered.append(tool.model_copy(update={"parameters": lean_schema(tool.parameters)}))

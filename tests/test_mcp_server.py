@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List
@@ -200,6 +202,45 @@ def test_wait_for_mail_returns_on_arrival_and_times_out_without_blocking_the_ser
             assert [(m["in_reply_to"], m["body"]) for m in reply["messages"]] == [(sent["message_id"], "yes")]
 
     run(sdk, body)
+
+
+@needs_sdk
+def test_a_client_that_leaves_during_a_wait_does_not_keep_the_server_alive(fleet, sdk):
+    """Raw JSON-RPC on the pipes: the SDK's client would kill the server itself on leaving."""
+    c2 = fleet.clone("code2")
+    errlog = fleet.base / "code2.mcp-stderr.txt"
+    with open(errlog, "wb") as err:
+        proc = subprocess.Popen([sys.executable, str(PYTHON_DIR / "mcp_server.py"), "--repo", str(c2),
+                                 "--server", "code2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, env=server_env())
+    lines: "queue.Queue[bytes]" = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
+
+    def send(message: Dict[str, Any]) -> None:
+        proc.stdin.write(json.dumps({"jsonrpc": "2.0", **message}).encode() + b"\n")
+        proc.stdin.flush()
+
+    def answer() -> Dict[str, Any]:
+        return json.loads(lines.get(timeout=CALL_TIMEOUT))
+
+    try:
+        send({"id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}}})
+        assert answer()["id"] == 1
+        send({"method": "notifications/initialized"})
+        send({"id": 2, "method": "tools/call", "params": {"name": "wait_for_mail",
+                                                          "arguments": {"timeout_seconds": 300}}})
+        send({"id": 3, "method": "tools/call", "params": {"name": "fetch_inbox", "arguments": {}}})
+        assert answer()["id"] == 3  # answered while the wait goes on
+        proc.stdin.close()  # the agent's client goes away in the middle of the wait
+        assert proc.wait(timeout=CALL_TIMEOUT) == 0, errlog.read_text(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        reader.join(timeout=10)
 
 
 @needs_sdk
