@@ -14,7 +14,8 @@ that is truthy only when the message is sent and verified, and always carries th
 
 Exit codes: 0 sent and verified; 2 bad usage or bad input; 75 not deliverable now, queued in
 ``<server>/queue/message_queue.json`` for the monitor to deliver; 1 any other failure (one-line
-reason on stderr); 130 interrupted by Ctrl+C.
+reason on stderr); 130 interrupted by Ctrl+C. With ``--wait-reply SEC`` the message is sent first,
+whatever happens next, then: 0 an answer came (printed), 124 no answer within SEC.
 """
 
 from __future__ import annotations
@@ -279,7 +280,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="send_message.py",
         description="Send a message to the fleet through the shared git repository.",
         epilog="Exit codes: 0 sent and verified, 1 failure, 2 bad usage, "
-               "75 queued for the monitor to deliver, 130 interrupted.",
+               "75 queued for the monitor to deliver, 130 interrupted; "
+               "with --wait-reply: 0 an answer came, 124 none came in time (the message was sent).",
     )
     parser.add_argument("body", help="message text ('-' reads it from standard input)")
     parser.add_argument("subject", nargs="?", default=None, help="subject (default: the body's first line)")
@@ -292,6 +294,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ack-required", action="store_true", help="ask recipients to acknowledge")
     parser.add_argument("--reply-to", default=None, metavar="ID", help="answer message ID (default --to: its sender)")
     parser.add_argument("--no-queue", action="store_true", help="fail (exit 1) instead of queueing")
+    parser.add_argument("--wait-reply", type=float, default=None, metavar="SEC",
+                        help="after sending, wait up to SEC seconds for the answer and print it")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     return parser
@@ -320,6 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         to = args.to if args.to is not None else (None if args.reply_to else BROADCAST)
         if to is not None:
             normalize_recipients(to)  # refuse bad ids before touching anything
+        if args.wait_reply is not None and args.wait_reply < 0:
+            raise UsageError("--wait-reply must not be negative")
         clone = Clone(repo, args.branch)
         root = str(clone.root)
         defer_logging_setup(lambda: _setup_cli_logging(root, sender))
@@ -339,10 +345,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SuiteError as exc:
         write_line(f"send_message: error: {exc}", sys.stderr)
         return EXIT_FAILURE
+    reply = None
+    if result.ok and args.wait_reply is not None:
+        if not args.json and not args.quiet:
+            write_line(f"Sent {result.message_id} to {_describe_to(result.message['to'])}; "
+                       f"waiting up to {args.wait_reply:g} s for an answer")
+        try:
+            reply = _wait_reply(clone, sender, result.message_id, args.wait_reply)
+        except KeyboardInterrupt:
+            write_line(f"send_message: sent {result.message_id}; interrupted while waiting", sys.stderr)
+            return EXIT_INTERRUPTED
+        except SuiteError as exc:
+            write_line(f"send_message: sent {result.message_id}, but could not wait for an answer: {exc}",
+                       sys.stderr)
+            return EXIT_FAILURE
     if args.json:
         import json
 
-        write_line(json.dumps(result.to_dict()))
+        out = result.to_dict()
+        if reply is not None:
+            out["reply"] = reply
+        write_line(json.dumps(out, ensure_ascii=True))
+    if reply is not None:
+        return _show_reply(reply, args)
     if result.ok:
         if not args.json and not args.quiet:
             write_line(f"Sent {result.message_id} to {_describe_to(result.message['to'])} "
@@ -354,6 +379,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_TEMPFAIL
     write_line(f"send_message: error: {result.reason}", sys.stderr)
     return EXIT_FAILURE
+
+
+def _wait_reply(clone: Clone, sender: str, msg_id: str, seconds: float) -> Dict[str, Any]:
+    """Wait for an answer to the message just sent (``inbox.Inbox.wait``); marks it read."""
+    from inbox import Inbox
+
+    return Inbox(server=sender, clone=clone).wait(timeout=seconds, reply_to=msg_id)
+
+
+def _show_reply(reply: Dict[str, Any], args: argparse.Namespace) -> int:
+    from fleet_common import write_line
+    from inbox import EXIT_TIMEOUT, render_full
+
+    if not reply["arrived"]:
+        write_line(f"send_message: no answer within {args.wait_reply:g} s (the message was sent)",
+                   sys.stderr)
+        return EXIT_TIMEOUT
+    if not args.json:
+        write_line("\n\n".join(render_full(view) for view in reply["messages"]))
+    return EXIT_OK
 
 
 def _describe_to(to: Any) -> str:
