@@ -171,12 +171,16 @@ def _sleep_unless_stopped(stop: threading.Event, seconds: float) -> None:
 
 
 def fleet_status_dict(repo: str, branch: Optional[str]) -> Dict[str, Any]:
-    """The JSON dict of ``fleet_status.py --json`` for this clone."""
+    """The JSON dict of ``fleet_status.py --json`` for this clone (its default thresholds)."""
+    from fleet_git import Clone
+
     try:
-        import fleet_status
-    except ImportError:
+        from fleet_status import fleet_status
+    except ImportError as exc:
+        if exc.name != "fleet_status":
+            raise
         raise SuiteError("fleet status is not part of this installation (python/fleet_status.py)") from None
-    return fleet_status.status_json(repo, branch=branch)
+    return fleet_status(Clone(repo, branch))
 
 
 def compact_json(result: Any) -> str:

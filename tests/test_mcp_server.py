@@ -205,6 +205,33 @@ def test_wait_for_mail_returns_on_arrival_and_times_out_without_blocking_the_ser
 
 
 @needs_sdk
+def test_fleet_status_is_the_status_report(fleet, sdk):
+    b1 = fleet.clone("build1")
+    try:
+        import fleet_status  # noqa: F401
+        have_status = True
+    except ImportError:  # the status module arrives separately; the tool says it is missing
+        have_status = False
+
+    async def body() -> None:
+        async with agent(b1, "build1") as build1:
+            await build1.call("send_message", to="code2", body="status?")
+            if not have_status:
+                assert "not part of this installation" in await build1.error("fleet_status")
+                return
+            status = await build1.call("fleet_status")
+            rows = {row["id"]: row for row in status["servers"]}
+            assert {"build1", "code2"} <= set(rows)
+            assert rows["code2"]["unread"]["count"] == 1
+
+    run(sdk, body)
+    if have_status:
+        cli = run_script("fleet_status.py", "--repo", str(b1), "--json")
+        assert cli.returncode in (0, 1, 2), cli.stderr
+        assert {row["id"] for row in json.loads(cli.stdout)["servers"]} >= {"build1", "code2"}
+
+
+@needs_sdk
 def test_a_client_that_leaves_during_a_wait_does_not_keep_the_server_alive(fleet, sdk):
     """Raw JSON-RPC on the pipes: the SDK's client would kill the server itself on leaving."""
     c2 = fleet.clone("code2")
