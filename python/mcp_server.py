@@ -184,8 +184,29 @@ def fleet_status_dict(repo: str, branch: Optional[str]) -> Dict[str, Any]:
 
 
 def compact_json(result: Any) -> str:
-    """A tool's result as the smallest JSON text (no indentation: every character is a token)."""
-    return json.dumps(result, separators=(",", ":"), ensure_ascii=False)
+    """A tool's result as the smallest JSON text (no indentation: every character is a token).
+
+    Text from another machine may hold a lone surrogate (``"\\ud800"`` is valid JSON but no
+    UTF-8): such a result is escaped to ASCII instead, since the SDK's writer would otherwise fail
+    on it and take the whole server down with it.
+    """
+    text = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
+    if not _is_utf8(text):
+        text = json.dumps(result, separators=(",", ":"), ensure_ascii=True)
+    return text
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` with anything UTF-8 cannot carry (lone surrogates) as backslash escapes."""
+    return text if _is_utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def lean_schema(schema: Any) -> Any:
@@ -251,7 +272,7 @@ def _as_tool(method: Callable[..., Dict[str, Any]], tool_error: type) -> Callabl
         try:
             return compact_json(method(*args, **kwargs))
         except SuiteError as exc:  # UsageError, GitError, BadInput...: the CLI's one line
-            raise tool_error(str(exc)) from None
+            raise tool_error(utf8_safe(str(exc))) from None
 
     return tool
 

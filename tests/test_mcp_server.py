@@ -293,6 +293,29 @@ def test_bad_input_is_a_tool_error_with_the_cli_reason(fleet, sdk):
 
 
 @needs_sdk
+def test_hostile_text_from_another_machine_comes_back_as_valid_json(tmp_path, sdk):
+    """A lone surrogate (valid JSON escape, invalid UTF-8) must not break the protocol's stream."""
+    from conftest import Fleet
+
+    mailbox = {"messages": [{
+        "id": "msg_1762254639_5f0c9a1be2d4", "from": "build1", "to": "code2",
+        "subject": "half a pair \ud800 \u001b[31m", "body": "body \udfff end", "type": "info",
+        "priority": "normal", "timestamp": "2025-11-04T11:10:39Z", "read": False, "ack_required": False}]}
+    hostile = Fleet(tmp_path, mailbox=json.dumps(mailbox, indent=2).encode("ascii"))  # escaped surrogates
+    c2 = hostile.clone("code2")
+
+    async def body() -> None:
+        async with agent(c2, "code2") as code2:
+            [listed] = (await code2.call("fetch_inbox"))["messages"]
+            assert listed["subject"].startswith("half a pair ")
+            read = await code2.call("read_message", id=listed["id"])
+            assert read["message"]["body"].startswith("body ")
+            assert (await code2.call("fetch_inbox"))["count"] == 0
+
+    run(sdk, body)
+
+
+@needs_sdk
 def test_send_with_the_remote_down_is_a_queued_result(fleet, git_daemon, sdk):
     b1 = fleet.clone("build1")
     git(b1, "remote", "set-url", "origin", git_daemon.url("origin.git"))
