@@ -289,6 +289,25 @@ def test_bad_roster_end_to_end(tmp_path, capsys):
     assert code == 1 and report["roster"]["problem"] and _row(report, "code2")["state"] == LIVE
 
 
+def test_send_warns_about_a_recipient_the_roster_does_not_name(tmp_path):
+    fleet = _fleet(tmp_path, roster=[{"id": "code2"}, {"id": "build1"}])
+    sender = fleet.clone("code2")
+    typo = run_script("send_message.py", "hello", "--to", "biuld1", "--repo", str(sender), "--from", "code2")
+    assert typo.returncode == 0, typo.stderr
+    assert typo.stderr.strip() == ("send_message: warning: --to biuld1: not in the roster "
+                                   "coordination/servers.json; sending anyway")
+    fine = run_script("send_message.py", "hello", "--to", "build1", "--repo", str(sender), "--from", "code2")
+    everyone = run_script("send_message.py", "hello", "--repo", str(sender), "--from", "code2")
+    assert fine.returncode == everyone.returncode == 0 and fine.stderr == everyone.stderr == ""
+    assert [m["to"] for m in fleet.remote_messages()] == ["biuld1", "build1", "all"]
+
+
+def test_send_without_roster_does_not_warn(fleet):
+    sender = fleet.clone("code2")
+    proc = run_script("send_message.py", "hello", "--to", "anyone", "--repo", str(sender), "--from", "code2")
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
 # --------------------------------------------------------------------------- terminal
 
 
