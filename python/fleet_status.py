@@ -175,13 +175,24 @@ def short_age(seconds: Optional[float]) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
+# What structured_log.sanitize escapes (C0/C1 controls, DEL, bidi and line-separator characters,
+# lone surrogates), without importing logging for it: a look should cost about one fetch.
+_UNSAFE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                            "\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(match: "re.Match[str]") -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def _text(value: Any, limit: int) -> Optional[str]:
-    """A string from another machine, control characters made inert and cut to ``limit``."""
+    """A string from another machine, cut to ``limit`` characters (``…`` when cut), every control
+    character shown as an inert escape (an ESC from mail can never drive a terminal)."""
     if not isinstance(value, str):
         return None
-    from structured_log import sanitize
-
-    return sanitize(value, max_len=limit)
+    text = _UNSAFE.sub(_escape, value[:limit + 1])
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
 def _count(value: Any) -> Optional[int]:
@@ -305,7 +316,7 @@ class Snapshot:
 
 def fetch_moved(clone: Clone, store: StateStore, view: RemoteView) -> List[str]:
     """One ``git fetch`` for the shared branch (when its tip moved) and every state ref whose tip
-    moved; then the local mirrors of state refs that vanished are dropped. Returns the refspecs."""
+    moved. Returns the refspecs (empty when nothing moved, and nothing was fetched)."""
     specs = store.refspecs_to_fetch(view)
     branch_moved = view.branch_tip is not None and store.local_tip(clone.remote_ref) != view.branch_tip
     if branch_moved:
@@ -324,7 +335,8 @@ def fetch_moved(clone: Clone, store: StateStore, view: RemoteView) -> List[str]:
                 continue
             raise RemoteUnavailable(["git", "fetch", "origin", f"{len(specs)} refs"], proc.returncode,
                                     proc.stdout, proc.stderr)
-    store.fetch(view=view)  # everything is current now: this only drops vanished mirrors
+    # Mirrors of state refs that vanished from the remote stay: only the servers the poll listed
+    # are read, and dropping them would cost a process per look.
     return specs
 
 
@@ -1020,7 +1032,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_line(f"FLEET UNKNOWN - cannot read the fleet: {exc}", sys.stderr)
         return EXIT_UNKNOWN
     if args.json:
-        write_line(json.dumps(report, indent=2, ensure_ascii=True))
+        write_line(json.dumps(report, ensure_ascii=True))  # one line: indenting costs a fetch
     elif not args.quiet:
         import shutil
 
