@@ -80,15 +80,14 @@ from fleet_mailbox import (
     strip_reply_prefixes,
 )
 from fleet_state import (
-    LOCAL_FALLBACK_PREFIX,
     MAX_ID_CHARS,
-    REF_PREFIX,
     STATE_FILE,
     RemoteView,
     ServerState,
     StateStore,
     has_acknowledged,
     has_read,
+    parse_state_ref,
 )
 
 # Nagios plugin exit codes (as system_health.py).
@@ -378,13 +377,14 @@ def take_snapshot(clone: Clone) -> Snapshot:
     specs: List[str] = []
     if snap.tip:
         specs += [f"{snap.tip}:{MAILBOX_PATH}", f"{snap.tip}:{ROSTER_PATH}"]
+    # The state refs the poll listed, by their local mirrors' names: cat-file resolves them itself
+    # (a server id has no character that could end or split a spec).
     owners: List[str] = []
-    for server in snap.state_servers:
-        for prefix in (REF_PREFIX, LOCAL_FALLBACK_PREFIX):
-            tip = store.local_tip(prefix + server)
-            if tip:
-                specs.append(f"{tip}:{STATE_FILE}")
-                owners.append(server)
+    for ref in sorted(view.state_tips):
+        parsed = parse_state_ref(ref)
+        if parsed is not None:
+            specs.append(f"{parsed[1]}:{STATE_FILE}")
+            owners.append(parsed[0])
     found = clone.read_objects(specs)
     if snap.tip:
         mailbox, roster = found[0], found[1]

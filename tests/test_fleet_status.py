@@ -196,6 +196,17 @@ def test_a_servers_own_interval_widens_its_stale_limit(tmp_path, capsys):
     assert code == 1
 
 
+def test_presence_on_the_fallback_branch_is_read(tmp_path, capsys):
+    """A host that refuses refs/fleet/* gets the branch fleet-state/<server> (PROTOCOL.md)."""
+    fleet = _fleet(tmp_path)
+    git(fleet.clone("build1"), "config", "fleet.build1.stateref", "branch")
+    _publish(fleet, "build1", 60, activity="on the fallback")
+    assert git(fleet.origin, "for-each-ref", "--format=%(refname)").splitlines() == [
+        "refs/heads/fleet-state/build1", "refs/heads/main"]
+    code, report = _status(fleet, capsys)
+    assert code == 0 and _row(report, "build1")["presence"]["activity"] == "on the fallback"
+
+
 def test_remote_that_cannot_be_read_is_unknown(tmp_path):
     fleet = _fleet(tmp_path)
     viewer = _viewer(fleet)
