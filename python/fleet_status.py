@@ -746,7 +746,7 @@ def fleet_status(clone: Clone, *, stale_after: float = DEFAULT_STALE_AFTER,
 
 
 _COLUMNS: Final = ("SERVER", "STATE", "SEEN", "DOING", "HEALTH", "VERSION", "QUEUE", "BREAKER",
-                   "UNREAD", "OLDEST", "ACKS", "SENT", "OLDEST UNREAD SUBJECT")
+                   "UNREAD", "OLDEST", "ACKS", "SENT", "SUBJECT")  # the oldest unread's
 _DOING_WIDTH: Final = 18
 _MIN_SUBJECT_WIDTH: Final = 16
 
@@ -916,12 +916,12 @@ def _card(row: Mapping[str, Any], top: int, days: Sequence[str]) -> str:
     facts.append(("Acks owed", str(row["acks_owed"]["count"])))
     facts.append(("Last sent", _ago(row["last_sent_age_seconds"]) if row["last_sent"] else "nothing in the mailbox"))
     dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts)
+    dl += f"<dt>Sent, {len(days)} d</dt><dd>{_sparkline(row['sent_per_day'], top, days)}</dd>"
     reasons = "".join(f'<p class="r">{_e(r)}</p>' for r in row["reasons"])
     roster = " \u00b7 in the roster" if row["in_roster"] else ""
     desc = f'<p class="d">{_e(row["description"])}</p>' if row.get("description") else ""
     return (f'<article class="c {row["level"]}"><h3>{_e(row["id"])}</h3>'
-            f'<p class="st {state_class}">{_e(row["state"])}{roster}</p>{desc}{reasons}<dl>{dl}</dl>'
-            f'{_sparkline(row["sent_per_day"], top, days)}</article>')
+            f'<p class="st {state_class}">{_e(row["state"])}{roster}</p>{desc}{reasons}<dl>{dl}</dl></article>')
 
 
 def render_html(report: Mapping[str, Any]) -> str:
