@@ -118,7 +118,7 @@ ROSTER_VERSION: Final = 1
 MAX_ROSTER_BYTES: Final = 256 * 1024
 MAX_ROSTER_DEPTH: Final = 4  # {"servers": [{"id": ...}]} is 3 levels
 MAX_ROSTER_SERVERS: Final = 1000
-MAX_SERVERS: Final = 1000  # servers shown; more ids (say, from a mailbox full of typos) are counted
+MAX_SERVERS: Final = 300  # servers shown; more ids (say, from a mailbox full of typos) are counted
 MAX_MAILBOX_BYTES: Final = 128 * 1024 * 1024  # a never-archived 100,000-message mailbox is ~70 MB
 
 # Lengths of text from other machines that any output shows.
@@ -487,7 +487,8 @@ def _stale_limit(presence: Optional[Dict[str, Any]], stale_after: float) -> floa
 
 
 def _collect_servers(snap: Snapshot, messages: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, Set[str]], int]:
-    """Every server id with where it was seen (roster, state ref, mail), at most MAX_SERVERS."""
+    """Every server id with where it was seen (``roster``, ``state`` ref, mail as ``sender`` or
+    ``recipient``), at most MAX_SERVERS, the roster's and the state refs' first."""
     found: Dict[str, Set[str]] = {}
     extra: Set[str] = set()
 
@@ -506,9 +507,9 @@ def _collect_servers(snap: Snapshot, messages: Sequence[Dict[str, Any]]) -> Tupl
     for msg in messages:
         sender = msg["from"].lower()
         if is_valid_server_id(sender):
-            add(sender, "mail")
+            add(sender, "sender")
         for server in sorted(recipients(msg) or ()):
-            add(server, "mail")
+            add(server, "recipient")
     return found, len(extra)
 
 
@@ -552,7 +553,10 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
     mail = {server: _Mail() for server in servers}
     today = now.date()
     unread_by: List[List[str]] = []
-    everyone = list(servers)
+    # A broadcast waits for every server that runs (roster, state ref, or mail it sent), not for
+    # ids that only appear as a recipient (a typo reads nothing): this also bounds what one
+    # broadcast costs when a mailbox names hundreds of made-up servers.
+    everyone = [server for server, seen in servers.items() if seen != {"recipient"}]
     for msg in messages:
         when = message_time(msg)
         counters = mail.get(msg["from"].lower())

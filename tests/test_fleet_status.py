@@ -407,6 +407,18 @@ def test_page_renders_in_headless_chromium_and_no_script_from_mail_runs(tmp_path
     assert any("Content Security Policy" in line for line in _console(proc.stderr))
 
 
+def test_servers_named_only_in_mail_are_bounded():
+    """A mailbox naming hundreds of made-up servers costs a bounded look and says so."""
+    snap = fleet_status.Snapshot("main")
+    many = [_msg(f"m{n}", "code2", f"ghost{n}", "to nobody", 60) for n in range(fleet_status.MAX_SERVERS + 50)]
+    snap.mailbox = {"messages": many + [_msg("b1", "code2", "all", "to everyone", 60)]}
+    report = fleet_status.build_report(snap)
+    assert len(report["servers"]) == fleet_status.MAX_SERVERS
+    assert any("more server ids" in p["text"] for p in report["problems"])
+    # The broadcast waits for no server that only ever appears as a recipient.
+    assert all(r["unread"]["count"] == 1 for r in report["servers"] if r["id"].startswith("ghost"))
+
+
 def test_page_for_an_empty_fleet(tmp_path):
     report = fleet_status.build_report(fleet_status.Snapshot("main"))
     text = render_html(report)
