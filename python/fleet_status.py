@@ -117,8 +117,8 @@ ROSTER_PATH: Final = "coordination/servers.json"
 ROSTER_VERSION: Final = 1
 MAX_ROSTER_BYTES: Final = 256 * 1024
 MAX_ROSTER_DEPTH: Final = 4  # {"servers": [{"id": ...}]} is 3 levels
-MAX_ROSTER_SERVERS: Final = 1000
 MAX_SERVERS: Final = 300  # servers shown; more ids (say, from a mailbox full of typos) are counted
+MAX_ROSTER_SERVERS: Final = MAX_SERVERS
 MAX_MAILBOX_BYTES: Final = 128 * 1024 * 1024  # a never-archived 100,000-message mailbox is ~70 MB
 
 # Lengths of text from other machines that any output shows.
@@ -148,8 +148,8 @@ def parse_duration(text: str) -> float:
     if not m:
         raise UsageError(f"invalid duration {text!r}: use a number with s, m, h or d (15m, 4h)")
     value = float(m.group(1)) * _UNIT_SECONDS[(m.group(2) or "s")[0].lower()]
-    if value <= 0:
-        raise UsageError(f"invalid duration {text!r}: must be more than zero")
+    if not 0 < value < math.inf:
+        raise UsageError(f"invalid duration {text!r}: must be more than zero and finite")
     return value
 
 
