@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import benchlib as bl
 
-SCRIPTS = ("send", "idle", "history", "latency", "contention", "staterefs")
+SCRIPTS = ("send", "idle", "history", "latency", "contention", "fleet_status", "staterefs")
 # Extra trimming for --quick, on top of each script's own quick mode (the whole run < 1 minute).
 QUICK_ARGS: Dict[str, List[str]] = {
     "send": ["--reps", "6"],
@@ -34,10 +34,11 @@ QUICK_ARGS: Dict[str, List[str]] = {
     "history": ["--reps", "2"],
     "latency": [],
     "contention": ["--per-sender", "3"],
+    "fleet_status": ["--reps", "3"],
     "staterefs": [],
 }
 OVERLAP_IN_QUICK: Tuple[str, ...] = ("idle", "latency")
-TIMEOUT = {"quick": 240.0, "full": 3600.0}
+TIMEOUT = {"quick": 480.0, "full": 5400.0}
 
 
 def _argv(name: str, quick: bool, results: Path) -> List[str]:

@@ -355,6 +355,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.wait_reply is not None and args.wait_reply < 0:
             raise UsageError("--wait-reply must not be negative")
         clone = Clone(repo, args.branch)
+        if to is not None:
+            from fleet_status import roster_warning  # the roster names the fleet's servers
+
+            unknown = roster_warning(clone, normalize_recipients(to))
+            if unknown:
+                write_line(f"send_message: warning: {unknown}", sys.stderr)
         root = str(clone.root)
         defer_logging_setup(lambda: _setup_cli_logging(root, sender))
         result = send_message(body, args.subject, to, args.priority, args.msg_type, sender,

@@ -1,0 +1,162 @@
+"""What a look at the fleet costs: ``fleet_status.py`` against one ``git fetch``, and the page's size.
+
+Fleets, built before anything is timed, one per size (10 and 50 servers): 10,000 read messages
+among the servers already archived into ``coordination/archive/`` (2,000 in quick mode), 200
+recent messages in the hot mailbox, and a state ref per server holding its presence (a few of
+them stale) and read receipts for half of its recent mail.
+
+Measured, per fleet, on a real process (``python3 python/fleet_status.py --repo R --json``):
+
+* *moved*: right before each run (untimed) one message is sent and one server publishes a new
+  presence, as a cron job every minute would find; the run then fetches the branch and that
+  state ref (one fetch). Floor, timed in the same rounds on the same remote: one ``git fetch`` of
+  the shared branch that brings the new commit, and the interpreter's start (``python3 -c
+  pass``). Target: status <= 2 x fetch + interpreter start (ratio <= 1.0), whatever the archive.
+* *idle*: nothing moved since the previous run (one ``ls-remote``, no fetch); reported.
+* the page (``--html``) for 50 servers: its size in KB; reported.
+
+Usage: ``python3 bench/fleet_status.py [--quick] [--json] [--results-dir DIR] [--reps N]``.
+Exit 0 when every figure was measured, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import benchlib as bl
+
+SIZES = (10, 50)
+RECENT = 200
+STALE_EVERY = 7  # every 7th server's presence is an hour old
+
+
+def _servers(count: int) -> List[str]:
+    return [f"srv{i:02d}" for i in range(count)]
+
+
+def build_fleet(count: int, archived: int) -> Dict[str, Any]:
+    """A fleet whose history is archived, with ``count`` servers publishing state refs."""
+    from fleet_archive import plan_archive
+    from fleet_common import iso_utc
+    from fleet_git import Clone
+    from fleet_mailbox import message_key, serialize
+    from fleet_state import StateChange, StateStore, presence_doc
+
+    servers = _servers(count)
+    history = bl.make_messages(archived, servers=servers, read=True, start=1.6e9, step=3000.0)
+    stay, moves = plan_archive({"messages": history}, days=0)
+    files = {path: serialize({"messages": msgs}) for path, msgs in moves.items()}
+    now = time.time()
+    recent = bl.make_messages(RECENT, servers=servers, read=False, start=now - 10 * 86400,
+                              step=10 * 86400 / RECENT, seed=11)
+    fleet = bl.BenchFleet(bl.mailbox_bytes(stay + recent), files=files)
+    publisher = Clone(fleet.clone("publisher"))
+    store = StateStore(publisher)
+    for index, server in enumerate(servers):
+        mine = [message_key(m) for m in recent if m["to"] == server]
+        presence = presence_doc(started=now - 86400, interval=10, healthy=True, activity="idle",
+                                version="1.1.0", extra={"queue": {"pending": 0, "dead": 0},
+                                                        "breaker": "CLOSED"})
+        if index % STALE_EVERY == STALE_EVERY - 1:
+            presence["timestamp"] = iso_utc(dt.datetime.fromtimestamp(now - 3600, dt.timezone.utc))
+        store.update(server, StateChange(presence=presence, read=mine[::2]))
+    fleet.clone("viewer")
+    fleet.clone("sender")
+    fleet.clone("floor")
+    return {"count": count, "fleet": fleet, "publisher": publisher, "store": store,
+            "archive_files": len(files), "archived": archived,
+            "hot_bytes": fleet.remote_blob_size()}
+
+
+def _status_argv(viewer: Path, *extra: str) -> List[str]:
+    return [sys.executable, bl.python_script("fleet_status.py"), "--repo", str(viewer), *extra]
+
+
+def _run(argv: Sequence[str], ok_codes: Sequence[int] = (0, 1, 2)) -> None:
+    proc = subprocess.run(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=dict(os.environ))
+    if proc.returncode not in ok_codes:
+        raise RuntimeError(f"{argv[1]} exited {proc.returncode}: "
+                           f"{proc.stderr.decode('utf-8', 'replace')[-2000:]}")
+
+
+def measure(info: Dict[str, Any], reps: int) -> Dict[str, Any]:
+    from fleet_state import StateChange, presence_doc
+    from send_message import send_message
+
+    fleet = info["fleet"]
+    viewer = fleet.clones["viewer"]
+    sender = fleet.clones["sender"]
+    floor_clone = fleet.clones["floor"]
+    status = _status_argv(viewer, "--json")
+    moved: List[float] = []
+    idle: List[float] = []
+    fetches: List[float] = []
+    starts: List[float] = []
+    _run(status)  # warm: the first look fetches every state ref
+    for i in range(reps):
+        bl.progress(f"fleet_status: {info['count']} servers, round {i + 1}/{reps}")
+        result = send_message(f"status bench {i}", None, "srv00", from_sender="srv01",
+                              build_repo_path=str(sender))
+        if not result:
+            raise RuntimeError(f"send failed: {result.status} {result.reason}")
+        info["store"].update("srv02", StateChange(presence=presence_doc(
+            started=time.time() - 3600, interval=10, healthy=True, version="1.1.0")))
+        steps = [lambda: fetches.append(bl.timed(lambda: bl.git(floor_clone, "fetch", "-q", "origin",
+                                                                 bl.BRANCH))[0]),
+                 lambda: moved.append(bl.timed(lambda: _run(status))[0])]
+        for step in (steps if i % 2 == 0 else list(reversed(steps))):
+            step()
+        starts.append(bl.timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))[0])
+        idle.append(bl.timed(lambda: _run(status))[0])
+    page = fleet.base / "page.html"
+    _run(_status_argv(viewer, "--html", str(page), "-q"))
+    return {"moved": moved, "idle": idle, "fetch": fetches, "interpreter": starts,
+            "page_bytes": page.stat().st_size}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = bl.common_parser("fleet_status.py", "Cost of fleet_status.py against one git fetch.")
+    parser.add_argument("--reps", type=int, default=None, help="rounds per fleet (default 12, quick 4)")
+    args = parser.parse_args(argv)
+    reps = args.reps or (4 if args.quick else 12)
+    archived = 2000 if args.quick else 10000
+    started = time.time()
+    figures: List[bl.Figure] = []
+    details: Dict[str, Any] = {"archived": archived, "recent": RECENT, "fleets": []}
+    for count in SIZES:
+        bl.progress(f"fleet_status: building {count} servers, {archived} archived messages")
+        t0 = time.perf_counter()
+        info = build_fleet(count, archived)
+        try:
+            info["build_s"] = time.perf_counter() - t0
+            res = measure(info, reps)
+        finally:
+            info["fleet"].close()
+        fetch, start = bl.median(res["fetch"]), bl.median(res["interpreter"])
+        floor = 2 * fetch + start
+        details["fleets"].append({k: v for k, v in info.items() if k not in ("fleet", "publisher", "store")})
+        details["fleets"][-1].update(res)
+        figures.append(bl.Figure(
+            f"fleet_status.s{count}", f"fleet_status.py, {count} servers, {archived} archived, after a "
+            f"send and a presence update", bl.median(res["moved"]), "ms", floor,
+            target=("ratio", "<=", 1.0), scale=1000,
+            note=f"floor 2 x fetch {fetch * 1000:.0f} ms + python start {start * 1000:.0f} ms"))
+        figures.append(bl.Figure(
+            f"fleet_status.s{count}_idle", f"fleet_status.py, {count} servers, nothing moved",
+            bl.median(res["idle"]), "ms", floor, scale=1000))
+        if count == max(SIZES):
+            figures.append(bl.Figure(f"fleet_status.page_kb_{count}", f"status page size, {count} servers",
+                                     res["page_bytes"] / 1024, "KB"))
+    return bl.write_report("fleet_status", figures, details, quick=args.quick, started=started,
+                           as_json=args.json, results_dir=args.results_dir)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

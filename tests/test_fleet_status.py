@@ -1,0 +1,427 @@
+"""fleet_status.py on real fleets: presence in state refs, unread and acknowledged mail, the roster,
+the terminal table, JSON, Nagios exit codes, and the HTML page opened in headless Chromium."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import pytest
+from conftest import Fleet, git, run_script
+
+import fleet_status
+from fleet_common import iso_utc
+from fleet_git import Clone, run_git
+from fleet_mailbox import serialize
+from fleet_state import StateChange, StateStore, presence_doc
+from fleet_status import (
+    CRITICAL,
+    LIVE,
+    NEVER_SEEN,
+    OK,
+    ROSTER_PATH,
+    STALE,
+    WARNING,
+    parse_duration,
+    parse_roster,
+    render_html,
+)
+
+HOSTILE_SCRIPT = "<script>document.title='pwned'</script>"
+HOSTILE_IMG = "<img src=x onerror=\"document.title='pwned'\">"
+HOSTILE_ANSI = "Nightly \x1b[2J\x1b]0;owned\x07 green"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+# --------------------------------------------------------------------------- building fleets
+
+
+def _iso(age: float) -> str:
+    return iso_utc(dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=age))
+
+
+def _msg(mid: str, sender: str, to: Any, subject: str, age: float, **extra: Any) -> Dict[str, Any]:
+    msg = {"id": mid, "from": sender, "to": to, "subject": subject, "body": "body", "type": "info",
+           "priority": "normal", "timestamp": _iso(age), "read": False, "ack_required": False}
+    msg.update(extra)
+    return msg
+
+
+def _fleet(tmp_path: Path, *messages: Dict[str, Any], roster: Optional[list] = None) -> Fleet:
+    fleet = Fleet(tmp_path, mailbox=serialize({"messages": list(messages)}))
+    if roster is not None:
+        _commit(fleet, {ROSTER_PATH: json.dumps({"version": 1, "servers": roster}).encode()})
+    return fleet
+
+
+def _commit(fleet: Fleet, files: Dict[str, Optional[bytes]]) -> None:
+    """Commit files to the shared branch by the suite's own transaction."""
+    path = fleet.clones.get("admin") or fleet.clone("admin")
+    Clone(path).transact(lambda tip: (files, "admin: files"), author="admin")
+
+
+def _publish(fleet: Fleet, server: str, age: float = 5.0, *, read=(), acks=(), **presence: Any) -> None:
+    """Write ``server``'s state ref from its own clone, its presence ``age`` seconds old."""
+    path = fleet.clones.get(server) or fleet.clone(server)
+    doc = presence_doc(started=time.time() - 3600, interval=presence.pop("interval", 10), healthy=True,
+                       activity="idle", version="1.1.0",
+                       extra={"queue": {"pending": 0, "dead": 0}, "breaker": "CLOSED"})
+    doc["timestamp"] = _iso(age)
+    doc.update(presence)
+    assert StateStore(Clone(path)).update(server, StateChange(presence=doc, read=read, acks=acks))
+
+
+def _viewer(fleet: Fleet) -> Path:
+    return fleet.clones.get("viewer") or fleet.clone("viewer")
+
+
+def _status(fleet: Fleet, capsys, *args: str):
+    code = fleet_status.main(["--repo", str(_viewer(fleet)), "--json", *args])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def _row(report: Dict[str, Any], server: str) -> Dict[str, Any]:
+    return next(r for r in report["servers"] if r["id"] == server)
+
+
+def _hostile_fleet(tmp_path: Path) -> Fleet:
+    fleet = _fleet(
+        tmp_path,
+        _msg("m1", "code2", "build1", HOSTILE_SCRIPT, 60),
+        _msg("m2", "code2", "build1", HOSTILE_IMG, 50),
+        _msg("m3", "build1", "all", HOSTILE_ANSI, 40),
+        roster=[{"id": "code2", "description": "<b onmouseover=\"document.title='pwned'\">x</b>"},
+                {"id": "build1"}],
+    )
+    _publish(fleet, "code2", activity=HOSTILE_SCRIPT + "x" * 10000)
+    _publish(fleet, "build1", suite_version=HOSTILE_IMG)
+    return fleet
+
+
+# --------------------------------------------------------------------------- the picture
+
+
+def test_live_stale_never_seen_unread_and_acknowledged(tmp_path, capsys):
+    fleet = _fleet(
+        tmp_path,
+        _msg("m1", "code2", "build1", "Deploy tonight?", 5 * 3600),
+        _msg("m2", "build1", "code2", "Build 4411 green", 600),
+        _msg("m3", "code2", "all", "Freeze at 18:00", 3600, ack_required=True),
+        _msg("m4", "build1", "code2", "Re: Deploy tonight?", 300, in_reply_to="m1"),
+        _msg("m5", "build1", "biuld2", "typo'd recipient", 60),
+        roster=[{"id": "code2", "description": "the agent box"}, {"id": "build1"}, {"id": "build2"}],
+    )
+    _publish(fleet, "code2", 5, read=[("m2", "build1"), ("m4", "build1")], activity="replying")
+    _publish(fleet, "build1", 30 * 60, acks=[{"id": "m3", "from": "code2", "note": "frozen"}])
+    _publish(fleet, "win1", 20, healthy=False)
+
+    code, report = _status(fleet, capsys)
+
+    assert code == 2 and report["status"] == CRITICAL and report["exit_code"] == 2
+    assert {r["id"] for r in report["servers"]} == {"code2", "build1", "build2", "win1", "biuld2"}
+    code2, build1, build2, win1 = (_row(report, s) for s in ("code2", "build1", "build2", "win1"))
+    # Presence: live, stale, never seen; what it was doing and how it is.
+    assert code2["state"] == LIVE and code2["presence"]["activity"] == "replying"
+    assert code2["presence"]["suite_version"] == "1.1.0" and code2["presence"]["queue"] == {"pending": 0, "dead": 0}
+    assert code2["description"] == "the agent box" and code2["in_roster"]
+    assert build1["state"] == STALE and build1["level"] == WARNING
+    assert build2["state"] == NEVER_SEEN and build2["level"] == CRITICAL and build2["in_roster"]
+    assert win1["state"] == LIVE and win1["level"] == WARNING and "unhealthy" in win1["reasons"][0]
+    # Mail waiting: code2 read its two through its state ref; build1 acknowledged m3 (which reads
+    # it) and has the old m1 unread; win1 has m3 unread.
+    assert code2["unread"]["count"] == 0 and code2["level"] == OK
+    assert build1["unread"]["count"] == 1 and build1["unread"]["overdue"]
+    assert win1["unread"]["count"] == 1 and not win1["unread"]["overdue"]
+    assert build1["unread"]["oldest"]["subject"] == "Deploy tonight?"
+    assert build1["unread"]["oldest"]["age_seconds"] > 4 * 3600
+    # Acknowledgements: build1 acked m3 (state ref); win1 and build2 owe it; code2 sent it.
+    assert build1["acks_owed"]["count"] == 0 and code2["acks_owed"]["count"] == 0
+    assert win1["acks_owed"]["count"] == 1 and build2["acks_owed"]["count"] == 1
+    assert not win1["acks_owed"]["overdue"]  # an hour old, within --unread-after 4h
+    assert code2["last_sent"] and build2["last_sent"] is None
+    # The fleet: who is waited on, who is stale; the typo'd recipient is a server nobody runs.
+    assert [w["server"] for w in report["waited_on"]] == ["build1"]
+    assert [s["server"] for s in report["stale"]] == ["build1"]
+    assert _row(report, "biuld2")["state"] == NEVER_SEEN and _row(report, "biuld2")["level"] == WARNING
+    # Most urgent first.
+    assert report["servers"][0]["id"] == "build2" and report["servers"][-1]["id"] == "code2"
+    # Threads: the reply joins its original; who has not read it.
+    deploy = next(t for t in report["threads"] if t["root"] == "m1")
+    assert deploy["messages"] == 2 and deploy["subject"] == "Deploy tonight?"
+    assert deploy["unread_by"] == ["build1"]
+    assert report["chart"]["totals"][-1] + report["chart"]["totals"][-2] == 5
+    assert report["summary"].startswith("FLEET CRITICAL - 5 servers: 2 live, 1 stale, 2 never seen")
+
+
+@pytest.mark.parametrize("scenario, expected", [
+    ("all live", 0), ("stale", 1), ("stale 4x", 2), ("unread too long", 1), ("roster never seen", 2),
+])
+def test_exit_codes_are_nagios(tmp_path, capsys, scenario, expected):
+    msgs = [_msg("m1", "code2", "build1", "old news", 5 * 3600 if scenario == "unread too long" else 60)]
+    roster = [{"id": "code2"}, {"id": "build1"}, {"id": "build3"}] if scenario == "roster never seen" else None
+    fleet = _fleet(tmp_path, *msgs, roster=roster)
+    _publish(fleet, "code2")
+    age = {"stale": 20 * 60, "stale 4x": 5 * 15 * 60}.get(scenario, 30)
+    _publish(fleet, "build1", age)
+    code, report = _status(fleet, capsys)
+    assert code == expected == report["exit_code"], report["summary"]
+
+
+def test_thresholds_come_from_the_command_line(tmp_path, capsys):
+    fleet = _fleet(tmp_path, _msg("m1", "code2", "build1", "old news", 5 * 3600))
+    _publish(fleet, "code2")
+    _publish(fleet, "build1", 20 * 60)
+    assert _status(fleet, capsys)[0] == 1
+    code, report = _status(fleet, capsys, "--stale-after", "30m", "--unread-after", "6h")
+    assert code == 0 and report["thresholds"]["stale_after_seconds"] == 1800
+    assert _status(fleet, capsys, "--stale-after", "30m", "--unread-after", "1h")[0] == 1
+
+
+def test_a_servers_own_interval_widens_its_stale_limit(tmp_path, capsys):
+    fleet = _fleet(tmp_path)
+    _publish(fleet, "slow", 25 * 60, interval=600)  # three missed 10-minute cycles: 30 minutes
+    _publish(fleet, "liar", 20 * 3600, interval=1e9)  # an interval is believed up to 6 hours
+    _publish(fleet, "fast", 20 * 60, interval=1)
+    code, report = _status(fleet, capsys)
+    assert _row(report, "slow")["state"] == LIVE and _row(report, "slow")["stale_limit"] == 1800
+    assert _row(report, "liar")["state"] == STALE and _row(report, "liar")["level"] == WARNING
+    assert _row(report, "fast")["state"] == STALE and _row(report, "fast")["stale_limit"] == 900
+    assert code == 1
+
+
+def test_presence_on_the_fallback_branch_is_read(tmp_path, capsys):
+    """A host that refuses refs/fleet/* gets the branch fleet-state/<server> (PROTOCOL.md)."""
+    fleet = _fleet(tmp_path)
+    git(fleet.clone("build1"), "config", "fleet.build1.stateref", "branch")
+    _publish(fleet, "build1", 60, activity="on the fallback")
+    assert git(fleet.origin, "for-each-ref", "--format=%(refname)").splitlines() == [
+        "refs/heads/fleet-state/build1", "refs/heads/main"]
+    code, report = _status(fleet, capsys)
+    assert code == 0 and _row(report, "build1")["presence"]["activity"] == "on the fallback"
+
+
+def test_remote_that_cannot_be_read_is_unknown(tmp_path):
+    fleet = _fleet(tmp_path)
+    viewer = _viewer(fleet)
+    git(viewer, "remote", "set-url", "origin", str(tmp_path / "gone.git"))
+    proc = run_script("fleet_status.py", "--repo", str(viewer))
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "" and proc.stderr.startswith("FLEET UNKNOWN - ")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bad_usage_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        fleet_status.main(["--stale-after", "soon"])
+    assert exc.value.code == 2 and "invalid duration" in capsys.readouterr().err
+    assert fleet_status.main(["--repo", str(tmp_path / "nowhere")]) == 2
+    assert parse_duration("90") == 90 and parse_duration("15m") == 900 and parse_duration("4h") == 14400
+    assert parse_duration("2d") == 172800 and parse_duration("1.5h") == 5400
+
+
+# --------------------------------------------------------------------------- what it reads and costs
+
+
+def test_reads_only_the_hot_mailbox_and_fetches_only_what_moved(tmp_path):
+    fleet = _fleet(tmp_path, _msg("m1", "code2", "build1", "hello", 60))
+    # A broken archive file: status never reads the archive, so it cannot notice.
+    _commit(fleet, {"coordination/archive/messages-2020-01.json": b"<<<<<<< not json"})
+    _publish(fleet, "code2")
+    _publish(fleet, "build1")
+    viewer = _viewer(fleet)
+
+    def look() -> Dict[str, int]:
+        trace = tmp_path / "trace.log"
+        if trace.exists():
+            trace.unlink()
+        proc = run_script("fleet_status.py", "--repo", str(viewer), "--json", env={"GIT_TRACE": str(trace)})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        counts: Dict[str, int] = {}
+        for name in re.findall(r"trace: built-in: git (\S+)", trace.read_text(errors="replace")):
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    first = look()
+    assert first.get("ls-remote") == 1 and first.get("fetch") == 1  # both state refs, one fetch
+    idle = look()
+    assert idle.get("ls-remote") == 1 and "fetch" not in idle and idle.get("cat-file", 0) <= 1
+    _publish(fleet, "build1", 1)
+    moved = look()
+    assert moved.get("fetch") == 1 and moved.get("ls-remote") == 1
+
+
+def test_bad_state_ref_and_corrupt_mailbox_are_reported_not_fatal(tmp_path, capsys):
+    fleet = _fleet(tmp_path)
+    _publish(fleet, "code2")
+    # build1's state ref holds garbage: ignored with a warning, the rest of the fleet is shown.
+    blob = run_git(fleet.origin, "hash-object", "-w", "--stdin", input=b"[" * 5000).stdout.decode().strip()
+    tree = run_git(fleet.origin, "mktree", input=f"100644 blob {blob}\tstate.json\n".encode()).stdout.decode().strip()
+    commit = run_git(fleet.origin, "commit-tree", tree, "-m", "garbage").stdout.decode().strip()
+    git(fleet.origin, "update-ref", "refs/fleet/build1", commit)
+    code, report = _status(fleet, capsys)
+    assert code == 1 and _row(report, "code2")["state"] == LIVE
+    assert _row(report, "build1")["state"] == NEVER_SEEN
+    assert any("state ref of build1 ignored" in p["text"] for p in report["problems"])
+    # A mailbox that does not parse stops every send: critical, and presence is still shown.
+    _commit(fleet, {"coordination/messages.json": b'{"messages": [\n<<<<<<< HEAD\n'})
+    code, report = _status(fleet, capsys)
+    assert code == 2 and _row(report, "code2")["state"] == LIVE
+    assert any("--repair" in p["text"] and p["level"] == CRITICAL for p in report["problems"])
+
+
+# --------------------------------------------------------------------------- the roster
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b"not json", "does not parse"),
+    (b"[" * 100 + b"]" * 100, "nests deeper"),
+    (b'{"version": 1, "servers": 5}', "is not"),
+    (b'{"servers": [{"id": "a b"}, {"id": "ok1"}, "x"]}', "2 entries skipped"),
+    (b'{"servers": ["' + b"x" * 300000 + b'"]}', "bytes, more than"),
+])
+def test_a_bad_roster_is_a_warning_not_a_crash(raw, problem):
+    roster = parse_roster(raw)
+    assert roster.present and problem in (roster.problem or "")
+    assert list(roster.servers) == (["ok1"] if b"ok1" in raw else [])
+
+
+def test_bad_roster_end_to_end(tmp_path, capsys):
+    fleet = _fleet(tmp_path)
+    _commit(fleet, {ROSTER_PATH: b"{oops"})
+    _publish(fleet, "code2")
+    code, report = _status(fleet, capsys)
+    assert code == 1 and report["roster"]["problem"] and _row(report, "code2")["state"] == LIVE
+
+
+def test_send_warns_about_a_recipient_the_roster_does_not_name(tmp_path):
+    fleet = _fleet(tmp_path, roster=[{"id": "code2"}, {"id": "build1"}])
+    sender = fleet.clone("code2")
+    typo = run_script("send_message.py", "hello", "--to", "biuld1", "--repo", str(sender), "--from", "code2")
+    assert typo.returncode == 0, typo.stderr
+    assert typo.stderr.strip() == ("send_message: warning: --to biuld1: not in the roster "
+                                   "coordination/servers.json; sending anyway")
+    fine = run_script("send_message.py", "hello", "--to", "build1", "--repo", str(sender), "--from", "code2")
+    everyone = run_script("send_message.py", "hello", "--repo", str(sender), "--from", "code2")
+    assert fine.returncode == everyone.returncode == 0 and fine.stderr == everyone.stderr == ""
+    assert [m["to"] for m in fleet.remote_messages()] == ["biuld1", "build1", "all"]
+
+
+def test_send_without_roster_does_not_warn(fleet):
+    sender = fleet.clone("code2")
+    proc = run_script("send_message.py", "hello", "--to", "anyone", "--repo", str(sender), "--from", "code2")
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+def test_terminal_table_is_aligned_urgent_first_and_plain_when_piped(tmp_path):
+    fleet = _hostile_fleet(tmp_path)
+    _publish(fleet, "win1", 40 * 60)
+    viewer = _viewer(fleet)
+    proc = run_script("fleet_status.py", "--repo", str(viewer))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("FLEET WARNING - 3 servers: 2 live, 1 stale")
+    header = next(i for i, line in enumerate(lines) if line.startswith("SERVER"))
+    rows = lines[header + 1:header + 4]
+    assert [r.split()[0] for r in rows] == ["win1", "build1", "code2"]  # stale, then oldest unread
+    for column in ("STATE", "SEEN", "UNREAD", "ACKS"):
+        at = lines[header].index(column)
+        assert all(r[at - 1] == " " and r[at] != " " for r in rows), column
+    assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout  # plain, and mail made inert
+    assert "\\x1b[2J" in proc.stdout
+    assert any(line.startswith("stale: win1") for line in lines)
+    # Colour on request, never with NO_COLOR.
+    coloured = run_script("fleet_status.py", "--repo", str(viewer), env={"FORCE_COLOR": "1"})
+    assert "\x1b[" in coloured.stdout
+    plain = run_script("fleet_status.py", "--repo", str(viewer), env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
+    assert "\x1b" not in plain.stdout
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def test_page_is_self_contained_and_everything_from_mail_is_escaped(tmp_path, capsys):
+    fleet = _hostile_fleet(tmp_path)
+    page = tmp_path / "www" / "index.html"
+    assert fleet_status.main(["--repo", str(_viewer(fleet)), "--html", str(page), "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    text = page.read_text(encoding="utf-8")
+    assert "default-src 'none'; style-src 'unsafe-inline'; img-src data:" in text
+    assert "<script" not in text and "<img" not in text and "<b " not in text
+    assert "&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;" in text
+    assert "&lt;img src=x onerror=&quot;document.title=&#x27;pwned&#x27;&quot;&gt;" in text
+    assert not re.search(r"<[^>]*\s(src|href)\s*=", text) and "http://" not in text and "https://" not in text
+    assert text.count('<article class="c') == 2 and text.count("<svg") == 3  # 2 cards + the chart
+    assert "Latest threads" in text and "unread by build1" in text
+    assert "\x1b" not in text and "x" * 100 not in text  # inert, and bounded
+    if os.name == "posix":
+        assert page.stat().st_mode & 0o777 == 0o644
+    assert len(text.encode()) < 30_000
+
+
+def _chromium(page: Path, tmp_path: Path) -> "subprocess.CompletedProcess[str]":
+    shot = tmp_path / "screenshot.png"
+    argv = [CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--no-first-run", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--enable-logging=stderr", "--v=0", f"--screenshot={shot}", "--window-size=1200,900",
+            "--dump-dom", page.as_uri()]
+    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          text=True, encoding="utf-8", errors="replace", timeout=180)
+
+
+def _console(stderr: str) -> list:
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get "
+                                               "install chromium; .ci/run installs it where apt exists)")
+def test_page_renders_in_headless_chromium_and_no_script_from_mail_runs(tmp_path, capsys):
+    fleet = _hostile_fleet(tmp_path)
+    page = tmp_path / "index.html"
+    fleet_status.main(["--repo", str(_viewer(fleet)), "--html", str(page), "-q"])
+    proc = _chromium(page, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shot = tmp_path / "screenshot.png"
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    dom = proc.stdout
+    assert "<title>Fleet status</title>" in dom and "pwned</title>" not in dom
+    assert "<script" not in dom and "<img" not in dom
+    assert "&lt;script&gt;document.title='pwned'&lt;/script&gt;" in dom
+    assert _console(proc.stderr) == []  # nothing blocked, nothing failed
+    # Defence in depth: even an unescaped script in this page would be refused by its CSP.
+    broken = tmp_path / "broken.html"
+    broken.write_text(page.read_text(encoding="utf-8").replace("</main>", HOSTILE_SCRIPT + HOSTILE_IMG + "</main>"),
+                      encoding="utf-8")
+    proc = _chromium(broken, tmp_path)
+    assert proc.returncode == 0 and "<title>Fleet status</title>" in proc.stdout
+    assert any("Content Security Policy" in line for line in _console(proc.stderr))
+
+
+def test_servers_named_only_in_mail_are_bounded():
+    """A mailbox naming hundreds of made-up servers costs a bounded look and says so."""
+    snap = fleet_status.Snapshot("main")
+    many = [_msg(f"m{n}", "code2", f"ghost{n}", "to nobody", 60) for n in range(fleet_status.MAX_SERVERS + 50)]
+    snap.mailbox = {"messages": many + [_msg("b1", "code2", "all", "to everyone", 60)]}
+    report = fleet_status.build_report(snap)
+    assert len(report["servers"]) == fleet_status.MAX_SERVERS
+    assert any("more server ids" in p["text"] for p in report["problems"])
+    # The broadcast waits for no server that only ever appears as a recipient.
+    assert all(r["unread"]["count"] == 1 for r in report["servers"] if r["id"].startswith("ghost"))
+
+
+def test_page_for_an_empty_fleet(tmp_path):
+    report = fleet_status.build_report(fleet_status.Snapshot("main"))
+    text = render_html(report)
+    assert "No mail in the hot mailbox" in text and report["exit_code"] == 0
+    assert fleet_status.render_terminal(report).startswith("FLEET OK - 0 servers")
+
