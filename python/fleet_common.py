@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import re
 import sys
@@ -167,16 +168,49 @@ def resolve_server_id(server_id: Optional[str]) -> str:
 
 
 def default_interval() -> float:
+    """``MONITOR_INTERVAL`` when set (checked as :func:`check_number`), else 10 seconds."""
     raw = os.environ.get("MONITOR_INTERVAL")
     if not raw:
         return DEFAULT_INTERVAL
+    return check_number(raw, "MONITOR_INTERVAL", MIN_INTERVAL, MAX_INTERVAL)
+
+
+# --------------------------------------------------------------------------- numbers
+
+# A cycle more often than this is a busy loop against the remote (an interval of "nan" once made
+# 145 ls-remote calls a second); less often than daily is no monitor at all.
+MIN_INTERVAL: Final = 0.1
+MAX_INTERVAL: Final = 86400.0
+
+
+def check_number(value: object, name: str, low: float, high: float) -> float:
+    """``value`` (a number or its text) as a float from ``low`` to ``high``, else :class:`UsageError`.
+
+    ``nan``, ``inf`` and out-of-range numbers from a command line or the environment are refused
+    here, once, instead of busy-looping, overflowing or committing every cycle later on.
+    """
     try:
-        value = float(raw)
-    except ValueError:
-        raise UsageError(f"MONITOR_INTERVAL={raw!r} is not a number") from None
-    if value <= 0:
-        raise UsageError(f"MONITOR_INTERVAL={raw!r} must be positive")
-    return value
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number, not {str(value)[:40]!r}") from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise UsageError(f"{name} must be a number from {low:g} to {high:g}, not {str(value)[:40]!r}")
+    return number
+
+
+def finite_number(name: str, low: float, high: float) -> Callable[[str], float]:
+    """An argparse ``type=`` that accepts finite numbers from ``low`` to ``high`` (exit 2 otherwise)."""
+
+    def parse(text: str) -> float:
+        try:
+            return check_number(text, name, low, high)
+        except UsageError as exc:
+            import argparse  # lazy: only a bad command line needs it here
+
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name  # argparse names the type in some of its messages
+    return parse
 
 
 def server_dir(repo: "os.PathLike[str] | str", server_id: str) -> Path:

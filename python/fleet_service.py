@@ -477,9 +477,9 @@ def _require_absolute(value: str, what: str) -> str:
 
 
 def _interval_text(interval: float) -> str:
-    if not interval > 0:
-        raise UsageError(f"interval must be positive, got {interval!r}")
-    return f"{interval:g}"
+    value = fleet_common.check_number(interval, "interval", fleet_common.MIN_INTERVAL,
+                                      fleet_common.MAX_INTERVAL)
+    return f"{value:g}"
 
 
 def render_systemd_unit(*, python: str, script: str, repo: str, server: str, interval: float,

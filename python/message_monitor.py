@@ -35,6 +35,8 @@ from fleet_common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    MAX_INTERVAL,
+    MIN_INTERVAL,
     SUITE_VERSION,
     SuiteError,
     UsageError,
@@ -42,6 +44,7 @@ from fleet_common import (
     default_interval,
     default_repo_path,
     dump_json_bytes,
+    finite_number,
     iso_utc,
     load_state_file,
     normalize_server_id,
@@ -866,7 +869,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--repo", default=None, help="fleet clone (default: $BUILD_REPO_PATH or K:/Projects/Build)")
     parser.add_argument("--server", default=None, help="this server's id (default: $SERVER_ID or code2)")
-    parser.add_argument("--interval", type=float, default=None,
+    parser.add_argument("--interval", type=finite_number("--interval", MIN_INTERVAL, MAX_INTERVAL),
+                        default=None, metavar="SEC",
                         help="seconds between cycles (default: $MONITOR_INTERVAL or 10)")
     parser.add_argument("--branch", default=None, help="shared branch (default: the remote's default)")
     parser.add_argument("--once", action="store_true", help="run one cycle and exit")
@@ -874,11 +878,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rules", default=None, metavar="FILE",
                         help="automatic-reply rules (overrides coordination/auto_reply_rules.json)")
     parser.add_argument("--no-auto-reply", action="store_true", help="never reply automatically")
-    parser.add_argument("--heartbeat-minutes", type=float, default=None, metavar="N",
+    parser.add_argument("--heartbeat-minutes", default=None, metavar="N",
+                        type=finite_number("--heartbeat-minutes", 0, MAX_HEARTBEAT_MINUTES),
                         help="publish <server>/heartbeat.json at most every N minutes")
     parser.add_argument("--metrics-textfile", default=None, metavar="PATH",
                         help="write Prometheus metrics for node_exporter's textfile collector")
-    parser.add_argument("--auto-archive-days", type=float, default=None, metavar="N",
+    parser.add_argument("--auto-archive-days", default=None, metavar="N",
+                        type=finite_number("--auto-archive-days", 0, MAX_ARCHIVE_DAYS),
                         help="once a day, archive messages older than N days that are done with")
     commands = parser.add_argument_group("one-shot commands (run and exit)")
     commands.add_argument("--init", action="store_true",
@@ -887,7 +893,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_argument("--json", action="store_true", help="with --status: print JSON")
     commands.add_argument("--repair", action="store_true",
                           help="rebuild an unparseable mailbox from its last good version plus salvage")
-    commands.add_argument("--archive-days", type=float, default=None, metavar="N",
+    commands.add_argument("--archive-days", default=None, metavar="N",
+                          type=finite_number("--archive-days", 0, MAX_ARCHIVE_DAYS),
                           help="archive messages older than N days that are done with, then exit")
     commands.add_argument("--retry-dead", action="store_true",
                           help="give dead messages in the retry queue five more attempts")
@@ -923,6 +930,10 @@ def render_message(msg: Dict[str, Any], *, terminal: bool) -> str:
 
 def _nothing() -> None:
     return None
+
+
+MAX_HEARTBEAT_MINUTES = 7 * 24 * 60.0  # a week: beyond that a heartbeat tells nothing
+MAX_ARCHIVE_DAYS = 36500.0  # a century; larger ages overflow the date arithmetic
 
 
 def _one_shot_command(args: argparse.Namespace, repo: str, server: str, interval: float) -> Optional[int]:
@@ -984,12 +995,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_OK
         server = resolve_server_id(args.server)
         interval = args.interval if args.interval is not None else default_interval()
-        if interval <= 0:
-            raise UsageError("--interval must be positive")
-        for name in ("heartbeat_minutes", "auto_archive_days", "archive_days"):
-            value = getattr(args, name)
-            if value is not None and value < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must not be negative")
         done = _one_shot_command(args, repo, server, interval)
         if done is not None:
             return done

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -69,6 +70,19 @@ DEFAULT_THRESHOLDS: Final = {
     "breaker_open_critical_seconds": 3600.0,
 }
 
+# What each threshold may be on the command line: nan or inf would silently disable a check.
+THRESHOLD_RANGES: Final = {
+    "disk_critical_gb": (0.0, 1e9),
+    "disk_warning_gb": (0.0, 1e9),
+    "memory_warning_percent": (0.0, 100.0),
+    "cpu_warning_percent": (0.0, 100.0),
+    "queue_pending_warning": (0.0, 1e9),
+    "queue_dead_warning": (0.0, 1e9),
+    "fetch_warning_seconds": (0.0, 1e9),
+    "fetch_critical_seconds": (0.0, 1e9),
+    "breaker_open_critical_seconds": (0.0, 1e9),
+}
+
 CHECK_NAMES: Final = ("disk", "memory", "cpu", "repository", "queue", "circuit_breaker",
                       "last_fetch")
 # How many directory entries the .git size walk may visit: the check must stay cheap on a big
@@ -97,6 +111,8 @@ def merge_thresholds(thresholds: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"health threshold {key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # nan or inf would silently disable the check
+            raise UsageError(f"health threshold {key} must be a finite number, got {value!r}")
         merged[key] = value
     return merged
 
@@ -524,7 +540,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--server", help="server id (default: SERVER_ID, else code2)")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     for key, default in DEFAULT_THRESHOLDS.items():
-        parser.add_argument(_option(key), dest=key, type=float, default=None,
+        parser.add_argument(_option(key), dest=key, default=None,
+                            type=fleet_common.finite_number(_option(key), *THRESHOLD_RANGES[key]),
                             metavar="N", help=f"threshold (default: {default})"
                             if default is not None else "threshold (default: "
                             "max(10 x monitor interval, 300))")

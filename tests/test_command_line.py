@@ -1,0 +1,85 @@
+"""The command lines: every number is finite and in range (exit 2 and one clear line, never a
+traceback, a busy loop or a commit every cycle)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_script
+
+import message_monitor
+import network_check
+import system_health
+from fleet_common import EXIT_USAGE, UsageError, check_number, default_interval
+
+BAD_NUMBERS = ["nan", "inf", "-inf", "NaN", "1e400"]
+
+
+@pytest.mark.parametrize("option", ["--interval", "--archive-days", "--auto-archive-days",
+                                    "--heartbeat-minutes"])
+@pytest.mark.parametrize("value", BAD_NUMBERS + ["-1"])
+def test_monitor_numbers_must_be_finite_and_in_range(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        message_monitor.main(["--repo", "/nonexistent", f"{option}={value}"])
+    assert exit_info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"{option} must be a number from" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["0", "0.01", "86401"])
+def test_an_interval_out_of_range_is_refused(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        message_monitor.main(["--interval", value, "--status"])
+    assert exit_info.value.code == EXIT_USAGE
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "abc"])
+def test_monitor_interval_from_the_environment(value, monkeypatch, capsys):
+    monkeypatch.setenv("MONITOR_INTERVAL", value)
+    assert message_monitor.main(["--repo", "/nonexistent", "--once"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MONITOR_INTERVAL must be a number" in err[0]
+
+
+def test_check_number():
+    assert check_number("2.5", "x", 0, 10) == 2.5
+    assert check_number(0, "x", 0, 10) == 0.0
+    for bad in ("nan", float("inf"), "11", None, "", True and "x"):
+        with pytest.raises(UsageError):
+            check_number(bad, "x", 0, 10)
+
+
+def test_default_interval_is_checked(monkeypatch):
+    monkeypatch.setenv("MONITOR_INTERVAL", "2")
+    assert default_interval() == 2.0
+    monkeypatch.setenv("MONITOR_INTERVAL", "nan")
+    with pytest.raises(UsageError):
+        default_interval()
+
+
+@pytest.mark.parametrize("args", [["--disk-warning-gb", "nan"], ["--cpu-warning-percent", "inf"],
+                                  ["--fetch-critical-seconds", "-5"], ["--memory-warning-percent", "101"]])
+def test_system_health_thresholds_must_be_finite(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        system_health.main(["/nonexistent", *args])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "must be a number from" in capsys.readouterr().err
+
+
+def test_system_health_library_refuses_nan():
+    with pytest.raises(UsageError):
+        system_health.merge_thresholds({"disk_warning_gb": float("nan")})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "601"])
+def test_network_check_timeout_must_be_finite(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        network_check.main(["--timeout", value])
+    assert exit_info.value.code == EXIT_USAGE
+    with pytest.raises(UsageError):
+        network_check.test_connectivity("/nonexistent", timeout=float(value))
+
+
+def test_cli_processes_print_no_traceback_for_nan():
+    proc = run_script("message_monitor.py", "--interval", "nan", "--once")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("must be a number from 0.1 to 86400, not 'nan'")
