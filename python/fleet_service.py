@@ -29,7 +29,6 @@ Library code: nothing here prints or exits.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -422,11 +421,19 @@ class InstanceLock:
         self.release()
 
 
+PID_FILE_MAX_BYTES: Final = 64 * 1024
+
+
 def read_pid_file(path: Union[str, os.PathLike[str]]) -> Tuple[Optional[int], Optional[str]]:
-    """``(pid, host)`` from a ``monitor.pid`` file; ``(None, None)`` when it cannot be read."""
+    """``(pid, host)`` from a ``monitor.pid`` file; ``(None, None)`` when it cannot be read.
+
+    Never through a symlink (a committed one could point at a device that never ends).
+    """
     try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        raw = fleet_common.read_local_file(path, max_bytes=PID_FILE_MAX_BYTES)
+        data = fleet_common.load_json_bounded(raw or b"null", what=PID_NAME,
+                                              max_bytes=PID_FILE_MAX_BYTES)
+    except (OSError, SuiteError):
         return None, None
     if not isinstance(data, dict):
         return None, None

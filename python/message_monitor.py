@@ -83,6 +83,17 @@ STATE_VERSION = 1
 # --------------------------------------------------------------------------- local state
 
 
+STATE_LISTS = ("processed", "pending_marks", "pending_acks")
+
+
+def _state_problem(data: Dict[str, Any]) -> Optional[str]:
+    """What makes ``monitor_state.json`` unusable (moved aside, logged critical), or ``None``."""
+    for name in STATE_LISTS:
+        if not isinstance(data.get(name, []), list):
+            return f"{name!r} is not a list"
+    return None
+
+
 class MonitorState:
     """Processed message keys and read marks not yet pushed: ``<server>/state/monitor_state.json``.
 
@@ -94,7 +105,8 @@ class MonitorState:
         self.path = state_dir(repo, server) / "monitor_state.json"
         self.repo = repo
         self.server = server
-        data = load_state_file(self.path, version=STATE_VERSION, fresh=self._fresh)
+        data = load_state_file(self.path, version=STATE_VERSION, fresh=self._fresh,
+                               problem=_state_problem)
         self.processed: Dict[MessageKey, None] = {
             key_from_str(k): None for k in data.get("processed", []) if isinstance(k, str)}
         self.pending_marks: Set[MessageKey] = {
@@ -102,7 +114,7 @@ class MonitorState:
         self.pending_acks: Set[MessageKey] = {
             key_from_str(k) for k in data.get("pending_acks", []) if isinstance(k, str)}
         self.extra: Dict[str, Any] = {k: v for k, v in data.items() if k not in (
-            "version", "server", "processed", "pending_marks", "pending_acks", "updated_at")}
+            "version", "server", "updated_at", *STATE_LISTS)}
         self.dirty = False
 
     def _fresh(self) -> Dict[str, Any]:

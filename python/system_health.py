@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -347,10 +348,17 @@ def queue_check_from_stats(stats: Mapping[str, Any], th: Mapping[str, Any],
 
 def check_queue(repo: Path, server: str, th: Mapping[str, Any]) -> Check:
     queue_file = fleet_common.server_dir(repo, server) / "queue" / "message_queue.json"
-    if not queue_file.is_file():
+    try:
+        info: Optional[os.stat_result] = os.lstat(queue_file)
+    except (FileNotFoundError, NotADirectoryError):
+        info = None
+    if info is None:
         # Checked before importing: opening a queue must not create its folder (health writes
         # nothing).
         return queue_check_from_stats({}, th, known=True)
+    if not stat.S_ISREG(info.st_mode) or fleet_common.is_link(info):
+        return _check(WARNING, f"{queue_file.name} is not a regular file (a symlink?); the monitor "
+                               "moves it aside", known=False, error=True)
     try:
         import message_queue
     except ImportError:
@@ -361,13 +369,22 @@ def check_queue(repo: Path, server: str, th: Mapping[str, Any]) -> Check:
     return queue_check_from_stats(stats, th)
 
 
+# Local state files that health reads (monitor status, breaker state) are small.
+STATE_READ_MAX_BYTES: Final = 1024 * 1024
+
+
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    """A state file read-only (``None`` when missing); ValueError when it does not parse."""
+    """A state file read-only (``None`` when missing); ValueError when it cannot be used.
+
+    Never through a symlink, and within bounds (PROTOCOL.md, "Trust between servers").
+    """
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    data = json.loads(raw.decode("utf-8"))
+        raw = fleet_common.read_local_file(path, max_bytes=STATE_READ_MAX_BYTES)
+        if raw is None:
+            return None
+        data = fleet_common.load_json_bounded(raw, what=path.name, max_bytes=STATE_READ_MAX_BYTES)
+    except fleet_common.SuiteError as exc:
+        raise ValueError(str(exc)) from None
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     return data
