@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -37,6 +38,7 @@ from fleet_common import (
     EXIT_USAGE,
     MAX_INTERVAL,
     MIN_INTERVAL,
+    RUNTIME_SUBDIRS,
     SUITE_VERSION,
     SuiteError,
     UsageError,
@@ -45,6 +47,8 @@ from fleet_common import (
     default_repo_path,
     dump_json_bytes,
     finite_number,
+    is_link,
+    is_valid_server_id,
     iso_utc,
     load_state_file,
     normalize_server_id,
@@ -593,7 +597,12 @@ class Monitor:
     # ----------------------------------------------------------------- the working tree
 
     def fast_forward(self) -> str:
-        """Fast-forward the checked-out branch when nothing local can be touched (PROTOCOL.md)."""
+        """Fast-forward the checked-out branch when nothing local can be touched (PROTOCOL.md).
+
+        Refused (a warning, once per reason) when the incoming commits touch a runtime path of
+        any server: git replaces ignored files, so a committed ``code2/logs/structured.log``
+        symlink or ``code2/queue/message_queue.json`` would take over that server's own files.
+        """
         tip = self.clone.tip()
         proc = run_git(self.repo, "rev-parse", "HEAD", "--symbolic-full-name", "HEAD", check=False)
         lines = proc.stdout.decode().split()
@@ -610,6 +619,15 @@ class Monitor:
                        "REVERT_HEAD", "BISECT_LOG"):
             if (git_dir / marker).exists():
                 return self._ff_warn(f"a {marker} is in progress in the working tree", "busy")
+        try:
+            touched = runtime_paths_changed(self.repo, head, tip)
+        except GitError as exc:
+            return self._ff_warn(f"the incoming changes cannot be listed: {exc}", "refused")
+        if touched:
+            more = f" and {len(touched) - 1} more" if len(touched) > 1 else ""
+            return self._ff_warn(f"the incoming commits change {ascii(touched[0][:200])}{more}, a "
+                                 "server's runtime path (logs, queue and state are never committed)",
+                                 "runtime-path")
         # --ff-only refuses, touching nothing, when the branch has diverged or local changes are
         # in the way; --no-autostash: a person's work is never stashed.
         merge = run_git(self.repo, "merge", "--ff-only", "--no-autostash", "--quiet", "--no-stat",
@@ -824,6 +842,45 @@ def _dt_from_epoch(epoch: float):
     import datetime as _dt
 
     return _dt.datetime.fromtimestamp(epoch, _dt.timezone.utc)
+
+
+# --------------------------------------------------------------------------- trust in commits
+
+
+def runtime_paths_changed(repo: Path, old: str, new: str) -> List[str]:
+    """Paths that the commits from ``old`` to ``new`` change in any server's runtime folders.
+
+    That is ``<id>/logs/...``, ``<id>/queue/...`` and ``<id>/state/...`` for any valid id (the
+    folders themselves included, in any letter case, for case-insensitive file systems), and a
+    top-level ``<id>`` that becomes a symlink or submodule, or a file where this clone has a
+    folder: a fast-forward would put it in place of that server's runtime files (PROTOCOL.md,
+    "Trust between servers").
+    """
+    out = run_git(repo, "diff-tree", "-r", "-z", "--no-renames", old, new).stdout
+    fields = out.split(b"\0")
+    found: List[str] = []
+    for meta, raw_path in zip(fields[0::2], fields[1::2]):
+        parts = meta.decode("ascii", "replace").lstrip(":").split()
+        new_mode = parts[1] if len(parts) > 1 else ""
+        path = raw_path.decode("utf-8", "surrogateescape")
+        names = path.split("/")
+        top = names[0].lower()
+        if not is_valid_server_id(top):
+            continue
+        if len(names) > 1:
+            if names[1].lower() in RUNTIME_SUBDIRS:
+                found.append(path)
+        elif new_mode in ("120000", "160000") or (new_mode != "000000" and _is_real_folder(repo / names[0])):
+            found.append(path)
+    return found
+
+
+def _is_real_folder(path: Path) -> bool:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and not is_link(info)
 
 
 # --------------------------------------------------------------------------- --init

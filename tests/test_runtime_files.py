@@ -1,5 +1,6 @@
-"""Runtime files (``<server>/logs|queue|state``): a symlink, file or folder of the wrong type is
-moved aside and never followed, and local state of the wrong shape is set aside."""
+"""Runtime files (``<server>/logs|queue|state``) against another member's commits: committed
+runtime paths never reach the working tree, a symlink, file or folder of the wrong type is moved
+aside and never followed, and local state of the wrong shape is set aside."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from conftest import PYTHON_DIR, git, run_script
 
 from fleet_git import Clone
 from message_monitor import Monitor
+from message_queue import MessageQueue
 from send_message import send_message
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="symlinks, tmpfs and rlimits are POSIX here")
@@ -26,8 +28,83 @@ def monitor(path: Path, name: str, shown=None) -> Monitor:
                    one_shot=True, auto_reply=False)
 
 
+def head(repo: Path) -> str:
+    return git(repo, "rev-parse", "HEAD")
+
+
 def queued_message(msg_id: str = "msg_1762254639_5f0c9a1be2d4") -> dict:
     return {"id": msg_id, "from": "code2", "to": "build1", "subject": "s", "body": "pending mail"}
+
+
+# --------------------------------------------------------------------------- fast-forward
+
+
+def _commit_symlink(seed: Path, path: str, target: str) -> None:
+    full = seed / path
+    full.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, full)
+
+
+RUNTIME_COMMITS = {
+    "log symlink": lambda seed, bashrc: _commit_symlink(seed, "code2/logs/structured.log", str(bashrc)),
+    "empty queue": lambda seed, bashrc: _write(seed / "code2" / "queue" / "message_queue.json",
+                                               '{"version": 1, "server": "code2", "items": []}\n'),
+    "state of the wrong shape": lambda seed, bashrc: _write(
+        seed / "code2" / "state" / "monitor_state.json", '{"version": 1, "processed": 5}\n'),
+    "another server, other case": lambda seed, bashrc: _write(seed / "Build1" / "State" / "x", "x\n"),
+    "server folder as a symlink": lambda seed, bashrc: _commit_symlink(seed, "code2", str(bashrc.parent)),
+}
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@posix_only
+@pytest.mark.parametrize("case", sorted(RUNTIME_COMMITS))
+def test_committed_runtime_paths_never_reach_the_working_tree(fleet, tmp_path, caplog, case):
+    bashrc = tmp_path / "home" / ".bashrc"
+    bashrc.parent.mkdir()
+    bashrc.write_text("# the operator's shell\n")
+    c2 = fleet.clone("code2")
+    MessageQueue(str(c2), "code2").enqueue(queued_message(), reason="remote unreachable")
+    mon = monitor(c2, "code2")
+    before = head(c2)
+    seed = fleet.clone("member")
+    RUNTIME_COMMITS[case](seed, bashrc)
+    git(seed, "add", "-A", "-f")
+    git(seed, "commit", "-qm", f"runtime files: {case}", "--no-gpg-sign")
+    git(seed, "push", "-q", "origin", "main")
+    assert send_message("still delivered", to="code2", from_sender="member", build_repo_path=str(seed))
+    shown: list = []
+    mon.show = shown.append
+    with caplog.at_level(logging.WARNING):
+        report = mon.cycle()
+        assert mon.cycle().ok  # the warning is not repeated every cycle
+    assert report.ok and [m["body"] for m in shown] == ["still delivered"]
+    assert report.fast_forward == "runtime-path"
+    assert head(c2) == before
+    warnings = [r.getMessage() for r in caplog.records if "not fast-forwarded" in r.getMessage()]
+    assert len(warnings) == 1 and "runtime path" in warnings[0], warnings
+    assert bashrc.read_text() == "# the operator's shell\n"
+    assert not (c2 / "code2").is_symlink() and not (c2 / "code2" / "logs" / "structured.log").is_symlink()
+    # the pending message (delivered in this cycle) is still known to the queue as sent
+    assert [e["status"] for e in MessageQueue(str(c2), "code2")._entries()] == ["sent"]
+
+
+def test_ordinary_commits_still_fast_forward(fleet):
+    c2 = fleet.clone("code2")
+    mon = monitor(c2, "code2")
+    seed = fleet.clone("member")
+    # a folder named like a server id with other content is not a runtime path
+    _write(seed / "code2" / "heartbeat.json", "{}\n")
+    _write(seed / "docs" / "readme.md", "text\n")
+    git(seed, "add", "-A")
+    git(seed, "commit", "-qm", "docs", "--no-gpg-sign")
+    git(seed, "push", "-q", "origin", "main")
+    assert mon.cycle().fast_forward == "fast-forwarded"
+    assert head(c2) == head(seed)
 
 
 # --------------------------------------------------------------------------- symlinks in place
