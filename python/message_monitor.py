@@ -102,7 +102,9 @@ class MonitorState:
     """Processed message keys and read marks not yet pushed: ``<server>/state/monitor_state.json``.
 
     Written before a message is shown, so a restart never shows it twice; written only when it
-    changed, so an idle monitor rewrites nothing.
+    changed, so an idle monitor rewrites nothing. A file of the wrong shape is moved aside
+    (``fleet_common.load_state_file``); a save that fails (a full disk) is logged and retried
+    with the next change, and the monitor goes on.
     """
 
     def __init__(self, repo: Path, server: str) -> None:
@@ -120,6 +122,7 @@ class MonitorState:
         self.extra: Dict[str, Any] = {k: v for k, v in data.items() if k not in (
             "version", "server", "updated_at", *STATE_LISTS)}
         self.dirty = False
+        self.save_failed: Optional[str] = None
 
     def _fresh(self) -> Dict[str, Any]:
         return {"version": STATE_VERSION, "server": self.server}
@@ -136,15 +139,15 @@ class MonitorState:
         self.pending_acks -= acks
         self.dirty = True
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Write the state when it changed; False (logged as an error) when it could not be written."""
         if not self.dirty:
-            return
+            return True
         while len(self.processed) > PROCESSED_CAP:
             oldest = next(iter(self.processed))
             if oldest in self.pending_marks:
                 break
             del self.processed[oldest]
-        runtime_dir(self.repo, self.server, "state")
         data: Dict[str, Any] = {
             "version": STATE_VERSION, "server": self.server,
             "processed": [key_str(k) for k in self.processed],
@@ -153,8 +156,23 @@ class MonitorState:
             "updated_at": iso_utc(),
         }
         data.update(self.extra)
-        atomic_write_json(self.path, data)
+        try:
+            runtime_dir(self.repo, self.server, "state")
+            atomic_write_json(self.path, data)
+        except OSError as exc:
+            # A full disk or a read-only folder: the state stays in memory (dirty) and is written
+            # with the next change; a restart meanwhile may show a message again, which is better
+            # than a monitor that dies and delivers nothing.
+            self.save_failed = str(exc)
+            log.error("monitor state not saved to %s: %s; kept in memory, retried with the next "
+                      "change", self.path, self.save_failed,
+                      extra={"metadata": {"path": str(self.path), "error": self.save_failed}})
+            return False
+        if self.save_failed is not None:
+            log.info("monitor state saved again to %s", self.path)
+            self.save_failed = None
         self.dirty = False
+        return True
 
 
 # --------------------------------------------------------------------------- the cycle
@@ -892,6 +910,8 @@ def init_fleet(path: "os.PathLike[str] | str", branch: str = "main") -> str:
     On an existing clone without a mailbox, add one by the transaction. Returns what was done.
     """
     target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--init: {target} is a file, not a folder")
     if target.exists() and (target / ".git").exists():
         clone = Clone(target, None)
         clone.fetch()
@@ -909,6 +929,8 @@ def init_fleet(path: "os.PathLike[str] | str", branch: str = "main") -> str:
     origin = target.with_name(target.name + ".origin.git")
     if origin.exists():
         raise UsageError(f"--init: {origin} already exists")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise UsageError(f"--init: {target.parent} is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     run_git(target.parent, "init", "--bare", "--quiet", str(origin))
     run_git(origin, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
@@ -1082,13 +1104,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         write_line("message_monitor: interrupted", sys.stderr)
         return EXIT_INTERRUPTED
-    except SuiteError as exc:
-        write_line(f"message_monitor: error: {exc}", sys.stderr)
+    except (SuiteError, OSError) as exc:
+        write_line(f"message_monitor: error: {_one_line(exc)}", sys.stderr)
         return EXIT_FAILURE
     try:
         return _run_monitor(args, clone, server, interval)
     finally:
         lock.release()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]
 
 
 def _setup_logging(root: Path, server: str, quiet: bool) -> None:
@@ -1105,15 +1132,18 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
     stop = threading.Event()
     notifier = default_notifier()
     add_network_hook(notifier.keepalive)  # a slow git call never starves the watchdog
-    monitor = Monitor(clone, server, interval, one_shot=args.once, stop_event=stop,
-                      show=lambda m: write_line(render_message(m, terminal=terminal)),
-                      notifier=notifier, auto_reply=not args.no_auto_reply, rules_path=args.rules,
-                      heartbeat_minutes=args.heartbeat_minutes, metrics_textfile=args.metrics_textfile,
-                      auto_archive_days=args.auto_archive_days)
     restore: Callable[[], None] = _nothing
-    if not args.once:
-        restore = install_stop_handlers(lambda name: stop.set())
     try:
+        # Inside the handlers: a state file of a newer version, or a disk that refuses the first
+        # write, is one line and exit 1, not a traceback.
+        monitor = Monitor(clone, server, interval, one_shot=args.once, stop_event=stop,
+                          show=lambda m: write_line(render_message(m, terminal=terminal)),
+                          notifier=notifier, auto_reply=not args.no_auto_reply, rules_path=args.rules,
+                          heartbeat_minutes=args.heartbeat_minutes,
+                          metrics_textfile=args.metrics_textfile,
+                          auto_archive_days=args.auto_archive_days)
+        if not args.once:
+            restore = install_stop_handlers(lambda name: stop.set())
         if args.once:
             report = monitor.cycle()
             monitor.metrics.maybe_flush(True)
@@ -1132,8 +1162,8 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
     except KeyboardInterrupt:
         write_line("message_monitor: interrupted", sys.stderr)
         return EXIT_INTERRUPTED if args.once else EXIT_OK
-    except SuiteError as exc:
-        write_line(f"message_monitor: error: {exc}", sys.stderr)
+    except (SuiteError, OSError) as exc:
+        write_line(f"message_monitor: error: {_one_line(exc)}", sys.stderr)
         return EXIT_FAILURE
     finally:
         restore()

@@ -261,11 +261,20 @@ def _breaker_open(clone: Clone, server: str) -> bool:
 
 
 def _queue(clone: Clone, msg: Dict[str, Any], reason: str) -> SendResult:
+    """Queue ``msg`` for the monitor. When even that fails (a full disk, a queue locked by a stuck
+    process), the result is ``failed`` and names both reasons: the message exists only in the
+    returned result then, and the CLI prints it so that nothing is lost."""
     from fleet_common import start_logging
     from message_queue import MessageQueue
 
     start_logging()  # the queue logs through logging directly
-    MessageQueue(str(clone.root), msg["from"]).enqueue(msg, reason=reason)
+    try:
+        MessageQueue(str(clone.root), msg["from"]).enqueue(msg, reason=reason)
+    except (OSError, SuiteError) as exc:
+        problem = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        log.error("message %s neither sent nor queued: %s; queueing failed: %s", msg["id"], reason,
+                  problem, extra={"metadata": {"id": msg["id"], "reason": reason, "queue": problem}})
+        return SendResult(False, "failed", msg, f"not sent ({reason}) and not queued ({problem})")
     log.warning("message %s queued: %s", msg["id"], reason,
                 extra={"metadata": {"id": msg["id"], "reason": reason}})
     return SendResult(False, "queued", msg, reason)
@@ -339,6 +348,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SuiteError as exc:
         write_line(f"send_message: error: {exc}", sys.stderr)
         return EXIT_FAILURE
+    except OSError as exc:
+        write_line(f"send_message: error: {(str(exc).splitlines() or [type(exc).__name__])[0]}",
+                   sys.stderr)
+        return EXIT_FAILURE
     if args.json:
         import json
 
@@ -352,6 +365,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_line(f"send_message: queued {result.message_id}: {result.reason}; "
               "the monitor will deliver it", sys.stderr)
         return EXIT_TEMPFAIL
+    if not args.no_queue:
+        # Neither sent nor queued: the message exists nowhere else, so it goes to stderr as one
+        # JSON line after the reason, ready to send again (PROTOCOL.md: nothing is lost).
+        import json
+
+        write_line(f"send_message: error: message {result.message_id} {result.reason}; "
+                   "the message follows as JSON", sys.stderr)
+        write_line(json.dumps(result.message, ensure_ascii=True), sys.stderr)
+        return EXIT_FAILURE
     write_line(f"send_message: error: {result.reason}", sys.stderr)
     return EXIT_FAILURE
 

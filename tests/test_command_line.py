@@ -1,5 +1,5 @@
-"""The command lines: every number is finite and in range (exit 2 and one clear line, never a
-traceback, a busy loop or a commit every cycle)."""
+"""The command lines: every number is finite and in range, and a bad ``--init`` target is one
+clear line (exit 2, never a traceback, a busy loop or a commit every cycle)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,22 @@ def test_network_check_timeout_must_be_finite(value, capsys):
     assert exit_info.value.code == EXIT_USAGE
     with pytest.raises(UsageError):
         network_check.test_connectivity("/nonexistent", timeout=float(value))
+
+
+# --------------------------------------------------------------------------- --init
+
+
+def test_init_on_a_file_is_one_line_and_exit_2(tmp_path, capsys):
+    target = tmp_path / "a-file"
+    target.write_text("not a folder")
+    assert message_monitor.main(["--init", "--repo", str(target)]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, not a folder" in err[0]
+    assert target.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    inside = target / "clone"
+    assert message_monitor.main(["--init", "--repo", str(inside)]) == EXIT_USAGE
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_cli_processes_print_no_traceback_for_nan():

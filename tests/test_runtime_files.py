@@ -1,6 +1,6 @@
-"""Runtime files (``<server>/logs|queue|state``) against another member's commits: committed
-runtime paths never reach the working tree, a symlink, file or folder of the wrong type is moved
-aside and never followed, and local state of the wrong shape is set aside."""
+"""Runtime files (``<server>/logs|queue|state``) against another member's commits and local faults:
+committed runtime paths never reach the working tree, symlinks are moved aside and never followed,
+local state of the wrong shape is set aside, and a full disk is one clear line, not a traceback."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from conftest import PYTHON_DIR, git, run_script
 
 from fleet_git import Clone
-from message_monitor import Monitor
+from message_monitor import Monitor, MonitorState
 from message_queue import MessageQueue
 from send_message import send_message
 
@@ -220,3 +220,106 @@ def test_local_state_of_the_wrong_shape_is_moved_aside(fleet, caplog, text):
     aside = list(state.glob("monitor_state.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_text() == text
     assert json.loads((state / "monitor_state.json").read_text())["version"] == 1
+
+
+def test_a_newer_state_version_is_one_line_and_exit_1(fleet):
+    c2 = fleet.clone("code2")
+    state = c2 / "code2" / "state"
+    state.mkdir(parents=True)
+    (state / "monitor_state.json").write_text('{"version": 2, "processed": []}')
+    proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--once")
+    assert proc.returncode == 1
+    assert "newer than this program" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (state / "monitor_state.json").read_text() == '{"version": 2, "processed": []}'
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def full_disk():
+    """Mount a tiny tmpfs on a folder and fill it: a real ENOSPC for whatever writes there."""
+    if os.name == "nt" or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux (the rlimit test covers the rest)")
+    mounted = []
+
+    def fill(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(folder)
+        fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            while os.write(fd, b"\0" * 1024):
+                pass
+        except OSError:
+            pass  # ENOSPC: full
+        finally:
+            os.close(fd)
+        return folder
+
+    yield fill
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_fails_a_state_save_which_is_logged_and_kept(fleet, full_disk, caplog):
+    c2 = fleet.clone("code2")
+    full_disk(c2 / "code2" / "state")
+    state = MonitorState(c2, "code2")
+    state.record(("msg_1", "build1"))
+    with caplog.at_level(logging.ERROR):
+        assert state.save() is False
+    assert state.dirty
+    assert any("monitor state not saved" in r.getMessage() and "No space left" in r.getMessage()
+               for r in caplog.records)
+    assert not (c2 / "code2" / "state" / "monitor_state.json").exists()
+    assert [p.name for p in (c2 / "code2" / "state").iterdir()] == ["filler"]  # no temp file left
+    (c2 / "code2" / "state" / "filler").unlink()
+    assert state.save() is True
+    assert MonitorState(c2, "code2").processed == {("msg_1", "build1"): None}
+
+
+@posix_only
+def test_a_state_save_over_the_file_size_limit_is_logged_and_kept(fleet, tmp_path):
+    """The same without root: a file-size limit makes the write fail in a child process."""
+    c2 = fleet.clone("code2")
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(f"""
+        import logging, resource, signal, sys
+        sys.path.insert(0, {str(PYTHON_DIR)!r})
+        from pathlib import Path
+        from message_monitor import MonitorState
+        logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(message)s")
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        state = MonitorState(Path({str(c2)!r}), "code2")
+        for n in range(50):
+            state.record(("msg_%d" % n, "build1"))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+        print(state.save(), state.dirty)
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]
+    assert "monitor state not saved" in proc.stderr and "Traceback" not in proc.stderr
+    state = c2 / "code2" / "state"
+    assert [p.name for p in state.iterdir()] == []  # the temp file was removed
+
+
+def test_a_send_that_can_be_neither_sent_nor_queued_prints_the_message(fleet, git_daemon, full_disk):
+    b1 = fleet.clone("build1")
+    git(b1, "remote", "set-url", "origin", git_daemon.url("origin.git"))
+    git_daemon.stop()
+    full_disk(b1 / "build1" / "queue")
+    proc = run_script("send_message.py", "the body to keep", "Subject", "--to", "code2",
+                      "--from", "build1", "--repo", str(b1))
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    assert "not sent" in lines[-2] and "not queued" in lines[-2] and "No space left" in lines[-2]
+    message = json.loads(lines[-1])
+    assert (message["body"], message["subject"], message["to"]) == ("the body to keep", "Subject", "code2")
+    assert not [p.name for p in (b1 / "build1" / "queue").iterdir() if p.name.endswith(".tmp")]
+    assert not (b1 / "build1" / "queue" / "message_queue.json").exists()
