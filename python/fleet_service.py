@@ -15,6 +15,8 @@ Contract:
   ``<repo>/<server>/state/monitor.lock`` plus ``monitor.pid`` (a never-committed path, PROTOCOL.md
   "The fleet repository"). The OS drops the lock when the process dies, so a crashed monitor's
   leftover files never block a restart. A held lock raises :class:`AlreadyRunning` (exit 1).
+  :func:`monitor_running` probes that lock without taking it for longer than an instant (for
+  health checks and ``--status``).
 - :func:`render_systemd_unit` and :func:`render_task_scheduler` return service definitions as
   text; :func:`self_check` and :func:`restart_process` let the monitor restart into a freshly
   pulled version only when that version imports cleanly.
@@ -34,6 +36,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -441,6 +444,52 @@ def read_pid_file(path: Union[str, os.PathLike[str]]) -> Tuple[Optional[int], Op
     host = data.get("host")
     return (pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None,
             host if isinstance(host, str) else None)
+
+
+def monitor_running(repo: Union[str, os.PathLike[str]], server_id: str) -> Optional[bool]:
+    """Whether a monitor holds the single-instance lock of this clone and server right now.
+
+    False when the lock is free or no monitor has ever run here (no lock file); None when it
+    cannot be told (the lock file is unreadable, or not a regular file). Probes the OS lock for
+    an instant and writes nothing, so health checks and ``--status`` can call it; a monitor
+    asking about itself gets True.
+    """
+    from filelock import FileLock, Timeout
+
+    path = fleet_common.state_dir(repo, server_id) / LOCK_NAME
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or fleet_common.is_link(info):
+        return None  # a symlink or folder: the next monitor to start moves it aside
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:
+        return None
+    lock.release()
+    return False
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """``argv`` as one line to paste into this platform's shell."""
+    if os.name == "nt":
+        return subprocess.list2cmdline(list(argv))
+    import shlex
+
+    return " ".join(shlex.quote(arg) for arg in argv)
+
+
+def deliver_command(repo: Union[str, os.PathLike[str]], server_id: str) -> str:
+    """The command that delivers a clone's retry queue once: one cycle of its monitor."""
+    script = Path(__file__).resolve().parent / "message_monitor.py"
+    return command_line([sys.executable, str(script), "--once", "--repo", str(repo),
+                         "--server", normalize_server_id(server_id)])
 
 
 # --------------------------------------------------------------------------- service definitions

@@ -1216,40 +1216,38 @@ def repair_mailbox(clone: Clone, server: str, *, max_history: int = 500) -> Dict
     return result
 
 
-def _monitor_running(root: Path, server: str) -> bool:
-    """Whether a monitor holds this clone's single-instance lock right now."""
-    from fleet_service import AlreadyRunning, InstanceLock
+STATUS_FILE_MAX_BYTES = 1024 * 1024  # monitor_status.json is a few hundred bytes
 
-    lock = InstanceLock(root, server)
+
+def _read_status_file(path: Path) -> Optional[Dict[str, Any]]:
+    """``monitor_status.json`` when it can be read (never through a symlink), else None."""
+    from fleet_common import load_json_bounded, read_local_file
+
     try:
-        lock.acquire()
-    except AlreadyRunning:
-        return True
-    except SuiteError:
-        return False
-    lock.release()
-    return False
+        raw = read_local_file(path, max_bytes=STATUS_FILE_MAX_BYTES)
+        data = load_json_bounded(raw, what=path.name, max_bytes=STATUS_FILE_MAX_BYTES) if raw else None
+    except (OSError, SuiteError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def status_report(repo: str, server: str, *, as_json: bool = False) -> str:
     """One screen: health, breaker, queue, last cycle and the 24-hour metrics summary."""
     import json
 
+    from fleet_service import deliver_command, monitor_running
     from message_queue import MessageQueue
     from monitoring_metrics import MetricsCollector
     from system_health import get_system_health
 
     root = Clone(repo).root
     health = get_system_health(str(root), server)
-    status_path = state_dir(root, server) / "monitor_status.json"
-    try:
-        last = json.loads(status_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        last = None
+    last = _read_status_file(state_dir(root, server) / "monitor_status.json")
     queue = MessageQueue(str(root), server).stats()
     metrics = MetricsCollector(str(root), server).get_summary(hours=24)
+    running = monitor_running(root, server)
     if last is not None:
-        last["running"] = _monitor_running(root, server)
+        last["running"] = running
     data = {"server": server, "repo": str(root), "health": health, "monitor": last,
             "queue": queue, "metrics": metrics}
     if as_json:
@@ -1259,8 +1257,7 @@ def status_report(repo: str, server: str, *, as_json: bool = False) -> str:
     for name, check in health.get("checks", {}).items():
         lines.append(f"  {name:<16}{check.get('status', '?'):<9}{check.get('message', '')}")
     if last:
-        running = _monitor_running(root, server)
-        state = "running" if running else "not running"
+        state = {True: "running", False: "not running"}.get(running, "unknown")
         cycles = last.get("iterations")
         lines.append(f"Monitor: {state} (pid {last.get('pid')}), started {last.get('started_at')}, "
                      f"{cycles} cycle{'' if cycles == 1 else 's'}, every {last.get('interval')} s")
@@ -1270,6 +1267,9 @@ def status_report(repo: str, server: str, *, as_json: bool = False) -> str:
         lines.append("Monitor: has not run on this clone yet")
     lines.append(f"Retry queue: {queue.get('pending')} pending, {queue.get('dead')} dead, "
                  f"{queue.get('sent')} recently sent")
+    if queue.get("pending") and running is False:
+        lines.append("  WARNING: no monitor runs on this clone, so nothing will deliver them; run: "
+                     + deliver_command(root, server))
     lines.append("Last 24 hours:")
     counters = metrics.get("counters", {})
     lines.append("  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counters.items()))

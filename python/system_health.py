@@ -330,8 +330,12 @@ def check_repository(repo: Path, now: float) -> Check:
 
 
 def queue_check_from_stats(stats: Mapping[str, Any], th: Mapping[str, Any],
-                           known: bool = True) -> Check:
-    """The ``queue`` check for a retry queue's ``stats()``."""
+                           known: bool = True, *, stranded: Optional[str] = None) -> Check:
+    """The ``queue`` check for a retry queue's ``stats()``.
+
+    ``stranded``: when no monitor runs for the queue's clone, the command that would deliver it;
+    pending messages are then a WARNING, since nothing else will ever send them.
+    """
     pending = int(stats.get("pending") or 0)
     dead = int(stats.get("dead") or 0)
     values = {"known": known, "pending": pending, "dead": dead,
@@ -339,6 +343,11 @@ def queue_check_from_stats(stats: Mapping[str, Any], th: Mapping[str, Any],
               "oldest_pending_age_s": stats.get("oldest_pending_age_s"),
               "next_due_in_s": stats.get("next_due_in_s")}
     text = f"{pending} pending, {dead} dead"
+    if pending and stranded is not None:
+        values["monitor_running"] = False
+        values["deliver_command"] = stranded
+        return _check(WARNING, f"{text}: no monitor runs on this clone, so nothing will deliver "
+                               f"them; run: {stranded}", **values)
     if dead > int(th["queue_dead_warning"]):
         return _check(WARNING, f"{text}: undeliverable messages need attention", **values)
     if pending > int(th["queue_pending_warning"]):
@@ -366,7 +375,13 @@ def check_queue(repo: Path, server: str, th: Mapping[str, Any]) -> Check:
         check["message"] = "retry queue module not available; counted as empty"
         return check
     stats = message_queue.MessageQueue(str(repo), server).stats()
-    return queue_check_from_stats(stats, th)
+    stranded = None
+    if stats.get("pending"):
+        from fleet_service import deliver_command, monitor_running
+
+        if monitor_running(repo, server) is False:
+            stranded = deliver_command(repo, server)
+    return queue_check_from_stats(stats, th, stranded=stranded)
 
 
 # Local state files that health reads (monitor status, breaker state) are small.
