@@ -608,14 +608,17 @@ def _ps_quote(value: str) -> str:
 
 
 def render_task_scheduler(*, python: str, script: str, repo: str, server: str, interval: float,
-                          task_name: str = TASK_NAME_DEFAULT) -> str:
+                          task_name: str = TASK_NAME_DEFAULT, extra_args: Sequence[str] = ()) -> str:
     """A PowerShell script (run as Administrator) that registers and starts a Scheduled Task."""
     server_id = normalize_server_id(server)
     if not task_name.strip():
         raise UsageError("task name must not be empty")
+    for arg in extra_args:
+        _check_text(arg, "argument")
     # The action's argument string is parsed by the Windows C runtime of python.exe.
     arguments = subprocess.list2cmdline(
-        [script, "--repo", repo, "--server", server_id, "--interval", _interval_text(interval)])
+        [script, "--repo", repo, "--server", server_id, "--interval", _interval_text(interval),
+         *extra_args])
     lines = [
         f"# Registers the fleet message monitor for server {server_id} as a Scheduled Task.",
         "# Run in an elevated PowerShell. The task runs as SYSTEM: make sure SYSTEM can use the",

@@ -1023,8 +1023,67 @@ def _nothing() -> None:
     return None
 
 
+# One-shot commands: each runs and exits, so at most one may be given (a second one would be
+# ignored in silence). The loop's options make no sense with most of them either; the two
+# service definitions carry them into the service's command line instead.
+ONE_SHOT_COMMANDS = ("init", "status", "repair", "archive_days", "retry_dead", "print_systemd_unit",
+                     "print_task_scheduler", "self_check")
+SERVICE_DEFINITIONS = ("print_systemd_unit", "print_task_scheduler")
+LOOP_OPTIONS = ("once", "heartbeat_minutes", "auto_archive_days", "metrics_textfile", "rules",
+                "no_auto_reply")
 MAX_HEARTBEAT_MINUTES = 7 * 24 * 60.0  # a week: beyond that a heartbeat tells nothing
 MAX_ARCHIVE_DAYS = 36500.0  # a century; larger ages overflow the date arithmetic
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    value = getattr(args, dest)
+    return value is not None and value is not False  # 0 (as in --archive-days 0) is given
+
+
+def _check_combination(args: argparse.Namespace) -> None:
+    """Refuse options that cannot run together (exit 2), rather than run one and drop the rest."""
+    commands = [dest for dest in ONE_SHOT_COMMANDS if _given(args, dest)]
+    if len(commands) > 1:
+        raise UsageError(f"{' and '.join(_option(c) for c in commands)} cannot run together; "
+                         "give one command at a time")
+    command = commands[0] if commands else None
+    if args.json and command != "status":
+        raise UsageError("--json goes with --status only")
+    if args.service_user is not None and command != "print_systemd_unit":
+        raise UsageError("--service-user goes with --print-systemd-unit only")
+    if command is None:
+        return
+    loop = [dest for dest in LOOP_OPTIONS if _given(args, dest)
+            and (command not in SERVICE_DEFINITIONS or dest == "once")]
+    if loop:
+        raise UsageError(f"{_option(loop[0])} is an option of the monitoring loop and cannot go "
+                         f"with {_option(command)}")
+
+
+def _absolute(path: str) -> str:
+    return path if _looks_windows_absolute(path) else str(Path(path).expanduser().resolve())
+
+
+def _service_args(args: argparse.Namespace) -> List[str]:
+    """The loop's options as given, for the command line of a service definition."""
+    extra: List[str] = []
+    if args.branch:
+        extra += ["--branch", args.branch]
+    for dest in ("heartbeat_minutes", "auto_archive_days"):
+        if getattr(args, dest) is not None:
+            extra += [_option(dest), f"{getattr(args, dest):g}"]
+    for dest in ("metrics_textfile", "rules"):
+        if getattr(args, dest):
+            extra += [_option(dest), _absolute(getattr(args, dest))]
+    if args.no_auto_reply:
+        extra.append("--no-auto-reply")
+    if args.quiet:
+        extra.append("--quiet")
+    return extra
 
 
 def _one_shot_command(args: argparse.Namespace, repo: str, server: str, interval: float) -> Optional[int]:
@@ -1038,9 +1097,9 @@ def _one_shot_command(args: argparse.Namespace, repo: str, server: str, interval
     if args.print_systemd_unit or args.print_task_scheduler:
         from fleet_service import render_systemd_unit, render_task_scheduler
 
-        repo_abs = repo if _looks_windows_absolute(repo) else str(Path(repo).expanduser().resolve())
-        common = {"python": sys.executable, "script": str(Path(__file__).resolve()), "repo": repo_abs,
-                  "server": server, "interval": interval}
+        common = {"python": sys.executable, "script": str(Path(__file__).resolve()),
+                  "repo": _absolute(repo), "server": server, "interval": interval,
+                  "extra_args": _service_args(args)}
         if args.print_systemd_unit:
             text = render_systemd_unit(user=args.service_user, **common)
         else:
@@ -1078,6 +1137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     lock = None
     try:
+        _check_combination(args)
         repo = args.repo or default_repo_path()
         if args.init:
             if args.server is not None:

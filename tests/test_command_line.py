@@ -1,7 +1,9 @@
-"""The command lines: every number is finite and in range, and a bad ``--init`` target is one
-clear line (exit 2, never a traceback, a busy loop or a commit every cycle)."""
+"""The command lines: every number is finite and in range, one-shot commands do not combine in
+silence, and a bad ``--init`` target is one clear line (exit 2, never a traceback)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from conftest import run_script
@@ -77,6 +79,49 @@ def test_network_check_timeout_must_be_finite(value, capsys):
     assert exit_info.value.code == EXIT_USAGE
     with pytest.raises(UsageError):
         network_check.test_connectivity("/nonexistent", timeout=float(value))
+
+
+# --------------------------------------------------------------------------- combinations
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--retry-dead", "--archive-days", "1"], "--archive-days and --retry-dead cannot run together"),
+    (["--status", "--repair"], "--status and --repair cannot run together"),
+    (["--init", "--status"], "--init and --status cannot run together"),
+    (["--print-systemd-unit", "--print-task-scheduler"], "cannot run together"),
+    (["--json"], "--json goes with --status only"),
+    (["--json", "--retry-dead"], "--json goes with --status only"),
+    (["--service-user", "fleet"], "--service-user goes with --print-systemd-unit only"),
+    (["--service-user", "fleet", "--print-task-scheduler"], "--service-user goes with"),
+    (["--once", "--status"], "--once is an option of the monitoring loop"),
+    (["--once", "--print-systemd-unit"], "--once is an option of the monitoring loop"),
+    (["--heartbeat-minutes", "5", "--retry-dead"], "--heartbeat-minutes is an option"),
+    (["--no-auto-reply", "--archive-days", "0"], "--no-auto-reply is an option"),
+])
+def test_one_shot_options_that_cannot_run_together_are_refused(args, named, capsys, tmp_path):
+    assert message_monitor.main(["--repo", str(tmp_path), "--server", "code2", *args]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0], err
+    assert list(tmp_path.iterdir()) == []  # refused before anything was touched
+
+
+def test_service_definitions_carry_the_loop_options(tmp_path):
+    plain = run_script("message_monitor.py", "--repo", str(tmp_path), "--server", "code2",
+                       "--print-systemd-unit")
+    assert plain.returncode == 0, plain.stderr
+    assert "--heartbeat-minutes" not in plain.stdout and "--no-auto-reply" not in plain.stdout
+    unit = run_script("message_monitor.py", "--repo", str(tmp_path), "--server", "code2",
+                      "--print-systemd-unit", "--heartbeat-minutes", "15", "--no-auto-reply",
+                      "--branch", "trunk", "--metrics-textfile", "fleet.prom")
+    assert unit.returncode == 0, unit.stderr
+    exec_start = next(line for line in unit.stdout.splitlines() if line.startswith("ExecStart="))
+    for part in ("--heartbeat-minutes 15", "--no-auto-reply", "--branch trunk",
+                 f"--metrics-textfile {(Path.cwd() / 'fleet.prom').resolve()}"):
+        assert part in exec_start, (part, exec_start)
+    task = run_script("message_monitor.py", "--repo", "K:/Projects/Build", "--server", "code2",
+                      "--print-task-scheduler", "--auto-archive-days", "30")
+    assert task.returncode == 0, task.stderr
+    assert "--auto-archive-days 30" in task.stdout
 
 
 # --------------------------------------------------------------------------- --init
