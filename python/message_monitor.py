@@ -229,7 +229,8 @@ class Monitor:
                  heartbeat_minutes: Optional[float] = None,
                  metrics_textfile: Optional[str] = None,
                  auto_archive_days: Optional[float] = None,
-                 preflight_timeout: float = 5.0) -> None:
+                 preflight_timeout: float = 5.0,
+                 upgrade_signers: Optional[str] = None) -> None:
         from circuit_breaker import CircuitBreaker
         from fleet_git import PushRejected
         from message_queue import MessageQueue
@@ -257,6 +258,7 @@ class Monitor:
         self.heartbeat_seconds = heartbeat_minutes * 60 if heartbeat_minutes else None
         self.metrics_textfile = metrics_textfile
         self.auto_archive_days = auto_archive_days
+        self.upgrade_signers = upgrade_signers  # --upgrade-signed-by: git's allowed-signers file
         self.iterations = 0
         self.known_tip: Optional[str] = None
         self.processed_tip: Optional[str] = None
@@ -620,6 +622,8 @@ class Monitor:
         Refused (a warning, once per reason) when the incoming commits touch a runtime path of
         any server: git replaces ignored files, so a committed ``code2/logs/structured.log``
         symlink or ``code2/queue/message_queue.json`` would take over that server's own files.
+        Also refused when ``--upgrade-signed-by`` is set and the commits change the suite's
+        files without a signature by an allowed key: the new code would run on the next start.
         """
         tip = self.clone.tip()
         proc = run_git(self.repo, "rev-parse", "HEAD", "--symbolic-full-name", "HEAD", check=False)
@@ -646,6 +650,10 @@ class Monitor:
             return self._ff_warn(f"the incoming commits change {ascii(touched[0][:200])}{more}, a "
                                  "server's runtime path (logs, queue and state are never committed)",
                                  "runtime-path")
+        refused = self._unsigned_release(head, tip)
+        if refused is not None:
+            self.ff_warned = refused
+            return "unsigned"
         # --ff-only refuses, touching nothing, when the branch has diverged or local changes are
         # in the way; --no-autostash: a person's work is never stashed.
         merge = run_git(self.repo, "merge", "--ff-only", "--no-autostash", "--quiet", "--no-stat",
@@ -671,17 +679,63 @@ class Monitor:
                         "branch and keeps flowing)", reason, extra={"metadata": {"reason": reason}})
         return outcome
 
-    def _check_upgrade(self, old: str, new: str) -> None:
-        """When the fast-forward changed the suite's own files, restart into the new version
-        after this cycle, unless the new version fails its self-check (then stay, and say so)."""
+    def _suite_folder(self) -> Optional[str]:
+        """The suite's folder relative to the clone (``python``), or None when it lives elsewhere."""
         suite = Path(__file__).resolve().parent
         try:
-            rel = suite.relative_to(self.repo.resolve())
+            return suite.relative_to(self.repo.resolve()).as_posix() or "."
         except ValueError:
-            return  # the suite does not live in this clone
-        diff = run_git(self.repo, "diff", "--quiet", old, new, "--", rel.as_posix() or ".", check=False)
-        if diff.returncode == 0 or new in self.failed_upgrades:
+            return None
+
+    def _suite_changed(self, old: str, new: str) -> bool:
+        rel = self._suite_folder()
+        if rel is None:
+            return False  # the suite does not live in this clone
+        diff = run_git(self.repo, "diff", "--quiet", old, new, "--", rel, check=False)
+        return diff.returncode != 0
+
+    def _unsigned_release(self, old: str, new: str) -> Optional[str]:
+        """Why the commits ``old..new`` may not reach the working tree under ``--upgrade-signed-by``
+        (they change the suite's files and ``new`` is not signed by an allowed key), else None.
+
+        Logged as an error once per commit. The signature of the tip covers its whole tree, so
+        a signed release on top of unsigned commits is a release its signer vouches for.
+        """
+        if self.upgrade_signers is None or not self._suite_changed(old, new):
+            return None
+        try:
+            problem = release_signature_problem(self.repo, new, self.upgrade_signers)
+        except GitError as exc:
+            problem = str(exc)
+        if problem is None:
+            return None
+        reason = (f"the suite's files change in {new[:12]}, which is not signed by a key in "
+                  f"{self.upgrade_signers}: {problem}")
+        if new not in self.failed_upgrades:
+            self.failed_upgrades.add(new)
+            log.error("new suite version not run and working tree not fast-forwarded: %s", reason,
+                      extra={"metadata": {"commit": new, "problem": problem}})
+        return reason
+
+    def _check_upgrade(self, old: str, new: str) -> None:
+        """When the fast-forward changed the suite's own files, restart into the new version
+        after this cycle, unless the new version fails its self-check (then stay, and say so).
+        Under ``--upgrade-signed-by`` nothing of the new version runs, not even its self-check,
+        unless ``new`` carries a signature by an allowed key."""
+        if new in self.failed_upgrades or not self._suite_changed(old, new):
             return
+        if self.upgrade_signers is not None:
+            try:
+                problem = release_signature_problem(self.repo, new, self.upgrade_signers)
+            except GitError as exc:
+                problem = str(exc)
+            if problem is not None:
+                self.failed_upgrades.add(new)
+                log.error("new suite version at %s is not run: not signed by a key in %s: %s",
+                          new[:12], self.upgrade_signers, problem,
+                          extra={"metadata": {"commit": new, "problem": problem}})
+                return
+        suite = Path(__file__).resolve().parent
         from fleet_service import self_check
 
         problem = self_check(sys.executable, str(suite / "message_monitor.py"))
@@ -901,6 +955,33 @@ def _is_real_folder(path: Path) -> bool:
     return stat.S_ISDIR(info.st_mode) and not is_link(info)
 
 
+SSH_SIGNATURE_START = b"-----BEGIN SSH SIGNATURE-----"
+
+
+def release_signature_problem(repo: Path, commit: str, allowed_signers: str) -> Optional[str]:
+    """Why ``commit`` is not signed by a key in ``allowed_signers`` (git's allowed-signers file,
+    ``gpg.ssh.allowedSignersFile``), or None when it is.
+
+    Only SSH signatures count: a GPG signature would be judged by whatever keyring the service
+    account happens to have, not by the operator's list.
+    """
+    raw = run_git(repo, "cat-file", "commit", commit).stdout
+    headers = raw.split(b"\n\n", 1)[0]
+    signature = next((line.split(b" ", 1)[1] for line in headers.split(b"\n")
+                      if line.startswith((b"gpgsig ", b"gpgsig-sha256 ")) and b" " in line), None)
+    if signature is None:
+        return "the commit is not signed"
+    if not signature.strip().startswith(SSH_SIGNATURE_START):
+        return "the commit is not signed with an SSH key"
+    proc = run_git(repo, "-c", "gpg.format=ssh", "-c", f"gpg.ssh.allowedSignersFile={allowed_signers}",
+                   "verify-commit", commit, check=False)
+    if proc.returncode == 0:
+        return None
+    lines = [line.strip() for line in proc.stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+    bad = [line for line in lines if not line.lower().startswith("good ")]
+    return " ".join((bad or lines or ["git verify-commit failed"])[-1].split())[:200]
+
+
 # --------------------------------------------------------------------------- --init
 
 
@@ -977,6 +1058,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--auto-archive-days", default=None, metavar="N",
                         type=finite_number("--auto-archive-days", 0, MAX_ARCHIVE_DAYS),
                         help="once a day, archive messages older than N days that are done with")
+    parser.add_argument("--upgrade-signed-by", default=None, metavar="FILE",
+                        help="restart into a new suite version pushed to the repository only when "
+                             "its commit is signed by a key in FILE (git's allowed-signers format)")
     commands = parser.add_argument_group("one-shot commands (run and exit)")
     commands.add_argument("--init", action="store_true",
                           help="create --repo as a clone of a new local bare origin with an empty mailbox")
@@ -1030,7 +1114,7 @@ ONE_SHOT_COMMANDS = ("init", "status", "repair", "archive_days", "retry_dead", "
                      "print_task_scheduler", "self_check")
 SERVICE_DEFINITIONS = ("print_systemd_unit", "print_task_scheduler")
 LOOP_OPTIONS = ("once", "heartbeat_minutes", "auto_archive_days", "metrics_textfile", "rules",
-                "no_auto_reply")
+                "no_auto_reply", "upgrade_signed_by")
 MAX_HEARTBEAT_MINUTES = 7 * 24 * 60.0  # a week: beyond that a heartbeat tells nothing
 MAX_ARCHIVE_DAYS = 36500.0  # a century; larger ages overflow the date arithmetic
 
@@ -1076,7 +1160,7 @@ def _service_args(args: argparse.Namespace) -> List[str]:
     for dest in ("heartbeat_minutes", "auto_archive_days"):
         if getattr(args, dest) is not None:
             extra += [_option(dest), f"{getattr(args, dest):g}"]
-    for dest in ("metrics_textfile", "rules"):
+    for dest in ("metrics_textfile", "rules", "upgrade_signed_by"):
         if getattr(args, dest):
             extra += [_option(dest), _absolute(getattr(args, dest))]
     if args.no_auto_reply:
@@ -1132,6 +1216,19 @@ def _looks_windows_absolute(path: str) -> bool:
     return len(path) > 2 and path[1] == ":" and path[2] in "/\\"
 
 
+def _allowed_signers(path: str) -> str:
+    """``--upgrade-signed-by FILE`` as an absolute path to a readable regular file (else exit 2)."""
+    target = Path(path).expanduser().resolve()
+    try:
+        with open(target, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise UsageError(f"--upgrade-signed-by {path}: {exc.strerror or exc}") from None
+    if not target.is_file():
+        raise UsageError(f"--upgrade-signed-by {path}: not a file")
+    return str(target)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -1149,6 +1246,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         done = _one_shot_command(args, repo, server, interval)
         if done is not None:
             return done
+        if args.upgrade_signed_by:
+            args.upgrade_signed_by = _allowed_signers(args.upgrade_signed_by)
         clone = Clone(repo, args.branch)
         _setup_logging(clone.root, server, args.quiet)
         if args.rules:
@@ -1201,7 +1300,8 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
                           notifier=notifier, auto_reply=not args.no_auto_reply, rules_path=args.rules,
                           heartbeat_minutes=args.heartbeat_minutes,
                           metrics_textfile=args.metrics_textfile,
-                          auto_archive_days=args.auto_archive_days)
+                          auto_archive_days=args.auto_archive_days,
+                          upgrade_signers=args.upgrade_signed_by)
         if not args.once:
             restore = install_stop_handlers(lambda name: stop.set())
         if args.once:

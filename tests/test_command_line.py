@@ -3,8 +3,6 @@ silence, and a bad ``--init`` target is one clear line (exit 2, never a tracebac
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from conftest import run_script
 
@@ -106,22 +104,36 @@ def test_one_shot_options_that_cannot_run_together_are_refused(args, named, caps
 
 
 def test_service_definitions_carry_the_loop_options(tmp_path):
+    signers = tmp_path / "allowed_signers"
+    signers.write_text("")
     plain = run_script("message_monitor.py", "--repo", str(tmp_path), "--server", "code2",
                        "--print-systemd-unit")
     assert plain.returncode == 0, plain.stderr
-    assert "--heartbeat-minutes" not in plain.stdout and "--no-auto-reply" not in plain.stdout
+    assert "--upgrade-signed-by" not in plain.stdout and "--heartbeat-minutes" not in plain.stdout
     unit = run_script("message_monitor.py", "--repo", str(tmp_path), "--server", "code2",
-                      "--print-systemd-unit", "--heartbeat-minutes", "15", "--no-auto-reply",
-                      "--branch", "trunk", "--metrics-textfile", "fleet.prom")
+                      "--print-systemd-unit", "--upgrade-signed-by", str(signers),
+                      "--heartbeat-minutes", "15", "--no-auto-reply", "--branch", "trunk")
     assert unit.returncode == 0, unit.stderr
     exec_start = next(line for line in unit.stdout.splitlines() if line.startswith("ExecStart="))
-    for part in ("--heartbeat-minutes 15", "--no-auto-reply", "--branch trunk",
-                 f"--metrics-textfile {(Path.cwd() / 'fleet.prom').resolve()}"):
+    for part in (f"--upgrade-signed-by {signers.resolve()}", "--heartbeat-minutes 15",
+                 "--no-auto-reply", "--branch trunk"):
         assert part in exec_start, (part, exec_start)
     task = run_script("message_monitor.py", "--repo", "K:/Projects/Build", "--server", "code2",
-                      "--print-task-scheduler", "--auto-archive-days", "30")
+                      "--print-task-scheduler", "--upgrade-signed-by", "C:/fleet/allowed_signers")
     assert task.returncode == 0, task.stderr
-    assert "--auto-archive-days 30" in task.stdout
+    assert "--upgrade-signed-by C:/fleet/allowed_signers" in task.stdout
+    plain_task = run_script("message_monitor.py", "--repo", "K:/Projects/Build", "--server", "code2",
+                            "--print-task-scheduler")
+    assert "--upgrade-signed-by" not in plain_task.stdout
+
+
+def test_upgrade_signed_by_needs_a_readable_file(fleet, capsys):
+    c2 = fleet.clone("code2")
+    missing = fleet.base / "no-such-file"
+    assert message_monitor.main(["--repo", str(c2), "--server", "code2", "--once",
+                                 "--upgrade-signed-by", str(missing)]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--upgrade-signed-by" in err[0]
 
 
 # --------------------------------------------------------------------------- --init
