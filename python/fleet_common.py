@@ -1,4 +1,5 @@
-"""Shared ground for the fleet suite: errors, exit codes, server ids, defaults, state files.
+"""Shared ground for the fleet suite: errors, exit codes, server ids, defaults, numbers from the
+command line, runtime and state files.
 
 Every module of the suite imports this one and nothing heavier, so a one-shot command stays
 fast to start. Contract: ``PROTOCOL.md`` (server ids, defaults, never-committed local paths).
@@ -10,13 +11,16 @@ codes (see :data:`EXIT_OK` and friends).
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
+import math
 import os
 import re
+import stat
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Final, List, Optional
+from typing import IO, Any, Callable, Dict, Final, List, Optional, Tuple
 
 
 class LazyLogger:
@@ -167,16 +171,49 @@ def resolve_server_id(server_id: Optional[str]) -> str:
 
 
 def default_interval() -> float:
+    """``MONITOR_INTERVAL`` when set (checked as :func:`check_number`), else 10 seconds."""
     raw = os.environ.get("MONITOR_INTERVAL")
     if not raw:
         return DEFAULT_INTERVAL
+    return check_number(raw, "MONITOR_INTERVAL", MIN_INTERVAL, MAX_INTERVAL)
+
+
+# --------------------------------------------------------------------------- numbers
+
+# A cycle more often than this is a busy loop against the remote (an interval of "nan" once made
+# 145 ls-remote calls a second); less often than daily is no monitor at all.
+MIN_INTERVAL: Final = 0.1
+MAX_INTERVAL: Final = 86400.0
+
+
+def check_number(value: object, name: str, low: float, high: float) -> float:
+    """``value`` (a number or its text) as a float from ``low`` to ``high``, else :class:`UsageError`.
+
+    ``nan``, ``inf`` and out-of-range numbers from a command line or the environment are refused
+    here, once, instead of busy-looping, overflowing or committing every cycle later on.
+    """
     try:
-        value = float(raw)
-    except ValueError:
-        raise UsageError(f"MONITOR_INTERVAL={raw!r} is not a number") from None
-    if value <= 0:
-        raise UsageError(f"MONITOR_INTERVAL={raw!r} must be positive")
-    return value
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number, not {str(value)[:40]!r}") from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise UsageError(f"{name} must be a number from {low:g} to {high:g}, not {str(value)[:40]!r}")
+    return number
+
+
+def finite_number(name: str, low: float, high: float) -> Callable[[str], float]:
+    """An argparse ``type=`` that accepts finite numbers from ``low`` to ``high`` (exit 2 otherwise)."""
+
+    def parse(text: str) -> float:
+        try:
+            return check_number(text, name, low, high)
+        except UsageError as exc:
+            import argparse  # lazy: only a bad command line needs it here
+
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name  # argparse names the type in some of its messages
+    return parse
 
 
 def server_dir(repo: "os.PathLike[str] | str", server_id: str) -> Path:
@@ -240,17 +277,156 @@ def parse_timestamp(value: object) -> Optional[_dt.datetime]:
 
 # --------------------------------------------------------------------------- files
 
+# Local runtime files (``<repo>/<server>/{logs,queue,state}/...``) are opened without following
+# symlinks and checked with lstat (PROTOCOL.md, "Trust between servers"): a symlink that another
+# member committed there once made the monitor append its log to ~/.bashrc. A symlink, folder or
+# device where a runtime file belongs (or a file or symlink where a runtime folder belongs) is
+# logged as critical and moved aside, never followed, then a fresh one is made. The checks guard
+# against what a shared repository can place in the working tree; a local user who can swap files
+# between the check and the use can already write the files themselves.
+MAX_STATE_BYTES: Final = 128 * 1024 * 1024  # a local state file larger than this is not ours
+_O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)  # POSIX; Windows relies on the lstat check
+_O_NONBLOCK: Final = getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block the open
+_O_BINARY: Final = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+
+
+class NotARegularFile(SuiteError):
+    """A runtime path is a symlink, or a file where a folder belongs, or the other way round."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+_NAME_SURROGATE: Final = 0x20000000  # Windows reparse tags of links and junctions have this bit
+
+
+def is_link(info: os.stat_result) -> bool:
+    """Whether an ``os.lstat`` result is a symlink, or a Windows junction (which lstat does not
+    call a link); cloud-file placeholders and other reparse points are files like any other."""
+    return stat.S_ISLNK(info.st_mode) or bool(getattr(info, "st_reparse_tag", 0) & _NAME_SURROGATE)
+
+
+def _kind(info: os.stat_result) -> str:
+    if is_link(info):
+        return "a symbolic link"
+    if stat.S_ISDIR(info.st_mode):
+        return "a folder"
+    if stat.S_ISREG(info.st_mode):
+        return "a file"
+    return "a special file"
+
+
+def _lstat(path: Path) -> Optional[os.stat_result]:
+    """``os.lstat`` or ``None`` when nothing is there (a file where a parent folder belongs too)."""
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def runtime_folders(path: "os.PathLike[str] | str") -> Optional[Tuple[Path, Path]]:
+    """``(<repo>/<server>, <repo>/<server>/<sub>)`` when ``path`` names a runtime file in a clone.
+
+    Only a clone's working tree receives files from other machines, so only there are the
+    folders themselves checked; any other path is written as given.
+    """
+    target = Path(path)
+    sub = target.parent
+    server = sub.parent.name
+    if (sub.name in RUNTIME_SUBDIRS and server == server.lower() and is_valid_server_id(server)
+            and os.path.lexists(sub.parent.parent / ".git")):
+        return sub.parent, sub
+    return None
+
+
+def _check_folder(folder: Path) -> Optional[os.stat_result]:
+    """lstat of a runtime folder; :class:`NotARegularFile` when it is anything but a real folder."""
+    info = _lstat(folder)
+    if info is not None and (is_link(info) or not stat.S_ISDIR(info.st_mode)):
+        raise NotARegularFile(folder, f"it is {_kind(info)}, not a folder")
+    return info
+
+
+def _make_real_folder(folder: Path) -> None:
+    """``folder`` as a real directory: created when missing, moved aside first when it is not one."""
+    try:
+        info = _check_folder(folder)
+    except NotARegularFile as exc:
+        move_aside(folder, exc.reason)
+        info = None
+    if info is None:
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            _check_folder(folder)  # made meanwhile by another process: a folder, or refuse
+
+
+def _prepare_target(target: Path) -> None:
+    """Before ``target`` is written or locked: real runtime folders, and no symlink in its place."""
+    folders = runtime_folders(target)
+    if folders is not None:
+        server, sub = folders
+        if _lstat(sub) is None:
+            server.parent.mkdir(parents=True, exist_ok=True)
+            ensure_excluded(server.parent, server.name)
+        _make_real_folder(server)
+        _make_real_folder(sub)
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    info = _lstat(target)
+    if info is not None and (is_link(info) or not stat.S_ISREG(info.st_mode)):
+        # Replacing a symlink would not write through it, but a folder cannot be replaced and a
+        # lock file is opened in place: both are set aside first, and reported.
+        move_aside(target, f"it is {_kind(info)}, not a file")
+
+
+def read_local_file(path: "os.PathLike[str] | str", *, max_bytes: int = MAX_STATE_BYTES) -> Optional[bytes]:
+    """The bytes of a local regular file, ``None`` when it does not exist. Reads only, moves nothing.
+
+    Never follows a symlink in the file's place (``O_NOFOLLOW``, and an lstat check where that flag
+    does not exist) nor, for a runtime file, in the place of its two folders. Raises
+    :class:`NotARegularFile` for a symlink, folder or device, :class:`BadInput` for a file larger
+    than ``max_bytes``, and ``OSError`` when the file cannot be read.
+    """
+    target = Path(path)
+    for folder in runtime_folders(target) or ():
+        if _check_folder(folder) is None:
+            return None
+    info = _lstat(target)
+    if info is None:
+        return None
+    if is_link(info) or not stat.S_ISREG(info.st_mode):
+        raise NotARegularFile(target, f"it is {_kind(info)}, not a file")
+    try:
+        fd = os.open(target, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_BINARY)
+    except FileNotFoundError:
+        return None  # replaced or removed since the lstat
+    except OSError as exc:
+        if _O_NOFOLLOW and exc.errno == errno.ELOOP:
+            raise NotARegularFile(target, "it is a symbolic link, not a file") from None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise NotARegularFile(target, "it is not a regular file")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise BadInput(f"{target} is more than {max_bytes} bytes")
+    return data
+
 
 def atomic_write_bytes(path: "os.PathLike[str] | str", data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old or the new file, never half.
 
     Temporary file in the same folder, flush, fsync, ``os.replace``; on Windows the replace is
-    retried briefly while another process holds the target open.
+    retried briefly while another process holds the target open. A runtime file's folders must
+    be real folders and the target a regular file: anything else is moved aside first (critical).
     """
     import tempfile  # lazy: a send writes no state file
 
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _prepare_target(target)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -351,12 +527,19 @@ def atomic_write_json(path: "os.PathLike[str] | str", data: Any) -> None:
 
 
 def move_aside(path: Path, reason: str) -> Path:
-    """Rename an unreadable file to ``<name>.corrupt-<UTC stamp>`` and log it as critical."""
+    """Rename an unreadable file (or a symlink or folder where it does not belong) to
+    ``<name>.corrupt-<UTC stamp>`` and log it as critical. A symlink is renamed, never followed.
+
+    When another process has moved it already, nothing is renamed and nothing logged.
+    """
     stamp = utc_now().strftime("%Y%m%dT%H%M%S%fZ")
     aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-    os.replace(path, aside)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return aside
     log.critical(
-        "%s could not be read (%s); moved aside to %s and started afresh",
+        "%s could not be used (%s); moved aside to %s and started afresh",
         path, reason, aside.name, extra={"metadata": {"path": str(path), "aside": str(aside)}},
     )
     return aside
@@ -368,39 +551,65 @@ def load_state_file(
     version: int,
     fresh: Callable[[], Dict[str, Any]],
     migrate: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
+    problem: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None,
+    max_bytes: int = MAX_STATE_BYTES,
 ) -> Dict[str, Any]:
     """Read a versioned JSON state file (STYLE.md rule 11).
 
-    Missing: ``fresh()``. Unparseable or not an object: moved aside (never emptied), ``fresh()``.
+    Missing: ``fresh()``. Moved aside (never emptied), then ``fresh()``: a file that does not parse
+    or breaks the bounds of :func:`load_json_bounded`, that is not an object, whose ``version`` is
+    not a whole number, for which ``problem(data)`` names a problem (a wrong shape), or that is a
+    symlink, folder or device (a runtime file's folders likewise, see :func:`read_local_file`).
     Older version: ``migrate``. Newer version: :class:`SuiteError`, so an old program never
-    rewrites a newer program's state.
+    rewrites a newer program's state. ``OSError`` when the file cannot be read.
     """
     target = Path(path)
     try:
-        raw = target.read_bytes()
-    except FileNotFoundError:
+        raw = read_local_file(target, max_bytes=max_bytes)
+    except NotARegularFile as exc:
+        move_aside(exc.path, exc.reason)
+        return fresh()
+    except BadInput as exc:
+        move_aside(target, str(exc))
+        return fresh()
+    if raw is None:
         return fresh()
     try:
-        data = json.loads(raw.decode("utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        move_aside(target, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        data = load_json_bounded(raw, what=target.name, max_bytes=max_bytes)
+    except BadInput as exc:
+        move_aside(target, str(exc))
         return fresh()
-    found = data.get("version", 1)
-    if not isinstance(found, int) or found > version:
+    found = data.get("version", 1) if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        wrong: Optional[str] = "not a JSON object"
+    elif isinstance(found, bool) or not isinstance(found, int) or found < 1:
+        wrong = f"format version {found!r} is not a whole number from 1"
+    else:
+        wrong = None
+    if wrong is not None:
+        move_aside(target, wrong)
+        return fresh()
+    if found > version:
         raise SuiteError(f"{target} has format version {found!r}, newer than this program's {version}")
     if found < version and migrate is not None:
         data = migrate(data)
+    wrong = problem(data) if problem is not None else None
+    if wrong is not None:
+        move_aside(target, wrong)
+        return fresh()
     data["version"] = version
     return data
 
 
 def file_lock(path: "os.PathLike[str] | str", timeout: float = 10.0):
-    """A cross-process lock on ``path`` (a separate ``.lock`` file), Windows and POSIX."""
+    """A cross-process lock on ``path`` (a separate ``.lock`` file), Windows and POSIX.
+
+    A symlink or folder in the lock file's place is moved aside first: some lock libraries open
+    the file with ``O_TRUNC``, which through a symlink would empty the file it points to.
+    """
     from filelock import FileLock  # lazy: not every command needs it
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _prepare_target(Path(path))
     return FileLock(str(path), timeout=timeout)
 
 
@@ -427,7 +636,8 @@ def _info_exclude_path(repo: Path) -> Optional[Path]:
 
 
 def ensure_excluded(repo: "os.PathLike[str] | str", server_id: str) -> None:
-    """Keep ``<server>/logs|queue|state`` out of git via the clone's own ``info/exclude``.
+    """Keep ``<server>/logs|queue|state`` (and runtime folders moved aside, ``<server>/*.corrupt-*``)
+    out of git via the clone's own ``info/exclude``.
 
     PROTOCOL.md: runtime files never dirty the shared repository and never need a commit.
     """
@@ -435,7 +645,8 @@ def ensure_excluded(repo: "os.PathLike[str] | str", server_id: str) -> None:
     if exclude is None:
         return
     server = normalize_server_id(server_id)
-    wanted = [f"/{server}/{sub}/" for sub in RUNTIME_SUBDIRS]
+    # Runtime folders moved aside (a symlink or file in their place) stay out of git too.
+    wanted = [f"/{server}/{sub}/" for sub in RUNTIME_SUBDIRS] + [f"/{server}/*.corrupt-*"]
     try:
         current = exclude.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -455,13 +666,21 @@ def runtime_dir(repo: "os.PathLike[str] | str", server_id: str, sub: str) -> Pat
     """``<repo>/<server>/<sub>`` (``logs``, ``queue`` or ``state``), created and git-excluded.
 
     The repository folder itself must exist: a default such as ``K:/Projects/Build`` is never
-    created by accident on a machine where it means a relative path.
+    created by accident on a machine where it means a relative path. ``<server>`` and ``<sub>``
+    must be real folders: a file or symlink in their place is moved aside (critical) and a folder
+    made, so nothing is ever written through a link (PROTOCOL.md, "Trust between servers").
     """
     root = Path(repo)
     if not root.is_dir():
         raise UsageError(f"repository folder {root} does not exist (set --repo or BUILD_REPO_PATH)")
-    folder = server_dir(root, server_id) / sub
-    if not folder.is_dir():
-        ensure_excluded(root, server_id)
-        folder.mkdir(parents=True, exist_ok=True)
+    server = server_dir(root, server_id)
+    folder = server / sub
+    info = _lstat(folder)
+    if info is not None and stat.S_ISDIR(info.st_mode) and not is_link(info):
+        parent = _lstat(server)
+        if parent is not None and stat.S_ISDIR(parent.st_mode) and not is_link(parent):
+            return folder
+    ensure_excluded(root, server_id)
+    _make_real_folder(server)
+    _make_real_folder(folder)
     return folder

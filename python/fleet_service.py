@@ -15,6 +15,8 @@ Contract:
   ``<repo>/<server>/state/monitor.lock`` plus ``monitor.pid`` (a never-committed path, PROTOCOL.md
   "The fleet repository"). The OS drops the lock when the process dies, so a crashed monitor's
   leftover files never block a restart. A held lock raises :class:`AlreadyRunning` (exit 1).
+  :func:`monitor_running` probes that lock without taking it for longer than an instant (for
+  health checks and ``--status``).
 - :func:`render_systemd_unit` and :func:`render_task_scheduler` return service definitions as
   text; :func:`self_check` and :func:`restart_process` let the monitor restart into a freshly
   pulled version only when that version imports cleanly.
@@ -29,12 +31,12 @@ Library code: nothing here prints or exits.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -422,11 +424,19 @@ class InstanceLock:
         self.release()
 
 
+PID_FILE_MAX_BYTES: Final = 64 * 1024
+
+
 def read_pid_file(path: Union[str, os.PathLike[str]]) -> Tuple[Optional[int], Optional[str]]:
-    """``(pid, host)`` from a ``monitor.pid`` file; ``(None, None)`` when it cannot be read."""
+    """``(pid, host)`` from a ``monitor.pid`` file; ``(None, None)`` when it cannot be read.
+
+    Never through a symlink (a committed one could point at a device that never ends).
+    """
     try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+        raw = fleet_common.read_local_file(path, max_bytes=PID_FILE_MAX_BYTES)
+        data = fleet_common.load_json_bounded(raw or b"null", what=PID_NAME,
+                                              max_bytes=PID_FILE_MAX_BYTES)
+    except (OSError, SuiteError):
         return None, None
     if not isinstance(data, dict):
         return None, None
@@ -434,6 +444,52 @@ def read_pid_file(path: Union[str, os.PathLike[str]]) -> Tuple[Optional[int], Op
     host = data.get("host")
     return (pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None,
             host if isinstance(host, str) else None)
+
+
+def monitor_running(repo: Union[str, os.PathLike[str]], server_id: str) -> Optional[bool]:
+    """Whether a monitor holds the single-instance lock of this clone and server right now.
+
+    False when the lock is free or no monitor has ever run here (no lock file); None when it
+    cannot be told (the lock file is unreadable, or not a regular file). Probes the OS lock for
+    an instant and writes nothing, so health checks and ``--status`` can call it; a monitor
+    asking about itself gets True.
+    """
+    from filelock import FileLock, Timeout
+
+    path = fleet_common.state_dir(repo, server_id) / LOCK_NAME
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or fleet_common.is_link(info):
+        return None  # a symlink or folder: the next monitor to start moves it aside
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:
+        return None
+    lock.release()
+    return False
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """``argv`` as one line to paste into this platform's shell."""
+    if os.name == "nt":
+        return subprocess.list2cmdline(list(argv))
+    import shlex
+
+    return " ".join(shlex.quote(arg) for arg in argv)
+
+
+def deliver_command(repo: Union[str, os.PathLike[str]], server_id: str) -> str:
+    """The command that delivers a clone's retry queue once: one cycle of its monitor."""
+    script = Path(__file__).resolve().parent / "message_monitor.py"
+    return command_line([sys.executable, str(script), "--once", "--repo", str(repo),
+                         "--server", normalize_server_id(server_id)])
 
 
 # --------------------------------------------------------------------------- service definitions
@@ -477,9 +533,9 @@ def _require_absolute(value: str, what: str) -> str:
 
 
 def _interval_text(interval: float) -> str:
-    if not interval > 0:
-        raise UsageError(f"interval must be positive, got {interval!r}")
-    return f"{interval:g}"
+    value = fleet_common.check_number(interval, "interval", fleet_common.MIN_INTERVAL,
+                                      fleet_common.MAX_INTERVAL)
+    return f"{value:g}"
 
 
 def render_systemd_unit(*, python: str, script: str, repo: str, server: str, interval: float,
@@ -552,14 +608,17 @@ def _ps_quote(value: str) -> str:
 
 
 def render_task_scheduler(*, python: str, script: str, repo: str, server: str, interval: float,
-                          task_name: str = TASK_NAME_DEFAULT) -> str:
+                          task_name: str = TASK_NAME_DEFAULT, extra_args: Sequence[str] = ()) -> str:
     """A PowerShell script (run as Administrator) that registers and starts a Scheduled Task."""
     server_id = normalize_server_id(server)
     if not task_name.strip():
         raise UsageError("task name must not be empty")
+    for arg in extra_args:
+        _check_text(arg, "argument")
     # The action's argument string is parsed by the Windows C runtime of python.exe.
     arguments = subprocess.list2cmdline(
-        [script, "--repo", repo, "--server", server_id, "--interval", _interval_text(interval)])
+        [script, "--repo", repo, "--server", server_id, "--interval", _interval_text(interval),
+         *extra_args])
     lines = [
         f"# Registers the fleet message monitor for server {server_id} as a Scheduled Task.",
         "# Run in an elevated PowerShell. The task runs as SYSTEM: make sure SYSTEM can use the",

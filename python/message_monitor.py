@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -35,6 +36,9 @@ from fleet_common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    MAX_INTERVAL,
+    MIN_INTERVAL,
+    RUNTIME_SUBDIRS,
     SUITE_VERSION,
     SuiteError,
     UsageError,
@@ -42,6 +46,9 @@ from fleet_common import (
     default_interval,
     default_repo_path,
     dump_json_bytes,
+    finite_number,
+    is_link,
+    is_valid_server_id,
     iso_utc,
     load_state_file,
     normalize_server_id,
@@ -83,18 +90,32 @@ STATE_VERSION = 1
 # --------------------------------------------------------------------------- local state
 
 
+STATE_LISTS = ("processed", "pending_marks", "pending_acks")
+
+
+def _state_problem(data: Dict[str, Any]) -> Optional[str]:
+    """What makes ``monitor_state.json`` unusable (moved aside, logged critical), or ``None``."""
+    for name in STATE_LISTS:
+        if not isinstance(data.get(name, []), list):
+            return f"{name!r} is not a list"
+    return None
+
+
 class MonitorState:
     """Processed message keys and read marks not yet pushed: ``<server>/state/monitor_state.json``.
 
     Written before a message is shown, so a restart never shows it twice; written only when it
-    changed, so an idle monitor rewrites nothing.
+    changed, so an idle monitor rewrites nothing. A file of the wrong shape is moved aside
+    (``fleet_common.load_state_file``); a save that fails (a full disk) is logged and retried
+    with the next change, and the monitor goes on.
     """
 
     def __init__(self, repo: Path, server: str) -> None:
         self.path = state_dir(repo, server) / "monitor_state.json"
         self.repo = repo
         self.server = server
-        data = load_state_file(self.path, version=STATE_VERSION, fresh=self._fresh)
+        data = load_state_file(self.path, version=STATE_VERSION, fresh=self._fresh,
+                               problem=_state_problem)
         self.processed: Dict[MessageKey, None] = {
             key_from_str(k): None for k in data.get("processed", []) if isinstance(k, str)}
         self.pending_marks: Set[MessageKey] = {
@@ -102,8 +123,9 @@ class MonitorState:
         self.pending_acks: Set[MessageKey] = {
             key_from_str(k) for k in data.get("pending_acks", []) if isinstance(k, str)}
         self.extra: Dict[str, Any] = {k: v for k, v in data.items() if k not in (
-            "version", "server", "processed", "pending_marks", "pending_acks", "updated_at")}
+            "version", "server", "updated_at", *STATE_LISTS)}
         self.dirty = False
+        self.save_failed: Optional[str] = None
 
     def _fresh(self) -> Dict[str, Any]:
         return {"version": STATE_VERSION, "server": self.server}
@@ -122,15 +144,15 @@ class MonitorState:
         self.pending_acks -= acks
         self.dirty = True
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Write the state when it changed; False (logged as an error) when it could not be written."""
         if not self.dirty:
-            return
+            return True
         while len(self.processed) > PROCESSED_CAP:
             oldest = next(iter(self.processed))
             if oldest in self.pending_marks:
                 break
             del self.processed[oldest]
-        runtime_dir(self.repo, self.server, "state")
         data: Dict[str, Any] = {
             "version": STATE_VERSION, "server": self.server,
             "processed": [key_str(k) for k in self.processed],
@@ -139,8 +161,23 @@ class MonitorState:
             "updated_at": iso_utc(),
         }
         data.update(self.extra)
-        atomic_write_json(self.path, data)
+        try:
+            runtime_dir(self.repo, self.server, "state")
+            atomic_write_json(self.path, data)
+        except OSError as exc:
+            # A full disk or a read-only folder: the state stays in memory (dirty) and is written
+            # with the next change; a restart meanwhile may show a message again, which is better
+            # than a monitor that dies and delivers nothing.
+            self.save_failed = str(exc)
+            log.error("monitor state not saved to %s: %s; kept in memory, retried with the next "
+                      "change", self.path, self.save_failed,
+                      extra={"metadata": {"path": str(self.path), "error": self.save_failed}})
+            return False
+        if self.save_failed is not None:
+            log.info("monitor state saved again to %s", self.path)
+            self.save_failed = None
         self.dirty = False
+        return True
 
 
 # --------------------------------------------------------------------------- options
@@ -237,7 +274,8 @@ class Monitor:
                  metrics_textfile: Optional[str] = None,
                  auto_archive_days: Optional[float] = None,
                  preflight_timeout: float = 5.0,
-                 reading: Optional[ReadingOptions] = None) -> None:
+                 reading: Optional[ReadingOptions] = None,
+                 upgrade_signers: Optional[str] = None) -> None:
         from circuit_breaker import CircuitBreaker
         from fleet_git import PushRejected
         from message_queue import MessageQueue
@@ -274,6 +312,7 @@ class Monitor:
         self.heartbeat_seconds = heartbeat_minutes * 60 if heartbeat_minutes else None
         self.metrics_textfile = metrics_textfile
         self.auto_archive_days = auto_archive_days
+        self.upgrade_signers = upgrade_signers  # --upgrade-signed-by: git's allowed-signers file
         self.iterations = 0
         self.known_tip: Optional[str] = None
         self.processed_tip: Optional[str] = None
@@ -667,7 +706,14 @@ class Monitor:
     # ----------------------------------------------------------------- the working tree
 
     def fast_forward(self) -> str:
-        """Fast-forward the checked-out branch when nothing local can be touched (PROTOCOL.md)."""
+        """Fast-forward the checked-out branch when nothing local can be touched (PROTOCOL.md).
+
+        Refused (a warning, once per reason) when the incoming commits touch a runtime path of
+        any server: git replaces ignored files, so a committed ``code2/logs/structured.log``
+        symlink or ``code2/queue/message_queue.json`` would take over that server's own files.
+        Also refused when ``--upgrade-signed-by`` is set and the commits change the suite's
+        files without a signature by an allowed key: the new code would run on the next start.
+        """
         tip = self.clone.tip()
         proc = run_git(self.repo, "rev-parse", "HEAD", "--symbolic-full-name", "HEAD", check=False)
         lines = proc.stdout.decode().split()
@@ -684,6 +730,19 @@ class Monitor:
                        "REVERT_HEAD", "BISECT_LOG"):
             if (git_dir / marker).exists():
                 return self._ff_warn(f"a {marker} is in progress in the working tree", "busy")
+        try:
+            touched = runtime_paths_changed(self.repo, head, tip)
+        except GitError as exc:
+            return self._ff_warn(f"the incoming changes cannot be listed: {exc}", "refused")
+        if touched:
+            more = f" and {len(touched) - 1} more" if len(touched) > 1 else ""
+            return self._ff_warn(f"the incoming commits change {ascii(touched[0][:200])}{more}, a "
+                                 "server's runtime path (logs, queue and state are never committed)",
+                                 "runtime-path")
+        refused = self._unsigned_release(head, tip)
+        if refused is not None:
+            self.ff_warned = refused
+            return "unsigned"
         # --ff-only refuses, touching nothing, when the branch has diverged or local changes are
         # in the way; --no-autostash: a person's work is never stashed.
         merge = run_git(self.repo, "merge", "--ff-only", "--no-autostash", "--quiet", "--no-stat",
@@ -709,17 +768,63 @@ class Monitor:
                         "branch and keeps flowing)", reason, extra={"metadata": {"reason": reason}})
         return outcome
 
-    def _check_upgrade(self, old: str, new: str) -> None:
-        """When the fast-forward changed the suite's own files, restart into the new version
-        after this cycle, unless the new version fails its self-check (then stay, and say so)."""
+    def _suite_folder(self) -> Optional[str]:
+        """The suite's folder relative to the clone (``python``), or None when it lives elsewhere."""
         suite = Path(__file__).resolve().parent
         try:
-            rel = suite.relative_to(self.repo.resolve())
+            return suite.relative_to(self.repo.resolve()).as_posix() or "."
         except ValueError:
-            return  # the suite does not live in this clone
-        diff = run_git(self.repo, "diff", "--quiet", old, new, "--", rel.as_posix() or ".", check=False)
-        if diff.returncode == 0 or new in self.failed_upgrades:
+            return None
+
+    def _suite_changed(self, old: str, new: str) -> bool:
+        rel = self._suite_folder()
+        if rel is None:
+            return False  # the suite does not live in this clone
+        diff = run_git(self.repo, "diff", "--quiet", old, new, "--", rel, check=False)
+        return diff.returncode != 0
+
+    def _unsigned_release(self, old: str, new: str) -> Optional[str]:
+        """Why the commits ``old..new`` may not reach the working tree under ``--upgrade-signed-by``
+        (they change the suite's files and ``new`` is not signed by an allowed key), else None.
+
+        Logged as an error once per commit. The signature of the tip covers its whole tree, so
+        a signed release on top of unsigned commits is a release its signer vouches for.
+        """
+        if self.upgrade_signers is None or not self._suite_changed(old, new):
+            return None
+        try:
+            problem = release_signature_problem(self.repo, new, self.upgrade_signers)
+        except GitError as exc:
+            problem = str(exc)
+        if problem is None:
+            return None
+        reason = (f"the suite's files change in {new[:12]}, which is not signed by a key in "
+                  f"{self.upgrade_signers}: {problem}")
+        if new not in self.failed_upgrades:
+            self.failed_upgrades.add(new)
+            log.error("new suite version not run and working tree not fast-forwarded: %s", reason,
+                      extra={"metadata": {"commit": new, "problem": problem}})
+        return reason
+
+    def _check_upgrade(self, old: str, new: str) -> None:
+        """When the fast-forward changed the suite's own files, restart into the new version
+        after this cycle, unless the new version fails its self-check (then stay, and say so).
+        Under ``--upgrade-signed-by`` nothing of the new version runs, not even its self-check,
+        unless ``new`` carries a signature by an allowed key."""
+        if new in self.failed_upgrades or not self._suite_changed(old, new):
             return
+        if self.upgrade_signers is not None:
+            try:
+                problem = release_signature_problem(self.repo, new, self.upgrade_signers)
+            except GitError as exc:
+                problem = str(exc)
+            if problem is not None:
+                self.failed_upgrades.add(new)
+                log.error("new suite version at %s is not run: not signed by a key in %s: %s",
+                          new[:12], self.upgrade_signers, problem,
+                          extra={"metadata": {"commit": new, "problem": problem}})
+                return
+        suite = Path(__file__).resolve().parent
         from fleet_service import self_check
 
         problem = self_check(sys.executable, str(suite / "message_monitor.py"))
@@ -948,6 +1053,72 @@ def _dt_from_epoch(epoch: float):
     return _dt.datetime.fromtimestamp(epoch, _dt.timezone.utc)
 
 
+# --------------------------------------------------------------------------- trust in commits
+
+
+def runtime_paths_changed(repo: Path, old: str, new: str) -> List[str]:
+    """Paths that the commits from ``old`` to ``new`` change in any server's runtime folders.
+
+    That is ``<id>/logs/...``, ``<id>/queue/...`` and ``<id>/state/...`` for any valid id (the
+    folders themselves included, in any letter case, for case-insensitive file systems), and a
+    top-level ``<id>`` that becomes a symlink or submodule, or a file where this clone has a
+    folder: a fast-forward would put it in place of that server's runtime files (PROTOCOL.md,
+    "Trust between servers").
+    """
+    out = run_git(repo, "diff-tree", "-r", "-z", "--no-renames", old, new).stdout
+    fields = out.split(b"\0")
+    found: List[str] = []
+    for meta, raw_path in zip(fields[0::2], fields[1::2]):
+        parts = meta.decode("ascii", "replace").lstrip(":").split()
+        new_mode = parts[1] if len(parts) > 1 else ""
+        path = raw_path.decode("utf-8", "surrogateescape")
+        names = path.split("/")
+        top = names[0].lower()
+        if not is_valid_server_id(top):
+            continue
+        if len(names) > 1:
+            if names[1].lower() in RUNTIME_SUBDIRS:
+                found.append(path)
+        elif new_mode in ("120000", "160000") or (new_mode != "000000" and _is_real_folder(repo / names[0])):
+            found.append(path)
+    return found
+
+
+def _is_real_folder(path: Path) -> bool:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and not is_link(info)
+
+
+SSH_SIGNATURE_START = b"-----BEGIN SSH SIGNATURE-----"
+
+
+def release_signature_problem(repo: Path, commit: str, allowed_signers: str) -> Optional[str]:
+    """Why ``commit`` is not signed by a key in ``allowed_signers`` (git's allowed-signers file,
+    ``gpg.ssh.allowedSignersFile``), or None when it is.
+
+    Only SSH signatures count: a GPG signature would be judged by whatever keyring the service
+    account happens to have, not by the operator's list.
+    """
+    raw = run_git(repo, "cat-file", "commit", commit).stdout
+    headers = raw.split(b"\n\n", 1)[0]
+    signature = next((line.split(b" ", 1)[1] for line in headers.split(b"\n")
+                      if line.startswith((b"gpgsig ", b"gpgsig-sha256 ")) and b" " in line), None)
+    if signature is None:
+        return "the commit is not signed"
+    if not signature.strip().startswith(SSH_SIGNATURE_START):
+        return "the commit is not signed with an SSH key"
+    proc = run_git(repo, "-c", "gpg.format=ssh", "-c", f"gpg.ssh.allowedSignersFile={allowed_signers}",
+                   "verify-commit", commit, check=False)
+    if proc.returncode == 0:
+        return None
+    lines = [line.strip() for line in proc.stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+    bad = [line for line in lines if not line.lower().startswith("good ")]
+    return " ".join((bad or lines or ["git verify-commit failed"])[-1].split())[:200]
+
+
 # --------------------------------------------------------------------------- --init
 
 
@@ -957,6 +1128,8 @@ def init_fleet(path: "os.PathLike[str] | str", branch: str = "main") -> str:
     On an existing clone without a mailbox, add one by the transaction. Returns what was done.
     """
     target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--init: {target} is a file, not a folder")
     if target.exists() and (target / ".git").exists():
         clone = Clone(target, None)
         clone.fetch()
@@ -974,6 +1147,8 @@ def init_fleet(path: "os.PathLike[str] | str", branch: str = "main") -> str:
     origin = target.with_name(target.name + ".origin.git")
     if origin.exists():
         raise UsageError(f"--init: {origin} already exists")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise UsageError(f"--init: {target.parent} is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     run_git(target.parent, "init", "--bare", "--quiet", str(origin))
     run_git(origin, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
@@ -1003,7 +1178,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--repo", default=None, help="fleet clone (default: $BUILD_REPO_PATH or K:/Projects/Build)")
     parser.add_argument("--server", default=None, help="this server's id (default: $SERVER_ID or code2)")
-    parser.add_argument("--interval", type=float, default=None,
+    parser.add_argument("--interval", type=finite_number("--interval", MIN_INTERVAL, MAX_INTERVAL),
+                        default=None, metavar="SEC",
                         help="seconds between cycles (default: $MONITOR_INTERVAL or 10)")
     parser.add_argument("--branch", default=None, help="shared branch (default: the remote's default)")
     parser.add_argument("--once", action="store_true", help="run one cycle and exit")
@@ -1011,7 +1187,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rules", default=None, metavar="FILE",
                         help="automatic-reply rules (overrides coordination/auto_reply_rules.json)")
     parser.add_argument("--no-auto-reply", action="store_true", help="never reply automatically")
-    parser.add_argument("--heartbeat-minutes", type=float, default=None, metavar="N",
+    parser.add_argument("--heartbeat-minutes", default=None, metavar="N",
+                        type=finite_number("--heartbeat-minutes", 0, MAX_HEARTBEAT_MINUTES),
                         help="publish presence in this server's state ref every N minutes (default 5)")
     parser.add_argument("--heartbeat-on-main", action="store_true",
                         help="also commit <server>/heartbeat.json to the shared branch (older dashboards)")
@@ -1022,12 +1199,17 @@ def _parser() -> argparse.ArgumentParser:
                         help="also write read marks and acknowledgements into the mailbox (older tools)")
     parser.add_argument("--on-message", default=None, metavar="CMD",
                         help="run CMD for each new message (JSON on stdin, FLEET_MSG_* variables)")
-    parser.add_argument("--on-message-timeout", type=float, default=60.0, metavar="SEC",
+    parser.add_argument("--on-message-timeout", default=60.0, metavar="SEC",
+                        type=finite_number("--on-message-timeout", 0.1, 86400),
                         help="seconds CMD may run before it is stopped (default 60)")
     parser.add_argument("--metrics-textfile", default=None, metavar="PATH",
                         help="write Prometheus metrics for node_exporter's textfile collector")
-    parser.add_argument("--auto-archive-days", type=float, default=None, metavar="N",
+    parser.add_argument("--auto-archive-days", default=None, metavar="N",
+                        type=finite_number("--auto-archive-days", 0, MAX_ARCHIVE_DAYS),
                         help="once a day, archive messages older than N days that are done with")
+    parser.add_argument("--upgrade-signed-by", default=None, metavar="FILE",
+                        help="restart into a new suite version pushed to the repository only when "
+                             "its commit is signed by a key in FILE (git's allowed-signers format)")
     commands = parser.add_argument_group("one-shot commands (run and exit)")
     commands.add_argument("--init", action="store_true",
                           help="create --repo as a clone of a new local bare origin with an empty mailbox")
@@ -1035,7 +1217,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_argument("--json", action="store_true", help="with --status: print JSON")
     commands.add_argument("--repair", action="store_true",
                           help="rebuild an unparseable mailbox from its last good version plus salvage")
-    commands.add_argument("--archive-days", type=float, default=None, metavar="N",
+    commands.add_argument("--archive-days", default=None, metavar="N",
+                          type=finite_number("--archive-days", 0, MAX_ARCHIVE_DAYS),
                           help="archive messages older than N days that are done with, then exit")
     commands.add_argument("--retry-dead", action="store_true",
                           help="give dead messages in the retry queue five more attempts")
@@ -1093,6 +1276,75 @@ def _nothing() -> None:
     return None
 
 
+# One-shot commands: each runs and exits, so at most one may be given (a second one would be
+# ignored in silence). The loop's options make no sense with most of them either; the two
+# service definitions carry them into the service's command line instead.
+ONE_SHOT_COMMANDS = ("init", "status", "repair", "archive_days", "retry_dead", "print_systemd_unit",
+                     "print_task_scheduler", "self_check")
+SERVICE_DEFINITIONS = ("print_systemd_unit", "print_task_scheduler")
+LOOP_OPTIONS = ("once", "heartbeat_minutes", "auto_archive_days", "metrics_textfile", "rules",
+                "no_auto_reply", "upgrade_signed_by", "mark_read", "legacy_marks", "heartbeat_on_main",
+                "on_message")
+MAX_HEARTBEAT_MINUTES = 7 * 24 * 60.0  # a week: beyond that a heartbeat tells nothing
+MAX_ARCHIVE_DAYS = 36500.0  # a century; larger ages overflow the date arithmetic
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    value = getattr(args, dest)
+    return value is not None and value is not False  # 0 (as in --archive-days 0) is given
+
+
+def _check_combination(args: argparse.Namespace) -> None:
+    """Refuse options that cannot run together (exit 2), rather than run one and drop the rest."""
+    commands = [dest for dest in ONE_SHOT_COMMANDS if _given(args, dest)]
+    if len(commands) > 1:
+        raise UsageError(f"{' and '.join(_option(c) for c in commands)} cannot run together; "
+                         "give one command at a time")
+    command = commands[0] if commands else None
+    if args.json and command != "status":
+        raise UsageError("--json goes with --status only")
+    if args.service_user is not None and command != "print_systemd_unit":
+        raise UsageError("--service-user goes with --print-systemd-unit only")
+    if command is None:
+        return
+    loop = [dest for dest in LOOP_OPTIONS if _given(args, dest)
+            and (command not in SERVICE_DEFINITIONS or dest == "once")]
+    if loop:
+        raise UsageError(f"{_option(loop[0])} is an option of the monitoring loop and cannot go "
+                         f"with {_option(command)}")
+
+
+def _absolute(path: str) -> str:
+    return path if _looks_windows_absolute(path) else str(Path(path).expanduser().resolve())
+
+
+def _service_args(args: argparse.Namespace) -> List[str]:
+    """The loop's options as given, for the command line of a service definition."""
+    extra: List[str] = []
+    if args.branch:
+        extra += ["--branch", args.branch]
+    for dest in ("heartbeat_minutes", "auto_archive_days"):
+        if getattr(args, dest) is not None:
+            extra += [_option(dest), f"{getattr(args, dest):g}"]
+    for dest in ("metrics_textfile", "rules", "upgrade_signed_by"):
+        if getattr(args, dest):
+            extra += [_option(dest), _absolute(getattr(args, dest))]
+    if args.mark_read:
+        extra += ["--mark-read", args.mark_read]
+    if args.on_message:
+        extra += ["--on-message", args.on_message, "--on-message-timeout", f"{args.on_message_timeout:g}"]
+    for dest in ("no_auto_reply", "legacy_marks", "heartbeat_on_main"):
+        if getattr(args, dest):
+            extra.append(_option(dest))
+    if args.quiet:
+        extra.append("--quiet")
+    return extra
+
+
 def _one_shot_command(args: argparse.Namespace, repo: str, server: str, interval: float) -> Optional[int]:
     """Run a command that does not start the loop; ``None`` when none was asked for."""
     if args.self_check:
@@ -1104,9 +1356,9 @@ def _one_shot_command(args: argparse.Namespace, repo: str, server: str, interval
     if args.print_systemd_unit or args.print_task_scheduler:
         from fleet_service import render_systemd_unit, render_task_scheduler
 
-        repo_abs = repo if _looks_windows_absolute(repo) else str(Path(repo).expanduser().resolve())
-        common = {"python": sys.executable, "script": str(Path(__file__).resolve()), "repo": repo_abs,
-                  "server": server, "interval": interval}
+        common = {"python": sys.executable, "script": str(Path(__file__).resolve()),
+                  "repo": _absolute(repo), "server": server, "interval": interval,
+                  "extra_args": _service_args(args)}
         if args.print_systemd_unit:
             text = render_systemd_unit(user=args.service_user, **common)
         else:
@@ -1139,11 +1391,25 @@ def _looks_windows_absolute(path: str) -> bool:
     return len(path) > 2 and path[1] == ":" and path[2] in "/\\"
 
 
+def _allowed_signers(path: str) -> str:
+    """``--upgrade-signed-by FILE`` as an absolute path to a readable regular file (else exit 2)."""
+    target = Path(path).expanduser().resolve()
+    try:
+        with open(target, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        raise UsageError(f"--upgrade-signed-by {path}: {exc.strerror or exc}") from None
+    if not target.is_file():
+        raise UsageError(f"--upgrade-signed-by {path}: not a file")
+    return str(target)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     lock = None
     try:
+        _check_combination(args)
         repo = args.repo or default_repo_path()
         if args.init:
             if args.server is not None:
@@ -1152,12 +1418,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_OK
         server = resolve_server_id(args.server)
         interval = args.interval if args.interval is not None else default_interval()
-        if interval <= 0:
-            raise UsageError("--interval must be positive")
-        for name in ("heartbeat_minutes", "auto_archive_days", "archive_days"):
-            value = getattr(args, name)
-            if value is not None and value < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must not be negative")
         if args.metrics_textfile:
             from monitoring_metrics import check_textfile_path
 
@@ -1165,6 +1425,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         done = _one_shot_command(args, repo, server, interval)
         if done is not None:
             return done
+        if args.upgrade_signed_by:
+            args.upgrade_signed_by = _allowed_signers(args.upgrade_signed_by)
         clone = Clone(repo, args.branch)
         _setup_logging(clone.root, server, args.quiet)
         if args.rules:
@@ -1180,13 +1442,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         write_line("message_monitor: interrupted", sys.stderr)
         return EXIT_INTERRUPTED
-    except SuiteError as exc:
-        write_line(f"message_monitor: error: {exc}", sys.stderr)
+    except (SuiteError, OSError) as exc:
+        write_line(f"message_monitor: error: {_one_line(exc)}", sys.stderr)
         return EXIT_FAILURE
     try:
         return _run_monitor(args, clone, server, interval)
     finally:
         lock.release()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]
 
 
 def _setup_logging(root: Path, server: str, quiet: bool) -> None:
@@ -1203,19 +1470,23 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
     stop = threading.Event()
     notifier = default_notifier()
     add_network_hook(notifier.keepalive)  # a slow git call never starves the watchdog
-    monitor = Monitor(clone, server, interval, one_shot=args.once, stop_event=stop,
-                      show=lambda m: write_line(render_message(m, terminal=terminal)),
-                      notifier=notifier, auto_reply=not args.no_auto_reply, rules_path=args.rules,
-                      heartbeat_minutes=args.heartbeat_minutes, metrics_textfile=args.metrics_textfile,
-                      auto_archive_days=args.auto_archive_days,
-                      reading=ReadingOptions(
-                          mark_read=args.mark_read or ("on-show" if terminal else "never"),
-                          legacy_marks=args.legacy_marks, heartbeat_on_main=args.heartbeat_on_main,
-                          on_message=args.on_message, on_message_timeout=args.on_message_timeout))
     restore: Callable[[], None] = _nothing
-    if not args.once:
-        restore = install_stop_handlers(lambda name: stop.set())
     try:
+        # Inside the handlers: a state file of a newer version, or a disk that refuses the first
+        # write, is one line and exit 1, not a traceback.
+        monitor = Monitor(clone, server, interval, one_shot=args.once, stop_event=stop,
+                          show=lambda m: write_line(render_message(m, terminal=terminal)),
+                          notifier=notifier, auto_reply=not args.no_auto_reply, rules_path=args.rules,
+                          heartbeat_minutes=args.heartbeat_minutes,
+                          metrics_textfile=args.metrics_textfile,
+                          auto_archive_days=args.auto_archive_days,
+                          upgrade_signers=args.upgrade_signed_by,
+                          reading=ReadingOptions(
+                              mark_read=args.mark_read or ("on-show" if terminal else "never"),
+                              legacy_marks=args.legacy_marks, heartbeat_on_main=args.heartbeat_on_main,
+                              on_message=args.on_message, on_message_timeout=args.on_message_timeout))
+        if not args.once:
+            restore = install_stop_handlers(lambda name: stop.set())
         if args.once:
             report = monitor.cycle()
             monitor.metrics.maybe_flush(True)
@@ -1234,8 +1505,8 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
     except KeyboardInterrupt:
         write_line("message_monitor: interrupted", sys.stderr)
         return EXIT_INTERRUPTED if args.once else EXIT_OK
-    except SuiteError as exc:
-        write_line(f"message_monitor: error: {exc}", sys.stderr)
+    except (SuiteError, OSError) as exc:
+        write_line(f"message_monitor: error: {_one_line(exc)}", sys.stderr)
         return EXIT_FAILURE
     finally:
         restore()
@@ -1288,40 +1559,38 @@ def repair_mailbox(clone: Clone, server: str, *, max_history: int = 500) -> Dict
     return result
 
 
-def _monitor_running(root: Path, server: str) -> bool:
-    """Whether a monitor holds this clone's single-instance lock right now."""
-    from fleet_service import AlreadyRunning, InstanceLock
+STATUS_FILE_MAX_BYTES = 1024 * 1024  # monitor_status.json is a few hundred bytes
 
-    lock = InstanceLock(root, server)
+
+def _read_status_file(path: Path) -> Optional[Dict[str, Any]]:
+    """``monitor_status.json`` when it can be read (never through a symlink), else None."""
+    from fleet_common import load_json_bounded, read_local_file
+
     try:
-        lock.acquire()
-    except AlreadyRunning:
-        return True
-    except SuiteError:
-        return False
-    lock.release()
-    return False
+        raw = read_local_file(path, max_bytes=STATUS_FILE_MAX_BYTES)
+        data = load_json_bounded(raw, what=path.name, max_bytes=STATUS_FILE_MAX_BYTES) if raw else None
+    except (OSError, SuiteError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def status_report(repo: str, server: str, *, as_json: bool = False) -> str:
     """One screen: health, breaker, queue, last cycle and the 24-hour metrics summary."""
     import json
 
+    from fleet_service import deliver_command, monitor_running
     from message_queue import MessageQueue
     from monitoring_metrics import MetricsCollector
     from system_health import get_system_health
 
     root = Clone(repo).root
     health = get_system_health(str(root), server)
-    status_path = state_dir(root, server) / "monitor_status.json"
-    try:
-        last = json.loads(status_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        last = None
+    last = _read_status_file(state_dir(root, server) / "monitor_status.json")
     queue = MessageQueue(str(root), server).stats()
     metrics = MetricsCollector(str(root), server).get_summary(hours=24)
+    running = monitor_running(root, server)
     if last is not None:
-        last["running"] = _monitor_running(root, server)
+        last["running"] = running
     data = {"server": server, "repo": str(root), "health": health, "monitor": last,
             "queue": queue, "metrics": metrics}
     if as_json:
@@ -1331,8 +1600,7 @@ def status_report(repo: str, server: str, *, as_json: bool = False) -> str:
     for name, check in health.get("checks", {}).items():
         lines.append(f"  {name:<16}{check.get('status', '?'):<9}{check.get('message', '')}")
     if last:
-        running = _monitor_running(root, server)
-        state = "running" if running else "not running"
+        state = {True: "running", False: "not running"}.get(running, "unknown")
         cycles = last.get("iterations")
         lines.append(f"Monitor: {state} (pid {last.get('pid')}), started {last.get('started_at')}, "
                      f"{cycles} cycle{'' if cycles == 1 else 's'}, every {last.get('interval')} s")
@@ -1342,6 +1610,9 @@ def status_report(repo: str, server: str, *, as_json: bool = False) -> str:
         lines.append("Monitor: has not run on this clone yet")
     lines.append(f"Retry queue: {queue.get('pending')} pending, {queue.get('dead')} dead, "
                  f"{queue.get('sent')} recently sent")
+    if queue.get("pending") and running is False:
+        lines.append("  WARNING: no monitor runs on this clone, so nothing will deliver them; run: "
+                     + deliver_command(root, server))
     lines.append("Last 24 hours:")
     counters = metrics.get("counters", {})
     lines.append("  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counters.items()))

@@ -42,6 +42,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Final, Iterator, List, Optional, Tuple, TypedDict, TypeVar, Union
 
 from fleet_common import (
+    MAX_STATE_BYTES,
+    BadInput,
+    NotARegularFile,
     SuiteError,
     UsageError,
     atomic_write_json,
@@ -49,9 +52,10 @@ from fleet_common import (
     dump_json_bytes,
     file_lock,
     iso_utc,
+    load_json_bounded,
     load_state_file,
-    move_aside,
     parse_timestamp,
+    read_local_file,
     resolve_server_id,
     runtime_dir,
     server_dir,
@@ -118,6 +122,13 @@ def _sender_key(value: Any) -> str:
 def _is_entry(entry: Any) -> bool:
     # A hand-edited file may hold anything; such items are kept in the file but never served.
     return isinstance(entry, dict) and isinstance(entry.get("id"), str)
+
+
+def _queue_problem(data: Dict[str, Any]) -> Optional[str]:
+    """What makes a queue document unusable (moved aside, logged critical), or ``None``."""
+    if not isinstance(data.get("items", []), list):
+        return "'items' is not a list"
+    return None
 
 
 def _due_at(entry: Dict[str, Any]) -> float:
@@ -380,21 +391,29 @@ class MessageQueue:
 
     @staticmethod
     def _usable(data: Any) -> bool:
-        return isinstance(data, dict) and isinstance(data.get("items", []), list)
+        # Anything load_state_file would move aside is not usable: that is done under the lock.
+        version = data.get("version", 1) if isinstance(data, dict) else None
+        return (isinstance(data, dict) and _queue_problem(data) is None
+                and isinstance(version, int) and not isinstance(version, bool) and version >= 1)
 
     def _entries(self) -> List[Dict[str, Any]]:
         """The entries as the file holds them now, without taking the lock or writing."""
         try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
+            # Never through a symlink (PROTOCOL.md, "Trust between servers"); one in the file's
+            # or its folders' place is moved aside under the lock, below.
+            raw = read_local_file(self.path, max_bytes=MAX_STATE_BYTES)
+        except (NotARegularFile, BadInput):
+            raw = b""
+        if raw is None:
             return []
         try:
-            usable = self._usable(json.loads(raw.decode("utf-8")))
-        except (ValueError, UnicodeDecodeError):
+            usable = self._usable(load_json_bounded(raw, what=QUEUE_FILE, max_bytes=MAX_STATE_BYTES))
+        except BadInput:
             usable = False
         if usable:
             # Same bytes on disk or a newer atomic replacement; load_state_file checks the version.
-            data = load_state_file(self.path, version=QUEUE_VERSION, fresh=self._fresh)
+            data = load_state_file(self.path, version=QUEUE_VERSION, fresh=self._fresh,
+                                   problem=_queue_problem)
         else:
             # Moving a file aside is a change: only under the lock, after reading it again there,
             # so a good file another process has just written is never the one moved aside.
@@ -404,10 +423,8 @@ class MessageQueue:
         return [e for e in items if _is_entry(e)] if isinstance(items, list) else []
 
     def _load_locked(self) -> Dict[str, Any]:
-        data = load_state_file(self.path, version=QUEUE_VERSION, fresh=self._fresh)
-        if not isinstance(data.get("items", []), list):
-            move_aside(self.path, "'items' is not a list")
-            data = self._fresh()
+        data = load_state_file(self.path, version=QUEUE_VERSION, fresh=self._fresh,
+                               problem=_queue_problem)
         data.setdefault("items", [])
         return data
 

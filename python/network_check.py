@@ -46,11 +46,22 @@ from pathlib import Path
 from typing import Any, Dict, Final, List, Optional, Sequence, TextIO, Tuple, TypedDict
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from fleet_common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, SuiteError, UsageError
+from fleet_common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    SuiteError,
+    UsageError,
+    check_number,
+    finite_number,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT: Final = 5.0
+# Each step's timeout: under 10 ms no handshake completes; over 10 minutes is a hang, not a check.
+MIN_TIMEOUT: Final = 0.01
+MAX_TIMEOUT: Final = 600.0
 DEFAULT_REMOTE: Final = "https://github.com/"
 DEFAULT_PORTS: Final = {"https": 443, "http": 80, "ssh": 22, "git": 9418}
 # Each TCP attempt gets the whole timeout; trying a few addresses lets an IPv4 address answer
@@ -322,12 +333,7 @@ def test_connectivity(repo_or_url: Optional[str] = None,
 
     ``timeout`` (seconds) bounds each step: the DNS lookup, each TCP attempt, the HTTP request.
     """
-    try:
-        timeout = float(timeout)
-    except (TypeError, ValueError):
-        raise UsageError(f"timeout {timeout!r} is not a number") from None
-    if not timeout > 0:
-        raise UsageError(f"timeout must be positive, not {timeout!r}")
+    timeout = check_number(timeout, "timeout", MIN_TIMEOUT, MAX_TIMEOUT)
     remote = resolve_remote(repo_or_url)
     scheme, host, port = parse_remote(remote)
     shown = redact_url(remote)
@@ -399,16 +405,6 @@ def _write(stream: TextIO, text: str) -> None:
     stream.write(text.encode(encoding, "replace").decode(encoding, "replace") + "\n")
 
 
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"{value!r} must be positive")
-    return number
-
-
 def format_summary(result: ConnectivityResult) -> List[str]:
     """Human-readable lines for a result (the CLI's output without ``--json``)."""
     head = "OK" if result["success"] else f"FAILED at {result['failed_step']}"
@@ -426,7 +422,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repo", default=None, metavar="PATH_OR_URL",
                         help="a clone (its origin is checked) or a remote URL; default: origin of "
                              "BUILD_REPO_PATH, else of the current clone, else github.com")
-    parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="SEC",
+    parser.add_argument("--timeout", type=finite_number("--timeout", MIN_TIMEOUT, MAX_TIMEOUT),
+                        default=DEFAULT_TIMEOUT, metavar="SEC",
                         help=f"seconds allowed for each step (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)

@@ -40,6 +40,7 @@ from fleet_common import (
     SuiteError,
     UsageError,
     default_repo_path,
+    finite_number,
     defer_logging_setup,
     get_logger,
     iso_utc,
@@ -288,11 +289,20 @@ def _breaker_open(clone: Clone, server: str) -> bool:
 
 
 def _queue(clone: Clone, msg: Dict[str, Any], reason: str) -> SendResult:
+    """Queue ``msg`` for the monitor. When even that fails (a full disk, a queue locked by a stuck
+    process), the result is ``failed`` and names both reasons: the message exists only in the
+    returned result then, and the CLI prints it so that nothing is lost."""
     from fleet_common import start_logging
     from message_queue import MessageQueue
 
     start_logging()  # the queue logs through logging directly
-    MessageQueue(str(clone.root), msg["from"]).enqueue(msg, reason=reason)
+    try:
+        MessageQueue(str(clone.root), msg["from"]).enqueue(msg, reason=reason)
+    except (OSError, SuiteError) as exc:
+        problem = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        log.error("message %s neither sent nor queued: %s; queueing failed: %s", msg["id"], reason,
+                  problem, extra={"metadata": {"id": msg["id"], "reason": reason, "queue": problem}})
+        return SendResult(False, "failed", msg, f"not sent ({reason}) and not queued ({problem})")
     log.warning("message %s queued: %s", msg["id"], reason,
                 extra={"metadata": {"id": msg["id"], "reason": reason}})
     return SendResult(False, "queued", msg, reason)
@@ -320,7 +330,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ack-required", action="store_true", help="ask recipients to acknowledge")
     parser.add_argument("--reply-to", default=None, metavar="ID", help="answer message ID (default --to: its sender)")
     parser.add_argument("--no-queue", action="store_true", help="fail (exit 1) instead of queueing")
-    parser.add_argument("--wait-reply", type=float, default=None, metavar="SEC",
+    parser.add_argument("--wait-reply", type=finite_number("--wait-reply", 0, 86400), default=None, metavar="SEC",
                         help="after sending, wait up to SEC seconds for the answer and print it")
     parser.add_argument("--allow-secret", action="store_true",
                         help="send a body that holds a password, token or key (refused otherwise, exit 2)")
@@ -352,8 +362,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         to = args.to if args.to is not None else (None if args.reply_to else BROADCAST)
         if to is not None:
             normalize_recipients(to)  # refuse bad ids before touching anything
-        if args.wait_reply is not None and args.wait_reply < 0:
-            raise UsageError("--wait-reply must not be negative")
         clone = Clone(repo, args.branch)
         if to is not None:
             from fleet_status import roster_warning  # the roster names the fleet's servers
@@ -378,6 +386,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_FAILURE
     except SuiteError as exc:
         write_line(f"send_message: error: {exc}", sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        write_line(f"send_message: error: {(str(exc).splitlines() or [type(exc).__name__])[0]}",
+                   sys.stderr)
         return EXIT_FAILURE
     reply = None
     if result.ok and args.wait_reply is not None:
@@ -411,6 +423,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_line(f"send_message: queued {result.message_id}: {result.reason}; "
               "the monitor will deliver it", sys.stderr)
         return EXIT_TEMPFAIL
+    if not args.no_queue:
+        # Neither sent nor queued: the message exists nowhere else, so it goes to stderr as one
+        # JSON line after the reason, ready to send again (PROTOCOL.md: nothing is lost).
+        import json
+
+        write_line(f"send_message: error: message {result.message_id} {result.reason}; "
+                   "the message follows as JSON", sys.stderr)
+        write_line(json.dumps(result.message, ensure_ascii=True), sys.stderr)
+        return EXIT_FAILURE
     write_line(f"send_message: error: {result.reason}", sys.stderr)
     return EXIT_FAILURE
 

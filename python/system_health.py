@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -69,6 +71,19 @@ DEFAULT_THRESHOLDS: Final = {
     "breaker_open_critical_seconds": 3600.0,
 }
 
+# What each threshold may be on the command line: nan or inf would silently disable a check.
+THRESHOLD_RANGES: Final = {
+    "disk_critical_gb": (0.0, 1e9),
+    "disk_warning_gb": (0.0, 1e9),
+    "memory_warning_percent": (0.0, 100.0),
+    "cpu_warning_percent": (0.0, 100.0),
+    "queue_pending_warning": (0.0, 1e9),
+    "queue_dead_warning": (0.0, 1e9),
+    "fetch_warning_seconds": (0.0, 1e9),
+    "fetch_critical_seconds": (0.0, 1e9),
+    "breaker_open_critical_seconds": (0.0, 1e9),
+}
+
 CHECK_NAMES: Final = ("disk", "memory", "cpu", "repository", "queue", "circuit_breaker",
                       "last_fetch")
 # How many directory entries the .git size walk may visit: the check must stay cheap on a big
@@ -97,6 +112,8 @@ def merge_thresholds(thresholds: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"health threshold {key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # nan or inf would silently disable the check
+            raise UsageError(f"health threshold {key} must be a finite number, got {value!r}")
         merged[key] = value
     return merged
 
@@ -313,8 +330,12 @@ def check_repository(repo: Path, now: float) -> Check:
 
 
 def queue_check_from_stats(stats: Mapping[str, Any], th: Mapping[str, Any],
-                           known: bool = True) -> Check:
-    """The ``queue`` check for a retry queue's ``stats()``."""
+                           known: bool = True, *, stranded: Optional[str] = None) -> Check:
+    """The ``queue`` check for a retry queue's ``stats()``.
+
+    ``stranded``: when no monitor runs for the queue's clone, the command that would deliver it;
+    pending messages are then a WARNING, since nothing else will ever send them.
+    """
     pending = int(stats.get("pending") or 0)
     dead = int(stats.get("dead") or 0)
     values = {"known": known, "pending": pending, "dead": dead,
@@ -322,6 +343,11 @@ def queue_check_from_stats(stats: Mapping[str, Any], th: Mapping[str, Any],
               "oldest_pending_age_s": stats.get("oldest_pending_age_s"),
               "next_due_in_s": stats.get("next_due_in_s")}
     text = f"{pending} pending, {dead} dead"
+    if pending and stranded is not None:
+        values["monitor_running"] = False
+        values["deliver_command"] = stranded
+        return _check(WARNING, f"{text}: no monitor runs on this clone, so nothing will deliver "
+                               f"them; run: {stranded}", **values)
     if dead > int(th["queue_dead_warning"]):
         return _check(WARNING, f"{text}: undeliverable messages need attention", **values)
     if pending > int(th["queue_pending_warning"]):
@@ -331,10 +357,17 @@ def queue_check_from_stats(stats: Mapping[str, Any], th: Mapping[str, Any],
 
 def check_queue(repo: Path, server: str, th: Mapping[str, Any]) -> Check:
     queue_file = fleet_common.server_dir(repo, server) / "queue" / "message_queue.json"
-    if not queue_file.is_file():
+    try:
+        info: Optional[os.stat_result] = os.lstat(queue_file)
+    except (FileNotFoundError, NotADirectoryError):
+        info = None
+    if info is None:
         # Checked before importing: opening a queue must not create its folder (health writes
         # nothing).
         return queue_check_from_stats({}, th, known=True)
+    if not stat.S_ISREG(info.st_mode) or fleet_common.is_link(info):
+        return _check(WARNING, f"{queue_file.name} is not a regular file (a symlink?); the monitor "
+                               "moves it aside", known=False, error=True)
     try:
         import message_queue
     except ImportError:
@@ -342,16 +375,31 @@ def check_queue(repo: Path, server: str, th: Mapping[str, Any]) -> Check:
         check["message"] = "retry queue module not available; counted as empty"
         return check
     stats = message_queue.MessageQueue(str(repo), server).stats()
-    return queue_check_from_stats(stats, th)
+    stranded = None
+    if stats.get("pending"):
+        from fleet_service import deliver_command, monitor_running
+
+        if monitor_running(repo, server) is False:
+            stranded = deliver_command(repo, server)
+    return queue_check_from_stats(stats, th, stranded=stranded)
+
+
+# Local state files that health reads (monitor status, breaker state) are small.
+STATE_READ_MAX_BYTES: Final = 1024 * 1024
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    """A state file read-only (``None`` when missing); ValueError when it does not parse."""
+    """A state file read-only (``None`` when missing); ValueError when it cannot be used.
+
+    Never through a symlink, and within bounds (PROTOCOL.md, "Trust between servers").
+    """
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    data = json.loads(raw.decode("utf-8"))
+        raw = fleet_common.read_local_file(path, max_bytes=STATE_READ_MAX_BYTES)
+        if raw is None:
+            return None
+        data = fleet_common.load_json_bounded(raw, what=path.name, max_bytes=STATE_READ_MAX_BYTES)
+    except fleet_common.SuiteError as exc:
+        raise ValueError(str(exc)) from None
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     return data
@@ -524,7 +572,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--server", help="server id (default: SERVER_ID, else code2)")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     for key, default in DEFAULT_THRESHOLDS.items():
-        parser.add_argument(_option(key), dest=key, type=float, default=None,
+        parser.add_argument(_option(key), dest=key, default=None,
+                            type=fleet_common.finite_number(_option(key), *THRESHOLD_RANGES[key]),
                             metavar="N", help=f"threshold (default: {default})"
                             if default is not None else "threshold (default: "
                             "max(10 x monitor interval, 300))")

@@ -229,3 +229,57 @@ def test_upgrade_by_push_restarts_into_the_new_version(tmp_path):
             if proc.poll() is None:
                 proc.kill()
     assert proc.returncode == 0
+
+
+def _ssh_key(folder: Path, name: str) -> Tuple[Path, str]:
+    """A fresh ed25519 key pair: (private key file, public key line)."""
+    key = folder / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)],
+                   check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    return key, Path(f"{key}.pub").read_text().strip()
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen to sign commits")
+def test_upgrade_by_push_runs_only_releases_signed_by_an_allowed_key(tmp_path):
+    fleet, seed, c2 = _suite_fleet(tmp_path)
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    release_key, release_pub = _ssh_key(keys, "release")
+    other_key, _ = _ssh_key(keys, "intruder")
+    signers = keys / "allowed_signers"
+    signers.write_text(f"release@fleet.invalid {release_pub}\n")
+    script = c2 / "python" / "message_monitor.py"
+    log = c2 / "code2" / "logs" / "structured.log"
+    common = seed / "python" / "fleet_common.py"
+    original = common.read_text()
+
+    def release(version: str, key=None) -> str:
+        common.write_text(original.replace('SUITE_VERSION: Final = "1.0.0"',
+                                           f'SUITE_VERSION: Final = "{version}"'))
+        how = (["-c", "gpg.format=ssh", "-c", f"user.signingkey={key}", "commit", "-S"] if key
+               else ["commit", "--no-gpg-sign"])
+        git(seed, *how, "-qam", f"release {version}")
+        git(seed, "push", "-q", "origin", "main")
+        return git(seed, "rev-parse", "HEAD")
+
+    def one_cycle() -> List[dict]:
+        proc = subprocess.run(monitor_cmd(c2, "--once", "--no-auto-reply", "--upgrade-signed-by",
+                                          str(signers), script=script),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    for version, key in (("1.0.1", None), ("1.0.2", other_key)):
+        tip = release(version, key)
+        records = one_cycle()
+        assert git(c2, "rev-parse", "HEAD") != tip  # the working tree is left alone
+        assert 'SUITE_VERSION: Final = "1.0.0"' in (c2 / "python" / "fleet_common.py").read_text()
+        refused = [r["message"] for r in records if r["level"] == "ERROR" and tip[:12] in r["message"]]
+        assert refused and "not signed by a key in" in refused[-1], records[-5:]
+        assert not any("restarting into the new version" in r["message"] for r in records)
+        assert not any("self-check" in r["message"] for r in records)
+    tip = release("1.0.3", release_key)
+    records = one_cycle()
+    assert git(c2, "rev-parse", "HEAD") == tip
+    assert any("restarting into the new version" in r["message"] and tip[:12] in r["message"]
+               for r in records), records[-5:]

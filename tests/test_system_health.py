@@ -287,16 +287,44 @@ def test_no_queue_file_counts_as_empty(fleet):
 
 def test_queue_from_the_real_retry_queue(fleet):
     message_queue = pytest.importorskip("message_queue")
+    from fleet_service import InstanceLock
+
     clone = fleet.clone("code2")
     queue = message_queue.MessageQueue(str(clone), "code2", max_attempts=1)
     queue.enqueue({"id": "msg_1762254639_5f0c9a1be2d4", "from": "code2", "to": "all",
                    "subject": "s", "body": "b"}, "remote unreachable")
-    check = health(clone)["checks"]["queue"]
-    assert (check["status"], check["pending"], check["dead"]) == (HEALTHY, 1, 0)
-    assert health(clone, {"queue_pending_warning": 0})["checks"]["queue"]["status"] == WARNING
+    with InstanceLock(clone, "code2"):  # a monitor runs: it delivers what is pending
+        check = health(clone)["checks"]["queue"]
+        assert (check["status"], check["pending"], check["dead"]) == (HEALTHY, 1, 0)
+        assert health(clone, {"queue_pending_warning": 0})["checks"]["queue"]["status"] == WARNING
     queue.increment_attempts("msg_1762254639_5f0c9a1be2d4", "still unreachable")
     check = health(clone)["checks"]["queue"]
     assert (check["status"], check["pending"], check["dead"]) == (WARNING, 0, 1)
+
+
+def test_pending_mail_with_no_monitor_is_a_warning_naming_the_command(fleet):
+    message_queue = pytest.importorskip("message_queue")
+    from fleet_service import InstanceLock
+
+    clone = fleet.clone("code2")
+    message_queue.MessageQueue(str(clone), "code2").enqueue(
+        {"id": "msg_1762254639_5f0c9a1be2d4", "from": "code2", "to": "all", "subject": "s",
+         "body": "b"}, "remote unreachable")
+    check = health(clone)["checks"]["queue"]
+    assert check["status"] == WARNING and check["pending"] == 1
+    assert "nothing will deliver" in check["message"]
+    assert f"message_monitor.py --once --repo {clone} --server code2" in check["message"]
+    # the probe writes nothing: no pid file, and a monitor can still start
+    assert not (clone / "code2" / "state" / "monitor.pid").exists()
+    with InstanceLock(clone, "code2"):
+        assert health(clone)["checks"]["queue"]["status"] == HEALTHY
+    status = run_script("message_monitor.py", "--repo", str(clone), "--server", "code2", "--status")
+    assert status.returncode == 0, status.stderr
+    assert "nothing will deliver" in status.stdout and "--once --repo" in status.stdout
+    cycle = run_script("message_monitor.py", "--repo", str(clone), "--server", "code2", "--once",
+                       "--no-auto-reply")
+    assert cycle.returncode == 0, cycle.stderr
+    assert health(clone)["checks"]["queue"]["pending"] == 0
 
 
 # --------------------------------------------------------------------------- CLI
