@@ -337,8 +337,26 @@ class Monitor:
     # ----------------------------------------------------------------- one cycle
 
     def cycle(self) -> CycleReport:
+        """One monitoring cycle. Whatever goes wrong inside it is that cycle's error (logged with
+        its traceback, counted in ``errors``), never the end of the service: the next cycle
+        runs as usual. Ctrl+C and SystemExit still stop it."""
         report = CycleReport()
         self.iterations += 1
+        try:
+            self._cycle(report)
+        except Exception as exc:  # noqa: BLE001 - one bad cycle must not stop the monitor
+            report.ok = False
+            report.error = f"unexpected error: {type(exc).__name__}: {str(exc)[:200]}"
+            self.metrics.increment("errors")
+            log.error("cycle %d failed: %s", self.iterations, report.error, exc_info=True,
+                      extra={"metadata": {"step": "cycle", "error": report.error}})
+            try:
+                self._finish(report, busy=True)
+            except Exception:  # noqa: BLE001 - the bookkeeping itself failed: logged, carry on
+                log.error("cycle %d: status not written", self.iterations, exc_info=True)
+        return report
+
+    def _cycle(self, report: CycleReport) -> None:
         if self.notifier is not None:
             self.notifier.watchdog()
         from fleet_git import remove_stale_locks
@@ -348,7 +366,7 @@ class Monitor:
             status = self.breaker.get_status()
             report.skipped = f"circuit breaker open until {status.get('retry_at')}"
             self._finish(report, busy=False)
-            return report
+            return
         if self.breaker.get_status().get("state") == "HALF_OPEN":
             self.preflight_needed = True
         try:
@@ -362,7 +380,7 @@ class Monitor:
             log.warning("cannot reach the remote: %s", exc.reason,
                         extra={"metadata": {"step": "fetch", "error": exc.reason}})
             self._finish(report, busy=True)
-            return report
+            return
         self.breaker.record_success()
         self.metrics.increment("git_pull_success")
         report.tip = tip
@@ -389,7 +407,6 @@ class Monitor:
             self.processed_tip = self.seen_tip
         self._finish(report, busy=bool(report.new_messages or report.marked or report.sent
                                         or report.error))
-        return report
 
     def _landed(self, tx: Any) -> None:
         """Follow our own commit. When it was built on the tip this cycle read, it holds nothing
