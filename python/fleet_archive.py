@@ -89,7 +89,7 @@ def archive_mailbox(clone: Any, server: str, days: float,
         moved = 0
         for path, msgs in sorted(moves.items()):
             a_blob, a_raw = clone.read_file(tip, path)
-            archive = parse_document(a_raw, a_blob)  # a corrupt archive file stops the pass
+            archive = parse_document(a_raw, a_blob, path=path)  # a corrupt archive file stops the pass
             present = {message_key(m) for m in archive["messages"] if isinstance(m, dict)}
             for msg in msgs:
                 if message_key(msg) not in present:  # idempotent: an earlier pass may have landed
@@ -130,7 +130,7 @@ def find_anywhere(clone: Any, tip: Optional[str], msg_id: str,
         if raw is None:
             return None
         try:
-            return find_message(parse_document(raw, blob), msg_id, sender)
+            return find_message(parse_document(raw, blob, path=path), msg_id, sender)
         except MailboxCorrupt:
             return None
 
@@ -156,5 +156,6 @@ def archived_keys(clone: Any, tip: Optional[str]) -> List[MessageKey]:
     keys: List[MessageKey] = []
     for path in archive_files(clone, tip):
         blob, raw = clone.read_file(tip, path)
-        keys.extend(message_key(m) for m in parse_document(raw, blob)["messages"] if isinstance(m, dict))
+        keys.extend(message_key(m) for m in parse_document(raw, blob, path=path)["messages"]
+                    if isinstance(m, dict))
     return keys

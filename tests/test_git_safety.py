@@ -1,10 +1,12 @@
 """The git core never loses mail and is never misled, on real git:
 
 - an unexpected error in a monitor cycle
+- hostile mailboxes (deep nesting, long numbers)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -12,10 +14,10 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from conftest import Fleet, git
+from conftest import Fleet, git, run_script
 
 from fleet_git import Clone
-from message_monitor import Monitor
+from message_monitor import Monitor, repair_mailbox
 from send_message import send_message
 
 SEND = "send_message.py"
@@ -58,6 +60,33 @@ def served_clone(fleet: Fleet, server, name: str) -> Path:
 # --------------------------------------------------------------------------- hostile mailboxes
 
 
+def _hostile_mailbox(fleet: Fleet, entry: str) -> None:
+    hostile = fleet.clone("hostile")
+    good = json.dumps({"id": "msg_1_aaaaaaaaaaaa", "from": "build1", "to": "code2", "subject": "kept",
+                       "body": "kept", "timestamp": "2025-11-04T08:00:00Z", "read": False})
+    (hostile / "coordination" / "messages.json").write_text('{"messages": [' + good + ", " + entry + "]}\n")
+    git(hostile, "commit", "-qam", "hostile", "--no-gpg-sign")
+    git(hostile, "push", "-q", "origin", "main")
+
+
+@pytest.mark.parametrize("entry", ["[" * 5000 + "]" * 5000, "9" * 5000,
+                                   '{"id": "x", "from": "a", "to": "b", "n": ' + "[" * 900 + "]" * 900 + "}"])
+def test_a_deeply_nested_or_huge_number_mailbox_is_corrupt_not_a_crash(fleet, entry):
+    _hostile_mailbox(fleet, entry)
+    c2, b1 = fleet.clone("code2"), fleet.clone("build1")
+    proc = run_script(MONITOR, "--repo", str(c2), "--server", "code2", "--once", "--no-auto-reply")
+    assert proc.returncode == 1 and "does not parse" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script(SEND, "queued", "--to", "code2", "--from", "build1", "--repo", str(b1))
+    assert proc.returncode == 75 and "--repair" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script(MONITOR, "--repo", str(b1), "--server", "build1", "--repair")
+    assert proc.returncode == 0, proc.stderr
+    assert [m["body"] for m in fleet.remote_messages()] == ["kept"]
+    assert monitor(b1, "build1").cycle().sent == 1
+    shown: list = []
+    assert monitor(c2, "code2", shown).cycle().ok
+    assert sorted(m["body"] for m in shown) == ["kept", "queued"]
+
+
 def test_an_unexpected_error_in_a_cycle_is_logged_and_the_monitor_carries_on(fleet, caplog):
     b1, c2 = fleet.clone("build1"), fleet.clone("code2")
     assert send_message("trips the display", to="code2", from_sender="build1", build_repo_path=str(b1))
@@ -92,3 +121,12 @@ def _stop_after(mon: Monitor, stop: threading.Event, cycles: int) -> None:
     while mon.iterations < cycles and time.monotonic() < deadline:
         time.sleep(0.01)
     stop.set()
+
+
+def test_repair_salvages_around_deep_text(fleet):
+    good = json.dumps({"id": "msg_2_bbbbbbbbbbbb", "from": "build2", "to": "code2", "body": "salvaged"})
+    _hostile_mailbox(fleet, good + ', {"id": "deep", "from": "a", "to": "b", "x": ' + "[" * 5000)
+    b1 = fleet.clone("build1")
+    result = repair_mailbox(Clone(b1), "build1")
+    assert result["repaired"]
+    assert sorted(m["body"] for m in fleet.remote_messages()) == ["kept", "salvaged"]
