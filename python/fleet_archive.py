@@ -27,6 +27,7 @@ from fleet_mailbox import (
     message_key,
     message_time,
     parse_document,
+    read_mailbox,
     recipients,
     serialize,
 )
@@ -80,7 +81,7 @@ def archive_mailbox(clone: Any, server: str, days: float,
     result: Dict[str, Any] = {"archived": 0, "files": []}
 
     def change(tip: Optional[str]):
-        blob, raw = clone.read_file(tip, MAILBOX_PATH)
+        blob, raw = read_mailbox(clone, tip)
         data = parse_document(raw, blob)
         stay, moves = plan_archive(data, days, now)
         if not moves:
@@ -88,7 +89,7 @@ def archive_mailbox(clone: Any, server: str, days: float,
         files: Dict[str, Optional[bytes]] = {}
         moved = 0
         for path, msgs in sorted(moves.items()):
-            a_blob, a_raw = clone.read_file(tip, path)
+            a_blob, a_raw = read_mailbox(clone, tip, path)
             archive = parse_document(a_raw, a_blob, path=path)  # a corrupt archive file stops the pass
             present = {message_key(m) for m in archive["messages"] if isinstance(m, dict)}
             for msg in msgs:
@@ -113,10 +114,8 @@ def archive_mailbox(clone: Any, server: str, days: float,
 
 def archive_files(clone: Any, tip: Optional[str]) -> List[str]:
     """Archive file paths at ``tip``, newest month first."""
-    if tip is None:
-        return []
-    proc = clone.git("ls-tree", "-z", "--name-only", f"{tip}:{ARCHIVE_DIR}", check=False)
-    names = [n for n in proc.stdout.decode("utf-8", "replace").split("\0") if _ARCHIVE_NAME.match(n)]
+    entries = clone.read_tree(tip, ARCHIVE_DIR)  # an unreadable tree raises: no "no archive"
+    names = [e[3] for e in entries or () if e[1] == "blob" and _ARCHIVE_NAME.match(e[3])]
     return [f"{ARCHIVE_DIR}/{n}" for n in sorted(names, reverse=True)]
 
 
@@ -126,10 +125,10 @@ def find_anywhere(clone: Any, tip: Optional[str], msg_id: str,
     from fleet_mailbox import MailboxCorrupt
 
     def search(path: str) -> Optional[Dict[str, Any]]:
-        blob, raw = clone.read_file(tip, path)
-        if raw is None:
-            return None
         try:
+            blob, raw = read_mailbox(clone, tip, path)
+            if raw is None:
+                return None
             return find_message(parse_document(raw, blob, path=path), msg_id, sender)
         except MailboxCorrupt:
             return None
@@ -155,7 +154,7 @@ def archived_keys(clone: Any, tip: Optional[str]) -> List[MessageKey]:
     """Every message key in the archive (for tests and audits)."""
     keys: List[MessageKey] = []
     for path in archive_files(clone, tip):
-        blob, raw = clone.read_file(tip, path)
+        blob, raw = read_mailbox(clone, tip, path)
         keys.extend(message_key(m) for m in parse_document(raw, blob, path=path)["messages"]
                     if isinstance(m, dict))
     return keys

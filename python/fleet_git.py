@@ -6,12 +6,17 @@ PROTOCOL.md asks of a writer: fetch the shared branch, read a file from the fetc
 commit on top of that tip without touching the working tree or the index (the new blob and the
 trees along its path are written as loose objects, the commit by ``commit-tree``), push it as a
 compare-and-swap, and accept it only once the remote's own ref-update status confirms it.
+
+What a read may conclude is narrow (PROTOCOL.md, "Trust between servers"): a path is absent only
+when a tree along it was read and does not name it; a tree or blob that git cannot produce is
+:class:`ObjectMissing`, which stops the transaction, never an empty mailbox.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import time
 import zlib
@@ -108,6 +113,24 @@ class PushRejected(GitError):
     """Another server's push landed first; refetch and retry soon (not a failure)."""
 
 
+class ObjectMissing(GitError):
+    """A commit, tree or blob that a read or a push needs is missing or unreadable in this clone.
+
+    Pruned by a ``git gc`` racing us, deleted or damaged on disk: never the same as a path that
+    is absent. The transaction stops; it fetches every object again once and retries, and
+    otherwise raises this (a send queues, a monitor's cycle reports it). Nothing is written.
+    """
+
+
+class NotAFile(GitError):
+    """A folder or a submodule (gitlink) sits where a file should be: the path is not absent,
+    and there is no content to read. A reader of the mailbox treats it as a corrupt mailbox."""
+
+    def __init__(self, argv: Sequence[str], reason: str, oid: str) -> None:
+        super().__init__(argv, None, b"", b"", reason)
+        self.oid = oid
+
+
 class NotAClone(UsageError):
     """``--repo`` is missing, not a git clone, or has no ``origin``."""
 
@@ -186,6 +209,20 @@ _RACE_MARKERS = (
 
 LOCAL_LOCK_RETRIES: Final = 20
 
+# What git says when this clone lacks an object that a push must send (pruned by a gc racing us),
+# or holds a damaged one (which a fetch cannot replace: git compares what it receives with it).
+_LOCAL_OBJECT_PROBLEM = re.compile(
+    r"unable to read [0-9a-f]{40}|bad object [0-9a-f]{40}|missing (?:blob|tree|commit) [0-9a-f]{40}"
+    r"|not a valid '?(?:tree|commit)'? object|inflate: data stream error|object file .* is empty"
+    r"|loose object [0-9a-f]{40} .*is corrupt", re.IGNORECASE)
+
+
+def _local_object_problem(stderr: bytes) -> bool:
+    """Whether git's messages name an object of this clone that is missing or damaged (lines the
+    remote sent, ``remote: ...``, are the remote's business)."""
+    return any(_LOCAL_OBJECT_PROBLEM.search(line)
+               for line in stderr.decode("utf-8", "replace").splitlines() if not line.startswith("remote:"))
+
 
 def _local_lock_busy(text: str) -> bool:
     """A fetch could not update a ref of this clone because another process of the clone was
@@ -206,6 +243,7 @@ def _is_race(text: str) -> bool:
 TreeEntry = Tuple[str, str, str, str]  # mode as git stores it ("40000" for a tree), type, oid, name
 
 LOOSE_COMPRESSION: Final = 1  # zlib level for objects we write: a multi-megabyte mailbox stays cheap
+STORE_ATTEMPTS: Final = 5  # writes of one loose object while a prune removes folders under it
 
 
 def _parse_tree(raw: bytes, hexlen: int) -> List[TreeEntry]:
@@ -370,18 +408,31 @@ class Clone:
 
     # ----------------------------------------------------------------- network
 
-    def fetch(self) -> Optional[str]:
-        """Fetch the shared branch into ``refs/remotes/origin/<branch>``; return its tip."""
+    def fetch(self, *, refetch: bool = False) -> Optional[str]:
+        """Fetch the shared branch into ``refs/remotes/origin/<branch>``; return its tip.
+
+        ``refetch`` fetches every object of the branch again (``--refetch``): a plain fetch
+        brings nothing when the tip is known, even if objects under it were lost.
+        """
+        argv = ["git", "fetch", "origin", self.branch]
+        options = ["--refetch"] if refetch else []
+        # A refetch keeps what it gets as a pack: unpacking would skip every object that exists
+        # loose, damaged ones included, while git reads a packed copy first.
+        config = ["-c", "fetch.unpackLimit=1"] if refetch else []
         for attempt in range(LOCAL_LOCK_RETRIES + 1):
             proc = self.network_git(
-                "-c", f"core.looseCompression={LOOSE_COMPRESSION}", "fetch", "--quiet", "--no-tags",
-                "--no-recurse-submodules", "origin",
+                "-c", f"core.looseCompression={LOOSE_COMPRESSION}", *config, "fetch", "--quiet", "--no-tags",
+                "--no-recurse-submodules", *options, "origin",
                 f"+refs/heads/{self.branch}:{self.remote_ref}", check=False,
             )
             if proc.returncode == 0:
                 break
             text = proc.stderr.decode("utf-8", "replace")
-            if "couldn't find remote ref" in text.lower():
+            lowered = text.lower()
+            if options and "unknown option" in lowered and "refetch" in lowered:
+                options = []  # git before 2.36: a plain fetch is all there is
+                continue
+            if "couldn't find remote ref" in lowered:
                 self.last_sync = time.monotonic()
                 self._tip = None
                 return None
@@ -390,8 +441,11 @@ class Clone:
                 # moment: that is not an outage.
                 time.sleep(random.uniform(0.05, 0.2))
                 continue
-            raise RemoteUnavailable(["git", "fetch", "origin", self.branch], proc.returncode,
-                                    proc.stdout, proc.stderr)
+            if _local_object_problem(proc.stderr):  # not an outage: the remote answered
+                raise ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr,
+                                    f"an object of this clone is damaged: {_first_line(proc.stderr)} "
+                                    "(git fsck names it)")
+            raise RemoteUnavailable(argv, proc.returncode, proc.stdout, proc.stderr)
         self.last_sync = time.monotonic()
         self._tip = _UNKNOWN  # read the ref our fetch wrote (FETCH_HEAD may be someone else's)
         return self.tip()
@@ -433,7 +487,10 @@ class Clone:
             pass
 
     def push(self, commit: str, expected: Optional[str]) -> None:
-        """Push ``commit`` to the shared branch and verify by the remote's ref-update status."""
+        """Push ``commit`` to the shared branch and verify by the remote's ref-update status.
+
+        A local object that the push cannot read (pruned under us) is :class:`ObjectMissing`.
+        """
         self.push_attempts += 1
         dest = f"refs/heads/{self.branch}"
         proc = self.network_git("-c", f"core.looseCompression={LOOSE_COMPRESSION}",
@@ -461,21 +518,39 @@ class Clone:
                 status is None and _is_race(err)) or _is_race(status[1] if status else ""):
             raise PushRejected(argv, proc.returncode, proc.stdout, proc.stderr,
                                (status[1] if status else _first_line(proc.stderr)) or "rejected")
+        if _local_object_problem(proc.stderr):
+            raise ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr,
+                                f"the push could not read a local object: {_first_line(proc.stderr)}")
         raise RemoteUnavailable(argv, proc.returncode, proc.stdout, proc.stderr,
                                 _first_line(proc.stderr) or (status[1] if status else "push failed"))
 
     # ----------------------------------------------------------------- objects
 
     def read_objects(self, specs: Sequence[str]) -> List[Optional[Tuple[str, str, bytes]]]:
-        """``cat-file --batch`` for several specs at once: (oid, type, content) or ``None``."""
+        """``cat-file --batch`` for several specs at once: (oid, type, content) or ``None``.
+
+        ``None`` is git's ``<spec> missing``, which means either that a path is not in its tree
+        or that an object is gone: only the caller, who knows the trees along the path, can tell
+        (:meth:`_checked_trees`). A ``cat-file`` that fails (a damaged object) is
+        :class:`ObjectMissing`.
+        """
         if not specs:
             return []
-        proc = self.git("cat-file", "--batch", input="".join(s + "\n" for s in specs).encode("utf-8"))
+        try:
+            proc = self.git("cat-file", "--batch", input="".join(s + "\n" for s in specs).encode("utf-8"))
+        except GitTimeout:
+            raise
+        except GitError as exc:
+            raise ObjectMissing(exc.argv, exc.returncode, exc.stdout, exc.stderr,
+                                f"objects unreadable in this clone: {exc.reason}") from None
         data = proc.stdout
         pos = 0
         results: List[Optional[Tuple[str, str, bytes]]] = []
-        for _ in specs:
-            nl = data.index(b"\n", pos)
+        for spec in specs:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                raise ObjectMissing(["git", "cat-file", "--batch"], proc.returncode, b"", proc.stderr,
+                                    f"cat-file stopped before {spec}")
             header = data[pos:nl].decode("utf-8", "replace").split(" ")
             pos = nl + 1
             if len(header) == 3 and header[2].isdigit():
@@ -486,8 +561,46 @@ class Clone:
                 results.append(None)
         return results
 
+    def _checked_trees(self, commit: str, found: Mapping[str, Optional[Tuple[str, str, bytes]]],
+                       known: Optional[Mapping[str, Optional[List[TreeEntry]]]] = None
+                       ) -> Dict[str, Optional[List[TreeEntry]]]:
+        """The trees of ``commit`` at these folders, parsed; ``None`` for a folder that is absent.
+
+        ``found`` holds what git (or the loose reader) gave for each folder, ``known`` trees
+        already checked. A folder is absent only when its parent tree was read and holds no
+        folder of that name; the root tree, and every tree its parent names, must be readable,
+        or this raises :class:`ObjectMissing` (PROTOCOL.md: a missing object is never an empty
+        mailbox). Parents come first: every folder's parent is in ``found`` or ``known``.
+        """
+        trees: Dict[str, Optional[List[TreeEntry]]] = dict(known or {})
+        for folder in sorted(found):  # a prefix sorts before its extensions: parents first
+            expected: Optional[str] = None
+            if folder:
+                parent, _, name = folder.rpartition("/")
+                entries = trees.get(parent)
+                entry = None if entries is None else next((e for e in entries if e[3] == name), None)
+                if entry is None or entry[1] != "tree":
+                    trees[folder] = None  # absent from a tree that was read (or a file is there)
+                    continue
+                expected = entry[2]
+            obj = found[folder]
+            spec = _tree_spec(commit, folder)
+            if obj is None or obj[1] != "tree" or (expected is not None and obj[0] != expected):
+                raise ObjectMissing(["git", "cat-file", spec], None, b"", b"",
+                                    f"{spec} is missing or unreadable in this clone")
+            try:
+                trees[folder] = _parse_tree(obj[2], self.hexlen)
+            except (ValueError, UnicodeDecodeError):
+                raise ObjectMissing(["git", "cat-file", spec], None, b"", b"",
+                                    f"{spec} is not a readable tree") from None
+        return trees
+
     def read_file(self, commit: Optional[str], path: str) -> Tuple[Optional[str], Optional[bytes]]:
         """(blob id, content) of ``path`` at ``commit``; ``(None, None)`` when absent.
+
+        Absent means: a tree along the path was read and does not name the next part. Any tree
+        or blob that the path needs and git cannot produce raises :class:`ObjectMissing`; a
+        folder (or submodule) where the file should be raises :class:`NotAFile`.
 
         A commit id names immutable content, so the last few reads are kept: a cycle that reads
         the mailbox and then marks it read asks git once.
@@ -498,25 +611,52 @@ class Clone:
         if key in self._files:
             return self._files[key]
         cacheable = len(commit) == self.hexlen
-        # The trees along the path come in the same call: a transaction that then writes this
-        # file needs them, and asks no second time.
-        folders = _folders_of([path]) if cacheable else []
+        # The trees along the path come in the same call: they tell "absent" from "missing", and
+        # a transaction that then writes this file needs them, and asks no second time.
+        folders = _folders_of([path])
         loose = self._walk_loose(commit, path) if cacheable else None
         if loose is not None:
-            *trees, found = loose
+            *found_trees, found = loose
         else:
             specs = [_tree_spec(commit, folder) for folder in folders] + [f"{commit}:{path}"]
-            *trees, found = self.read_objects(specs)
-        result = (None, None) if found is None or found[1] != "blob" else (found[0], found[2])
+            *found_trees, found = self.read_objects(specs)
+        trees = self._checked_trees(commit, dict(zip(folders, found_trees)))
+        parent, _, name = path.rpartition("/")
+        entries = trees.get(parent)
+        entry = None if entries is None else next((e for e in entries if e[3] == name), None)
+        result: Tuple[Optional[str], Optional[bytes]] = (None, None)
+        if entry is not None and entry[1] != "blob":
+            raise NotAFile(["git", "cat-file", f"{commit}:{path}"],
+                           f"{path} at {commit[:12]} is a {'folder' if entry[1] == 'tree' else 'submodule'}, "
+                           "not a file", entry[2])
+        if entry is not None:
+            if found is None or found[1] != "blob" or found[0] != entry[2]:
+                raise ObjectMissing(["git", "cat-file", f"{commit}:{path}"], None, b"", b"",
+                                    f"{commit}:{path} (blob {entry[2][:12]}) is missing or unreadable "
+                                    "in this clone")
+            result = (found[0], found[2])
         if cacheable:
             if len(self._files) >= 4:
                 self._files.clear()
                 self._trees.clear()
             self._files[key] = result
-            for folder, tree in zip(folders, trees):
-                self._trees[(commit, folder)] = (_parse_tree(tree[2], self.hexlen)
-                                                 if tree is not None and tree[1] == "tree" else None)
+            for folder, tree in trees.items():
+                self._trees[(commit, folder)] = tree
         return result
+
+    def read_tree(self, commit: Optional[str], folder: str) -> Optional[List[TreeEntry]]:
+        """The entries of ``folder`` at ``commit``; ``None`` when absent (as :meth:`read_file`
+        tells it: a tree along the path was read and does not name it). A tree that cannot be
+        read raises :class:`ObjectMissing`, never reads as an empty folder."""
+        if commit is None:
+            return None
+        folders = _folders_of([f"{folder}/-"]) if folder else [""]
+        found = self.read_objects([_tree_spec(commit, f) for f in folders])
+        trees = self._checked_trees(commit, dict(zip(folders, found)))
+        if len(commit) == self.hexlen:
+            for name, tree in trees.items():
+                self._trees[(commit, name)] = tree
+        return trees.get(folder)
 
     def _read_loose(self, oid: str) -> Optional[Tuple[str, bytes]]:
         """(type, content) of a loose object, or ``None`` when it is packed or absent."""
@@ -548,7 +688,10 @@ class Clone:
             if tree is None or tree[0] != "tree":
                 return None
             out.append((oid, "tree", tree[1]))
-            entry = next((e for e in _parse_tree(tree[1], self.hexlen) if e[3] == name), None)
+            try:
+                entry = next((e for e in _parse_tree(tree[1], self.hexlen) if e[3] == name), None)
+            except (ValueError, UnicodeDecodeError):
+                return None  # git reads it and says what is wrong with it
             if entry is None:  # absent: the rest of the path does not exist either
                 out.extend([None] * (len(parts) - depth))
                 return out
@@ -578,9 +721,23 @@ class Clone:
             except OSError:
                 pass
             return oid
-        target.parent.mkdir(exist_ok=True)
         packer = zlib.compressobj(LOOSE_COMPRESSION)
         body = packer.compress(header) + packer.compress(data) + packer.flush()
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                self._store_loose(target, body)
+                return oid
+            except FileNotFoundError as exc:
+                # A prune (git gc) removed the empty fan-out folder, or our temporary file (it
+                # takes tmp_obj_* files as well), while we wrote: write again, as git does.
+                if attempt == STORE_ATTEMPTS:
+                    raise ObjectMissing(["git", "hash-object", "-w"], None, b"", b"",
+                                        f"could not store an object in this clone: {exc}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _store_loose(target: Path, body: bytes) -> None:
+        target.parent.mkdir(exist_ok=True)
         tmp = str(target.parent / f"tmp_obj_{os.urandom(6).hex()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         try:
@@ -600,7 +757,6 @@ class Clone:
                     os.unlink(tmp)
                 except OSError:
                     pass
-        return oid
 
     def build_tree(self, base_commit: Optional[str], changes: Mapping[str, Optional[bytes]]) -> str:
         """The root tree of ``base_commit`` with ``changes`` applied (path -> content, or None to
@@ -611,18 +767,14 @@ class Clone:
                  for path, data in changes.items()}
         trees: Dict[str, List[TreeEntry]] = {}
         if base_commit:
-            missing = []
-            for folder in _folders_of(changes):
-                if (base_commit, folder) in self._trees:
-                    known = self._trees[(base_commit, folder)]
-                    if known is not None:
-                        trees[folder] = known
-                else:
-                    missing.append(folder)
-            found_all = self.read_objects([_tree_spec(base_commit, folder) for folder in missing])
-            for folder, found in zip(missing, found_all):
-                if found is not None and found[1] == "tree":
-                    trees[folder] = _parse_tree(found[2], self.hexlen)
+            folders = _folders_of(changes)
+            known = {f: self._trees[(base_commit, f)] for f in folders if (base_commit, f) in self._trees}
+            missing = [f for f in folders if f not in known]
+            found = self.read_objects([_tree_spec(base_commit, folder) for folder in missing])
+            # A tree that cannot be read raises: building on "nothing" there would drop every
+            # file it holds from the new commit.
+            checked = self._checked_trees(base_commit, dict(zip(missing, found)), known)
+            trees = {folder: tree for folder, tree in checked.items() if tree is not None}
         return self._edit_tree(trees, "", blobs) or self.write_object("tree", b"")
 
     def _edit_tree(self, trees: Mapping[str, List[TreeEntry]], prefix: str,
@@ -669,7 +821,14 @@ class Clone:
             args = ["-c", "commit.gpgsign=false", "commit-tree", tree, "-m", message]
             if parent:
                 args += ["-p", parent]
-            return run_git(self.root, *args, env=env).stdout.decode().strip()
+            try:
+                return run_git(self.root, *args, env=env).stdout.decode().strip()
+            except GitTimeout:
+                raise
+            except GitError as exc:
+                if _local_object_problem(exc.stderr):
+                    raise ObjectMissing(exc.argv, exc.returncode, exc.stdout, exc.stderr) from None
+                raise
         now = time.time()
         offset = int(time.localtime(now).tm_gmtoff or 0) // 60
         stamp = f"{int(now)} {'-' if offset < 0 else '+'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
@@ -690,18 +849,30 @@ class Clone:
         ``change(tip)`` reads what it needs at ``tip`` and returns ``(path -> new content,
         commit message)``, or ``None`` when the change is already there (idempotent). Lost push
         races are retried after a short, growing random delay; other failures raise.
+
+        An object that cannot be read (:class:`ObjectMissing`) makes it fetch every object again
+        and start over, once; a second time it raises, with nothing written to the remote.
         """
         delay = 0.05
+        refetched = False
         tip = self.sync(fresh_for)
         for attempt in range(1, max_attempts + 1):
-            planned = change(tip)
-            if planned is None:
-                return TxResult(commit=tip, changed=False, attempts=attempt, base=tip)
-            files, message = planned
-            tree = self.build_tree(tip, files)
-            commit = self.commit_tree(tree, tip, message, author)
             try:
+                planned = change(tip)
+                if planned is None:
+                    return TxResult(commit=tip, changed=False, attempts=attempt, base=tip)
+                files, message = planned
+                tree = self.build_tree(tip, files)
+                commit = self.commit_tree(tree, tip, message, author)
                 self.push(commit, tip)
+            except ObjectMissing as exc:
+                if refetched or attempt == max_attempts:
+                    raise
+                refetched = True
+                log.warning("%s: fetching every object of the branch again before retrying", exc.reason,
+                            extra={"metadata": {"error": exc.reason}})
+                tip = self.fetch(refetch=True)
+                continue
             except PushRejected:
                 if attempt == max_attempts:
                     raise
@@ -713,7 +884,6 @@ class Clone:
                 continue
             return TxResult(commit=commit, changed=True, attempts=attempt, base=tip)
         raise AssertionError("unreachable")  # pragma: no cover
-
 
 class TxResult:
     """A finished transaction: the commit now on the remote, built on ``base`` (its parent)."""

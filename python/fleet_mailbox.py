@@ -98,6 +98,21 @@ def parse_document(raw: Optional[bytes], blob: Optional[str] = None, *,
     return data
 
 
+def read_mailbox(clone: Any, tip: Optional[str], path: str = MAILBOX_FILE) -> Tuple[Optional[str], Optional[bytes]]:
+    """(blob id, text) of the mailbox (or an archive file) at ``tip``; ``(None, None)`` when
+    absent from a tree that was read.
+
+    A folder or submodule at the path is a corrupt mailbox (:class:`MailboxCorrupt`, which
+    ``--repair`` rebuilds), never an absent one; a missing object raises ``ObjectMissing``.
+    """
+    from fleet_git import NotAFile
+
+    try:
+        return clone.read_file(tip, path)
+    except NotAFile as exc:
+        raise MailboxCorrupt(exc.oid, exc.reason, path=path) from None
+
+
 def _short(exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:200]

@@ -50,7 +50,15 @@ from fleet_common import (
     state_dir,
     write_line,
 )
-from fleet_git import MAILBOX_PATH, Clone, GitError, RemoteUnavailable, run_git
+from fleet_git import (
+    MAILBOX_PATH,
+    Clone,
+    GitError,
+    NotAFile,
+    ObjectMissing,
+    RemoteUnavailable,
+    run_git,
+)
 from fleet_mailbox import (
     MailboxCorrupt,
     MessageKey,
@@ -62,6 +70,7 @@ from fleet_mailbox import (
     message_key,
     parse_cached,
     parse_document,
+    read_mailbox,
     serialize,
     valid_messages,
 )
@@ -392,6 +401,15 @@ class Monitor:
             except MailboxCorrupt as exc:
                 report.ok = False
                 report.error = str(exc)
+            except ObjectMissing as exc:
+                report.ok = False
+                report.error = str(exc)
+                self._after_missing_object(exc)
+            except GitError as exc:  # git itself failed while reading (a timeout, a broken clone)
+                report.ok = False
+                report.error = str(exc)
+                self.metrics.increment("errors")
+                log.error("mailbox not read: %s", exc, extra={"metadata": {"step": "read", "error": str(exc)}})
         self._drain_queue(report)
         self._push_marks(report)
         self._periodic(report)  # before the fast-forward, so that it includes a new heartbeat
@@ -408,6 +426,17 @@ class Monitor:
         self._finish(report, busy=bool(report.new_messages or report.marked or report.sent
                                         or report.error))
 
+    def _after_missing_object(self, exc: Exception) -> None:
+        """A tree or blob of the fetched tip cannot be read: the cycle reads nothing (an
+        unreadable mailbox is no empty mailbox) and fetches every object again for the next."""
+        self.metrics.increment("errors")
+        log.error("%s; nothing read this cycle, fetching every object again", exc,
+                  extra={"metadata": {"step": "read", "error": str(exc)}})
+        try:
+            self.known_tip = self.clone.fetch(refetch=True)
+        except GitError as again:
+            log.warning("refetch failed: %s", again, extra={"metadata": {"step": "refetch"}})
+
     def _landed(self, tx: Any) -> None:
         """Follow our own commit. When it was built on the tip this cycle read, it holds nothing
         new but our change, so the next cycle need not read it; when it lost a race and was
@@ -420,7 +449,11 @@ class Monitor:
 
     def _read_mailbox(self, tip: Optional[str]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
         """(blob id, document) at ``tip``; the document is ``None`` when the blob is unchanged."""
-        blob, raw = self.clone.read_file(tip, MAILBOX_PATH)
+        try:
+            blob, raw = read_mailbox(self.clone, tip)
+        except MailboxCorrupt as exc:  # a folder or submodule where the mailbox should be
+            self._note_corrupt(exc)
+            raise
         if blob is not None and blob == self.cached_blob:
             self.corrupt_blob = None  # back to a version read before (a revert of a bad commit)
             return blob, None
@@ -429,13 +462,18 @@ class Monitor:
         try:
             data = parse_cached(raw, blob)
         except MailboxCorrupt as exc:
-            self.corrupt_blob = blob
-            if str(blob) not in self.corrupt_blobs_logged:  # once per blob (PROTOCOL.md)
-                self.corrupt_blobs_logged.add(str(blob))
-                log.critical("%s", exc, extra={"metadata": {"blob": blob}})
+            self._note_corrupt(exc)
             raise
         self.corrupt_blob = None
         return blob, data
+
+    def _note_corrupt(self, exc: MailboxCorrupt) -> None:
+        """Remember a corrupt mailbox (nothing is written on top of it); log it once per blob
+        (PROTOCOL.md)."""
+        self.corrupt_blob = exc.blob
+        if str(exc.blob) not in self.corrupt_blobs_logged:
+            self.corrupt_blobs_logged.add(str(exc.blob))
+            log.critical("%s", exc, extra={"metadata": {"blob": exc.blob}})
 
     def _process_mailbox(self, tip: Optional[str], report: CycleReport) -> None:
         if self.responder is not None:
@@ -465,7 +503,14 @@ class Monitor:
         source = getattr(self, "rule_source", None)
         if source is None:
             return
-        blob, raw = self.clone.read_file(tip, RULES_PATH)
+        try:
+            blob, raw = self.clone.read_file(tip, RULES_PATH)
+        except NotAFile as exc:  # bad input: the rules in force stay, mail keeps flowing
+            if exc.oid not in self.corrupt_blobs_logged:
+                self.corrupt_blobs_logged.add(exc.oid)
+                log.error("%s; keeping the auto-reply rules in force", exc.reason,
+                          extra={"metadata": {"path": RULES_PATH}})
+            return
         source.update_from_shared(blob, raw)
 
     def _auto_reply(self, msg: Dict[str, Any], report: CycleReport) -> None:
@@ -567,7 +612,7 @@ class Monitor:
         server = self.server
 
         def change(tip: Optional[str]):
-            blob, raw = self.clone.read_file(tip, MAILBOX_PATH)
+            blob, raw = read_mailbox(self.clone, tip)
             new_raw, changed = mark_in_blob(raw, blob, server, marks, acks)
             if new_raw is None:
                 return None
@@ -1093,8 +1138,9 @@ def repair_mailbox(clone: Clone, server: str, *, max_history: int = 500) -> Dict
     result: Dict[str, Any] = {"repaired": False, "kept": 0, "salvaged": 0, "good_commit": None}
 
     def change(tip: Optional[str]):
-        blob, raw = clone.read_file(tip, MAILBOX_PATH)
+        raw: Optional[bytes] = None  # a folder or submodule there: nothing to salvage
         try:
+            blob, raw = read_mailbox(clone, tip)
             parse_document(raw, blob)
             return None  # parses (already fine, or repaired meanwhile by someone else)
         except MailboxCorrupt:
@@ -1103,8 +1149,8 @@ def repair_mailbox(clone: Clone, server: str, *, max_history: int = 500) -> Dict
         revs = run_git(clone.root, "rev-list", f"--max-count={max_history}", str(tip), "--",
                        MAILBOX_PATH).stdout.decode().split()
         for rev in revs:
-            g_blob, g_raw = clone.read_file(rev, MAILBOX_PATH)
             try:
+                g_blob, g_raw = read_mailbox(clone, rev)
                 good = parse_document(g_raw, g_blob)
             except MailboxCorrupt:
                 continue

@@ -2,12 +2,14 @@
 
 - an unexpected error in a monitor cycle
 - hostile mailboxes (deep nesting, long numbers)
+- missing or damaged objects, gc racing sends, a submodule where the mailbox is
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,8 +18,9 @@ from typing import List
 import pytest
 from conftest import Fleet, git, run_script
 
-from fleet_git import Clone
+from fleet_git import MAILBOX_PATH, Clone, ObjectMissing, run_git
 from message_monitor import Monitor, repair_mailbox
+from message_queue import MessageQueue
 from send_message import send_message
 
 SEND = "send_message.py"
@@ -55,6 +58,181 @@ def served_clone(fleet: Fleet, server, name: str) -> Path:
     path = fleet.clone(name)
     git(path, "remote", "set-url", "origin", server.url("origin.git"))
     return path
+
+
+# --------------------------------------------------------------------------- missing objects
+
+
+def test_a_missing_object_is_never_an_empty_mailbox(fleet):
+    b1 = fleet.clone("build1")
+    for i in range(3):
+        assert send_message(f"earlier {i}", to="code2", from_sender="build1", build_repo_path=str(b1))
+    c2 = fleet.clone("code2")
+    drop_objects(c2, *TIP_PATH)
+    proc = run_script(SEND, "after the loss", "--to", "build1", "--from", "code2", "--repo", str(c2))
+    assert proc.returncode == 0, proc.stderr
+    # the send fetched every object again and built on the real mailbox: nothing dropped
+    assert bodies(fleet) == ["after the loss", "earlier 0", "earlier 1", "earlier 2"]
+    assert run_git(c2, "cat-file", "-e", git(fleet.origin, "rev-parse", "main~1:coordination/messages.json"),
+                   check=False).returncode == 0
+
+
+def test_absent_is_told_from_missing_by_the_trees_along_the_path(fleet):
+    c2 = fleet.clone("code2")
+    tip = Clone(c2).tip()
+    clone = Clone(c2)
+    assert clone.read_file(tip, "coordination/nothing.json") == (None, None)
+    assert clone.read_file(tip, "nowhere/x.json") == (None, None)
+    assert clone.read_file(tip, "README.md/x.json") == (None, None)  # a file where a folder would be
+    assert clone.read_tree(tip, "coordination/archive") is None
+    drop_objects(c2, f"{tip}:coordination/messages.json")
+    with pytest.raises(ObjectMissing, match="missing or unreadable"):
+        Clone(c2).read_file(tip, MAILBOX_PATH)
+    assert Clone(c2).read_file(tip, "coordination/other.json") == (None, None)  # its tree was read
+    drop_objects(c2, f"{tip}:coordination")
+    readers = [lambda c: c.read_file(tip, MAILBOX_PATH),
+               lambda c: c.read_file(tip, "coordination/other.json"),
+               lambda c: c.read_tree(tip, "coordination"),
+               lambda c: c.build_tree(tip, {"coordination/x.json": b"{}\n"})]
+    for read in readers:
+        with pytest.raises(ObjectMissing):
+            read(Clone(c2))
+    assert Clone(c2).read_file(tip, "README.md")[1] == b"Build repo\n"
+    drop_objects(c2, f"{tip}^{{tree}}")
+    with pytest.raises(ObjectMissing):
+        Clone(c2).read_file(tip, "README.md")
+
+
+def test_a_damaged_object_is_unreadable_not_absent(fleet):
+    c2 = fleet.clone("code2")
+    tip = Clone(c2).tip()
+    path = loose(c2, git(c2, "rev-parse", f"{tip}:coordination/messages.json"))
+    path.unlink()  # a clone of a local path shares the origin's files: replace, never write into
+    path.write_bytes(b"not zlib at all")
+    with pytest.raises(ObjectMissing):
+        Clone(c2).read_file(tip, MAILBOX_PATH)
+    before = fleet.remote_commits()
+    # git cannot fetch over a damaged object: the send stops, queued, and says why
+    proc = run_script(SEND, "waits", "--to", "build1", "--from", "code2", "--repo", str(c2))
+    assert proc.returncode == 75 and "unreadable in this clone" in proc.stderr, proc.stderr
+    assert "unreachable" not in proc.stderr and fleet.remote_commits() == before
+    path.unlink()  # what git fsck points an operator to; the monitor then fetches it again
+    mon = monitor(c2, "code2")
+    for _ in range(3):
+        if not MessageQueue(str(c2), "code2").get_pending():
+            break
+        mon.cycle()
+    assert bodies(fleet) == ["waits"]
+
+
+def test_objects_that_stay_missing_stop_the_send_and_the_queue_delivers_later(fleet, git_daemon):
+    b1 = served_clone(fleet, git_daemon, "build1")
+    assert send_message("earlier", to="code2", from_sender="build1", build_repo_path=str(b1))
+    c2 = served_clone(fleet, git_daemon, "code2")
+    git(c2, "fetch", "-q", "origin")  # a fresh FETCH_HEAD: the send reads without fetching
+    drop_objects(c2, *TIP_PATH)
+    git_daemon.stop()  # the refetch cannot bring them back
+    before = fleet.remote_commits()
+    proc = run_script(SEND, "waits", "--to", "build1", "--from", "code2", "--repo", str(c2))
+    assert proc.returncode == 75, proc.stderr
+    assert fleet.remote_commits() == before
+    git_daemon.start()
+    shown: list = []
+    first = monitor(c2, "code2", shown).cycle()
+    assert not first.ok and "missing" in first.error and shown == []  # never "an empty mailbox"
+    mon = monitor(c2, "code2", shown)
+    for _ in range(3):
+        if not MessageQueue(str(c2), "code2").get_pending():
+            break
+        mon.cycle()
+    assert bodies(fleet) == ["earlier", "waits"]
+    assert monitor(c2, "code2", shown).cycle().ok and [m["body"] for m in shown] == ["earlier"]
+
+
+@pytest.mark.parametrize("lost", ["auto_reply_rules.json", "messages.json"])
+def test_a_monitor_with_a_missing_mailbox_or_rules_blob_reads_nothing_that_cycle(fleet, lost):
+    b1 = fleet.clone("build1")
+    (b1 / "coordination" / "auto_reply_rules.json").write_text(json.dumps({"version": 1, "rules": [
+        {"name": "pong", "kind": "presence", "match": {"words": ["ping"]}}]}))
+    git(b1, "add", "-A")
+    git(b1, "commit", "-qm", "rules", "--no-gpg-sign")
+    git(b1, "push", "-q", "origin", "main")
+    assert send_message("ping", to="code2", from_sender="build1", build_repo_path=str(b1))
+    c2 = fleet.clone("code2")
+    drop_objects(c2, f"origin/main:coordination/{lost}")
+    shown: list = []
+    mon = monitor(c2, "code2", shown, auto_reply=True)
+    report = mon.cycle()
+    assert not report.ok and "missing" in report.error and shown == []  # no defaults, no "empty"
+    assert mon.cycle().ok and [m["body"] for m in shown] == ["ping"]
+    assert [m["subject"] for m in fleet.remote_messages() if m.get("auto")] == ["Re: ping"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gc_racing_sends_in_the_same_clone_loses_nothing(fleet):
+    b1 = fleet.clone("build1")
+    for i in range(3):
+        assert send_message(f"earlier {i}", to="code2", from_sender="build1", build_repo_path=str(b1))
+    c2 = fleet.clone("code2")
+    stop = threading.Event()
+    rounds = [0]
+
+    def collect_garbage() -> None:
+        while not stop.is_set():
+            for args in (("gc", "-q", "--prune=now"), ("repack", "-adq")):
+                subprocess.run(["git", *args], cwd=str(c2), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=120)
+            rounds[0] += 1
+
+    gc = threading.Thread(target=collect_garbage)
+    gc.start()
+    codes = []
+    try:
+        for i in range(20):
+            proc = run_script(SEND, f"during gc {i:02d}", "--to", "build1", "--from", "code2",
+                              "--repo", str(c2), "-q")
+            assert proc.returncode in (0, 75), proc.stderr
+            codes.append(proc.returncode)
+    finally:
+        stop.set()
+        gc.join(timeout=180)
+    assert rounds[0] > 0
+    mon = monitor(c2, "code2")
+    for _ in range(10):
+        if not MessageQueue(str(c2), "code2").get_pending():
+            break
+        mon.cycle()
+    expected = sorted([f"earlier {i}" for i in range(3)] + [f"during gc {i:02d}" for i in range(20)])
+    assert bodies(fleet) == expected, codes  # every one exactly once, the earlier ones kept
+
+
+@pytest.mark.parametrize("kind", ["submodule", "folder"])
+def test_a_submodule_or_folder_at_the_mailbox_path_is_corrupt_not_absent(fleet, kind):
+    b1 = fleet.clone("build1")
+    assert send_message("earlier", to="code2", from_sender="build1", build_repo_path=str(b1))
+    hostile = fleet.clone("hostile")
+    git(hostile, "rm", "-q", "--cached", "coordination/messages.json")
+    if kind == "submodule":  # a gitlink to a commit nobody has: a "missing object" by commit
+        git(hostile, "update-index", "--add", "--cacheinfo",
+            f"160000,{'ab' * 20},coordination/messages.json")
+    else:
+        (hostile / "coordination" / "messages.json").unlink()
+        (hostile / "coordination" / "messages.json").mkdir()
+        (hostile / "coordination" / "messages.json" / "x").write_text("x\n")
+        git(hostile, "add", "coordination/messages.json/x")
+    git(hostile, "commit", "-qm", "hostile", "--no-gpg-sign")
+    git(hostile, "push", "-q", "origin", "main")
+    before = fleet.remote_commits()
+    proc = run_script(SEND, "waits", "--to", "code2", "--from", "build1", "--repo", str(b1))
+    assert proc.returncode == 75 and "--repair" in proc.stderr, proc.stderr
+    assert fleet.remote_commits() == before  # the mailbox was not written afresh
+    c2 = fleet.clone("code2")
+    proc = run_script(MONITOR, "--repo", str(c2), "--server", "code2", "--once", "--no-auto-reply")
+    assert proc.returncode == 1 and "not a file" in proc.stderr, proc.stderr
+    assert repair_mailbox(Clone(b1), "build1")["repaired"]
+    assert monitor(b1, "build1").cycle().sent == 1
+    assert bodies(fleet) == ["earlier", "waits"]
 
 
 # --------------------------------------------------------------------------- hostile mailboxes
