@@ -9,7 +9,8 @@ compare-and-swap, and accept it only once the remote's own ref-update status con
 
 What a read may conclude is narrow (PROTOCOL.md, "Trust between servers"): a path is absent only
 when a tree along it was read and does not name it; a tree or blob that git cannot produce is
-:class:`ObjectMissing`, which stops the transaction, never an empty mailbox.
+:class:`ObjectMissing`, which stops the transaction, never an empty mailbox. A branch that the
+remote does not have is :class:`BranchMissing`; only ``--init`` creates one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import zlib
 from pathlib import Path
 from typing import Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from fleet_common import SuiteError, UsageError, get_logger
+from fleet_common import EXIT_USAGE, SuiteError, UsageError, get_logger
 
 log = get_logger(__name__)
 
@@ -131,8 +132,53 @@ class NotAFile(GitError):
         self.oid = oid
 
 
+class BranchMissing(GitError, UsageError):
+    """The shared branch does not exist on the remote: a mistyped ``--branch`` or an empty origin.
+
+    Bad input (exit 2), not an outage: retrying or queueing would never deliver, and a send or a
+    monitor never creates the branch (only ``--init`` does, PROTOCOL.md "Trust between servers").
+    """
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, branch: str, argv: Sequence[str], returncode: Optional[int],
+                 stdout: bytes = b"", stderr: bytes = b"") -> None:
+        super().__init__(argv, returncode, stdout, stderr, f"no branch '{branch}' on the remote")
+        self.branch = branch
+
+    def __str__(self) -> str:
+        return (f"the branch '{self.branch}' does not exist on origin (check --branch; only "
+                "message_monitor.py --init creates it)")
+
+
 class NotAClone(UsageError):
     """``--repo`` is missing, not a git clone, or has no ``origin``."""
+
+
+# git check-ref-format's rules for a branch name, checked without running git (git-check-ref-format(1)).
+_BAD_REF_TEXT = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+MAX_BRANCH_LENGTH: Final = 255
+
+
+def check_branch_name(branch: str) -> str:
+    """``branch`` when git would accept it as a branch name; :class:`UsageError` otherwise.
+
+    Checked before any git call: ``--branch ../../x`` names no branch, and a name becomes part
+    of a refspec and a path under ``.git/refs``.
+    """
+    parts = branch.split("/")
+    problem = None
+    if not branch or len(branch) > MAX_BRANCH_LENGTH:
+        problem = "empty or too long"
+    elif _BAD_REF_TEXT.search(branch):
+        problem = "it holds '..', '//', '@{', a space, a control character or one of ~^:?*[\\"
+    elif branch.startswith(("-", "/")) or branch.endswith(("/", ".")) or branch in ("@", "HEAD"):
+        problem = "it starts with '-' or '/', ends with '/' or '.', or is '@' or 'HEAD'"
+    elif any(not part or part.startswith(".") or part.endswith(".lock") for part in parts):
+        problem = "a part starts with '.' or ends with '.lock'"
+    if problem is not None:
+        raise UsageError(f"invalid --branch {branch!r}: {problem}")
+    return branch
 
 
 def _first_line(data: bytes) -> str:
@@ -277,6 +323,8 @@ class Clone:
     """One server's clone of the fleet repository."""
 
     def __init__(self, path: Union[str, "os.PathLike[str]"], branch: Optional[str] = None) -> None:
+        if branch is not None:
+            check_branch_name(branch)
         root = Path(path)
         if not root.is_dir():
             raise NotAClone(f"--repo {path}: no such directory")
@@ -408,11 +456,13 @@ class Clone:
 
     # ----------------------------------------------------------------- network
 
-    def fetch(self, *, refetch: bool = False) -> Optional[str]:
+    def fetch(self, *, allow_missing: bool = False, refetch: bool = False) -> Optional[str]:
         """Fetch the shared branch into ``refs/remotes/origin/<branch>``; return its tip.
 
-        ``refetch`` fetches every object of the branch again (``--refetch``): a plain fetch
-        brings nothing when the tip is known, even if objects under it were lost.
+        A branch the remote does not have is :class:`BranchMissing`, unless ``allow_missing``
+        (``--init``, which creates it): then ``None``. ``refetch`` fetches every object of the
+        branch again (``--refetch``): a plain fetch brings nothing when the tip is known, even if
+        objects under it were lost.
         """
         argv = ["git", "fetch", "origin", self.branch]
         options = ["--refetch"] if refetch else []
@@ -434,6 +484,8 @@ class Clone:
                 continue
             if "couldn't find remote ref" in lowered:
                 self.last_sync = time.monotonic()
+                if not allow_missing:
+                    raise BranchMissing(self.branch, argv, proc.returncode, proc.stdout, proc.stderr)
                 self._tip = None
                 return None
             if _local_lock_busy(text) and attempt < LOCAL_LOCK_RETRIES:
@@ -450,8 +502,12 @@ class Clone:
         self._tip = _UNKNOWN  # read the ref our fetch wrote (FETCH_HEAD may be someone else's)
         return self.tip()
 
-    def remote_tip(self) -> Optional[str]:
-        """The remote's current tip by ``ls-remote`` (no objects transferred)."""
+    def remote_tip(self, *, allow_missing: bool = False) -> Optional[str]:
+        """The remote's current tip by ``ls-remote`` (no objects transferred).
+
+        A branch the remote does not have is :class:`BranchMissing` (``None`` with
+        ``allow_missing``).
+        """
         proc = self.network_git("ls-remote", "--heads", "origin", f"refs/heads/{self.branch}", check=False)
         if proc.returncode != 0:
             raise RemoteUnavailable(["git", "ls-remote", "origin", self.branch], proc.returncode,
@@ -460,18 +516,25 @@ class Clone:
             oid, _, ref = line.partition("\t")
             if ref == f"refs/heads/{self.branch}":
                 return oid
-        return None
+        if allow_missing:
+            return None
+        raise BranchMissing(self.branch, ["git", "ls-remote", "origin", self.branch], proc.returncode,
+                            proc.stdout, proc.stderr)
 
-    def sync(self, max_age: float = 0.0) -> Optional[str]:
+    def sync(self, max_age: float = 0.0, *, allow_missing: bool = False) -> Optional[str]:
         """The tip to build on: the known one when it is younger than ``max_age``, else fetched.
 
         PROTOCOL.md allows pushing from a recent tip; a stale one only costs a rejected push.
+        No known tip is never "recent": ``FETCH_HEAD``'s age says nothing about a branch this
+        clone has not fetched, so the fetch tells whether the remote has it.
         """
         if max_age > 0:
             age = time.monotonic() - self.last_sync if self.last_sync else self._fetch_head_age()
             if age is not None and age < max_age:
-                return self.tip()
-        return self.fetch()
+                tip = self.tip()
+                if tip is not None or allow_missing:
+                    return tip
+        return self.fetch(allow_missing=allow_missing)
 
     def _fetch_head_age(self) -> Optional[float]:
         try:
@@ -487,14 +550,24 @@ class Clone:
             pass
 
     def push(self, commit: str, expected: Optional[str]) -> None:
-        """Push ``commit`` to the shared branch and verify by the remote's ref-update status.
+        """Push ``commit`` as a compare-and-swap and verify it by the remote's ref-update status.
 
-        A local object that the push cannot read (pruned under us) is :class:`ObjectMissing`.
+        ``expected`` is the tip ``commit`` was built on, ``None`` for a branch that must not
+        exist yet (``--init``). The push carries it as a lease
+        (``--force-with-lease=refs/heads/<branch>:<expected>``), which the remote checks in the
+        same atomic update: the branch moves only while it still points at ``expected``. So a
+        push never lands on a tip it did not read (another server's push landed first, the
+        branch was rewritten or deleted): that is :class:`PushRejected`, and the transaction
+        reads again. ``commit``'s only parent is ``expected``, so the update is a fast-forward.
+
+        A local object that the push cannot read (pruned under us) is :class:`ObjectMissing`;
+        any other failure is :class:`RemoteUnavailable`.
         """
         self.push_attempts += 1
         dest = f"refs/heads/{self.branch}"
         proc = self.network_git("-c", f"core.looseCompression={LOOSE_COMPRESSION}",
-                                "push", "--porcelain", "--no-verify", "origin",
+                                "push", "--porcelain", "--no-verify",
+                                f"--force-with-lease={dest}:{expected or ''}", "origin",
                                 f"{commit}:{dest}", check=False)
         out = proc.stdout.decode("utf-8", "replace")
         status = None
@@ -503,7 +576,7 @@ class Clone:
             if len(parts) >= 3 and parts[1].endswith(":" + dest):
                 status = (parts[0], parts[2])
         err = proc.stderr.decode("utf-8", "replace")
-        if status is None and proc.returncode == 0 and self.remote_tip() == commit:
+        if status is None and proc.returncode == 0 and self.remote_tip(allow_missing=True) == commit:
             status = ("=", "verified by ls-remote")  # no porcelain line: ask the remote itself
         if status is not None and status[0] in (" ", "*", "="):
             # The remote's own ref-update status says the branch is at our commit. A non-zero
@@ -843,19 +916,21 @@ class Clone:
 
     def transact(self, change: Callable[[Optional[str]], Optional[Tuple[Mapping[str, Optional[bytes]], str]]],
                  *, author: str, fresh_for: float = 0.0,
-                 max_attempts: int = MAX_RACE_ATTEMPTS) -> "TxResult":
+                 max_attempts: int = MAX_RACE_ATTEMPTS, create_branch: bool = False) -> "TxResult":
         """Run one PROTOCOL.md transaction.
 
         ``change(tip)`` reads what it needs at ``tip`` and returns ``(path -> new content,
         commit message)``, or ``None`` when the change is already there (idempotent). Lost push
         races are retried after a short, growing random delay; other failures raise.
 
-        An object that cannot be read (:class:`ObjectMissing`) makes it fetch every object again
-        and start over, once; a second time it raises, with nothing written to the remote.
+        The branch must exist on the remote (:class:`BranchMissing` otherwise); only
+        ``create_branch`` (``--init``) may build a first commit. An object that cannot be read
+        (:class:`ObjectMissing`) makes it fetch every object again and start over, once; a
+        second time it raises, with nothing written to the remote.
         """
         delay = 0.05
         refetched = False
-        tip = self.sync(fresh_for)
+        tip = self._tip_for_write(fresh_for, create_branch)
         for attempt in range(1, max_attempts + 1):
             try:
                 planned = change(tip)
@@ -871,7 +946,7 @@ class Clone:
                 refetched = True
                 log.warning("%s: fetching every object of the branch again before retrying", exc.reason,
                             extra={"metadata": {"error": exc.reason}})
-                tip = self.fetch(refetch=True)
+                tip = self._tip_for_write(0.0, create_branch, refetch=True)
                 continue
             except PushRejected:
                 if attempt == max_attempts:
@@ -880,10 +955,25 @@ class Clone:
                 # colliding again (measured in bench/contention.py).
                 time.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 1.6, RACE_DELAY_CAP)
-                tip = self.fetch()
+                tip = self._tip_for_write(0.0, create_branch)
                 continue
             return TxResult(commit=commit, changed=True, attempts=attempt, base=tip)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _tip_for_write(self, max_age: float, create_branch: bool, *, refetch: bool = False) -> Optional[str]:
+        """The tip a transaction builds on (:meth:`sync`, or a full refetch).
+
+        A branch the remote does not have is :class:`BranchMissing` unless ``create_branch``: no
+        send or monitor creates it.
+        """
+        if refetch:
+            tip = self.fetch(allow_missing=create_branch, refetch=True)
+        else:
+            tip = self.sync(max_age, allow_missing=create_branch)
+        if tip is None and not create_branch:
+            raise BranchMissing(self.branch, ["git", "fetch", "origin", self.branch], None)
+        return tip
+
 
 class TxResult:
     """A finished transaction: the commit now on the remote, built on ``base`` (its parent)."""

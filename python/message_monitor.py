@@ -14,9 +14,10 @@ transaction (PROTOCOL.md), and fast-forwards the working tree only when that can
 work. Read marks that could not be pushed are kept and pushed on a later cycle.
 
 Exit codes: 0 stopped on request (Ctrl+C, SIGTERM) or the one-shot command ran; 1 failure with a
-one-line reason on stderr (``--once``: the remote could not be reached or the mailbox is corrupt;
-another monitor already runs for this repository and server); 2 bad usage or bad input; 130 a
-one-shot command interrupted by Ctrl+C.
+one-line reason on stderr (``--once``: the remote could not be reached, the mailbox is corrupt or
+the shared branch is not on the remote; another monitor already runs for this repository and
+server); 2 bad usage or bad input (a running monitor whose shared branch is not on the remote at
+start stops with 2: creating it is ``--init``'s job); 130 a one-shot command interrupted by Ctrl+C.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from fleet_common import (
 )
 from fleet_git import (
     MAILBOX_PATH,
+    BranchMissing,
     Clone,
     GitError,
     NotAFile,
@@ -166,6 +168,7 @@ class CycleReport:
         self.sent = 0
         self.replies = 0
         self.heartbeat = False
+        self.fatal = False  # the shared branch was never there: a monitor stops (exit 2)
 
     def summary(self) -> str:
         if self.skipped:
@@ -251,6 +254,8 @@ class Monitor:
         self.last_report: Optional[CycleReport] = None
         self.restart_requested = False
         self.failed_upgrades: Set[str] = set()
+        self.branch_seen_at: Optional[int] = None  # the cycle that last found the shared branch
+        self.branch_missing_logged: Optional[int] = None
         self.responder = responder
         if responder is None and auto_reply:
             self.responder = self._make_responder(rules_path)
@@ -390,6 +395,20 @@ class Monitor:
                         extra={"metadata": {"step": "fetch", "error": exc.reason}})
             self._finish(report, busy=True)
             return
+        except BranchMissing as exc:
+            # The remote answered; the branch is not there. At start that is a mistyped
+            # --branch (run() stops with exit 2); later, someone deleted it: report, keep going.
+            self.breaker.record_success()
+            report.ok = False
+            report.error = str(exc)
+            report.fatal = self.branch_seen_at is None
+            if self.branch_missing_logged != self.iterations - 1:
+                log.error("%s", exc, extra={"metadata": {"step": "fetch", "branch": exc.branch}})
+            self.branch_missing_logged = self.iterations
+            self.metrics.increment("errors")
+            self._finish(report, busy=True)
+            return
+        self.branch_seen_at = self.iterations
         self.breaker.record_success()
         self.metrics.increment("git_pull_success")
         report.tip = tip
@@ -854,9 +873,15 @@ class Monitor:
     # ----------------------------------------------------------------- the loop
 
     def run(self) -> int:
+        """Cycle until asked to stop; 0, or 2 when the shared branch is not on the remote at
+        start (a mistyped ``--branch``: retrying would never deliver anything)."""
+        code = EXIT_OK
         while not self.stop_event.is_set():
             started = time.monotonic()
-            self.cycle()
+            report = self.cycle()
+            if report.fatal:
+                code = EXIT_USAGE
+                break
             if self.one_shot:
                 break
             remaining = self.interval - (time.monotonic() - started)
@@ -864,7 +889,7 @@ class Monitor:
                 break
         self.metrics.maybe_flush(True)
         log.info("monitor stopped", extra={"metadata": {"iterations": self.iterations}})
-        return EXIT_OK
+        return code
 
 
 def _dt_from_epoch(epoch: float):
@@ -881,10 +906,13 @@ def init_fleet(path: "os.PathLike[str] | str", branch: str = "main") -> str:
 
     On an existing clone without a mailbox, add one by the transaction. Returns what was done.
     """
+    from fleet_git import check_branch_name
+
+    check_branch_name(branch)
     target = Path(path).expanduser()
     if target.exists() and (target / ".git").exists():
         clone = Clone(target, None)
-        clone.fetch()
+        clone.fetch(allow_missing=True)
 
         def change(tip: Optional[str]):
             _, raw = clone.read_file(tip, MAILBOX_PATH)
@@ -892,7 +920,7 @@ def init_fleet(path: "os.PathLike[str] | str", branch: str = "main") -> str:
                 return None
             return {MAILBOX_PATH: serialize({"messages": []})}, "fleet: create the mailbox"
 
-        tx = clone.transact(change, author="fleet")
+        tx = clone.transact(change, author="fleet", create_branch=True)  # --init alone may create it
         return "added a mailbox to the existing clone" if tx.changed else "already a fleet repository"
     if target.exists() and any(target.iterdir()):
         raise UsageError(f"--init: {target} exists and is not a git clone")

@@ -12,7 +12,8 @@ the working tree and index of the clone are never touched.
 Importable: ``send_message(body, subject=None, to="all", ...)`` returns a :class:`SendResult`
 that is truthy only when the message is sent and verified, and always carries the message id.
 
-Exit codes: 0 sent and verified; 2 bad usage or bad input; 75 not deliverable now, queued in
+Exit codes: 0 sent and verified; 2 bad usage or bad input (a ``--branch`` the remote does not
+have included: it is never created, nor queued); 75 not deliverable now, queued in
 ``<server>/queue/message_queue.json`` for the monitor to deliver; 1 any other failure (one-line
 reason on stderr); 130 interrupted by Ctrl+C.
 """
@@ -159,8 +160,8 @@ def commit_subject(msg: Dict[str, Any]) -> str:
 def deliver(clone: Clone, msg: Dict[str, Any], *, fresh_for: float = STANDALONE_FRESHNESS):
     """Append ``msg`` to the shared mailbox by one transaction; idempotent on (id, from).
 
-    Raises :class:`RemoteUnavailable`, :class:`MailboxCorrupt`, :class:`ObjectMissing` or another
-    :class:`GitError`.
+    Raises :class:`RemoteUnavailable`, :class:`MailboxCorrupt`, :class:`BranchMissing` (bad
+    input: never queued), :class:`ObjectMissing` or another :class:`GitError`.
     """
     from fleet_mailbox import append_to_blob, read_mailbox
 

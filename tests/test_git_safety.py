@@ -3,6 +3,7 @@
 - an unexpected error in a monitor cycle
 - hostile mailboxes (deep nesting, long numbers)
 - missing or damaged objects, gc racing sends, a submodule where the mailbox is
+- unknown and malformed branches, the push as a compare-and-swap
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import List
 import pytest
 from conftest import Fleet, git, run_script
 
-from fleet_git import MAILBOX_PATH, Clone, ObjectMissing, run_git
+from fleet_git import MAILBOX_PATH, BranchMissing, Clone, ObjectMissing, PushRejected, run_git
 from message_monitor import Monitor, repair_mailbox
 from message_queue import MessageQueue
 from send_message import send_message
@@ -233,6 +234,66 @@ def test_a_submodule_or_folder_at_the_mailbox_path_is_corrupt_not_absent(fleet, 
     assert repair_mailbox(Clone(b1), "build1")["repaired"]
     assert monitor(b1, "build1").cycle().sent == 1
     assert bodies(fleet) == ["earlier", "waits"]
+
+
+# --------------------------------------------------------------------------- branches
+
+
+@pytest.mark.parametrize("branch", ["../../x", "-x", "a..b", "a b", "x.lock", "a//b", "HEAD", "a@{1}", ""])
+def test_a_malformed_branch_is_refused_before_any_git_call(fleet, branch):
+    c2 = fleet.clone("code2")
+    before = sorted(p.name for p in (c2 / ".git").iterdir())
+    for script, args in ((SEND, ["hi", "--from", "code2"]), (MONITOR, ["--server", "code2", "--once"]),
+                         (MONITOR, ["--server", "code2"])):
+        proc = run_script(script, *args, "--repo", str(c2), f"--branch={branch}", timeout=60)
+        assert proc.returncode == 2, (script, proc.stderr)
+        assert "invalid --branch" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (c2 / ".git").iterdir()) == before  # no FETCH_HEAD, nothing
+    assert not (c2 / "code2").exists()
+
+
+def test_a_branch_the_remote_does_not_have_is_never_created(fleet):
+    c2 = fleet.clone("code2")
+    proc = run_script(SEND, "typo", "--to", "build1", "--from", "code2", "--repo", str(c2), "--branch", "mian")
+    assert proc.returncode == 2 and "'mian' does not exist" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert MessageQueue(str(c2), "code2").stats()["pending"] == 0  # it would never deliver
+    proc = run_script(MONITOR, "--repo", str(c2), "--server", "code2", "--branch", "mian", "--once")
+    assert proc.returncode == 1 and "'mian' does not exist" in proc.stderr, proc.stderr
+    proc = run_script(MONITOR, "--repo", str(c2), "--server", "code2", "--branch", "mian",
+                      "--interval", "0.1", "--no-auto-reply", timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert git(fleet.origin, "for-each-ref", "--format=%(refname)") == "refs/heads/main"
+    with pytest.raises(BranchMissing):
+        Clone(c2, "mian").transact(lambda tip: ({"x": b"x"}, "x"), author="code2", fresh_for=10)
+
+
+def test_a_deleted_branch_is_not_recreated_and_the_monitor_keeps_running(fleet):
+    c2 = fleet.clone("code2")
+    git(fleet.origin, "branch", "spare", "main")
+    clone = Clone(c2, "spare")
+    mon = Monitor(clone, "code2", 0.05, one_shot=True, auto_reply=False)
+    assert mon.cycle().ok
+    git(fleet.origin, "branch", "-D", "spare")
+    report = mon.cycle()
+    assert not report.ok and not report.fatal and "'spare' does not exist" in report.error
+    # a send from the tip this clone knows (no fetch): the push's lease refuses to create it
+    with pytest.raises(BranchMissing):
+        send_message("late", to="build1", from_sender="code2", clone=Clone(c2, "spare"))
+    assert "refs/heads/spare" not in git(fleet.origin, "for-each-ref", "--format=%(refname)")
+
+
+def test_the_push_is_a_compare_and_swap_on_the_tip_it_was_built_on(fleet):
+    c2 = fleet.clone("code2")
+    assert send_message("one", to="build1", from_sender="code2", build_repo_path=str(c2))
+    clone = Clone(c2)
+    tip = clone.fetch()
+    base = git(c2, "rev-parse", f"{tip}~1")
+    git(fleet.origin, "update-ref", "refs/heads/main", base)  # rewound behind our tip
+    commit = clone.commit_tree(clone.build_tree(tip, {"x.txt": b"x"}), tip, "x", "code2")
+    with pytest.raises(PushRejected):
+        clone.push(commit, tip)  # a fast-forward of the remote, but not from the tip we read
+    assert git(fleet.origin, "rev-parse", "main") == base
 
 
 # --------------------------------------------------------------------------- hostile mailboxes
