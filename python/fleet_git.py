@@ -151,6 +151,21 @@ class BranchMissing(GitError, UsageError):
                 "message_monitor.py --init creates it)")
 
 
+class LocalRefLocked(GitError):
+    """The fetch talked to the remote fine, but a ref of this clone stayed locked while git tried
+    to update it (another git process holds ``<ref>.lock``, or one crashed and left it).
+
+    A local fault, not an outage: no breaker failure, no "remote unreachable". ``fetched`` is the
+    tip the fetch brought (from ``FETCH_HEAD``), when it could be read: a writer builds on it.
+    Locks older than :data:`STALE_LOCK_AGE` are removed by the monitor.
+    """
+
+    def __init__(self, argv: Sequence[str], returncode: Optional[int], stdout: bytes = b"",
+                 stderr: bytes = b"", reason: str = "", fetched: Optional[str] = None) -> None:
+        super().__init__(argv, returncode, stdout, stderr, reason)
+        self.fetched = fetched
+
+
 class NotAClone(UsageError):
     """``--repo`` is missing, not a git clone, or has no ``origin``."""
 
@@ -254,6 +269,7 @@ _RACE_MARKERS = (
 
 
 LOCAL_LOCK_RETRIES: Final = 20
+LOCAL_LOCK_WAIT: Final = 2.0  # seconds a fetch waits for another process's ref lock to go
 
 # What git says when this clone lacks an object that a push must send (pruned by a gc racing us),
 # or holds a damaged one (which a fetch cannot replace: git compares what it receives with it).
@@ -462,7 +478,8 @@ class Clone:
         A branch the remote does not have is :class:`BranchMissing`, unless ``allow_missing``
         (``--init``, which creates it): then ``None``. ``refetch`` fetches every object of the
         branch again (``--refetch``): a plain fetch brings nothing when the tip is known, even if
-        objects under it were lost.
+        objects under it were lost. A ref of this clone that stays locked is
+        :class:`LocalRefLocked`, never :class:`RemoteUnavailable`.
         """
         argv = ["git", "fetch", "origin", self.branch]
         options = ["--refetch"] if refetch else []
@@ -488,11 +505,17 @@ class Clone:
                     raise BranchMissing(self.branch, argv, proc.returncode, proc.stdout, proc.stderr)
                 self._tip = None
                 return None
-            if _local_lock_busy(text) and attempt < LOCAL_LOCK_RETRIES:
+            if _local_lock_busy(text):
                 # Another process of this clone (a send, a person's git) holds the ref lock for a
-                # moment: that is not an outage.
-                time.sleep(random.uniform(0.05, 0.2))
-                continue
+                # moment: that is not an outage. Wait for the lock file to go (no network call
+                # meanwhile), then fetch again.
+                if attempt < LOCAL_LOCK_RETRIES and self._ref_lock_released():
+                    continue
+                # The remote answered; only this clone's ref stayed locked (a lock younger than
+                # STALE_LOCK_AGE, which nobody may remove yet).
+                raise LocalRefLocked(argv, proc.returncode, proc.stdout, proc.stderr,
+                                     f"{self.remote_ref} stays locked in this clone: {_first_line(proc.stderr)}",
+                                     fetched=self._fetched_head())
             if _local_object_problem(proc.stderr):  # not an outage: the remote answered
                 raise ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr,
                                     f"an object of this clone is damaged: {_first_line(proc.stderr)} "
@@ -501,6 +524,32 @@ class Clone:
         self.last_sync = time.monotonic()
         self._tip = _UNKNOWN  # read the ref our fetch wrote (FETCH_HEAD may be someone else's)
         return self.tip()
+
+    def _ref_lock_released(self) -> bool:
+        """Wait up to :data:`LOCAL_LOCK_WAIT` seconds for the tracking ref's lock files to go;
+        whether they did (with none there, the ref only moved under the fetch: try again)."""
+        locks = [self.common_dir / f"{self.remote_ref}.lock", self.common_dir / "packed-refs.lock"]
+        deadline = time.monotonic() + LOCAL_LOCK_WAIT
+        while True:
+            time.sleep(random.uniform(0.05, 0.2))
+            if not any(lock.exists() for lock in locks):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    def _fetched_head(self) -> Optional[str]:
+        """The shared branch's tip as the last fetch recorded it in ``FETCH_HEAD``, when that
+        names this branch and the commit is here; else ``None``."""
+        try:
+            text = (self.git_dir / "FETCH_HEAD").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+        for line in text.splitlines()[:100]:
+            oid, _, rest = line.partition("\t")
+            if _is_oid(oid, self.hexlen) and f"branch '{self.branch}' of " in rest:
+                proc = self.git("rev-parse", "-q", "--verify", f"{oid}^{{commit}}", check=False)
+                return oid if proc.returncode == 0 else None
+        return None
 
     def remote_tip(self, *, allow_missing: bool = False) -> Optional[str]:
         """The remote's current tip by ``ls-remote`` (no objects transferred).
@@ -580,7 +629,8 @@ class Clone:
             status = ("=", "verified by ls-remote")  # no porcelain line: ask the remote itself
         if status is not None and status[0] in (" ", "*", "="):
             # The remote's own ref-update status says the branch is at our commit. A non-zero
-            # exit beside it is local (the tracking ref was busy): set that ref ourselves.
+            # exit beside it is local (the tracking ref was busy): set that ref ourselves; a
+            # lock that still holds it only leaves the ref stale, which costs one rejected push.
             self._tip = commit
             if not self._push_updates_tracking_ref or proc.returncode != 0:
                 self.git("update-ref", "-m", "fleet: verified push", self.remote_ref, commit, check=False)
@@ -963,13 +1013,23 @@ class Clone:
     def _tip_for_write(self, max_age: float, create_branch: bool, *, refetch: bool = False) -> Optional[str]:
         """The tip a transaction builds on (:meth:`sync`, or a full refetch).
 
-        A branch the remote does not have is :class:`BranchMissing` unless ``create_branch``: no
-        send or monitor creates it.
+        A fetch whose only trouble was a locked ref of this clone still brought the tip
+        (``FETCH_HEAD``): the transaction builds on that, since the push is the compare-and-swap
+        and the tracking ref is only a cache. A branch the remote does not have is
+        :class:`BranchMissing` unless ``create_branch``: no send or monitor creates it.
         """
-        if refetch:
-            tip = self.fetch(allow_missing=create_branch, refetch=True)
-        else:
-            tip = self.sync(max_age, allow_missing=create_branch)
+        try:
+            if refetch:
+                tip = self.fetch(allow_missing=create_branch, refetch=True)
+            else:
+                tip = self.sync(max_age, allow_missing=create_branch)
+        except LocalRefLocked as exc:
+            if exc.fetched is None:
+                raise
+            log.warning("%s; building on the fetched tip %s", exc.reason, exc.fetched[:12],
+                        extra={"metadata": {"error": exc.reason, "tip": exc.fetched}})
+            tip = self._tip = exc.fetched
+            self.last_sync = time.monotonic()
         if tip is None and not create_branch:
             raise BranchMissing(self.branch, ["git", "fetch", "origin", self.branch], None)
         return tip

@@ -56,6 +56,7 @@ from fleet_git import (
     BranchMissing,
     Clone,
     GitError,
+    LocalRefLocked,
     NotAFile,
     ObjectMissing,
     RemoteUnavailable,
@@ -394,6 +395,15 @@ class Monitor:
             log.warning("cannot reach the remote: %s", exc.reason,
                         extra={"metadata": {"step": "fetch", "error": exc.reason}})
             self._finish(report, busy=True)
+            return
+        except LocalRefLocked as exc:
+            # The remote answered: a lock in this clone is no outage, so no breaker failure. A
+            # lock older than STALE_LOCK_AGE is removed at the start of a later cycle.
+            self.breaker.record_success()
+            report.skipped = f"a ref of this clone is locked: {exc.reason}"
+            log.warning("cycle skipped: %s", exc.reason, extra={"metadata": {"step": "fetch",
+                                                                              "error": exc.reason}})
+            self._finish(report, busy=False)
             return
         except BranchMissing as exc:
             # The remote answered; the branch is not there. At start that is a mistyped

@@ -4,12 +4,14 @@
 - hostile mailboxes (deep nesting, long numbers)
 - missing or damaged objects, gc racing sends, a submodule where the mailbox is
 - unknown and malformed branches, the push as a compare-and-swap
+- local ref locks
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import threading
 import time
@@ -294,6 +296,32 @@ def test_the_push_is_a_compare_and_swap_on_the_tip_it_was_built_on(fleet):
     with pytest.raises(PushRejected):
         clone.push(commit, tip)  # a fast-forward of the remote, but not from the tip we read
     assert git(fleet.origin, "rev-parse", "main") == base
+
+
+# --------------------------------------------------------------------------- local ref locks
+
+
+def test_a_young_local_ref_lock_is_no_outage(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    assert send_message("new mail", to="code2", from_sender="build1", build_repo_path=str(b1))
+    lock = c2 / ".git" / "refs" / "remotes" / "origin" / "main.lock"
+    lock.write_text("")
+    proc = run_script(MONITOR, "--repo", str(c2), "--server", "code2", "--once", "--no-auto-reply")
+    assert proc.returncode == 0, proc.stderr
+    assert "locked" in proc.stderr and "unreachable" not in proc.stderr
+    state = c2 / "code2" / "state" / "circuit_breaker.json"
+    breaker = json.loads(state.read_text()) if state.exists() else {}
+    assert breaker.get("state", "CLOSED") == "CLOSED" and not breaker.get("total_failures")
+    # a send builds on the tip its fetch brought (FETCH_HEAD), and its push lands
+    proc = run_script(SEND, "despite the lock", "--to", "build1", "--from", "code2", "--repo", str(c2))
+    assert proc.returncode == 0, proc.stderr
+    assert bodies(fleet) == ["despite the lock", "new mail"]
+    assert lock.exists()  # young: nobody may remove it
+    old = time.time() - 600
+    os.utime(lock, (old, old))
+    shown: list = []
+    assert monitor(c2, "code2", shown).cycle().ok and not lock.exists()
+    assert [m["body"] for m in shown] == ["new mail"]
 
 
 # --------------------------------------------------------------------------- hostile mailboxes
