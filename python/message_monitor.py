@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -170,6 +171,7 @@ class CycleReport:
         self.replies = 0
         self.heartbeat = False
         self.fatal = False  # the shared branch was never there: a monitor stops (exit 2)
+        self.rewritten: Optional[int] = None  # messages gone in a forced rewrite (-1: unknown)
 
     def summary(self) -> str:
         if self.skipped:
@@ -257,6 +259,7 @@ class Monitor:
         self.failed_upgrades: Set[str] = set()
         self.branch_seen_at: Optional[int] = None  # the cycle that last found the shared branch
         self.branch_missing_logged: Optional[int] = None
+        self.rewrites_logged: Set[Tuple[str, str]] = set()
         self.responder = responder
         if responder is None and auto_reply:
             self.responder = self._make_responder(rules_path)
@@ -426,6 +429,7 @@ class Monitor:
         self.seen_tip = tip
         if changed:
             try:
+                self._check_rewrite(tip, report)
                 self._process_mailbox(tip, report)
             except MailboxCorrupt as exc:
                 report.ok = False
@@ -451,7 +455,7 @@ class Monitor:
             self.ff_pending = False
             self.last_ff = time.monotonic()
         if report.ok:
-            self.processed_tip = self.seen_tip
+            self._set_processed_tip(self.seen_tip)
         self._finish(report, busy=bool(report.new_messages or report.marked or report.sent
                                         or report.error))
 
@@ -465,6 +469,62 @@ class Monitor:
             self.known_tip = self.clone.fetch(refetch=True)
         except GitError as again:
             log.warning("refetch failed: %s", again, extra={"metadata": {"step": "refetch"}})
+
+    def _set_processed_tip(self, tip: Optional[str]) -> None:
+        """Remember the tip whose mail was processed, also across restarts (a rewrite of the
+        branch while the monitor was stopped is still noticed)."""
+        self.processed_tip = tip
+        record = {"branch": self.clone.branch, "tip": tip}
+        if tip is not None and self.state.extra.get("processed_tip") != record:
+            self.state.extra["processed_tip"] = record
+            self.state.dirty = True
+            self.state.save()
+
+    def _last_processed_tip(self) -> Optional[str]:
+        if self.processed_tip is not None:
+            return self.processed_tip
+        record = self.state.extra.get("processed_tip")
+        if not isinstance(record, dict) or record.get("branch") != self.clone.branch:
+            return None
+        tip = record.get("tip")
+        return tip if isinstance(tip, str) and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", tip) else None
+
+    def _check_rewrite(self, tip: Optional[str], report: CycleReport) -> None:
+        """PROTOCOL.md: a shared branch rewritten by force is an error naming how many messages
+        disappeared. Nothing local is discarded or reset because of it."""
+        old = self._last_processed_tip()
+        if old is None or not tip or old == tip or (old, tip) in self.rewrites_logged:
+            return
+        proc = run_git(self.repo, "merge-base", "--is-ancestor", old, tip, check=False)
+        if proc.returncode != 1:
+            return  # 0: it descends, as it should; else the old tip is unknown here: cannot tell
+        self.rewrites_logged.add((old, tip))
+        gone = self._messages_gone(old, tip)
+        report.rewritten = -1 if gone is None else gone
+        self.metrics.increment("errors")
+        count = "an unknown number of" if gone is None else str(gone)
+        log.error("the shared branch %s was rewritten by force: %s does not descend from %s, which "
+                  "this monitor processed; %s message(s) that were there are gone (nothing local was "
+                  "discarded; the working tree is left as it is)", self.clone.branch, tip[:12], old[:12],
+                  count, extra={"metadata": {"step": "rewrite", "old_tip": old, "new_tip": tip,
+                                             "messages_gone": gone}})
+
+    def _messages_gone(self, old: str, new: str) -> Optional[int]:
+        """How many (id, from) keys of the mailbox at ``old`` are neither in the mailbox nor in
+        the archive at ``new``; ``None`` when either cannot be read."""
+        from fleet_archive import archived_keys
+
+        try:
+            before = {message_key(m) for _, m in valid_messages(
+                parse_document(self.clone.read_file(old, MAILBOX_PATH)[1]), warn=False)}
+            after = {message_key(m) for _, m in valid_messages(
+                parse_document(self.clone.read_file(new, MAILBOX_PATH)[1]), warn=False)}
+            gone = before - after
+            if gone:
+                gone -= set(archived_keys(self.clone, new))  # archived (moved), not lost
+        except (MailboxCorrupt, GitError):
+            return None
+        return len(gone)
 
     def _landed(self, tx: Any) -> None:
         """Follow our own commit. When it was built on the tip this cycle read, it holds nothing

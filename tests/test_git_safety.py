@@ -5,6 +5,7 @@
 - missing or damaged objects, gc racing sends, a submodule where the mailbox is
 - unknown and malformed branches, the push as a compare-and-swap
 - local ref locks
+- forced rewrites of the shared branch
 """
 
 from __future__ import annotations
@@ -322,6 +323,38 @@ def test_a_young_local_ref_lock_is_no_outage(fleet):
     shown: list = []
     assert monitor(c2, "code2", shown).cycle().ok and not lock.exists()
     assert [m["body"] for m in shown] == ["new mail"]
+
+
+# --------------------------------------------------------------------------- forced rewrites
+
+
+def test_a_forced_rewrite_is_reported_with_the_count_and_nothing_local_is_reset(fleet, caplog):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    for i in range(3):
+        assert send_message(f"m{i}", to="code2", from_sender="build1", build_repo_path=str(b1))
+    shown: list = []
+    mon = monitor(c2, "code2", shown)
+    assert mon.cycle().ok and len(shown) == 3
+    head = git(c2, "rev-parse", "HEAD")
+    hostile = fleet.clone("hostile")
+    first = git(fleet.origin, "rev-list", "--reverse", "main").split()[1]  # holds m0 only
+    git(hostile, "reset", "-q", "--hard", first)
+    (hostile / "README.md").write_text("rewritten\n")
+    git(hostile, "commit", "-qam", "rewrite", "--no-gpg-sign")
+    git(hostile, "push", "-q", "--force", "origin", "main")
+    caplog.set_level(logging.ERROR)
+    report = mon.cycle()
+    assert report.rewritten == 2
+    errors = [r.getMessage() for r in caplog.records if "rewritten by force" in r.getMessage()]
+    assert len(errors) == 1 and " 2 message(s)" in errors[0]
+    mon.cycle()
+    assert len([r for r in caplog.records if "rewritten by force" in r.getMessage()]) == 1  # once
+    assert git(c2, "rev-parse", "HEAD") == head  # the local branch is never reset
+    # a restarted monitor still knows the tip it processed and reports a later rewrite
+    git(hostile, "reset", "-q", "--hard", f"{first}~1")
+    git(hostile, "commit", "-q", "--allow-empty", "-m", "again", "--no-gpg-sign")
+    git(hostile, "push", "-q", "--force", "origin", "main")
+    assert monitor(c2, "code2").cycle().rewritten == 1
 
 
 # --------------------------------------------------------------------------- hostile mailboxes
