@@ -18,7 +18,9 @@ counts on the remote itself (``coordination/messages.json`` on the bare origin's
 - ``delivered`` = distinct tokens present; ``duplicated`` = extra copies of a token plus
   distinct messages sharing one ``(id, from)``; ``lost`` = handed-over tokens that never arrived;
   ``interrupted`` = sends killed before the tool answered whose push did not land and that were
-  not queued (the caller saw no exit code, so nothing was handed over).
+  not queued (the caller saw no exit code, so nothing was handed over). Messages that a
+  scenario's own hostile force-push deletes from the remote are not counted as handed over;
+  its notes say how many vanished and how many the monitor reported.
 
 After each scenario the PROTOCOL.md invariants are checked: every commit on the branch holds a
 ``messages.json`` that parses (except a broken commit the scenario pushed on purpose), and no
@@ -873,6 +875,134 @@ def scenario_corrupt_repair(ctx: Context, result: ScenarioResult) -> Remote:
     return remote
 
 
+def scenario_gc_race(ctx: Context, result: ScenarioResult) -> Remote:
+    """Sends from a clone in which ``git gc --prune=now`` and ``git repack -ad`` run without a
+    pause (objects move into packs, loose ones and empty folders vanish under the sender), while
+    a second clone sends too, so the first keeps losing races and reading new tips."""
+    per = ctx.n(20, 8)
+    remote = Remote(ctx.base)
+    plan = [(remote.clone("s0"), "s0"), (remote.clone("s1"), "s1")]
+    gc_repo = plan[0][0]
+    ledger = Ledger("gc")
+    stop = threading.Event()
+    rounds = [0]
+
+    def collect_garbage() -> None:
+        while not stop.is_set():
+            run_git(gc_repo, "gc", "-q", "--prune=now", check=False, timeout=120)
+            run_git(gc_repo, "repack", "-adq", check=False, timeout=120)
+            rounds[0] += 1
+
+    collector = threading.Thread(target=collect_garbage, name="gc-loop")
+    collector.start()
+    started = time.monotonic()
+    try:
+        run_senders(ctx.children, plan, per, ledger)
+    finally:
+        stop.set()
+        collector.join(timeout=300)
+    elapsed = time.monotonic() - started
+    drain([make_monitor(repo, name) for repo, name in plan], result)
+    result.notes.insert(0, f"file remote, 2 senders x {per}, {rounds[0]} gc --prune=now + repack -ad "
+                           f"rounds in s0's clone during the sends ({elapsed:.1f} s)")
+    tally(remote, ledger, result)
+    return remote
+
+
+def _hostile_push(remote: Remote, hostile: Path, edit: Callable[[Path], None], message: str) -> str:
+    """What a hostile (or broken) member can always do: commit anything and push it."""
+    run_git(hostile, "pull", "-q", "--ff-only", "origin", BRANCH)
+    edit(hostile)
+    run_git(hostile, "commit", "-q", "--no-gpg-sign", "-m", message)
+    run_git(hostile, "push", "-q", "origin", BRANCH)
+    commit = run_git(hostile, "rev-parse", "HEAD").stdout.decode().strip()
+    remote.allowed_broken.add(commit)
+    return commit
+
+
+def _repair(repo: Path, server: str) -> str:
+    proc = subprocess.run([sys.executable, str(MONITOR_SCRIPT), "--repair", "--repo", str(repo), "--server", server],
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=SEND_TIMEOUT, cwd=str(ROOT))
+    lines = proc.stdout.decode("utf-8", "replace").strip().splitlines()
+    return f"--repair exit {proc.returncode}: {lines[-1] if lines else proc.stderr.decode()[-200:]}"
+
+
+def scenario_hostile(ctx: Context, result: ScenarioResult) -> Remote:
+    """A hostile member, one attack after another, against real sender and monitor processes:
+
+    - objects lost in a victim's clone (loose objects of the tip's tree, folder and mailbox
+      deleted): its sends must build on the real mailbox, never on an "empty" one;
+    - a commit that puts a submodule (a commit nobody has) where the mailbox is, then one with a
+      mailbox nested 5,000 levels deep: sends queue, monitors keep running, ``--repair`` rebuilds;
+    - a force-push that rewinds the branch: the monitor must report how many messages vanished.
+    """
+    per = ctx.n(5, 3)
+    remote = Remote(ctx.base)
+    victim, other = remote.clone("victim"), remote.clone("other")
+    hostile = remote.clone("hostile")
+    ledger = Ledger("hostile")
+    steps: List[str] = []
+    run_senders(ctx.children, [(other, "other")], per, ledger)
+    # 1. missing objects in the victim's clone
+    prefetch(victim)
+    tip_path = ["origin/main^{tree}", "origin/main:coordination", "origin/main:coordination/messages.json"]
+    oids = [run_git(victim, "rev-parse", spec).stdout.decode().strip() for spec in tip_path]
+    gone = 0
+    for oid in oids:
+        with contextlib.suppress(FileNotFoundError):
+            (victim / ".git" / "objects" / oid[:2] / oid[2:]).unlink()
+            gone += 1
+    codes: Counter = Counter()
+    for _ in range(per):
+        codes[send_cli(ctx.children, victim, "victim", ledger)] += 1
+    steps.append(f"{gone} objects deleted in the victim's clone, then {per} sends: {codes_text(codes)}")
+
+    # 2. a submodule where the mailbox is, then a mailbox nested 5,000 levels deep
+    def submodule(repo: Path) -> None:
+        run_git(repo, "rm", "-q", "--cached", MAILBOX_PATH)
+        run_git(repo, "update-index", "--add", "--cacheinfo", f"160000,{'ab' * 20},{MAILBOX_PATH}")
+
+    def deep(repo: Path) -> None:
+        path = repo / MAILBOX_PATH
+        text = path.read_text(encoding="utf-8")
+        path.write_text(text.rstrip().rstrip("}").rstrip().rstrip("]").rstrip()
+                        + ",\n" + "[" * 5000 + "]" * 5000 + "\n  ]\n}\n", encoding="utf-8")
+        run_git(repo, "add", MAILBOX_PATH)
+
+    for name, edit in (("a submodule at the mailbox path", submodule), ("a 5,000-deep entry", deep)):
+        run_git(hostile, "reset", "-q", "--hard")
+        _hostile_push(remote, hostile, edit, f"hostile: {name}")
+        codes = Counter()
+        for _ in range(per):
+            codes[send_cli(ctx.children, victim, "victim", ledger)] += 1
+        mon = make_monitor(other, "other")
+        cycle = mon.cycle()
+        if cycle.ok:
+            result.problems.append(f"a monitor read {name} as a good mailbox")
+        steps.append(f"{name}: {per} sends {codes_text(codes)}; monitor cycle "
+                     f"{'ok' if cycle.ok else 'refused it'}; {_repair(other, 'other')}")
+        drain([make_monitor(victim, "victim")], result)
+    # 3. a force-push that rewinds the branch by three commits
+    watcher = make_monitor(other, "other")
+    watcher.cycle()
+    before = {m.get("body") for m in remote.messages() if isinstance(m, dict)}
+    run_git(hostile, "fetch", "-q", "origin")
+    run_git(hostile, "reset", "-q", "--hard", f"origin/{BRANCH}~3")
+    run_git(hostile, "push", "-q", "--force", "origin", f"HEAD:{BRANCH}")
+    after = {m.get("body") for m in remote.messages() if isinstance(m, dict)}
+    removed = sorted(t for t in before - after if t in ledger.outcome)
+    for token in removed:
+        ledger.record(token, "removed by the force-push")  # gone from the remote by the attack itself
+    reported = watcher.cycle().rewritten
+    steps.append(f"force-push rewound 3 commits: {len(before - after)} message(s) gone, the monitor "
+                 f"reported {reported}")
+    if reported != len(before - after):
+        result.problems.append(f"the monitor reported {reported} vanished messages, not {len(before - after)}")
+    result.notes[:0] = steps
+    tally(remote, ledger, result)
+    return remote
+
+
 SCENARIOS: List[Tuple[str, str, Callable[[Context, ScenarioResult], Remote]]] = [
     ("baseline", "1. baseline", scenario_baseline),
     ("remote-down", "2. remote down mid-run", scenario_remote_down),
@@ -883,6 +1013,8 @@ SCENARIOS: List[Tuple[str, str, Callable[[Context, ScenarioResult], Remote]]] = 
     ("sender-killed", "7. sender SIGKILLed mid-push", scenario_sender_killed),
     ("race-storm", "8. push race storm", scenario_race_storm),
     ("corrupt-repair", "9. corrupt mailbox + repair", scenario_corrupt_repair),
+    ("gc-race", "10. gc racing sends", scenario_gc_race),
+    ("hostile", "11. a hostile member", scenario_hostile),
 ]
 
 

@@ -6,9 +6,13 @@ size. An archive pass moves the messages that are done with and older than N day
 PROTOCOL.md transaction that writes the main file and every touched archive file together, so no
 commit on the branch ever holds a message twice or loses one.
 
-Done with: a broadcast by age alone; a message to one server or a list once every server it
-names has handled it (``read`` for a single recipient, ``read_by``). Entries that are not valid
-messages, or whose timestamp does not parse, stay in the main file.
+Done with: every server the message is addressed to has read it (:func:`has_read`, the one
+answer to "has S read m", which also takes each server's read receipts from elsewhere). For a
+message to one server or a list, those are the servers it names; for a broadcast, every server
+the fleet knows (:func:`known_servers`: the senders and recipients in the mailbox, the roster
+``coordination/servers.json``, the servers that have read marks). Age alone never archives a
+message: no archive setting may hide mail from an addressee that has not read it. Entries that
+are not valid messages, or whose timestamp does not parse, stay in the main file.
 """
 
 from __future__ import annotations
@@ -16,49 +20,148 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import AbstractSet, Any, Container, Dict, Final, Iterable, List, Mapping, Optional, Set, Tuple
 
-from fleet_common import utc_now
+from fleet_common import BadInput, is_valid_server_id, load_json_bounded, utc_now
 from fleet_mailbox import (
     MessageKey,
     entry_problem,
     find_message,
-    is_direct,
+    is_handled_by,
     message_key,
     message_time,
     parse_document,
+    read_mailbox,
     recipients,
     serialize,
+    valid_messages,
 )
 
 log = logging.getLogger(__name__)
 
 MAILBOX_PATH = "coordination/messages.json"
+ROSTER_PATH: Final = "coordination/servers.json"
 ARCHIVE_DIR = "coordination/archive"
+MAX_ROSTER_BYTES: Final = 1024 * 1024
+MAX_ROSTER_SERVERS: Final = 10000
 _ARCHIVE_NAME = re.compile(r"^messages-(\d{4})-(\d{2})\.json$")
 _ID_SECONDS = re.compile(r"^msg_(\d{9,11})_")
+
+# Read receipts kept outside the mailbox (each server's state ref): server -> (id, from) keys.
+Receipts = Mapping[str, Container[MessageKey]]
+_NO_RECEIPTS: Container[MessageKey] = frozenset()
 
 
 def archive_path(moment: _dt.datetime) -> str:
     return f"{ARCHIVE_DIR}/messages-{moment.year:04d}-{moment.month:02d}.json"
 
 
-def is_done_with(msg: Dict[str, Any]) -> bool:
-    """Every addressed server has handled it (a broadcast: always, age decides)."""
+def has_read(msg: Mapping[str, Any], server: str, receipts: Optional[Receipts] = None) -> bool:
+    """Whether ``server`` has read ``msg``: the one answer to that question (PROTOCOL.md, "A
+    message"). In the mailbox: ``read_by``, or ``read`` on a message to that server alone; and
+    in ``receipts[server]``, the (id, from) keys it recorded elsewhere (its state ref)."""
+    return is_handled_by(msg, server, receipts.get(server, _NO_RECEIPTS) if receipts else _NO_RECEIPTS)
+
+
+def addressees(msg: Mapping[str, Any], known: Optional[AbstractSet[str]]) -> Optional[Set[str]]:
+    """The servers ``msg`` is addressed to: those it names, or for a broadcast every known
+    server; never its sender. ``None`` when a broadcast meets an unknown fleet."""
     rcpt = recipients(msg)
     if rcpt is None:
-        return True
-    if not rcpt:
-        return True  # addressed to no valid server: nobody will ever handle it
-    read_by = {s.lower() for s in msg.get("read_by") or [] if isinstance(s, str)}
-    if is_direct(msg) and msg.get("read") is True:
-        return True
-    return rcpt <= read_by
+        if known is None:
+            return None
+        rcpt = set(known)
+    rcpt.discard(str(msg.get("from", "")).lower())
+    return rcpt
 
 
-def plan_archive(data: Dict[str, Any], days: float, now: Optional[_dt.datetime] = None
+def is_done_with(msg: Mapping[str, Any], known: Optional[AbstractSet[str]] = None,
+                 receipts: Optional[Receipts] = None) -> bool:
+    """Every server ``msg`` is addressed to has read it (:func:`has_read`).
+
+    A broadcast needs every server in ``known`` (:func:`known_servers`); with ``known`` None
+    (the fleet cannot be told) no broadcast is done. A message addressed to no valid server is
+    done: nobody will ever read it.
+    """
+    targets = addressees(msg, known)
+    if targets is None:
+        return False
+    return all(has_read(msg, server, receipts) for server in targets)
+
+
+def known_servers(data: Mapping[str, Any], roster: Iterable[str] = (),
+                  receipts: Optional[Receipts] = None) -> Set[str]:
+    """Every server the fleet knows: senders and named recipients in the mailbox, servers in
+    ``read_by``/``acknowledged_by`` (they read mail), the roster and whoever has receipts."""
+    known: Set[str] = set()
+    for _, msg in valid_messages(data, warn=False):
+        names = [msg.get("from")]
+        to = msg.get("to")
+        names.extend(to if isinstance(to, list) else [to])
+        for field in ("read_by", "acknowledged_by"):
+            value = msg.get(field)
+            if isinstance(value, list):
+                names.extend(value)
+        known.update(name.strip().lower() for name in names
+                     if isinstance(name, str) and is_valid_server_id(name.strip().lower()))
+    known.update(roster)
+    if receipts:
+        known.update(name for name in receipts if is_valid_server_id(name))
+    return known
+
+
+def parse_roster(raw: Optional[bytes]) -> List[str]:
+    """Server ids from ``coordination/servers.json``
+    (``{"version": 1, "servers": [{"id": "build1", "description": "..."}]}``); absent: none.
+
+    Bounded (size, depth, count). Raises :class:`BadInput` for a file that breaks a bound or
+    does not have that shape; entries without a valid id are skipped. A newer ``version`` is
+    read for the keys this one knows.
+    """
+    if raw is None:
+        return []
+    data = load_json_bounded(raw, what=ROSTER_PATH, max_bytes=MAX_ROSTER_BYTES, max_depth=8)
+    servers = data.get("servers") if isinstance(data, dict) else None
+    if not isinstance(servers, list):
+        raise BadInput(f"{ROSTER_PATH} has no 'servers' list")
+    if len(servers) > MAX_ROSTER_SERVERS:
+        raise BadInput(f"{ROSTER_PATH} lists {len(servers)} servers, more than {MAX_ROSTER_SERVERS}")
+    ids = []
+    for entry in servers:
+        name = entry.get("id") if isinstance(entry, dict) else entry
+        if isinstance(name, str) and is_valid_server_id(name.strip().lower()):
+            ids.append(name.strip().lower())
+    return ids
+
+
+def read_roster(clone: Any, tip: Optional[str]) -> Optional[List[str]]:
+    """The roster at ``tip``; ``None`` (fleet unknown: broadcasts stay) when it is bad input.
+
+    A missing git object still raises (``ObjectMissing``): it stops the pass.
+    """
+    from fleet_git import NotAFile
+
+    try:
+        blob, raw = clone.read_file(tip, ROSTER_PATH)
+        return parse_roster(raw)
+    except NotAFile as exc:
+        log.warning("%s; broadcasts stay in the mailbox", exc.reason,
+                    extra={"metadata": {"path": ROSTER_PATH, "oid": exc.oid}})
+        return None
+    except BadInput as exc:
+        log.warning("%s (blob %s); broadcasts stay in the mailbox", exc, str(blob)[:12],
+                    extra={"metadata": {"path": ROSTER_PATH, "blob": blob}})
+        return None
+
+
+def plan_archive(data: Dict[str, Any], days: float, now: Optional[_dt.datetime] = None,
+                 known: Optional[AbstractSet[str]] = None, receipts: Optional[Receipts] = None
                  ) -> Tuple[List[Any], Dict[str, List[Dict[str, Any]]]]:
-    """(entries that stay, archive path -> messages that move), order kept on both sides."""
+    """(entries that stay, archive path -> messages that move), order kept on both sides.
+
+    A message moves when it is older than ``days`` and done with (:func:`is_done_with` with
+    ``known`` servers and ``receipts``).
+    """
     cutoff = (now or utc_now()) - _dt.timedelta(days=days)
     stay: List[Any] = []
     moves: Dict[str, List[Dict[str, Any]]] = {}
@@ -67,7 +170,7 @@ def plan_archive(data: Dict[str, Any], days: float, now: Optional[_dt.datetime] 
             stay.append(entry)
             continue
         when = message_time(entry)
-        if when is None or when >= cutoff or not is_done_with(entry):
+        if when is None or when >= cutoff or not is_done_with(entry, known, receipts):
             stay.append(entry)
             continue
         moves.setdefault(archive_path(when), []).append(entry)
@@ -75,21 +178,27 @@ def plan_archive(data: Dict[str, Any], days: float, now: Optional[_dt.datetime] 
 
 
 def archive_mailbox(clone: Any, server: str, days: float,
-                    now: Optional[_dt.datetime] = None) -> Dict[str, Any]:
-    """One archive pass by one transaction; returns counts and a one-line summary."""
+                    now: Optional[_dt.datetime] = None,
+                    receipts: Optional[Receipts] = None) -> Dict[str, Any]:
+    """One archive pass by one transaction; returns counts and a one-line summary.
+
+    ``receipts``: read receipts kept outside the mailbox, server -> (id, from) keys.
+    """
     result: Dict[str, Any] = {"archived": 0, "files": []}
 
     def change(tip: Optional[str]):
-        blob, raw = clone.read_file(tip, MAILBOX_PATH)
+        blob, raw = read_mailbox(clone, tip)
         data = parse_document(raw, blob)
-        stay, moves = plan_archive(data, days, now)
+        roster = read_roster(clone, tip)
+        known = None if roster is None else known_servers(data, roster, receipts)
+        stay, moves = plan_archive(data, days, now, known, receipts)
         if not moves:
             return None
         files: Dict[str, Optional[bytes]] = {}
         moved = 0
         for path, msgs in sorted(moves.items()):
-            a_blob, a_raw = clone.read_file(tip, path)
-            archive = parse_document(a_raw, a_blob)  # a corrupt archive file stops the pass
+            a_blob, a_raw = read_mailbox(clone, tip, path)
+            archive = parse_document(a_raw, a_blob, path=path)  # a corrupt archive file stops the pass
             present = {message_key(m) for m in archive["messages"] if isinstance(m, dict)}
             for msg in msgs:
                 if message_key(msg) not in present:  # idempotent: an earlier pass may have landed
@@ -113,10 +222,8 @@ def archive_mailbox(clone: Any, server: str, days: float,
 
 def archive_files(clone: Any, tip: Optional[str]) -> List[str]:
     """Archive file paths at ``tip``, newest month first."""
-    if tip is None:
-        return []
-    proc = clone.git("ls-tree", "-z", "--name-only", f"{tip}:{ARCHIVE_DIR}", check=False)
-    names = [n for n in proc.stdout.decode("utf-8", "replace").split("\0") if _ARCHIVE_NAME.match(n)]
+    entries = clone.read_tree(tip, ARCHIVE_DIR)  # an unreadable tree raises: no "no archive"
+    names = [e[3] for e in entries or () if e[1] == "blob" and _ARCHIVE_NAME.match(e[3])]
     return [f"{ARCHIVE_DIR}/{n}" for n in sorted(names, reverse=True)]
 
 
@@ -126,11 +233,11 @@ def find_anywhere(clone: Any, tip: Optional[str], msg_id: str,
     from fleet_mailbox import MailboxCorrupt
 
     def search(path: str) -> Optional[Dict[str, Any]]:
-        blob, raw = clone.read_file(tip, path)
-        if raw is None:
-            return None
         try:
-            return find_message(parse_document(raw, blob), msg_id, sender)
+            blob, raw = read_mailbox(clone, tip, path)
+            if raw is None:
+                return None
+            return find_message(parse_document(raw, blob, path=path), msg_id, sender)
         except MailboxCorrupt:
             return None
 
@@ -155,6 +262,7 @@ def archived_keys(clone: Any, tip: Optional[str]) -> List[MessageKey]:
     """Every message key in the archive (for tests and audits)."""
     keys: List[MessageKey] = []
     for path in archive_files(clone, tip):
-        blob, raw = clone.read_file(tip, path)
-        keys.extend(message_key(m) for m in parse_document(raw, blob)["messages"] if isinstance(m, dict))
+        blob, raw = read_mailbox(clone, tip, path)
+        keys.extend(message_key(m) for m in parse_document(raw, blob, path=path)["messages"]
+                    if isinstance(m, dict))
     return keys

@@ -6,19 +6,25 @@ PROTOCOL.md asks of a writer: fetch the shared branch, read a file from the fetc
 commit on top of that tip without touching the working tree or the index (the new blob and the
 trees along its path are written as loose objects, the commit by ``commit-tree``), push it as a
 compare-and-swap, and accept it only once the remote's own ref-update status confirms it.
+
+What a read may conclude is narrow (PROTOCOL.md, "Trust between servers"): a path is absent only
+when a tree along it was read and does not name it; a tree or blob that git cannot produce is
+:class:`ObjectMissing`, which stops the transaction, never an empty mailbox. A branch that the
+remote does not have is :class:`BranchMissing`; only ``--init`` creates one.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import time
 import zlib
 from pathlib import Path
 from typing import Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from fleet_common import SuiteError, UsageError, get_logger
+from fleet_common import EXIT_USAGE, SuiteError, UsageError, get_logger
 
 log = get_logger(__name__)
 
@@ -108,8 +114,86 @@ class PushRejected(GitError):
     """Another server's push landed first; refetch and retry soon (not a failure)."""
 
 
+class ObjectMissing(GitError):
+    """A commit, tree or blob that a read or a push needs is missing or unreadable in this clone.
+
+    Pruned by a ``git gc`` racing us, deleted or damaged on disk: never the same as a path that
+    is absent. The transaction stops; it fetches every object again once and retries, and
+    otherwise raises this (a send queues, a monitor's cycle reports it). Nothing is written.
+    """
+
+
+class NotAFile(GitError):
+    """A folder or a submodule (gitlink) sits where a file should be: the path is not absent,
+    and there is no content to read. A reader of the mailbox treats it as a corrupt mailbox."""
+
+    def __init__(self, argv: Sequence[str], reason: str, oid: str) -> None:
+        super().__init__(argv, None, b"", b"", reason)
+        self.oid = oid
+
+
+class BranchMissing(GitError, UsageError):
+    """The shared branch does not exist on the remote: a mistyped ``--branch`` or an empty origin.
+
+    Bad input (exit 2), not an outage: retrying or queueing would never deliver, and a send or a
+    monitor never creates the branch (only ``--init`` does, PROTOCOL.md "Trust between servers").
+    """
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, branch: str, argv: Sequence[str], returncode: Optional[int],
+                 stdout: bytes = b"", stderr: bytes = b"") -> None:
+        super().__init__(argv, returncode, stdout, stderr, f"no branch '{branch}' on the remote")
+        self.branch = branch
+
+    def __str__(self) -> str:
+        return (f"the branch '{self.branch}' does not exist on origin (check --branch; only "
+                "message_monitor.py --init creates it)")
+
+
+class LocalRefLocked(GitError):
+    """The fetch talked to the remote fine, but a ref of this clone stayed locked while git tried
+    to update it (another git process holds ``<ref>.lock``, or one crashed and left it).
+
+    A local fault, not an outage: no breaker failure, no "remote unreachable". ``fetched`` is the
+    tip the fetch brought (from ``FETCH_HEAD``), when it could be read: a writer builds on it.
+    Locks older than :data:`STALE_LOCK_AGE` are removed by the monitor.
+    """
+
+    def __init__(self, argv: Sequence[str], returncode: Optional[int], stdout: bytes = b"",
+                 stderr: bytes = b"", reason: str = "", fetched: Optional[str] = None) -> None:
+        super().__init__(argv, returncode, stdout, stderr, reason)
+        self.fetched = fetched
+
+
 class NotAClone(UsageError):
     """``--repo`` is missing, not a git clone, or has no ``origin``."""
+
+
+# git check-ref-format's rules for a branch name, checked without running git (git-check-ref-format(1)).
+_BAD_REF_TEXT = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+MAX_BRANCH_LENGTH: Final = 255
+
+
+def check_branch_name(branch: str) -> str:
+    """``branch`` when git would accept it as a branch name; :class:`UsageError` otherwise.
+
+    Checked before any git call: ``--branch ../../x`` names no branch, and a name becomes part
+    of a refspec and a path under ``.git/refs``.
+    """
+    parts = branch.split("/")
+    problem = None
+    if not branch or len(branch) > MAX_BRANCH_LENGTH:
+        problem = "empty or too long"
+    elif _BAD_REF_TEXT.search(branch):
+        problem = "it holds '..', '//', '@{', a space, a control character or one of ~^:?*[\\"
+    elif branch.startswith(("-", "/")) or branch.endswith(("/", ".")) or branch in ("@", "HEAD"):
+        problem = "it starts with '-' or '/', ends with '/' or '.', or is '@' or 'HEAD'"
+    elif any(not part or part.startswith(".") or part.endswith(".lock") for part in parts):
+        problem = "a part starts with '.' or ends with '.lock'"
+    if problem is not None:
+        raise UsageError(f"invalid --branch {branch!r}: {problem}")
+    return branch
 
 
 def _first_line(data: bytes) -> str:
@@ -185,6 +269,21 @@ _RACE_MARKERS = (
 
 
 LOCAL_LOCK_RETRIES: Final = 20
+LOCAL_LOCK_WAIT: Final = 2.0  # seconds a fetch waits for another process's ref lock to go
+
+# What git says when this clone lacks an object that a push must send (pruned by a gc racing us),
+# or holds a damaged one (which a fetch cannot replace: git compares what it receives with it).
+_LOCAL_OBJECT_PROBLEM = re.compile(
+    r"unable to read [0-9a-f]{40}|bad object [0-9a-f]{40}|missing (?:blob|tree|commit) [0-9a-f]{40}"
+    r"|not a valid '?(?:tree|commit)'? object|inflate: data stream error|object file .* is empty"
+    r"|loose object [0-9a-f]{40} .*is corrupt", re.IGNORECASE)
+
+
+def _local_object_problem(stderr: bytes) -> bool:
+    """Whether git's messages name an object of this clone that is missing or damaged (lines the
+    remote sent, ``remote: ...``, are the remote's business)."""
+    return any(_LOCAL_OBJECT_PROBLEM.search(line)
+               for line in stderr.decode("utf-8", "replace").splitlines() if not line.startswith("remote:"))
 
 
 def _local_lock_busy(text: str) -> bool:
@@ -206,6 +305,7 @@ def _is_race(text: str) -> bool:
 TreeEntry = Tuple[str, str, str, str]  # mode as git stores it ("40000" for a tree), type, oid, name
 
 LOOSE_COMPRESSION: Final = 1  # zlib level for objects we write: a multi-megabyte mailbox stays cheap
+STORE_ATTEMPTS: Final = 5  # writes of one loose object while a prune removes folders under it
 
 
 def _parse_tree(raw: bytes, hexlen: int) -> List[TreeEntry]:
@@ -239,6 +339,8 @@ class Clone:
     """One server's clone of the fleet repository."""
 
     def __init__(self, path: Union[str, "os.PathLike[str]"], branch: Optional[str] = None) -> None:
+        if branch is not None:
+            check_branch_name(branch)
         root = Path(path)
         if not root.is_dir():
             raise NotAClone(f"--repo {path}: no such directory")
@@ -370,34 +472,91 @@ class Clone:
 
     # ----------------------------------------------------------------- network
 
-    def fetch(self) -> Optional[str]:
-        """Fetch the shared branch into ``refs/remotes/origin/<branch>``; return its tip."""
+    def fetch(self, *, allow_missing: bool = False, refetch: bool = False) -> Optional[str]:
+        """Fetch the shared branch into ``refs/remotes/origin/<branch>``; return its tip.
+
+        A branch the remote does not have is :class:`BranchMissing`, unless ``allow_missing``
+        (``--init``, which creates it): then ``None``. ``refetch`` fetches every object of the
+        branch again (``--refetch``): a plain fetch brings nothing when the tip is known, even if
+        objects under it were lost. A ref of this clone that stays locked is
+        :class:`LocalRefLocked`, never :class:`RemoteUnavailable`.
+        """
+        argv = ["git", "fetch", "origin", self.branch]
+        options = ["--refetch"] if refetch else []
+        # A refetch keeps what it gets as a pack: unpacking would skip every object that exists
+        # loose, damaged ones included, while git reads a packed copy first.
+        config = ["-c", "fetch.unpackLimit=1"] if refetch else []
         for attempt in range(LOCAL_LOCK_RETRIES + 1):
             proc = self.network_git(
-                "-c", f"core.looseCompression={LOOSE_COMPRESSION}", "fetch", "--quiet", "--no-tags",
-                "--no-recurse-submodules", "origin",
+                "-c", f"core.looseCompression={LOOSE_COMPRESSION}", *config, "fetch", "--quiet", "--no-tags",
+                "--no-recurse-submodules", *options, "origin",
                 f"+refs/heads/{self.branch}:{self.remote_ref}", check=False,
             )
             if proc.returncode == 0:
                 break
             text = proc.stderr.decode("utf-8", "replace")
-            if "couldn't find remote ref" in text.lower():
+            lowered = text.lower()
+            if options and "unknown option" in lowered and "refetch" in lowered:
+                options = []  # git before 2.36: a plain fetch is all there is
+                continue
+            if "couldn't find remote ref" in lowered:
                 self.last_sync = time.monotonic()
+                if not allow_missing:
+                    raise BranchMissing(self.branch, argv, proc.returncode, proc.stdout, proc.stderr)
                 self._tip = None
                 return None
-            if _local_lock_busy(text) and attempt < LOCAL_LOCK_RETRIES:
+            if _local_lock_busy(text):
                 # Another process of this clone (a send, a person's git) holds the ref lock for a
-                # moment: that is not an outage.
-                time.sleep(random.uniform(0.05, 0.2))
-                continue
-            raise RemoteUnavailable(["git", "fetch", "origin", self.branch], proc.returncode,
-                                    proc.stdout, proc.stderr)
+                # moment: that is not an outage. Wait for the lock file to go (no network call
+                # meanwhile), then fetch again.
+                if attempt < LOCAL_LOCK_RETRIES and self._ref_lock_released():
+                    continue
+                # The remote answered; only this clone's ref stayed locked (a lock younger than
+                # STALE_LOCK_AGE, which nobody may remove yet).
+                raise LocalRefLocked(argv, proc.returncode, proc.stdout, proc.stderr,
+                                     f"{self.remote_ref} stays locked in this clone: {_first_line(proc.stderr)}",
+                                     fetched=self._fetched_head())
+            if _local_object_problem(proc.stderr):  # not an outage: the remote answered
+                raise ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr,
+                                    f"an object of this clone is damaged: {_first_line(proc.stderr)} "
+                                    "(git fsck names it)")
+            raise RemoteUnavailable(argv, proc.returncode, proc.stdout, proc.stderr)
         self.last_sync = time.monotonic()
         self._tip = _UNKNOWN  # read the ref our fetch wrote (FETCH_HEAD may be someone else's)
         return self.tip()
 
-    def remote_tip(self) -> Optional[str]:
-        """The remote's current tip by ``ls-remote`` (no objects transferred)."""
+    def _ref_lock_released(self) -> bool:
+        """Wait up to :data:`LOCAL_LOCK_WAIT` seconds for the tracking ref's lock files to go;
+        whether they did (with none there, the ref only moved under the fetch: try again)."""
+        locks = [self.common_dir / f"{self.remote_ref}.lock", self.common_dir / "packed-refs.lock"]
+        deadline = time.monotonic() + LOCAL_LOCK_WAIT
+        while True:
+            time.sleep(random.uniform(0.05, 0.2))
+            if not any(lock.exists() for lock in locks):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    def _fetched_head(self) -> Optional[str]:
+        """The shared branch's tip as the last fetch recorded it in ``FETCH_HEAD``, when that
+        names this branch and the commit is here; else ``None``."""
+        try:
+            text = (self.git_dir / "FETCH_HEAD").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+        for line in text.splitlines()[:100]:
+            oid, _, rest = line.partition("\t")
+            if _is_oid(oid, self.hexlen) and f"branch '{self.branch}' of " in rest:
+                proc = self.git("rev-parse", "-q", "--verify", f"{oid}^{{commit}}", check=False)
+                return oid if proc.returncode == 0 else None
+        return None
+
+    def remote_tip(self, *, allow_missing: bool = False) -> Optional[str]:
+        """The remote's current tip by ``ls-remote`` (no objects transferred).
+
+        A branch the remote does not have is :class:`BranchMissing` (``None`` with
+        ``allow_missing``).
+        """
         proc = self.network_git("ls-remote", "--heads", "origin", f"refs/heads/{self.branch}", check=False)
         if proc.returncode != 0:
             raise RemoteUnavailable(["git", "ls-remote", "origin", self.branch], proc.returncode,
@@ -406,18 +565,25 @@ class Clone:
             oid, _, ref = line.partition("\t")
             if ref == f"refs/heads/{self.branch}":
                 return oid
-        return None
+        if allow_missing:
+            return None
+        raise BranchMissing(self.branch, ["git", "ls-remote", "origin", self.branch], proc.returncode,
+                            proc.stdout, proc.stderr)
 
-    def sync(self, max_age: float = 0.0) -> Optional[str]:
+    def sync(self, max_age: float = 0.0, *, allow_missing: bool = False) -> Optional[str]:
         """The tip to build on: the known one when it is younger than ``max_age``, else fetched.
 
         PROTOCOL.md allows pushing from a recent tip; a stale one only costs a rejected push.
+        No known tip is never "recent": ``FETCH_HEAD``'s age says nothing about a branch this
+        clone has not fetched, so the fetch tells whether the remote has it.
         """
         if max_age > 0:
             age = time.monotonic() - self.last_sync if self.last_sync else self._fetch_head_age()
             if age is not None and age < max_age:
-                return self.tip()
-        return self.fetch()
+                tip = self.tip()
+                if tip is not None or allow_missing:
+                    return tip
+        return self.fetch(allow_missing=allow_missing)
 
     def _fetch_head_age(self) -> Optional[float]:
         try:
@@ -433,11 +599,24 @@ class Clone:
             pass
 
     def push(self, commit: str, expected: Optional[str]) -> None:
-        """Push ``commit`` to the shared branch and verify by the remote's ref-update status."""
+        """Push ``commit`` as a compare-and-swap and verify it by the remote's ref-update status.
+
+        ``expected`` is the tip ``commit`` was built on, ``None`` for a branch that must not
+        exist yet (``--init``). The push carries it as a lease
+        (``--force-with-lease=refs/heads/<branch>:<expected>``), which the remote checks in the
+        same atomic update: the branch moves only while it still points at ``expected``. So a
+        push never lands on a tip it did not read (another server's push landed first, the
+        branch was rewritten or deleted): that is :class:`PushRejected`, and the transaction
+        reads again. ``commit``'s only parent is ``expected``, so the update is a fast-forward.
+
+        A local object that the push cannot read (pruned under us) is :class:`ObjectMissing`;
+        any other failure is :class:`RemoteUnavailable`.
+        """
         self.push_attempts += 1
         dest = f"refs/heads/{self.branch}"
         proc = self.network_git("-c", f"core.looseCompression={LOOSE_COMPRESSION}",
-                                "push", "--porcelain", "--no-verify", "origin",
+                                "push", "--porcelain", "--no-verify",
+                                f"--force-with-lease={dest}:{expected or ''}", "origin",
                                 f"{commit}:{dest}", check=False)
         out = proc.stdout.decode("utf-8", "replace")
         status = None
@@ -446,11 +625,12 @@ class Clone:
             if len(parts) >= 3 and parts[1].endswith(":" + dest):
                 status = (parts[0], parts[2])
         err = proc.stderr.decode("utf-8", "replace")
-        if status is None and proc.returncode == 0 and self.remote_tip() == commit:
+        if status is None and proc.returncode == 0 and self.remote_tip(allow_missing=True) == commit:
             status = ("=", "verified by ls-remote")  # no porcelain line: ask the remote itself
         if status is not None and status[0] in (" ", "*", "="):
             # The remote's own ref-update status says the branch is at our commit. A non-zero
-            # exit beside it is local (the tracking ref was busy): set that ref ourselves.
+            # exit beside it is local (the tracking ref was busy): set that ref ourselves; a
+            # lock that still holds it only leaves the ref stale, which costs one rejected push.
             self._tip = commit
             if not self._push_updates_tracking_ref or proc.returncode != 0:
                 self.git("update-ref", "-m", "fleet: verified push", self.remote_ref, commit, check=False)
@@ -461,21 +641,39 @@ class Clone:
                 status is None and _is_race(err)) or _is_race(status[1] if status else ""):
             raise PushRejected(argv, proc.returncode, proc.stdout, proc.stderr,
                                (status[1] if status else _first_line(proc.stderr)) or "rejected")
+        if _local_object_problem(proc.stderr):
+            raise ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr,
+                                f"the push could not read a local object: {_first_line(proc.stderr)}")
         raise RemoteUnavailable(argv, proc.returncode, proc.stdout, proc.stderr,
                                 _first_line(proc.stderr) or (status[1] if status else "push failed"))
 
     # ----------------------------------------------------------------- objects
 
     def read_objects(self, specs: Sequence[str]) -> List[Optional[Tuple[str, str, bytes]]]:
-        """``cat-file --batch`` for several specs at once: (oid, type, content) or ``None``."""
+        """``cat-file --batch`` for several specs at once: (oid, type, content) or ``None``.
+
+        ``None`` is git's ``<spec> missing``, which means either that a path is not in its tree
+        or that an object is gone: only the caller, who knows the trees along the path, can tell
+        (:meth:`_checked_trees`). A ``cat-file`` that fails (a damaged object) is
+        :class:`ObjectMissing`.
+        """
         if not specs:
             return []
-        proc = self.git("cat-file", "--batch", input="".join(s + "\n" for s in specs).encode("utf-8"))
+        try:
+            proc = self.git("cat-file", "--batch", input="".join(s + "\n" for s in specs).encode("utf-8"))
+        except GitTimeout:
+            raise
+        except GitError as exc:
+            raise ObjectMissing(exc.argv, exc.returncode, exc.stdout, exc.stderr,
+                                f"objects unreadable in this clone: {exc.reason}") from None
         data = proc.stdout
         pos = 0
         results: List[Optional[Tuple[str, str, bytes]]] = []
-        for _ in specs:
-            nl = data.index(b"\n", pos)
+        for spec in specs:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                raise ObjectMissing(["git", "cat-file", "--batch"], proc.returncode, b"", proc.stderr,
+                                    f"cat-file stopped before {spec}")
             header = data[pos:nl].decode("utf-8", "replace").split(" ")
             pos = nl + 1
             if len(header) == 3 and header[2].isdigit():
@@ -486,8 +684,46 @@ class Clone:
                 results.append(None)
         return results
 
+    def _checked_trees(self, commit: str, found: Mapping[str, Optional[Tuple[str, str, bytes]]],
+                       known: Optional[Mapping[str, Optional[List[TreeEntry]]]] = None
+                       ) -> Dict[str, Optional[List[TreeEntry]]]:
+        """The trees of ``commit`` at these folders, parsed; ``None`` for a folder that is absent.
+
+        ``found`` holds what git (or the loose reader) gave for each folder, ``known`` trees
+        already checked. A folder is absent only when its parent tree was read and holds no
+        folder of that name; the root tree, and every tree its parent names, must be readable,
+        or this raises :class:`ObjectMissing` (PROTOCOL.md: a missing object is never an empty
+        mailbox). Parents come first: every folder's parent is in ``found`` or ``known``.
+        """
+        trees: Dict[str, Optional[List[TreeEntry]]] = dict(known or {})
+        for folder in sorted(found):  # a prefix sorts before its extensions: parents first
+            expected: Optional[str] = None
+            if folder:
+                parent, _, name = folder.rpartition("/")
+                entries = trees.get(parent)
+                entry = None if entries is None else next((e for e in entries if e[3] == name), None)
+                if entry is None or entry[1] != "tree":
+                    trees[folder] = None  # absent from a tree that was read (or a file is there)
+                    continue
+                expected = entry[2]
+            obj = found[folder]
+            spec = _tree_spec(commit, folder)
+            if obj is None or obj[1] != "tree" or (expected is not None and obj[0] != expected):
+                raise ObjectMissing(["git", "cat-file", spec], None, b"", b"",
+                                    f"{spec} is missing or unreadable in this clone")
+            try:
+                trees[folder] = _parse_tree(obj[2], self.hexlen)
+            except (ValueError, UnicodeDecodeError):
+                raise ObjectMissing(["git", "cat-file", spec], None, b"", b"",
+                                    f"{spec} is not a readable tree") from None
+        return trees
+
     def read_file(self, commit: Optional[str], path: str) -> Tuple[Optional[str], Optional[bytes]]:
         """(blob id, content) of ``path`` at ``commit``; ``(None, None)`` when absent.
+
+        Absent means: a tree along the path was read and does not name the next part. Any tree
+        or blob that the path needs and git cannot produce raises :class:`ObjectMissing`; a
+        folder (or submodule) where the file should be raises :class:`NotAFile`.
 
         A commit id names immutable content, so the last few reads are kept: a cycle that reads
         the mailbox and then marks it read asks git once.
@@ -498,25 +734,52 @@ class Clone:
         if key in self._files:
             return self._files[key]
         cacheable = len(commit) == self.hexlen
-        # The trees along the path come in the same call: a transaction that then writes this
-        # file needs them, and asks no second time.
-        folders = _folders_of([path]) if cacheable else []
+        # The trees along the path come in the same call: they tell "absent" from "missing", and
+        # a transaction that then writes this file needs them, and asks no second time.
+        folders = _folders_of([path])
         loose = self._walk_loose(commit, path) if cacheable else None
         if loose is not None:
-            *trees, found = loose
+            *found_trees, found = loose
         else:
             specs = [_tree_spec(commit, folder) for folder in folders] + [f"{commit}:{path}"]
-            *trees, found = self.read_objects(specs)
-        result = (None, None) if found is None or found[1] != "blob" else (found[0], found[2])
+            *found_trees, found = self.read_objects(specs)
+        trees = self._checked_trees(commit, dict(zip(folders, found_trees)))
+        parent, _, name = path.rpartition("/")
+        entries = trees.get(parent)
+        entry = None if entries is None else next((e for e in entries if e[3] == name), None)
+        result: Tuple[Optional[str], Optional[bytes]] = (None, None)
+        if entry is not None and entry[1] != "blob":
+            raise NotAFile(["git", "cat-file", f"{commit}:{path}"],
+                           f"{path} at {commit[:12]} is a {'folder' if entry[1] == 'tree' else 'submodule'}, "
+                           "not a file", entry[2])
+        if entry is not None:
+            if found is None or found[1] != "blob" or found[0] != entry[2]:
+                raise ObjectMissing(["git", "cat-file", f"{commit}:{path}"], None, b"", b"",
+                                    f"{commit}:{path} (blob {entry[2][:12]}) is missing or unreadable "
+                                    "in this clone")
+            result = (found[0], found[2])
         if cacheable:
             if len(self._files) >= 4:
                 self._files.clear()
                 self._trees.clear()
             self._files[key] = result
-            for folder, tree in zip(folders, trees):
-                self._trees[(commit, folder)] = (_parse_tree(tree[2], self.hexlen)
-                                                 if tree is not None and tree[1] == "tree" else None)
+            for folder, tree in trees.items():
+                self._trees[(commit, folder)] = tree
         return result
+
+    def read_tree(self, commit: Optional[str], folder: str) -> Optional[List[TreeEntry]]:
+        """The entries of ``folder`` at ``commit``; ``None`` when absent (as :meth:`read_file`
+        tells it: a tree along the path was read and does not name it). A tree that cannot be
+        read raises :class:`ObjectMissing`, never reads as an empty folder."""
+        if commit is None:
+            return None
+        folders = _folders_of([f"{folder}/-"]) if folder else [""]
+        found = self.read_objects([_tree_spec(commit, f) for f in folders])
+        trees = self._checked_trees(commit, dict(zip(folders, found)))
+        if len(commit) == self.hexlen:
+            for name, tree in trees.items():
+                self._trees[(commit, name)] = tree
+        return trees.get(folder)
 
     def _read_loose(self, oid: str) -> Optional[Tuple[str, bytes]]:
         """(type, content) of a loose object, or ``None`` when it is packed or absent."""
@@ -548,7 +811,10 @@ class Clone:
             if tree is None or tree[0] != "tree":
                 return None
             out.append((oid, "tree", tree[1]))
-            entry = next((e for e in _parse_tree(tree[1], self.hexlen) if e[3] == name), None)
+            try:
+                entry = next((e for e in _parse_tree(tree[1], self.hexlen) if e[3] == name), None)
+            except (ValueError, UnicodeDecodeError):
+                return None  # git reads it and says what is wrong with it
             if entry is None:  # absent: the rest of the path does not exist either
                 out.extend([None] * (len(parts) - depth))
                 return out
@@ -578,9 +844,23 @@ class Clone:
             except OSError:
                 pass
             return oid
-        target.parent.mkdir(exist_ok=True)
         packer = zlib.compressobj(LOOSE_COMPRESSION)
         body = packer.compress(header) + packer.compress(data) + packer.flush()
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                self._store_loose(target, body)
+                return oid
+            except FileNotFoundError as exc:
+                # A prune (git gc) removed the empty fan-out folder, or our temporary file (it
+                # takes tmp_obj_* files as well), while we wrote: write again, as git does.
+                if attempt == STORE_ATTEMPTS:
+                    raise ObjectMissing(["git", "hash-object", "-w"], None, b"", b"",
+                                        f"could not store an object in this clone: {exc}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _store_loose(target: Path, body: bytes) -> None:
+        target.parent.mkdir(exist_ok=True)
         tmp = str(target.parent / f"tmp_obj_{os.urandom(6).hex()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         try:
@@ -600,7 +880,6 @@ class Clone:
                     os.unlink(tmp)
                 except OSError:
                     pass
-        return oid
 
     def build_tree(self, base_commit: Optional[str], changes: Mapping[str, Optional[bytes]]) -> str:
         """The root tree of ``base_commit`` with ``changes`` applied (path -> content, or None to
@@ -611,18 +890,14 @@ class Clone:
                  for path, data in changes.items()}
         trees: Dict[str, List[TreeEntry]] = {}
         if base_commit:
-            missing = []
-            for folder in _folders_of(changes):
-                if (base_commit, folder) in self._trees:
-                    known = self._trees[(base_commit, folder)]
-                    if known is not None:
-                        trees[folder] = known
-                else:
-                    missing.append(folder)
-            found_all = self.read_objects([_tree_spec(base_commit, folder) for folder in missing])
-            for folder, found in zip(missing, found_all):
-                if found is not None and found[1] == "tree":
-                    trees[folder] = _parse_tree(found[2], self.hexlen)
+            folders = _folders_of(changes)
+            known = {f: self._trees[(base_commit, f)] for f in folders if (base_commit, f) in self._trees}
+            missing = [f for f in folders if f not in known]
+            found = self.read_objects([_tree_spec(base_commit, folder) for folder in missing])
+            # A tree that cannot be read raises: building on "nothing" there would drop every
+            # file it holds from the new commit.
+            checked = self._checked_trees(base_commit, dict(zip(missing, found)), known)
+            trees = {folder: tree for folder, tree in checked.items() if tree is not None}
         return self._edit_tree(trees, "", blobs) or self.write_object("tree", b"")
 
     def _edit_tree(self, trees: Mapping[str, List[TreeEntry]], prefix: str,
@@ -669,7 +944,14 @@ class Clone:
             args = ["-c", "commit.gpgsign=false", "commit-tree", tree, "-m", message]
             if parent:
                 args += ["-p", parent]
-            return run_git(self.root, *args, env=env).stdout.decode().strip()
+            try:
+                return run_git(self.root, *args, env=env).stdout.decode().strip()
+            except GitTimeout:
+                raise
+            except GitError as exc:
+                if _local_object_problem(exc.stderr):
+                    raise ObjectMissing(exc.argv, exc.returncode, exc.stdout, exc.stderr) from None
+                raise
         now = time.time()
         offset = int(time.localtime(now).tm_gmtoff or 0) // 60
         stamp = f"{int(now)} {'-' if offset < 0 else '+'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
@@ -684,24 +966,38 @@ class Clone:
 
     def transact(self, change: Callable[[Optional[str]], Optional[Tuple[Mapping[str, Optional[bytes]], str]]],
                  *, author: str, fresh_for: float = 0.0,
-                 max_attempts: int = MAX_RACE_ATTEMPTS) -> "TxResult":
+                 max_attempts: int = MAX_RACE_ATTEMPTS, create_branch: bool = False) -> "TxResult":
         """Run one PROTOCOL.md transaction.
 
         ``change(tip)`` reads what it needs at ``tip`` and returns ``(path -> new content,
         commit message)``, or ``None`` when the change is already there (idempotent). Lost push
         races are retried after a short, growing random delay; other failures raise.
+
+        The branch must exist on the remote (:class:`BranchMissing` otherwise); only
+        ``create_branch`` (``--init``) may build a first commit. An object that cannot be read
+        (:class:`ObjectMissing`) makes it fetch every object again and start over, once; a
+        second time it raises, with nothing written to the remote.
         """
         delay = 0.05
-        tip = self.sync(fresh_for)
+        refetched = False
+        tip = self._tip_for_write(fresh_for, create_branch)
         for attempt in range(1, max_attempts + 1):
-            planned = change(tip)
-            if planned is None:
-                return TxResult(commit=tip, changed=False, attempts=attempt, base=tip)
-            files, message = planned
-            tree = self.build_tree(tip, files)
-            commit = self.commit_tree(tree, tip, message, author)
             try:
+                planned = change(tip)
+                if planned is None:
+                    return TxResult(commit=tip, changed=False, attempts=attempt, base=tip)
+                files, message = planned
+                tree = self.build_tree(tip, files)
+                commit = self.commit_tree(tree, tip, message, author)
                 self.push(commit, tip)
+            except ObjectMissing as exc:
+                if refetched or attempt == max_attempts:
+                    raise
+                refetched = True
+                log.warning("%s: fetching every object of the branch again before retrying", exc.reason,
+                            extra={"metadata": {"error": exc.reason}})
+                tip = self._tip_for_write(0.0, create_branch, refetch=True)
+                continue
             except PushRejected:
                 if attempt == max_attempts:
                     raise
@@ -709,10 +1005,34 @@ class Clone:
                 # colliding again (measured in bench/contention.py).
                 time.sleep(random.uniform(delay / 2, delay))
                 delay = min(delay * 1.6, RACE_DELAY_CAP)
-                tip = self.fetch()
+                tip = self._tip_for_write(0.0, create_branch)
                 continue
             return TxResult(commit=commit, changed=True, attempts=attempt, base=tip)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _tip_for_write(self, max_age: float, create_branch: bool, *, refetch: bool = False) -> Optional[str]:
+        """The tip a transaction builds on (:meth:`sync`, or a full refetch).
+
+        A fetch whose only trouble was a locked ref of this clone still brought the tip
+        (``FETCH_HEAD``): the transaction builds on that, since the push is the compare-and-swap
+        and the tracking ref is only a cache. A branch the remote does not have is
+        :class:`BranchMissing` unless ``create_branch``: no send or monitor creates it.
+        """
+        try:
+            if refetch:
+                tip = self.fetch(allow_missing=create_branch, refetch=True)
+            else:
+                tip = self.sync(max_age, allow_missing=create_branch)
+        except LocalRefLocked as exc:
+            if exc.fetched is None:
+                raise
+            log.warning("%s; building on the fetched tip %s", exc.reason, exc.fetched[:12],
+                        extra={"metadata": {"error": exc.reason, "tip": exc.fetched}})
+            tip = self._tip = exc.fetched
+            self.last_sync = time.monotonic()
+        if tip is None and not create_branch:
+            raise BranchMissing(self.branch, ["git", "fetch", "origin", self.branch], None)
+        return tip
 
 
 class TxResult:

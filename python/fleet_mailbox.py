@@ -14,9 +14,18 @@ import json
 import os
 import re
 import time
-from typing import Any, Container, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Any, Container, Dict, Final, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
-from fleet_common import BROADCAST, SuiteError, get_logger, is_valid_server_id, parse_timestamp
+from fleet_common import (
+    BROADCAST,
+    MAX_JSON_DEPTH,
+    BadInput,
+    SuiteError,
+    get_logger,
+    is_valid_server_id,
+    load_json_bounded,
+    parse_timestamp,
+)
 
 log = get_logger(__name__)
 
@@ -24,17 +33,20 @@ MessageKey = Tuple[str, str]  # (id, lower-case from): PROTOCOL.md "Identity"
 
 MESSAGE_TYPES = ("info", "request", "response", "heartbeat", "warning", "update", "ack")
 PRIORITIES = ("low", "normal", "high", "urgent")
+MAILBOX_FILE: Final = "coordination/messages.json"
+# Bounds on a mailbox (or archive file) another member wrote (PROTOCOL.md "Trust between
+# servers"): a busy fleet's hot mailbox is a few megabytes; a text beyond these is corrupt.
+MAX_MAILBOX_BYTES: Final = 64 * 1024 * 1024
 
 
 class MailboxCorrupt(SuiteError):
     """The remote ``messages.json`` does not parse; nothing may be written on top of it."""
 
-    def __init__(self, blob: Optional[str], reason: str) -> None:
+    def __init__(self, blob: Optional[str], reason: str, *, path: str = MAILBOX_FILE) -> None:
         self.blob = blob
-        super().__init__(
-            f"coordination/messages.json on the remote does not parse ({reason}); "
-            "run message_monitor.py --repair"
-        )
+        self.path = path
+        hint = "run message_monitor.py --repair" if path == MAILBOX_FILE else "nothing was written"
+        super().__init__(f"{path} on the remote does not parse ({reason}); {hint}")
 
 
 def new_message_id(now: Optional[float] = None) -> str:
@@ -59,25 +71,46 @@ def key_from_str(text: str) -> MessageKey:
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_document(raw: Optional[bytes], blob: Optional[str] = None) -> Dict[str, Any]:
+def parse_document(raw: Optional[bytes], blob: Optional[str] = None, *,
+                   path: str = MAILBOX_FILE) -> Dict[str, Any]:
     """The mailbox document from a blob's bytes (absent or blank: an empty mailbox).
 
-    Raises :class:`MailboxCorrupt` when the text is not JSON or has no message list.
+    ``raw is None`` must mean that the file is absent from a tree that was read (Clone.read_file
+    raises when an object is missing). Raises :class:`MailboxCorrupt` when the text is not JSON,
+    has no message list, or breaks a bound: more than :data:`MAX_MAILBOX_BYTES`, nesting deeper
+    than ``MAX_JSON_DEPTH``, an overlong number. ``path`` names the file (the mailbox or an
+    archive file) in the error.
     """
     if raw is None or not raw.strip():
         return {"messages": []}
     try:
-        data = json.loads(raw.decode("utf-8-sig"))  # PowerShell 5 writes a BOM
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MailboxCorrupt(blob, _short(exc)) from None
+        # PowerShell 5 writes a BOM; the bounded reader allows it.
+        data = load_json_bounded(raw, what="the text", max_bytes=MAX_MAILBOX_BYTES)
+    except BadInput as exc:
+        raise MailboxCorrupt(blob, _short(exc), path=path) from None
     if not isinstance(data, dict):
-        raise MailboxCorrupt(blob, "top level is not an object")
+        raise MailboxCorrupt(blob, "top level is not an object", path=path)
     messages = data.setdefault("messages", [])
     if isinstance(messages, dict):  # PowerShell's ConvertTo-Json unrolls a one-element array
         data["messages"] = [messages]
     elif not isinstance(messages, list):
-        raise MailboxCorrupt(blob, "'messages' is not a list")
+        raise MailboxCorrupt(blob, "'messages' is not a list", path=path)
     return data
+
+
+def read_mailbox(clone: Any, tip: Optional[str], path: str = MAILBOX_FILE) -> Tuple[Optional[str], Optional[bytes]]:
+    """(blob id, text) of the mailbox (or an archive file) at ``tip``; ``(None, None)`` when
+    absent from a tree that was read.
+
+    A folder or submodule at the path is a corrupt mailbox (:class:`MailboxCorrupt`, which
+    ``--repair`` rebuilds), never an absent one; a missing object raises ``ObjectMissing``.
+    """
+    from fleet_git import NotAFile
+
+    try:
+        return clone.read_file(tip, path)
+    except NotAFile as exc:
+        raise MailboxCorrupt(exc.oid, exc.reason, path=path) from None
 
 
 def _short(exc: Exception) -> str:
@@ -338,14 +371,23 @@ def _find_block(raw: bytes, msg: Mapping[str, Any], start: int = 0) -> Optional[
     return None
 
 
+def _copy_for_marks(msg: Mapping[str, Any]) -> Dict[str, Any]:
+    """A copy of a cached message that :func:`mark_handled` may change: a shallow copy with its
+    own copies of the lists it appends to. No deep copy: its cost and recursion would follow
+    whatever nesting another member put into the message."""
+    new = dict(msg)
+    for field in ("read_by", "acknowledged_by"):
+        if isinstance(new.get(field), list):
+            new[field] = list(new[field])
+    return new
+
+
 def mark_in_blob(raw: Optional[bytes], blob: Optional[str], server: str, keys: Iterable[MessageKey],
                  acknowledge: Iterable[MessageKey] = ()) -> Tuple[Optional[bytes], int]:
     """(new text, messages changed) after :func:`mark_handled`; text ``None`` when nothing changed.
 
     Each changed message's block is replaced in place when the text is on the canonical layout.
     """
-    import copy
-
     data = parse_cached(raw, blob)
     wanted = set(keys) | set(acknowledge)
     targets = [msg for _, msg in valid_messages(data, warn=False) if message_key(msg) in wanted]
@@ -353,7 +395,7 @@ def mark_in_blob(raw: Optional[bytes], blob: Optional[str], server: str, keys: I
     spliceable = raw is not None and raw.startswith(b'{\n  "')
     changed = 0
     for msg in targets:
-        new = copy.deepcopy(msg)
+        new = _copy_for_marks(msg)
         if not mark_handled({"messages": [new]}, server, keys, acknowledge):
             continue
         changed += 1
@@ -376,30 +418,94 @@ def mark_in_blob(raw: Optional[bytes], blob: Optional[str], server: str, keys: I
 # --------------------------------------------------------------------------- repair
 
 
+# A token of JSON structure in a broken text, once escapes are masked: a string (JSON strings hold
+# no raw line break, so an unterminated one costs at most the rest of its line) or a bracket.
+_STRUCTURE = re.compile(r'"[^"\n]*"|[][{}]')
+
+
+def _object_spans(text: str) -> Dict[int, int]:
+    """start -> end of every balanced ``{...}`` in ``text`` that nests no deeper than
+    ``MAX_JSON_DEPTH``, found in one pass with a bounded amount of memory per level.
+
+    Unbalanced brackets (a cut-off file, markers in the middle of an object) start afresh.
+    """
+    masked = text.replace("\\\\", "__").replace('\\"', "__")  # same length: positions stay
+    spans: Dict[int, int] = {}
+    openers = bytearray()  # every open bracket, to match the closing ones
+    frames: Dict[int, List[int]] = {}  # level -> [start, deepest nesting inside] while shallow
+    for match in _STRUCTURE.finditer(masked):
+        char = match.group()[0]
+        if char == '"':
+            continue
+        if char in "{[":
+            level = len(openers)
+            openers.append(ord(char))
+            frames[level] = [match.start(), 0]
+            # The frame MAX_JSON_DEPTH + 1 levels out now nests too deep to be a candidate.
+            frames.pop(level - MAX_JSON_DEPTH - 1, None)
+            continue
+        want = ord("{") if char == "}" else ord("[")
+        if not openers or openers[-1] != want:
+            openers.clear()
+            frames.clear()
+            continue
+        openers.pop()
+        level = len(openers)
+        frame = frames.pop(level, None)
+        if frame is None:
+            continue
+        depth = frame[1] + 1
+        parent = frames.get(level - 1)
+        if parent is not None and parent[1] < depth:
+            parent[1] = depth
+        if char == "}" and depth <= MAX_JSON_DEPTH:
+            spans[frame[0]] = match.end()
+    return spans
+
+
+def _collect_messages(value: Any, found: List[Dict[str, Any]]) -> None:
+    """Message-like objects in a parsed value, in text order (no recursion: the value is bounded,
+    and a walk with a stack costs nothing per level)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "id" in item and ("from" in item or "to" in item):
+                found.append(item)
+            elif isinstance(item.get("messages"), list):
+                found.extend(m for m in item["messages"] if isinstance(m, dict) and "id" in m)
+            else:
+                stack.extend(reversed(list(item.values())))
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+
+
 def salvage_messages(text: str) -> List[Dict[str, Any]]:
     """Every message-like JSON object that can be read from a broken mailbox text.
 
     A legacy merge once committed conflict markers into the file: the objects between the
-    markers are intact JSON, so each ``{`` is tried as the start of an object and every object
-    with an ``id`` is kept (nested objects are skipped with their parent).
+    markers are intact JSON, so each ``{`` that opens a balanced object is tried, outermost
+    first; an object that parses is searched for messages (objects with an ``id`` and a
+    ``from`` or ``to``) and skipped as a whole. Bounded like every read of another member's
+    text: the first :data:`MAX_MAILBOX_BYTES` characters, objects no deeper than
+    ``MAX_JSON_DEPTH``, numbers of bounded length; nothing in the text can make it recurse.
     """
-    decoder = json.JSONDecoder()
+    text = text[:MAX_MAILBOX_BYTES]
+    spans = _object_spans(text)
     found: List[Dict[str, Any]] = []
     pos = text.find("{")
     while pos != -1:
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except ValueError:
-            pos = text.find("{", pos + 1)
-            continue
-        if isinstance(value, dict) and "id" in value and ("from" in value or "to" in value):
-            found.append(value)
-            pos = text.find("{", end)
-        elif isinstance(value, dict) and isinstance(value.get("messages"), list):
-            found.extend(m for m in value["messages"] if isinstance(m, dict) and "id" in m)
-            pos = text.find("{", end)
-        else:
-            pos = text.find("{", pos + 1)
+        end = spans.get(pos)
+        if end is not None:
+            try:
+                value = load_json_bounded(text[pos:end], what="a salvaged object", max_bytes=MAX_MAILBOX_BYTES)
+            except BadInput:
+                pass
+            else:
+                _collect_messages(value, found)
+                pos = text.find("{", end)
+                continue
+        pos = text.find("{", pos + 1)
     return found
 
 
@@ -407,8 +513,17 @@ def _merge_lists(a: Any, b: Any) -> Any:
     if not isinstance(a, list) or not isinstance(b, list):
         return a if isinstance(a, list) else b
     merged = list(a)
-    merged.extend(item for item in b if item not in merged)
+    seen = {_list_item_key(item) for item in merged}  # linear, however long the lists are
+    for item in b:
+        key = _list_item_key(item)
+        if key not in seen:
+            seen.add(key)
+            merged.append(item)
     return merged
+
+
+def _list_item_key(item: Any) -> str:
+    return item if isinstance(item, str) else "\0" + json.dumps(item, sort_keys=True)
 
 
 def merge_copies(kept: Dict[str, Any], other: Dict[str, Any]) -> bool:

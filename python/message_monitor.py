@@ -14,9 +14,10 @@ transaction (PROTOCOL.md), and fast-forwards the working tree only when that can
 work. Read marks that could not be pushed are kept and pushed on a later cycle.
 
 Exit codes: 0 stopped on request (Ctrl+C, SIGTERM) or the one-shot command ran; 1 failure with a
-one-line reason on stderr (``--once``: the remote could not be reached or the mailbox is corrupt;
-another monitor already runs for this repository and server); 2 bad usage or bad input; 130 a
-one-shot command interrupted by Ctrl+C.
+one-line reason on stderr (``--once``: the remote could not be reached, the mailbox is corrupt or
+the shared branch is not on the remote; another monitor already runs for this repository and
+server); 2 bad usage or bad input (a running monitor whose shared branch is not on the remote at
+start stops with 2: creating it is ``--init``'s job); 130 a one-shot command interrupted by Ctrl+C.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import stat
 import sys
 import threading
@@ -57,7 +59,17 @@ from fleet_common import (
     state_dir,
     write_line,
 )
-from fleet_git import MAILBOX_PATH, Clone, GitError, RemoteUnavailable, run_git
+from fleet_git import (
+    MAILBOX_PATH,
+    BranchMissing,
+    Clone,
+    GitError,
+    LocalRefLocked,
+    NotAFile,
+    ObjectMissing,
+    RemoteUnavailable,
+    run_git,
+)
 from fleet_mailbox import (
     MailboxCorrupt,
     MessageKey,
@@ -69,6 +81,7 @@ from fleet_mailbox import (
     message_key,
     parse_cached,
     parse_document,
+    read_mailbox,
     serialize,
     valid_messages,
 )
@@ -238,6 +251,8 @@ class CycleReport:
         self.sent = 0
         self.replies = 0
         self.heartbeat = False
+        self.fatal = False  # the shared branch was never there: a monitor stops (exit 2)
+        self.rewritten: Optional[int] = None  # messages gone in a forced rewrite (-1: unknown)
 
     def summary(self) -> str:
         if self.skipped:
@@ -335,6 +350,9 @@ class Monitor:
         self.last_report: Optional[CycleReport] = None
         self.restart_requested = False
         self.failed_upgrades: Set[str] = set()
+        self.branch_seen_at: Optional[int] = None  # the cycle that last found the shared branch
+        self.branch_missing_logged: Optional[int] = None
+        self.rewrites_logged: Set[Tuple[str, str]] = set()
         self.responder = responder
         if responder is None and auto_reply:
             self.responder = self._make_responder(rules_path)
@@ -382,6 +400,8 @@ class Monitor:
         view = self._timed("ls_remote", self.states.poll)
         self.last_fetch_ok = time.time()
         remote = view.branch_tip
+        if remote is None:  # never created by a monitor (PROTOCOL.md): bad input, not an outage
+            raise BranchMissing(self.clone.branch, ["git", "ls-remote", "origin", self.clone.branch], 0)
         self._follow_own_state(view)
         if remote is not None and remote == self.known_tip:
             return remote
@@ -440,8 +460,26 @@ class Monitor:
     # ----------------------------------------------------------------- one cycle
 
     def cycle(self) -> CycleReport:
+        """One monitoring cycle. Whatever goes wrong inside it is that cycle's error (logged with
+        its traceback, counted in ``errors``), never the end of the service: the next cycle
+        runs as usual. Ctrl+C and SystemExit still stop it."""
         report = CycleReport()
         self.iterations += 1
+        try:
+            self._cycle(report)
+        except Exception as exc:  # noqa: BLE001 - one bad cycle must not stop the monitor
+            report.ok = False
+            report.error = f"unexpected error: {type(exc).__name__}: {str(exc)[:200]}"
+            self.metrics.increment("errors")
+            log.error("cycle %d failed: %s", self.iterations, report.error, exc_info=True,
+                      extra={"metadata": {"step": "cycle", "error": report.error}})
+            try:
+                self._finish(report, busy=True)
+            except Exception:  # noqa: BLE001 - the bookkeeping itself failed: logged, carry on
+                log.error("cycle %d: status not written", self.iterations, exc_info=True)
+        return report
+
+    def _cycle(self, report: CycleReport) -> None:
         if self.notifier is not None:
             self.notifier.watchdog()
         from fleet_git import remove_stale_locks
@@ -451,7 +489,7 @@ class Monitor:
             status = self.breaker.get_status()
             report.skipped = f"circuit breaker open until {status.get('retry_at')}"
             self._finish(report, busy=False)
-            return report
+            return
         if self.breaker.get_status().get("state") == "HALF_OPEN":
             self.preflight_needed = True
         try:
@@ -465,7 +503,30 @@ class Monitor:
             log.warning("cannot reach the remote: %s", exc.reason,
                         extra={"metadata": {"step": "fetch", "error": exc.reason}})
             self._finish(report, busy=True)
-            return report
+            return
+        except LocalRefLocked as exc:
+            # The remote answered: a lock in this clone is no outage, so no breaker failure. A
+            # lock older than STALE_LOCK_AGE is removed at the start of a later cycle.
+            self.breaker.record_success()
+            report.skipped = f"a ref of this clone is locked: {exc.reason}"
+            log.warning("cycle skipped: %s", exc.reason, extra={"metadata": {"step": "fetch",
+                                                                              "error": exc.reason}})
+            self._finish(report, busy=False)
+            return
+        except BranchMissing as exc:
+            # The remote answered; the branch is not there. At start that is a mistyped
+            # --branch (run() stops with exit 2); later, someone deleted it: report, keep going.
+            self.breaker.record_success()
+            report.ok = False
+            report.error = str(exc)
+            report.fatal = self.branch_seen_at is None
+            if self.branch_missing_logged != self.iterations - 1:
+                log.error("%s", exc, extra={"metadata": {"step": "fetch", "branch": exc.branch}})
+            self.branch_missing_logged = self.iterations
+            self.metrics.increment("errors")
+            self._finish(report, busy=True)
+            return
+        self.branch_seen_at = self.iterations
         self.breaker.record_success()
         self.metrics.increment("git_pull_success")
         report.tip = tip
@@ -473,10 +534,20 @@ class Monitor:
         self.seen_tip = tip
         if changed:
             try:
+                self._check_rewrite(tip, report)
                 self._process_mailbox(tip, report)
             except MailboxCorrupt as exc:
                 report.ok = False
                 report.error = str(exc)
+            except ObjectMissing as exc:
+                report.ok = False
+                report.error = str(exc)
+                self._after_missing_object(exc)
+            except GitError as exc:  # git itself failed while reading (a timeout, a broken clone)
+                report.ok = False
+                report.error = str(exc)
+                self.metrics.increment("errors")
+                log.error("mailbox not read: %s", exc, extra={"metadata": {"step": "read", "error": str(exc)}})
         self._drain_queue(report)
         self._push_marks(report)
         self._periodic(report)  # before the fast-forward, so that it includes a new heartbeat
@@ -489,10 +560,76 @@ class Monitor:
             self.ff_pending = False
             self.last_ff = time.monotonic()
         if report.ok:
-            self.processed_tip = self.seen_tip
+            self._set_processed_tip(self.seen_tip)
         self._finish(report, busy=bool(report.new_messages or report.marked or report.sent
                                         or report.error))
-        return report
+
+    def _after_missing_object(self, exc: Exception) -> None:
+        """A tree or blob of the fetched tip cannot be read: the cycle reads nothing (an
+        unreadable mailbox is no empty mailbox) and fetches every object again for the next."""
+        self.metrics.increment("errors")
+        log.error("%s; nothing read this cycle, fetching every object again", exc,
+                  extra={"metadata": {"step": "read", "error": str(exc)}})
+        try:
+            self.known_tip = self.clone.fetch(refetch=True)
+        except GitError as again:
+            log.warning("refetch failed: %s", again, extra={"metadata": {"step": "refetch"}})
+
+    def _set_processed_tip(self, tip: Optional[str]) -> None:
+        """Remember the tip whose mail was processed, also across restarts (a rewrite of the
+        branch while the monitor was stopped is still noticed)."""
+        self.processed_tip = tip
+        record = {"branch": self.clone.branch, "tip": tip}
+        if tip is not None and self.state.extra.get("processed_tip") != record:
+            self.state.extra["processed_tip"] = record
+            self.state.dirty = True
+            self.state.save()
+
+    def _last_processed_tip(self) -> Optional[str]:
+        if self.processed_tip is not None:
+            return self.processed_tip
+        record = self.state.extra.get("processed_tip")
+        if not isinstance(record, dict) or record.get("branch") != self.clone.branch:
+            return None
+        tip = record.get("tip")
+        return tip if isinstance(tip, str) and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", tip) else None
+
+    def _check_rewrite(self, tip: Optional[str], report: CycleReport) -> None:
+        """PROTOCOL.md: a shared branch rewritten by force is an error naming how many messages
+        disappeared. Nothing local is discarded or reset because of it."""
+        old = self._last_processed_tip()
+        if old is None or not tip or old == tip or (old, tip) in self.rewrites_logged:
+            return
+        proc = run_git(self.repo, "merge-base", "--is-ancestor", old, tip, check=False)
+        if proc.returncode != 1:
+            return  # 0: it descends, as it should; else the old tip is unknown here: cannot tell
+        self.rewrites_logged.add((old, tip))
+        gone = self._messages_gone(old, tip)
+        report.rewritten = -1 if gone is None else gone
+        self.metrics.increment("errors")
+        count = "an unknown number of" if gone is None else str(gone)
+        log.error("the shared branch %s was rewritten by force: %s does not descend from %s, which "
+                  "this monitor processed; %s message(s) that were there are gone (nothing local was "
+                  "discarded; the working tree is left as it is)", self.clone.branch, tip[:12], old[:12],
+                  count, extra={"metadata": {"step": "rewrite", "old_tip": old, "new_tip": tip,
+                                             "messages_gone": gone}})
+
+    def _messages_gone(self, old: str, new: str) -> Optional[int]:
+        """How many (id, from) keys of the mailbox at ``old`` are neither in the mailbox nor in
+        the archive at ``new``; ``None`` when either cannot be read."""
+        from fleet_archive import archived_keys
+
+        try:
+            before = {message_key(m) for _, m in valid_messages(
+                parse_document(self.clone.read_file(old, MAILBOX_PATH)[1]), warn=False)}
+            after = {message_key(m) for _, m in valid_messages(
+                parse_document(self.clone.read_file(new, MAILBOX_PATH)[1]), warn=False)}
+            gone = before - after
+            if gone:
+                gone -= set(archived_keys(self.clone, new))  # archived (moved), not lost
+        except (MailboxCorrupt, GitError):
+            return None
+        return len(gone)
 
     def _landed(self, tx: Any) -> None:
         """Follow our own commit. When it was built on the tip this cycle read, it holds nothing
@@ -506,7 +643,11 @@ class Monitor:
 
     def _read_mailbox(self, tip: Optional[str]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
         """(blob id, document) at ``tip``; the document is ``None`` when the blob is unchanged."""
-        blob, raw = self.clone.read_file(tip, MAILBOX_PATH)
+        try:
+            blob, raw = read_mailbox(self.clone, tip)
+        except MailboxCorrupt as exc:  # a folder or submodule where the mailbox should be
+            self._note_corrupt(exc)
+            raise
         if blob is not None and blob == self.cached_blob:
             self.corrupt_blob = None  # back to a version read before (a revert of a bad commit)
             return blob, None
@@ -515,13 +656,18 @@ class Monitor:
         try:
             data = parse_cached(raw, blob)
         except MailboxCorrupt as exc:
-            self.corrupt_blob = blob
-            if str(blob) not in self.corrupt_blobs_logged:  # once per blob (PROTOCOL.md)
-                self.corrupt_blobs_logged.add(str(blob))
-                log.critical("%s", exc, extra={"metadata": {"blob": blob}})
+            self._note_corrupt(exc)
             raise
         self.corrupt_blob = None
         return blob, data
+
+    def _note_corrupt(self, exc: MailboxCorrupt) -> None:
+        """Remember a corrupt mailbox (nothing is written on top of it); log it once per blob
+        (PROTOCOL.md)."""
+        self.corrupt_blob = exc.blob
+        if str(exc.blob) not in self.corrupt_blobs_logged:
+            self.corrupt_blobs_logged.add(str(exc.blob))
+            log.critical("%s", exc, extra={"metadata": {"blob": exc.blob}})
 
     def _process_mailbox(self, tip: Optional[str], report: CycleReport) -> None:
         if self.responder is not None:
@@ -557,7 +703,14 @@ class Monitor:
         source = getattr(self, "rule_source", None)
         if source is None:
             return
-        blob, raw = self.clone.read_file(tip, RULES_PATH)
+        try:
+            blob, raw = self.clone.read_file(tip, RULES_PATH)
+        except NotAFile as exc:  # bad input: the rules in force stay, mail keeps flowing
+            if exc.oid not in self.corrupt_blobs_logged:
+                self.corrupt_blobs_logged.add(exc.oid)
+                log.error("%s; keeping the auto-reply rules in force", exc.reason,
+                          extra={"metadata": {"path": RULES_PATH}})
+            return
         source.update_from_shared(blob, raw)
 
     def _auto_reply(self, msg: Dict[str, Any], report: CycleReport) -> None:
@@ -693,7 +846,7 @@ class Monitor:
         server = self.server
 
         def change(tip: Optional[str]):
-            blob, raw = self.clone.read_file(tip, MAILBOX_PATH)
+            blob, raw = read_mailbox(self.clone, tip)
             new_raw, changed = mark_in_blob(raw, blob, server, marks, acks)
             if new_raw is None:
                 return None
@@ -1030,9 +1183,15 @@ class Monitor:
     # ----------------------------------------------------------------- the loop
 
     def run(self) -> int:
+        """Cycle until asked to stop; 0, or 2 when the shared branch is not on the remote at
+        start (a mistyped ``--branch``: retrying would never deliver anything)."""
+        code = EXIT_OK
         while not self.stop_event.is_set():
             started = time.monotonic()
-            self.cycle()
+            report = self.cycle()
+            if report.fatal:
+                code = EXIT_USAGE
+                break
             if self.one_shot:
                 break
             remaining = self.interval - (time.monotonic() - started)
@@ -1044,7 +1203,7 @@ class Monitor:
         if not self.one_shot and self.iterations and self.breaker.can_execute():
             self._maybe_presence("stopped")  # readers see a clean stop, not a silent server
         log.info("monitor stopped", extra={"metadata": {"iterations": self.iterations}})
-        return EXIT_OK
+        return code
 
 
 def _dt_from_epoch(epoch: float):
@@ -1127,12 +1286,15 @@ def init_fleet(path: "os.PathLike[str] | str", branch: str = "main") -> str:
 
     On an existing clone without a mailbox, add one by the transaction. Returns what was done.
     """
+    from fleet_git import check_branch_name
+
+    check_branch_name(branch)
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise UsageError(f"--init: {target} is a file, not a folder")
     if target.exists() and (target / ".git").exists():
         clone = Clone(target, None)
-        clone.fetch()
+        clone.fetch(allow_missing=True)
 
         def change(tip: Optional[str]):
             _, raw = clone.read_file(tip, MAILBOX_PATH)
@@ -1140,7 +1302,7 @@ def init_fleet(path: "os.PathLike[str] | str", branch: str = "main") -> str:
                 return None
             return {MAILBOX_PATH: serialize({"messages": []})}, "fleet: create the mailbox"
 
-        tx = clone.transact(change, author="fleet")
+        tx = clone.transact(change, author="fleet", create_branch=True)  # --init alone may create it
         return "added a mailbox to the existing clone" if tx.changed else "already a fleet repository"
     if target.exists() and any(target.iterdir()):
         raise UsageError(f"--init: {target} exists and is not a git clone")
@@ -1523,8 +1685,9 @@ def repair_mailbox(clone: Clone, server: str, *, max_history: int = 500) -> Dict
     result: Dict[str, Any] = {"repaired": False, "kept": 0, "salvaged": 0, "good_commit": None}
 
     def change(tip: Optional[str]):
-        blob, raw = clone.read_file(tip, MAILBOX_PATH)
+        raw: Optional[bytes] = None  # a folder or submodule there: nothing to salvage
         try:
+            blob, raw = read_mailbox(clone, tip)
             parse_document(raw, blob)
             return None  # parses (already fine, or repaired meanwhile by someone else)
         except MailboxCorrupt:
@@ -1533,8 +1696,8 @@ def repair_mailbox(clone: Clone, server: str, *, max_history: int = 500) -> Dict
         revs = run_git(clone.root, "rev-list", f"--max-count={max_history}", str(tip), "--",
                        MAILBOX_PATH).stdout.decode().split()
         for rev in revs:
-            g_blob, g_raw = clone.read_file(rev, MAILBOX_PATH)
             try:
+                g_blob, g_raw = read_mailbox(clone, rev)
                 good = parse_document(g_raw, g_blob)
             except MailboxCorrupt:
                 continue

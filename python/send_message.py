@@ -17,7 +17,8 @@ holds a credential (a password, a token, a private key: ``structured_log.find_se
 as bad input, naming the kind of secret and never the secret, unless ``--allow-secret``
 (``allow_secret=True``) says to send it anyway.
 
-Exit codes: 0 sent and verified; 2 bad usage or bad input; 75 not deliverable now, queued in
+Exit codes: 0 sent and verified; 2 bad usage or bad input (a ``--branch`` the remote does not
+have included: it is never created, nor queued); 75 not deliverable now, queued in
 ``<server>/queue/message_queue.json`` for the monitor to deliver; 1 any other failure (one-line
 reason on stderr); 130 interrupted by Ctrl+C. With ``--wait-reply SEC`` the message is sent first,
 whatever happens next, then: 0 an answer came (printed), 124 no answer within SEC.
@@ -47,7 +48,15 @@ from fleet_common import (
     normalize_server_id,
     resolve_server_id,
 )
-from fleet_git import MAILBOX_PATH, STANDALONE_FRESHNESS, Clone, GitError, PushRejected, RemoteUnavailable
+from fleet_git import (
+    MAILBOX_PATH,
+    STANDALONE_FRESHNESS,
+    Clone,
+    GitError,
+    ObjectMissing,
+    PushRejected,
+    RemoteUnavailable,
+)
 from fleet_mailbox import (
     MESSAGE_TYPES,
     PRIORITIES,
@@ -158,14 +167,15 @@ def commit_subject(msg: Dict[str, Any]) -> str:
 def deliver(clone: Clone, msg: Dict[str, Any], *, fresh_for: float = STANDALONE_FRESHNESS):
     """Append ``msg`` to the shared mailbox by one transaction; idempotent on (id, from).
 
-    Raises :class:`RemoteUnavailable`, :class:`MailboxCorrupt` or :class:`GitError`.
+    Raises :class:`RemoteUnavailable`, :class:`MailboxCorrupt`, :class:`BranchMissing` (bad
+    input: never queued), :class:`ObjectMissing` or another :class:`GitError`.
     """
-    from fleet_mailbox import append_to_blob
+    from fleet_mailbox import append_to_blob, read_mailbox
 
     key = message_key(msg)
 
     def change(tip: Optional[str]):
-        blob, raw = clone.read_file(tip, MAILBOX_PATH)
+        blob, raw = read_mailbox(clone, tip, MAILBOX_PATH)
         new_raw = append_to_blob(raw, blob, msg, key)
         if new_raw is None:
             return None  # already delivered (an earlier push landed, its answer was lost)
@@ -258,6 +268,13 @@ def deliver_or_queue(clone: Clone, msg: Dict[str, Any], *, queue: bool = True) -
             if not queue:
                 return SendResult(False, "failed", msg, f"lost every push race: {exc.reason}")
             return _queue(clone, msg, "the shared branch is too busy right now (every push lost a race)")
+        except ObjectMissing as exc:
+            # Even after fetching every object again (a gc pruning under us, a damaged object
+            # store): nothing was written; the message waits in the queue, never on an "empty"
+            # mailbox.
+            if not queue:
+                return SendResult(False, "failed", msg, f"git objects unreadable in this clone: {exc.reason}")
+            return _queue(clone, msg, f"git objects unreadable in this clone: {exc.reason}")
         except RemoteUnavailable as exc:
             quick = time.monotonic() - started < QUICK_RETRY_WINDOW
             if attempt == 1 and quick:

@@ -30,7 +30,7 @@ def test_archive_moves_only_what_is_done_with(tmp_path):
     entries = [
         msg(1, 40, read=True),                               # direct, handled, old: moves
         msg(2, 40),                                          # direct, unread: stays
-        msg(3, 40, to="all"),                                # broadcast, old: moves by age alone
+        msg(3, 40, to="all", read_by=["code2", "build2"]),   # broadcast read by every known server: moves
         msg(4, 1, to="all"),                                 # broadcast, recent: stays
         msg(5, 40, to=["code2", "build2"], read_by=["code2"]),            # one of two: stays
         msg(6, 40, to=["code2", "build2"], read_by=["code2", "build2"]),  # both: moves
@@ -95,3 +95,65 @@ def test_auto_archive_runs_once_a_day(tmp_path):
     subjects = git(fleet.origin, "log", "--format=%s", "main").splitlines()
     assert sum(s.startswith("code2: archive") for s in subjects) == 1
     assert [m["body"] for m in fleet.remote_messages()] == ["recent"]
+
+
+def _commit_roster(fleet: Fleet, text: str) -> None:
+    admin = fleet.clone("admin")
+    (admin / "coordination" / "servers.json").write_text(text)
+    git(admin, "add", "-A")
+    git(admin, "commit", "-qm", "roster", "--no-gpg-sign")
+    git(admin, "push", "-q", "origin", "main")
+
+
+def test_no_archive_setting_hides_a_broadcast_from_a_server_that_has_not_read_it(tmp_path):
+    answered = msg(2, 40, to="build1", read=True)
+    answered["from"] = "code2"
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [msg(1, 40, to="all"), answered]}, indent=2).encode())
+    _commit_roster(fleet, json.dumps({"version": 1, "servers": [
+        {"id": "build1", "description": "builds"}, {"id": "Architect", "description": "only in the roster"}]}))
+    c2, arch = fleet.clone("code2"), fleet.clone("architect")
+    archive = ["--server", "code2", "--archive-days", "0"]
+
+    def left():
+        return [m["subject"] for m in fleet.remote_messages()]
+
+    proc = run_script("message_monitor.py", "--repo", str(c2), *archive)
+    assert proc.returncode == 0, proc.stderr
+    assert left() == ["m1"]  # the direct, read message went; the broadcast no one read stays
+    Monitor(Clone(c2), "code2", 1, one_shot=True, auto_reply=False).cycle()
+    run_script("message_monitor.py", "--repo", str(c2), *archive)
+    assert left() == ["m1"]  # the architect (roster only) has not read it
+    # another reader's automatic pass, while the architect has been offline for 40 days
+    Monitor(Clone(fleet.clone("build2")), "build2", 1, one_shot=True, auto_reply=False,
+            auto_archive_days=7).cycle()
+    assert left() == ["m1"]
+    Monitor(Clone(arch), "architect", 1, one_shot=True, auto_reply=False).cycle()
+    proc = run_script("message_monitor.py", "--repo", str(c2), *archive)
+    assert proc.returncode == 0 and left() == [], proc.stdout + proc.stderr
+    assert message_key(msg(1, 40)) in archived_keys(Clone(c2), Clone(c2).fetch())
+
+
+def test_a_bad_roster_keeps_every_broadcast_and_archives_direct_mail(tmp_path, caplog):
+    entries = [msg(1, 40, to="all", read_by=["code2"]), msg(2, 40, read=True)]
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": entries}, indent=2).encode())
+    _commit_roster(fleet, "[" * 5000 + "]" * 5000)
+    result = archive_mailbox(Clone(fleet.clone("code2")), "code2", 0)
+    assert result["archived"] == 1
+    assert [m["subject"] for m in fleet.remote_messages()] == ["m1"]
+    assert any("servers.json" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_has_read_is_one_question_that_takes_receipts_from_elsewhere():
+    from fleet_archive import has_read, known_servers, plan_archive
+
+    broadcast = msg(1, 40, to="all", read_by=["code2"])
+    data = {"messages": [broadcast]}
+    key = message_key(broadcast)
+    known = known_servers(data, ["build2"])
+    assert known == {"build1", "code2", "build2"}
+    assert has_read(broadcast, "code2") and not has_read(broadcast, "build2")
+    assert has_read(broadcast, "build2", {"build2": {key}})
+    assert plan_archive(data, 0, known=known)[1] == {}
+    assert plan_archive(data, 0, known=None, receipts={"build2": {key}})[1] == {}  # fleet unknown
+    stay, moves = plan_archive(data, 0, known=known, receipts={"build2": {key}})
+    assert stay == [] and sum(len(v) for v in moves.values()) == 1

@@ -221,3 +221,35 @@ def test_spliced_marks_equal_a_full_rewrite(quirky):
     full = parse_document(other)
     mark_handled(full, "code2", keys)
     assert out == serialize(full)
+
+
+@pytest.mark.parametrize("entry", [b"[" * 5000 + b"]" * 5000, b"[" * 900 + b"]" * 900, b"9" * 5000,
+                                   b'"' + b"x" * (64 * 1024 * 1024) + b'"'])
+def test_a_mailbox_beyond_the_bounds_is_corrupt(entry):
+    from fleet_mailbox import salvage_messages
+
+    good = b'{"id": "a", "from": "x", "to": "all"}'
+    raw = b'{"messages": [' + good + b", " + entry + b"]}"
+    with pytest.raises(MailboxCorrupt) as caught:
+        parse_document(raw, "abc")
+    assert "--repair" in str(caught.value) and len(str(caught.value)) < 400
+    assert [m["id"] for m in salvage_messages(raw.decode())] == ["a"]
+
+
+def test_archive_files_name_themselves_when_corrupt():
+    with pytest.raises(MailboxCorrupt, match="coordination/archive/messages-2025-10.json"):
+        parse_document(b"{", "abc", path="coordination/archive/messages-2025-10.json")
+
+
+def test_marks_copy_only_what_they_change():
+    from fleet_mailbox import mark_in_blob, parse_cached
+
+    nested: object = "leaf"
+    for _ in range(12):  # 27 levels in all, within the bound: the copy leaves them shared
+        nested = {"n": [nested]}
+    msg = {"id": "m1", "from": "build1", "to": "code2", "read_by": ["build2"], "extra": nested}
+    raw = serialize({"messages": [msg]})
+    cached = parse_cached(raw, "blob-nested")
+    out, changed = mark_in_blob(raw, "blob-nested", "code2", [("m1", "build1")])
+    assert changed == 1 and json.loads(out)["messages"][0]["read_by"] == ["build2", "code2"]
+    assert cached["messages"][0]["read_by"] == ["build2"]  # the cached document is unchanged

@@ -279,6 +279,11 @@ def test_remote_branch_without_mailbox_is_an_empty_mailbox(tmp_path):
     git(tmp_path, "init", "--bare", "-q", "-b", "main", str(origin))
     c2 = tmp_path / "code2"
     git(tmp_path, "clone", "-q", str(origin), str(c2))
+    # The branch exists (creating it is --init's job, never a send's); it has no mailbox file.
+    (c2 / "README.md").write_text("Build repo\n")
+    git(c2, "add", "README.md")
+    git(c2, "commit", "-q", "--no-gpg-sign", "-m", "initial")
+    git(c2, "push", "-q", "origin", "main")
     shown: list = []
     assert monitor_for(c2, "code2", shown).cycle().ok
     assert send_message("first ever", to="code2", from_sender="build1", build_repo_path=str(c2))
