@@ -177,14 +177,54 @@ def plan_archive(data: Dict[str, Any], days: float, now: Optional[_dt.datetime] 
     return stay, moves
 
 
+def state_receipts(clone: Any) -> Tuple[Dict[str, Set[MessageKey]], Dict[str, Set[MessageKey]]]:
+    """(read receipts, acknowledgements) of every server's state ref, freshly fetched."""
+    from fleet_state import StateStore
+
+    store = StateStore(clone)
+    store.fetch()
+    read: Dict[str, Set[MessageKey]] = {}
+    acked: Dict[str, Set[MessageKey]] = {}
+    for name, state in store.read_all().items():
+        read[name] = set(state.read) | set(state.acks)
+        acked[name] = set(state.acks)
+    return read, acked
+
+
+def fold_receipts(msg: Dict[str, Any], read: Receipts, acked: Receipts) -> Dict[str, Any]:
+    """``msg`` as it goes into the archive: the state refs' receipts written into its
+    ``read_by`` and ``acknowledged_by`` (PROTOCOL.md: only then may a server drop them)."""
+    key = message_key(msg)
+    readers = sorted(name for name, keys in read.items() if key in keys)
+    ackers = sorted(name for name, keys in acked.items() if key in keys)
+    if not readers and not ackers:
+        return msg
+    out = dict(msg)
+    for field, names in (("read_by", readers), ("acknowledged_by", ackers)):
+        if not names:
+            continue
+        current = out.get(field) if isinstance(out.get(field), list) else []
+        have = {n.lower() for n in current if isinstance(n, str)}
+        out[field] = list(current) + [n for n in names if n not in have]
+    if ackers and out.get("ack_required") is True:
+        out["ack_status"] = "acknowledged"
+    return out
+
+
 def archive_mailbox(clone: Any, server: str, days: float,
                     now: Optional[_dt.datetime] = None,
-                    receipts: Optional[Receipts] = None) -> Dict[str, Any]:
+                    receipts: Optional[Receipts] = None,
+                    acknowledgements: Optional[Receipts] = None) -> Dict[str, Any]:
     """One archive pass by one transaction; returns counts and a one-line summary.
 
-    ``receipts``: read receipts kept outside the mailbox, server -> (id, from) keys.
+    ``receipts`` / ``acknowledgements``: what each server recorded outside the mailbox, server ->
+    (id, from) keys; by default read from every server's state ref. Each archived message carries
+    them in ``read_by`` / ``acknowledged_by``, so no receipt is lost when a state ref drops it.
     """
     result: Dict[str, Any] = {"archived": 0, "files": []}
+    if receipts is None:
+        receipts, acknowledgements = state_receipts(clone)
+    acked = acknowledgements or {}
 
     def change(tip: Optional[str]):
         blob, raw = read_mailbox(clone, tip)
@@ -202,7 +242,7 @@ def archive_mailbox(clone: Any, server: str, days: float,
             present = {message_key(m) for m in archive["messages"] if isinstance(m, dict)}
             for msg in msgs:
                 if message_key(msg) not in present:  # idempotent: an earlier pass may have landed
-                    archive["messages"].append(msg)
+                    archive["messages"].append(fold_receipts(msg, receipts, acked))
                     present.add(message_key(msg))
             moved += len(msgs)
             files[path] = serialize(archive)
@@ -218,6 +258,50 @@ def archive_mailbox(clone: Any, server: str, days: float,
     result["summary"] = (f"archived {result['archived']} messages into {', '.join(result['files'])}"
                          if result["archived"] else "nothing to archive")
     return result
+
+
+def archive_pass(clone: Any, server: str, days: float) -> Dict[str, Any]:
+    """What ``--archive-days`` and the monitor's daily pass do: archive (receipts folded in), then
+    drop from ``server``'s own state ref the entries the archive now holds for it, so state refs
+    stay as small as the hot mailbox."""
+    from fleet_state import StateChange, StateStore
+
+    result = archive_mailbox(clone, server, days)
+    store = StateStore(clone)  # archive_mailbox fetched every state ref, ours included
+    own = store.read(server)
+    drop = prunable_keys(clone, clone.tip(), server, own.read, own.acks) if own.writable else []
+    if drop:
+        store.update(server, StateChange(drop=drop))
+        result["summary"] += f"; {len(drop)} receipts now kept by the archive left {server}'s state ref"
+    result["pruned"] = len(drop)
+    return result
+
+
+def prunable_keys(clone: Any, tip: Optional[str], server: str, read: Iterable[MessageKey],
+                  acked: Iterable[MessageKey]) -> List[MessageKey]:
+    """Entries ``server`` may drop from its state ref: messages gone from the hot mailbox whose
+    archived copy already names ``server`` in ``read_by`` (and, for an acknowledgement, in
+    ``acknowledged_by``). Anything else stays: archiving never makes read mail unread."""
+    acked = set(acked)
+    candidates = set(read) | acked
+    if not candidates or tip is None:
+        return []
+    blob, raw = read_mailbox(clone, tip)
+    hot = {message_key(m) for _, m in valid_messages(parse_document(raw, blob), warn=False)}
+    candidates -= hot
+    done: List[MessageKey] = []
+    for path in archive_files(clone, tip) if candidates else ():
+        a_blob, a_raw = read_mailbox(clone, tip, path)
+        for _, msg in valid_messages(parse_document(a_raw, a_blob, path=path), warn=False):
+            key = message_key(msg)
+            if key not in candidates or not has_read(msg, server):
+                continue
+            ackers = msg.get("acknowledged_by") if isinstance(msg.get("acknowledged_by"), list) else []
+            if key in acked and server not in [a.lower() for a in ackers if isinstance(a, str)]:
+                continue
+            done.append(key)
+            candidates.discard(key)
+    return done
 
 
 def archive_files(clone: Any, tip: Optional[str]) -> List[str]:

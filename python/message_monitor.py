@@ -308,6 +308,7 @@ class Monitor:
         self.reading = reading or ReadingOptions()
         self.states = StateStore(clone)  # this server's receipts and presence (PROTOCOL.md)
         self.presence_due = True
+        self.presence_published = False  # by this process: only then is a clean stop announced
         self.hook = None
         if self.reading.on_message:
             from fleet_hook import MessageHook
@@ -1062,6 +1063,7 @@ class Monitor:
             log.warning("presence not published: %s", exc)
             return
         self.presence_due = False
+        self.presence_published = True
         self.state.extra["last_presence_at"] = now
         self.state.dirty = True
         self.state.save()
@@ -1129,11 +1131,11 @@ class Monitor:
         now = time.time()
         if isinstance(last, (int, float)) and now - last < 86400:
             return
-        from fleet_archive import archive_mailbox
+        from fleet_archive import archive_pass
 
         try:
-            result = archive_mailbox(self.clone, self.server, float(self.auto_archive_days or 0))
-        except (RemoteUnavailable, MailboxCorrupt, GitError) as exc:
+            result = archive_pass(self.clone, self.server, float(self.auto_archive_days or 0))
+        except (RemoteUnavailable, MailboxCorrupt, GitError, StateRefError) as exc:
             log.warning("automatic archive pass failed: %s", exc)
             return
         self.state.extra["last_archive_at"] = now
@@ -1200,7 +1202,7 @@ class Monitor:
         self.metrics.maybe_flush(True)
         if self.hook is not None:
             self.hook.stop()
-        if not self.one_shot and self.iterations and self.breaker.can_execute():
+        if not self.one_shot and self.presence_published and self.breaker.can_execute():
             self._maybe_presence("stopped")  # readers see a clean stop, not a silent server
         log.info("monitor stopped", extra={"metadata": {"iterations": self.iterations}})
         return code
@@ -1541,9 +1543,9 @@ def _one_shot_command(args: argparse.Namespace, repo: str, server: str, interval
         write_line(result["summary"])
         return EXIT_OK
     if args.archive_days is not None:
-        from fleet_archive import archive_mailbox
+        from fleet_archive import archive_pass
 
-        result = archive_mailbox(Clone(repo, args.branch), server, args.archive_days)
+        result = archive_pass(Clone(repo, args.branch), server, args.archive_days)
         write_line(result["summary"])
         return EXIT_OK
     return None

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import PYTHON_DIR, Fleet, git, run_script
 
-from fleet_archive import archive_mailbox
+from fleet_archive import archive_mailbox, archive_path
 from fleet_common import UsageError
 from fleet_git import Clone
 from fleet_state import REF_PREFIX, STATE_FILE
@@ -227,9 +227,18 @@ def _old(i: int, days_ago: float, to="code2", **extra) -> dict:
 
 def test_archived_mail_is_found_by_show_search_thread_and_include_archive(tmp_path):
     entries = [_old(1, 40, to="all"), _old(2, 40, read=True), _old(3, 1)]
-    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": entries}, indent=2).encode())
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": entries[1:]}, indent=2).encode())
+    # An older tool archived the broadcast unread (this suite never archives unread mail).
+    old_tool = fleet.clone("oldtool")
+    when = dt.datetime.fromtimestamp(int(entries[0]["id"].split("_")[1]), dt.timezone.utc)
+    path = old_tool / archive_path(when)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"messages": [entries[0]]}, indent=2) + "\n")
+    git(old_tool, "add", "-A")
+    git(old_tool, "commit", "-qm", "archive (older tool)", "--no-gpg-sign")
+    git(old_tool, "push", "-q", "origin", "main")
     c2 = fleet.clone("code2")
-    assert archive_mailbox(Clone(c2), "code2", 30)["archived"] == 2
+    assert archive_mailbox(Clone(c2), "code2", 30)["archived"] == 1
     b1 = fleet.clone("build1")
     answer = send(b1, "about that old broadcast", "build1", to="code2", reply_to=entries[0]["id"])
     inbox = Inbox(str(c2), "code2")

@@ -208,3 +208,52 @@ def test_on_message_runs_once_per_message_and_never_stalls_the_cycle(fleet, tmp_
     # a new monitor (a restart) never runs the command again for these messages
     again = mon(c2, "code2", reading=ReadingOptions(on_message=command, on_message_timeout=2.0))
     assert again.cycle().new_messages == [] and not again.hook.running
+
+
+def _aged(i: int, to, days: float = 40, **extra) -> dict:
+    import datetime as dt
+
+    moment = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
+    msg = {"id": f"msg_{int(moment.timestamp())}_{i:012x}", "from": "build1", "to": to,
+           "subject": f"old {i}", "body": "x", "type": "info", "priority": "normal",
+           "timestamp": moment.strftime("%Y-%m-%dT%H:%M:%SZ"), "read": False, "ack_required": False}
+    msg.update(extra)
+    return msg
+
+
+def test_archive_folds_receipts_in_then_the_state_refs_drop_them(tmp_path):
+    from conftest import Fleet
+
+    from fleet_archive import archive_pass, find_anywhere
+    from inbox import Inbox
+
+    direct = _aged(1, "code2", ack_required=True, ack_status="pending", acknowledged_by=[])
+    broadcast = _aged(2, "all")
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [direct, broadcast]}, indent=2).encode())
+    c2, b2 = fleet.clone("code2"), fleet.clone("build2")
+    StateStore(Clone(b2)).update("build2", StateChange(presence={"timestamp": "2026-01-01T00:00:00Z"}))
+    mon(c2, "code2").cycle()
+    Inbox(str(c2), "code2").acknowledge(direct["id"], note="done", message=False)
+    first = archive_pass(Clone(c2), "code2", 30)
+    assert first["archived"] == 1  # build2 has not read the broadcast: it stays
+    assert first["pruned"] == 1  # the direct message's receipt and ack are in the archive now
+    assert [tuple(k) for k in fleet.state("code2")["read"]] == [(broadcast["id"], "build1")]
+    mon(b2, "build2").cycle()
+    result = archive_pass(Clone(b2), "build2", 30)
+    assert result["archived"] == 1 and result["pruned"] == 1
+    assert fleet.remote_messages() == []
+    archived = {m["id"]: m for m in (find_anywhere(Clone(c2), Clone(c2).fetch(), k["id"]) for k in (direct, broadcast))}
+    assert archived[direct["id"]]["read_by"] == ["code2"]
+    assert archived[direct["id"]]["acknowledged_by"] == ["code2"]
+    assert archived[direct["id"]]["ack_status"] == "acknowledged"
+    assert sorted(archived[broadcast["id"]]["read_by"]) == ["build2", "code2"]
+    # build2 dropped its receipt; code2 keeps the broadcast's until its own next pass
+    assert fleet.state("build2")["read"] == []
+    assert len(fleet.state("code2")["read"]) == 1
+    assert archive_pass(Clone(c2), "code2", 30)["pruned"] == 1
+    assert fleet.state("code2")["read"] == [] and fleet.state("code2")["acks"] == []
+    # nothing read became unread
+    everything = Inbox(str(c2), "code2").unread(include_archive=True, include_read=True)["messages"]
+    assert {m["id"]: (m["read"], m["acknowledged"]) for m in everything} == {
+        direct["id"]: (True, True), broadcast["id"]: (True, False)}
+    assert Inbox(str(c2), "code2").unread(include_archive=True)["count"] == 0
