@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import benchlib as bl
 
-SCRIPTS = ("send", "idle", "history", "latency", "contention", "fleet_status", "staterefs")
+SCRIPTS = ("send", "idle", "history", "latency", "contention", "fleet_status", "inbox", "staterefs")
 # Extra trimming for --quick, on top of each script's own quick mode (the whole run < 1 minute).
 QUICK_ARGS: Dict[str, List[str]] = {
     "send": ["--reps", "6"],
@@ -35,6 +35,7 @@ QUICK_ARGS: Dict[str, List[str]] = {
     "latency": [],
     "contention": ["--per-sender", "3"],
     "fleet_status": ["--reps", "3"],
+    "inbox": ["--reps", "2"],
     "staterefs": [],
 }
 OVERLAP_IN_QUICK: Tuple[str, ...] = ("idle", "latency")
