@@ -143,6 +143,19 @@ def fleet_run(count: int, senders: int, per_sender: int, legacy: bool) -> Dict[s
     return bl.summarize_senders(wall, reports)
 
 
+def state_size(entries: int) -> int:
+    """Bytes of a ``state.json`` holding ``entries`` read receipts (PROTOCOL.md asks for its size
+    at 10,000 hot messages: a state ref is as big as the mail addressed to its server)."""
+    from fleet_state import ServerState, presence_doc
+
+    state = ServerState("code2")
+    state.presence = presence_doc(started=time.time(), interval=10.0, healthy=True, version="1.1.0")
+    rng = random.Random(5)
+    for i in range(entries):
+        state.read[(f"msg_{1760000000 + i * 37}_{rng.getrandbits(48):012x}", f"build{i % 8}")] = None
+    return len(state.to_bytes())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = bl.common_parser("staterefs.py", "State refs against read marks and heartbeats on the branch.")
     args = parser.parse_args(argv)
@@ -167,7 +180,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def per_msg(s: Dict[str, Any]) -> float:
         return s["push_attempts"] / s["messages"] if s["messages"] else float("nan")
 
+    details["state_bytes_10k"] = state_size(10000)
     figures = [
+        bl.Figure("staterefs.size_10k", "state.json with 10,000 read receipts",
+                  details["state_bytes_10k"] / 1024, "KB"),
         bl.Figure("staterefs.broadcast_commits",
                   f"commits on the shared branch from {b1['servers']} servers reading one broadcast",
                   float(b1["reading_commits"]), "", target=("measured", "==", 0.0),
