@@ -92,12 +92,14 @@ from fleet_common import (
     UsageError,
     atomic_write_json,
     file_lock,
+    format_duration,
     is_valid_server_id,
     json_depth_exceeds,
     load_json_bounded,
     load_state_file,
     move_aside,
     normalize_server_id,
+    one_line,
     runtime_dir,
 )
 from fleet_mailbox import (
@@ -199,11 +201,6 @@ def _truthy(value: Any) -> bool:
     if isinstance(value, (int, float)):
         return value == 1
     return False
-
-
-def _one_line(text: Any, limit: int = MAX_LINE) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _epoch(now: Union[float, _dt.datetime]) -> float:
@@ -411,7 +408,7 @@ class RuleSet:
 
 def _shown(value: Any, limit: int = 60) -> str:
     """A value from a rules file as an error message shows it: quoted, escaped, one short line."""
-    return _one_line(repr(value), limit)
+    return one_line(repr(value), limit)
 
 
 def _string_list(value: Any, where: str, fail: Callable[[str], RuleError], *,
@@ -689,7 +686,7 @@ def _gate(msg: Mapping[str, Any], server: str, now: float, max_age_hours: float)
     if not is_addressed_to(msg, server):
         return False, "not-addressed: not addressed to this server"
     if not is_valid_server_id(sender):
-        return False, f"bad-sender: {_one_line(msg['from'], 40)!r} is not a server id a reply could reach"
+        return False, f"bad-sender: {one_line(msg['from'], 40)!r} is not a server id a reply could reach"
     marker = legacy_auto_marker(msg)
     if marker is not None:
         return False, f"legacy-auto: an older monitor's automatic reply ({marker})"
@@ -883,23 +880,6 @@ class ReplyLedger:
 # --------------------------------------------------------------------------- reply texts
 
 
-def format_duration(seconds: Optional[float]) -> str:
-    """``4 s``, ``3 min 5 s``, ``2 h 13 min``, ``3 d 4 h``; ``unknown`` for no value."""
-    if not _is_number(seconds):
-        return "unknown"
-    total = max(0, int(seconds))  # type: ignore[arg-type]
-    if total < 60:
-        return f"{total} s"
-    if total < 3600:
-        minutes, secs = divmod(total, 60)
-        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
-    if total < 86400:
-        hours, rest = divmod(total, 3600)
-        return f"{hours} h {rest // 60} min"
-    days, rest = divmod(total, 86400)
-    return f"{days} d {rest // 3600} h"
-
-
 def _number(value: Any, digits: int) -> Optional[str]:
     if isinstance(value, str):
         try:
@@ -915,7 +895,7 @@ def _state_name(value: Any) -> str:
     value = getattr(value, "value", value)  # an enum such as CircuitState
     if value is None or (isinstance(value, str) and not value.strip()):
         return "unknown"
-    return _one_line(value, 40).upper()
+    return one_line(value, 40).upper()
 
 
 def _check_lines(checks: Any, overall: str) -> List[str]:
@@ -943,7 +923,7 @@ def _check_lines(checks: Any, overall: str) -> List[str]:
         if text is None or not str(text).strip():
             continue
         label = f"Check {name}: " if name else "Check: "
-        lines.append(_one_line(label + str(text)))
+        lines.append(one_line(label + str(text), MAX_LINE))
         if len(lines) >= MAX_STATUS_CHECK_LINES:
             break
     return lines
@@ -952,7 +932,7 @@ def _check_lines(checks: Any, overall: str) -> List[str]:
 def render_status(server: str, status: Any, *, uptime_s: Optional[float], version: str) -> str:
     """The status reply: this server's real state, one fact a line (never the original body)."""
     if isinstance(status, BaseException):
-        reason = _one_line(str(status) or type(status).__name__, 200)
+        reason = one_line(str(status) or type(status).__name__, 200)
         return "\n".join([f"Status of {server}: health unavailable: {reason}",
                           f"Uptime: {format_duration(uptime_s)}", f"Version: {version}"])
     if not isinstance(status, dict):
@@ -987,7 +967,7 @@ def render_presence(server: str, *, uptime_s: Optional[float], version: str) -> 
 
 
 def render_ack(server: str, subject: Any) -> str:
-    shown = _one_line(subject) if isinstance(subject, str) and subject.strip() else "(no subject)"
+    shown = one_line(subject, MAX_LINE) if isinstance(subject, str) and subject.strip() else "(no subject)"
     return f"Acknowledged by {server}: {shown}"
 
 
@@ -1074,7 +1054,7 @@ class AutoResponder:
             return Decision(rule=rule.name, kind=rule.kind, acknowledge=True, reply=None)
         sender = msg["from"].strip().lower()
         if not self.ledger.within_limit(sender, now, self.per_sender_limit, self.per_sender_window):
-            shown_id = _one_line(msg["id"], 80)
+            shown_id = one_line(msg["id"], 80)
             log.log(
                 logging.WARNING if self._first_limited(sender, now) else logging.DEBUG,
                 "automatic reply to %s withheld: %d automatic replies to %s in the last %s "

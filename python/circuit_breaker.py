@@ -38,7 +38,6 @@ read only at construction.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import enum
 import logging
 import math
@@ -53,7 +52,7 @@ from fleet_common import (
     SuiteError,
     UsageError,
     atomic_write_json,
-    iso_utc,
+    iso_from_epoch,
     load_state_file,
     move_aside,
 )
@@ -105,10 +104,7 @@ class CircuitOpenError(SuiteError):
 
 
 def _iso_epoch(epoch: Optional[float], *, round_up: bool = False) -> Optional[str]:
-    if epoch is None:
-        return None
-    seconds = math.ceil(epoch) if round_up else math.floor(epoch)
-    return iso_utc(_dt.datetime.fromtimestamp(seconds, _dt.timezone.utc))
+    return None if epoch is None else iso_from_epoch(epoch, round_up=round_up)
 
 
 def _failures(count: object) -> str:

@@ -123,6 +123,32 @@ def write_line(text: str, stream: Optional[IO[str]] = None) -> None:
     target.flush()
 
 
+def write_text(text: str, stream: Optional[IO[str]] = None) -> None:
+    """Like :func:`write_line` for text that brings its own line ends (a report, a JSON dump)."""
+    target = sys.stdout if stream is None else stream
+    target.write(console_safe(text, target))
+    target.flush()
+
+
+ONE_LINE_LIMIT: Final = 300  # a reason longer than this is a dump, not a reason
+
+
+def one_line(value: object, limit: int = ONE_LINE_LIMIT) -> str:
+    """``value`` (text or an exception) as one line of at most ``limit`` characters.
+
+    An exception gives the first line of its message (the summary; details follow it), or its
+    type's name when the message is empty. Runs of whitespace, line ends included, become one
+    space, so a reason can never spill onto a second line of stderr, a log record or a systemd
+    status.
+    """
+    text = str(value)
+    if isinstance(value, BaseException):
+        lines = [line for line in text.splitlines() if line.strip()]
+        text = lines[0] if lines else type(value).__name__
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: max(0, limit - 3)] + "..."
+
+
 # --------------------------------------------------------------------------- server ids
 
 
@@ -238,6 +264,40 @@ def iso_utc(moment: Optional[_dt.datetime] = None, *, fraction: bool = False) ->
     if fraction:
         return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def datetime_from_epoch(epoch: float) -> _dt.datetime:
+    """An aware UTC datetime for a Unix time."""
+    return _dt.datetime.fromtimestamp(epoch, _dt.timezone.utc)
+
+
+def iso_from_epoch(epoch: float, *, fraction: bool = False, round_up: bool = False) -> str:
+    """:func:`iso_utc` of a Unix time; ``round_up`` gives the next whole second (a retry time
+    shown rounded down would be a moment at which the retry is still refused)."""
+    if not fraction:
+        epoch = math.ceil(epoch) if round_up else math.floor(epoch)
+    return iso_utc(datetime_from_epoch(epoch), fraction=fraction)
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """``4 s``, ``3 min 5 s``, ``2 h 13 min``, ``3 d 4 h``; ``unknown`` for no value.
+
+    The one way a duration is written for people (replies, the inbox, system_health); the
+    compact column form of ``fleet_status.short_age`` is for tables only.
+    """
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds):
+        return "unknown"
+    total = max(0, int(seconds))
+    if total < 60:
+        return f"{total} s"
+    if total < 3600:
+        minutes, secs = divmod(total, 60)
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    if total < 86400:
+        hours, rest = divmod(total, 3600)
+        return f"{hours} h {rest // 60} min"
+    days, rest = divmod(total, 86400)
+    return f"{days} d {rest // 3600} h"
 
 
 _TS_RE = re.compile(
@@ -514,12 +574,17 @@ def load_json_bounded(raw: "bytes | str", *, what: str, max_bytes: int,
     try:
         return json.loads(data.decode("utf-8-sig"), parse_int=_bounded_int)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadInput(f"{what} does not parse: {text[:200]}") from None
+        raise BadInput(f"{what} does not parse: {one_line(exc, 200)}") from None
+
+
+def dump_json_text(data: Any) -> str:
+    """The suite's one JSON layout for files and ``--json`` reports: 2-space indent, ASCII only
+    (any console and any code page shows it), a final newline."""
+    return json.dumps(data, indent=2, ensure_ascii=True) + "\n"
 
 
 def dump_json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, ensure_ascii=True) + "\n").encode("ascii")
+    return dump_json_text(data).encode("ascii")
 
 
 def atomic_write_json(path: "os.PathLike[str] | str", data: Any) -> None:

@@ -45,7 +45,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple, Union
 
 import fleet_common
-from fleet_common import SuiteError, UsageError, iso_utc, normalize_server_id
+from fleet_common import SuiteError, UsageError, iso_utc, normalize_server_id, one_line
 from fleet_git import LOCAL_TIMEOUT, NETWORK_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -167,12 +167,12 @@ class SystemdNotifier:
         """``READY=1`` with ``MAINPID`` (and ``STATUS`` when given)."""
         lines = ["READY=1", f"MAINPID={os.getpid()}"]
         if status is not None:
-            lines.append("STATUS=" + _one_line(status))
+            lines.append("STATUS=" + one_line(status, STATUS_MAX))
         return self.notify(*lines)
 
     def status(self, text: str) -> bool:
         """``STATUS=`` one line, at most 200 characters (shown by ``systemctl status``)."""
-        return self.notify("STATUS=" + _one_line(text))
+        return self.notify("STATUS=" + one_line(text, STATUS_MAX))
 
     def watchdog(self) -> bool:
         """``WATCHDOG=1`` if a quarter of the watchdog interval has passed since the last one.
@@ -197,7 +197,7 @@ class SystemdNotifier:
     def stopping(self, status: Optional[str] = None) -> bool:
         lines = ["STOPPING=1"]
         if status is not None:
-            lines.append("STATUS=" + _one_line(status))
+            lines.append("STATUS=" + one_line(status, STATUS_MAX))
         return self.notify(*lines)
 
     def reloading(self) -> bool:
@@ -224,11 +224,6 @@ def _parse_watchdog(env: Mapping[str, str]) -> Optional[float]:
         except ValueError:
             return None
     return usec / 1_000_000
-
-
-def _one_line(text: str) -> str:
-    flat = " ".join(str(text).split())
-    return flat[:STATUS_MAX]
 
 
 _default_notifier: Optional[SystemdNotifier] = None

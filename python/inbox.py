@@ -54,6 +54,7 @@ from fleet_common import (
     SuiteError,
     UsageError,
     default_repo_path,
+    format_duration,
     get_logger,
     is_valid_server_id,
     json_depth_exceeds,
@@ -884,12 +885,6 @@ def render_full(view: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _age_text(seconds: Optional[float]) -> str:
-    from auto_reply import format_duration
-
-    return format_duration(seconds)
-
-
 # --------------------------------------------------------------------------- CLI
 
 COMMANDS: Final = ("list", "show", "thread", "mark-read", "ack", "acks", "search", "wait")
@@ -1064,7 +1059,7 @@ def _run(args: argparse.Namespace, inbox: Inbox) -> int:
             write_line(render_line(item["message"]))
             write_line(f"      acknowledged by: {', '.join(item['acknowledged_by']) or 'nobody yet'}; "
                        f"waiting on: {', '.join(item['waiting_on']) or 'nobody'}; "
-                       f"age: {_age_text(item['age_seconds'])}")
+                       f"age: {format_duration(item['age_seconds'])}")
         return EXIT_OK
     if command == "search":
         result = inbox.search(args.words, include_archive=args.include_archive, limit=args.limit,

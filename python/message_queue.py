@@ -33,7 +33,6 @@ Library module: raises :class:`fleet_common.SuiteError` subclasses, never prints
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import logging
 import os
@@ -51,7 +50,7 @@ from fleet_common import (
     default_repo_path,
     dump_json_bytes,
     file_lock,
-    iso_utc,
+    iso_from_epoch,
     load_json_bounded,
     load_state_file,
     parse_timestamp,
@@ -251,7 +250,7 @@ class MessageQueue:
                     continue
                 fresh = {
                     "id": msg_id, "from": sender, "kind": kind, "message": payload,
-                    "status": PENDING, "attempts": 0, "queued_at": self._iso(now),
+                    "status": PENDING, "attempts": 0, "queued_at": iso_from_epoch(now, fraction=True),
                     "next_attempt_at": now, "last_error": reason or None,
                     "last_attempt_at": None, "sent_at": None,
                 }
@@ -305,7 +304,7 @@ class MessageQueue:
             if entry is None or entry.get("status") == SENT:
                 return entry is not None
             entry["status"] = SENT
-            entry["sent_at"] = entry["last_attempt_at"] = self._iso(now)
+            entry["sent_at"] = entry["last_attempt_at"] = iso_from_epoch(now, fraction=True)
             return True
 
         return self._mutate(change)
@@ -329,7 +328,7 @@ class MessageQueue:
             attempts = (attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else 0) + 1
             entry["attempts"] = attempts
             entry["last_error"] = error or None
-            entry["last_attempt_at"] = self._iso(now)
+            entry["last_attempt_at"] = iso_from_epoch(now, fraction=True)
             entry["next_attempt_at"] = now + backoff_delay(attempts, self.max_backoff)
             died = attempts >= self.max_attempts
             if died:
@@ -382,9 +381,6 @@ class MessageQueue:
         return count
 
     # ------------------------------------------------------------------ internals
-
-    def _iso(self, epoch: float) -> str:
-        return iso_utc(_dt.datetime.fromtimestamp(epoch, _dt.timezone.utc), fraction=True)
 
     def _fresh(self) -> Dict[str, Any]:
         return {"version": QUEUE_VERSION, "server": self.server_id, "items": []}

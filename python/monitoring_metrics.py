@@ -41,7 +41,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
-import datetime as _dt
 import json
 import logging
 import math
@@ -79,10 +78,6 @@ HIST_SIZE: Final = len(HIST_BOUNDS_MS) + 1
 
 Sample = List[float]  # [epoch_s, duration_ms, 1|0]
 Hourly = List[Any]  # [count, successes, sum_ms, max_ms, [bucket counts]]
-
-
-def _iso(epoch: float) -> str:
-    return fleet_common.iso_utc(_dt.datetime.fromtimestamp(epoch, _dt.timezone.utc))
 
 
 def _hour_of(epoch: float) -> int:
@@ -128,8 +123,8 @@ def _weighted_rank(pairs: List[Tuple[float, int]], percent: float) -> Optional[f
 
 def fresh_document(server: str, now: float) -> Dict[str, Any]:
     return {
-        "version": FORMAT_VERSION, "server": server, "created_at": _iso(now),
-        "updated_at": _iso(now), "counters": {}, "samples": {}, "hourly": {},
+        "version": FORMAT_VERSION, "server": server, "created_at": fleet_common.iso_from_epoch(now),
+        "updated_at": fleet_common.iso_from_epoch(now), "counters": {}, "samples": {}, "hourly": {},
     }
 
 
@@ -376,7 +371,7 @@ class MetricsCollector:
             with fleet_common.file_lock(self.lock_path, timeout=LOCK_TIMEOUT_S):
                 data = self._merge(self._load(), samples, hourly, counters, now)
                 data["server"] = data.get("server") or self.server
-                data["updated_at"] = _iso(now)
+                data["updated_at"] = fleet_common.iso_from_epoch(now)
                 payload = json.dumps(data, separators=(",", ":"), ensure_ascii=True) + "\n"
                 fleet_common.atomic_write_bytes(self.path, payload.encode("ascii"))
         except (OSError, SuiteError) as exc:  # filelock.Timeout is an OSError
@@ -479,8 +474,8 @@ class MetricsCollector:
         return {
             "window_hours": hours,
             "server": self.server,
-            "since": _iso(start),
-            "until": _iso(now),
+            "since": fleet_common.iso_from_epoch(start),
+            "until": fleet_common.iso_from_epoch(now),
             "counters_since": data.get("created_at"),
             "operations": operations,
             "counters": counters,

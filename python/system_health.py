@@ -414,15 +414,6 @@ def _epoch(value: Any) -> Optional[float]:
     return moment.timestamp() if moment is not None else None
 
 
-def _duration(seconds: float) -> str:
-    seconds = max(seconds, 0.0)
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: float) -> Check:
     path = fleet_common.state_dir(repo, server) / "circuit_breaker.json"
     try:
@@ -439,7 +430,7 @@ def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: f
     values = {"state": state, "failure_count": failures, "open_for_s": open_for}
     if state == "OPEN":
         limit = float(th["breaker_open_critical_seconds"])
-        since = f" for {_duration(open_for)}" if open_for is not None else ""
+        since = f" for {fleet_common.format_duration(open_for)}" if open_for is not None else ""
         text = f"open{since} after {failures} failures: git operations are paused"
         if open_for is not None and open_for > limit:
             return _check(CRITICAL, text, **values)
@@ -489,7 +480,7 @@ def check_last_fetch(repo: Path, server: str, th: Mapping[str, Any], now: float)
         text = "no successful fetch since the monitor started"
     else:
         age = now - last_ok
-        text = f"last successful fetch {_duration(age)} ago"
+        text = f"last successful fetch {fleet_common.format_duration(age)} ago"
     if data.get("last_error"):
         text += f" (last error: {str(data['last_error']).splitlines()[0][:200]})"
     if age is None or age > critical_after:
