@@ -64,7 +64,6 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,13 +83,12 @@ from typing import (
 )
 
 from fleet_common import (
-    EXIT_FAILURE,
     EXIT_OK,
-    EXIT_USAGE,
     BadInput,
     SuiteError,
     UsageError,
     atomic_write_json,
+    dump_json_text,
     file_lock,
     format_duration,
     is_valid_server_id,
@@ -101,6 +99,8 @@ from fleet_common import (
     normalize_server_id,
     one_line,
     runtime_dir,
+    write_line,
+    write_text,
 )
 from fleet_mailbox import (
     MessageKey,
@@ -1128,13 +1128,6 @@ class AutoResponder:
 # --------------------------------------------------------------------------- command line
 
 
-def _write(stream: Any, text: str) -> None:
-    """Write text that a console of any code page can show, never crashing."""
-    encoding = getattr(stream, "encoding", None) or "ascii"
-    stream.write(text.encode(encoding, "replace").decode(encoding, "replace"))
-    stream.flush()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="auto_reply.py",
@@ -1144,20 +1137,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group.add_argument("--check", metavar="FILE", help="validate a rules file")
     group.add_argument("--print-defaults", action="store_true", help="print the default rules")
     args = parser.parse_args(argv)
-    try:
-        if args.print_defaults:
-            _write(sys.stdout, json.dumps(DEFAULT_RULES_DOCUMENT, indent=2, ensure_ascii=True) + "\n")
-            return EXIT_OK
-        rules = load_rules(Path(args.check))
-    except RuleError as exc:
-        _write(sys.stderr, f"auto_reply: {exc}\n")
-        return EXIT_USAGE
-    except Exception as exc:  # noqa: BLE001 - one line on stderr, exit 1
-        _write(sys.stderr, f"auto_reply: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
-        return EXIT_FAILURE
+    from fleet_cli import run_cli
+
+    return run_cli("auto_reply", lambda: _check_or_print(args), catch_all=True)
+
+
+def _check_or_print(args: argparse.Namespace) -> int:
+    if args.print_defaults:
+        write_text(dump_json_text(DEFAULT_RULES_DOCUMENT))
+        return EXIT_OK
+    rules = load_rules(Path(args.check))
     enabled = [rule for rule in rules.rules if rule.enabled]
-    _write(sys.stdout, f"{args.check}: valid, {len(rules.rules)} rules ({len(enabled)} enabled): "
-                       f"{', '.join(f'{r.name} ({r.kind})' for r in enabled) or 'no automatic replies'}\n")
+    write_line(f"{args.check}: valid, {len(rules.rules)} rules ({len(enabled)} enabled): "
+               f"{', '.join(f'{r.name} ({r.kind})' for r in enabled) or 'no automatic replies'}")
     return EXIT_OK
 
 

@@ -58,10 +58,7 @@ from typing import Any, Dict, Final, List, Mapping, Optional, Sequence, Set, Tup
 
 from fleet_common import (
     BROADCAST,
-    EXIT_INTERRUPTED,
-    EXIT_USAGE,
     BadInput,
-    SuiteError,
     UsageError,
     default_repo_path,
     defer_logging_setup,
@@ -69,6 +66,7 @@ from fleet_common import (
     iso_utc,
     load_json_bounded,
     normalize_server_id,
+    one_line,
     parse_timestamp,
 )
 from fleet_git import LOCAL_LOCK_RETRIES, MAILBOX_PATH, Clone, GitError, RemoteUnavailable, _local_lock_busy
@@ -1012,29 +1010,30 @@ def _setup_logging() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from fleet_common import atomic_write_bytes, write_line
+    from fleet_cli import run_cli
 
     args = _parser().parse_args(argv)
     defer_logging_setup(_setup_logging)
-    try:
-        clone = Clone(args.repo or default_repo_path(), args.branch)
-        report = fleet_status(clone, stale_after=args.stale_after, unread_after=args.unread_after)
-        if args.html:
-            try:
-                atomic_write_bytes(args.html, render_html(report).encode("utf-8"))
-                os.chmod(args.html, PAGE_MODE)  # published: a web server's user must read it
-            except OSError as exc:
-                write_line(f"FLEET UNKNOWN - cannot write {args.html}: {exc}", sys.stderr)
-                return EXIT_UNKNOWN
-    except KeyboardInterrupt:
-        write_line("fleet_status: interrupted", sys.stderr)
-        return EXIT_INTERRUPTED
-    except UsageError as exc:
-        write_line(f"fleet_status: error: {exc}", sys.stderr)
-        return EXIT_USAGE
-    except SuiteError as exc:
-        write_line(f"FLEET UNKNOWN - cannot read the fleet: {exc}", sys.stderr)
-        return EXIT_UNKNOWN
+    return run_cli("fleet_status", lambda: _look(args), on_failure=_unknown)
+
+
+def _unknown(exc: BaseException) -> Tuple[int, str]:
+    """A look that could not finish is Nagios UNKNOWN (exit 3), not a failure of the fleet."""
+    return EXIT_UNKNOWN, f"FLEET UNKNOWN - cannot read the fleet: {one_line(exc)}"
+
+
+def _look(args: argparse.Namespace) -> int:
+    from fleet_common import atomic_write_bytes, write_line
+
+    clone = Clone(args.repo or default_repo_path(), args.branch)
+    report = fleet_status(clone, stale_after=args.stale_after, unread_after=args.unread_after)
+    if args.html:
+        try:
+            atomic_write_bytes(args.html, render_html(report).encode("utf-8"))
+            os.chmod(args.html, PAGE_MODE)  # published: a web server's user must read it
+        except OSError as exc:
+            write_line(f"FLEET UNKNOWN - cannot write {args.html}: {one_line(exc)}", sys.stderr)
+            return EXIT_UNKNOWN
     if args.json:
         write_line(json.dumps(report, ensure_ascii=True))  # one line: indenting costs a fetch
     elif not args.quiet:

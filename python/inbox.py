@@ -44,16 +44,16 @@ import sys
 import time
 from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
+from fleet_cli import run_cli
 from fleet_common import (
     EXIT_FAILURE,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TEMPFAIL,
     EXIT_USAGE,
     MAX_JSON_DEPTH,
-    SuiteError,
     UsageError,
     default_repo_path,
+    defer_logging_setup,
     format_duration,
     get_logger,
     is_valid_server_id,
@@ -63,7 +63,7 @@ from fleet_common import (
     utc_now,
     write_line,
 )
-from fleet_git import MAILBOX_PATH, Clone, GitError, RemoteUnavailable
+from fleet_git import MAILBOX_PATH, Clone, RemoteUnavailable
 from fleet_mailbox import (
     PRIORITIES,
     MailboxCorrupt,
@@ -1095,31 +1095,18 @@ def _setup_cli_logging(server: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from fleet_common import defer_logging_setup
-
     parser = _parser()
     args = parser.parse_args(_with_command(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    try:
-        server = resolve_server_id(args.server)
-        defer_logging_setup(lambda: _setup_cli_logging(server))
-        inbox = Inbox(args.repo or default_repo_path(), server, args.branch)
-        return _run(args, inbox)
-    except KeyboardInterrupt:
-        write_line("inbox: interrupted", sys.stderr)
-        return EXIT_INTERRUPTED
-    except UsageError as exc:
-        write_line(f"inbox: error: {exc}", sys.stderr)
-        return EXIT_USAGE
-    except GitError as exc:
-        log.debug("git failure: %s", exc.details())
-        write_line(f"inbox: error: {exc}", sys.stderr)
-        return EXIT_FAILURE
-    except SuiteError as exc:
-        write_line(f"inbox: error: {exc}", sys.stderr)
-        return EXIT_FAILURE
+    return run_cli("inbox", lambda: _open_and_run(args))
+
+
+def _open_and_run(args: argparse.Namespace) -> int:
+    server = resolve_server_id(args.server)
+    defer_logging_setup(lambda: _setup_cli_logging(server))
+    return _run(args, Inbox(args.repo or default_repo_path(), server, args.branch))
 
 
 if __name__ == "__main__":

@@ -29,18 +29,17 @@ sees it as CRITICAL, which is the safe reading of a misconfigured check.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import shutil
 import stat
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple
 
 import fleet_common
+from fleet_cli import run_cli
 from fleet_common import UsageError
 
 log = logging.getLogger(__name__)
@@ -539,13 +538,6 @@ def format_report(health: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(stream: Any, text: str) -> None:
-    """Write text a console of any code page (cp1252, ...) can show, never crashing."""
-    encoding = getattr(stream, "encoding", None) or "ascii"
-    stream.write(text.encode(encoding, "replace").decode(encoding, "replace"))
-    stream.flush()
-
-
 def _option(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -575,22 +567,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     repo = args.path or args.repo or os.environ.get("BUILD_REPO_PATH") or os.getcwd()
     thresholds = {key: getattr(args, key) for key in DEFAULT_THRESHOLDS
                   if getattr(args, key) is not None}
-    try:
-        health = get_system_health(repo, args.server, thresholds)
-    except UsageError as exc:
-        _write(sys.stderr, f"system_health: {exc}\n")
-        return fleet_common.EXIT_USAGE
-    except KeyboardInterrupt:
-        _write(sys.stderr, "system_health: interrupted\n")
-        return fleet_common.EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - Nagios UNKNOWN, one line
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        _write(sys.stderr, f"UNKNOWN: system_health failed: {reason}\n")
-        return EXIT_UNKNOWN
-    if args.json:
-        _write(sys.stdout, json.dumps(health, indent=2, ensure_ascii=True) + "\n")
+    return run_cli("system_health", lambda: _report(repo, args.server, thresholds, args.json),
+                   on_failure=_unknown, catch_all=True)
+
+
+def _unknown(exc: BaseException) -> Tuple[int, str]:
+    """Nagios: a check that could not run is UNKNOWN (exit 3), whatever stopped it."""
+    return EXIT_UNKNOWN, f"UNKNOWN: system_health failed: {fleet_common.one_line(exc)}"
+
+
+def _report(repo: str, server: Optional[str], thresholds: Dict[str, float], as_json: bool) -> int:
+    health = get_system_health(repo, server, thresholds)
+    if as_json:
+        fleet_common.write_text(fleet_common.dump_json_text(health))
     else:
-        _write(sys.stdout, format_report(health))
+        fleet_common.write_text(format_report(health))
     return {HEALTHY: EXIT_HEALTHY, WARNING: EXIT_WARNING}.get(health["overall"], EXIT_CRITICAL)
 
 
