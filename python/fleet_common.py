@@ -683,21 +683,10 @@ def file_lock(path: "os.PathLike[str] | str", timeout: float = 10.0):
 
 def _info_exclude_path(repo: Path) -> Optional[Path]:
     """``info/exclude`` of the clone at ``repo`` (plain clone, worktree or submodule)."""
-    dotgit = repo / ".git"
-    if dotgit.is_dir():
-        return dotgit / "info" / "exclude"
-    if dotgit.is_file():
-        text = dotgit.read_text(encoding="utf-8", errors="replace").strip()
-        if text.startswith("gitdir:"):
-            gitdir = Path(text[len("gitdir:"):].strip())
-            if not gitdir.is_absolute():
-                gitdir = (repo / gitdir).resolve()
-            common = gitdir / "commondir"
-            if common.is_file():
-                base = Path(common.read_text(encoding="utf-8").strip())
-                gitdir = base if base.is_absolute() else (gitdir / base).resolve()
-            return gitdir / "info" / "exclude"
-    return None
+    from fleet_git import git_layout  # the owner of the git-dir layout; it imports this module
+
+    layout = git_layout(repo)
+    return None if layout is None else layout.common_dir / "info" / "exclude"
 
 
 def ensure_excluded(repo: "os.PathLike[str] | str", server_id: str) -> None:

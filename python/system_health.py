@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence
 import fleet_common
 from fleet_cli import run_cli
 from fleet_common import UsageError
+from fleet_git import git_layout, lock_files, lock_name, operation_in_progress
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,6 @@ CHECK_NAMES: Final = ("disk", "memory", "cpu", "repository", "queue", "circuit_b
 # How many directory entries the .git size walk may visit: the check must stay cheap on a big
 # clone full of loose objects; beyond it the size is reported as a lower bound.
 GIT_SIZE_ENTRY_BUDGET: Final = 20000
-GIT_LOCK_FILES: Final = ("index.lock", "HEAD.lock", "config.lock", "packed-refs.lock",
-                         "shallow.lock")
 
 Check = Dict[str, Any]
 
@@ -214,40 +213,13 @@ def count_changes(porcelain_z: str) -> int:
 
 def _lock_files(git_dir: Path, common_dir: Path, now: float) -> List[Dict[str, Any]]:
     found: List[Dict[str, Any]] = []
-    seen = set()
-    candidates = [git_dir / name for name in GIT_LOCK_FILES]
-    candidates += [common_dir / name for name in GIT_LOCK_FILES]
-    refs = common_dir / "refs"
-    budget = GIT_SIZE_ENTRY_BUDGET
-    for folder, _dirs, files in os.walk(str(refs)):
-        budget -= 1 + len(files)
-        candidates.extend(Path(folder) / name for name in files if name.endswith(".lock"))
-        if budget <= 0:
-            break
-    for path in candidates:
-        key = os.path.normcase(str(path))
-        if key in seen:
-            continue
-        seen.add(key)
+    for path in lock_files(git_dir, common_dir):
         try:
             age = now - path.stat().st_mtime
         except OSError:
             continue
-        try:
-            name = path.relative_to(common_dir).as_posix()
-        except ValueError:
-            name = path.name
-        found.append({"path": name, "age_s": round(max(age, 0.0), 1)})
+        found.append({"path": lock_name(path, common_dir), "age_s": round(max(age, 0.0), 1)})
     return found
-
-
-def _operation_in_progress(git_dir: Path) -> Optional[str]:
-    for marker, label in (("MERGE_HEAD", "merge"), ("rebase-merge", "rebase"),
-                          ("rebase-apply", "rebase"), ("CHERRY_PICK_HEAD", "cherry-pick"),
-                          ("REVERT_HEAD", "revert")):
-        if (git_dir / marker).exists():
-            return label
-    return None
 
 
 def git_dir_size(git_dir: Path, budget: int = GIT_SIZE_ENTRY_BUDGET) -> Tuple[int, bool]:
@@ -277,15 +249,11 @@ def git_dir_size(git_dir: Path, budget: int = GIT_SIZE_ENTRY_BUDGET) -> Tuple[in
 def check_repository(repo: Path, now: float) -> Check:
     if not repo.is_dir():
         return _check(CRITICAL, f"{repo} does not exist", is_clone=False)
-    code, out = _git_text(repo, "rev-parse", "--show-toplevel", "--absolute-git-dir",
-                          "--git-common-dir")
-    lines = out.splitlines()
-    if code != 0 or len(lines) < 3:
+    code, out = _git_text(repo, "rev-parse", "--show-toplevel")
+    layout = git_layout(out.strip()) if code == 0 and out.strip() else None
+    if layout is None:
         return _check(CRITICAL, f"{repo} is not a git clone", is_clone=False)
-    git_dir = Path(lines[1])
-    common_dir = Path(lines[2])
-    if not common_dir.is_absolute():
-        common_dir = (repo / common_dir).resolve()
+    git_dir, common_dir = layout
 
     code, out = _git_text(repo, "status", "--porcelain=v1", "-z", "--untracked-files=no")
     changes = count_changes(out) if code == 0 else None
@@ -295,7 +263,8 @@ def check_repository(repo: Path, now: float) -> Check:
     if code == 0 and len(parts) == 2 and all(part.isdigit() for part in parts):
         ahead, behind = int(parts[0]), int(parts[1])
     locks = _lock_files(git_dir, common_dir, now)
-    in_progress = _operation_in_progress(git_dir)
+    operation = operation_in_progress(git_dir)
+    in_progress = operation.label if operation else None
     size, complete = git_dir_size(common_dir)
     values = {
         "is_clone": True,
