@@ -84,7 +84,10 @@ from typing import (
 
 from fleet_common import (
     EXIT_OK,
+    LEDGER_FILE_NAME,
+    STATE_SUBDIR,
     BadInput,
+    RuntimePaths,
     SuiteError,
     UsageError,
     atomic_write_json,
@@ -119,7 +122,7 @@ log = logging.getLogger(__name__)
 
 RULES_VERSION: Final = 1
 LEDGER_VERSION: Final = 1
-LEDGER_NAME: Final = "auto_reply.json"
+LEDGER_NAME: Final = LEDGER_FILE_NAME  # the name lives in fleet_common.RuntimePaths
 SHARED_RULES_PATH: Final = "coordination/auto_reply_rules.json"
 
 KINDS: Final = ("status", "presence", "acknowledge")
@@ -726,7 +729,8 @@ def should_reply(msg: Mapping[str, Any], server: str, now: Union[float, _dt.date
 
 def ledger_path(repo: Union[str, "os.PathLike[str]"], server: str) -> Path:
     """``<repo>/<server>/state/auto_reply.json`` (created folder, kept out of git)."""
-    return runtime_dir(repo, server, "state") / LEDGER_NAME
+    runtime_dir(repo, server, STATE_SUBDIR)
+    return RuntimePaths(repo, server).ledger
 
 
 def _fresh_ledger() -> Dict[str, Any]:

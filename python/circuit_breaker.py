@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Type, TypeVar, Union
 
 from fleet_common import (
+    BREAKER_FILE_NAME,
     EXIT_TEMPFAIL,
     SuiteError,
     UsageError,
@@ -60,7 +61,7 @@ from fleet_common import (
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-STATE_FILE_NAME = "circuit_breaker.json"
+STATE_FILE_NAME = BREAKER_FILE_NAME  # the name lives in fleet_common.RuntimePaths
 DEFAULT_FAILURE_THRESHOLD = 5
 DEFAULT_TIMEOUT_SECONDS = 300
 LAST_FAILURE_MAX_CHARS = 200

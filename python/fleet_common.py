@@ -248,7 +248,87 @@ def server_dir(repo: "os.PathLike[str] | str", server_id: str) -> Path:
 
 
 def state_dir(repo: "os.PathLike[str] | str", server_id: str) -> Path:
-    return server_dir(repo, server_id) / "state"
+    return server_dir(repo, server_id) / STATE_SUBDIR
+
+
+# The never-committed runtime files of a server, each named once (PROTOCOL.md, "The fleet
+# repository"); their formats belong to the modules named beside them.
+LOGS_SUBDIR, QUEUE_SUBDIR, STATE_SUBDIR = RUNTIME_SUBDIRS
+QUEUE_FILE_NAME: Final = "message_queue.json"  # message_queue
+BREAKER_FILE_NAME: Final = "circuit_breaker.json"  # circuit_breaker
+LEDGER_FILE_NAME: Final = "auto_reply.json"  # auto_reply.ReplyLedger
+METRICS_FILE_NAME: Final = "metrics.json"  # monitoring_metrics
+LOG_FILE_NAME: Final = "structured.log"  # structured_log
+INSTANCE_LOCK_NAME: Final = "monitor.lock"  # fleet_service.InstanceLock
+PID_FILE_NAME: Final = "monitor.pid"  # fleet_service.InstanceLock
+MONITOR_STATE_FILE_NAME: Final = "monitor_state.json"  # the monitor's own memory
+STATUS_FILE_NAME: Final = "monitor_status.json"  # the monitor's report for health checks
+
+
+class RuntimePaths:
+    """Where one server's runtime files live in a clone: ``<repo>/<server>/{logs,queue,state}/``.
+
+    Paths only: nothing is created or read here (``runtime_dir`` makes a folder when a writer
+    needs it). Anchor: pipx ``src/pipx/paths.py``, one object that names every location.
+    """
+
+    __slots__ = ("repo", "server", "server_dir")
+
+    def __init__(self, repo: "os.PathLike[str] | str", server: str) -> None:
+        self.repo = Path(repo)
+        self.server = normalize_server_id(server)
+        self.server_dir = self.repo / self.server
+
+    def __repr__(self) -> str:
+        return f"RuntimePaths({str(self.repo)!r}, {self.server!r})"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.server_dir / LOGS_SUBDIR
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.server_dir / QUEUE_SUBDIR
+
+    @property
+    def state_dir(self) -> Path:
+        return self.server_dir / STATE_SUBDIR
+
+    @property
+    def queue(self) -> Path:
+        return self.queue_dir / QUEUE_FILE_NAME
+
+    @property
+    def breaker(self) -> Path:
+        return self.state_dir / BREAKER_FILE_NAME
+
+    @property
+    def ledger(self) -> Path:
+        return self.state_dir / LEDGER_FILE_NAME
+
+    @property
+    def metrics(self) -> Path:
+        return self.logs_dir / METRICS_FILE_NAME
+
+    @property
+    def log(self) -> Path:
+        return self.logs_dir / LOG_FILE_NAME
+
+    @property
+    def instance_lock(self) -> Path:
+        return self.state_dir / INSTANCE_LOCK_NAME
+
+    @property
+    def pid(self) -> Path:
+        return self.state_dir / PID_FILE_NAME
+
+    @property
+    def monitor_state(self) -> Path:
+        return self.state_dir / MONITOR_STATE_FILE_NAME
+
+    @property
+    def status(self) -> Path:
+        return self.state_dir / STATUS_FILE_NAME
 
 
 # --------------------------------------------------------------------------- time

@@ -40,10 +40,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Final, Iterator, List, Optional, Tuple, TypedDict, TypeVar, Union
 
+import fleet_common
 from fleet_common import (
     MAX_STATE_BYTES,
     BadInput,
     NotARegularFile,
+    RuntimePaths,
     SuiteError,
     UsageError,
     atomic_write_json,
@@ -57,14 +59,13 @@ from fleet_common import (
     read_local_file,
     resolve_server_id,
     runtime_dir,
-    server_dir,
 )
 
 log = logging.getLogger(__name__)
 
 QUEUE_VERSION: Final = 1
-QUEUE_SUBDIR: Final = "queue"
-QUEUE_FILE: Final = "message_queue.json"
+QUEUE_SUBDIR: Final = fleet_common.QUEUE_SUBDIR  # the names live in RuntimePaths
+QUEUE_FILE: Final = fleet_common.QUEUE_FILE_NAME
 LOCK_TIMEOUT: Final = 10.0
 DEFAULT_MAX_ATTEMPTS: Final = 5
 DEFAULT_MAX_BACKOFF: Final = 300.0
@@ -167,7 +168,7 @@ class MessageQueue:
         self.max_backoff = float(max_backoff)
         self.clock: Callable[[], float] = clock or time.time
         # Computed only: the folder appears on the first write (runtime_dir), not here.
-        self.path = server_dir(self.repo, self.server_id) / QUEUE_SUBDIR / QUEUE_FILE
+        self.path = RuntimePaths(self.repo, self.server_id).queue
         self.lock_path = self.path.with_name(QUEUE_FILE + ".lock")
 
     def __repr__(self) -> str:

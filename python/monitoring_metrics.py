@@ -58,7 +58,7 @@ from fleet_common import SuiteError, UsageError
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION: Final = 1
-METRICS_FILE: Final = "metrics.json"
+METRICS_FILE: Final = fleet_common.METRICS_FILE_NAME  # the name lives in RuntimePaths
 SEED_COUNTERS: Final = (
     "messages_processed", "messages_received", "messages_sent", "auto_responses", "errors",
     "git_pull_success", "git_pull_failure", "heartbeats",
@@ -189,7 +189,7 @@ class MetricsCollector:
         self.server = fleet_common.resolve_server_id(server_id)
         # The folder is created on the first flush (runtime_dir), not here: a collector that
         # records nothing leaves no trace.
-        self.path = fleet_common.server_dir(self.repo, self.server) / "logs" / METRICS_FILE
+        self.path = fleet_common.RuntimePaths(self.repo, self.server).metrics
         self.clock: Callable[[], float] = clock or time.time
         self.max_samples_per_op = int(max_samples_per_op)
         self.min_flush_interval = float(min_flush_interval)
@@ -367,7 +367,7 @@ class MetricsCollector:
         samples, hourly, counters = self._snapshot_pending()
         now = self.clock()
         try:
-            fleet_common.runtime_dir(self.repo, self.server, "logs")
+            fleet_common.runtime_dir(self.repo, self.server, fleet_common.LOGS_SUBDIR)
             with fleet_common.file_lock(self.lock_path, timeout=LOCK_TIMEOUT_S):
                 data = self._merge(self._load(), samples, hourly, counters, now)
                 data["server"] = data.get("server") or self.server

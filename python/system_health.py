@@ -324,7 +324,7 @@ def queue_check_from_stats(stats: Mapping[str, Any], th: Mapping[str, Any],
 
 
 def check_queue(repo: Path, server: str, th: Mapping[str, Any]) -> Check:
-    queue_file = fleet_common.server_dir(repo, server) / "queue" / "message_queue.json"
+    queue_file = fleet_common.RuntimePaths(repo, server).queue
     try:
         info: Optional[os.stat_result] = os.lstat(queue_file)
     except (FileNotFoundError, NotADirectoryError):
@@ -383,7 +383,7 @@ def _epoch(value: Any) -> Optional[float]:
 
 
 def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: float) -> Check:
-    path = fleet_common.state_dir(repo, server) / "circuit_breaker.json"
+    path = fleet_common.RuntimePaths(repo, server).breaker
     try:
         data = _read_json(path)
     except (ValueError, UnicodeDecodeError) as exc:
