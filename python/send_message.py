@@ -293,17 +293,10 @@ def _breaker_open(clone: Clone, server: str) -> bool:
 
     Read-only (the monitor owns the file); an unreadable file never blocks a send.
     """
-    import json
+    from circuit_breaker import breaker_open
+    from fleet_common import RuntimePaths
 
-    from fleet_common import state_dir
-
-    try:
-        data = json.loads((state_dir(clone.root, server) / "circuit_breaker.json").read_bytes())
-        opened = float(data["opened_at"])
-        timeout = float(data.get("timeout_seconds") or 300.0)
-    except (OSError, ValueError, TypeError, KeyError):
-        return False
-    return data.get("state") == "OPEN" and time.time() - opened < timeout
+    return breaker_open(RuntimePaths(clone.root, server).breaker)
 
 
 def _queue(clone: Clone, msg: Dict[str, Any], reason: str) -> SendResult:

@@ -383,11 +383,14 @@ def _epoch(value: Any) -> Optional[float]:
 
 
 def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: float) -> Check:
+    from circuit_breaker import read_state_file
+
     path = fleet_common.RuntimePaths(repo, server).breaker
     try:
-        data = _read_json(path)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _check(WARNING, f"{path.name} is unreadable ({exc})", state=None, error=True)
+        data = read_state_file(path)
+    except (OSError, fleet_common.SuiteError) as exc:
+        return _check(WARNING, f"{path.name} is unreadable ({fleet_common.one_line(exc)})", state=None,
+                      error=True)
     if data is None:
         return _check(HEALTHY, "closed (no breaker state yet)", state="CLOSED", failure_count=0,
                       open_for_s=None)
