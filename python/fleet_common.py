@@ -563,10 +563,16 @@ def atomic_write_bytes(path: "os.PathLike[str] | str", data: bytes) -> None:
     retried briefly while another process holds the target open. A runtime file's folders must
     be real folders and the target a regular file: anything else is moved aside first (critical).
     """
-    import tempfile  # lazy: a send writes no state file
-
     target = Path(path)
     _prepare_target(target)
+    replace_file(target, data)
+
+
+def replace_file(target: Path, data: bytes) -> None:
+    """The write half of :func:`atomic_write_bytes`, for a folder the caller chose (a metrics
+    textfile for node_exporter): creates no folder and moves nothing aside."""
+    import tempfile  # lazy: a send writes no state file
+
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
     try:
         with os.fdopen(fd, "wb") as handle:

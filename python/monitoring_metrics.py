@@ -45,7 +45,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -536,7 +535,7 @@ class MetricsCollector:
 
         The folder must exist: ``FileNotFoundError`` (an ``OSError``) otherwise, never a new folder.
         """
-        _write_into_existing_folder(Path(path), self.to_prometheus(summary).encode("utf-8"))
+        fleet_common.replace_file(Path(path), self.to_prometheus(summary).encode("utf-8"))  # no folder made
 
 
 def check_textfile_path(path: Union[str, Path]) -> Path:
@@ -548,25 +547,6 @@ def check_textfile_path(path: Union[str, Path]) -> Path:
     if target.is_dir():
         raise UsageError(f"metrics textfile {target} is a folder")
     return target
-
-
-def _write_into_existing_folder(target: Path, data: bytes) -> None:
-    """Temporary file beside ``target``, fsync, ``os.replace``: readers see the old file or the new
-    one. Unlike ``fleet_common.atomic_write_bytes`` it creates no folder."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-        tmp_name = ""
-    finally:
-        if tmp_name:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
 
 
 def _histogram_pairs(agg: Hourly) -> List[Tuple[float, int]]:

@@ -34,7 +34,6 @@ Prints a summary (or the result as JSON with ``--json``). Exit codes: 0 the remo
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import socket
@@ -54,11 +53,12 @@ from fleet_common import (
     check_number,
     dump_json_text,
     finite_number,
+    get_logger,
     write_line,
     write_text,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_TIMEOUT: Final = 5.0
 # Each step's timeout: under 10 ms no handshake completes; over 10 minutes is a hang, not a check.
