@@ -465,6 +465,23 @@ def parse_rules(doc: Any, source: str) -> RuleSet:
     def fail(problem: str) -> RuleError:
         return RuleError(f"auto-reply rules {source}: {problem}")
 
+    raw_rules = _rule_list(doc, fail)
+    rules: List[Rule] = []
+    names: Set[str] = set()
+    phrases = 0
+    for index, raw in enumerate(raw_rules, 1):
+        rule = _parse_rule(raw, index, names, phrases, fail)
+        names.add(rule.name)
+        phrases += len(rule.match.phrases)
+        rules.append(rule)
+    return RuleSet(rules=tuple(rules), source=source)
+
+
+_Fail = Callable[[str], RuleError]
+
+
+def _rule_list(doc: Any, fail: _Fail) -> List[Any]:
+    """The document's ``rules`` list, once its top level, version and size are checked."""
     if not isinstance(doc, dict):
         raise fail("the top level must be a JSON object with 'version' and 'rules'")
     unknown = sorted(set(doc) - set(_TOP_KEYS))
@@ -482,46 +499,50 @@ def parse_rules(doc: Any, source: str) -> RuleSet:
         raise fail("'rules' must be a list")
     if len(raw_rules) > MAX_RULES:
         raise fail(f"{len(raw_rules)} rules, more than the {MAX_RULES} allowed")
-    rules: List[Rule] = []
-    names = set()
-    phrases = 0
-    for index, raw in enumerate(raw_rules, 1):
-        where = f"rule #{index}"
-        if not isinstance(raw, dict):
-            raise fail(f"{where} must be an object")
-        name = raw.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise fail(f"{where}: missing 'name' (a non-empty string)")
-        name = name.strip()
-        if len(name) > MAX_ITEM_CHARS or not name.isprintable():
-            raise fail(f"{where}: the name {_shown(name)} must be at most {MAX_ITEM_CHARS} "
-                       "printable characters")
-        where = f"rule #{index} ({name!r})"
-        if name in names:
-            raise fail(f"{where}: the name is used twice")
-        names.add(name)
-        unknown = sorted(set(raw) - set(_RULE_KEYS))
-        if unknown:
-            raise fail(f"{where}: unknown key {_shown(unknown[0])} (known: {', '.join(_RULE_KEYS[:5])})")
-        kind = raw.get("kind")
-        if kind not in KINDS:
-            raise fail(f"{where}: unknown kind {_shown(kind)} (use status, presence or acknowledge)")
-        if "match" not in raw:
-            raise fail(f"{where}: missing 'match'")
-        match = _parse_match(raw["match"], where, fail)
-        phrases += len(match.phrases)
-        if phrases > MAX_PHRASES:
-            raise fail(f"{where}: more than {MAX_PHRASES} words and phrases in the whole file")
-        flags = {}
-        for key, default in (("send_ack_message", False), ("enabled", True)):
-            value = raw.get(key, default)
-            if not isinstance(value, bool):
-                raise fail(f"{where}: '{key}' must be true or false")
-            flags[key] = value
-        if flags["send_ack_message"] and kind != "acknowledge":
-            raise fail(f"{where}: 'send_ack_message' applies to acknowledge rules only")
-        rules.append(Rule(name=name, kind=kind, match=match, **flags))
-    return RuleSet(rules=tuple(rules), source=source)
+    return raw_rules
+
+
+def _rule_name(raw: Any, index: int, taken: Set[str], fail: _Fail) -> str:
+    where = f"rule #{index}"
+    if not isinstance(raw, dict):
+        raise fail(f"{where} must be an object")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise fail(f"{where}: missing 'name' (a non-empty string)")
+    name = name.strip()
+    if len(name) > MAX_ITEM_CHARS or not name.isprintable():
+        raise fail(f"{where}: the name {_shown(name)} must be at most {MAX_ITEM_CHARS} "
+                   "printable characters")
+    if name in taken:
+        raise fail(f"rule #{index} ({name!r}): the name is used twice")
+    return name
+
+
+def _parse_rule(raw: Any, index: int, taken: Set[str], phrases_before: int, fail: _Fail) -> Rule:
+    """One rule of the list (``taken`` and ``phrases_before``: the names and the number of
+    phrases of the rules before it)."""
+    name = _rule_name(raw, index, taken, fail)
+    where = f"rule #{index} ({name!r})"
+    unknown = sorted(set(raw) - set(_RULE_KEYS))
+    if unknown:
+        raise fail(f"{where}: unknown key {_shown(unknown[0])} (known: {', '.join(_RULE_KEYS[:5])})")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise fail(f"{where}: unknown kind {_shown(kind)} (use status, presence or acknowledge)")
+    if "match" not in raw:
+        raise fail(f"{where}: missing 'match'")
+    match = _parse_match(raw["match"], where, fail)
+    if phrases_before + len(match.phrases) > MAX_PHRASES:
+        raise fail(f"{where}: more than {MAX_PHRASES} words and phrases in the whole file")
+    flags = {}
+    for key, default in (("send_ack_message", False), ("enabled", True)):
+        value = raw.get(key, default)
+        if not isinstance(value, bool):
+            raise fail(f"{where}: '{key}' must be true or false")
+        flags[key] = value
+    if flags["send_ack_message"] and kind != "acknowledge":
+        raise fail(f"{where}: 'send_ack_message' applies to acknowledge rules only")
+    return Rule(name=name, kind=kind, match=match, **flags)
 
 
 def _looks_like_json(text: str) -> bool:
