@@ -137,40 +137,48 @@ def _clean_document(data: Dict[str, Any], server: str, now: float) -> Dict[str, 
         for name, value in counters.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 clean["counters"][str(name)] = int(value)
-    samples = data.get("samples")
-    if isinstance(samples, dict):
-        for op, rows in samples.items():
-            if not isinstance(rows, list):
-                continue
-            try:  # the usual case, a well-formed list, in one fast pass
-                good = [[float(t), float(ms), 1 if ok else 0] for t, ms, ok in rows]
-            except (TypeError, ValueError):
-                good = [
-                    [float(row[0]), float(row[1]), 1 if row[2] else 0] for row in rows
-                    if isinstance(row, list) and len(row) >= 3
-                    and all(isinstance(x, (int, float)) for x in row[:3])
-                ]
-            if good:
-                clean["samples"][str(op)] = good
-    hourly = data.get("hourly")
-    if isinstance(hourly, dict):
-        for op, hours in hourly.items():
-            if not isinstance(hours, dict):
-                continue
-            kept: Dict[str, Hourly] = {}
-            for key, entry in hours.items():
-                try:
-                    hour = int(key)
-                except (TypeError, ValueError):
-                    continue
-                if (isinstance(entry, list) and len(entry) >= 4
-                        and all(isinstance(x, (int, float)) for x in entry[:4])):
-                    agg = _new_hourly()
-                    _add_hourly(agg, entry)
-                    kept[str(hour)] = agg
-            if kept:
-                clean["hourly"][str(op)] = kept
+    for op, rows in _dict_items(data.get("samples")):
+        good = _clean_samples(rows)
+        if good:
+            clean["samples"][str(op)] = good
+    for op, hours in _dict_items(data.get("hourly")):
+        kept = _clean_hours(hours)
+        if kept:
+            clean["hourly"][str(op)] = kept
     return clean
+
+
+def _dict_items(value: Any) -> List[Tuple[Any, Any]]:
+    return list(value.items()) if isinstance(value, dict) else []
+
+
+def _numbers(row: Any, count: int) -> bool:
+    return isinstance(row, list) and len(row) >= count and all(isinstance(x, (int, float)) for x in row[:count])
+
+
+def _clean_samples(rows: Any) -> List[Sample]:
+    """The well-formed ``[epoch_s, duration_ms, ok]`` rows of one operation."""
+    if not isinstance(rows, list):
+        return []
+    try:  # the usual case, a well-formed list, in one fast pass
+        return [[float(t), float(ms), 1 if ok else 0] for t, ms, ok in rows]
+    except (TypeError, ValueError):
+        return [[float(row[0]), float(row[1]), 1 if row[2] else 0] for row in rows if _numbers(row, 3)]
+
+
+def _clean_hours(hours: Any) -> Dict[str, Hourly]:
+    """The well-formed hourly aggregates of one operation, by hour."""
+    kept: Dict[str, Hourly] = {}
+    for key, entry in _dict_items(hours):
+        try:
+            hour = int(key)
+        except (TypeError, ValueError):
+            continue
+        if _numbers(entry, 4):
+            agg = _new_hourly()
+            _add_hourly(agg, entry)
+            kept[str(hour)] = agg
+    return kept
 
 
 class MetricsCollector:
@@ -482,33 +490,14 @@ class MetricsCollector:
 
     def _op_summary(self, samples: List[Sample], hourly: Mapping[str, Hourly], start: float,
                     now: float) -> Dict[str, Any]:
-        raw_from = now - RAW_RETENTION_S
-        if self.max_samples_per_op > 0 and len(samples) >= self.max_samples_per_op:
-            # The list was cut to its newest N: raw data is complete only from its oldest row.
-            raw_from = max(raw_from, samples[0][0])
-        if start >= raw_from:
-            rows = [row for row in samples if row[0] >= start]
-            aggs: List[Hourly] = []
-            exact = True
-        else:
-            boundary = _hour_of(raw_from) + (HOUR if raw_from % HOUR else 0)
-            rows = [row for row in samples if row[0] >= boundary]
-            aggs = [agg for key, agg in hourly.items()
-                    if int(key) + HOUR > start and int(key) < boundary]
-            exact = not any(agg[0] for agg in aggs)
+        rows, aggs, exact = self._window(samples, hourly, start, now)
         values = sorted(row[1] for row in rows)
         count = len(rows) + sum(int(agg[0]) for agg in aggs)
         success = sum(int(row[2]) for row in rows) + sum(int(agg[1]) for agg in aggs)
         total_ms = sum(values) + sum(float(agg[2]) for agg in aggs)
         tops = ([values[-1]] if values else []) + [float(agg[3]) for agg in aggs if agg[0]]
         max_ms = max(tops) if tops else None
-        if exact:
-            p50, p95 = nearest_rank(values, 50), nearest_rank(values, 95)
-        else:
-            pairs: List[Tuple[float, int]] = [(value, 1) for value in values]
-            for agg in aggs:
-                pairs.extend(_histogram_pairs(agg))
-            p50, p95 = _weighted_rank(pairs, 50), _weighted_rank(pairs, 95)
+        p50, p95 = _percentiles(values, aggs, exact)
         return {
             "count": count,
             "success": success,
@@ -520,6 +509,21 @@ class MetricsCollector:
             "sum_ms": round(total_ms, 3),
             "percentiles_exact": exact,
         }
+
+    def _window(self, samples: List[Sample], hourly: Mapping[str, Hourly], start: float,
+                now: float) -> Tuple[List[Sample], List[Hourly], bool]:
+        """The raw rows and hourly aggregates that cover ``start`` to ``now``, and whether the
+        percentiles from them are exact (raw rows only)."""
+        raw_from = now - RAW_RETENTION_S
+        if self.max_samples_per_op > 0 and len(samples) >= self.max_samples_per_op:
+            # The list was cut to its newest N: raw data is complete only from its oldest row.
+            raw_from = max(raw_from, samples[0][0])
+        if start >= raw_from:
+            return [row for row in samples if row[0] >= start], [], True
+        boundary = _hour_of(raw_from) + (HOUR if raw_from % HOUR else 0)
+        rows = [row for row in samples if row[0] >= boundary]
+        aggs = [agg for key, agg in hourly.items() if int(key) + HOUR > start and int(key) < boundary]
+        return rows, aggs, not any(agg[0] for agg in aggs)
 
     # ----------------------------------------------------------------- Prometheus
 
@@ -561,6 +565,16 @@ def _histogram_pairs(agg: Hourly) -> List[Tuple[float, int]]:
             bound = HIST_BOUNDS_MS[index] if index < len(HIST_BOUNDS_MS) else top
             pairs.append((min(bound, top), int(count)))
     return pairs
+
+
+def _percentiles(values: List[float], aggs: List[Hourly], exact: bool) -> Tuple[Optional[float], Optional[float]]:
+    """p50 and p95 of sorted raw ``values``, with the hourly histograms when not ``exact``."""
+    if exact:
+        return nearest_rank(values, 50), nearest_rank(values, 95)
+    pairs: List[Tuple[float, int]] = [(value, 1) for value in values]
+    for agg in aggs:
+        pairs.extend(_histogram_pairs(agg))
+    return _weighted_rank(pairs, 50), _weighted_rank(pairs, 95)
 
 
 def escape_label(value: object) -> str:
