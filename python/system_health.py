@@ -254,44 +254,60 @@ def check_repository(repo: Path, now: float) -> Check:
     if layout is None:
         return _check(CRITICAL, f"{repo} is not a git clone", is_clone=False)
     git_dir, common_dir = layout
-
-    code, out = _git_text(repo, "status", "--porcelain=v1", "-z", "--untracked-files=no")
-    changes = count_changes(out) if code == 0 else None
-    ahead = behind = None
-    code, out = _git_text(repo, "rev-list", "--left-right", "--count", "HEAD...@{upstream}")
-    parts = out.split()
-    if code == 0 and len(parts) == 2 and all(part.isdigit() for part in parts):
-        ahead, behind = int(parts[0]), int(parts[1])
-    locks = _lock_files(git_dir, common_dir, now)
+    ahead, behind = _ahead_behind(repo)
     operation = operation_in_progress(git_dir)
-    in_progress = operation.label if operation else None
     size, complete = git_dir_size(common_dir)
     values = {
         "is_clone": True,
-        "uncommitted_changes": changes,
+        "uncommitted_changes": _uncommitted(repo),
         "ahead": ahead,
         "behind": behind,
-        "lock_files": locks,
-        "operation_in_progress": in_progress,
+        "lock_files": _lock_files(git_dir, common_dir, now),
+        "operation_in_progress": operation.label if operation else None,
         "git_size_mb": round(size / MB, 1),
         "git_size_complete": complete,
     }
+    problems = _repository_problems(values)
+    notes = _repository_notes(values, size)
+    if problems:
+        return _check(WARNING, "; ".join(problems + notes), **values)
+    return _check(HEALTHY, "; ".join(notes), **values)
+
+
+def _uncommitted(repo: Path) -> Optional[int]:
+    code, out = _git_text(repo, "status", "--porcelain=v1", "-z", "--untracked-files=no")
+    return count_changes(out) if code == 0 else None
+
+
+def _ahead_behind(repo: Path) -> Tuple[Optional[int], Optional[int]]:
+    """Commits ahead of and behind the upstream; ``(None, None)`` without one."""
+    code, out = _git_text(repo, "rev-list", "--left-right", "--count", "HEAD...@{upstream}")
+    parts = out.split()
+    if code == 0 and len(parts) == 2 and all(part.isdigit() for part in parts):
+        return int(parts[0]), int(parts[1])
+    return None, None
+
+
+def _repository_problems(values: Mapping[str, Any]) -> List[str]:
+    problems: List[str] = []
+    if values["operation_in_progress"]:
+        problems.append(f"a {values['operation_in_progress']} is in progress")
+    if values["lock_files"]:
+        problems.append("lock file " + ", ".join(lock["path"] for lock in values["lock_files"]))
+    return problems
+
+
+def _repository_notes(values: Mapping[str, Any], size: int) -> List[str]:
     notes: List[str] = []
+    changes, ahead, behind = values["uncommitted_changes"], values["ahead"], values["behind"]
     if changes:
         notes.append(f"{changes} uncommitted change{'s' if changes != 1 else ''}")
     if ahead is None:
         notes.append("no upstream")
     elif ahead or behind:
         notes.append(f"{ahead} ahead, {behind} behind upstream")
-    notes.append(f".git {size / MB:.1f} MB{'' if complete else '+'}")
-    problems: List[str] = []
-    if in_progress:
-        problems.append(f"a {in_progress} is in progress")
-    if locks:
-        problems.append("lock file " + ", ".join(lock["path"] for lock in locks))
-    if problems:
-        return _check(WARNING, "; ".join(problems + notes), **values)
-    return _check(HEALTHY, "; ".join(notes), **values)
+    notes.append(f".git {size / MB:.1f} MB{'' if values['git_size_complete'] else '+'}")
+    return notes
 
 
 # --------------------------------------------------------------------------- fleet state
