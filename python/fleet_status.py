@@ -549,39 +549,7 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
         problems.append((WARNING, f"{overflow} more server ids (from the mailbox) not shown; "
                                   f"at most {MAX_SERVERS} are"))
     mail = {server: _Mail() for server in servers}
-    today = now.date()
-    unread_by: List[List[str]] = []
-    # A broadcast waits for every server that runs (roster, state ref, or mail it sent), not for
-    # ids that only appear as a recipient (a typo reads nothing): this also bounds what one
-    # broadcast costs when a mailbox names hundreds of made-up servers.
-    everyone = [server for server, seen in servers.items() if seen != {"recipient"}]
-    for msg in messages:
-        when = message_time(msg)
-        counters = mail.get(msg["from"].lower())
-        if counters is not None and when is not None:
-            if counters.last_sent is None or when > counters.last_sent:
-                counters.last_sent = when
-            day = (today - when.date()).days
-            if 0 <= day < CHART_DAYS:
-                counters.per_day[CHART_DAYS - 1 - day] += 1
-        rcpt = recipients(msg)
-        waiting: List[str] = []
-        for server in (everyone if rcpt is None else sorted(rcpt)):
-            counters = mail.get(server)
-            if counters is None or not is_addressed_to(msg, server):
-                continue
-            item = (when, msg)
-            if not has_read(msg, server, snap.states):
-                waiting.append(server)
-                counters.unread += 1
-                if _older(item, counters.oldest_unread):
-                    counters.oldest_unread = item
-            if msg.get("ack_required") is True and not has_acknowledged(msg, server, snap.states):
-                counters.acks += 1
-                if _older(item, counters.oldest_ack):
-                    counters.oldest_ack = item
-        unread_by.append(waiting)
-
+    unread_by = _count_mail(snap, messages, servers, mail, now.date())
     presence = {server: _presence_summary(snap.states.get(server), now) for server in servers}
     # Expected servers: the roster's, else every server that has published presence.
     expected = set(snap.roster.servers) if snap.roster.servers else {
@@ -590,15 +558,6 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
                         server in expected, stale_after, unread_after, now) for server in servers]
     rows.sort(key=_urgency)
     level = _worst([r["level"] for r in rows] + [p[0] for p in problems])
-    waited_on = [{"server": r["id"], "unread": r["unread"]["count"], "unread_overdue": r["unread"]["overdue"],
-                  "oldest": r["unread"]["oldest"], "acks_owed": r["acks_owed"]["count"],
-                  "acks_overdue": r["acks_owed"]["overdue"]}
-                 for r in rows if r["unread"]["overdue"] or r["acks_owed"]["overdue"]]
-    stale = [{"server": r["id"], "age_seconds": r["presence"]["age_seconds"], "limit_seconds": r["stale_limit"]}
-             for r in rows if r["state"] == STALE]
-    counts = {"servers": len(rows), LIVE: 0, STALE: 0, "never_seen": 0}
-    for row in rows:
-        counts["never_seen" if row["state"] == NEVER_SEEN else row["state"]] += 1
     report: Dict[str, Any] = {
         "version": REPORT_VERSION,
         "generated": iso_utc(now),
@@ -609,19 +568,87 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
         "thresholds": {"stale_after_seconds": stale_after, "unread_after_seconds": unread_after,
                        "stale_intervals": STALE_INTERVALS, "critical_factor": CRITICAL_FACTOR},
         "roster": snap.roster.to_dict(),
-        "counts": counts,
+        "counts": _state_counts(rows),
         "messages": {"hot": len(messages), "invalid": len(invalid)},
         "servers": rows,
-        "waited_on": waited_on,
-        "stale": stale,
+        "waited_on": _waited_on(rows),
+        "stale": [{"server": r["id"], "age_seconds": r["presence"]["age_seconds"],
+                   "limit_seconds": r["stale_limit"]} for r in rows if r["state"] == STALE],
         "problems": [{"level": lvl, "text": text} for lvl, text in problems],
-        "chart": {"days": [(today - _dt.timedelta(days=CHART_DAYS - 1 - i)).isoformat()
-                           for i in range(CHART_DAYS)],
-                  "totals": [sum(m.per_day[i] for m in mail.values()) for i in range(CHART_DAYS)]},
+        "chart": _chart_data(mail, now.date()),
         "threads": _threads(messages, unread_by, now),
     }
     report["summary"] = summary_line(report)
     return report
+
+
+def _count_mail(snap: Snapshot, messages: List[Dict[str, Any]], servers: Mapping[str, Set[str]],
+                mail: Dict[str, _Mail], today: _dt.date) -> List[List[str]]:
+    """Fill each server's counters from the hot mailbox; returns, per message, who has not read
+    it yet."""
+    # A broadcast waits for every server that runs (roster, state ref, or mail it sent), not for
+    # ids that only appear as a recipient (a typo reads nothing): this also bounds what one
+    # broadcast costs when a mailbox names hundreds of made-up servers.
+    everyone = [server for server, seen in servers.items() if seen != {"recipient"}]
+    unread_by: List[List[str]] = []
+    for msg in messages:
+        when = message_time(msg)
+        _count_sent(mail.get(msg["from"].lower()), when, today)
+        rcpt = recipients(msg)
+        waiting: List[str] = []
+        for server in (everyone if rcpt is None else sorted(rcpt)):
+            counters = mail.get(server)
+            if counters is not None and is_addressed_to(msg, server) \
+                    and _count_received(counters, server, (when, msg), snap.states):
+                waiting.append(server)
+        unread_by.append(waiting)
+    return unread_by
+
+
+def _count_sent(counters: Optional[_Mail], when: Optional[_dt.datetime], today: _dt.date) -> None:
+    if counters is None or when is None:
+        return
+    if counters.last_sent is None or when > counters.last_sent:
+        counters.last_sent = when
+    day = (today - when.date()).days
+    if 0 <= day < CHART_DAYS:
+        counters.per_day[CHART_DAYS - 1 - day] += 1
+
+
+def _count_received(counters: _Mail, server: str, item: Tuple[Optional[_dt.datetime], Dict[str, Any]],
+                    states: Mapping[str, ServerState]) -> bool:
+    """Count a message addressed to ``server``: unread, acknowledgement owed. True when unread."""
+    msg = item[1]
+    unread = not has_read(msg, server, states)
+    if unread:
+        counters.unread += 1
+        if _older(item, counters.oldest_unread):
+            counters.oldest_unread = item
+    if msg.get("ack_required") is True and not has_acknowledged(msg, server, states):
+        counters.acks += 1
+        if _older(item, counters.oldest_ack):
+            counters.oldest_ack = item
+    return unread
+
+
+def _state_counts(rows: List[Dict[str, Any]]) -> Dict[str, int]:
+    counts = {"servers": len(rows), LIVE: 0, STALE: 0, "never_seen": 0}
+    for row in rows:
+        counts["never_seen" if row["state"] == NEVER_SEEN else row["state"]] += 1
+    return counts
+
+
+def _waited_on(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The servers whose unread mail or owed acknowledgements are overdue."""
+    return [{"server": r["id"], "unread": r["unread"]["count"], "unread_overdue": r["unread"]["overdue"],
+             "oldest": r["unread"]["oldest"], "acks_owed": r["acks_owed"]["count"],
+             "acks_overdue": r["acks_owed"]["overdue"]}
+            for r in rows if r["unread"]["overdue"] or r["acks_owed"]["overdue"]]
+
+
+def _chart_data(mail: Mapping[str, _Mail], today: _dt.date) -> Dict[str, Any]:
+    return {"days": [(today - _dt.timedelta(days=CHART_DAYS - 1 - i)).isoformat() for i in range(CHART_DAYS)],
+            "totals": [sum(m.per_day[i] for m in mail.values()) for i in range(CHART_DAYS)]}
 
 
 _STATE_ORDER: Final = {NEVER_SEEN: 0, STALE: 1, LIVE: 2}
