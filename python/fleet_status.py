@@ -54,7 +54,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Dict, Final, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Set, Tuple
 
 from fleet_common import (
     BROADCAST,
@@ -816,35 +816,42 @@ def render_terminal(report: Mapping[str, Any], *, color: bool = False, width: in
              f"branch {report['branch']} at {tip}, {report['generated']}; stale after "
              f"{short_age(report['thresholds']['stale_after_seconds'])}, unread after "
              f"{short_age(report['thresholds']['unread_after_seconds'])}", ""]
-    table = [list(_COLUMNS)] + [_cells(row) for row in report["servers"]]
-    widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS) - 1)]
-    room = max(_MIN_SUBJECT_WIDTH, width - sum(w + 2 for w in widths))
-    for index, cells in enumerate(table):
-        subject = cells[-1] if len(cells[-1]) <= room else cells[-1][:room - 1] + "\u2026"
-        text = "  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + subject
-        text = text.rstrip()
-        if index == 0:
-            lines.append(text)
-        else:
-            row = report["servers"][index - 1]
-            lines.append(paint(text, row["level"]) if row["level"] != OK else text)
+    lines.extend(_terminal_table(report["servers"], paint, width))
     if report["waited_on"] or report["stale"] or report["problems"]:
         lines.append("")
-    for item in report["waited_on"]:
-        what = []
-        if item["unread"]:
-            oldest = item["oldest"] or {}
-            what.append(f"{item['unread']} unread, oldest {short_age(oldest.get('age_seconds'))} "
-                        f"\"{oldest.get('subject', '')}\" from {oldest.get('from')}")
-        if item["acks_owed"]:
-            what.append(f"{item['acks_owed']} acknowledgement(s) owed")
-        lines.append(f"waited on: {item['server']}: " + "; ".join(what))
+    lines.extend(_waited_on_line(item) for item in report["waited_on"])
     for item in report["stale"]:
         lines.append(f"stale: {item['server']}: last seen {short_age(item['age_seconds'])} ago "
                      f"(limit {short_age(item['limit_seconds'])})")
     for problem in report["problems"]:
         lines.append(paint(f"{problem['level']}: {problem['text']}", problem["level"]))
     return "\n".join(lines)
+
+
+def _terminal_table(servers: Sequence[Mapping[str, Any]], paint: Callable[[str, str], str],
+                    width: int) -> List[str]:
+    """The header and one aligned row per server, the subject cut to the room left."""
+    table = [list(_COLUMNS)] + [_cells(row) for row in servers]
+    widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS) - 1)]
+    room = max(_MIN_SUBJECT_WIDTH, width - sum(w + 2 for w in widths))
+    lines = []
+    for index, cells in enumerate(table):
+        subject = cells[-1] if len(cells[-1]) <= room else cells[-1][:room - 1] + "\u2026"
+        text = ("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + subject).rstrip()
+        level = servers[index - 1]["level"] if index else OK
+        lines.append(paint(text, level) if level != OK else text)
+    return lines
+
+
+def _waited_on_line(item: Mapping[str, Any]) -> str:
+    what = []
+    if item["unread"]:
+        oldest = item["oldest"] or {}
+        what.append(f"{item['unread']} unread, oldest {short_age(oldest.get('age_seconds'))} "
+                    f"\"{oldest.get('subject', '')}\" from {oldest.get('from')}")
+    if item["acks_owed"]:
+        what.append(f"{item['acks_owed']} acknowledgement(s) owed")
+    return f"waited on: {item['server']}: " + "; ".join(what)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -958,31 +965,8 @@ def render_html(report: Mapping[str, Any]) -> str:
     days = report["chart"]["days"]
     top = max([max(r["sent_per_day"]) for r in report["servers"]] + [1])
     cards = "".join(_card(row, top, days) for row in report["servers"])
-    problems = "".join(f'<li class="{_e(p["level"])}">{_e(p["text"])}</li>' for p in report["problems"])
-    waited = "".join(
-        f'<li>{_e(w["server"])}: {w["unread"]} unread'
-        f'{", oldest " + _e(_ago((w["oldest"] or {}).get("age_seconds"))) if w["oldest"] else ""}'
-        f'{"; " + str(w["acks_owed"]) + " acknowledgement(s) owed" if w["acks_owed"] else ""}</li>'
-        for w in report["waited_on"])
-    stale = "".join(f'<li>{_e(s["server"])}: last seen {_e(_ago(s["age_seconds"]))} '
-                    f'(limit {_e(short_age(s["limit_seconds"]))})</li>' for s in report["stale"])
-    critical = "".join(f'<li class="critical">{_e(r["id"])}: {_e("; ".join(r["reasons"]))}</li>'
-                       for r in report["servers"] if r["level"] == CRITICAL)
-    attention = ""
-    if problems or critical or waited or stale:
-        attention = ('<h2>Needs attention</h2><ul class="p">' + problems + critical
-                     + (f"<li>Waited on<ul>{waited}</ul></li>" if waited else "")
-                     + (f"<li>Stale<ul>{stale}</ul></li>" if stale else "") + "</ul>")
-    rows = []
-    for t in report["threads"]:
-        unread = (f'<span class="u">unread by {_e(", ".join(t["unread_by"]))}</span>'
-                  if t["unread_by"] else "all read")
-        people = ", ".join(t["participants"]) + (f" +{t['more_participants']}" if t["more_participants"] else "")
-        rows.append(f'<tr><td class="s">{_e(t["subject"])}</td><td>{t["messages"]}</td>'
-                    f'<td>{_e(_ago(t["last_age_seconds"]))} from {_e(t["last_from"])}</td>'
-                    f'<td class="s">{_e(people)}</td><td>{unread}</td></tr>')
-    threads = ("<table><tr><th>Thread</th><th>Msgs</th><th>Last</th><th>Between</th><th>Unread</th></tr>"
-               + "".join(rows) + "</table>") if rows else "<p>No mail in the hot mailbox.</p>"
+    attention = _html_attention(report)
+    threads = _html_threads(report["threads"])
     c = report["counts"]
     status = report["status"]
     tip = (report.get("tip") or "no tip")[:12]
@@ -1006,6 +990,40 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"{_e(short_age(report['thresholds']['stale_after_seconds']))}, {STALE_INTERVALS}x the "
         f"server's interval).</footer></body></html>\n"
     )
+
+
+def _html_attention(report: Mapping[str, Any]) -> str:
+    """The "Needs attention" list: problems, critical servers, who is waited on, who is stale."""
+    problems = "".join(f'<li class="{_e(p["level"])}">{_e(p["text"])}</li>' for p in report["problems"])
+    waited = "".join(
+        f'<li>{_e(w["server"])}: {w["unread"]} unread'
+        f'{", oldest " + _e(_ago((w["oldest"] or {}).get("age_seconds"))) if w["oldest"] else ""}'
+        f'{"; " + str(w["acks_owed"]) + " acknowledgement(s) owed" if w["acks_owed"] else ""}</li>'
+        for w in report["waited_on"])
+    stale = "".join(f'<li>{_e(s["server"])}: last seen {_e(_ago(s["age_seconds"]))} '
+                    f'(limit {_e(short_age(s["limit_seconds"]))})</li>' for s in report["stale"])
+    critical = "".join(f'<li class="critical">{_e(r["id"])}: {_e("; ".join(r["reasons"]))}</li>'
+                       for r in report["servers"] if r["level"] == CRITICAL)
+    if not (problems or critical or waited or stale):
+        return ""
+    return ('<h2>Needs attention</h2><ul class="p">' + problems + critical
+            + (f"<li>Waited on<ul>{waited}</ul></li>" if waited else "")
+            + (f"<li>Stale<ul>{stale}</ul></li>" if stale else "") + "</ul>")
+
+
+def _html_threads(threads: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for t in threads:
+        unread = (f'<span class="u">unread by {_e(", ".join(t["unread_by"]))}</span>'
+                  if t["unread_by"] else "all read")
+        people = ", ".join(t["participants"]) + (f" +{t['more_participants']}" if t["more_participants"] else "")
+        rows.append(f'<tr><td class="s">{_e(t["subject"])}</td><td>{t["messages"]}</td>'
+                    f'<td>{_e(_ago(t["last_age_seconds"]))} from {_e(t["last_from"])}</td>'
+                    f'<td class="s">{_e(people)}</td><td>{unread}</td></tr>')
+    if not rows:
+        return "<p>No mail in the hot mailbox.</p>"
+    return ("<table><tr><th>Thread</th><th>Msgs</th><th>Last</th><th>Between</th><th>Unread</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 # --------------------------------------------------------------------------- CLI
