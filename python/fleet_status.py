@@ -14,8 +14,8 @@ therefore counts the mail still in the hot mailbox.
 
 Servers: every server with a state ref, every server id in ``from``/``to`` of the hot mailbox, and
 the optional roster ``coordination/servers.json`` (``{"version": 1, "servers": [{"id": "build1",
-"description": "..."}]}``, read by :func:`read_roster`, which ``send_message.py`` also uses to warn
-about a ``--to`` that the roster does not name). A bad roster is reported, never fatal.
+"description": "..."}]}``, whose format :mod:`fleet_roster` owns; ``send_message.py`` also uses it to
+warn about a ``--to`` that the roster does not name). A bad roster is reported, never fatal.
 
 Live or stale: a server is *live* while its last presence (``presence.timestamp`` in its state
 ref) is at most ``max(--stale-after, 3 x its own published interval)`` old (its ``interval`` is
@@ -57,7 +57,6 @@ import time
 from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Set, Tuple
 
 from fleet_common import (
-    BROADCAST,
     BadInput,
     UsageError,
     default_repo_path,
@@ -65,11 +64,10 @@ from fleet_common import (
     is_valid_server_id,
     iso_utc,
     load_json_bounded,
-    normalize_server_id,
     one_line,
     parse_timestamp,
 )
-from fleet_git import LOCAL_LOCK_RETRIES, MAILBOX_PATH, Clone, GitError, RemoteUnavailable, _local_lock_busy
+from fleet_git import LOCAL_LOCK_RETRIES, MAILBOX_PATH, Clone, RemoteUnavailable, _local_lock_busy
 from fleet_mailbox import (
     is_addressed_to,
     message_time,
@@ -77,6 +75,15 @@ from fleet_mailbox import (
     split_entries,
     strip_reply_prefixes,
 )
+from fleet_roster import (  # the roster's format lives there; these names stay importable from here
+    MAX_DESCRIPTION_CHARS,
+    MAX_ROSTER_SERVERS,
+    ROSTER_PATH,
+    Roster,
+    parse_roster,
+)
+from fleet_roster import read_roster as read_roster
+from fleet_roster import roster_warning as roster_warning
 from fleet_state import (
     MAX_ID_CHARS,
     STATE_FILE,
@@ -111,17 +118,11 @@ STALE_INTERVALS: Final = 3  # a server's own interval: three missed cycles make 
 MAX_BELIEVED_INTERVAL: Final = 6 * 3600.0  # a bigger published interval would hide a dead server
 CRITICAL_FACTOR: Final = 4  # stale for 4x its limit: critical (for an expected server)
 
-ROSTER_PATH: Final = "coordination/servers.json"
-ROSTER_VERSION: Final = 1
-MAX_ROSTER_BYTES: Final = 256 * 1024
-MAX_ROSTER_DEPTH: Final = 4  # {"servers": [{"id": ...}]} is 3 levels
-MAX_SERVERS: Final = 300  # servers shown; more ids (say, from a mailbox full of typos) are counted
-MAX_ROSTER_SERVERS: Final = MAX_SERVERS
+MAX_SERVERS: Final = MAX_ROSTER_SERVERS  # servers shown; more ids (say, from a mailbox full of typos) are counted
 MAX_MAILBOX_BYTES: Final = 128 * 1024 * 1024  # a never-archived 100,000-message mailbox is ~70 MB
 
 # Lengths of text from other machines that any output shows.
 MAX_SUBJECT_CHARS: Final = 120
-MAX_DESCRIPTION_CHARS: Final = 200
 MAX_ACTIVITY_CHARS: Final = 60
 MAX_SHORT_CHARS: Final = 40  # suite version, breaker state, timestamps
 
@@ -208,88 +209,6 @@ def _worst(levels: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------- the roster
-
-
-class Roster:
-    """``coordination/servers.json``: the servers a fleet expects, with their descriptions.
-
-    ``present`` says whether the file exists; ``problem`` is a one-line reason when it could not
-    be used (then ``servers`` holds what could be read, possibly nothing).
-    """
-
-    __slots__ = ("present", "servers", "problem")
-
-    def __init__(self, present: bool = False, servers: Optional[Dict[str, str]] = None,
-                 problem: Optional[str] = None) -> None:
-        self.present = present
-        self.servers: Dict[str, str] = servers or {}  # id -> description, in the file's order
-        self.problem = problem
-
-    def names(self, server: str) -> bool:
-        return server.lower() in self.servers
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"present": self.present, "servers": len(self.servers), "problem": self.problem}
-
-
-def parse_roster(raw: Optional[bytes]) -> Roster:
-    """A roster from the file's bytes (``None``: no roster); never raises for bad content."""
-    if raw is None:
-        return Roster()
-    try:
-        doc = load_json_bounded(raw, what=ROSTER_PATH, max_bytes=MAX_ROSTER_BYTES,
-                                max_depth=MAX_ROSTER_DEPTH)
-    except BadInput as exc:
-        return Roster(True, problem=str(exc))
-    entries = doc.get("servers") if isinstance(doc, dict) else None
-    if not isinstance(entries, list):
-        return Roster(True, problem=f'{ROSTER_PATH} is not {{"version": 1, "servers": [...]}}')
-    servers: Dict[str, str] = {}
-    skipped = 0
-    for entry in entries[:MAX_ROSTER_SERVERS]:
-        name = entry.get("id") if isinstance(entry, dict) else None
-        try:
-            server = normalize_server_id(name)
-        except UsageError:
-            skipped += 1
-            continue
-        description = entry.get("description")  # made inert where it is shown
-        servers.setdefault(server, description[:MAX_DESCRIPTION_CHARS] if isinstance(description, str) else "")
-    problems = []
-    if skipped:
-        problems.append(f"{skipped} entries skipped (each must be {{\"id\": <server id>}})")
-    if len(entries) > MAX_ROSTER_SERVERS:
-        problems.append(f"only the first {MAX_ROSTER_SERVERS} of {len(entries)} servers read")
-    version = doc.get("version", ROSTER_VERSION)
-    if isinstance(version, int) and version > ROSTER_VERSION:
-        problems.append(f"version {version} is newer than this program's {ROSTER_VERSION}; "
-                        "known keys read")
-    return Roster(True, servers, f"{ROSTER_PATH}: " + "; ".join(problems) if problems else None)
-
-
-def read_roster(clone: Clone, tip: Optional[str]) -> Roster:
-    """The roster at ``tip`` of the shared branch; a bad or unreadable one is a ``problem``."""
-    if tip is None:
-        return Roster()
-    try:
-        _blob, raw = clone.read_file(tip, ROSTER_PATH)
-    except GitError as exc:
-        return Roster(True, problem=f"{ROSTER_PATH} could not be read: {exc}")
-    return parse_roster(raw)
-
-
-def roster_warning(clone: Clone, to: Any) -> Optional[str]:
-    """One line when a roster exists and ``to`` (``all``, an id or a list of ids, as
-    ``send_message.normalize_recipients`` returns it) names a server it does not: a typo would
-    otherwise go out to no one, in silence. ``None`` otherwise (no roster, a bad one, ``all``)."""
-    names = [to] if isinstance(to, str) else list(to)
-    if not names or names == [BROADCAST]:
-        return None
-    roster = read_roster(clone, clone.tip())
-    unknown = [name for name in names if not roster.names(name)]
-    if not roster.servers or not unknown:
-        return None
-    return f"--to {', '.join(unknown)}: not in the roster {ROSTER_PATH}; sending anyway"
 
 
 # --------------------------------------------------------------------------- one look at the remote

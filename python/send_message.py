@@ -13,7 +13,7 @@ Importable: ``send_message(body, subject=None, to="all", ...)`` returns a :class
 that is truthy only when the message is sent and verified, and always carries the message id.
 
 Every server of the fleet reads the mailbox, and git keeps it forever: a body or subject that
-holds a credential (a password, a token, a private key: ``structured_log.find_secret``) is refused
+holds a credential (a password, a token, a private key: ``fleet_secrets.find_secret``) is refused
 as bad input, naming the kind of secret and never the secret, unless ``--allow-secret``
 (``allow_secret=True``) says to send it anyway.
 
@@ -242,7 +242,7 @@ def send_message(body: str, subject: Optional[str] = None, to: Union[str, Sequen
 def find_secret_in(body: object, subject: object = None) -> str:
     """``"body holds a password"`` (which field, which kind of secret) or ``""`` when neither the
     body nor the subject holds one. Never the secret itself."""
-    from structured_log import find_secret  # lazy: the detector's patterns compile on first use
+    from fleet_secrets import find_secret  # no logging import: a send that logs nothing needs none
 
     for field, text in (("body", body), ("subject", subject)):
         if isinstance(text, str) and text:
@@ -396,7 +396,7 @@ def _send_from_args(args: argparse.Namespace) -> Tuple[Clone, str, SendResult]:
         normalize_recipients(to)  # refuse bad ids before touching anything
     clone = Clone(repo, args.branch)
     if to is not None:
-        from fleet_status import roster_warning  # the roster names the fleet's servers
+        from fleet_roster import roster_warning  # the roster names the fleet's servers
 
         unknown = roster_warning(clone, normalize_recipients(to))
         if unknown:
