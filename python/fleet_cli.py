@@ -21,8 +21,10 @@ imports only :mod:`fleet_common`, so a one-shot command pays nothing for it.
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
-from typing import Callable, Optional, Tuple
+from typing import Callable, Final, Optional, Tuple
 
 from fleet_common import (
     EXIT_FAILURE,
@@ -35,6 +37,37 @@ from fleet_common import (
 )
 
 log = get_logger(__name__)
+
+DEFAULT_COLUMNS: Final = 80  # what shutil.get_terminal_size falls back to
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's own formatter, given the terminal's width up front.
+
+    Left to find the width itself, argparse imports :mod:`shutil` (and with it :mod:`bz2` and
+    :mod:`lzma`) whenever a parser is built, on every start of a command whose help is rarely
+    printed. The width is found the way ``shutil.get_terminal_size`` finds it: ``COLUMNS``, else
+    the terminal of stdout, else 80 columns.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: Optional[int] = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         width if width is not None else terminal_columns() - 2)
+
+
+def terminal_columns() -> int:
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or DEFAULT_COLUMNS
+    except (AttributeError, ValueError, OSError):
+        return DEFAULT_COLUMNS
+
 
 # Words and numbers a failure that is not bad usage: returns (exit code, the whole stderr line).
 FailureRenderer = Callable[[BaseException], Tuple[int, str]]

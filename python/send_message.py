@@ -17,6 +17,15 @@ holds a credential (a password, a token, a private key: ``fleet_secrets.find_sec
 as bad input, naming the kind of secret and never the secret, unless ``--allow-secret``
 (``allow_secret=True``) says to send it anyway.
 
+Start-up cost: a send is a short process, so it imports only what every send needs (argparse,
+``fleet_common``, ``fleet_cli``, ``fleet_git``, ``fleet_mailbox``; ``fleet_secrets`` and
+``fleet_roster`` for the checks before sending). Deferred, each imported inside the function
+that needs it: :mod:`logging` and ``structured_log`` (only when something is logged:
+``fleet_common.get_logger`` resolves on the first record), ``message_queue`` (only when a message
+is queued), ``circuit_breaker`` (only when queueing is allowed), ``fleet_archive`` (only for a
+reply to a message no longer in the hot mailbox), ``inbox`` (only with ``--wait-reply``) and
+:mod:`json` output (only with ``--json``). ``bench/send.py`` measures the result.
+
 Exit codes: 0 sent and verified; 2 bad usage or bad input (a ``--branch`` the remote does not
 have included: it is never created, nor queued); 75 not deliverable now, queued in
 ``<server>/queue/message_queue.json`` for the monitor to deliver; 1 any other failure (one-line
@@ -31,7 +40,7 @@ import sys
 import time
 from typing import Any, Dict, Final, List, Optional, Sequence, Tuple, Union
 
-from fleet_cli import run_cli
+from fleet_cli import HelpFormatter, run_cli
 from fleet_common import (
     BROADCAST,
     EXIT_FAILURE,
@@ -324,7 +333,7 @@ def _queue(clone: Clone, msg: Dict[str, Any], reason: str) -> SendResult:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="send_message.py",
+        prog="send_message.py", formatter_class=HelpFormatter,
         description="Send a message to the fleet through the shared git repository.",
         epilog="Exit codes: 0 sent and verified, 1 failure, 2 bad usage, "
                "75 queued for the monitor to deliver, 130 interrupted; "
