@@ -352,10 +352,14 @@ class SendFloor:
     interpreter (``python3 -c pass``): the floor of a command-line send.
     """
 
-    def __init__(self, fleet: BenchFleet, name: str = "floor", interpreter: bool = False) -> None:
+    def __init__(self, fleet: BenchFleet, name: str = "floor", interpreter: bool = False,
+                 interpreter_env: Optional[Dict[str, str]] = None) -> None:
         self.path = fleet.clones.get(name) or fleet.clone(name)
         self.interpreter = interpreter
         self.env = dict(os.environ)
+        # The interpreter starts under the same footing as the command it is the floor of
+        # (bytecode cached or not).
+        self.interpreter_env = interpreter_env or self.env
 
     def _git(self, *args: str) -> str:
         return git(self.path, *args, env=self.env)
@@ -369,7 +373,7 @@ class SendFloor:
         self._git("fetch", "-q", "origin", BRANCH)
         self._git("push", "-q", "origin", f"{commit}:refs/heads/{BRANCH}")
         if self.interpreter:
-            subprocess.run([sys.executable, "-c", "pass"], check=True, env=self.env)
+            subprocess.run([sys.executable, "-c", "pass"], check=True, env=self.interpreter_env)
 
 
 # --------------------------------------------------------------------------- processes

@@ -14,8 +14,8 @@ therefore counts the mail still in the hot mailbox.
 
 Servers: every server with a state ref, every server id in ``from``/``to`` of the hot mailbox, and
 the optional roster ``coordination/servers.json`` (``{"version": 1, "servers": [{"id": "build1",
-"description": "..."}]}``, read by :func:`read_roster`, which ``send_message.py`` also uses to warn
-about a ``--to`` that the roster does not name). A bad roster is reported, never fatal.
+"description": "..."}]}``, whose format :mod:`fleet_roster` owns; ``send_message.py`` also uses it to
+warn about a ``--to`` that the roster does not name). A bad roster is reported, never fatal.
 
 Live or stale: a server is *live* while its last presence (``presence.timestamp`` in its state
 ref) is at most ``max(--stale-after, 3 x its own published interval)`` old (its ``interval`` is
@@ -54,24 +54,20 @@ import os
 import re
 import sys
 import time
-from typing import Any, Dict, Final, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Set, Tuple
 
 from fleet_common import (
-    BROADCAST,
-    EXIT_INTERRUPTED,
-    EXIT_USAGE,
     BadInput,
-    SuiteError,
     UsageError,
     default_repo_path,
     defer_logging_setup,
     is_valid_server_id,
     iso_utc,
     load_json_bounded,
-    normalize_server_id,
+    one_line,
     parse_timestamp,
 )
-from fleet_git import LOCAL_LOCK_RETRIES, MAILBOX_PATH, Clone, GitError, RemoteUnavailable, _local_lock_busy
+from fleet_git import LOCAL_LOCK_RETRIES, MAILBOX_PATH, Clone, RemoteUnavailable, _local_lock_busy
 from fleet_mailbox import (
     is_addressed_to,
     message_time,
@@ -79,6 +75,15 @@ from fleet_mailbox import (
     split_entries,
     strip_reply_prefixes,
 )
+from fleet_roster import (  # the roster's format lives there; these names stay importable from here
+    MAX_DESCRIPTION_CHARS,
+    MAX_ROSTER_SERVERS,
+    ROSTER_PATH,
+    Roster,
+    parse_roster,
+)
+from fleet_roster import read_roster as read_roster
+from fleet_roster import roster_warning as roster_warning
 from fleet_state import (
     MAX_ID_CHARS,
     STATE_FILE,
@@ -113,17 +118,11 @@ STALE_INTERVALS: Final = 3  # a server's own interval: three missed cycles make 
 MAX_BELIEVED_INTERVAL: Final = 6 * 3600.0  # a bigger published interval would hide a dead server
 CRITICAL_FACTOR: Final = 4  # stale for 4x its limit: critical (for an expected server)
 
-ROSTER_PATH: Final = "coordination/servers.json"
-ROSTER_VERSION: Final = 1
-MAX_ROSTER_BYTES: Final = 256 * 1024
-MAX_ROSTER_DEPTH: Final = 4  # {"servers": [{"id": ...}]} is 3 levels
-MAX_SERVERS: Final = 300  # servers shown; more ids (say, from a mailbox full of typos) are counted
-MAX_ROSTER_SERVERS: Final = MAX_SERVERS
+MAX_SERVERS: Final = MAX_ROSTER_SERVERS  # servers shown; more ids (say, from a mailbox full of typos) are counted
 MAX_MAILBOX_BYTES: Final = 128 * 1024 * 1024  # a never-archived 100,000-message mailbox is ~70 MB
 
 # Lengths of text from other machines that any output shows.
 MAX_SUBJECT_CHARS: Final = 120
-MAX_DESCRIPTION_CHARS: Final = 200
 MAX_ACTIVITY_CHARS: Final = 60
 MAX_SHORT_CHARS: Final = 40  # suite version, breaker state, timestamps
 
@@ -210,88 +209,6 @@ def _worst(levels: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------- the roster
-
-
-class Roster:
-    """``coordination/servers.json``: the servers a fleet expects, with their descriptions.
-
-    ``present`` says whether the file exists; ``problem`` is a one-line reason when it could not
-    be used (then ``servers`` holds what could be read, possibly nothing).
-    """
-
-    __slots__ = ("present", "servers", "problem")
-
-    def __init__(self, present: bool = False, servers: Optional[Dict[str, str]] = None,
-                 problem: Optional[str] = None) -> None:
-        self.present = present
-        self.servers: Dict[str, str] = servers or {}  # id -> description, in the file's order
-        self.problem = problem
-
-    def names(self, server: str) -> bool:
-        return server.lower() in self.servers
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"present": self.present, "servers": len(self.servers), "problem": self.problem}
-
-
-def parse_roster(raw: Optional[bytes]) -> Roster:
-    """A roster from the file's bytes (``None``: no roster); never raises for bad content."""
-    if raw is None:
-        return Roster()
-    try:
-        doc = load_json_bounded(raw, what=ROSTER_PATH, max_bytes=MAX_ROSTER_BYTES,
-                                max_depth=MAX_ROSTER_DEPTH)
-    except BadInput as exc:
-        return Roster(True, problem=str(exc))
-    entries = doc.get("servers") if isinstance(doc, dict) else None
-    if not isinstance(entries, list):
-        return Roster(True, problem=f'{ROSTER_PATH} is not {{"version": 1, "servers": [...]}}')
-    servers: Dict[str, str] = {}
-    skipped = 0
-    for entry in entries[:MAX_ROSTER_SERVERS]:
-        name = entry.get("id") if isinstance(entry, dict) else None
-        try:
-            server = normalize_server_id(name)
-        except UsageError:
-            skipped += 1
-            continue
-        description = entry.get("description")  # made inert where it is shown
-        servers.setdefault(server, description[:MAX_DESCRIPTION_CHARS] if isinstance(description, str) else "")
-    problems = []
-    if skipped:
-        problems.append(f"{skipped} entries skipped (each must be {{\"id\": <server id>}})")
-    if len(entries) > MAX_ROSTER_SERVERS:
-        problems.append(f"only the first {MAX_ROSTER_SERVERS} of {len(entries)} servers read")
-    version = doc.get("version", ROSTER_VERSION)
-    if isinstance(version, int) and version > ROSTER_VERSION:
-        problems.append(f"version {version} is newer than this program's {ROSTER_VERSION}; "
-                        "known keys read")
-    return Roster(True, servers, f"{ROSTER_PATH}: " + "; ".join(problems) if problems else None)
-
-
-def read_roster(clone: Clone, tip: Optional[str]) -> Roster:
-    """The roster at ``tip`` of the shared branch; a bad or unreadable one is a ``problem``."""
-    if tip is None:
-        return Roster()
-    try:
-        _blob, raw = clone.read_file(tip, ROSTER_PATH)
-    except GitError as exc:
-        return Roster(True, problem=f"{ROSTER_PATH} could not be read: {exc}")
-    return parse_roster(raw)
-
-
-def roster_warning(clone: Clone, to: Any) -> Optional[str]:
-    """One line when a roster exists and ``to`` (``all``, an id or a list of ids, as
-    ``send_message.normalize_recipients`` returns it) names a server it does not: a typo would
-    otherwise go out to no one, in silence. ``None`` otherwise (no roster, a bad one, ``all``)."""
-    names = [to] if isinstance(to, str) else list(to)
-    if not names or names == [BROADCAST]:
-        return None
-    roster = read_roster(clone, clone.tip())
-    unknown = [name for name in names if not roster.names(name)]
-    if not roster.servers or not unknown:
-        return None
-    return f"--to {', '.join(unknown)}: not in the roster {ROSTER_PATH}; sending anyway"
 
 
 # --------------------------------------------------------------------------- one look at the remote
@@ -551,39 +468,7 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
         problems.append((WARNING, f"{overflow} more server ids (from the mailbox) not shown; "
                                   f"at most {MAX_SERVERS} are"))
     mail = {server: _Mail() for server in servers}
-    today = now.date()
-    unread_by: List[List[str]] = []
-    # A broadcast waits for every server that runs (roster, state ref, or mail it sent), not for
-    # ids that only appear as a recipient (a typo reads nothing): this also bounds what one
-    # broadcast costs when a mailbox names hundreds of made-up servers.
-    everyone = [server for server, seen in servers.items() if seen != {"recipient"}]
-    for msg in messages:
-        when = message_time(msg)
-        counters = mail.get(msg["from"].lower())
-        if counters is not None and when is not None:
-            if counters.last_sent is None or when > counters.last_sent:
-                counters.last_sent = when
-            day = (today - when.date()).days
-            if 0 <= day < CHART_DAYS:
-                counters.per_day[CHART_DAYS - 1 - day] += 1
-        rcpt = recipients(msg)
-        waiting: List[str] = []
-        for server in (everyone if rcpt is None else sorted(rcpt)):
-            counters = mail.get(server)
-            if counters is None or not is_addressed_to(msg, server):
-                continue
-            item = (when, msg)
-            if not has_read(msg, server, snap.states):
-                waiting.append(server)
-                counters.unread += 1
-                if _older(item, counters.oldest_unread):
-                    counters.oldest_unread = item
-            if msg.get("ack_required") is True and not has_acknowledged(msg, server, snap.states):
-                counters.acks += 1
-                if _older(item, counters.oldest_ack):
-                    counters.oldest_ack = item
-        unread_by.append(waiting)
-
+    unread_by = _count_mail(snap, messages, servers, mail, now.date())
     presence = {server: _presence_summary(snap.states.get(server), now) for server in servers}
     # Expected servers: the roster's, else every server that has published presence.
     expected = set(snap.roster.servers) if snap.roster.servers else {
@@ -592,15 +477,6 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
                         server in expected, stale_after, unread_after, now) for server in servers]
     rows.sort(key=_urgency)
     level = _worst([r["level"] for r in rows] + [p[0] for p in problems])
-    waited_on = [{"server": r["id"], "unread": r["unread"]["count"], "unread_overdue": r["unread"]["overdue"],
-                  "oldest": r["unread"]["oldest"], "acks_owed": r["acks_owed"]["count"],
-                  "acks_overdue": r["acks_owed"]["overdue"]}
-                 for r in rows if r["unread"]["overdue"] or r["acks_owed"]["overdue"]]
-    stale = [{"server": r["id"], "age_seconds": r["presence"]["age_seconds"], "limit_seconds": r["stale_limit"]}
-             for r in rows if r["state"] == STALE]
-    counts = {"servers": len(rows), LIVE: 0, STALE: 0, "never_seen": 0}
-    for row in rows:
-        counts["never_seen" if row["state"] == NEVER_SEEN else row["state"]] += 1
     report: Dict[str, Any] = {
         "version": REPORT_VERSION,
         "generated": iso_utc(now),
@@ -611,19 +487,87 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
         "thresholds": {"stale_after_seconds": stale_after, "unread_after_seconds": unread_after,
                        "stale_intervals": STALE_INTERVALS, "critical_factor": CRITICAL_FACTOR},
         "roster": snap.roster.to_dict(),
-        "counts": counts,
+        "counts": _state_counts(rows),
         "messages": {"hot": len(messages), "invalid": len(invalid)},
         "servers": rows,
-        "waited_on": waited_on,
-        "stale": stale,
+        "waited_on": _waited_on(rows),
+        "stale": [{"server": r["id"], "age_seconds": r["presence"]["age_seconds"],
+                   "limit_seconds": r["stale_limit"]} for r in rows if r["state"] == STALE],
         "problems": [{"level": lvl, "text": text} for lvl, text in problems],
-        "chart": {"days": [(today - _dt.timedelta(days=CHART_DAYS - 1 - i)).isoformat()
-                           for i in range(CHART_DAYS)],
-                  "totals": [sum(m.per_day[i] for m in mail.values()) for i in range(CHART_DAYS)]},
+        "chart": _chart_data(mail, now.date()),
         "threads": _threads(messages, unread_by, now),
     }
     report["summary"] = summary_line(report)
     return report
+
+
+def _count_mail(snap: Snapshot, messages: List[Dict[str, Any]], servers: Mapping[str, Set[str]],
+                mail: Dict[str, _Mail], today: _dt.date) -> List[List[str]]:
+    """Fill each server's counters from the hot mailbox; returns, per message, who has not read
+    it yet."""
+    # A broadcast waits for every server that runs (roster, state ref, or mail it sent), not for
+    # ids that only appear as a recipient (a typo reads nothing): this also bounds what one
+    # broadcast costs when a mailbox names hundreds of made-up servers.
+    everyone = [server for server, seen in servers.items() if seen != {"recipient"}]
+    unread_by: List[List[str]] = []
+    for msg in messages:
+        when = message_time(msg)
+        _count_sent(mail.get(msg["from"].lower()), when, today)
+        rcpt = recipients(msg)
+        waiting: List[str] = []
+        for server in (everyone if rcpt is None else sorted(rcpt)):
+            counters = mail.get(server)
+            if counters is not None and is_addressed_to(msg, server) \
+                    and _count_received(counters, server, (when, msg), snap.states):
+                waiting.append(server)
+        unread_by.append(waiting)
+    return unread_by
+
+
+def _count_sent(counters: Optional[_Mail], when: Optional[_dt.datetime], today: _dt.date) -> None:
+    if counters is None or when is None:
+        return
+    if counters.last_sent is None or when > counters.last_sent:
+        counters.last_sent = when
+    day = (today - when.date()).days
+    if 0 <= day < CHART_DAYS:
+        counters.per_day[CHART_DAYS - 1 - day] += 1
+
+
+def _count_received(counters: _Mail, server: str, item: Tuple[Optional[_dt.datetime], Dict[str, Any]],
+                    states: Mapping[str, ServerState]) -> bool:
+    """Count a message addressed to ``server``: unread, acknowledgement owed. True when unread."""
+    msg = item[1]
+    unread = not has_read(msg, server, states)
+    if unread:
+        counters.unread += 1
+        if _older(item, counters.oldest_unread):
+            counters.oldest_unread = item
+    if msg.get("ack_required") is True and not has_acknowledged(msg, server, states):
+        counters.acks += 1
+        if _older(item, counters.oldest_ack):
+            counters.oldest_ack = item
+    return unread
+
+
+def _state_counts(rows: List[Dict[str, Any]]) -> Dict[str, int]:
+    counts = {"servers": len(rows), LIVE: 0, STALE: 0, "never_seen": 0}
+    for row in rows:
+        counts["never_seen" if row["state"] == NEVER_SEEN else row["state"]] += 1
+    return counts
+
+
+def _waited_on(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The servers whose unread mail or owed acknowledgements are overdue."""
+    return [{"server": r["id"], "unread": r["unread"]["count"], "unread_overdue": r["unread"]["overdue"],
+             "oldest": r["unread"]["oldest"], "acks_owed": r["acks_owed"]["count"],
+             "acks_overdue": r["acks_owed"]["overdue"]}
+            for r in rows if r["unread"]["overdue"] or r["acks_owed"]["overdue"]]
+
+
+def _chart_data(mail: Mapping[str, _Mail], today: _dt.date) -> Dict[str, Any]:
+    return {"days": [(today - _dt.timedelta(days=CHART_DAYS - 1 - i)).isoformat() for i in range(CHART_DAYS)],
+            "totals": [sum(m.per_day[i] for m in mail.values()) for i in range(CHART_DAYS)]}
 
 
 _STATE_ORDER: Final = {NEVER_SEEN: 0, STALE: 1, LIVE: 2}
@@ -791,35 +735,42 @@ def render_terminal(report: Mapping[str, Any], *, color: bool = False, width: in
              f"branch {report['branch']} at {tip}, {report['generated']}; stale after "
              f"{short_age(report['thresholds']['stale_after_seconds'])}, unread after "
              f"{short_age(report['thresholds']['unread_after_seconds'])}", ""]
-    table = [list(_COLUMNS)] + [_cells(row) for row in report["servers"]]
-    widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS) - 1)]
-    room = max(_MIN_SUBJECT_WIDTH, width - sum(w + 2 for w in widths))
-    for index, cells in enumerate(table):
-        subject = cells[-1] if len(cells[-1]) <= room else cells[-1][:room - 1] + "\u2026"
-        text = "  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + subject
-        text = text.rstrip()
-        if index == 0:
-            lines.append(text)
-        else:
-            row = report["servers"][index - 1]
-            lines.append(paint(text, row["level"]) if row["level"] != OK else text)
+    lines.extend(_terminal_table(report["servers"], paint, width))
     if report["waited_on"] or report["stale"] or report["problems"]:
         lines.append("")
-    for item in report["waited_on"]:
-        what = []
-        if item["unread"]:
-            oldest = item["oldest"] or {}
-            what.append(f"{item['unread']} unread, oldest {short_age(oldest.get('age_seconds'))} "
-                        f"\"{oldest.get('subject', '')}\" from {oldest.get('from')}")
-        if item["acks_owed"]:
-            what.append(f"{item['acks_owed']} acknowledgement(s) owed")
-        lines.append(f"waited on: {item['server']}: " + "; ".join(what))
+    lines.extend(_waited_on_line(item) for item in report["waited_on"])
     for item in report["stale"]:
         lines.append(f"stale: {item['server']}: last seen {short_age(item['age_seconds'])} ago "
                      f"(limit {short_age(item['limit_seconds'])})")
     for problem in report["problems"]:
         lines.append(paint(f"{problem['level']}: {problem['text']}", problem["level"]))
     return "\n".join(lines)
+
+
+def _terminal_table(servers: Sequence[Mapping[str, Any]], paint: Callable[[str, str], str],
+                    width: int) -> List[str]:
+    """The header and one aligned row per server, the subject cut to the room left."""
+    table = [list(_COLUMNS)] + [_cells(row) for row in servers]
+    widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS) - 1)]
+    room = max(_MIN_SUBJECT_WIDTH, width - sum(w + 2 for w in widths))
+    lines = []
+    for index, cells in enumerate(table):
+        subject = cells[-1] if len(cells[-1]) <= room else cells[-1][:room - 1] + "\u2026"
+        text = ("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + subject).rstrip()
+        level = servers[index - 1]["level"] if index else OK
+        lines.append(paint(text, level) if level != OK else text)
+    return lines
+
+
+def _waited_on_line(item: Mapping[str, Any]) -> str:
+    what = []
+    if item["unread"]:
+        oldest = item["oldest"] or {}
+        what.append(f"{item['unread']} unread, oldest {short_age(oldest.get('age_seconds'))} "
+                    f"\"{oldest.get('subject', '')}\" from {oldest.get('from')}")
+    if item["acks_owed"]:
+        what.append(f"{item['acks_owed']} acknowledgement(s) owed")
+    return f"waited on: {item['server']}: " + "; ".join(what)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -933,31 +884,8 @@ def render_html(report: Mapping[str, Any]) -> str:
     days = report["chart"]["days"]
     top = max([max(r["sent_per_day"]) for r in report["servers"]] + [1])
     cards = "".join(_card(row, top, days) for row in report["servers"])
-    problems = "".join(f'<li class="{_e(p["level"])}">{_e(p["text"])}</li>' for p in report["problems"])
-    waited = "".join(
-        f'<li>{_e(w["server"])}: {w["unread"]} unread'
-        f'{", oldest " + _e(_ago((w["oldest"] or {}).get("age_seconds"))) if w["oldest"] else ""}'
-        f'{"; " + str(w["acks_owed"]) + " acknowledgement(s) owed" if w["acks_owed"] else ""}</li>'
-        for w in report["waited_on"])
-    stale = "".join(f'<li>{_e(s["server"])}: last seen {_e(_ago(s["age_seconds"]))} '
-                    f'(limit {_e(short_age(s["limit_seconds"]))})</li>' for s in report["stale"])
-    critical = "".join(f'<li class="critical">{_e(r["id"])}: {_e("; ".join(r["reasons"]))}</li>'
-                       for r in report["servers"] if r["level"] == CRITICAL)
-    attention = ""
-    if problems or critical or waited or stale:
-        attention = ('<h2>Needs attention</h2><ul class="p">' + problems + critical
-                     + (f"<li>Waited on<ul>{waited}</ul></li>" if waited else "")
-                     + (f"<li>Stale<ul>{stale}</ul></li>" if stale else "") + "</ul>")
-    rows = []
-    for t in report["threads"]:
-        unread = (f'<span class="u">unread by {_e(", ".join(t["unread_by"]))}</span>'
-                  if t["unread_by"] else "all read")
-        people = ", ".join(t["participants"]) + (f" +{t['more_participants']}" if t["more_participants"] else "")
-        rows.append(f'<tr><td class="s">{_e(t["subject"])}</td><td>{t["messages"]}</td>'
-                    f'<td>{_e(_ago(t["last_age_seconds"]))} from {_e(t["last_from"])}</td>'
-                    f'<td class="s">{_e(people)}</td><td>{unread}</td></tr>')
-    threads = ("<table><tr><th>Thread</th><th>Msgs</th><th>Last</th><th>Between</th><th>Unread</th></tr>"
-               + "".join(rows) + "</table>") if rows else "<p>No mail in the hot mailbox.</p>"
+    attention = _html_attention(report)
+    threads = _html_threads(report["threads"])
     c = report["counts"]
     status = report["status"]
     tip = (report.get("tip") or "no tip")[:12]
@@ -981,6 +909,40 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"{_e(short_age(report['thresholds']['stale_after_seconds']))}, {STALE_INTERVALS}x the "
         f"server's interval).</footer></body></html>\n"
     )
+
+
+def _html_attention(report: Mapping[str, Any]) -> str:
+    """The "Needs attention" list: problems, critical servers, who is waited on, who is stale."""
+    problems = "".join(f'<li class="{_e(p["level"])}">{_e(p["text"])}</li>' for p in report["problems"])
+    waited = "".join(
+        f'<li>{_e(w["server"])}: {w["unread"]} unread'
+        f'{", oldest " + _e(_ago((w["oldest"] or {}).get("age_seconds"))) if w["oldest"] else ""}'
+        f'{"; " + str(w["acks_owed"]) + " acknowledgement(s) owed" if w["acks_owed"] else ""}</li>'
+        for w in report["waited_on"])
+    stale = "".join(f'<li>{_e(s["server"])}: last seen {_e(_ago(s["age_seconds"]))} '
+                    f'(limit {_e(short_age(s["limit_seconds"]))})</li>' for s in report["stale"])
+    critical = "".join(f'<li class="critical">{_e(r["id"])}: {_e("; ".join(r["reasons"]))}</li>'
+                       for r in report["servers"] if r["level"] == CRITICAL)
+    if not (problems or critical or waited or stale):
+        return ""
+    return ('<h2>Needs attention</h2><ul class="p">' + problems + critical
+            + (f"<li>Waited on<ul>{waited}</ul></li>" if waited else "")
+            + (f"<li>Stale<ul>{stale}</ul></li>" if stale else "") + "</ul>")
+
+
+def _html_threads(threads: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for t in threads:
+        unread = (f'<span class="u">unread by {_e(", ".join(t["unread_by"]))}</span>'
+                  if t["unread_by"] else "all read")
+        people = ", ".join(t["participants"]) + (f" +{t['more_participants']}" if t["more_participants"] else "")
+        rows.append(f'<tr><td class="s">{_e(t["subject"])}</td><td>{t["messages"]}</td>'
+                    f'<td>{_e(_ago(t["last_age_seconds"]))} from {_e(t["last_from"])}</td>'
+                    f'<td class="s">{_e(people)}</td><td>{unread}</td></tr>')
+    if not rows:
+        return "<p>No mail in the hot mailbox.</p>"
+    return ("<table><tr><th>Thread</th><th>Msgs</th><th>Last</th><th>Between</th><th>Unread</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1012,29 +974,30 @@ def _setup_logging() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from fleet_common import atomic_write_bytes, write_line
+    from fleet_cli import run_cli
 
     args = _parser().parse_args(argv)
     defer_logging_setup(_setup_logging)
-    try:
-        clone = Clone(args.repo or default_repo_path(), args.branch)
-        report = fleet_status(clone, stale_after=args.stale_after, unread_after=args.unread_after)
-        if args.html:
-            try:
-                atomic_write_bytes(args.html, render_html(report).encode("utf-8"))
-                os.chmod(args.html, PAGE_MODE)  # published: a web server's user must read it
-            except OSError as exc:
-                write_line(f"FLEET UNKNOWN - cannot write {args.html}: {exc}", sys.stderr)
-                return EXIT_UNKNOWN
-    except KeyboardInterrupt:
-        write_line("fleet_status: interrupted", sys.stderr)
-        return EXIT_INTERRUPTED
-    except UsageError as exc:
-        write_line(f"fleet_status: error: {exc}", sys.stderr)
-        return EXIT_USAGE
-    except SuiteError as exc:
-        write_line(f"FLEET UNKNOWN - cannot read the fleet: {exc}", sys.stderr)
-        return EXIT_UNKNOWN
+    return run_cli("fleet_status", lambda: _look(args), on_failure=_unknown)
+
+
+def _unknown(exc: BaseException) -> Tuple[int, str]:
+    """A look that could not finish is Nagios UNKNOWN (exit 3), not a failure of the fleet."""
+    return EXIT_UNKNOWN, f"FLEET UNKNOWN - cannot read the fleet: {one_line(exc)}"
+
+
+def _look(args: argparse.Namespace) -> int:
+    from fleet_common import atomic_write_bytes, write_line
+
+    clone = Clone(args.repo or default_repo_path(), args.branch)
+    report = fleet_status(clone, stale_after=args.stale_after, unread_after=args.unread_after)
+    if args.html:
+        try:
+            atomic_write_bytes(args.html, render_html(report).encode("utf-8"))
+            os.chmod(args.html, PAGE_MODE)  # published: a web server's user must read it
+        except OSError as exc:
+            write_line(f"FLEET UNKNOWN - cannot write {args.html}: {one_line(exc)}", sys.stderr)
+            return EXIT_UNKNOWN
     if args.json:
         write_line(json.dumps(report, ensure_ascii=True))  # one line: indenting costs a fetch
     elif not args.quiet:

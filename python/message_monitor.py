@@ -1569,47 +1569,42 @@ def _allowed_signers(path: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    lock = None
+    from fleet_cli import run_cli
+
+    args = _parser().parse_args(argv)
+    return run_cli("message_monitor", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    _check_combination(args)
+    repo = args.repo or default_repo_path()
+    if args.init:
+        if args.server is not None:
+            normalize_server_id(args.server)
+        write_line(init_fleet(repo, args.branch or "main"))
+        return EXIT_OK
+    server = resolve_server_id(args.server)
+    interval = args.interval if args.interval is not None else default_interval()
+    if args.metrics_textfile:
+        from monitoring_metrics import check_textfile_path
+
+        check_textfile_path(args.metrics_textfile)  # a missing folder is refused, not created
+    done = _one_shot_command(args, repo, server, interval)
+    if done is not None:
+        return done
+    if args.upgrade_signed_by:
+        args.upgrade_signed_by = _allowed_signers(args.upgrade_signed_by)
+    clone = Clone(repo, args.branch)
+    _setup_logging(clone.root, server, args.quiet)
+    if args.rules:
+        from auto_reply import RuleSource
+
+        RuleSource(args.rules)  # an invalid local rule file is an error at start (exit 2)
+    from fleet_service import InstanceLock
+
+    lock = InstanceLock(clone.root, server).acquire()
     try:
-        _check_combination(args)
-        repo = args.repo or default_repo_path()
-        if args.init:
-            if args.server is not None:
-                normalize_server_id(args.server)
-            write_line(init_fleet(repo, args.branch or "main"))
-            return EXIT_OK
-        server = resolve_server_id(args.server)
-        interval = args.interval if args.interval is not None else default_interval()
-        if args.metrics_textfile:
-            from monitoring_metrics import check_textfile_path
-
-            check_textfile_path(args.metrics_textfile)  # a missing folder is refused, not created
-        done = _one_shot_command(args, repo, server, interval)
-        if done is not None:
-            return done
-        if args.upgrade_signed_by:
-            args.upgrade_signed_by = _allowed_signers(args.upgrade_signed_by)
-        clone = Clone(repo, args.branch)
-        _setup_logging(clone.root, server, args.quiet)
-        if args.rules:
-            from auto_reply import RuleSource
-
-            RuleSource(args.rules)  # an invalid local rule file is an error at start (exit 2)
-        from fleet_service import InstanceLock
-
-        lock = InstanceLock(clone.root, server).acquire()
-    except UsageError as exc:
-        write_line(f"message_monitor: error: {exc}", sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        write_line("message_monitor: interrupted", sys.stderr)
-        return EXIT_INTERRUPTED
-    except (SuiteError, OSError) as exc:
-        write_line(f"message_monitor: error: {_one_line(exc)}", sys.stderr)
-        return EXIT_FAILURE
-    try:
+        # The loop maps its own stops: Ctrl-C or SIGTERM is a requested stop (exit 0).
         return _run_monitor(args, clone, server, interval)
     finally:
         lock.release()

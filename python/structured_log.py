@@ -64,9 +64,12 @@ import stat
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Final, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Dict, Final, List, Mapping, Optional, Union
 
 from fleet_common import (  # console_safe and write_line live there: a send needs no logging
+    LOG_FILE_NAME,
+    LOGS_SUBDIR,
+    RuntimePaths,
     SuiteError,
     console_safe,
     file_lock,
@@ -74,6 +77,7 @@ from fleet_common import (  # console_safe and write_line live there: a send nee
     resolve_server_id,
     runtime_dir,
 )
+from fleet_secrets import REDACTED, LazyPattern, find_secret, is_secret_key, redact  # the one detector
 
 __all__ = [
     "DEFAULT_BACKUP_COUNT",
@@ -101,290 +105,23 @@ __all__ = [
     "teardown_logging",
 ]
 
-LOG_FILE_NAME: Final = "structured.log"
 LOCK_SUFFIX: Final = ".lock"
 DEFAULT_MAX_BYTES: Final = 5 * 1024 * 1024
 DEFAULT_BACKUP_COUNT: Final = 5
-REDACTED: Final = "***"
 ELLIPSIS: Final = "\u2026"
 LINE_JOIN: Final = " | "  # a newline inside one console record
 
 _OWNED_ATTR: Final = "_structured_log_owned"
 
-# --------------------------------------------------------------------------- secrets
-#
-# One detector serves both the log redaction (:func:`redact`) and the send check
-# (:func:`find_secret`). Every pattern runs on text from other machines, so none nests one
-# quantifier inside another: each repetition is bounded, or runs over characters that what follows
-# cannot start with, and every search stays linear in the text's length.
-
-
-class _LazyPattern:
-    """A regular expression compiled on first use: a command that logs nothing never pays for
-    compiling the redaction patterns."""
-
-    __slots__ = ("_args", "_compiled")
-
-    def __init__(self, *args: Any) -> None:
-        self._args = args
-        self._compiled: Optional["re.Pattern[str]"] = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._compiled is None:
-            self._compiled = re.compile(*self._args)
-        return getattr(self._compiled, name)
-
-# scheme://user[:password]@host -> scheme://***@host
-_URL_USERINFO_RE = _LazyPattern(r"(?i)\b([a-z][a-z0-9+.\-]{0,30}://)(?P<userinfo>[^\s/?#@]+)@")
-_GITHUB_TOKEN_RE = _LazyPattern(r"\b(?:gh[pousr]_[A-Za-z0-9]{16,}|github_pat_[A-Za-z0-9_]{20,})")
-# A GitLab token may carry dot-separated parts; the optional tail ends on a non-dot, so a full stop
-# after the token stays in the sentence.
-_GITLAB_TOKEN_RE = _LazyPattern(
-    r"\bgl(?:pat|ptt|dt|rt|cbt|soat)-[A-Za-z0-9_\-]{16,}(?:\.[A-Za-z0-9_\-.]*[A-Za-z0-9_\-])?"
-)
-_SLACK_TOKEN_RE = _LazyPattern(r"\b(?:xox[abeoprs]-[A-Za-z0-9\-]{10,}|xapp-[0-9]-[A-Za-z0-9\-]{10,})")
-_AWS_KEY_ID_RE = _LazyPattern(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
-_AUTH_HEADER_RE = _LazyPattern(
-    r"(?i)\b((?:proxy-)?authorization\\?[\"']?\s*[:=]\s*\\?[\"']?)"
-    r"(?!\*\*\*|(?:bearer|basic|digest|token|negotiate|ntlm)\s+\*\*\*)"
-    r"(?:(bearer|basic|digest|token|negotiate|ntlm)\s+)?"
-    r"(?P<cred>[^\s\"',;\\]+)"
-)
-_BEARER_RE = _LazyPattern(r"(?i)\b(bearer)\s+(?!\*\*\*)(?P<cred>[A-Za-z0-9\-._~+/]+=*)")
-_SECRET_WORD = (
-    r"(?:passw(?:or)?d|passphrase|pwd|token|secret|api[_-]?key|apikey|access[_-]?key"
-    r"|private[_-]?key)"
-)
-# The key may carry any prefix ("Jira password", "client_secret"); only the value is masked.
-# The suffix is bounded so a long run of key-like text cannot make the search quadratic.
-_KEY_VALUE_RE = _LazyPattern(
-    r"(?i)(?P<key>" + _SECRET_WORD + r"[\w.\-]{0,40}?)"
-    r"(?P<kq>\\?[\"']?)"
-    r"(?P<sep>\s*[:=]\s*)"
-    r"(?:\\\"(?P<edq>(?:(?!\\\").){0,4096}?)\\\""
-    r"|\"(?P<dq>(?:[^\"\\]|\\.)*)\""
-    r"|'(?P<sq>[^']*)'"
-    r"|(?P<bare>[^\s\"',;&]+))"
-)
-# "password hunter3", "passwd<TAB>x", "my password is x": a value after a space, a tab or "is".
-# Prose ("the password is stored in the vault", "reset your password for Jira") must pass, so
-# the value is masked only when it looks like one: it holds a digit or a symbol, or it is a short
-# word that is not an English function word.
-_SPOKEN_KEY = r"(?:passw(?:or)?d|passphrase|secret[_\-]?access[_\-]?key)"
-_VALUE_CHAR = r"[^\s\"'`,;&()<>\[\]{}]"
-_FUNCTION_WORDS = (
-    "a|all|am|an|and|any|are|as|at|be|but|by|can|did|do|for|get|got|had|has|he|her|him|his|how|i"
-    "|if|in|is|it|its|let|may|me|my|new|no|nor|not|now|of|off|ok|old|on|one|or|our|out|per|put"
-    "|see|set|she|so|the|to|too|two|up|us|use|via|was|we|who|why|yes|yet|you"
-)
-_SPOKEN_RE = _LazyPattern(
-    r"(?i)(?P<key>" + _SPOKEN_KEY + r")"
-    r"(?P<sep>[ \t]{1,16}(?:(?:is|was)[ \t]{1,16})?)"
-    r"(?!(?:" + _FUNCTION_WORDS + r")(?!" + _VALUE_CHAR + r"))"
-    r"(?=" + _VALUE_CHAR + r"*[\d!#$%*+/=?@^|~\\]|" + _VALUE_CHAR + r"{1,3}(?!" + _VALUE_CHAR + r"))"
-    r"(?P<value>[\w!#$%*+/?@^|~\\]" + _VALUE_CHAR + r"*)"
-)
-_SECRET_KEY_RE = _LazyPattern(r"(?i)^[\w.\- ]*(?:" + _SECRET_WORD + r"|authorization)$")
-
-# PEM private keys: from "-----BEGIN ... PRIVATE KEY-----" to the next "-----" (its END line, or
-# whatever comes next when that line is missing), found with str.find so that a text of many
-# BEGIN lines and no END stays linear.
-_PEM_START: Final = "-----BEGIN "
-_PEM_DASHES: Final = "-----"
-_PEM_BEGIN_RE = _LazyPattern(r"-----BEGIN (?P<label>[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?)-----")
-_PEM_END_RE = _LazyPattern(r"-----END [A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----")
-
-
-def _pem_blocks(text: str) -> Iterator[Tuple[int, int, str, str]]:
-    """``(start, end, label, body)`` of each private-key block in ``text``."""
-    at = text.find(_PEM_START)
-    while at >= 0:
-        begin = _PEM_BEGIN_RE.match(text, at)
-        if begin is None:
-            at = text.find(_PEM_START, at + 1)
-            continue
-        stop = text.find(_PEM_DASHES, begin.end())
-        if stop < 0:
-            yield at, len(text), begin.group("label"), text[begin.end():]
-            return
-        body = text[begin.end():stop]
-        end_line = _PEM_END_RE.match(text, stop)
-        end = end_line.end() if end_line is not None else stop
-        yield at, end, begin.group("label"), body
-        at = text.find(_PEM_START, end)
-
-
-def _redact_pem(text: str) -> str:
-    if _PEM_START not in text:
-        return text
-    pieces: List[str] = []
-    done = 0
-    for start, end, label, _body in _pem_blocks(text):
-        pieces.append(text[done:start])
-        pieces.append(f"-----BEGIN {label}-----{REDACTED}-----END {label}-----")
-        done = end
-    pieces.append(text[done:])
-    return "".join(pieces)
-
-
-def _key_value_sub(match: "re.Match[str]") -> str:
-    head = match.group("key") + match.group("kq") + match.group("sep")
-    if match.group("edq") is not None:
-        return head + '\\"' + REDACTED + '\\"'
-    if match.group("dq") is not None:
-        return head + '"' + REDACTED + '"'
-    if match.group("sq") is not None:
-        return head + "'" + REDACTED + "'"
-    return head + REDACTED
-
-
-def _auth_sub(match: "re.Match[str]") -> str:
-    scheme = match.group(2)
-    return match.group(1) + (scheme + " " if scheme else "") + REDACTED
-
-
-def _spoken_sub(match: "re.Match[str]") -> str:
-    return match.group("key") + match.group("sep") + REDACTED
-
-
-def redact(text: object) -> str:
-    """``text`` with credentials replaced by ``***``.
-
-    Masks private-key blocks (``-----BEGIN ... PRIVATE KEY-----`` to its END line), the user
-    information of URLs (``https://user:token@host`` -> ``https://***@host``), GitHub (``ghp_``
-    ``gho_`` ``ghu_`` ``ghs_`` ``ghr_`` ``github_pat_``), GitLab (``glpat-`` ...) and Slack
-    (``xoxb-`` ``xoxp-`` ... ``xapp-``) tokens, AWS access key ids (``AKIA...``, ``ASIA...``),
-    ``Authorization:`` header values, ``Bearer <token>``, the value written after a credential-like
-    key (``password``, ``passwd``, ``pwd``, ``token``, ``secret``, ``api_key``, ``apikey``,
-    ``access_key``, with any prefix, any case) as ``key=value``, ``key: value`` or
-    ``"key": "value"``, and a password-like value after ``password``, ``passwd``, ``passphrase`` or
-    ``aws_secret_access_key`` and a space, a tab or ``is`` (``password hunter3``).
-    """
-    value = text if isinstance(text, str) else str(text)
-    value = _redact_pem(value)
-    value = _URL_USERINFO_RE.sub(r"\1" + REDACTED + "@", value)
-    value = _GITHUB_TOKEN_RE.sub(REDACTED, value)
-    value = _GITLAB_TOKEN_RE.sub(REDACTED, value)
-    value = _SLACK_TOKEN_RE.sub(REDACTED, value)
-    value = _AWS_KEY_ID_RE.sub(REDACTED, value)
-    value = _AUTH_HEADER_RE.sub(_auth_sub, value)
-    value = _BEARER_RE.sub(r"\1 " + REDACTED, value)
-    value = _KEY_VALUE_RE.sub(_key_value_sub, value)
-    return _SPOKEN_RE.sub(_spoken_sub, value)
-
-
-def _placeholder(value: Optional[str]) -> bool:
-    """Whether a matched value is no credential: masked, empty, ``xxxx``, ``$VAR``, ``<pw>``."""
-    core = (value or "").strip().strip("\"'\\")
-    return (not core or REDACTED in core or (len(core) > 2 and len(set(core)) == 1)
-            or core[0] in "$<{%")
-
-
-def _key_kind(key: str) -> str:
-    lowered = key.lower()
-    for word, kind in (("pass", "a password"), ("pwd", "a password"), ("token", "a token"),
-                       ("private", "a private key"), ("secret", "a secret"), ("api", "an API key"),
-                       ("access", "an access key")):
-        if word in lowered:
-            return kind
-    return "a secret"
-
-
-def _found_pem(text: str) -> Optional[str]:
-    for _start, _end, _label, body in _pem_blocks(text):
-        if not _placeholder(body):
-            return "a private key"
-    return None
-
-
-def _found_url(text: str) -> Optional[str]:
-    for match in _URL_USERINFO_RE.finditer(text):
-        _user, colon, password = match.group("userinfo").partition(":")
-        if colon and not _placeholder(password):
-            return "a password in a URL"
-    return None
-
-
-def _found_auth(text: str) -> Optional[str]:
-    for match in _AUTH_HEADER_RE.finditer(text):
-        if not _placeholder(match.group("cred")):
-            return "an Authorization header"
-    return None
-
-
-def _found_bearer(text: str) -> Optional[str]:
-    # "the bearer of bad news" is prose: a token holds a digit or a symbol.
-    for match in _BEARER_RE.finditer(text):
-        cred = match.group("cred")
-        if not _placeholder(cred) and not cred.isalpha():
-            return "a bearer token"
-    return None
-
-
-def _found_key_value(text: str) -> Optional[str]:
-    for match in _KEY_VALUE_RE.finditer(text):
-        value = next((v for v in match.group("edq", "dq", "sq", "bare") if v is not None), "")
-        if not _placeholder(value):
-            return _key_kind(match.group("key"))
-    return None
-
-
-def _found_spoken(text: str) -> Optional[str]:
-    for match in _SPOKEN_RE.finditer(text):
-        if not _placeholder(match.group("value")):
-            return "an AWS secret key" if "access" in match.group("key").lower() else "a password"
-    return None
-
-
-def _found_pattern(pattern: _LazyPattern, kind: str) -> Callable[[str], Optional[str]]:
-    def found(text: str) -> Optional[str]:
-        return kind if pattern.search(text) is not None else None
-    return found
-
-
-_DETECTORS: Final = (
-    _found_pem,
-    _found_pattern(_AWS_KEY_ID_RE, "an AWS access key"),
-    _found_pattern(_GITHUB_TOKEN_RE, "a GitHub token"),
-    _found_pattern(_GITLAB_TOKEN_RE, "a GitLab token"),
-    _found_pattern(_SLACK_TOKEN_RE, "a Slack token"),
-    _found_url,
-    _found_auth,
-    _found_bearer,
-    _found_key_value,
-    _found_spoken,
-)
-
-
-def find_secret(text: object) -> Optional[str]:
-    """The kind of the first credential in ``text`` (``"a password"``, ``"a GitHub token"`` ...),
-    or ``None``.
-
-    The same patterns as :func:`redact`; a value that is already masked (``***``) or a placeholder
-    (``$PASSWORD``, ``<token>``, ``xxxx``) does not count, nor does ``Bearer`` before a plain word.
-    The answer names the kind only, never the secret.
-    """
-    value = text if isinstance(text, str) else str(text)
-    for detector in _DETECTORS:
-        kind = detector(value)
-        if kind is not None:
-            return kind
-    return None
-
-
-def _is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and bool(_SECRET_KEY_RE.match(key))
-
-
 # --------------------------------------------------------------------------- sanitizing
 
 # C0 controls (tab and newline included), DEL, C1 controls, Arabic letter mark, LRM/RLM,
 # line/paragraph separators, bidi embeddings/overrides/isolates, lone surrogates.
-_UNSAFE_RE = _LazyPattern(
+_UNSAFE_RE = LazyPattern(
     "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
 )
 _NAMED_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_NEWLINE_RE = _LazyPattern(r"\r\n|\r|\n")
+_NEWLINE_RE = LazyPattern(r"\r\n|\r|\n")
 
 
 def _escape_char(char: str) -> str:
@@ -552,7 +289,7 @@ def bounded_data(value: Any, bounds: _Bounds = _NORMAL_BOUNDS, _depth: int = 0) 
                 raw_key = key if isinstance(key, str) else str(key)
                 name = clip(raw_key, MAX_KEY_CHARS)
                 # The key's end names what it holds ("jira_password"), so that is what is checked.
-                secret_key = _is_secret_key(raw_key[-MAX_KEY_CHARS:])
+                secret_key = is_secret_key(raw_key[-MAX_KEY_CHARS:])
                 if secret_key and isinstance(item, (str, int, float)) and not isinstance(item, bool):
                     out[name] = REDACTED
                 else:
@@ -948,7 +685,9 @@ _setup_guard = threading.Lock()
 
 def log_file_path(repo: "Union[str, os.PathLike[str]]", server_id: Optional[str] = None) -> Path:
     """``<repo>/<server>/logs/structured.log``; creates the (git-excluded) folder, not the repo."""
-    return runtime_dir(repo, resolve_server_id(server_id), "logs") / LOG_FILE_NAME
+    server = resolve_server_id(server_id)
+    runtime_dir(repo, server, LOGS_SUBDIR)
+    return RuntimePaths(repo, server).log
 
 
 def _own(handler: logging.Handler) -> logging.Handler:
