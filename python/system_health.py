@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple
 
+from monitor_files import STATUS_FILE_NAME, read_status  # the owner of monitor_status.json
+
 import fleet_common
 from fleet_common import UsageError
 
@@ -452,11 +454,10 @@ def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: f
 
 
 def check_last_fetch(repo: Path, server: str, th: Mapping[str, Any], now: float) -> Check:
-    path = fleet_common.state_dir(repo, server) / "monitor_status.json"
     try:
-        data = _read_json(path)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _check(WARNING, f"{path.name} is unreadable ({exc})", known=False, error=True)
+        data = read_status(repo, server)
+    except (fleet_common.SuiteError, ValueError, UnicodeDecodeError) as exc:
+        return _check(WARNING, f"{STATUS_FILE_NAME} is unreadable ({exc})", known=False, error=True)
     if data is None:
         return _check(HEALTHY, "no monitor has run", known=False)
     try:

@@ -106,14 +106,14 @@ def test_restart_never_shows_a_message_twice(fleet):
 def test_marks_that_could_not_be_pushed_are_kept_and_pushed_later(fleet, tmp_path):
     b1, c2 = fleet.clone("build1"), fleet.clone("code2")
     send_message("one", to="code2", from_sender="build1", build_repo_path=str(b1))
-    mon = monitor_for(c2, "code2", [])
-    mon._poll_remote()
-    mon._process_mailbox(mon.clone.tip(), __import__("message_monitor").CycleReport())
     hidden = tmp_path / "origin-away.git"
-    fleet.origin.rename(hidden)  # the remote disappears between showing and marking
+
+    def show_then_lose_the_remote(msg):
+        fleet.origin.rename(hidden)  # the remote disappears between showing and marking
+
+    mon = Monitor(Clone(c2), "code2", 1.0, show=show_then_lose_the_remote, one_shot=True)
     try:
-        report = __import__("message_monitor").CycleReport()
-        mon._push_marks(report)
+        report = mon.cycle()
         assert report.marks_pending == 1
     finally:
         hidden.rename(fleet.origin)

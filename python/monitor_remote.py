@@ -1,0 +1,116 @@
+"""Polling the remote for the monitor: one network call when idle, backoff and pre-flight.
+
+:class:`RemotePoller` asks the remote for the shared branch's tip and this server's state ref,
+fetches what moved, and retries a failed poll after the backoff delays (2 s, 4 s, 8 s by
+default; tests and benchmarks pass shorter ones). After a failure the next attempt first runs a
+pre-flight connectivity check (DNS, TCP, HTTP), so an outage is named, not only timed out.
+Raises ``RemoteUnavailable`` when every attempt failed, ``BranchMissing`` when the remote
+answered without the shared branch (PROTOCOL.md: that is bad input, not a root commit).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Final, Optional, Sequence
+
+from fleet_common import SuiteError
+from fleet_git import BranchMissing, Clone, RemoteUnavailable
+from fleet_state import RemoteView, StateStore
+
+log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
+
+BACKOFF_DELAYS: Final = (2.0, 4.0, 8.0)  # the seed's retry delays for a failed fetch
+
+
+class RemotePoller:
+    """The remote as one server's monitor sees it: the shared branch and its own state ref.
+
+    ``timed(op, fn)`` runs a network call and records its duration (metrics); ``sleep(seconds)``
+    waits between attempts and returns True when the monitor is asked to stop.
+    """
+
+    def __init__(self, clone: Clone, server: str, states: StateStore, *,
+                 backoff: Sequence[float] = BACKOFF_DELAYS, one_shot: bool = False,
+                 preflight_timeout: float = 5.0,
+                 timed: Callable[[str, Callable[[], Any]], Any] = lambda op, fn: fn(),
+                 sleep: Callable[[float], bool] = lambda seconds: False) -> None:
+        self.clone = clone
+        self.server = server
+        self.states = states
+        self.backoff = tuple(backoff)
+        self.one_shot = one_shot
+        self.preflight_timeout = preflight_timeout
+        self.timed = timed
+        self.sleep = sleep
+        self.known_tip: Optional[str] = None  # the remote tip as last fetched (or pushed by us)
+        self.last_fetch_ok: Optional[float] = None
+        self.preflight_needed = False
+
+    def poll(self) -> Optional[str]:
+        """The remote tip; fetch only when it moved. One network call when idle.
+
+        The same ``ls-remote`` lists every state ref: this server's own is fetched when another
+        of its processes (an inbox command, a second monitor) moved it.
+        """
+        view = self.timed("ls_remote", self.states.poll)
+        self.last_fetch_ok = time.time()
+        remote = view.branch_tip
+        if remote is None:  # never created by a monitor (PROTOCOL.md): bad input, not an outage
+            raise BranchMissing(self.clone.branch, ["git", "ls-remote", "origin", self.clone.branch], 0)
+        self._follow_own_state(view)
+        if remote == self.known_tip:
+            return remote
+        local = self.clone.tip()
+        if remote != local:
+            local = self.timed("git_fetch", self.clone.fetch)
+        self.known_tip = local
+        return local
+
+    def _follow_own_state(self, view: RemoteView) -> None:
+        if self.states.refspecs_to_fetch(view, [self.server]):
+            self.timed("git_fetch", lambda: self.states.fetch([self.server], view))
+
+    def preflight(self) -> Optional[str]:
+        """Why the remote cannot be reached (DNS, TCP, HTTP), or ``None`` when it can."""
+        from network_check import test_connectivity
+
+        try:
+            result = test_connectivity(str(self.clone.root), timeout=self.preflight_timeout)
+        except SuiteError as exc:
+            return str(exc)
+        if result.get("success"):
+            return None
+        return str(result.get("message") or "connectivity check failed")
+
+    def poll_with_backoff(self) -> Optional[str]:
+        """Poll; after a failure retry after each backoff delay (never in a one-shot command)."""
+        delays = () if self.one_shot else self.backoff
+        last: Optional[Exception] = None
+        for attempt, delay in enumerate((0.0, *delays)):
+            if delay and self.sleep(delay):
+                break
+            if self.preflight_needed:
+                problem = self.preflight()
+                if problem is not None:
+                    last = RemoteUnavailable(["network_check"], None, b"", b"", problem)
+                    log.info("pre-flight %d failed: %s", attempt + 1, problem,
+                             extra={"metadata": {"attempt": attempt + 1, "step": "preflight"}})
+                    continue
+            try:
+                tip = self.poll()
+            except RemoteUnavailable as exc:
+                last = exc
+                self.preflight_needed = True
+                log.info("fetch attempt %d failed: %s", attempt + 1, exc.reason,
+                         extra={"metadata": {"attempt": attempt + 1}})
+                continue
+            self.preflight_needed = False
+            return tip
+        if last is None:  # stopped during the backoff
+            raise RemoteUnavailable(["fetch"], None, b"", b"", "stopped during backoff")
+        raise last
+
+    def refetch(self) -> None:
+        """Fetch every object again (a tree or blob of the fetched tip could not be read)."""
+        self.known_tip = self.clone.fetch(refetch=True)
