@@ -332,39 +332,8 @@ class Monitor(PeriodicDuties):
             return
         if self.breaker.get_status().get("state") == "HALF_OPEN":
             self.remote.preflight_needed = True
-        try:
-            tip = self.remote.poll_with_backoff()
-        except RemoteUnavailable as exc:
-            self.breaker.record_failure(exc.reason)
-            self.metrics.increment("git_pull_failure")
-            self.metrics.increment("errors")
-            report.ok = False
-            report.error = f"remote unreachable: {exc.reason}"
-            log.warning("cannot reach the remote: %s", exc.reason,
-                        extra={"metadata": {"step": "fetch", "error": exc.reason}})
-            self._finish(report, busy=True)
-            return
-        except LocalRefLocked as exc:
-            # The remote answered: a lock in this clone is no outage, so no breaker failure. A
-            # lock older than STALE_LOCK_AGE is removed at the start of a later cycle.
-            self.breaker.record_success()
-            report.skipped = f"a ref of this clone is locked: {exc.reason}"
-            log.warning("cycle skipped: %s", exc.reason, extra={"metadata": {"step": "fetch",
-                                                                              "error": exc.reason}})
-            self._finish(report, busy=False)
-            return
-        except BranchMissing as exc:
-            # The remote answered; the branch is not there. At start that is a mistyped
-            # --branch (run() stops with exit 2); later, someone deleted it: report, keep going.
-            self.breaker.record_success()
-            report.ok = False
-            report.error = str(exc)
-            report.fatal = self.branch_seen_at is None
-            if self.branch_missing_logged != self.iterations - 1:
-                log.error("%s", exc, extra={"metadata": {"step": "fetch", "branch": exc.branch}})
-            self.branch_missing_logged = self.iterations
-            self.metrics.increment("errors")
-            self._finish(report, busy=True)
+        polled, tip = self._poll(report)
+        if not polled:
             return
         self.branch_seen_at = self.iterations
         self.breaker.record_success()
@@ -373,21 +342,7 @@ class Monitor(PeriodicDuties):
         changed = tip != self.processed_tip
         self.seen_tip = tip
         if changed:
-            try:
-                self._check_rewrite(tip, report)
-                self._process_mailbox(tip, report)
-            except MailboxCorrupt as exc:
-                report.ok = False
-                report.error = str(exc)
-            except ObjectMissing as exc:
-                report.ok = False
-                report.error = str(exc)
-                self._after_missing_object(exc)
-            except GitError as exc:  # git itself failed while reading (a timeout, a broken clone)
-                report.ok = False
-                report.error = str(exc)
-                self.metrics.increment("errors")
-                log.error("mailbox not read: %s", exc, extra={"metadata": {"step": "read", "error": str(exc)}})
+            self._read_new_mail(tip, report)
         self._drain_queue(report)
         self._push_marks(report)
         self.periodic(report)  # before the fast-forward, so that it includes a new heartbeat
@@ -403,6 +358,61 @@ class Monitor(PeriodicDuties):
             self._set_processed_tip(self.seen_tip)
         self._finish(report, busy=bool(report.new_messages or report.marked or report.sent
                                         or report.error))
+
+    def _poll(self, report: CycleReport) -> Tuple[bool, Optional[str]]:
+        """(True, the remote tip) when the remote answered with the shared branch; else the
+        cycle ends here: (False, None), with the report finished."""
+        try:
+            return True, self.remote.poll_with_backoff()
+        except RemoteUnavailable as exc:
+            self.breaker.record_failure(exc.reason)
+            self.metrics.increment("git_pull_failure")
+            self.metrics.increment("errors")
+            report.ok = False
+            report.error = f"remote unreachable: {exc.reason}"
+            log.warning("cannot reach the remote: %s", exc.reason,
+                        extra={"metadata": {"step": "fetch", "error": exc.reason}})
+            self._finish(report, busy=True)
+        except LocalRefLocked as exc:
+            # The remote answered: a lock in this clone is no outage, so no breaker failure. A
+            # lock older than STALE_LOCK_AGE is removed at the start of a later cycle.
+            self.breaker.record_success()
+            report.skipped = f"a ref of this clone is locked: {exc.reason}"
+            log.warning("cycle skipped: %s", exc.reason, extra={"metadata": {"step": "fetch",
+                                                                              "error": exc.reason}})
+            self._finish(report, busy=False)
+        except BranchMissing as exc:
+            # The remote answered; the branch is not there. At start that is a mistyped
+            # --branch (run() stops with exit 2); later, someone deleted it: report, keep going.
+            self.breaker.record_success()
+            report.ok = False
+            report.error = str(exc)
+            report.fatal = self.branch_seen_at is None
+            if self.branch_missing_logged != self.iterations - 1:
+                log.error("%s", exc, extra={"metadata": {"step": "fetch", "branch": exc.branch}})
+            self.branch_missing_logged = self.iterations
+            self.metrics.increment("errors")
+            self._finish(report, busy=True)
+        return False, None
+
+    def _read_new_mail(self, tip: Optional[str], report: CycleReport) -> None:
+        """Check for a forced rewrite, then show the new mail at ``tip``; a mailbox that cannot
+        be read is the cycle's error (nothing is shown, nothing is written on top of it)."""
+        try:
+            self._check_rewrite(tip, report)
+            self._process_mailbox(tip, report)
+        except MailboxCorrupt as exc:
+            report.ok = False
+            report.error = str(exc)
+        except ObjectMissing as exc:
+            report.ok = False
+            report.error = str(exc)
+            self._after_missing_object(exc)
+        except GitError as exc:  # git itself failed while reading (a timeout, a broken clone)
+            report.ok = False
+            report.error = str(exc)
+            self.metrics.increment("errors")
+            log.error("mailbox not read: %s", exc, extra={"metadata": {"step": "read", "error": str(exc)}})
 
     def _after_missing_object(self, exc: Exception) -> None:
         """A tree or blob of the fetched tip cannot be read: the cycle reads nothing (an
