@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -49,7 +50,7 @@ from monitor_cycle import (  # noqa: F401 - re-exported
 )
 from monitor_duties import HEALTH_EVERY, PRESENCE_SECONDS  # noqa: F401 - re-exported
 from monitor_files import MonitorState  # noqa: F401 - re-exported
-from monitor_remote import BACKOFF_DELAYS  # noqa: F401 - re-exported
+from monitor_remote import BACKOFF_DELAYS, BACKOFF_ENV, backoff_delays  # noqa: F401 - re-exported
 from monitor_worktree import release_signature_problem, runtime_paths_changed  # noqa: F401 - re-exported
 
 from fleet_common import (
@@ -203,6 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_OK
         server = resolve_server_id(args.server)
         interval = args.interval if args.interval is not None else default_interval()
+        backoff = backoff_delays(os.environ.get(BACKOFF_ENV))
         if args.metrics_textfile:
             from monitoring_metrics import check_textfile_path
 
@@ -233,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_line(f"message_monitor: error: {_one_line(exc)}", sys.stderr)
         return EXIT_FAILURE
     try:
-        return _run_monitor(args, clone, server, interval)
+        return _run_monitor(args, clone, server, interval, backoff)
     finally:
         lock.release()
 
@@ -254,7 +256,8 @@ def _nothing() -> None:
 
 
 
-def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: float) -> int:
+def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: float,
+                 backoff: Sequence[float]) -> int:
     from fleet_git import add_network_hook
     from fleet_service import default_notifier, install_stop_handlers, restart_process
 
@@ -268,7 +271,7 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
         # write, is one line and exit 1, not a traceback.
         monitor = Monitor(clone, server, interval,
                           options=MonitorOptions(
-                              one_shot=args.once, auto_reply=not args.no_auto_reply,
+                              one_shot=args.once, backoff=backoff, auto_reply=not args.no_auto_reply,
                               rules_path=args.rules, heartbeat_minutes=args.heartbeat_minutes,
                               metrics_textfile=args.metrics_textfile,
                               auto_archive_days=args.auto_archive_days,

@@ -14,13 +14,28 @@ import logging
 import time
 from typing import Any, Callable, Final, Optional, Sequence
 
-from fleet_common import SuiteError
+from fleet_common import SuiteError, UsageError, check_number
 from fleet_git import BranchMissing, Clone, RemoteUnavailable
 from fleet_state import RemoteView, StateStore
 
 log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
 
 BACKOFF_DELAYS: Final = (2.0, 4.0, 8.0)  # the seed's retry delays for a failed fetch
+BACKOFF_ENV: Final = "MONITOR_BACKOFF"  # e.g. "2,4,8"; "" or unset: the seed's delays
+MAX_BACKOFF_STEPS: Final = 10
+MAX_BACKOFF_DELAY: Final = 3600.0  # an hour: a longer wait is an outage for the breaker
+
+
+def backoff_delays(text: Optional[str]) -> Sequence[float]:
+    """Retry delays from ``MONITOR_BACKOFF`` (seconds, comma-separated; ``0`` alone: retry
+    never), or :data:`BACKOFF_DELAYS` when unset. Raises ``UsageError`` (exit 2) for bad input."""
+    if text is None or not text.strip():
+        return BACKOFF_DELAYS
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) > MAX_BACKOFF_STEPS:
+        raise UsageError(f"{BACKOFF_ENV}: at most {MAX_BACKOFF_STEPS} delays")
+    delays = [check_number(part, BACKOFF_ENV, 0.0, MAX_BACKOFF_DELAY) for part in parts]
+    return tuple(delay for delay in delays if delay > 0)
 
 
 class RemotePoller:
