@@ -77,6 +77,12 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- CLI
 
 
+# Archive by default (issue 16): the archive never hides unread mail, and an unarchived mailbox
+# makes every send and cycle cost what its size costs. Applied in the loop, not as argparse's
+# default, so that one-shot commands still refuse a --auto-archive-days that was really given.
+DEFAULT_AUTO_ARCHIVE_DAYS = 30.0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="message_monitor.py",
@@ -113,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="write Prometheus metrics for node_exporter's textfile collector")
     parser.add_argument("--auto-archive-days", default=None, metavar="N",
                         type=finite_number("--auto-archive-days", 0, MAX_ARCHIVE_DAYS),
-                        help="once a day, archive messages older than N days that are done with")
+                        help="once a day, archive messages older than N days that are done with "
+                             f"(default {DEFAULT_AUTO_ARCHIVE_DAYS:g}; 0 turns it off)")
     parser.add_argument("--upgrade-signed-by", default=None, metavar="FILE",
                         help="restart into a new suite version pushed to the repository only when "
                              "its commit is signed by a key in FILE (git's allowed-signers format)")
@@ -274,7 +281,8 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
                               one_shot=args.once, backoff=backoff, auto_reply=not args.no_auto_reply,
                               rules_path=args.rules, heartbeat_minutes=args.heartbeat_minutes,
                               metrics_textfile=args.metrics_textfile,
-                              auto_archive_days=args.auto_archive_days,
+                              auto_archive_days=(DEFAULT_AUTO_ARCHIVE_DAYS if args.auto_archive_days is None
+                                                 else args.auto_archive_days),
                               upgrade_signers=args.upgrade_signed_by),
                           parts=MonitorParts(
                               stop_event=stop, notifier=notifier,
