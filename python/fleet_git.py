@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from fleet_common import EXIT_USAGE, SuiteError, UsageError, get_logger
+from fleet_mailbox import MAILBOX_PATH  # noqa: F401 - the mailbox module owns it; importable here as before
 
 log = get_logger(__name__)
 
 LOCAL_TIMEOUT: Final = 30.0  # local plumbing
 NETWORK_TIMEOUT: Final = 60.0  # fetch, push, ls-remote
-MAILBOX_PATH: Final = "coordination/messages.json"
 STANDALONE_FRESHNESS: Final = 10.0  # seconds a standalone send trusts the last fetch
 MAX_RACE_ATTEMPTS: Final = 200  # with RACE_DELAY_CAP, about a minute of lost races at most
 RACE_DELAY_CAP: Final = 1.0  # seconds: tens to hundreds of milliseconds (PROTOCOL.md step 5)

@@ -1680,48 +1680,10 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
 
 
 def repair_mailbox(clone: Clone, server: str, *, max_history: int = 500) -> Dict[str, Any]:
-    """Rebuild an unparseable mailbox on the remote: the last version that parses plus every
-    message salvaged from the broken one, by the transaction. Reports what it kept and salvaged."""
-    from fleet_mailbox import repair_document
+    """Rebuild an unparseable mailbox on the remote (:meth:`fleet_mailbox.Mailbox.repair`)."""
+    from fleet_mailbox import Mailbox
 
-    result: Dict[str, Any] = {"repaired": False, "kept": 0, "salvaged": 0, "good_commit": None}
-
-    def change(tip: Optional[str]):
-        raw: Optional[bytes] = None  # a folder or submodule there: nothing to salvage
-        try:
-            blob, raw = read_mailbox(clone, tip)
-            parse_document(raw, blob)
-            return None  # parses (already fine, or repaired meanwhile by someone else)
-        except MailboxCorrupt:
-            pass
-        good, good_commit = None, None
-        revs = run_git(clone.root, "rev-list", f"--max-count={max_history}", str(tip), "--",
-                       MAILBOX_PATH).stdout.decode().split()
-        for rev in revs:
-            try:
-                g_blob, g_raw = read_mailbox(clone, rev)
-                good = parse_document(g_raw, g_blob)
-            except MailboxCorrupt:
-                continue
-            good_commit = rev
-            break
-        doc, kept, salvaged = repair_document(good, (raw or b"").decode("utf-8", "replace"))
-        result.update(kept=kept, salvaged=salvaged, good_commit=good_commit)
-        return ({MAILBOX_PATH: serialize(doc)},
-                f"{server}: repair the mailbox (kept {kept}, salvaged {salvaged})")
-
-    tx = clone.transact(change, author=server)
-    result["repaired"] = tx.changed
-    result["commit"] = tx.commit
-    if tx.changed:
-        base = result["good_commit"][:12] if result["good_commit"] else "no earlier version"
-        result["summary"] = (f"mailbox repaired at {str(tx.commit)[:12]}: kept {result['kept']} entries "
-                             f"from {base}, salvaged {result['salvaged']} more from the broken file")
-        log.warning("%s", result["summary"], extra={"metadata": {k: v for k, v in result.items()
-                                                                 if k != "summary"}})
-    else:
-        result["summary"] = "the mailbox parses; nothing to repair"
-    return result
+    return Mailbox(clone).repair(server, max_history=max_history)
 
 
 STATUS_FILE_MAX_BYTES = 1024 * 1024  # monitor_status.json is a few hundred bytes
