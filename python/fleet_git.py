@@ -35,11 +35,6 @@ STANDALONE_FRESHNESS: Final = 10.0  # seconds a standalone send trusts the last 
 MAX_RACE_ATTEMPTS: Final = 200  # with RACE_DELAY_CAP, about a minute of lost races at most
 RACE_DELAY_CAP: Final = 1.0  # seconds: tens to hundreds of milliseconds (PROTOCOL.md step 5)
 
-# A hook that runs before and after every network call (the systemd watchdog keeps a monitor
-# alive through a slow git operation; see message_monitor).
-_network_hooks: List[Callable[[], None]] = []
-
-
 _UNKNOWN = object()
 
 
@@ -249,18 +244,6 @@ def run_git(repo: Union[str, "os.PathLike[str]"], *args: str, check: bool = True
     return proc
 
 
-def _call_network_hooks() -> None:
-    for hook in list(_network_hooks):
-        try:
-            hook()
-        except Exception:  # noqa: BLE001 - a hook must never break a git call
-            pass
-
-
-def add_network_hook(hook: Callable[[], None]) -> None:
-    _network_hooks.append(hook)
-
-
 _RACE_MARKERS = (
     "non-fast-forward", "fetch first", "[rejected]", "cannot lock ref", "failed to update ref",
     "stale info", "incorrect old value", "reference already exists", "failed to lock",
@@ -379,6 +362,9 @@ class Clone:
         self._files: Dict[Tuple[str, str], Tuple[Optional[str], Optional[bytes]]] = {}
         self._trees: Dict[Tuple[str, str], Optional[List[TreeEntry]]] = {}
         self.push_attempts = 0  # pushes tried (for benchmarks: retries = attempts - commits)
+        # Run before and after every network call of this clone (the systemd watchdog keeps a
+        # monitor alive through a slow git operation; see message_monitor).
+        self._network_hooks: List[Callable[[], None]] = []
 
     # ----------------------------------------------------------------- basics
 
@@ -397,15 +383,27 @@ class Clone:
     def git(self, *args: str, **kw) -> "subprocess.CompletedProcess[bytes]":
         return run_git(self.root, *args, **kw)
 
+    def add_network_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` before and after each network call of this clone (once per hook)."""
+        if hook not in self._network_hooks:
+            self._network_hooks.append(hook)
+
+    def _call_network_hooks(self) -> None:
+        for hook in self._network_hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a hook must never break a git call
+                pass
+
     def network_git(self, *args: str, check: bool = True, **kw) -> "subprocess.CompletedProcess[bytes]":
         """A git call that talks to the remote; failures become :class:`RemoteUnavailable`."""
-        _call_network_hooks()
+        self._call_network_hooks()
         try:
             return run_git(self.root, *args, check=check, timeout=kw.pop("timeout", NETWORK_TIMEOUT), **kw)
         except GitTimeout as exc:
             raise RemoteUnavailable(exc.argv, None, exc.stdout, exc.stderr, exc.reason) from None
         finally:
-            _call_network_hooks()
+            self._call_network_hooks()
 
     def _default_branch(self) -> str:
         prefix = "refs/remotes/origin/"

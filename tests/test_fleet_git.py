@@ -73,3 +73,18 @@ def test_mailbox_reads_from_loose_objects_match_git(fleet):
     assert clone._walk_loose(tip, "coordination/messages.json") is None
     assert Clone(c2).read_file(tip, "coordination/messages.json")[1] == \
         git(c2, "show", f"{tip}:coordination/messages.json").encode() + b"\n"
+
+
+def test_network_hooks_belong_to_their_clone(fleet):
+    calls = []
+
+    def hook():
+        calls.append("first")
+
+    first, second = Clone(fleet.clone("code2")), Clone(fleet.clone("build1"))
+    first.add_network_hook(hook)
+    first.add_network_hook(hook)  # added once, however often a monitor starts
+    second.add_network_hook(lambda: calls.append("second"))
+    first.fetch()
+    assert calls == ["first", "first"]  # before and after the one fetch, and no other clone's hook
+    assert Clone(first.root).fetch() and calls == ["first", "first"]  # a new Clone starts with none
