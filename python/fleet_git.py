@@ -256,6 +256,34 @@ def _is_race(text: str) -> bool:
     return any(marker in lowered for marker in _RACE_MARKERS)
 
 
+PushStatus = Tuple[str, str]  # (flag, summary) of a ``push --porcelain`` line: " ", "*", "=", "!"...
+
+
+def _push_status(stdout: bytes, dest: str) -> Optional[PushStatus]:
+    """The remote's ref-update status for ``dest`` in ``push --porcelain`` output, if any."""
+    status = None
+    for line in stdout.decode("utf-8", "replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[1].endswith(":" + dest):
+            status = (parts[0], parts[2])
+    return status
+
+
+def _push_failure(argv: List[str], proc: "subprocess.CompletedProcess[bytes]",
+                  status: Optional[PushStatus]) -> GitError:
+    """What a push that did not land means: a lost race, a local object it could not read, or
+    an unavailable remote."""
+    said = status[1] if status else ""
+    if _is_race(said) or (status is None and _is_race(proc.stderr.decode("utf-8", "replace"))):
+        return PushRejected(argv, proc.returncode, proc.stdout, proc.stderr,
+                            said or _first_line(proc.stderr) or "rejected")
+    if _local_object_problem(proc.stderr):
+        return ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr,
+                             f"the push could not read a local object: {_first_line(proc.stderr)}")
+    return RemoteUnavailable(argv, proc.returncode, proc.stdout, proc.stderr,
+                             _first_line(proc.stderr) or said or "push failed")
+
+
 # --------------------------------------------------------------------------- the clone
 
 
@@ -571,34 +599,24 @@ class Clone:
                                 "push", "--porcelain", "--no-verify",
                                 f"--force-with-lease={dest}:{expected or ''}", "origin",
                                 f"{commit}:{dest}", check=False)
-        out = proc.stdout.decode("utf-8", "replace")
-        status = None
-        for line in out.splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 3 and parts[1].endswith(":" + dest):
-                status = (parts[0], parts[2])
-        err = proc.stderr.decode("utf-8", "replace")
+        status = _push_status(proc.stdout, dest)
         if status is None and proc.returncode == 0 and self.remote_tip(allow_missing=True) == commit:
             status = ("=", "verified by ls-remote")  # no porcelain line: ask the remote itself
         if status is not None and status[0] in (" ", "*", "="):
-            # The remote's own ref-update status says the branch is at our commit. A non-zero
-            # exit beside it is local (the tracking ref was busy): set that ref ourselves; a
-            # lock that still holds it only leaves the ref stale, which costs one rejected push.
-            self._tip = commit
-            if not self._push_updates_tracking_ref or proc.returncode != 0:
-                self.git("update-ref", "-m", "fleet: verified push", self.remote_ref, commit, check=False)
-            self._mark_synced()
+            self._pushed(commit, clean_exit=proc.returncode == 0)
             return
-        argv = ["git", "push", "origin", f"{commit}:{dest}"]
-        if (status is not None and status[0] == "!" and _is_race(status[1])) or (
-                status is None and _is_race(err)) or _is_race(status[1] if status else ""):
-            raise PushRejected(argv, proc.returncode, proc.stdout, proc.stderr,
-                               (status[1] if status else _first_line(proc.stderr)) or "rejected")
-        if _local_object_problem(proc.stderr):
-            raise ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr,
-                                f"the push could not read a local object: {_first_line(proc.stderr)}")
-        raise RemoteUnavailable(argv, proc.returncode, proc.stdout, proc.stderr,
-                                _first_line(proc.stderr) or (status[1] if status else "push failed"))
+        raise _push_failure(["git", "push", "origin", f"{commit}:{dest}"], proc, status)
+
+    def _pushed(self, commit: str, *, clean_exit: bool) -> None:
+        """The remote's own ref-update status says the branch is at ``commit``: remember it.
+
+        A non-zero exit beside that status is local (the tracking ref was busy): set that ref
+        ourselves; a lock that still holds it only leaves the ref stale, which costs one
+        rejected push."""
+        self._tip = commit
+        if not self._push_updates_tracking_ref or not clean_exit:
+            self.git("update-ref", "-m", "fleet: verified push", self.remote_ref, commit, check=False)
+        self._mark_synced()
 
     # ----------------------------------------------------------------- objects
 
