@@ -265,13 +265,12 @@ def _nothing() -> None:
 
 def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: float,
                  backoff: Sequence[float]) -> int:
-    from fleet_git import add_network_hook
     from fleet_service import default_notifier, install_stop_handlers, restart_process
 
     terminal = sys.stdout.isatty()
     stop = threading.Event()
     notifier = default_notifier()
-    add_network_hook(notifier.keepalive)  # a slow git call never starves the watchdog
+    clone.add_network_hook(notifier.keepalive)  # a slow git call never starves the watchdog
     restore: Callable[[], None] = _nothing
     try:
         # Inside the handlers: a state file of a newer version, or a disk that refuses the first

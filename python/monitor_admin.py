@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Optional
 from monitor_files import read_status_or_none
 
 from fleet_common import UsageError
-from fleet_git import MAILBOX_PATH, Clone, run_git
-from fleet_mailbox import MailboxCorrupt, parse_document, read_mailbox, serialize
+from fleet_git import Clone, run_git
+from fleet_mailbox import REPAIR_HISTORY, Mailbox, serialize
 
 log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
 
@@ -43,14 +43,7 @@ def init_fleet(path: "os.PathLike[str] | str", branch: str = "main") -> str:
     if target.exists() and (target / ".git").exists():
         clone = Clone(target, None)
         clone.fetch(allow_missing=True)
-
-        def change(tip: Optional[str]):
-            _, raw = clone.read_file(tip, MAILBOX_PATH)
-            if raw is not None:
-                return None
-            return {MAILBOX_PATH: serialize({"messages": []})}, "fleet: create the mailbox"
-
-        tx = clone.transact(change, author="fleet", create_branch=True)  # --init alone may create it
+        tx = Mailbox(clone).create()  # --init alone may create the branch
         return "added a mailbox to the existing clone" if tx.changed else "already a fleet repository"
     if target.exists() and any(target.iterdir()):
         raise UsageError(f"--init: {target} exists and is not a git clone")
@@ -199,49 +192,10 @@ def _looks_windows_absolute(path: str) -> bool:
 
 # --------------------------------------------------------------------------- --repair and --status
 
-def repair_mailbox(clone: Clone, server: str, *, max_history: int = 500) -> Dict[str, Any]:
-    """Rebuild an unparseable mailbox on the remote: the last version that parses plus every
-    message salvaged from the broken one, by the transaction. Reports what it kept and salvaged."""
-    from fleet_mailbox import repair_document
+def repair_mailbox(clone: Clone, server: str, *, max_history: int = REPAIR_HISTORY) -> Dict[str, Any]:
+    """Rebuild an unparseable mailbox on the remote (:meth:`fleet_mailbox.Mailbox.repair`)."""
+    return Mailbox(clone).repair(server, max_history=max_history)
 
-    result: Dict[str, Any] = {"repaired": False, "kept": 0, "salvaged": 0, "good_commit": None}
-
-    def change(tip: Optional[str]):
-        raw: Optional[bytes] = None  # a folder or submodule there: nothing to salvage
-        try:
-            blob, raw = read_mailbox(clone, tip)
-            parse_document(raw, blob)
-            return None  # parses (already fine, or repaired meanwhile by someone else)
-        except MailboxCorrupt:
-            pass
-        good, good_commit = None, None
-        revs = run_git(clone.root, "rev-list", f"--max-count={max_history}", str(tip), "--",
-                       MAILBOX_PATH).stdout.decode().split()
-        for rev in revs:
-            try:
-                g_blob, g_raw = read_mailbox(clone, rev)
-                good = parse_document(g_raw, g_blob)
-            except MailboxCorrupt:
-                continue
-            good_commit = rev
-            break
-        doc, kept, salvaged = repair_document(good, (raw or b"").decode("utf-8", "replace"))
-        result.update(kept=kept, salvaged=salvaged, good_commit=good_commit)
-        return ({MAILBOX_PATH: serialize(doc)},
-                f"{server}: repair the mailbox (kept {kept}, salvaged {salvaged})")
-
-    tx = clone.transact(change, author=server)
-    result["repaired"] = tx.changed
-    result["commit"] = tx.commit
-    if tx.changed:
-        base = result["good_commit"][:12] if result["good_commit"] else "no earlier version"
-        result["summary"] = (f"mailbox repaired at {str(tx.commit)[:12]}: kept {result['kept']} entries "
-                             f"from {base}, salvaged {result['salvaged']} more from the broken file")
-        log.warning("%s", result["summary"], extra={"metadata": {k: v for k, v in result.items()
-                                                                 if k != "summary"}})
-    else:
-        result["summary"] = "the mailbox parses; nothing to repair"
-    return result
 
 def status_report(repo: str, server: str, *, as_json: bool = False) -> str:
     """One screen: health, breaker, queue, last cycle and the 24-hour metrics summary."""
