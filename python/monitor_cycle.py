@@ -28,11 +28,11 @@ from fleet_common import (
     EXIT_USAGE,
     SUITE_VERSION,
     UsageError,
+    iso_utc,
     normalize_server_id,
     state_dir,
 )
 from fleet_git import (
-    MAILBOX_PATH,
     BranchMissing,
     Clone,
     GitError,
@@ -43,15 +43,14 @@ from fleet_git import (
     run_git,
 )
 from fleet_mailbox import (
+    Mailbox,
     MailboxCorrupt,
     MessageKey,
+    entry_problem,
     is_addressed_to,
     is_handled_by,
-    mark_in_blob,
     message_key,
-    parse_cached,
-    parse_document,
-    read_mailbox,
+    new_message_id,
     valid_messages,
 )
 from fleet_state import StateChange, StateRefError, StateStore
@@ -184,6 +183,26 @@ def _split_keywords(options: Optional[MonitorOptions], parts: Optional[MonitorPa
     return options, parts
 
 
+def reply_message(fields: Dict[str, Any], sender: str) -> Dict[str, Any]:
+    """An automatic reply as a new message (PROTOCOL.md, "A message"): the ten fields every
+    sender writes, then what the responder set (``in_reply_to``, ``auto``). Built here, not by
+    ``send_message`` (a CLI module the monitor does not import); refused when it is not a valid
+    message."""
+    extra = dict(fields)
+    msg: Dict[str, Any] = {
+        "id": new_message_id(), "from": sender, "to": normalize_server_id(extra.pop("to")),
+        "subject": str(extra.pop("subject")), "body": str(extra.pop("body")),
+        "type": extra.pop("type", "response"), "priority": extra.pop("priority", "normal"),
+        "timestamp": iso_utc(), "read": False, "ack_required": False,
+    }
+    for key, value in extra.items():
+        msg.setdefault(key, value)
+    problem = entry_problem(msg)
+    if problem is not None:
+        raise UsageError(f"automatic reply not built: {problem}")
+    return msg
+
+
 class Monitor(PeriodicDuties):
     """The polling loop of one server. Library code: it logs and returns, never prints.
 
@@ -215,6 +234,7 @@ class Monitor(PeriodicDuties):
         self.state = MonitorState(self.repo, self.server)
         self.reading = reading or ReadingOptions()
         self.states = StateStore(clone)  # this server's receipts and presence (PROTOCOL.md)
+        self.mailbox = Mailbox(clone)  # every read and change of the shared mailbox
         self.remote = RemotePoller(clone, self.server, self.states, backoff=options.backoff,
                                    one_shot=options.one_shot, preflight_timeout=options.preflight_timeout,
                                    timed=self._timed, sleep=self._sleep)
@@ -470,10 +490,8 @@ class Monitor(PeriodicDuties):
         from fleet_archive import archived_keys
 
         try:
-            before = {message_key(m) for _, m in valid_messages(
-                parse_document(self.clone.read_file(old, MAILBOX_PATH)[1]), warn=False)}
-            after = {message_key(m) for _, m in valid_messages(
-                parse_document(self.clone.read_file(new, MAILBOX_PATH)[1]), warn=False)}
+            before = {message_key(m) for _, m in valid_messages(self.mailbox.read(old)[1], warn=False)}
+            after = {message_key(m) for _, m in valid_messages(self.mailbox.read(new)[1], warn=False)}
             gone = before - after
             if gone:
                 gone -= set(archived_keys(self.clone, new))  # archived (moved), not lost
@@ -494,7 +512,7 @@ class Monitor(PeriodicDuties):
     def _read_mailbox(self, tip: Optional[str]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
         """(blob id, document) at ``tip``; the document is ``None`` when the blob is unchanged."""
         try:
-            blob, raw = read_mailbox(self.clone, tip)
+            blob, raw = self.mailbox.read_raw(tip)
         except MailboxCorrupt as exc:  # a folder or submodule where the mailbox should be
             self._note_corrupt(exc)
             raise
@@ -504,7 +522,7 @@ class Monitor(PeriodicDuties):
         if blob is not None and blob == self.corrupt_blob:
             raise MailboxCorrupt(blob, "unchanged since it was found corrupt")
         try:
-            data = parse_cached(raw, blob)
+            data = self.mailbox.parse(raw, blob)
         except MailboxCorrupt as exc:
             self._note_corrupt(exc)
             raise
@@ -576,15 +594,7 @@ class Monitor(PeriodicDuties):
             return
         if decision.acknowledge:
             self.state.record(message_key(msg), ack=True)
-        reply = None
-        if decision.reply:
-            from send_message import build_message
-
-            fields = dict(decision.reply)
-            reply = build_message(fields.pop("body"), fields.pop("subject"), fields.pop("to"),
-                                  fields.pop("priority", "normal"), fields.pop("type", "response"),
-                                  self.server, in_reply_to=fields.pop("in_reply_to", None),
-                                  auto=bool(fields.pop("auto", True)), extra=fields)
+        reply = reply_message(decision.reply, self.server) if decision.reply else None
         self.responder.hold(msg, decision, reply)
 
     def _queue_auto_replies(self, report: CycleReport) -> None:
@@ -623,8 +633,6 @@ class Monitor(PeriodicDuties):
 
     def _drain_queue(self, report: CycleReport) -> None:
         """Deliver due queued messages (sends that found the remote down, automatic replies)."""
-        from send_message import deliver
-
         if self.corrupt_blob is not None:
             return  # never write on top of a corrupt mailbox; attempts are not spent meanwhile
         for queue in self._queues():
@@ -634,7 +642,7 @@ class Monitor(PeriodicDuties):
                 msg = entry.get("message") or {}
                 sender = entry.get("from")
                 try:
-                    tx = self._timed("send", lambda m=msg: deliver(self.clone, m, fresh_for=self.interval))
+                    tx = self._timed("send", lambda m=msg: self.mailbox.deliver(m, fresh_for=self.interval))
                 except MailboxCorrupt:
                     return
                 except (RemoteUnavailable, GitError) as exc:
@@ -693,19 +701,8 @@ class Monitor(PeriodicDuties):
         """``--legacy-marks``: the same receipts in the mailbox fields, one commit at most."""
         if self.corrupt_blob is not None:
             raise MailboxCorrupt(self.corrupt_blob, "unchanged since it was found corrupt")
-        server = self.server
-
-        def change(tip: Optional[str]):
-            blob, raw = read_mailbox(self.clone, tip)
-            new_raw, changed = mark_in_blob(raw, blob, server, marks, acks)
-            if new_raw is None:
-                return None
-            noun = "message" if changed == 1 else "messages"
-            return {MAILBOX_PATH: new_raw}, f"{server}: mark {changed} {noun} read"
-
-        tx = self.clone.transact(change, author=server, fresh_for=max(self.interval, 1.0))
+        tx = self.mailbox.mark(self.server, marks, acks, fresh_for=max(self.interval, 1.0))
         self._landed(tx)
-
 
     def new_report(self) -> CycleReport:
         return CycleReport()

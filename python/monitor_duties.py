@@ -163,8 +163,8 @@ class PeriodicDuties:
         }
         data = dump_json_bytes(doc)
         path = f"{self.server}/heartbeat.json"
-        return self.clone.transact(lambda tip: ({path: data}, f"{self.server}: heartbeat"),
-                                   author=self.server, fresh_for=max(self.interval, 1.0))
+        return self.mailbox.put_file(path, data, f"{self.server}: heartbeat", author=self.server,
+                                     fresh_for=max(self.interval, 1.0))
 
     def _maybe_archive(self) -> None:
         last = self.state.extra.get("last_archive_at")
