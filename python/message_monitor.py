@@ -30,6 +30,24 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from fleet_cli import error_line, run_cli
+from fleet_common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    MAX_INTERVAL,
+    MIN_INTERVAL,
+    SuiteError,
+    UsageError,
+    default_interval,
+    default_repo_path,
+    finite_number,
+    normalize_server_id,
+    resolve_server_id,
+    write_line,
+)
+from fleet_git import Clone
+
 # What tests and users import from here (the seed's API), re-exported from the monitor_* modules
 # that own it since the split: the cycle, its options, local files, the one-shot commands.
 from monitor_admin import (  # noqa: F401 - re-exported
@@ -52,24 +70,6 @@ from monitor_duties import HEALTH_EVERY, PRESENCE_SECONDS  # noqa: F401 - re-exp
 from monitor_files import MonitorState  # noqa: F401 - re-exported
 from monitor_remote import BACKOFF_DELAYS, BACKOFF_ENV, backoff_delays  # noqa: F401 - re-exported
 from monitor_worktree import release_signature_problem, runtime_paths_changed  # noqa: F401 - re-exported
-
-from fleet_common import (
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    MAX_INTERVAL,
-    MIN_INTERVAL,
-    SuiteError,
-    UsageError,
-    default_interval,
-    default_repo_path,
-    finite_number,
-    normalize_server_id,
-    resolve_server_id,
-    write_line,
-)
-from fleet_git import Clone
 
 log = logging.getLogger(__name__)
 
@@ -198,58 +198,46 @@ def _allowed_signers(path: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    lock = None
+    args = _parser().parse_args(argv)
+    return run_cli("message_monitor", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    _check_combination(args)
+    repo = args.repo or default_repo_path()
+    if args.init:
+        if args.server is not None:
+            normalize_server_id(args.server)
+        write_line(init_fleet(repo, args.branch or "main"))
+        return EXIT_OK
+    server = resolve_server_id(args.server)
+    interval = args.interval if args.interval is not None else default_interval()
+    backoff = backoff_delays(os.environ.get(BACKOFF_ENV))
+    if args.metrics_textfile:
+        from monitoring_metrics import check_textfile_path
+
+        check_textfile_path(args.metrics_textfile)  # a missing folder is refused, not created
+    text = run_one_shot(args, repo, server, interval)
+    if text is not None:
+        if text:
+            write_line(text)
+        return EXIT_OK
+    if args.upgrade_signed_by:
+        args.upgrade_signed_by = _allowed_signers(args.upgrade_signed_by)
+    clone = Clone(repo, args.branch)
+    _setup_logging(clone.root, server, args.quiet)
+    if args.rules:
+        from auto_reply import RuleSource
+
+        RuleSource(args.rules)  # an invalid local rule file is an error at start (exit 2)
+    from fleet_service import InstanceLock
+
+    lock = InstanceLock(clone.root, server).acquire()
     try:
-        _check_combination(args)
-        repo = args.repo or default_repo_path()
-        if args.init:
-            if args.server is not None:
-                normalize_server_id(args.server)
-            write_line(init_fleet(repo, args.branch or "main"))
-            return EXIT_OK
-        server = resolve_server_id(args.server)
-        interval = args.interval if args.interval is not None else default_interval()
-        backoff = backoff_delays(os.environ.get(BACKOFF_ENV))
-        if args.metrics_textfile:
-            from monitoring_metrics import check_textfile_path
-
-            check_textfile_path(args.metrics_textfile)  # a missing folder is refused, not created
-        text = run_one_shot(args, repo, server, interval)
-        if text is not None:
-            if text:
-                write_line(text)
-            return EXIT_OK
-        if args.upgrade_signed_by:
-            args.upgrade_signed_by = _allowed_signers(args.upgrade_signed_by)
-        clone = Clone(repo, args.branch)
-        _setup_logging(clone.root, server, args.quiet)
-        if args.rules:
-            from auto_reply import RuleSource
-
-            RuleSource(args.rules)  # an invalid local rule file is an error at start (exit 2)
-        from fleet_service import InstanceLock
-
-        lock = InstanceLock(clone.root, server).acquire()
-    except UsageError as exc:
-        write_line(f"message_monitor: error: {exc}", sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        write_line("message_monitor: interrupted", sys.stderr)
-        return EXIT_INTERRUPTED
-    except (SuiteError, OSError) as exc:
-        write_line(f"message_monitor: error: {_one_line(exc)}", sys.stderr)
-        return EXIT_FAILURE
-    try:
+        # The loop maps its own stops: Ctrl-C or SIGTERM is a requested stop (exit 0).
         return _run_monitor(args, clone, server, interval, backoff)
     finally:
         lock.release()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:300]
 
 
 def _setup_logging(root: Path, server: str, quiet: bool) -> None:
@@ -260,7 +248,6 @@ def _setup_logging(root: Path, server: str, quiet: bool) -> None:
 
 def _nothing() -> None:
     return None
-
 
 
 def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: float,
@@ -296,7 +283,7 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
             report = monitor.cycle()
             monitor.metrics.maybe_flush(True)
             if not report.ok:
-                write_line(f"message_monitor: error: {report.error}", sys.stderr)
+                error_line("message_monitor", report.error)
                 return EXIT_FAILURE
             return EXIT_OK
         notifier.ready(f"monitoring {clone.root} as {server}")
@@ -310,8 +297,8 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
     except KeyboardInterrupt:
         write_line("message_monitor: interrupted", sys.stderr)
         return EXIT_INTERRUPTED if args.once else EXIT_OK
-    except (SuiteError, OSError) as exc:
-        write_line(f"message_monitor: error: {_one_line(exc)}", sys.stderr)
+    except (SuiteError, OSError) as exc:  # exit 1 whatever the error's own code (as before run_cli)
+        error_line("message_monitor", exc)
         return EXIT_FAILURE
     finally:
         restore()

@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from monitor_files import read_status_or_none
-
 from fleet_common import UsageError
 from fleet_git import Clone, run_git
 from fleet_mailbox import REPAIR_HISTORY, Mailbox, serialize
+from monitor_files import read_status_or_none
 
 log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
 

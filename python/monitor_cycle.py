@@ -18,16 +18,12 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from monitor_duties import PeriodicDuties
-from monitor_files import STATUS_REWRITE_IDLE, MonitorState, iso_from_epoch, write_status
-from monitor_remote import BACKOFF_DELAYS, RemotePoller
-from monitor_worktree import WorkTree
-
 from fleet_common import (
     EXIT_OK,
     EXIT_USAGE,
     SUITE_VERSION,
     UsageError,
+    iso_from_epoch,
     iso_utc,
     normalize_server_id,
     state_dir,
@@ -54,6 +50,10 @@ from fleet_mailbox import (
     valid_messages,
 )
 from fleet_state import StateChange, StateRefError, StateStore
+from monitor_duties import PeriodicDuties
+from monitor_files import STATUS_REWRITE_IDLE, MonitorState, write_status
+from monitor_remote import BACKOFF_DELAYS, RemotePoller
+from monitor_worktree import WorkTree
 
 log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
 
@@ -746,7 +746,7 @@ class Monitor(PeriodicDuties):
             "started_at": iso_from_epoch(self.started_at),
             "last_cycle_at": iso_from_epoch(now), "last_cycle_ok": report.ok,
             "last_cycle": report.summary(),
-            "last_fetch_ok_at": iso_from_epoch(self.remote.last_fetch_ok),
+            "last_fetch_ok_at": iso_from_epoch(self.remote.last_fetch_ok) if self.remote.last_fetch_ok else None,
             "last_error": report.error, "iterations": self.iterations, "interval": self.interval,
             "remote_tip": report.tip, "suite_version": SUITE_VERSION,
         })

@@ -14,12 +14,11 @@ import logging
 import time
 from typing import Any, Dict, Final, Optional
 
-from monitor_files import STATUS_REWRITE_IDLE
-
 from fleet_common import SUITE_VERSION, dump_json_bytes, iso_utc
 from fleet_git import GitError, RemoteUnavailable
 from fleet_mailbox import MailboxCorrupt
 from fleet_state import StateChange, StateRefError, presence_doc
+from monitor_files import STATUS_REWRITE_IDLE
 
 log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
 

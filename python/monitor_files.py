@@ -9,7 +9,6 @@ others call :func:`read_status` and :func:`write_status`, never the file names.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 from pathlib import Path
 from typing import Any, Dict, Final, Optional, Set
@@ -140,13 +139,6 @@ class MonitorState:
 def status_path(repo: "Path | str", server: str) -> Path:
     """Where ``monitor_status.json`` of ``server`` lives in the clone ``repo``."""
     return state_dir(repo, server) / STATUS_FILE_NAME
-
-
-def iso_from_epoch(epoch: Optional[float]) -> Optional[str]:
-    """A Unix time as ISO 8601 UTC (``None`` stays ``None``)."""
-    if epoch is None:
-        return None
-    return iso_utc(_dt.datetime.fromtimestamp(epoch, _dt.timezone.utc))
 
 
 def write_status(repo: Path, server: str, fields: Dict[str, Any]) -> None:

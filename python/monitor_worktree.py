@@ -18,13 +18,10 @@ from pathlib import Path
 from typing import Callable, List, Optional, Set
 
 from fleet_common import RUNTIME_SUBDIRS, is_link, is_valid_server_id
-from fleet_git import Clone, GitError, run_git
+from fleet_git import Clone, GitError, operation_in_progress, run_git
 
 log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
 
-# Markers of an operation in progress in the working tree: a fast-forward waits for it to end.
-OPERATION_MARKERS = ("MERGE_HEAD", "rebase-merge", "rebase-apply", "CHERRY_PICK_HEAD",
-                     "REVERT_HEAD", "BISECT_LOG")
 
 
 class WorkTree:
@@ -64,9 +61,9 @@ class WorkTree:
             return self._ff_warn(f"{head_ref if head_ref != 'HEAD' else 'a detached HEAD'} is "
                                  f"checked out, not {self.clone.branch}", "other-branch")
         git_dir = self.clone.git_dir
-        for marker in OPERATION_MARKERS:
-            if (git_dir / marker).exists():
-                return self._ff_warn(f"a {marker} is in progress in the working tree", "busy")
+        operation = operation_in_progress(git_dir)
+        if operation is not None:
+            return self._ff_warn(f"a {operation.marker} is in progress in the working tree", "busy")
         try:
             touched = runtime_paths_changed(self.repo, head, tip)
         except GitError as exc:
