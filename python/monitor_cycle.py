@@ -22,11 +22,11 @@ from fleet_common import (
     EXIT_OK,
     EXIT_USAGE,
     SUITE_VERSION,
+    RuntimePaths,
     UsageError,
     iso_from_epoch,
     iso_utc,
     normalize_server_id,
-    state_dir,
 )
 from fleet_git import (
     BranchMissing,
@@ -252,7 +252,7 @@ class Monitor(PeriodicDuties):
         self._other_queues: Dict[str, Any] = {}
         self.breaker = parts.breaker if parts.breaker is not None else CircuitBreaker(
             options.failure_threshold, options.open_seconds,
-            state_path=str(state_dir(self.repo, self.server) / "circuit_breaker.json"),
+            state_path=str(RuntimePaths(self.repo, self.server).breaker),
             exclude=(PushRejected,))
         self.breaker.add_listener(self._on_breaker_change)
         self.metrics = parts.metrics if parts.metrics is not None else MetricsCollector(
@@ -290,7 +290,7 @@ class Monitor(PeriodicDuties):
     def _make_responder(self, rules_path: Optional[str]):
         from auto_reply import AutoResponder, ReplyLedger, RuleSource
 
-        ledger = ReplyLedger(state_dir(self.repo, self.server) / "auto_reply.json")
+        ledger = ReplyLedger(RuntimePaths(self.repo, self.server).ledger)
         self.rule_source = RuleSource(rules_path)
         return AutoResponder(self.server, self.rule_source, ledger,
                              status_provider=self.status_snapshot, started_at=self.started_at,

@@ -15,6 +15,7 @@ from typing import Any, Dict, Final, Optional, Set
 
 from fleet_common import (
     BadInput,
+    RuntimePaths,
     SuiteError,
     atomic_write_json,
     iso_utc,
@@ -22,7 +23,6 @@ from fleet_common import (
     load_state_file,
     read_local_file,
     runtime_dir,
-    state_dir,
 )
 from fleet_mailbox import MessageKey, key_from_str, key_str
 
@@ -30,8 +30,6 @@ log = logging.getLogger("message_monitor")  # the monitor's log, as before the s
 
 PROCESSED_CAP = 20000  # local processed keys kept (the mailbox's read_by is the lasting record)
 STATE_VERSION = 1
-STATE_FILE_NAME: Final = "monitor_state.json"
-STATUS_FILE_NAME: Final = "monitor_status.json"
 STATUS_VERSION: Final = 1
 STATUS_FILE_MAX_BYTES: Final = 1024 * 1024  # monitor_status.json is a few hundred bytes
 STATUS_REWRITE_IDLE: Final = 60.0  # seconds between status-file rewrites while idle
@@ -61,7 +59,7 @@ class MonitorState:
     """
 
     def __init__(self, repo: Path, server: str) -> None:
-        self.path = state_dir(repo, server) / STATE_FILE_NAME
+        self.path = RuntimePaths(repo, server).monitor_state
         self.repo = repo
         self.server = server
         data = load_state_file(self.path, version=STATE_VERSION, fresh=self._fresh,
@@ -138,7 +136,7 @@ class MonitorState:
 
 def status_path(repo: "Path | str", server: str) -> Path:
     """Where ``monitor_status.json`` of ``server`` lives in the clone ``repo``."""
-    return state_dir(repo, server) / STATUS_FILE_NAME
+    return RuntimePaths(repo, server).status
 
 
 def write_status(repo: Path, server: str, fields: Dict[str, Any]) -> None:

@@ -42,7 +42,7 @@ import fleet_common
 from fleet_cli import run_cli
 from fleet_common import UsageError
 from fleet_git import git_layout, lock_files, lock_name, operation_in_progress
-from monitor_files import STATUS_FILE_NAME, read_status  # the owner of monitor_status.json
+from monitor_files import read_status  # the owner of monitor_status.json
 
 log = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ def check_last_fetch(repo: Path, server: str, th: Mapping[str, Any], now: float)
     try:
         data = read_status(repo, server)
     except (fleet_common.SuiteError, ValueError, UnicodeDecodeError) as exc:
-        return _check(WARNING, f"{STATUS_FILE_NAME} is unreadable ({exc})", known=False, error=True)
+        return _check(WARNING, f"{fleet_common.STATUS_FILE_NAME} is unreadable ({exc})", known=False, error=True)
     if data is None:
         return _check(HEALTHY, "no monitor has run", known=False)
     try:
