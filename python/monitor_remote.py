@@ -11,12 +11,13 @@ answered without the shared branch (PROTOCOL.md: that is bad input, not a root c
 from __future__ import annotations
 
 import logging
+import os
 import time
-from typing import Any, Callable, Final, Optional, Sequence
+from typing import Any, Callable, Final, List, Optional, Sequence
 
 from fleet_common import SuiteError, UsageError, check_number
 from fleet_git import BranchMissing, Clone, RemoteUnavailable
-from fleet_state import RemoteView, StateStore
+from fleet_state import FALLBACK_PREFIX, LOCAL_FALLBACK_PREFIX, REF_PREFIX, RemoteView, StateStore
 
 log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
 
@@ -36,6 +37,22 @@ def backoff_delays(text: Optional[str]) -> Sequence[float]:
         raise UsageError(f"{BACKOFF_ENV}: at most {MAX_BACKOFF_STEPS} delays")
     delays = [check_number(part, BACKOFF_ENV, 0.0, MAX_BACKOFF_DELAY) for part in parts]
     return tuple(delay for delay in delays if delay > 0)
+
+
+def note_fetched(clone: Clone, tip: Optional[str]) -> None:
+    """Tell ``clone`` that a fetch of its shared branch just succeeded with ``tip``: the tip
+    cache, the in-process freshness (a delivery in this cycle builds on it without fetching
+    again) and ``FETCH_HEAD``'s time (a standalone send in this clone sees a fresh fetch)."""
+    note = getattr(clone, "note_fetched", None)
+    if note is not None:  # Clone.note_fetched(tip), asked of fleet_git's owner
+        note(tip)
+        return
+    clone._tip = tip  # the value the fetch wrote to the tracking ref: no process to read it again
+    clone.last_sync = time.monotonic()
+    try:
+        os.utime(clone.git_dir / "FETCH_HEAD")
+    except OSError:
+        pass  # no FETCH_HEAD yet: a standalone send fetches, as before
 
 
 class RemotePoller:
@@ -63,11 +80,48 @@ class RemotePoller:
         self.preflight_needed = False
 
     def poll(self) -> Optional[str]:
-        """The remote tip; fetch only when it moved. One network call when idle.
+        """The remote tip, fetched together with this server's own state ref: ONE network call,
+        busy or idle (issue 16: an empty fetch costs what ``ls-remote`` costs, so finding what
+        moved and fetching it are one round trip, not two).
 
-        The same ``ls-remote`` lists every state ref: this server's own is fetched when another
-        of its processes (an inbox command, a second monitor) moved it.
+        The shared branch is a plain refspec, so a branch the remote lacks is
+        ``BranchMissing`` (PROTOCOL.md), never a root commit; the state refs are patterns, so a
+        server without one yet is no error. ``--no-write-fetch-head`` keeps an idle cycle from
+        rewriting files; ``FETCH_HEAD``'s time is touched instead, so a standalone send in this
+        clone still sees a fresh fetch. A failure that is not plainly the remote's (a ref lock of
+        this clone, a damaged object) takes the listed path, which tells them apart.
         """
+        before = self.clone.tip()
+        # maintenance.auto=false: an idle cycle runs no local process besides the fetch's own;
+        # when something came, the cycle asks for it (as the fetch would have).
+        proc = self.timed("git_fetch", lambda: self.clone.network_git(
+            "-c", "maintenance.auto=false", "fetch", "--quiet", "--no-tags", "--no-recurse-submodules",
+            "--no-write-fetch-head", "origin", *self.refspecs(), check=False))
+        if proc.returncode != 0:
+            if "couldn't find remote ref" in proc.stderr.decode("utf-8", "replace").lower():
+                raise BranchMissing(self.clone.branch, ["git", "fetch", "origin", self.clone.branch],
+                                    proc.returncode, proc.stdout, proc.stderr)
+            return self.poll_by_listing()
+        self.last_fetch_ok = time.time()
+        tip = self.states.local_tip(self.clone.remote_ref)
+        note_fetched(self.clone, tip)
+        if tip != before:
+            self.known_tip = tip
+            self.clone.git("maintenance", "run", "--auto", "--quiet", check=False)
+        return tip
+
+    def refspecs(self) -> List[str]:
+        """The shared branch and this server's own state ref (under either name, PROTOCOL.md)."""
+        server = self.server
+        return [f"+refs/heads/{self.clone.branch}:{self.clone.remote_ref}",
+                f"+{REF_PREFIX}{server}*:{REF_PREFIX}{server}*",
+                f"+{FALLBACK_PREFIX}{server}*:{LOCAL_FALLBACK_PREFIX}{server}*"]
+
+    def poll_by_listing(self) -> Optional[str]:
+        """The remote tip by ``ls-remote`` (the branch and every state ref), then a fetch of
+        what moved: two network calls when busy, one when idle. ``Clone.fetch`` waits for a
+        busy ref lock of this clone and classifies what fails (``LocalRefLocked``,
+        ``ObjectMissing``, ``RemoteUnavailable``)."""
         view = self.timed("ls_remote", self.states.poll)
         self.last_fetch_ok = time.time()
         remote = view.branch_tip
