@@ -218,7 +218,6 @@ class Monitor(PeriodicDuties):
                  parts: Optional[MonitorParts] = None,
                  **keywords: Any) -> None:
         from circuit_breaker import CircuitBreaker
-        from fleet_git import PushRejected
         from message_queue import MessageQueue
         from monitoring_metrics import MetricsCollector
 
@@ -250,10 +249,12 @@ class Monitor(PeriodicDuties):
                                     repo=self.repo, server=self.server)
         self.queue = parts.queue if parts.queue is not None else MessageQueue(str(self.repo), self.server)
         self._other_queues: Dict[str, Any] = {}
+        # The cycle records the poll's outcome itself (an unreachable remote is a failure; a
+        # remote that answered, even without the branch, a success); pushes never reach the
+        # breaker, so a lost push race cannot open it and no ``exclude`` is needed.
         self.breaker = parts.breaker if parts.breaker is not None else CircuitBreaker(
             options.failure_threshold, options.open_seconds,
-            state_path=str(RuntimePaths(self.repo, self.server).breaker),
-            exclude=(PushRejected,))
+            state_path=str(RuntimePaths(self.repo, self.server).breaker))
         self.breaker.add_listener(self._on_breaker_change)
         self.metrics = parts.metrics if parts.metrics is not None else MetricsCollector(
             str(self.repo), self.server)
