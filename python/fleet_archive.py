@@ -24,6 +24,8 @@ from typing import AbstractSet, Any, Container, Dict, Final, Iterable, List, Map
 
 from fleet_common import BadInput, is_valid_server_id, load_json_bounded, utc_now
 from fleet_mailbox import (
+    MAILBOX_PATH,
+    Mailbox,
     MessageKey,
     entry_problem,
     find_message,
@@ -31,7 +33,6 @@ from fleet_mailbox import (
     message_key,
     message_time,
     parse_document,
-    read_mailbox,
     recipients,
     serialize,
     valid_messages,
@@ -39,7 +40,6 @@ from fleet_mailbox import (
 
 log = logging.getLogger(__name__)
 
-MAILBOX_PATH = "coordination/messages.json"
 ROSTER_PATH: Final = "coordination/servers.json"
 ARCHIVE_DIR = "coordination/archive"
 MAX_ROSTER_BYTES: Final = 1024 * 1024
@@ -225,10 +225,11 @@ def archive_mailbox(clone: Any, server: str, days: float,
     if receipts is None:
         receipts, acknowledgements = state_receipts(clone)
     acked = acknowledgements or {}
+    mailbox = Mailbox(clone)
 
     def change(tip: Optional[str]):
-        blob, raw = read_mailbox(clone, tip)
-        data = parse_document(raw, blob)
+        blob, raw = mailbox.read_raw(tip)
+        data = parse_document(raw, blob)  # its own copy: the pass changes it
         roster = read_roster(clone, tip)
         known = None if roster is None else known_servers(data, roster, receipts)
         stay, moves = plan_archive(data, days, now, known, receipts)
@@ -237,7 +238,7 @@ def archive_mailbox(clone: Any, server: str, days: float,
         files: Dict[str, Optional[bytes]] = {}
         moved = 0
         for path, msgs in sorted(moves.items()):
-            a_blob, a_raw = read_mailbox(clone, tip, path)
+            a_blob, a_raw = mailbox.read_raw(tip, path)
             archive = parse_document(a_raw, a_blob, path=path)  # a corrupt archive file stops the pass
             present = {message_key(m) for m in archive["messages"] if isinstance(m, dict)}
             for msg in msgs:
@@ -251,7 +252,7 @@ def archive_mailbox(clone: Any, server: str, days: float,
         result.update(archived=moved, files=sorted(moves))
         return files, f"{server}: archive {moved} messages older than {days:g} days"
 
-    tx = clone.transact(change, author=server)
+    tx = mailbox.change(change, author=server)
     result["commit"] = tx.commit
     if not tx.changed:
         result.update(archived=0, files=[])
@@ -286,13 +287,12 @@ def prunable_keys(clone: Any, tip: Optional[str], server: str, read: Iterable[Me
     candidates = set(read) | acked
     if not candidates or tip is None:
         return []
-    blob, raw = read_mailbox(clone, tip)
-    hot = {message_key(m) for _, m in valid_messages(parse_document(raw, blob), warn=False)}
+    mailbox = Mailbox(clone)
+    hot = {message_key(m) for _, m in valid_messages(mailbox.read(tip)[1], warn=False)}
     candidates -= hot
     done: List[MessageKey] = []
     for path in archive_files(clone, tip) if candidates else ():
-        a_blob, a_raw = read_mailbox(clone, tip, path)
-        for _, msg in valid_messages(parse_document(a_raw, a_blob, path=path), warn=False):
+        for _, msg in valid_messages(mailbox.read(tip, path)[1], warn=False):
             key = message_key(msg)
             if key not in candidates or not has_read(msg, server):
                 continue
@@ -316,12 +316,14 @@ def find_anywhere(clone: Any, tip: Optional[str], msg_id: str,
     """A message by id in the mailbox, else in the archive (the id's month first)."""
     from fleet_mailbox import MailboxCorrupt
 
+    mailbox = Mailbox(clone)
+
     def search(path: str) -> Optional[Dict[str, Any]]:
         try:
-            blob, raw = read_mailbox(clone, tip, path)
-            if raw is None:
+            blob, data = mailbox.read(tip, path)
+            if blob is None:
                 return None
-            return find_message(parse_document(raw, blob, path=path), msg_id, sender)
+            return find_message(data, msg_id, sender)
         except MailboxCorrupt:
             return None
 
@@ -345,8 +347,7 @@ def find_anywhere(clone: Any, tip: Optional[str], msg_id: str,
 def archived_keys(clone: Any, tip: Optional[str]) -> List[MessageKey]:
     """Every message key in the archive (for tests and audits)."""
     keys: List[MessageKey] = []
+    mailbox = Mailbox(clone)
     for path in archive_files(clone, tip):
-        blob, raw = read_mailbox(clone, tip, path)
-        keys.extend(message_key(m) for m in parse_document(raw, blob, path=path)["messages"]
-                    if isinstance(m, dict))
+        keys.extend(message_key(m) for m in mailbox.read(tip, path)[1]["messages"] if isinstance(m, dict))
     return keys

@@ -20,25 +20,20 @@ import random
 import re
 import subprocess
 import time
-import zlib
 from pathlib import Path
 from typing import Callable, Dict, Final, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from fleet_common import EXIT_USAGE, SuiteError, UsageError, get_logger
+from fleet_mailbox import MAILBOX_PATH  # noqa: F401 - the mailbox module owns it; importable here as before
+from fleet_objects import LOOSE_COMPRESSION, ObjectStore, StoreFailed, TreeEntry, date_stamp, edit_tree, parse_tree
 
 log = get_logger(__name__)
 
 LOCAL_TIMEOUT: Final = 30.0  # local plumbing
 NETWORK_TIMEOUT: Final = 60.0  # fetch, push, ls-remote
-MAILBOX_PATH: Final = "coordination/messages.json"
 STANDALONE_FRESHNESS: Final = 10.0  # seconds a standalone send trusts the last fetch
 MAX_RACE_ATTEMPTS: Final = 200  # with RACE_DELAY_CAP, about a minute of lost races at most
 RACE_DELAY_CAP: Final = 1.0  # seconds: tens to hundreds of milliseconds (PROTOCOL.md step 5)
-
-# A hook that runs before and after every network call (the systemd watchdog keeps a monitor
-# alive through a slow git operation; see message_monitor).
-_network_hooks: List[Callable[[], None]] = []
-
 
 _UNKNOWN = object()
 
@@ -54,32 +49,6 @@ def _tree_spec(commit: str, folder: str) -> str:
 
 def _is_oid(text: str, hexlen: int) -> bool:
     return len(text) == hexlen and all(c in "0123456789abcdef" for c in text)
-
-
-def _ident_part(text: str) -> str:
-    """A name or email as git stores it in a commit: no angle brackets, no line breaks."""
-    cleaned = "".join(" " if ch in "<>\n\r\0" else ch for ch in text).strip(" .,:;\"'")
-    return cleaned or "unknown"
-
-
-def _hasher(hexlen: int):
-    """SHA-1 or SHA-256 for object ids. CPython's built-in ``_sha1``/``_sha256`` start much faster
-    than OpenSSL through ``hashlib``, which is only the fallback (a send is a short process)."""
-    try:
-        if hexlen == 40:
-            from _sha1 import sha1  # type: ignore[import-not-found]
-
-            return sha1()
-        try:
-            from _sha2 import sha256  # type: ignore[import-not-found]  # Python 3.12+
-        except ImportError:
-            from _sha256 import sha256  # type: ignore[import-not-found]
-
-        return sha256()
-    except ImportError:
-        import hashlib
-
-        return hashlib.sha1() if hexlen == 40 else hashlib.sha256()
 
 
 class GitError(SuiteError):
@@ -249,18 +218,6 @@ def run_git(repo: Union[str, "os.PathLike[str]"], *args: str, check: bool = True
     return proc
 
 
-def _call_network_hooks() -> None:
-    for hook in list(_network_hooks):
-        try:
-            hook()
-        except Exception:  # noqa: BLE001 - a hook must never break a git call
-            pass
-
-
-def add_network_hook(hook: Callable[[], None]) -> None:
-    _network_hooks.append(hook)
-
-
 _RACE_MARKERS = (
     "non-fast-forward", "fetch first", "[rejected]", "cannot lock ref", "failed to update ref",
     "stale info", "incorrect old value", "reference already exists", "failed to lock",
@@ -299,40 +256,35 @@ def _is_race(text: str) -> bool:
     return any(marker in lowered for marker in _RACE_MARKERS)
 
 
-# --------------------------------------------------------------------------- tree editing
+PushStatus = Tuple[str, str]  # (flag, summary) of a ``push --porcelain`` line: " ", "*", "=", "!"...
 
 
-TreeEntry = Tuple[str, str, str, str]  # mode as git stores it ("40000" for a tree), type, oid, name
-
-LOOSE_COMPRESSION: Final = 1  # zlib level for objects we write: a multi-megabyte mailbox stays cheap
-STORE_ATTEMPTS: Final = 5  # writes of one loose object while a prune removes folders under it
-
-
-def _parse_tree(raw: bytes, hexlen: int) -> List[TreeEntry]:
-    """Entries of a raw tree object (as ``cat-file --batch`` prints it)."""
-    entries: List[TreeEntry] = []
-    pos = 0
-    rawlen = hexlen // 2
-    while pos < len(raw):
-        space = raw.index(b" ", pos)
-        nul = raw.index(b"\0", space)
-        mode = raw[pos:space].decode("ascii")
-        name = raw[space + 1:nul].decode("utf-8", "surrogateescape")
-        oid = raw[nul + 1:nul + 1 + rawlen].hex()
-        kind = "tree" if mode == "40000" else ("commit" if mode == "160000" else "blob")
-        entries.append((mode, kind, oid, name))
-        pos = nul + 1 + rawlen
-    return entries
+def _push_status(stdout: bytes, dest: str) -> Optional[PushStatus]:
+    """The remote's ref-update status for ``dest`` in ``push --porcelain`` output, if any."""
+    status = None
+    for line in stdout.decode("utf-8", "replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[1].endswith(":" + dest):
+            status = (parts[0], parts[2])
+    return status
 
 
-def _tree_bytes(entries: List[TreeEntry]) -> bytes:
-    """A tree object's content, entries in git's order (a tree sorts as if its name ended in /)."""
-    def order(entry: TreeEntry) -> bytes:
-        name = entry[3].encode("utf-8", "surrogateescape")
-        return name + b"/" if entry[1] == "tree" else name
+def _push_failure(argv: List[str], proc: "subprocess.CompletedProcess[bytes]",
+                  status: Optional[PushStatus]) -> GitError:
+    """What a push that did not land means: a lost race, a local object it could not read, or
+    an unavailable remote."""
+    said = status[1] if status else ""
+    if _is_race(said) or (status is None and _is_race(proc.stderr.decode("utf-8", "replace"))):
+        return PushRejected(argv, proc.returncode, proc.stdout, proc.stderr,
+                            said or _first_line(proc.stderr) or "rejected")
+    if _local_object_problem(proc.stderr):
+        return ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr,
+                             f"the push could not read a local object: {_first_line(proc.stderr)}")
+    return RemoteUnavailable(argv, proc.returncode, proc.stdout, proc.stderr,
+                             _first_line(proc.stderr) or said or "push failed")
 
-    return b"".join(mode.encode("ascii") + b" " + name.encode("utf-8", "surrogateescape") + b"\0"
-                    + bytes.fromhex(oid) for mode, _kind, oid, name in sorted(entries, key=order))
+
+# --------------------------------------------------------------------------- the clone
 
 
 class Clone:
@@ -372,13 +324,17 @@ class Clone:
         # git push moves refs/remotes/origin/<branch> itself when the fetch refspec maps it.
         self._push_updates_tracking_ref = self._config.get("remote.origin.fetch") in (
             "+refs/heads/*:refs/remotes/origin/*", f"+refs/heads/{self.branch}:{self.remote_ref}")
-        self.hexlen = 64 if object_format == "sha256" else 40
         self.objects_dir = self.common_dir / "objects"
+        self.objects = ObjectStore(self.objects_dir, object_format, self._objects_git)
+        self.hexlen = self.objects.hexlen
         self.last_sync: float = 0.0  # monotonic time of the last fetch or verified push
         self._tip: object = _UNKNOWN
         self._files: Dict[Tuple[str, str], Tuple[Optional[str], Optional[bytes]]] = {}
         self._trees: Dict[Tuple[str, str], Optional[List[TreeEntry]]] = {}
         self.push_attempts = 0  # pushes tried (for benchmarks: retries = attempts - commits)
+        # Run before and after every network call of this clone (the systemd watchdog keeps a
+        # monitor alive through a slow git operation; see message_monitor).
+        self._network_hooks: List[Callable[[], None]] = []
 
     # ----------------------------------------------------------------- basics
 
@@ -397,15 +353,40 @@ class Clone:
     def git(self, *args: str, **kw) -> "subprocess.CompletedProcess[bytes]":
         return run_git(self.root, *args, **kw)
 
+    def _objects_git(self, *args: str, input: Optional[bytes] = None,
+                     env: Optional[Mapping[str, str]] = None) -> "subprocess.CompletedProcess[bytes]":
+        """Plumbing for :class:`fleet_objects.ObjectStore`: an object it needs and cannot read is
+        :class:`ObjectMissing`, like on the fast path."""
+        try:
+            return run_git(self.root, *args, input=input, env=env)
+        except GitTimeout:
+            raise
+        except GitError as exc:
+            if _local_object_problem(exc.stderr) or b"unavailable" in exc.stderr:
+                raise ObjectMissing(exc.argv, exc.returncode, exc.stdout, exc.stderr) from None
+            raise
+
+    def add_network_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` before and after each network call of this clone (once per hook)."""
+        if hook not in self._network_hooks:
+            self._network_hooks.append(hook)
+
+    def _call_network_hooks(self) -> None:
+        for hook in self._network_hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a hook must never break a git call
+                pass
+
     def network_git(self, *args: str, check: bool = True, **kw) -> "subprocess.CompletedProcess[bytes]":
         """A git call that talks to the remote; failures become :class:`RemoteUnavailable`."""
-        _call_network_hooks()
+        self._call_network_hooks()
         try:
             return run_git(self.root, *args, check=check, timeout=kw.pop("timeout", NETWORK_TIMEOUT), **kw)
         except GitTimeout as exc:
             raise RemoteUnavailable(exc.argv, None, exc.stdout, exc.stderr, exc.reason) from None
         finally:
-            _call_network_hooks()
+            self._call_network_hooks()
 
     def _default_branch(self) -> str:
         prefix = "refs/remotes/origin/"
@@ -618,34 +599,24 @@ class Clone:
                                 "push", "--porcelain", "--no-verify",
                                 f"--force-with-lease={dest}:{expected or ''}", "origin",
                                 f"{commit}:{dest}", check=False)
-        out = proc.stdout.decode("utf-8", "replace")
-        status = None
-        for line in out.splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 3 and parts[1].endswith(":" + dest):
-                status = (parts[0], parts[2])
-        err = proc.stderr.decode("utf-8", "replace")
+        status = _push_status(proc.stdout, dest)
         if status is None and proc.returncode == 0 and self.remote_tip(allow_missing=True) == commit:
             status = ("=", "verified by ls-remote")  # no porcelain line: ask the remote itself
         if status is not None and status[0] in (" ", "*", "="):
-            # The remote's own ref-update status says the branch is at our commit. A non-zero
-            # exit beside it is local (the tracking ref was busy): set that ref ourselves; a
-            # lock that still holds it only leaves the ref stale, which costs one rejected push.
-            self._tip = commit
-            if not self._push_updates_tracking_ref or proc.returncode != 0:
-                self.git("update-ref", "-m", "fleet: verified push", self.remote_ref, commit, check=False)
-            self._mark_synced()
+            self._pushed(commit, clean_exit=proc.returncode == 0)
             return
-        argv = ["git", "push", "origin", f"{commit}:{dest}"]
-        if (status is not None and status[0] == "!" and _is_race(status[1])) or (
-                status is None and _is_race(err)) or _is_race(status[1] if status else ""):
-            raise PushRejected(argv, proc.returncode, proc.stdout, proc.stderr,
-                               (status[1] if status else _first_line(proc.stderr)) or "rejected")
-        if _local_object_problem(proc.stderr):
-            raise ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr,
-                                f"the push could not read a local object: {_first_line(proc.stderr)}")
-        raise RemoteUnavailable(argv, proc.returncode, proc.stdout, proc.stderr,
-                                _first_line(proc.stderr) or (status[1] if status else "push failed"))
+        raise _push_failure(["git", "push", "origin", f"{commit}:{dest}"], proc, status)
+
+    def _pushed(self, commit: str, *, clean_exit: bool) -> None:
+        """The remote's own ref-update status says the branch is at ``commit``: remember it.
+
+        A non-zero exit beside that status is local (the tracking ref was busy): set that ref
+        ourselves; a lock that still holds it only leaves the ref stale, which costs one
+        rejected push."""
+        self._tip = commit
+        if not self._push_updates_tracking_ref or not clean_exit:
+            self.git("update-ref", "-m", "fleet: verified push", self.remote_ref, commit, check=False)
+        self._mark_synced()
 
     # ----------------------------------------------------------------- objects
 
@@ -712,7 +683,7 @@ class Clone:
                 raise ObjectMissing(["git", "cat-file", spec], None, b"", b"",
                                     f"{spec} is missing or unreadable in this clone")
             try:
-                trees[folder] = _parse_tree(obj[2], self.hexlen)
+                trees[folder] = parse_tree(obj[2], self.hexlen)
             except (ValueError, UnicodeDecodeError):
                 raise ObjectMissing(["git", "cat-file", spec], None, b"", b"",
                                     f"{spec} is not a readable tree") from None
@@ -737,7 +708,7 @@ class Clone:
         # The trees along the path come in the same call: they tell "absent" from "missing", and
         # a transaction that then writes this file needs them, and asks no second time.
         folders = _folders_of([path])
-        loose = self._walk_loose(commit, path) if cacheable else None
+        loose = self.objects.walk_loose(commit, path) if cacheable else None
         if loose is not None:
             *found_trees, found = loose
         else:
@@ -781,105 +752,13 @@ class Clone:
                 self._trees[(commit, name)] = tree
         return trees.get(folder)
 
-    def _read_loose(self, oid: str) -> Optional[Tuple[str, bytes]]:
-        """(type, content) of a loose object, or ``None`` when it is packed or absent."""
-        try:
-            data = zlib.decompress((self.objects_dir / oid[:2] / oid[2:]).read_bytes())
-        except (OSError, zlib.error):
-            return None
-        nul = data.find(b"\0")
-        kind, _, size = data[:nul].partition(b" ")
-        body = data[nul + 1:]
-        if nul < 0 or not size.isdigit() or int(size) != len(body):
-            return None
-        return kind.decode("ascii", "replace"), body
-
-    def _walk_loose(self, commit: str, path: str) -> Optional[List[Optional[Tuple[str, str, bytes]]]]:
-        """The trees along ``path`` and its blob, as :meth:`read_objects` gives them, read from
-        loose objects alone; ``None`` as soon as one is packed (then git reads them).
-
-        The objects at the tip are loose after our own writes and after a small fetch, so a
-        send usually needs no process to read the mailbox."""
-        found = self._read_loose(commit)
-        if found is None or found[0] != "commit" or not found[1].startswith(b"tree "):
-            return None
-        oid = found[1][5:5 + self.hexlen].decode("ascii")
-        out: List[Optional[Tuple[str, str, bytes]]] = []
-        parts = path.split("/")
-        for depth, name in enumerate(parts):
-            tree = self._read_loose(oid)
-            if tree is None or tree[0] != "tree":
-                return None
-            out.append((oid, "tree", tree[1]))
-            try:
-                entry = next((e for e in _parse_tree(tree[1], self.hexlen) if e[3] == name), None)
-            except (ValueError, UnicodeDecodeError):
-                return None  # git reads it and says what is wrong with it
-            if entry is None:  # absent: the rest of the path does not exist either
-                out.extend([None] * (len(parts) - depth))
-                return out
-            oid = entry[2]
-        blob = self._read_loose(oid)
-        if blob is None:
-            return None
-        out.append((oid, blob[0], blob[1]))
-        return out
-
     def write_object(self, kind: str, data: bytes) -> str:
-        """Store a loose object (``blob``, ``tree``, ``commit``) in the clone and return its id.
-
-        The loose-object format is git's stable on-disk format (zlib of ``"<kind> <size>\\0"`` plus
-        the content, at ``objects/<2 hex>/<rest>``); writing it here saves a git process per object
-        on every send. An object that exists already is left alone.
-        """
-        header = f"{kind} {len(data)}".encode("ascii") + b"\0"
-        digest = _hasher(self.hexlen)
-        digest.update(header)
-        digest.update(data)
-        oid = digest.hexdigest()
-        target = self.objects_dir / oid[:2] / oid[2:]
-        if target.exists():
-            try:  # as git does: a reused object is fresh again, so no prune takes it meanwhile
-                os.utime(target)
-            except OSError:
-                pass
-            return oid
-        packer = zlib.compressobj(LOOSE_COMPRESSION)
-        body = packer.compress(header) + packer.compress(data) + packer.flush()
-        for attempt in range(1, STORE_ATTEMPTS + 1):
-            try:
-                self._store_loose(target, body)
-                return oid
-            except FileNotFoundError as exc:
-                # A prune (git gc) removed the empty fan-out folder, or our temporary file (it
-                # takes tmp_obj_* files as well), while we wrote: write again, as git does.
-                if attempt == STORE_ATTEMPTS:
-                    raise ObjectMissing(["git", "hash-object", "-w"], None, b"", b"",
-                                        f"could not store an object in this clone: {exc}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    @staticmethod
-    def _store_loose(target: Path, body: bytes) -> None:
-        target.parent.mkdir(exist_ok=True)
-        tmp = str(target.parent / f"tmp_obj_{os.urandom(6).hex()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+        """Store an object (``blob``, ``tree``, ``commit``) in the clone and return its id
+        (:class:`fleet_objects.ObjectStore`: a loose object written by hand, or git's plumbing)."""
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(body)
-            os.chmod(tmp, 0o444)
-            try:
-                os.replace(tmp, target)
-                tmp = ""
-            except PermissionError:  # Windows: another writer stored the same object meanwhile
-                if not target.exists():
-                    raise
-        finally:
-            if tmp:
-                try:
-                    os.chmod(tmp, 0o644)  # Windows refuses to delete a read-only file
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            return self.objects.write(kind, data)
+        except StoreFailed as exc:
+            raise ObjectMissing(["git", "hash-object", "-w"], None, b"", b"", str(exc)) from None
 
     def build_tree(self, base_commit: Optional[str], changes: Mapping[str, Optional[bytes]]) -> str:
         """The root tree of ``base_commit`` with ``changes`` applied (path -> content, or None to
@@ -898,36 +777,10 @@ class Clone:
             # file it holds from the new commit.
             checked = self._checked_trees(base_commit, dict(zip(missing, found)), known)
             trees = {folder: tree for folder, tree in checked.items() if tree is not None}
-        return self._edit_tree(trees, "", blobs) or self.write_object("tree", b"")
-
-    def _edit_tree(self, trees: Mapping[str, List[TreeEntry]], prefix: str,
-                   blobs: Mapping[str, Optional[str]]) -> Optional[str]:
-        """Write the edited tree at ``prefix``; ``None`` when it ends up empty."""
-        entries: Dict[str, TreeEntry] = {e[3]: e for e in trees.get(prefix.rstrip("/"), [])}
-        children: Dict[str, Dict[str, Optional[str]]] = {}
-        for path, oid in blobs.items():
-            rel = path[len(prefix):]
-            head, sep, _rest = rel.partition("/")
-            if sep:
-                children.setdefault(head, {})[path] = oid
-            elif oid is None:
-                entries.pop(head, None)
-            else:
-                kept = entries.get(head)
-                mode = kept[0] if kept is not None and kept[1] == "blob" else "100644"
-                entries[head] = (mode, "blob", oid, head)
-        for name, sub in children.items():
-            existing = entries.get(name)
-            if existing is not None and existing[1] != "tree":
-                entries.pop(name)  # a file where a folder must go: the folder replaces it
-            sub_oid = self._edit_tree(trees, f"{prefix}{name}/", sub)
-            if sub_oid is None:
-                entries.pop(name, None)
-            else:
-                entries[name] = ("40000", "tree", sub_oid, name)
-        if not entries:
-            return None
-        return self.write_object("tree", _tree_bytes(list(entries.values())))
+        try:
+            return edit_tree(self.objects, trees, "", blobs) or self.objects.write_tree([])
+        except StoreFailed as exc:
+            raise ObjectMissing(["git", "mktree"], None, b"", b"", str(exc)) from None
 
     def commit_tree(self, tree: str, parent: Optional[str], message: str, author: str) -> str:
         """Write an unsigned commit of ``tree`` on ``parent`` and return its id.
@@ -937,30 +790,11 @@ class Clone:
         formats only git parses) ``git commit-tree`` writes it instead.
         """
         people = {role: self.identity(role, author) for role in ("author", "committer")}
-        if os.environ.get("GIT_AUTHOR_DATE") or os.environ.get("GIT_COMMITTER_DATE"):
-            env = {"GIT_AUTHOR_NAME": people["author"][0], "GIT_AUTHOR_EMAIL": people["author"][1],
-                   "GIT_COMMITTER_NAME": people["committer"][0],
-                   "GIT_COMMITTER_EMAIL": people["committer"][1]}
-            args = ["-c", "commit.gpgsign=false", "commit-tree", tree, "-m", message]
-            if parent:
-                args += ["-p", parent]
-            try:
-                return run_git(self.root, *args, env=env).stdout.decode().strip()
-            except GitTimeout:
-                raise
-            except GitError as exc:
-                if _local_object_problem(exc.stderr):
-                    raise ObjectMissing(exc.argv, exc.returncode, exc.stdout, exc.stderr) from None
-                raise
-        now = time.time()
-        offset = int(time.localtime(now).tm_gmtoff or 0) // 60
-        stamp = f"{int(now)} {'-' if offset < 0 else '+'}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"
-        lines = [f"tree {tree}"] + ([f"parent {parent}"] if parent else [])
-        for role in ("author", "committer"):
-            name, email = (_ident_part(part) for part in people[role])
-            lines.append(f"{role} {name} <{email}> {stamp}")
-        body = "\n".join(lines) + "\n\n" + message.rstrip("\n") + "\n"
-        return self.write_object("commit", body.encode("utf-8", "surrogateescape"))
+        forced = bool(os.environ.get("GIT_AUTHOR_DATE") or os.environ.get("GIT_COMMITTER_DATE"))
+        try:
+            return self.objects.write_commit(tree, parent, people, message, None if forced else date_stamp())
+        except StoreFailed as exc:
+            raise ObjectMissing(["git", "commit-tree"], None, b"", b"", str(exc)) from None
 
     # ----------------------------------------------------------------- the transaction
 

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Container, Dict, Final, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Container, Dict, Final, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 from fleet_common import (
     BROADCAST,
@@ -33,7 +33,7 @@ MessageKey = Tuple[str, str]  # (id, lower-case from): PROTOCOL.md "Identity"
 
 MESSAGE_TYPES = ("info", "request", "response", "heartbeat", "warning", "update", "ack")
 PRIORITIES = ("low", "normal", "high", "urgent")
-MAILBOX_FILE: Final = "coordination/messages.json"
+MAILBOX_PATH: Final = "coordination/messages.json"  # defined here only; fleet_git re-exports it
 # Bounds on a mailbox (or archive file) another member wrote (PROTOCOL.md "Trust between
 # servers"): a busy fleet's hot mailbox is a few megabytes; a text beyond these is corrupt.
 MAX_MAILBOX_BYTES: Final = 64 * 1024 * 1024
@@ -42,10 +42,11 @@ MAX_MAILBOX_BYTES: Final = 64 * 1024 * 1024
 class MailboxCorrupt(SuiteError):
     """The remote ``messages.json`` does not parse; nothing may be written on top of it."""
 
-    def __init__(self, blob: Optional[str], reason: str, *, path: str = MAILBOX_FILE) -> None:
+    def __init__(self, blob: Optional[str], reason: str, *, path: str = MAILBOX_PATH) -> None:
         self.blob = blob
         self.path = path
-        hint = "run message_monitor.py --repair" if path == MAILBOX_FILE else "nothing was written"
+        self.reason = reason
+        hint = "run message_monitor.py --repair" if path == MAILBOX_PATH else "nothing was written"
         super().__init__(f"{path} on the remote does not parse ({reason}); {hint}")
 
 
@@ -71,8 +72,20 @@ def key_from_str(text: str) -> MessageKey:
 # --------------------------------------------------------------------------- parsing
 
 
+class Document(dict):
+    """A parsed mailbox document as :class:`Mailbox` caches it: shared and read-only by contract
+    (writers change their own fresh parse). It remembers its :func:`split_entries`, so a big
+    mailbox is checked entry by entry once, not by every step of a cycle."""
+
+    __slots__ = ("split",)
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.split: Optional[Tuple[List[Tuple[int, Dict[str, Any]]], List[Tuple[int, str]]]] = None
+
+
 def parse_document(raw: Optional[bytes], blob: Optional[str] = None, *,
-                   path: str = MAILBOX_FILE) -> Dict[str, Any]:
+                   path: str = MAILBOX_PATH) -> Dict[str, Any]:
     """The mailbox document from a blob's bytes (absent or blank: an empty mailbox).
 
     ``raw is None`` must mean that the file is absent from a tree that was read (Clone.read_file
@@ -98,7 +111,7 @@ def parse_document(raw: Optional[bytes], blob: Optional[str] = None, *,
     return data
 
 
-def read_mailbox(clone: Any, tip: Optional[str], path: str = MAILBOX_FILE) -> Tuple[Optional[str], Optional[bytes]]:
+def read_mailbox(clone: Any, tip: Optional[str], path: str = MAILBOX_PATH) -> Tuple[Optional[str], Optional[bytes]]:
     """(blob id, text) of the mailbox (or an archive file) at ``tip``; ``(None, None)`` when
     absent from a tree that was read.
 
@@ -154,9 +167,9 @@ def split_entries(data: Mapping[str, Any]) -> Tuple[List[Tuple[int, Dict[str, An
     Worked out once per cached (read-only) document: a big mailbox is not checked entry by
     entry again by every step of a cycle.
     """
-    for cached, split in _SPLITS.values():
-        if cached is data:
-            return split
+    cached = getattr(data, "split", None) if isinstance(data, Document) else None
+    if cached is not None:
+        return cached
     valid: List[Tuple[int, Dict[str, Any]]] = []
     invalid: List[Tuple[int, str]] = []
     for index, entry in enumerate(data.get("messages", [])):
@@ -165,9 +178,8 @@ def split_entries(data: Mapping[str, Any]) -> Tuple[List[Tuple[int, Dict[str, An
             valid.append((index, entry))
         else:
             invalid.append((index, problem))
-    for blob, parsed in _PARSED.items():
-        if parsed is data:
-            _SPLITS[blob] = (data, (valid, invalid))
+    if isinstance(data, Document):
+        data.split = (valid, invalid)
     return valid, invalid
 
 
@@ -310,22 +322,34 @@ _TAIL = b"\n  ]\n}\n"
 _EMPTY_TAIL = b'"messages": []\n}\n'
 _BLOCK_START = b"\n    {\n"
 _BLOCK_END = b"\n    }"
-_PARSED: "Dict[str, Dict[str, Any]]" = {}  # blob id -> parsed document (read-only), two entries
-_SPLITS: "Dict[str, Tuple[Any, Any]]" = {}  # blob id -> (document, split_entries of it)
+PARSE_CACHE_SIZE: Final = 2  # documents a Mailbox keeps: the tip it read and the one it wrote
 
 
-def parse_cached(raw: Optional[bytes], blob: Optional[str]) -> Dict[str, Any]:
-    """:func:`parse_document` with a small cache keyed by blob id. Callers must not mutate it."""
-    if blob is not None and blob in _PARSED:
-        return _PARSED[blob]
-    data = parse_document(raw, blob)
-    if blob is not None:
-        while len(_PARSED) >= 2:
-            oldest = next(iter(_PARSED))
-            del _PARSED[oldest]
-            _SPLITS.pop(oldest, None)
-        _PARSED[blob] = data
-    return data
+class DocumentCache:
+    """Parsed documents keyed by blob id (a blob id names immutable content). What it hands out
+    is shared: callers read it and never change it; a writer parses its own copy."""
+
+    def __init__(self, size: int = PARSE_CACHE_SIZE) -> None:
+        self.size = size
+        self._parsed: Dict[str, Document] = {}
+
+    def parse(self, raw: Optional[bytes], blob: Optional[str], *, path: str = MAILBOX_PATH) -> Document:
+        if blob is not None and blob in self._parsed:
+            return self._parsed[blob]
+        data = Document(parse_document(raw, blob, path=path))
+        if blob is not None:
+            while len(self._parsed) >= self.size:
+                del self._parsed[next(iter(self._parsed))]
+            self._parsed[blob] = data
+        return data
+
+
+def parse_cached(raw: Optional[bytes], blob: Optional[str], cache: Optional[DocumentCache] = None) -> Dict[str, Any]:
+    """:func:`parse_document` through ``cache`` (a :class:`Mailbox`'s), else parsed afresh.
+    Callers must not mutate the result: it may be shared."""
+    if cache is None:
+        return Document(parse_document(raw, blob))
+    return cache.parse(raw, blob)
 
 
 def _indented(msg: Mapping[str, Any]) -> bytes:
@@ -338,9 +362,9 @@ def _last_key_is_messages(data: Mapping[str, Any]) -> bool:
 
 
 def append_to_blob(raw: Optional[bytes], blob: Optional[str], msg: Dict[str, Any],
-                   key: MessageKey) -> Optional[bytes]:
+                   key: MessageKey, cache: Optional[DocumentCache] = None) -> Optional[bytes]:
     """The new mailbox text with ``msg`` appended, or ``None`` when it is already there."""
-    data = parse_cached(raw, blob)
+    data = parse_cached(raw, blob, cache)
     if has_message(data, key):
         return None
     if raw is not None and raw.startswith(b'{\n  "') and _last_key_is_messages(data):
@@ -383,12 +407,13 @@ def _copy_for_marks(msg: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def mark_in_blob(raw: Optional[bytes], blob: Optional[str], server: str, keys: Iterable[MessageKey],
-                 acknowledge: Iterable[MessageKey] = ()) -> Tuple[Optional[bytes], int]:
+                 acknowledge: Iterable[MessageKey] = (),
+                 cache: Optional[DocumentCache] = None) -> Tuple[Optional[bytes], int]:
     """(new text, messages changed) after :func:`mark_handled`; text ``None`` when nothing changed.
 
     Each changed message's block is replaced in place when the text is on the canonical layout.
     """
-    data = parse_cached(raw, blob)
+    data = parse_cached(raw, blob, cache)
     wanted = set(keys) | set(acknowledge)
     targets = [msg for _, msg in valid_messages(data, warn=False) if message_key(msg) in wanted]
     edits: List[Tuple[int, int, bytes]] = []
@@ -569,3 +594,152 @@ def repair_document(good: Optional[Dict[str, Any]], broken_text: str) -> Tuple[D
             doc["messages"].append(msg)
             salvaged += 1
     return doc, kept, salvaged
+
+
+# --------------------------------------------------------------------------- the mailbox of a clone
+
+
+def commit_subject(msg: Mapping[str, Any]) -> str:
+    """``<from> -> <to>: <subject>``, as the older tools wrote it (one line)."""
+    to = msg["to"]
+    target = ",".join(to) if isinstance(to, list) else to
+    subject = " ".join(str(msg.get("subject") or "").split())
+    return f"{msg['from']} -> {target}: {subject}"[:200]
+
+
+REPAIR_HISTORY: Final = 500  # commits --repair searches back for the last version that parses
+_CREATE_MESSAGE: Final = "fleet: create the mailbox"
+
+Plan = Optional[Tuple[Mapping[str, Optional[bytes]], str]]
+
+
+class Mailbox:
+    """Every read and every change of the shared mailbox of one :class:`fleet_git.Clone`.
+
+    Reads go through the mailbox's own parse cache (:class:`DocumentCache`): the documents it
+    returns are shared and read-only by contract (a cycle reads the tip, then marks it, and
+    parses once); every change parses or splices its own copy. Changes are PROTOCOL.md
+    transactions (``Clone.transact``): each is idempotent, so a retry after a lost race or a lost
+    answer adds nothing twice. A mailbox that does not parse raises :class:`MailboxCorrupt` and
+    is never written on, except by :meth:`repair`.
+    """
+
+    def __init__(self, clone: Any) -> None:
+        self.clone = clone
+        self.cache = DocumentCache()
+
+    # ----------------------------------------------------------------- reads
+
+    def read_raw(self, commit: Optional[str], path: str = MAILBOX_PATH) -> Tuple[Optional[str], Optional[bytes]]:
+        """(blob id, text) of the mailbox (or an archive file) at ``commit`` (:func:`read_mailbox`)."""
+        return read_mailbox(self.clone, commit, path)
+
+    def parse(self, raw: Optional[bytes], blob: Optional[str], path: str = MAILBOX_PATH) -> Document:
+        """The document of a blob read elsewhere (a batch ``cat-file``), through the cache."""
+        return self.cache.parse(raw, blob, path=path)
+
+    def read(self, commit: Optional[str], path: str = MAILBOX_PATH) -> Tuple[Optional[str], Document]:
+        """(blob id, document) at ``commit``; the document must not be mutated.
+
+        Raises :class:`MailboxCorrupt` (also for a folder or submodule at the path) and
+        ``ObjectMissing``; an absent file is an empty mailbox with blob ``None``.
+        """
+        blob, raw = self.read_raw(commit, path)
+        return blob, self.cache.parse(raw, blob, path=path)
+
+    # ----------------------------------------------------------------- changes
+
+    def change(self, plan: Callable[[Optional[str]], Plan], *, author: str, fresh_for: float = 0.0,
+               create_branch: bool = False) -> Any:
+        """Run ``plan(tip) -> (path -> content, commit message) | None`` as one transaction
+        (the only place the mailbox's writers reach ``Clone.transact``)."""
+        return self.clone.transact(plan, author=author, fresh_for=fresh_for, create_branch=create_branch)
+
+    def deliver(self, msg: Dict[str, Any], *, fresh_for: float) -> Any:
+        """Append ``msg``; idempotent on (id, from): a message already there changes nothing."""
+        key = message_key(msg)
+
+        def plan(tip: Optional[str]) -> Plan:
+            blob, raw = self.read_raw(tip)
+            new_raw = append_to_blob(raw, blob, msg, key, self.cache)
+            if new_raw is None:
+                return None  # already delivered (an earlier push landed, its answer was lost)
+            return {MAILBOX_PATH: new_raw}, commit_subject(msg)
+
+        return self.change(plan, author=msg["from"], fresh_for=fresh_for)
+
+    def mark(self, server: str, keys: Iterable[MessageKey], acks: Iterable[MessageKey] = (), *,
+             fresh_for: float) -> Any:
+        """Legacy read marks (``read_by``/``acknowledged_by`` in the mailbox), one commit at most."""
+        keys, acks = set(keys), set(acks)
+
+        def plan(tip: Optional[str]) -> Plan:
+            blob, raw = self.read_raw(tip)
+            new_raw, changed = mark_in_blob(raw, blob, server, keys, acks, self.cache)
+            if new_raw is None:
+                return None
+            noun = "message" if changed == 1 else "messages"
+            return {MAILBOX_PATH: new_raw}, f"{server}: mark {changed} {noun} read"
+
+        return self.change(plan, author=server, fresh_for=fresh_for)
+
+    def put_file(self, path: str, data: bytes, message: str, *, author: str, fresh_for: float) -> Any:
+        """Write one file beside the mailbox (a legacy ``<server>/heartbeat.json``)."""
+        return self.change(lambda tip: ({path: data}, message), author=author, fresh_for=fresh_for)
+
+    def create(self) -> Any:
+        """An empty mailbox on the clone's branch (``--init``, the one writer that may create the
+        branch); nothing changes when a mailbox is there."""
+        def plan(tip: Optional[str]) -> Plan:
+            _, raw = self.clone.read_file(tip, MAILBOX_PATH)
+            if raw is not None:
+                return None
+            return {MAILBOX_PATH: serialize({"messages": []})}, _CREATE_MESSAGE
+
+        return self.change(plan, author="fleet", create_branch=True)
+
+    def last_good(self, tip: Optional[str], max_history: int) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+        """(document, commit) of the newest of the last ``max_history`` versions that parses."""
+        from fleet_git import run_git
+
+        revs = run_git(self.clone.root, "rev-list", f"--max-count={max_history}", str(tip), "--",
+                       MAILBOX_PATH).stdout.decode().split()
+        for rev in revs:
+            try:
+                blob, raw = self.read_raw(rev)
+                return parse_document(raw, blob), rev
+            except MailboxCorrupt:
+                continue
+        return None, None
+
+    def repair(self, server: str, *, max_history: int = REPAIR_HISTORY) -> Dict[str, Any]:
+        """Rebuild an unparseable mailbox on the remote: the last version that parses plus every
+        message salvaged from the broken one, by the transaction. Reports what it kept and salvaged."""
+        result: Dict[str, Any] = {"repaired": False, "kept": 0, "salvaged": 0, "good_commit": None}
+
+        def plan(tip: Optional[str]) -> Plan:
+            raw: Optional[bytes] = None  # a folder or submodule there: nothing to salvage
+            try:
+                blob, raw = self.read_raw(tip)
+                parse_document(raw, blob)
+                return None  # parses (already fine, or repaired meanwhile by someone else)
+            except MailboxCorrupt:
+                pass
+            good, good_commit = self.last_good(tip, max_history)
+            doc, kept, salvaged = repair_document(good, (raw or b"").decode("utf-8", "replace"))
+            result.update(kept=kept, salvaged=salvaged, good_commit=good_commit)
+            return ({MAILBOX_PATH: serialize(doc)},
+                    f"{server}: repair the mailbox (kept {kept}, salvaged {salvaged})")
+
+        tx = self.change(plan, author=server)
+        result["repaired"] = tx.changed
+        result["commit"] = tx.commit
+        if tx.changed:
+            base = result["good_commit"][:12] if result["good_commit"] else "no earlier version"
+            result["summary"] = (f"mailbox repaired at {str(tx.commit)[:12]}: kept {result['kept']} entries "
+                                 f"from {base}, salvaged {result['salvaged']} more from the broken file")
+            log.warning("%s", result["summary"], extra={"metadata": {k: v for k, v in result.items()
+                                                                     if k != "summary"}})
+        else:
+            result["summary"] = "the mailbox parses; nothing to repair"
+        return result

@@ -63,14 +63,15 @@ from fleet_common import (
     defer_logging_setup,
     is_valid_server_id,
     iso_utc,
-    load_json_bounded,
     one_line,
     parse_timestamp,
 )
 from fleet_git import LOCAL_LOCK_RETRIES, MAILBOX_PATH, Clone, RemoteUnavailable, _local_lock_busy
 from fleet_mailbox import (
+    MailboxCorrupt,
     is_addressed_to,
     message_time,
+    parse_document,
     recipients,
     split_entries,
     strip_reply_prefixes,
@@ -259,19 +260,12 @@ def fetch_moved(clone: Clone, store: StateStore, view: RemoteView) -> List[str]:
 def parse_mailbox(raw: Optional[bytes]) -> Dict[str, Any]:
     """The hot mailbox within bounds (size, depth, digits); :class:`BadInput` when it breaks one.
 
-    Shaped as :func:`fleet_mailbox.parse_document` shapes it (a one-message object unrolled).
+    Parsed by :func:`fleet_mailbox.parse_document`, the mailbox format's one reader.
     """
-    if raw is None or not raw.strip():
-        return {"messages": []}
-    doc = load_json_bounded(raw, what=MAILBOX_PATH, max_bytes=MAX_MAILBOX_BYTES)
-    if not isinstance(doc, dict):
-        raise BadInput(f"{MAILBOX_PATH}: the top level is not an object")
-    messages = doc.get("messages", [])
-    if isinstance(messages, dict):  # PowerShell's ConvertTo-Json unrolls a one-element array
-        messages = [messages]
-    if not isinstance(messages, list):
-        raise BadInput(f"{MAILBOX_PATH}: 'messages' is not a list")
-    return {"messages": messages}
+    try:
+        return {"messages": parse_document(raw)["messages"]}
+    except MailboxCorrupt as exc:
+        raise BadInput(f"{MAILBOX_PATH}: {exc.reason}") from None
 
 
 def take_snapshot(clone: Clone) -> Snapshot:

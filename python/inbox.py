@@ -66,12 +66,12 @@ from fleet_common import (
 from fleet_git import MAILBOX_PATH, Clone, RemoteUnavailable
 from fleet_mailbox import (
     PRIORITIES,
+    Mailbox,
     MailboxCorrupt,
     MessageKey,
     is_addressed_to,
     message_key,
     message_time,
-    parse_cached,
     parse_document,
     recipients,
     reply_subject,
@@ -337,6 +337,7 @@ class Inbox:
         self.server = resolve_server_id(server)
         self.clone = clone if clone is not None else Clone(repo or default_repo_path(), branch)
         self.store = StateStore(self.clone)
+        self.mailbox = Mailbox(self.clone)
         self.view: Optional[RemoteView] = None
 
     # ----------------------------------------------------------------- fetching and reading
@@ -366,7 +367,7 @@ class Inbox:
         to report; here they are skipped quietly)."""
         blob, raw = self.clone.read_file(self.clone.tip(), MAILBOX_PATH)
         try:
-            data = parse_cached(raw, blob)
+            data = self.mailbox.parse(raw, blob)
         except RecursionError:
             raise MailboxCorrupt(blob, "nested too deeply") from None
         return [Found(msg, False, pos) for pos, msg in valid_messages(data, warn=False)]

@@ -59,7 +59,6 @@ from fleet_common import (
     write_line,
 )
 from fleet_git import (
-    MAILBOX_PATH,
     STANDALONE_FRESHNESS,
     Clone,
     ObjectMissing,
@@ -69,8 +68,9 @@ from fleet_git import (
 from fleet_mailbox import (
     MESSAGE_TYPES,
     PRIORITIES,
+    Mailbox,
     MailboxCorrupt,
-    message_key,
+    commit_subject,  # noqa: F401 - importable from here, as before
     new_message_id,
     reply_subject,
 )
@@ -166,32 +166,13 @@ def build_message(body: str, subject: Optional[str], to: Union[str, Sequence[str
     return msg
 
 
-def commit_subject(msg: Dict[str, Any]) -> str:
-    """``<from> -> <to>: <subject>``, as the older tools wrote it (one line)."""
-    to = msg["to"]
-    target = ",".join(to) if isinstance(to, list) else to
-    subject = " ".join(str(msg.get("subject") or "").split())
-    return f"{msg['from']} -> {target}: {subject}"[:200]
-
-
 def deliver(clone: Clone, msg: Dict[str, Any], *, fresh_for: float = STANDALONE_FRESHNESS):
     """Append ``msg`` to the shared mailbox by one transaction; idempotent on (id, from).
 
     Raises :class:`RemoteUnavailable`, :class:`MailboxCorrupt`, :class:`BranchMissing` (bad
     input: never queued), :class:`ObjectMissing` or another :class:`GitError`.
     """
-    from fleet_mailbox import append_to_blob, read_mailbox
-
-    key = message_key(msg)
-
-    def change(tip: Optional[str]):
-        blob, raw = read_mailbox(clone, tip, MAILBOX_PATH)
-        new_raw = append_to_blob(raw, blob, msg, key)
-        if new_raw is None:
-            return None  # already delivered (an earlier push landed, its answer was lost)
-        return {MAILBOX_PATH: new_raw}, commit_subject(msg)
-
-    return clone.transact(change, author=msg["from"], fresh_for=fresh_for)
+    return Mailbox(clone).deliver(msg, fresh_for=fresh_for)
 
 
 def _find_original(clone: Clone, msg_id: str) -> Optional[Dict[str, Any]]:

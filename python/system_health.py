@@ -42,6 +42,7 @@ import fleet_common
 from fleet_cli import run_cli
 from fleet_common import UsageError
 from fleet_git import git_layout, lock_files, lock_name, operation_in_progress
+from monitor_files import read_status  # the owner of monitor_status.json
 
 log = logging.getLogger(__name__)
 
@@ -430,11 +431,10 @@ def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: f
 
 
 def check_last_fetch(repo: Path, server: str, th: Mapping[str, Any], now: float) -> Check:
-    path = fleet_common.state_dir(repo, server) / "monitor_status.json"
     try:
-        data = _read_json(path)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _check(WARNING, f"{path.name} is unreadable ({exc})", known=False, error=True)
+        data = read_status(repo, server)
+    except (fleet_common.SuiteError, ValueError, UnicodeDecodeError) as exc:
+        return _check(WARNING, f"{fleet_common.STATUS_FILE_NAME} is unreadable ({exc})", known=False, error=True)
     if data is None:
         return _check(HEALTHY, "no monitor has run", known=False)
     try:

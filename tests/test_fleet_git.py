@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from conftest import git
 
 from fleet_git import Clone, run_git
@@ -66,10 +67,70 @@ def test_mailbox_reads_from_loose_objects_match_git(fleet):
     clone = Clone(c2)
     tip = clone.tip()
     specs = [f"{tip}^{{tree}}", f"{tip}:coordination", f"{tip}:coordination/messages.json"]
-    assert clone._walk_loose(tip, "coordination/messages.json") == clone.read_objects(specs)
-    assert clone._walk_loose(tip, "coordination/missing.json")[-1] is None
-    assert clone._walk_loose(tip, "nowhere/x.json")[1:] == [None, None]
+    assert clone.objects.walk_loose(tip, "coordination/messages.json") == clone.read_objects(specs)
+    assert clone.objects.walk_loose(tip, "coordination/missing.json")[-1] is None
+    assert clone.objects.walk_loose(tip, "nowhere/x.json")[1:] == [None, None]
     git(c2, "gc", "-q", "--prune=now")  # everything packed: git reads it
-    assert clone._walk_loose(tip, "coordination/messages.json") is None
+    assert clone.objects.walk_loose(tip, "coordination/messages.json") is None
     assert Clone(c2).read_file(tip, "coordination/messages.json")[1] == \
         git(c2, "show", f"{tip}:coordination/messages.json").encode() + b"\n"
+
+
+def test_network_hooks_belong_to_their_clone(fleet):
+    calls = []
+
+    def hook():
+        calls.append("first")
+
+    first, second = Clone(fleet.clone("code2")), Clone(fleet.clone("build1"))
+    first.add_network_hook(hook)
+    first.add_network_hook(hook)  # added once, however often a monitor starts
+    second.add_network_hook(lambda: calls.append("second"))
+    first.fetch()
+    assert calls == ["first", "first"]  # before and after the one fetch, and no other clone's hook
+    assert Clone(first.root).fetch() and calls == ["first", "first"]  # a new Clone starts with none
+
+
+@pytest.mark.parametrize("object_format", ["sha1", "sha256"])
+def test_the_fast_path_and_git_plumbing_write_the_same_objects(tmp_path, monkeypatch, object_format):
+    from fleet_objects import ObjectStore, parse_tree
+
+    repo = tmp_path / "repo"
+    git(tmp_path, "init", "-q", f"--object-format={object_format}", str(repo))
+
+    def runner(*args, input=None, env=None):
+        return run_git(repo, *args, input=input, env=env)
+
+    fast = ObjectStore(repo / ".git" / "objects", object_format, runner)
+    monkeypatch.setenv("FLEET_GIT_PLUMBING", "1")
+    slow = ObjectStore(repo / ".git" / "objects", object_format, runner)
+    assert fast.fast and not slow.fast
+    people = {"author": ("Build One", "build1@fleet.invalid"), "committer": ("Code Two", "code2@x.invalid")}
+    ids = []
+    for store in (slow, fast):  # git first: the fast path then finds every object there already
+        blob = store.write("blob", b'{\n  "messages": []\n}\n')
+        exe = store.write("blob", b"#!/bin/sh\n")
+        sub = store.write_tree([("100644", "blob", blob, "messages.json")])
+        root = store.write_tree([("40000", "tree", sub, "coordination"), ("100755", "blob", exe, "run.sh"),
+                                 ("100644", "blob", blob, "coordination.txt")])
+        first = store.write_commit(root, None, people, "fleet: create the mailbox", "1762250000 +0130")
+        second = store.write_commit(root, first, people, "code2: x\n\n", "1762250060 -0800")
+        ids.append((blob, exe, sub, root, first, second, store.write("tree", b"")))
+    assert ids[0] == ids[1]
+    assert len(ids[0][0]) == (64 if object_format == "sha256" else 40)
+    root_tree = fast.read_loose(ids[0][3])
+    assert [e[3] for e in parse_tree(root_tree[1], fast.hexlen)] == ["coordination.txt", "coordination", "run.sh"]
+    assert git(repo, "cat-file", "-p", ids[0][5]).endswith("code2: x")
+    assert run_git(repo, "fsck", "--strict", "--no-dangling", check=False).returncode == 0
+
+
+def test_a_transaction_over_plumbing_alone(fleet, monkeypatch):
+    monkeypatch.setenv("FLEET_GIT_PLUMBING", "1")
+    c2 = fleet.clone("code2")
+    clone = Clone(c2)
+    assert not clone.objects.fast
+    tx = clone.transact(lambda tip: ({"coordination/messages.json": b"{}\n", "a/b/c.txt": b"c"}, "code2: x"),
+                        author="code2")
+    assert tx.changed and git(fleet.origin, "rev-parse", "main") == tx.commit
+    assert clone.read_file(tx.commit, "a/b/c.txt") == (git(c2, "rev-parse", f"{tx.commit}:a/b/c.txt"), b"c")
+    assert run_git(fleet.origin, "fsck", "--strict", check=False).returncode == 0

@@ -253,3 +253,46 @@ def test_marks_copy_only_what_they_change():
     out, changed = mark_in_blob(raw, "blob-nested", "code2", [("m1", "build1")])
     assert changed == 1 and json.loads(out)["messages"][0]["read_by"] == ["build2", "code2"]
     assert cached["messages"][0]["read_by"] == ["build2"]  # the cached document is unchanged
+
+
+# --------------------------------------------------------------------------- the Mailbox of a clone
+
+
+def test_a_mailbox_caches_read_only_documents_and_writers_change_their_own_copy(fleet):
+    from fleet_git import Clone
+    from fleet_mailbox import Mailbox
+
+    mailbox = Mailbox(Clone(fleet.clone("code2")))
+    msg = {"id": "m1", "from": "build1", "to": "code2", "subject": "hi", "read_by": ["build2"]}
+    first = mailbox.deliver(msg, fresh_for=0)
+    assert first.changed and mailbox.deliver(dict(msg), fresh_for=0).changed is False  # idempotent
+    blob, doc = mailbox.read(first.commit)
+    assert mailbox.read(first.commit)[1] is doc  # one parse per blob, shared
+    marked = mailbox.mark("code2", [("m1", "build1")], fresh_for=0)
+    assert marked.changed and mailbox.mark("code2", [("m1", "build1")], fresh_for=0).changed is False
+    assert doc["messages"][0]["read_by"] == ["build2"]  # the cached document was not changed
+    assert fleet.remote_messages()[0]["read_by"] == ["build2", "code2"]
+    assert mailbox.read(marked.commit)[0] != blob
+    # every clone's mailbox has a cache of its own: nothing is shared between objects
+    other = Mailbox(Clone(fleet.clone("build1")))
+    other.clone.fetch()
+    assert other.read(marked.commit)[1] is not mailbox.read(marked.commit)[1]
+
+
+def test_a_mailbox_puts_files_creates_and_repairs(tmp_path, fleet):
+    from fleet_git import Clone, run_git
+    from fleet_mailbox import Mailbox
+
+    mailbox = Mailbox(Clone(fleet.clone("code2")))
+    tx = mailbox.put_file("code2/heartbeat.json", b"{}\n", "code2: heartbeat", author="code2", fresh_for=0)
+    assert tx.changed and run_git(fleet.origin, "show", "main:code2/heartbeat.json").stdout == b"{}\n"
+    assert mailbox.create().changed is False  # a mailbox is there
+    mailbox.deliver({"id": "m1", "from": "build1", "to": "code2"}, fresh_for=0)
+    mailbox.put_file("coordination/messages.json", b'{"messages": [{"id": "m2", "from": "x", "to": "all"},',
+                     "break it", author="code2", fresh_for=0)
+    with pytest.raises(MailboxCorrupt):
+        mailbox.read(mailbox.clone.tip())
+    result = mailbox.repair("code2")
+    assert result["repaired"] and (result["kept"], result["salvaged"]) == (1, 1)
+    assert [m["id"] for m in fleet.remote_messages()] == ["m1", "m2"]
+    assert mailbox.repair("code2")["repaired"] is False
