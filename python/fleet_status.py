@@ -120,7 +120,6 @@ MAX_BELIEVED_INTERVAL: Final = 6 * 3600.0  # a bigger published interval would h
 CRITICAL_FACTOR: Final = 4  # stale for 4x its limit: critical (for an expected server)
 
 MAX_SERVERS: Final = MAX_ROSTER_SERVERS  # servers shown; more ids (say, from a mailbox full of typos) are counted
-MAX_MAILBOX_BYTES: Final = 128 * 1024 * 1024  # a never-archived 100,000-message mailbox is ~70 MB
 
 # Lengths of text from other machines that any output shows.
 MAX_SUBJECT_CHARS: Final = 120
