@@ -279,11 +279,7 @@ class StateStore:
         return self.last_view
 
     def local_tip(self, local_ref: str) -> Optional[str]:
-        found = self.clone._read_ref(local_ref)
-        if isinstance(found, str) or found is None:
-            return found
-        proc = self.clone.git("rev-parse", "-q", "--verify", local_ref, check=False)
-        return proc.stdout.decode().strip() or None
+        return self.clone.read_ref(local_ref)
 
     def refspecs_to_fetch(self, view: RemoteView, servers: Optional[Iterable[str]] = None) -> List[str]:
         """Refspecs for the state refs whose remote tip differs from the local mirror."""
