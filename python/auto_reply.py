@@ -64,7 +64,6 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,21 +83,27 @@ from typing import (
 )
 
 from fleet_common import (
-    EXIT_FAILURE,
     EXIT_OK,
-    EXIT_USAGE,
+    LEDGER_FILE_NAME,
+    STATE_SUBDIR,
     BadInput,
+    RuntimePaths,
     SuiteError,
     UsageError,
     atomic_write_json,
+    dump_json_text,
     file_lock,
+    format_duration,
     is_valid_server_id,
     json_depth_exceeds,
     load_json_bounded,
     load_state_file,
     move_aside,
     normalize_server_id,
+    one_line,
     runtime_dir,
+    write_line,
+    write_text,
 )
 from fleet_mailbox import (
     MessageKey,
@@ -117,7 +122,7 @@ log = logging.getLogger(__name__)
 
 RULES_VERSION: Final = 1
 LEDGER_VERSION: Final = 1
-LEDGER_NAME: Final = "auto_reply.json"
+LEDGER_NAME: Final = LEDGER_FILE_NAME  # the name lives in fleet_common.RuntimePaths
 SHARED_RULES_PATH: Final = "coordination/auto_reply_rules.json"
 
 KINDS: Final = ("status", "presence", "acknowledge")
@@ -199,11 +204,6 @@ def _truthy(value: Any) -> bool:
     if isinstance(value, (int, float)):
         return value == 1
     return False
-
-
-def _one_line(text: Any, limit: int = MAX_LINE) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _epoch(now: Union[float, _dt.datetime]) -> float:
@@ -411,7 +411,7 @@ class RuleSet:
 
 def _shown(value: Any, limit: int = 60) -> str:
     """A value from a rules file as an error message shows it: quoted, escaped, one short line."""
-    return _one_line(repr(value), limit)
+    return one_line(repr(value), limit)
 
 
 def _string_list(value: Any, where: str, fail: Callable[[str], RuleError], *,
@@ -465,6 +465,23 @@ def parse_rules(doc: Any, source: str) -> RuleSet:
     def fail(problem: str) -> RuleError:
         return RuleError(f"auto-reply rules {source}: {problem}")
 
+    raw_rules = _rule_list(doc, fail)
+    rules: List[Rule] = []
+    names: Set[str] = set()
+    phrases = 0
+    for index, raw in enumerate(raw_rules, 1):
+        rule = _parse_rule(raw, index, names, phrases, fail)
+        names.add(rule.name)
+        phrases += len(rule.match.phrases)
+        rules.append(rule)
+    return RuleSet(rules=tuple(rules), source=source)
+
+
+_Fail = Callable[[str], RuleError]
+
+
+def _rule_list(doc: Any, fail: _Fail) -> List[Any]:
+    """The document's ``rules`` list, once its top level, version and size are checked."""
     if not isinstance(doc, dict):
         raise fail("the top level must be a JSON object with 'version' and 'rules'")
     unknown = sorted(set(doc) - set(_TOP_KEYS))
@@ -482,46 +499,50 @@ def parse_rules(doc: Any, source: str) -> RuleSet:
         raise fail("'rules' must be a list")
     if len(raw_rules) > MAX_RULES:
         raise fail(f"{len(raw_rules)} rules, more than the {MAX_RULES} allowed")
-    rules: List[Rule] = []
-    names = set()
-    phrases = 0
-    for index, raw in enumerate(raw_rules, 1):
-        where = f"rule #{index}"
-        if not isinstance(raw, dict):
-            raise fail(f"{where} must be an object")
-        name = raw.get("name")
-        if not isinstance(name, str) or not name.strip():
-            raise fail(f"{where}: missing 'name' (a non-empty string)")
-        name = name.strip()
-        if len(name) > MAX_ITEM_CHARS or not name.isprintable():
-            raise fail(f"{where}: the name {_shown(name)} must be at most {MAX_ITEM_CHARS} "
-                       "printable characters")
-        where = f"rule #{index} ({name!r})"
-        if name in names:
-            raise fail(f"{where}: the name is used twice")
-        names.add(name)
-        unknown = sorted(set(raw) - set(_RULE_KEYS))
-        if unknown:
-            raise fail(f"{where}: unknown key {_shown(unknown[0])} (known: {', '.join(_RULE_KEYS[:5])})")
-        kind = raw.get("kind")
-        if kind not in KINDS:
-            raise fail(f"{where}: unknown kind {_shown(kind)} (use status, presence or acknowledge)")
-        if "match" not in raw:
-            raise fail(f"{where}: missing 'match'")
-        match = _parse_match(raw["match"], where, fail)
-        phrases += len(match.phrases)
-        if phrases > MAX_PHRASES:
-            raise fail(f"{where}: more than {MAX_PHRASES} words and phrases in the whole file")
-        flags = {}
-        for key, default in (("send_ack_message", False), ("enabled", True)):
-            value = raw.get(key, default)
-            if not isinstance(value, bool):
-                raise fail(f"{where}: '{key}' must be true or false")
-            flags[key] = value
-        if flags["send_ack_message"] and kind != "acknowledge":
-            raise fail(f"{where}: 'send_ack_message' applies to acknowledge rules only")
-        rules.append(Rule(name=name, kind=kind, match=match, **flags))
-    return RuleSet(rules=tuple(rules), source=source)
+    return raw_rules
+
+
+def _rule_name(raw: Any, index: int, taken: Set[str], fail: _Fail) -> str:
+    where = f"rule #{index}"
+    if not isinstance(raw, dict):
+        raise fail(f"{where} must be an object")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise fail(f"{where}: missing 'name' (a non-empty string)")
+    name = name.strip()
+    if len(name) > MAX_ITEM_CHARS or not name.isprintable():
+        raise fail(f"{where}: the name {_shown(name)} must be at most {MAX_ITEM_CHARS} "
+                   "printable characters")
+    if name in taken:
+        raise fail(f"rule #{index} ({name!r}): the name is used twice")
+    return name
+
+
+def _parse_rule(raw: Any, index: int, taken: Set[str], phrases_before: int, fail: _Fail) -> Rule:
+    """One rule of the list (``taken`` and ``phrases_before``: the names and the number of
+    phrases of the rules before it)."""
+    name = _rule_name(raw, index, taken, fail)
+    where = f"rule #{index} ({name!r})"
+    unknown = sorted(set(raw) - set(_RULE_KEYS))
+    if unknown:
+        raise fail(f"{where}: unknown key {_shown(unknown[0])} (known: {', '.join(_RULE_KEYS[:5])})")
+    kind = raw.get("kind")
+    if kind not in KINDS:
+        raise fail(f"{where}: unknown kind {_shown(kind)} (use status, presence or acknowledge)")
+    if "match" not in raw:
+        raise fail(f"{where}: missing 'match'")
+    match = _parse_match(raw["match"], where, fail)
+    if phrases_before + len(match.phrases) > MAX_PHRASES:
+        raise fail(f"{where}: more than {MAX_PHRASES} words and phrases in the whole file")
+    flags = {}
+    for key, default in (("send_ack_message", False), ("enabled", True)):
+        value = raw.get(key, default)
+        if not isinstance(value, bool):
+            raise fail(f"{where}: '{key}' must be true or false")
+        flags[key] = value
+    if flags["send_ack_message"] and kind != "acknowledge":
+        raise fail(f"{where}: 'send_ack_message' applies to acknowledge rules only")
+    return Rule(name=name, kind=kind, match=match, **flags)
 
 
 def _looks_like_json(text: str) -> bool:
@@ -689,7 +710,7 @@ def _gate(msg: Mapping[str, Any], server: str, now: float, max_age_hours: float)
     if not is_addressed_to(msg, server):
         return False, "not-addressed: not addressed to this server"
     if not is_valid_server_id(sender):
-        return False, f"bad-sender: {_one_line(msg['from'], 40)!r} is not a server id a reply could reach"
+        return False, f"bad-sender: {one_line(msg['from'], 40)!r} is not a server id a reply could reach"
     marker = legacy_auto_marker(msg)
     if marker is not None:
         return False, f"legacy-auto: an older monitor's automatic reply ({marker})"
@@ -729,7 +750,8 @@ def should_reply(msg: Mapping[str, Any], server: str, now: Union[float, _dt.date
 
 def ledger_path(repo: Union[str, "os.PathLike[str]"], server: str) -> Path:
     """``<repo>/<server>/state/auto_reply.json`` (created folder, kept out of git)."""
-    return runtime_dir(repo, server, "state") / LEDGER_NAME
+    runtime_dir(repo, server, STATE_SUBDIR)
+    return RuntimePaths(repo, server).ledger
 
 
 def _fresh_ledger() -> Dict[str, Any]:
@@ -883,23 +905,6 @@ class ReplyLedger:
 # --------------------------------------------------------------------------- reply texts
 
 
-def format_duration(seconds: Optional[float]) -> str:
-    """``4 s``, ``3 min 5 s``, ``2 h 13 min``, ``3 d 4 h``; ``unknown`` for no value."""
-    if not _is_number(seconds):
-        return "unknown"
-    total = max(0, int(seconds))  # type: ignore[arg-type]
-    if total < 60:
-        return f"{total} s"
-    if total < 3600:
-        minutes, secs = divmod(total, 60)
-        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
-    if total < 86400:
-        hours, rest = divmod(total, 3600)
-        return f"{hours} h {rest // 60} min"
-    days, rest = divmod(total, 86400)
-    return f"{days} d {rest // 3600} h"
-
-
 def _number(value: Any, digits: int) -> Optional[str]:
     if isinstance(value, str):
         try:
@@ -915,7 +920,7 @@ def _state_name(value: Any) -> str:
     value = getattr(value, "value", value)  # an enum such as CircuitState
     if value is None or (isinstance(value, str) and not value.strip()):
         return "unknown"
-    return _one_line(value, 40).upper()
+    return one_line(value, 40).upper()
 
 
 def _check_lines(checks: Any, overall: str) -> List[str]:
@@ -943,7 +948,7 @@ def _check_lines(checks: Any, overall: str) -> List[str]:
         if text is None or not str(text).strip():
             continue
         label = f"Check {name}: " if name else "Check: "
-        lines.append(_one_line(label + str(text)))
+        lines.append(one_line(label + str(text), MAX_LINE))
         if len(lines) >= MAX_STATUS_CHECK_LINES:
             break
     return lines
@@ -952,7 +957,7 @@ def _check_lines(checks: Any, overall: str) -> List[str]:
 def render_status(server: str, status: Any, *, uptime_s: Optional[float], version: str) -> str:
     """The status reply: this server's real state, one fact a line (never the original body)."""
     if isinstance(status, BaseException):
-        reason = _one_line(str(status) or type(status).__name__, 200)
+        reason = one_line(str(status) or type(status).__name__, 200)
         return "\n".join([f"Status of {server}: health unavailable: {reason}",
                           f"Uptime: {format_duration(uptime_s)}", f"Version: {version}"])
     if not isinstance(status, dict):
@@ -987,7 +992,7 @@ def render_presence(server: str, *, uptime_s: Optional[float], version: str) -> 
 
 
 def render_ack(server: str, subject: Any) -> str:
-    shown = _one_line(subject) if isinstance(subject, str) and subject.strip() else "(no subject)"
+    shown = one_line(subject, MAX_LINE) if isinstance(subject, str) and subject.strip() else "(no subject)"
     return f"Acknowledged by {server}: {shown}"
 
 
@@ -1074,7 +1079,7 @@ class AutoResponder:
             return Decision(rule=rule.name, kind=rule.kind, acknowledge=True, reply=None)
         sender = msg["from"].strip().lower()
         if not self.ledger.within_limit(sender, now, self.per_sender_limit, self.per_sender_window):
-            shown_id = _one_line(msg["id"], 80)
+            shown_id = one_line(msg["id"], 80)
             log.log(
                 logging.WARNING if self._first_limited(sender, now) else logging.DEBUG,
                 "automatic reply to %s withheld: %d automatic replies to %s in the last %s "
@@ -1148,13 +1153,6 @@ class AutoResponder:
 # --------------------------------------------------------------------------- command line
 
 
-def _write(stream: Any, text: str) -> None:
-    """Write text that a console of any code page can show, never crashing."""
-    encoding = getattr(stream, "encoding", None) or "ascii"
-    stream.write(text.encode(encoding, "replace").decode(encoding, "replace"))
-    stream.flush()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="auto_reply.py",
@@ -1164,20 +1162,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     group.add_argument("--check", metavar="FILE", help="validate a rules file")
     group.add_argument("--print-defaults", action="store_true", help="print the default rules")
     args = parser.parse_args(argv)
-    try:
-        if args.print_defaults:
-            _write(sys.stdout, json.dumps(DEFAULT_RULES_DOCUMENT, indent=2, ensure_ascii=True) + "\n")
-            return EXIT_OK
-        rules = load_rules(Path(args.check))
-    except RuleError as exc:
-        _write(sys.stderr, f"auto_reply: {exc}\n")
-        return EXIT_USAGE
-    except Exception as exc:  # noqa: BLE001 - one line on stderr, exit 1
-        _write(sys.stderr, f"auto_reply: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}\n")
-        return EXIT_FAILURE
+    from fleet_cli import run_cli
+
+    return run_cli("auto_reply", lambda: _check_or_print(args), catch_all=True)
+
+
+def _check_or_print(args: argparse.Namespace) -> int:
+    if args.print_defaults:
+        write_text(dump_json_text(DEFAULT_RULES_DOCUMENT))
+        return EXIT_OK
+    rules = load_rules(Path(args.check))
     enabled = [rule for rule in rules.rules if rule.enabled]
-    _write(sys.stdout, f"{args.check}: valid, {len(rules.rules)} rules ({len(enabled)} enabled): "
-                       f"{', '.join(f'{r.name} ({r.kind})' for r in enabled) or 'no automatic replies'}\n")
+    write_line(f"{args.check}: valid, {len(rules.rules)} rules ({len(enabled)} enabled): "
+               f"{', '.join(f'{r.name} ({r.kind})' for r in enabled) or 'no automatic replies'}")
     return EXIT_OK
 
 

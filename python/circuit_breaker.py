@@ -18,6 +18,12 @@ Contract (STYLE.md rule 12):
 - The clock is injectable (epoch seconds, default :func:`time.time`). Wall-clock epoch is stored
   because the state survives restarts.
 
+Storage (pybreaker's ``CircuitBreakerStorage`` split): the state machine keeps its persisted
+fields in a :class:`BreakerStorage`, :class:`MemoryStorage` by default or :class:`FileStorage`
+(``state_path=`` is short for ``storage=FileStorage(state_path)``). This module owns the file's
+format; others read it only through :func:`read_state_file` (``system_health``) and
+:func:`breaker_open` (the send path's cheap "is it open now?").
+
 Persistence, when ``state_path`` is given (the monitor uses ``<repo>/<server>/state/
 circuit_breaker.json``, never committed): loaded once on construction, written atomically
 whenever a persisted field changes, except that a success while CLOSED with no failures does not
@@ -38,30 +44,34 @@ read only at construction.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import enum
-import logging
 import math
 import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Deque, Dict, Final, Iterator, List, Optional, Tuple, Type, TypeVar, Union
 
 from fleet_common import (
+    BREAKER_FILE_NAME,
     EXIT_TEMPFAIL,
+    MAX_JSON_DEPTH,
+    BadInput,
     SuiteError,
     UsageError,
     atomic_write_json,
-    iso_utc,
+    get_logger,
+    iso_from_epoch,
+    load_json_bounded,
     load_state_file,
     move_aside,
+    read_local_file,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # lazy: the send path reads the state without logging
 
 STATE_VERSION = 1
-STATE_FILE_NAME = "circuit_breaker.json"
+STATE_FILE_NAME = BREAKER_FILE_NAME  # the name lives in fleet_common.RuntimePaths
 DEFAULT_FAILURE_THRESHOLD = 5
 DEFAULT_TIMEOUT_SECONDS = 300
 LAST_FAILURE_MAX_CHARS = 200
@@ -105,10 +115,7 @@ class CircuitOpenError(SuiteError):
 
 
 def _iso_epoch(epoch: Optional[float], *, round_up: bool = False) -> Optional[str]:
-    if epoch is None:
-        return None
-    seconds = math.ceil(epoch) if round_up else math.floor(epoch)
-    return iso_utc(_dt.datetime.fromtimestamp(seconds, _dt.timezone.utc))
+    return None if epoch is None else iso_from_epoch(epoch, round_up=round_up)
 
 
 def _failures(count: object) -> str:
@@ -143,8 +150,13 @@ def _fresh_state() -> Dict[str, Any]:
 
 
 def _validate(data: Dict[str, Any]) -> Dict[str, Any]:
-    """Check a loaded state document; ``ValueError`` names the first bad field."""
+    """Check a loaded state document; ``ValueError`` names the first bad field.
+
+    A state's name is read in any case (``half_open``), as health checks always have.
+    """
     state = data.get("state", CircuitState.CLOSED.value)
+    if isinstance(state, str):
+        state = data["state"] = state.upper()
     if state not in {s.value for s in CircuitState}:
         raise ValueError(f"unknown state {state!r}")
     for key in _COUNTERS:
@@ -159,7 +171,113 @@ def _validate(data: Dict[str, Any]) -> Dict[str, Any]:
     last_failure = data.get("last_failure")
     if last_failure is not None and not isinstance(last_failure, str):
         raise ValueError(f"last_failure is not text: {last_failure!r}")
+    timeout = data.get("timeout_seconds")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise ValueError(f"timeout_seconds is not a positive number: {timeout!r}")
     return data
+
+
+# --------------------------------------------------------------------------- storage
+#
+# The state machine below keeps its persisted fields in a storage object (pybreaker's
+# CircuitBreakerStorage split): in memory for a breaker that lives as long as its process, in
+# ``<server>/state/circuit_breaker.json`` for the monitor's. This module is the file's one owner:
+# the monitor writes it through FileStorage, and everyone else reads it with read_state_file or
+# breaker_open (read-only, never moving anything aside: that is the owner's job).
+
+STATE_READ_MAX_BYTES: Final = 1024 * 1024  # the file is a few hundred bytes
+
+
+class BreakerStorage:
+    """Where a breaker keeps its persisted fields between transitions."""
+
+    def load(self) -> Optional[Dict[str, Any]]:
+        """The stored fields, checked, or ``None`` when nothing is stored yet."""
+        raise NotImplementedError
+
+    def save(self, snapshot: Dict[str, Any]) -> None:
+        """Keep ``snapshot`` (may raise ``OSError``: the breaker logs it and carries on)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class MemoryStorage(BreakerStorage):
+    """Fields kept in this process only (the default): a restart starts CLOSED."""
+
+    def __init__(self) -> None:
+        self.snapshot: Optional[Dict[str, Any]] = None
+
+    def load(self) -> Optional[Dict[str, Any]]:
+        return None if self.snapshot is None else dict(self.snapshot)
+
+    def save(self, snapshot: Dict[str, Any]) -> None:
+        self.snapshot = dict(snapshot)
+
+    def describe(self) -> str:
+        return "memory"
+
+
+class FileStorage(BreakerStorage):
+    """Fields in a JSON state file, written atomically (STYLE.md rules 9 and 11).
+
+    Loading moves an unreadable or malformed file aside and starts fresh; a newer ``version`` is
+    refused with :class:`~fleet_common.SuiteError`.
+    """
+
+    def __init__(self, path: Union[str, Path]) -> None:
+        self.path = Path(path)
+
+    def load(self) -> Optional[Dict[str, Any]]:
+        try:
+            data = load_state_file(self.path, version=STATE_VERSION, fresh=_fresh_state)
+        except OSError as exc:
+            raise SuiteError(f"cannot read circuit breaker state {self.path}: {exc}") from exc
+        try:
+            return _validate(data)
+        except ValueError as exc:
+            move_aside(self.path, str(exc))
+            return None
+
+    def save(self, snapshot: Dict[str, Any]) -> None:
+        atomic_write_json(self.path, snapshot)
+
+    def describe(self) -> str:
+        return self.path.name
+
+
+def read_state_file(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """The state a breaker persisted at ``path``, read-only and bounded; ``None`` when there is
+    none. :class:`~fleet_common.BadInput` when it cannot be used (the reason in one line),
+    :class:`~fleet_common.NotARegularFile` for a symlink or folder, ``OSError`` when unreadable."""
+    target = Path(path)
+    raw = read_local_file(target, max_bytes=STATE_READ_MAX_BYTES)
+    if raw is None:
+        return None
+    data = load_json_bounded(raw, what=target.name, max_bytes=STATE_READ_MAX_BYTES,
+                             max_depth=MAX_JSON_DEPTH)
+    if not isinstance(data, dict):
+        raise BadInput(f"{target.name} is not a JSON object")
+    try:
+        return _validate(data)
+    except ValueError as exc:
+        raise BadInput(f"{target.name}: {exc}") from None
+
+
+def breaker_open(path: Union[str, Path], now: Optional[float] = None) -> bool:
+    """Whether the breaker persisted at ``path`` refuses calls at ``now`` (default: the time):
+    OPEN and its timeout not yet over. For a send deciding to queue at once: a missing or
+    unusable file never blocks a send."""
+    try:
+        data = read_state_file(path)
+    except (OSError, SuiteError):
+        return False
+    if data is None or data.get("state") != CircuitState.OPEN.value or data.get("opened_at") is None:
+        return False
+    timeout = data.get("timeout_seconds") or DEFAULT_TIMEOUT_SECONDS
+    return (time.time() if now is None else now) - data["opened_at"] < timeout
 
 
 class CircuitBreaker:
@@ -173,6 +291,7 @@ class CircuitBreaker:
         clock: Optional[Callable[[], float]] = None,
         name: str = "git",
         exclude: ExcludeSpec = (),
+        storage: Optional[BreakerStorage] = None,
     ) -> None:
         if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) \
                 or failure_threshold < 1:
@@ -189,7 +308,11 @@ class CircuitBreaker:
 
         self._failure_threshold = failure_threshold
         self._timeout = timeout_seconds
-        self._path: Optional[Path] = Path(state_path) if state_path is not None else None
+        if state_path is not None and storage is not None:
+            raise UsageError("give a breaker state_path or a storage, not both")
+        if state_path is not None:
+            storage = FileStorage(state_path)
+        self._storage: BreakerStorage = storage if storage is not None else MemoryStorage()
         self._clock: Callable[[], float] = clock if clock is not None else time.time
         self._name = name
         self._exclude: Tuple[Type[BaseException], ...] = exclude
@@ -214,8 +337,7 @@ class CircuitBreaker:
         self._flush_lock = threading.RLock()
         self._listeners: List[Listener] = []
 
-        if self._path is not None:
-            self._load()
+        self._load()
 
     # ------------------------------------------------------------------ public API
 
@@ -233,7 +355,11 @@ class CircuitBreaker:
 
     @property
     def state_path(self) -> Optional[Path]:
-        return self._path
+        return self._storage.path if isinstance(self._storage, FileStorage) else None
+
+    @property
+    def storage(self) -> BreakerStorage:
+        return self._storage
 
     @property
     def state(self) -> CircuitState:
@@ -435,8 +561,6 @@ class CircuitBreaker:
     # ------------------------------------------------------------------ storage and events
 
     def _queue_save_locked(self, now: float) -> None:
-        if self._path is None:
-            return
         self._pending_save = {
             "version": STATE_VERSION,
             "state": self._state.value,
@@ -462,14 +586,15 @@ class CircuitBreaker:
                 events = list(self._pending_events)
                 self._pending_events.clear()
                 listeners = list(self._listeners)
-            if snapshot is not None and self._path is not None:
+            if snapshot is not None:
                 try:
-                    atomic_write_json(self._path, snapshot)
+                    self._storage.save(snapshot)
                 except OSError as exc:
                     # The in-memory breaker still protects this process; only a restart forgets.
+                    where = self._storage.describe()
                     log.error(
-                        "%s circuit breaker: cannot save %s: %s", self._name, self._path, exc,
-                        extra={"metadata": {"breaker": self._name, "path": str(self._path)}},
+                        "%s circuit breaker: cannot save %s: %s", self._name, where, exc,
+                        extra={"metadata": {"breaker": self._name, "path": str(self.state_path or where)}},
                     )
             for old, new, status in events:
                 self._announce(old, new, status, listeners)
@@ -508,18 +633,9 @@ class CircuitBreaker:
                 )
 
     def _load(self) -> None:
-        assert self._path is not None
-        path = self._path
-        try:
-            data = load_state_file(path, version=STATE_VERSION, fresh=_fresh_state)
-        except OSError as exc:
-            raise SuiteError(f"cannot read circuit breaker state {path}: {exc}") from exc
-        try:
-            _validate(data)
-        except ValueError as exc:
-            move_aside(path, str(exc))
-            data = _fresh_state()
-
+        data = self._storage.load()
+        if data is None:
+            return  # nothing stored: CLOSED, as constructed
         state = CircuitState(data.get("state", CircuitState.CLOSED.value))
         self._failure_count = data.get("failure_count", 0)
         self._total_failures = data.get("total_failures", 0)
@@ -543,7 +659,7 @@ class CircuitBreaker:
         self._flush()
         log.info(
             "%s circuit breaker restored %s from %s (opened at %s, retry at %s)",
-            self._name, status["state"], path.name, status["opened_at"], status["retry_at"],
-            extra={"metadata": {"breaker": self._name, "path": str(path), "state": status["state"],
+            self._name, status["state"], self._storage.describe(), status["opened_at"], status["retry_at"],
+            extra={"metadata": {"breaker": self._name, "path": str(self.state_path), "state": status["state"],
                                 "failure_count": status["failure_count"]}},
         )

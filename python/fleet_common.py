@@ -123,6 +123,32 @@ def write_line(text: str, stream: Optional[IO[str]] = None) -> None:
     target.flush()
 
 
+def write_text(text: str, stream: Optional[IO[str]] = None) -> None:
+    """Like :func:`write_line` for text that brings its own line ends (a report, a JSON dump)."""
+    target = sys.stdout if stream is None else stream
+    target.write(console_safe(text, target))
+    target.flush()
+
+
+ONE_LINE_LIMIT: Final = 300  # a reason longer than this is a dump, not a reason
+
+
+def one_line(value: object, limit: int = ONE_LINE_LIMIT) -> str:
+    """``value`` (text or an exception) as one line of at most ``limit`` characters.
+
+    An exception gives the first line of its message (the summary; details follow it), or its
+    type's name when the message is empty. Runs of whitespace, line ends included, become one
+    space, so a reason can never spill onto a second line of stderr, a log record or a systemd
+    status.
+    """
+    text = str(value)
+    if isinstance(value, BaseException):
+        lines = [line for line in text.splitlines() if line.strip()]
+        text = lines[0] if lines else type(value).__name__
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: max(0, limit - 3)] + "..."
+
+
 # --------------------------------------------------------------------------- server ids
 
 
@@ -222,7 +248,87 @@ def server_dir(repo: "os.PathLike[str] | str", server_id: str) -> Path:
 
 
 def state_dir(repo: "os.PathLike[str] | str", server_id: str) -> Path:
-    return server_dir(repo, server_id) / "state"
+    return server_dir(repo, server_id) / STATE_SUBDIR
+
+
+# The never-committed runtime files of a server, each named once (PROTOCOL.md, "The fleet
+# repository"); their formats belong to the modules named beside them.
+LOGS_SUBDIR, QUEUE_SUBDIR, STATE_SUBDIR = RUNTIME_SUBDIRS
+QUEUE_FILE_NAME: Final = "message_queue.json"  # message_queue
+BREAKER_FILE_NAME: Final = "circuit_breaker.json"  # circuit_breaker
+LEDGER_FILE_NAME: Final = "auto_reply.json"  # auto_reply.ReplyLedger
+METRICS_FILE_NAME: Final = "metrics.json"  # monitoring_metrics
+LOG_FILE_NAME: Final = "structured.log"  # structured_log
+INSTANCE_LOCK_NAME: Final = "monitor.lock"  # fleet_service.InstanceLock
+PID_FILE_NAME: Final = "monitor.pid"  # fleet_service.InstanceLock
+MONITOR_STATE_FILE_NAME: Final = "monitor_state.json"  # the monitor's own memory
+STATUS_FILE_NAME: Final = "monitor_status.json"  # the monitor's report for health checks
+
+
+class RuntimePaths:
+    """Where one server's runtime files live in a clone: ``<repo>/<server>/{logs,queue,state}/``.
+
+    Paths only: nothing is created or read here (``runtime_dir`` makes a folder when a writer
+    needs it). Anchor: pipx ``src/pipx/paths.py``, one object that names every location.
+    """
+
+    __slots__ = ("repo", "server", "server_dir")
+
+    def __init__(self, repo: "os.PathLike[str] | str", server: str) -> None:
+        self.repo = Path(repo)
+        self.server = normalize_server_id(server)
+        self.server_dir = self.repo / self.server
+
+    def __repr__(self) -> str:
+        return f"RuntimePaths({str(self.repo)!r}, {self.server!r})"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.server_dir / LOGS_SUBDIR
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.server_dir / QUEUE_SUBDIR
+
+    @property
+    def state_dir(self) -> Path:
+        return self.server_dir / STATE_SUBDIR
+
+    @property
+    def queue(self) -> Path:
+        return self.queue_dir / QUEUE_FILE_NAME
+
+    @property
+    def breaker(self) -> Path:
+        return self.state_dir / BREAKER_FILE_NAME
+
+    @property
+    def ledger(self) -> Path:
+        return self.state_dir / LEDGER_FILE_NAME
+
+    @property
+    def metrics(self) -> Path:
+        return self.logs_dir / METRICS_FILE_NAME
+
+    @property
+    def log(self) -> Path:
+        return self.logs_dir / LOG_FILE_NAME
+
+    @property
+    def instance_lock(self) -> Path:
+        return self.state_dir / INSTANCE_LOCK_NAME
+
+    @property
+    def pid(self) -> Path:
+        return self.state_dir / PID_FILE_NAME
+
+    @property
+    def monitor_state(self) -> Path:
+        return self.state_dir / MONITOR_STATE_FILE_NAME
+
+    @property
+    def status(self) -> Path:
+        return self.state_dir / STATUS_FILE_NAME
 
 
 # --------------------------------------------------------------------------- time
@@ -238,6 +344,40 @@ def iso_utc(moment: Optional[_dt.datetime] = None, *, fraction: bool = False) ->
     if fraction:
         return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def datetime_from_epoch(epoch: float) -> _dt.datetime:
+    """An aware UTC datetime for a Unix time."""
+    return _dt.datetime.fromtimestamp(epoch, _dt.timezone.utc)
+
+
+def iso_from_epoch(epoch: float, *, fraction: bool = False, round_up: bool = False) -> str:
+    """:func:`iso_utc` of a Unix time; ``round_up`` gives the next whole second (a retry time
+    shown rounded down would be a moment at which the retry is still refused)."""
+    if not fraction:
+        epoch = math.ceil(epoch) if round_up else math.floor(epoch)
+    return iso_utc(datetime_from_epoch(epoch), fraction=fraction)
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """``4 s``, ``3 min 5 s``, ``2 h 13 min``, ``3 d 4 h``; ``unknown`` for no value.
+
+    The one way a duration is written for people (replies, the inbox, system_health); the
+    compact column form of ``fleet_status.short_age`` is for tables only.
+    """
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds):
+        return "unknown"
+    total = max(0, int(seconds))
+    if total < 60:
+        return f"{total} s"
+    if total < 3600:
+        minutes, secs = divmod(total, 60)
+        return f"{minutes} min {secs} s" if secs else f"{minutes} min"
+    if total < 86400:
+        hours, rest = divmod(total, 3600)
+        return f"{hours} h {rest // 60} min"
+    days, rest = divmod(total, 86400)
+    return f"{days} d {rest // 3600} h"
 
 
 _TS_RE = re.compile(
@@ -423,10 +563,16 @@ def atomic_write_bytes(path: "os.PathLike[str] | str", data: bytes) -> None:
     retried briefly while another process holds the target open. A runtime file's folders must
     be real folders and the target a regular file: anything else is moved aside first (critical).
     """
-    import tempfile  # lazy: a send writes no state file
-
     target = Path(path)
     _prepare_target(target)
+    replace_file(target, data)
+
+
+def replace_file(target: Path, data: bytes) -> None:
+    """The write half of :func:`atomic_write_bytes`, for a folder the caller chose (a metrics
+    textfile for node_exporter): creates no folder and moves nothing aside."""
+    import tempfile  # lazy: a send writes no state file
+
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -514,12 +660,17 @@ def load_json_bounded(raw: "bytes | str", *, what: str, max_bytes: int,
     try:
         return json.loads(data.decode("utf-8-sig"), parse_int=_bounded_int)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadInput(f"{what} does not parse: {text[:200]}") from None
+        raise BadInput(f"{what} does not parse: {one_line(exc, 200)}") from None
+
+
+def dump_json_text(data: Any) -> str:
+    """The suite's one JSON layout for files and ``--json`` reports: 2-space indent, ASCII only
+    (any console and any code page shows it), a final newline."""
+    return json.dumps(data, indent=2, ensure_ascii=True) + "\n"
 
 
 def dump_json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, ensure_ascii=True) + "\n").encode("ascii")
+    return dump_json_text(data).encode("ascii")
 
 
 def atomic_write_json(path: "os.PathLike[str] | str", data: Any) -> None:
@@ -618,21 +769,10 @@ def file_lock(path: "os.PathLike[str] | str", timeout: float = 10.0):
 
 def _info_exclude_path(repo: Path) -> Optional[Path]:
     """``info/exclude`` of the clone at ``repo`` (plain clone, worktree or submodule)."""
-    dotgit = repo / ".git"
-    if dotgit.is_dir():
-        return dotgit / "info" / "exclude"
-    if dotgit.is_file():
-        text = dotgit.read_text(encoding="utf-8", errors="replace").strip()
-        if text.startswith("gitdir:"):
-            gitdir = Path(text[len("gitdir:"):].strip())
-            if not gitdir.is_absolute():
-                gitdir = (repo / gitdir).resolve()
-            common = gitdir / "commondir"
-            if common.is_file():
-                base = Path(common.read_text(encoding="utf-8").strip())
-                gitdir = base if base.is_absolute() else (gitdir / base).resolve()
-            return gitdir / "info" / "exclude"
-    return None
+    from fleet_git import git_layout  # the owner of the git-dir layout; it imports this module
+
+    layout = git_layout(repo)
+    return None if layout is None else layout.common_dir / "info" / "exclude"
 
 
 def ensure_excluded(repo: "os.PathLike[str] | str", server_id: str) -> None:

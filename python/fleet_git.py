@@ -21,7 +21,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Final, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from fleet_common import EXIT_USAGE, SuiteError, UsageError, get_logger
 from fleet_mailbox import MAILBOX_PATH  # noqa: F401 - the mailbox module owns it; importable here as before
@@ -894,21 +894,108 @@ class TxResult:
         return f"TxResult(commit={self.commit!r}, changed={self.changed}, attempts={self.attempts})"
 
 
-# --------------------------------------------------------------------------- stale locks
+# --------------------------------------------------------------------------- git facts
+#
+# What this suite knows about a repository's files, said once: where the git dirs are, which lock
+# files git leaves behind, which markers say an operation is under way. ``Clone``, the monitor,
+# ``system_health`` and ``fleet_common.ensure_excluded`` ask these functions rather than looking.
+
+
+class GitLayout(NamedTuple):
+    """Where a work tree keeps its git data.
+
+    ``git_dir`` is the work tree's own (``HEAD``, ``index``, ``MERGE_HEAD``); ``common_dir`` is
+    what linked worktrees share (``refs``, ``objects``, ``config``, ``info/exclude``). They are the
+    same folder in a plain clone.
+    """
+
+    git_dir: Path
+    common_dir: Path
+
+
+GITFILE_MAX_BYTES: Final = 4096  # a ".git" file holds one "gitdir: <path>" line
+
+
+def git_layout(work_tree: Union[str, "os.PathLike[str]"]) -> Optional[GitLayout]:
+    """The git dirs of the work tree whose top folder is ``work_tree``, read without running git
+    (a plain clone's ``.git`` folder, or the ``gitdir:`` file of a linked worktree or submodule,
+    with its ``commondir``); ``None`` when ``work_tree`` has no readable ``.git``."""
+    top = Path(work_tree)
+    dotgit = top / ".git"
+    try:
+        if dotgit.is_dir():
+            git_dir = dotgit.resolve()
+        elif dotgit.is_file():
+            with open(dotgit, "rb") as handle:
+                text = handle.read(GITFILE_MAX_BYTES).decode("utf-8", "replace").strip()
+            if not text.startswith("gitdir:"):
+                return None
+            git_dir = (top / text[len("gitdir:"):].strip()).resolve()  # relative to the work tree
+        else:
+            return None
+        common_file = git_dir / "commondir"
+        if not common_file.is_file():
+            return GitLayout(git_dir, git_dir)
+        with open(common_file, "rb") as handle:
+            base = handle.read(GITFILE_MAX_BYTES).decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    return GitLayout(git_dir, (git_dir / base).resolve())  # relative to the worktree's git dir
+
+
+# Operations a person runs in a work tree, by the marker git leaves in its git dir while one is
+# under way (git's own wt-status.c looks for the same): a merge or fast-forward now would land
+# in the middle of it.
+OPERATION_MARKERS: Final = (("MERGE_HEAD", "merge"), ("rebase-merge", "rebase"),
+                            ("rebase-apply", "rebase"), ("CHERRY_PICK_HEAD", "cherry-pick"),
+                            ("REVERT_HEAD", "revert"), ("BISECT_LOG", "bisect"))
+
+
+class Operation(NamedTuple):
+    marker: str  # the file or folder git left, e.g. ``MERGE_HEAD``
+    label: str  # what a person calls it, e.g. ``merge``
+
+
+def operation_in_progress(git_dir: Path) -> Optional[Operation]:
+    """The operation under way in the work tree of ``git_dir`` (its own, not the common dir)."""
+    for marker, label in OPERATION_MARKERS:
+        if (git_dir / marker).exists():
+            return Operation(marker, label)
+    return None
+
 
 STALE_LOCK_AGE: Final = 120.0  # seconds (the seed: locks older than 2 minutes are stale)
-_TOP_LOCKS = ("index.lock", "HEAD.lock", "packed-refs.lock", "config.lock", "shallow.lock",
-              "ORIG_HEAD.lock", "FETCH_HEAD.lock")
+# Lock files git takes at the top of a git dir (a worktree's own index and HEAD, the common
+# dir's packed-refs, config and shallow); ref locks live under refs/ and are found by walking.
+GIT_LOCK_NAMES: Final = ("index.lock", "HEAD.lock", "packed-refs.lock", "config.lock", "shallow.lock",
+                         "ORIG_HEAD.lock", "FETCH_HEAD.lock")
+# How many entries of refs/ the lock search visits: a clone with a huge number of loose refs
+# must not make a health check or a monitor cycle slow.
+LOCK_WALK_BUDGET: Final = 20000
 
 
-def lock_files(git_dir: Path) -> List[Path]:
-    """Lock files git leaves behind when killed: top-level ones and any under ``refs/``."""
-    found = [git_dir / name for name in _TOP_LOCKS if (git_dir / name).exists()]
-    refs = git_dir / "refs"
-    if refs.is_dir():
-        for folder, _dirs, files in os.walk(refs):
-            found.extend(Path(folder) / name for name in files if name.endswith(".lock"))
+def lock_files(git_dir: Path, common_dir: Optional[Path] = None) -> List[Path]:
+    """Lock files git leaves behind when killed: top-level ones in the work tree's git dir and
+    the common dir, and any under ``refs/`` (searched within :data:`LOCK_WALK_BUDGET`)."""
+    common = git_dir if common_dir is None else common_dir
+    folders = [git_dir] if os.path.normcase(str(common)) == os.path.normcase(str(git_dir)) else [git_dir, common]
+    found = [folder / name for folder in folders for name in GIT_LOCK_NAMES if (folder / name).exists()]
+    budget = LOCK_WALK_BUDGET
+    for folder, _dirs, files in os.walk(common / "refs"):
+        found.extend(Path(folder) / name for name in files if name.endswith(".lock"))
+        budget -= 1 + len(files)
+        if budget <= 0:
+            break
     return found
+
+
+def lock_name(path: Path, common_dir: Path) -> str:
+    """A lock file as a person reads it, relative to the common dir: ``refs/heads/main.lock``,
+    ``index.lock``, a linked worktree's ``worktrees/<name>/index.lock``."""
+    try:
+        return path.relative_to(common_dir).as_posix()
+    except ValueError:
+        return path.name  # a git dir kept outside the common one (a submodule's, say)
 
 
 def git_busy_in(repo_root: Path, git_dir: Path) -> bool:
@@ -938,14 +1025,14 @@ def git_busy_in(repo_root: Path, git_dir: Path) -> bool:
 
 
 def remove_stale_locks(repo_root: Path, git_dir: Path, *, max_age: float = STALE_LOCK_AGE,
-                       now: Optional[float] = None) -> List[Tuple[Path, float]]:
+                       now: Optional[float] = None, common_dir: Optional[Path] = None) -> List[Tuple[Path, float]]:
     """Remove git lock files older than ``max_age`` when no git process works in the repo.
 
     Returns what was removed with each file's age; every removal is logged.
     """
     now = time.time() if now is None else now
     stale = []
-    for path in lock_files(git_dir):
+    for path in lock_files(git_dir, common_dir):
         try:
             age = now - path.stat().st_mtime
         except OSError:
@@ -963,6 +1050,6 @@ def remove_stale_locks(repo_root: Path, git_dir: Path, *, max_age: float = STALE
             continue
         removed.append((path, age))
         log.warning("removed stale git lock %s (%.0f s old, no git process running here)",
-                    path.relative_to(git_dir), age,
+                    lock_name(path, common_dir or git_dir), age,
                     extra={"metadata": {"path": str(path), "age_seconds": round(age, 1)}})
     return removed

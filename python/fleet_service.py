@@ -45,14 +45,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple, Union
 
 import fleet_common
-from fleet_common import SuiteError, UsageError, iso_utc, normalize_server_id
+from fleet_common import SuiteError, UsageError, iso_utc, normalize_server_id, one_line
 from fleet_git import LOCAL_TIMEOUT, NETWORK_TIMEOUT
 
 log = logging.getLogger(__name__)
 
 PID_FILE_VERSION: Final = 1
-LOCK_NAME: Final = "monitor.lock"
-PID_NAME: Final = "monitor.pid"
+LOCK_NAME: Final = fleet_common.INSTANCE_LOCK_NAME  # the names live in RuntimePaths
+PID_NAME: Final = fleet_common.PID_FILE_NAME
 STATUS_MAX: Final = 200
 
 # WatchdogSec: the monitor pings the watchdog before and after every git network call (the
@@ -167,12 +167,12 @@ class SystemdNotifier:
         """``READY=1`` with ``MAINPID`` (and ``STATUS`` when given)."""
         lines = ["READY=1", f"MAINPID={os.getpid()}"]
         if status is not None:
-            lines.append("STATUS=" + _one_line(status))
+            lines.append("STATUS=" + one_line(status, STATUS_MAX))
         return self.notify(*lines)
 
     def status(self, text: str) -> bool:
         """``STATUS=`` one line, at most 200 characters (shown by ``systemctl status``)."""
-        return self.notify("STATUS=" + _one_line(text))
+        return self.notify("STATUS=" + one_line(text, STATUS_MAX))
 
     def watchdog(self) -> bool:
         """``WATCHDOG=1`` if a quarter of the watchdog interval has passed since the last one.
@@ -197,7 +197,7 @@ class SystemdNotifier:
     def stopping(self, status: Optional[str] = None) -> bool:
         lines = ["STOPPING=1"]
         if status is not None:
-            lines.append("STATUS=" + _one_line(status))
+            lines.append("STATUS=" + one_line(status, STATUS_MAX))
         return self.notify(*lines)
 
     def reloading(self) -> bool:
@@ -224,11 +224,6 @@ def _parse_watchdog(env: Mapping[str, str]) -> Optional[float]:
         except ValueError:
             return None
     return usec / 1_000_000
-
-
-def _one_line(text: str) -> str:
-    flat = " ".join(str(text).split())
-    return flat[:STATUS_MAX]
 
 
 _default_notifier: Optional[SystemdNotifier] = None
@@ -358,11 +353,11 @@ class InstanceLock:
 
     @property
     def lock_path(self) -> Path:
-        return fleet_common.state_dir(self.repo, self.server_id) / LOCK_NAME
+        return fleet_common.RuntimePaths(self.repo, self.server_id).instance_lock
 
     @property
     def pid_path(self) -> Path:
-        return fleet_common.state_dir(self.repo, self.server_id) / PID_NAME
+        return fleet_common.RuntimePaths(self.repo, self.server_id).pid
 
     @property
     def held(self) -> bool:
@@ -373,12 +368,12 @@ class InstanceLock:
             return self
         from filelock import Timeout
 
-        folder = fleet_common.runtime_dir(self.repo, self.server_id, "state")
-        lock = fleet_common.file_lock(folder / LOCK_NAME, timeout=self.timeout)
+        fleet_common.runtime_dir(self.repo, self.server_id, fleet_common.STATE_SUBDIR)
+        lock = fleet_common.file_lock(self.lock_path, timeout=self.timeout)
         try:
             lock.acquire()
         except Timeout:
-            pid, host = read_pid_file(folder / PID_NAME)
+            pid, host = read_pid_file(self.pid_path)
             who = f"pid {pid}" if pid is not None else "pid unknown"
             if host and host != socket.gethostname():
                 who += f" on host {host}"
@@ -388,7 +383,7 @@ class InstanceLock:
             ) from None
         self._lock = lock
         try:
-            fleet_common.atomic_write_json(folder / PID_NAME, {
+            fleet_common.atomic_write_json(self.pid_path, {
                 "version": PID_FILE_VERSION,
                 "pid": os.getpid(),
                 "started_at": iso_utc(),
@@ -400,7 +395,7 @@ class InstanceLock:
             lock.release()
             raise
         log.debug("instance lock held", extra={"metadata": {
-            "lock": str(folder / LOCK_NAME), "pid": os.getpid()}})
+            "lock": str(self.lock_path), "pid": os.getpid()}})
         return self
 
     def release(self) -> None:
@@ -456,7 +451,7 @@ def monitor_running(repo: Union[str, os.PathLike[str]], server_id: str) -> Optio
     """
     from filelock import FileLock, Timeout
 
-    path = fleet_common.state_dir(repo, server_id) / LOCK_NAME
+    path = fleet_common.RuntimePaths(repo, server_id).instance_lock
     try:
         info = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):

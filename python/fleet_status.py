@@ -54,14 +54,11 @@ import os
 import re
 import sys
 import time
-from typing import Any, Dict, Final, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Set, Tuple
 
 from fleet_common import (
     BROADCAST,
-    EXIT_INTERRUPTED,
-    EXIT_USAGE,
     BadInput,
-    SuiteError,
     UsageError,
     default_repo_path,
     defer_logging_setup,
@@ -69,6 +66,7 @@ from fleet_common import (
     iso_utc,
     load_json_bounded,
     normalize_server_id,
+    one_line,
     parse_timestamp,
 )
 from fleet_git import LOCAL_LOCK_RETRIES, MAILBOX_PATH, Clone, GitError, RemoteUnavailable, _local_lock_busy
@@ -545,39 +543,7 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
         problems.append((WARNING, f"{overflow} more server ids (from the mailbox) not shown; "
                                   f"at most {MAX_SERVERS} are"))
     mail = {server: _Mail() for server in servers}
-    today = now.date()
-    unread_by: List[List[str]] = []
-    # A broadcast waits for every server that runs (roster, state ref, or mail it sent), not for
-    # ids that only appear as a recipient (a typo reads nothing): this also bounds what one
-    # broadcast costs when a mailbox names hundreds of made-up servers.
-    everyone = [server for server, seen in servers.items() if seen != {"recipient"}]
-    for msg in messages:
-        when = message_time(msg)
-        counters = mail.get(msg["from"].lower())
-        if counters is not None and when is not None:
-            if counters.last_sent is None or when > counters.last_sent:
-                counters.last_sent = when
-            day = (today - when.date()).days
-            if 0 <= day < CHART_DAYS:
-                counters.per_day[CHART_DAYS - 1 - day] += 1
-        rcpt = recipients(msg)
-        waiting: List[str] = []
-        for server in (everyone if rcpt is None else sorted(rcpt)):
-            counters = mail.get(server)
-            if counters is None or not is_addressed_to(msg, server):
-                continue
-            item = (when, msg)
-            if not has_read(msg, server, snap.states):
-                waiting.append(server)
-                counters.unread += 1
-                if _older(item, counters.oldest_unread):
-                    counters.oldest_unread = item
-            if msg.get("ack_required") is True and not has_acknowledged(msg, server, snap.states):
-                counters.acks += 1
-                if _older(item, counters.oldest_ack):
-                    counters.oldest_ack = item
-        unread_by.append(waiting)
-
+    unread_by = _count_mail(snap, messages, servers, mail, now.date())
     presence = {server: _presence_summary(snap.states.get(server), now) for server in servers}
     # Expected servers: the roster's, else every server that has published presence.
     expected = set(snap.roster.servers) if snap.roster.servers else {
@@ -586,15 +552,6 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
                         server in expected, stale_after, unread_after, now) for server in servers]
     rows.sort(key=_urgency)
     level = _worst([r["level"] for r in rows] + [p[0] for p in problems])
-    waited_on = [{"server": r["id"], "unread": r["unread"]["count"], "unread_overdue": r["unread"]["overdue"],
-                  "oldest": r["unread"]["oldest"], "acks_owed": r["acks_owed"]["count"],
-                  "acks_overdue": r["acks_owed"]["overdue"]}
-                 for r in rows if r["unread"]["overdue"] or r["acks_owed"]["overdue"]]
-    stale = [{"server": r["id"], "age_seconds": r["presence"]["age_seconds"], "limit_seconds": r["stale_limit"]}
-             for r in rows if r["state"] == STALE]
-    counts = {"servers": len(rows), LIVE: 0, STALE: 0, "never_seen": 0}
-    for row in rows:
-        counts["never_seen" if row["state"] == NEVER_SEEN else row["state"]] += 1
     report: Dict[str, Any] = {
         "version": REPORT_VERSION,
         "generated": iso_utc(now),
@@ -605,19 +562,87 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
         "thresholds": {"stale_after_seconds": stale_after, "unread_after_seconds": unread_after,
                        "stale_intervals": STALE_INTERVALS, "critical_factor": CRITICAL_FACTOR},
         "roster": snap.roster.to_dict(),
-        "counts": counts,
+        "counts": _state_counts(rows),
         "messages": {"hot": len(messages), "invalid": len(invalid)},
         "servers": rows,
-        "waited_on": waited_on,
-        "stale": stale,
+        "waited_on": _waited_on(rows),
+        "stale": [{"server": r["id"], "age_seconds": r["presence"]["age_seconds"],
+                   "limit_seconds": r["stale_limit"]} for r in rows if r["state"] == STALE],
         "problems": [{"level": lvl, "text": text} for lvl, text in problems],
-        "chart": {"days": [(today - _dt.timedelta(days=CHART_DAYS - 1 - i)).isoformat()
-                           for i in range(CHART_DAYS)],
-                  "totals": [sum(m.per_day[i] for m in mail.values()) for i in range(CHART_DAYS)]},
+        "chart": _chart_data(mail, now.date()),
         "threads": _threads(messages, unread_by, now),
     }
     report["summary"] = summary_line(report)
     return report
+
+
+def _count_mail(snap: Snapshot, messages: List[Dict[str, Any]], servers: Mapping[str, Set[str]],
+                mail: Dict[str, _Mail], today: _dt.date) -> List[List[str]]:
+    """Fill each server's counters from the hot mailbox; returns, per message, who has not read
+    it yet."""
+    # A broadcast waits for every server that runs (roster, state ref, or mail it sent), not for
+    # ids that only appear as a recipient (a typo reads nothing): this also bounds what one
+    # broadcast costs when a mailbox names hundreds of made-up servers.
+    everyone = [server for server, seen in servers.items() if seen != {"recipient"}]
+    unread_by: List[List[str]] = []
+    for msg in messages:
+        when = message_time(msg)
+        _count_sent(mail.get(msg["from"].lower()), when, today)
+        rcpt = recipients(msg)
+        waiting: List[str] = []
+        for server in (everyone if rcpt is None else sorted(rcpt)):
+            counters = mail.get(server)
+            if counters is not None and is_addressed_to(msg, server) \
+                    and _count_received(counters, server, (when, msg), snap.states):
+                waiting.append(server)
+        unread_by.append(waiting)
+    return unread_by
+
+
+def _count_sent(counters: Optional[_Mail], when: Optional[_dt.datetime], today: _dt.date) -> None:
+    if counters is None or when is None:
+        return
+    if counters.last_sent is None or when > counters.last_sent:
+        counters.last_sent = when
+    day = (today - when.date()).days
+    if 0 <= day < CHART_DAYS:
+        counters.per_day[CHART_DAYS - 1 - day] += 1
+
+
+def _count_received(counters: _Mail, server: str, item: Tuple[Optional[_dt.datetime], Dict[str, Any]],
+                    states: Mapping[str, ServerState]) -> bool:
+    """Count a message addressed to ``server``: unread, acknowledgement owed. True when unread."""
+    msg = item[1]
+    unread = not has_read(msg, server, states)
+    if unread:
+        counters.unread += 1
+        if _older(item, counters.oldest_unread):
+            counters.oldest_unread = item
+    if msg.get("ack_required") is True and not has_acknowledged(msg, server, states):
+        counters.acks += 1
+        if _older(item, counters.oldest_ack):
+            counters.oldest_ack = item
+    return unread
+
+
+def _state_counts(rows: List[Dict[str, Any]]) -> Dict[str, int]:
+    counts = {"servers": len(rows), LIVE: 0, STALE: 0, "never_seen": 0}
+    for row in rows:
+        counts["never_seen" if row["state"] == NEVER_SEEN else row["state"]] += 1
+    return counts
+
+
+def _waited_on(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The servers whose unread mail or owed acknowledgements are overdue."""
+    return [{"server": r["id"], "unread": r["unread"]["count"], "unread_overdue": r["unread"]["overdue"],
+             "oldest": r["unread"]["oldest"], "acks_owed": r["acks_owed"]["count"],
+             "acks_overdue": r["acks_owed"]["overdue"]}
+            for r in rows if r["unread"]["overdue"] or r["acks_owed"]["overdue"]]
+
+
+def _chart_data(mail: Mapping[str, _Mail], today: _dt.date) -> Dict[str, Any]:
+    return {"days": [(today - _dt.timedelta(days=CHART_DAYS - 1 - i)).isoformat() for i in range(CHART_DAYS)],
+            "totals": [sum(m.per_day[i] for m in mail.values()) for i in range(CHART_DAYS)]}
 
 
 _STATE_ORDER: Final = {NEVER_SEEN: 0, STALE: 1, LIVE: 2}
@@ -785,35 +810,42 @@ def render_terminal(report: Mapping[str, Any], *, color: bool = False, width: in
              f"branch {report['branch']} at {tip}, {report['generated']}; stale after "
              f"{short_age(report['thresholds']['stale_after_seconds'])}, unread after "
              f"{short_age(report['thresholds']['unread_after_seconds'])}", ""]
-    table = [list(_COLUMNS)] + [_cells(row) for row in report["servers"]]
-    widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS) - 1)]
-    room = max(_MIN_SUBJECT_WIDTH, width - sum(w + 2 for w in widths))
-    for index, cells in enumerate(table):
-        subject = cells[-1] if len(cells[-1]) <= room else cells[-1][:room - 1] + "\u2026"
-        text = "  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + subject
-        text = text.rstrip()
-        if index == 0:
-            lines.append(text)
-        else:
-            row = report["servers"][index - 1]
-            lines.append(paint(text, row["level"]) if row["level"] != OK else text)
+    lines.extend(_terminal_table(report["servers"], paint, width))
     if report["waited_on"] or report["stale"] or report["problems"]:
         lines.append("")
-    for item in report["waited_on"]:
-        what = []
-        if item["unread"]:
-            oldest = item["oldest"] or {}
-            what.append(f"{item['unread']} unread, oldest {short_age(oldest.get('age_seconds'))} "
-                        f"\"{oldest.get('subject', '')}\" from {oldest.get('from')}")
-        if item["acks_owed"]:
-            what.append(f"{item['acks_owed']} acknowledgement(s) owed")
-        lines.append(f"waited on: {item['server']}: " + "; ".join(what))
+    lines.extend(_waited_on_line(item) for item in report["waited_on"])
     for item in report["stale"]:
         lines.append(f"stale: {item['server']}: last seen {short_age(item['age_seconds'])} ago "
                      f"(limit {short_age(item['limit_seconds'])})")
     for problem in report["problems"]:
         lines.append(paint(f"{problem['level']}: {problem['text']}", problem["level"]))
     return "\n".join(lines)
+
+
+def _terminal_table(servers: Sequence[Mapping[str, Any]], paint: Callable[[str, str], str],
+                    width: int) -> List[str]:
+    """The header and one aligned row per server, the subject cut to the room left."""
+    table = [list(_COLUMNS)] + [_cells(row) for row in servers]
+    widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS) - 1)]
+    room = max(_MIN_SUBJECT_WIDTH, width - sum(w + 2 for w in widths))
+    lines = []
+    for index, cells in enumerate(table):
+        subject = cells[-1] if len(cells[-1]) <= room else cells[-1][:room - 1] + "\u2026"
+        text = ("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + subject).rstrip()
+        level = servers[index - 1]["level"] if index else OK
+        lines.append(paint(text, level) if level != OK else text)
+    return lines
+
+
+def _waited_on_line(item: Mapping[str, Any]) -> str:
+    what = []
+    if item["unread"]:
+        oldest = item["oldest"] or {}
+        what.append(f"{item['unread']} unread, oldest {short_age(oldest.get('age_seconds'))} "
+                    f"\"{oldest.get('subject', '')}\" from {oldest.get('from')}")
+    if item["acks_owed"]:
+        what.append(f"{item['acks_owed']} acknowledgement(s) owed")
+    return f"waited on: {item['server']}: " + "; ".join(what)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -927,31 +959,8 @@ def render_html(report: Mapping[str, Any]) -> str:
     days = report["chart"]["days"]
     top = max([max(r["sent_per_day"]) for r in report["servers"]] + [1])
     cards = "".join(_card(row, top, days) for row in report["servers"])
-    problems = "".join(f'<li class="{_e(p["level"])}">{_e(p["text"])}</li>' for p in report["problems"])
-    waited = "".join(
-        f'<li>{_e(w["server"])}: {w["unread"]} unread'
-        f'{", oldest " + _e(_ago((w["oldest"] or {}).get("age_seconds"))) if w["oldest"] else ""}'
-        f'{"; " + str(w["acks_owed"]) + " acknowledgement(s) owed" if w["acks_owed"] else ""}</li>'
-        for w in report["waited_on"])
-    stale = "".join(f'<li>{_e(s["server"])}: last seen {_e(_ago(s["age_seconds"]))} '
-                    f'(limit {_e(short_age(s["limit_seconds"]))})</li>' for s in report["stale"])
-    critical = "".join(f'<li class="critical">{_e(r["id"])}: {_e("; ".join(r["reasons"]))}</li>'
-                       for r in report["servers"] if r["level"] == CRITICAL)
-    attention = ""
-    if problems or critical or waited or stale:
-        attention = ('<h2>Needs attention</h2><ul class="p">' + problems + critical
-                     + (f"<li>Waited on<ul>{waited}</ul></li>" if waited else "")
-                     + (f"<li>Stale<ul>{stale}</ul></li>" if stale else "") + "</ul>")
-    rows = []
-    for t in report["threads"]:
-        unread = (f'<span class="u">unread by {_e(", ".join(t["unread_by"]))}</span>'
-                  if t["unread_by"] else "all read")
-        people = ", ".join(t["participants"]) + (f" +{t['more_participants']}" if t["more_participants"] else "")
-        rows.append(f'<tr><td class="s">{_e(t["subject"])}</td><td>{t["messages"]}</td>'
-                    f'<td>{_e(_ago(t["last_age_seconds"]))} from {_e(t["last_from"])}</td>'
-                    f'<td class="s">{_e(people)}</td><td>{unread}</td></tr>')
-    threads = ("<table><tr><th>Thread</th><th>Msgs</th><th>Last</th><th>Between</th><th>Unread</th></tr>"
-               + "".join(rows) + "</table>") if rows else "<p>No mail in the hot mailbox.</p>"
+    attention = _html_attention(report)
+    threads = _html_threads(report["threads"])
     c = report["counts"]
     status = report["status"]
     tip = (report.get("tip") or "no tip")[:12]
@@ -975,6 +984,40 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"{_e(short_age(report['thresholds']['stale_after_seconds']))}, {STALE_INTERVALS}x the "
         f"server's interval).</footer></body></html>\n"
     )
+
+
+def _html_attention(report: Mapping[str, Any]) -> str:
+    """The "Needs attention" list: problems, critical servers, who is waited on, who is stale."""
+    problems = "".join(f'<li class="{_e(p["level"])}">{_e(p["text"])}</li>' for p in report["problems"])
+    waited = "".join(
+        f'<li>{_e(w["server"])}: {w["unread"]} unread'
+        f'{", oldest " + _e(_ago((w["oldest"] or {}).get("age_seconds"))) if w["oldest"] else ""}'
+        f'{"; " + str(w["acks_owed"]) + " acknowledgement(s) owed" if w["acks_owed"] else ""}</li>'
+        for w in report["waited_on"])
+    stale = "".join(f'<li>{_e(s["server"])}: last seen {_e(_ago(s["age_seconds"]))} '
+                    f'(limit {_e(short_age(s["limit_seconds"]))})</li>' for s in report["stale"])
+    critical = "".join(f'<li class="critical">{_e(r["id"])}: {_e("; ".join(r["reasons"]))}</li>'
+                       for r in report["servers"] if r["level"] == CRITICAL)
+    if not (problems or critical or waited or stale):
+        return ""
+    return ('<h2>Needs attention</h2><ul class="p">' + problems + critical
+            + (f"<li>Waited on<ul>{waited}</ul></li>" if waited else "")
+            + (f"<li>Stale<ul>{stale}</ul></li>" if stale else "") + "</ul>")
+
+
+def _html_threads(threads: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for t in threads:
+        unread = (f'<span class="u">unread by {_e(", ".join(t["unread_by"]))}</span>'
+                  if t["unread_by"] else "all read")
+        people = ", ".join(t["participants"]) + (f" +{t['more_participants']}" if t["more_participants"] else "")
+        rows.append(f'<tr><td class="s">{_e(t["subject"])}</td><td>{t["messages"]}</td>'
+                    f'<td>{_e(_ago(t["last_age_seconds"]))} from {_e(t["last_from"])}</td>'
+                    f'<td class="s">{_e(people)}</td><td>{unread}</td></tr>')
+    if not rows:
+        return "<p>No mail in the hot mailbox.</p>"
+    return ("<table><tr><th>Thread</th><th>Msgs</th><th>Last</th><th>Between</th><th>Unread</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1006,29 +1049,30 @@ def _setup_logging() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from fleet_common import atomic_write_bytes, write_line
+    from fleet_cli import run_cli
 
     args = _parser().parse_args(argv)
     defer_logging_setup(_setup_logging)
-    try:
-        clone = Clone(args.repo or default_repo_path(), args.branch)
-        report = fleet_status(clone, stale_after=args.stale_after, unread_after=args.unread_after)
-        if args.html:
-            try:
-                atomic_write_bytes(args.html, render_html(report).encode("utf-8"))
-                os.chmod(args.html, PAGE_MODE)  # published: a web server's user must read it
-            except OSError as exc:
-                write_line(f"FLEET UNKNOWN - cannot write {args.html}: {exc}", sys.stderr)
-                return EXIT_UNKNOWN
-    except KeyboardInterrupt:
-        write_line("fleet_status: interrupted", sys.stderr)
-        return EXIT_INTERRUPTED
-    except UsageError as exc:
-        write_line(f"fleet_status: error: {exc}", sys.stderr)
-        return EXIT_USAGE
-    except SuiteError as exc:
-        write_line(f"FLEET UNKNOWN - cannot read the fleet: {exc}", sys.stderr)
-        return EXIT_UNKNOWN
+    return run_cli("fleet_status", lambda: _look(args), on_failure=_unknown)
+
+
+def _unknown(exc: BaseException) -> Tuple[int, str]:
+    """A look that could not finish is Nagios UNKNOWN (exit 3), not a failure of the fleet."""
+    return EXIT_UNKNOWN, f"FLEET UNKNOWN - cannot read the fleet: {one_line(exc)}"
+
+
+def _look(args: argparse.Namespace) -> int:
+    from fleet_common import atomic_write_bytes, write_line
+
+    clone = Clone(args.repo or default_repo_path(), args.branch)
+    report = fleet_status(clone, stale_after=args.stale_after, unread_after=args.unread_after)
+    if args.html:
+        try:
+            atomic_write_bytes(args.html, render_html(report).encode("utf-8"))
+            os.chmod(args.html, PAGE_MODE)  # published: a web server's user must read it
+        except OSError as exc:
+            write_line(f"FLEET UNKNOWN - cannot write {args.html}: {one_line(exc)}", sys.stderr)
+            return EXIT_UNKNOWN
     if args.json:
         write_line(json.dumps(report, ensure_ascii=True))  # one line: indenting costs a fetch
     elif not args.quiet:

@@ -44,16 +44,17 @@ import sys
 import time
 from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
+from fleet_cli import run_cli
 from fleet_common import (
     EXIT_FAILURE,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TEMPFAIL,
     EXIT_USAGE,
     MAX_JSON_DEPTH,
-    SuiteError,
     UsageError,
     default_repo_path,
+    defer_logging_setup,
+    format_duration,
     get_logger,
     is_valid_server_id,
     json_depth_exceeds,
@@ -62,7 +63,7 @@ from fleet_common import (
     utc_now,
     write_line,
 )
-from fleet_git import MAILBOX_PATH, Clone, GitError, RemoteUnavailable
+from fleet_git import MAILBOX_PATH, Clone, RemoteUnavailable
 from fleet_mailbox import (
     PRIORITIES,
     Mailbox,
@@ -623,26 +624,33 @@ class Inbox:
         moment = parse_since(before, what="--before")
         self._refresh()
         states = self._states()
-        keys: List[MessageKey] = []
         if all:
-            cutoff = moment.timestamp() if moment is not None else None
-            for entry in self._hot():
-                msg = entry.msg
-                if is_addressed_to(msg, self.server) and not _has_read(msg, self.server, states) \
-                        and (cutoff is None or _when(msg) < cutoff):
-                    keys.append(message_key(msg))
+            keys = self._unread_keys(states, moment.timestamp() if moment is not None else None)
         else:
-            from structured_log import sanitize
-
-            for msg_id in dict.fromkeys(wanted):
-                found = self._with_id(msg_id)
-                if not found:
-                    raise UsageError(f"no message with id {sanitize(msg_id, 120)} in the mailbox or its archive")
-                mine = [f for f in found if is_addressed_to(f.msg, self.server)]
-                if not mine:
-                    raise UsageError(f"message {sanitize(msg_id, 120)} is not addressed to {self.server}")
-                keys.extend(message_key(f.msg) for f in mine if not _has_read(f.msg, self.server, states))
+            keys = self._keys_to_mark(wanted, states)
         return {"marked": self._mark(keys)}
+
+    def _unread_keys(self, states: Dict[str, ServerState], cutoff: Optional[float]) -> List[MessageKey]:
+        """Every unread message addressed to this server (older than ``cutoff``, when given)."""
+        return [message_key(entry.msg) for entry in self._hot()
+                if is_addressed_to(entry.msg, self.server) and not _has_read(entry.msg, self.server, states)
+                and (cutoff is None or _when(entry.msg) < cutoff)]
+
+    def _keys_to_mark(self, wanted: Sequence[str], states: Dict[str, ServerState]) -> List[MessageKey]:
+        """The unread copies of these ids addressed to this server; an id that names no message,
+        or none addressed here, is bad input."""
+        from structured_log import sanitize
+
+        keys: List[MessageKey] = []
+        for msg_id in dict.fromkeys(wanted):
+            found = self._with_id(msg_id)
+            if not found:
+                raise UsageError(f"no message with id {sanitize(msg_id, 120)} in the mailbox or its archive")
+            mine = [f for f in found if is_addressed_to(f.msg, self.server)]
+            if not mine:
+                raise UsageError(f"message {sanitize(msg_id, 120)} is not addressed to {self.server}")
+            keys.extend(message_key(f.msg) for f in mine if not _has_read(f.msg, self.server, states))
+        return keys
 
     def acknowledge(self, msg_id: str, sender: Optional[str] = None, *, note: Optional[str] = None,
                     message: bool = True) -> Dict[str, Any]:
@@ -762,12 +770,7 @@ class Inbox:
         one ``ls-remote`` every ``poll_seconds`` and fetches only when the branch moved; a
         failing poll after the first is retried (the remote may come back before the timeout).
         """
-        if timeout is not None and timeout < 0:
-            raise UsageError("--timeout must not be negative")
-        if not poll_seconds > 0:
-            raise UsageError("the poll interval must be positive")
-        if reply_to is not None:
-            check_message_id(reply_to)
+        _check_wait(timeout, poll_seconds, reply_to)
         deadline = None if timeout is None else clock() + timeout
         self._refresh()
         if reply_to is not None and not self._with_id(reply_to):
@@ -780,22 +783,31 @@ class Inbox:
                 looked_at = state
                 arrived = self._arrived(reply_to)
                 if arrived:
-                    states = self._states()
-                    if not peek:
-                        self._mark([message_key(e.msg) for e in arrived
-                                    if not _has_read(e.msg, self.server, states)])
-                        states = self._states()
-                    return {"arrived": True, "messages": [self._view(e, states, body=True) for e in arrived]}
+                    return {"arrived": True, "messages": self._take(arrived, peek)}
             remaining = None if deadline is None else deadline - clock()
             if remaining is not None and remaining <= 0:
                 return {"arrived": False, "messages": []}
             sleep(poll_seconds if remaining is None else min(poll_seconds, remaining))
-            try:
-                self._refresh()
-            except RemoteUnavailable as exc:
-                if not warned:
-                    warned = True
-                    log.warning("waiting for mail: the remote did not answer (%s); still trying", exc.reason)
+            warned = self._refresh_while_waiting(warned)
+
+    def _take(self, arrived: List[Found], peek: bool) -> List[Dict[str, Any]]:
+        """What ``wait`` returns: the views with bodies, marked read first unless ``peek``."""
+        states = self._states()
+        if not peek:
+            self._mark([message_key(e.msg) for e in arrived if not _has_read(e.msg, self.server, states)])
+            states = self._states()
+        return [self._view(e, states, body=True) for e in arrived]
+
+    def _refresh_while_waiting(self, warned: bool) -> bool:
+        """Poll again; a remote that does not answer is said once, then retried. Returns whether
+        it has been said."""
+        try:
+            self._refresh()
+        except RemoteUnavailable as exc:
+            if not warned:
+                log.warning("waiting for mail: the remote did not answer (%s); still trying", exc.reason)
+            return True
+        return warned
 
     def _own_state_tips(self) -> Tuple[str, ...]:
         """This server's state ref tips as last polled (another process of it may mark mail read)."""
@@ -817,6 +829,15 @@ class Inbox:
                 found.append(entry)
         found.sort(key=_list_order if reply_to is None else _time_order)
         return found
+
+
+def _check_wait(timeout: Optional[float], poll_seconds: float, reply_to: Optional[str]) -> None:
+    if timeout is not None and timeout < 0:
+        raise UsageError("--timeout must not be negative")
+    if not poll_seconds > 0:
+        raise UsageError("the poll interval must be positive")
+    if reply_to is not None:
+        check_message_id(reply_to)
 
 
 def _names(value: Any) -> List[str]:
@@ -883,12 +904,6 @@ def render_full(view: Mapping[str, Any]) -> str:
     if view.get("truncated"):
         lines.append(f"[body cut at {MAX_BODY_CHARS} characters]")
     return "\n".join(lines)
-
-
-def _age_text(seconds: Optional[float]) -> str:
-    from auto_reply import format_duration
-
-    return format_duration(seconds)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -976,119 +991,148 @@ def _emit_json(data: Any) -> None:
 
 def _run(args: argparse.Namespace, inbox: Inbox) -> int:
     """One command; returns the exit code (output through write_line)."""
-    command = args.command
-    if command == "list":
-        result = inbox.unread(include_read=args.all, since=args.since, sender=args.sender,
-                              priority=args.priority, limit=args.limit,
-                              include_archive=args.include_archive, bodies=args.bodies)
-        if args.count:
-            if args.json:
-                _emit_json({"server": result["server"], "count": result["count"]})
-            else:
-                write_line(str(result["count"]))
-            return EXIT_UNREAD if result["count"] else EXIT_OK
-        if args.json:
-            _emit_json(result)
-        elif not result["messages"]:
-            write_line(f"No {'' if args.all else 'unread '}mail for {inbox.server}.")
-        else:
-            noun = "message" if result["count"] == 1 else "messages"
-            write_line(f"{inbox.server}: {result['count']} {'' if args.all else 'unread '}{noun}")
-            for view in result["messages"]:
-                write_line(render_line(view))
-                if args.bodies:
-                    write_line("\n".join(_body_lines(view.get("body") or "", "      ")))
-        return EXIT_OK
-    if command == "show":
-        result = inbox.get(args.id, args.sender, peek=args.peek)
-        if args.json:
-            _emit_json(result)
-        else:
-            write_line(render_full(result["message"]))
-        return EXIT_OK
-    if command == "thread":
-        result = inbox.thread(args.id, args.sender)
-        if args.json:
-            _emit_json(result)
-            return EXIT_OK
-        count = len(result["messages"])
-        head = f"Thread {result['root']}: {count} message{'s' if count != 1 else ''}"
-        if result["inferred"]:
-            head += " (partly inferred from subjects and participants: older tools wrote no in_reply_to)"
-        write_line(head)
-        for view in result["messages"]:
-            write_line("")
-            write_line(render_full(view))
-        return EXIT_OK
-    if command == "mark-read":
-        result = inbox.mark_read(args.ids, all=args.all, before=args.before)
-        noun = "message" if result["marked"] == 1 else "messages"
-        if args.json:
-            _emit_json(result)
-        else:
-            write_line(f"Marked {result['marked']} {noun} read.")
-        return EXIT_OK
-    if command == "ack":
-        result = inbox.acknowledge(args.id, args.sender, note=args.note, message=not args.no_message)
-        reply = result["reply"]
-        if args.json:
-            _emit_json(result)
-        else:
-            view = result["acknowledged"]
-            from structured_log import sanitize
+    command = _COMMAND_RUNNERS.get(args.command)
+    if command is None:  # pragma: no cover - argparse chose it
+        raise UsageError(f"unknown command {args.command!r}")
+    return command(args, inbox)
 
-            what = f"{sanitize(view['id'], 120)} from {sanitize(view['from'], MAX_FIELD_CHARS)}"
-            if result["already_acknowledged"]:
-                write_line(f"{what} was already acknowledged.")
-            elif reply is None:
-                write_line(f"Acknowledged {what}.")
-            elif reply["status"] == "sent":
-                write_line(f"Acknowledged {what}; answer {reply['message_id']} sent.")
-            else:
-                write_line(f"Acknowledged {what}; the answer {reply['message_id']} is "
-                           f"{reply['status']}: {reply['reason']}")
-        if reply is not None and reply["status"] == "queued":
-            return EXIT_TEMPFAIL
-        if reply is not None and reply["status"] == "failed":
-            return EXIT_FAILURE
-        return EXIT_OK
-    if command == "acks":
-        result = inbox.acks()
+
+def _write_lines(views: Iterable[Dict[str, Any]], bodies: bool) -> None:
+    """One line per message, its body indented below when asked (``list``, ``search``)."""
+    for view in views:
+        write_line(render_line(view))
+        if bodies:
+            write_line("\n".join(_body_lines(view.get("body") or "", "      ")))
+
+
+def _run_list(args: argparse.Namespace, inbox: Inbox) -> int:
+    result = inbox.unread(include_read=args.all, since=args.since, sender=args.sender,
+                          priority=args.priority, limit=args.limit,
+                          include_archive=args.include_archive, bodies=args.bodies)
+    if args.count:
         if args.json:
-            _emit_json(result)
-            return EXIT_OK
-        write_line(f"Owed by {inbox.server} ({len(result['owed'])}): acknowledge with inbox.py ack ID")
-        for view in result["owed"]:
-            write_line(render_line(view))
-        write_line(f"Owed to {inbox.server} ({len(result['owed_to_me'])}):")
-        for item in result["owed_to_me"]:
-            write_line(render_line(item["message"]))
-            write_line(f"      acknowledged by: {', '.join(item['acknowledged_by']) or 'nobody yet'}; "
-                       f"waiting on: {', '.join(item['waiting_on']) or 'nobody'}; "
-                       f"age: {_age_text(item['age_seconds'])}")
-        return EXIT_OK
-    if command == "search":
-        result = inbox.search(args.words, include_archive=args.include_archive, limit=args.limit,
-                              bodies=args.bodies)
-        if args.json:
-            _emit_json(result)
-            return EXIT_OK
-        write_line(f"{result['count']} found")
-        for view in result["messages"]:
-            write_line(render_line(view))
-            if args.bodies:
-                write_line("\n".join(_body_lines(view.get("body") or "", "      ")))
-        return EXIT_OK
-    if command == "wait":
-        result = inbox.wait(timeout=args.timeout, reply_to=args.reply_to, peek=args.peek)
-        if args.json:
-            _emit_json(result)
-        elif result["arrived"]:
-            write_line("\n\n".join(render_full(view) for view in result["messages"]))
+            _emit_json({"server": result["server"], "count": result["count"]})
         else:
-            write_line(f"inbox: nothing arrived within {args.timeout:g} s", sys.stderr)
-        return EXIT_OK if result["arrived"] else EXIT_TIMEOUT
-    raise UsageError(f"unknown command {command!r}")  # pragma: no cover - argparse chose it
+            write_line(str(result["count"]))
+        return EXIT_UNREAD if result["count"] else EXIT_OK
+    if args.json:
+        _emit_json(result)
+    elif not result["messages"]:
+        write_line(f"No {'' if args.all else 'unread '}mail for {inbox.server}.")
+    else:
+        noun = "message" if result["count"] == 1 else "messages"
+        write_line(f"{inbox.server}: {result['count']} {'' if args.all else 'unread '}{noun}")
+        _write_lines(result["messages"], args.bodies)
+    return EXIT_OK
+
+
+def _run_show(args: argparse.Namespace, inbox: Inbox) -> int:
+    result = inbox.get(args.id, args.sender, peek=args.peek)
+    if args.json:
+        _emit_json(result)
+    else:
+        write_line(render_full(result["message"]))
+    return EXIT_OK
+
+
+def _run_thread(args: argparse.Namespace, inbox: Inbox) -> int:
+    result = inbox.thread(args.id, args.sender)
+    if args.json:
+        _emit_json(result)
+        return EXIT_OK
+    count = len(result["messages"])
+    head = f"Thread {result['root']}: {count} message{'s' if count != 1 else ''}"
+    if result["inferred"]:
+        head += " (partly inferred from subjects and participants: older tools wrote no in_reply_to)"
+    write_line(head)
+    for view in result["messages"]:
+        write_line("")
+        write_line(render_full(view))
+    return EXIT_OK
+
+
+def _run_mark_read(args: argparse.Namespace, inbox: Inbox) -> int:
+    result = inbox.mark_read(args.ids, all=args.all, before=args.before)
+    noun = "message" if result["marked"] == 1 else "messages"
+    if args.json:
+        _emit_json(result)
+    else:
+        write_line(f"Marked {result['marked']} {noun} read.")
+    return EXIT_OK
+
+
+def _run_ack(args: argparse.Namespace, inbox: Inbox) -> int:
+    result = inbox.acknowledge(args.id, args.sender, note=args.note, message=not args.no_message)
+    reply = result["reply"]
+    if args.json:
+        _emit_json(result)
+    else:
+        write_line(_ack_text(result))
+    if reply is not None and reply["status"] == "queued":
+        return EXIT_TEMPFAIL
+    if reply is not None and reply["status"] == "failed":
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _ack_text(result: Dict[str, Any]) -> str:
+    from structured_log import sanitize
+
+    view, reply = result["acknowledged"], result["reply"]
+    what = f"{sanitize(view['id'], 120)} from {sanitize(view['from'], MAX_FIELD_CHARS)}"
+    if result["already_acknowledged"]:
+        return f"{what} was already acknowledged."
+    if reply is None:
+        return f"Acknowledged {what}."
+    if reply["status"] == "sent":
+        return f"Acknowledged {what}; answer {reply['message_id']} sent."
+    return f"Acknowledged {what}; the answer {reply['message_id']} is {reply['status']}: {reply['reason']}"
+
+
+def _run_acks(args: argparse.Namespace, inbox: Inbox) -> int:
+    result = inbox.acks()
+    if args.json:
+        _emit_json(result)
+        return EXIT_OK
+    write_line(f"Owed by {inbox.server} ({len(result['owed'])}): acknowledge with inbox.py ack ID")
+    for view in result["owed"]:
+        write_line(render_line(view))
+    write_line(f"Owed to {inbox.server} ({len(result['owed_to_me'])}):")
+    for item in result["owed_to_me"]:
+        write_line(render_line(item["message"]))
+        write_line(f"      acknowledged by: {', '.join(item['acknowledged_by']) or 'nobody yet'}; "
+                   f"waiting on: {', '.join(item['waiting_on']) or 'nobody'}; "
+                   f"age: {format_duration(item['age_seconds'])}")
+    return EXIT_OK
+
+
+def _run_search(args: argparse.Namespace, inbox: Inbox) -> int:
+    result = inbox.search(args.words, include_archive=args.include_archive, limit=args.limit,
+                          bodies=args.bodies)
+    if args.json:
+        _emit_json(result)
+        return EXIT_OK
+    write_line(f"{result['count']} found")
+    _write_lines(result["messages"], args.bodies)
+    return EXIT_OK
+
+
+def _run_wait(args: argparse.Namespace, inbox: Inbox) -> int:
+    result = inbox.wait(timeout=args.timeout, reply_to=args.reply_to, peek=args.peek)
+    if args.json:
+        _emit_json(result)
+    elif result["arrived"]:
+        write_line("\n\n".join(render_full(view) for view in result["messages"]))
+    else:
+        write_line(f"inbox: nothing arrived within {args.timeout:g} s", sys.stderr)
+    return EXIT_OK if result["arrived"] else EXIT_TIMEOUT
+
+
+_COMMAND_RUNNERS: Final[Dict[str, Callable[[argparse.Namespace, Inbox], int]]] = {
+    "list": _run_list, "show": _run_show, "thread": _run_thread, "mark-read": _run_mark_read,
+    "ack": _run_ack, "acks": _run_acks, "search": _run_search, "wait": _run_wait,
+}
+assert set(_COMMAND_RUNNERS) == set(COMMANDS)
 
 
 def _setup_cli_logging(server: str) -> None:
@@ -1101,31 +1145,18 @@ def _setup_cli_logging(server: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from fleet_common import defer_logging_setup
-
     parser = _parser()
     args = parser.parse_args(_with_command(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    try:
-        server = resolve_server_id(args.server)
-        defer_logging_setup(lambda: _setup_cli_logging(server))
-        inbox = Inbox(args.repo or default_repo_path(), server, args.branch)
-        return _run(args, inbox)
-    except KeyboardInterrupt:
-        write_line("inbox: interrupted", sys.stderr)
-        return EXIT_INTERRUPTED
-    except UsageError as exc:
-        write_line(f"inbox: error: {exc}", sys.stderr)
-        return EXIT_USAGE
-    except GitError as exc:
-        log.debug("git failure: %s", exc.details())
-        write_line(f"inbox: error: {exc}", sys.stderr)
-        return EXIT_FAILURE
-    except SuiteError as exc:
-        write_line(f"inbox: error: {exc}", sys.stderr)
-        return EXIT_FAILURE
+    return run_cli("inbox", lambda: _open_and_run(args))
+
+
+def _open_and_run(args: argparse.Namespace) -> int:
+    server = resolve_server_id(args.server)
+    defer_logging_setup(lambda: _setup_cli_logging(server))
+    return _run(args, Inbox(args.repo or default_repo_path(), server, args.branch))
 
 
 if __name__ == "__main__":

@@ -43,16 +43,13 @@ import threading
 from typing import Any, Callable, Dict, Final, List, Optional, Sequence
 
 from fleet_common import (
-    EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_USAGE,
     SuiteError,
     UsageError,
     default_repo_path,
     get_logger,
     resolve_server_id,
-    write_line,
 )
 
 log = get_logger(__name__)
@@ -350,22 +347,23 @@ def _setup_logging(repo: str, server: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        import_sdk()
-        server = resolve_server_id(args.server)
-        from fleet_git import Clone
+    from fleet_cli import run_cli
 
-        clone = Clone(args.repo or default_repo_path(), args.branch)  # refuses a folder that is no clone
-        repo = str(clone.root)
-        _setup_logging(repo, server)
-        app = build_server(MailTools(repo, server, args.branch))
-    except UsageError as exc:
-        write_line(f"{PROG}: error: {exc}", sys.stderr)
-        return EXIT_USAGE
-    except SuiteError as exc:
-        write_line(f"{PROG}: error: {exc}", sys.stderr)
-        return EXIT_FAILURE
+    args = _parser().parse_args(argv)
+    return run_cli(PROG, lambda: _serve(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Check the SDK, the clone and the server id (start errors go to the CLI handler), then
+    serve MCP on stdio until the client closes the connection."""
+    import_sdk()
+    server = resolve_server_id(args.server)
+    from fleet_git import Clone
+
+    clone = Clone(args.repo or default_repo_path(), args.branch)  # refuses a folder that is no clone
+    repo = str(clone.root)
+    _setup_logging(repo, server)
+    app = build_server(MailTools(repo, server, args.branch))
     log.info("MCP server for %s on %s started", server, repo,
              extra={"metadata": {"server": server, "repo": repo, "branch": args.branch}})
     try:

@@ -33,7 +33,6 @@ Library module: raises :class:`fleet_common.SuiteError` subclasses, never prints
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import logging
 import os
@@ -41,31 +40,32 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Final, Iterator, List, Optional, Tuple, TypedDict, TypeVar, Union
 
+import fleet_common
 from fleet_common import (
     MAX_STATE_BYTES,
     BadInput,
     NotARegularFile,
+    RuntimePaths,
     SuiteError,
     UsageError,
     atomic_write_json,
     default_repo_path,
     dump_json_bytes,
     file_lock,
-    iso_utc,
+    iso_from_epoch,
     load_json_bounded,
     load_state_file,
     parse_timestamp,
     read_local_file,
     resolve_server_id,
     runtime_dir,
-    server_dir,
 )
 
 log = logging.getLogger(__name__)
 
 QUEUE_VERSION: Final = 1
-QUEUE_SUBDIR: Final = "queue"
-QUEUE_FILE: Final = "message_queue.json"
+QUEUE_SUBDIR: Final = fleet_common.QUEUE_SUBDIR  # the names live in RuntimePaths
+QUEUE_FILE: Final = fleet_common.QUEUE_FILE_NAME
 LOCK_TIMEOUT: Final = 10.0
 DEFAULT_MAX_ATTEMPTS: Final = 5
 DEFAULT_MAX_BACKOFF: Final = 300.0
@@ -168,7 +168,7 @@ class MessageQueue:
         self.max_backoff = float(max_backoff)
         self.clock: Callable[[], float] = clock or time.time
         # Computed only: the folder appears on the first write (runtime_dir), not here.
-        self.path = server_dir(self.repo, self.server_id) / QUEUE_SUBDIR / QUEUE_FILE
+        self.path = RuntimePaths(self.repo, self.server_id).queue
         self.lock_path = self.path.with_name(QUEUE_FILE + ".lock")
 
     def __repr__(self) -> str:
@@ -251,7 +251,7 @@ class MessageQueue:
                     continue
                 fresh = {
                     "id": msg_id, "from": sender, "kind": kind, "message": payload,
-                    "status": PENDING, "attempts": 0, "queued_at": self._iso(now),
+                    "status": PENDING, "attempts": 0, "queued_at": iso_from_epoch(now, fraction=True),
                     "next_attempt_at": now, "last_error": reason or None,
                     "last_attempt_at": None, "sent_at": None,
                 }
@@ -305,7 +305,7 @@ class MessageQueue:
             if entry is None or entry.get("status") == SENT:
                 return entry is not None
             entry["status"] = SENT
-            entry["sent_at"] = entry["last_attempt_at"] = self._iso(now)
+            entry["sent_at"] = entry["last_attempt_at"] = iso_from_epoch(now, fraction=True)
             return True
 
         return self._mutate(change)
@@ -329,7 +329,7 @@ class MessageQueue:
             attempts = (attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else 0) + 1
             entry["attempts"] = attempts
             entry["last_error"] = error or None
-            entry["last_attempt_at"] = self._iso(now)
+            entry["last_attempt_at"] = iso_from_epoch(now, fraction=True)
             entry["next_attempt_at"] = now + backoff_delay(attempts, self.max_backoff)
             died = attempts >= self.max_attempts
             if died:
@@ -382,9 +382,6 @@ class MessageQueue:
         return count
 
     # ------------------------------------------------------------------ internals
-
-    def _iso(self, epoch: float) -> str:
-        return iso_utc(_dt.datetime.fromtimestamp(epoch, _dt.timezone.utc), fraction=True)
 
     def _fresh(self) -> Dict[str, Any]:
         return {"version": QUEUE_VERSION, "server": self.server_id, "items": []}

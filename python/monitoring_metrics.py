@@ -41,12 +41,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
-import datetime as _dt
 import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -59,7 +57,7 @@ from fleet_common import SuiteError, UsageError
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION: Final = 1
-METRICS_FILE: Final = "metrics.json"
+METRICS_FILE: Final = fleet_common.METRICS_FILE_NAME  # the name lives in RuntimePaths
 SEED_COUNTERS: Final = (
     "messages_processed", "messages_received", "messages_sent", "auto_responses", "errors",
     "git_pull_success", "git_pull_failure", "heartbeats",
@@ -79,10 +77,6 @@ HIST_SIZE: Final = len(HIST_BOUNDS_MS) + 1
 
 Sample = List[float]  # [epoch_s, duration_ms, 1|0]
 Hourly = List[Any]  # [count, successes, sum_ms, max_ms, [bucket counts]]
-
-
-def _iso(epoch: float) -> str:
-    return fleet_common.iso_utc(_dt.datetime.fromtimestamp(epoch, _dt.timezone.utc))
 
 
 def _hour_of(epoch: float) -> int:
@@ -128,8 +122,8 @@ def _weighted_rank(pairs: List[Tuple[float, int]], percent: float) -> Optional[f
 
 def fresh_document(server: str, now: float) -> Dict[str, Any]:
     return {
-        "version": FORMAT_VERSION, "server": server, "created_at": _iso(now),
-        "updated_at": _iso(now), "counters": {}, "samples": {}, "hourly": {},
+        "version": FORMAT_VERSION, "server": server, "created_at": fleet_common.iso_from_epoch(now),
+        "updated_at": fleet_common.iso_from_epoch(now), "counters": {}, "samples": {}, "hourly": {},
     }
 
 
@@ -143,40 +137,48 @@ def _clean_document(data: Dict[str, Any], server: str, now: float) -> Dict[str, 
         for name, value in counters.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 clean["counters"][str(name)] = int(value)
-    samples = data.get("samples")
-    if isinstance(samples, dict):
-        for op, rows in samples.items():
-            if not isinstance(rows, list):
-                continue
-            try:  # the usual case, a well-formed list, in one fast pass
-                good = [[float(t), float(ms), 1 if ok else 0] for t, ms, ok in rows]
-            except (TypeError, ValueError):
-                good = [
-                    [float(row[0]), float(row[1]), 1 if row[2] else 0] for row in rows
-                    if isinstance(row, list) and len(row) >= 3
-                    and all(isinstance(x, (int, float)) for x in row[:3])
-                ]
-            if good:
-                clean["samples"][str(op)] = good
-    hourly = data.get("hourly")
-    if isinstance(hourly, dict):
-        for op, hours in hourly.items():
-            if not isinstance(hours, dict):
-                continue
-            kept: Dict[str, Hourly] = {}
-            for key, entry in hours.items():
-                try:
-                    hour = int(key)
-                except (TypeError, ValueError):
-                    continue
-                if (isinstance(entry, list) and len(entry) >= 4
-                        and all(isinstance(x, (int, float)) for x in entry[:4])):
-                    agg = _new_hourly()
-                    _add_hourly(agg, entry)
-                    kept[str(hour)] = agg
-            if kept:
-                clean["hourly"][str(op)] = kept
+    for op, rows in _dict_items(data.get("samples")):
+        good = _clean_samples(rows)
+        if good:
+            clean["samples"][str(op)] = good
+    for op, hours in _dict_items(data.get("hourly")):
+        kept = _clean_hours(hours)
+        if kept:
+            clean["hourly"][str(op)] = kept
     return clean
+
+
+def _dict_items(value: Any) -> List[Tuple[Any, Any]]:
+    return list(value.items()) if isinstance(value, dict) else []
+
+
+def _numbers(row: Any, count: int) -> bool:
+    return isinstance(row, list) and len(row) >= count and all(isinstance(x, (int, float)) for x in row[:count])
+
+
+def _clean_samples(rows: Any) -> List[Sample]:
+    """The well-formed ``[epoch_s, duration_ms, ok]`` rows of one operation."""
+    if not isinstance(rows, list):
+        return []
+    try:  # the usual case, a well-formed list, in one fast pass
+        return [[float(t), float(ms), 1 if ok else 0] for t, ms, ok in rows]
+    except (TypeError, ValueError):
+        return [[float(row[0]), float(row[1]), 1 if row[2] else 0] for row in rows if _numbers(row, 3)]
+
+
+def _clean_hours(hours: Any) -> Dict[str, Hourly]:
+    """The well-formed hourly aggregates of one operation, by hour."""
+    kept: Dict[str, Hourly] = {}
+    for key, entry in _dict_items(hours):
+        try:
+            hour = int(key)
+        except (TypeError, ValueError):
+            continue
+        if _numbers(entry, 4):
+            agg = _new_hourly()
+            _add_hourly(agg, entry)
+            kept[str(hour)] = agg
+    return kept
 
 
 class MetricsCollector:
@@ -194,7 +196,7 @@ class MetricsCollector:
         self.server = fleet_common.resolve_server_id(server_id)
         # The folder is created on the first flush (runtime_dir), not here: a collector that
         # records nothing leaves no trace.
-        self.path = fleet_common.server_dir(self.repo, self.server) / "logs" / METRICS_FILE
+        self.path = fleet_common.RuntimePaths(self.repo, self.server).metrics
         self.clock: Callable[[], float] = clock or time.time
         self.max_samples_per_op = int(max_samples_per_op)
         self.min_flush_interval = float(min_flush_interval)
@@ -372,11 +374,11 @@ class MetricsCollector:
         samples, hourly, counters = self._snapshot_pending()
         now = self.clock()
         try:
-            fleet_common.runtime_dir(self.repo, self.server, "logs")
+            fleet_common.runtime_dir(self.repo, self.server, fleet_common.LOGS_SUBDIR)
             with fleet_common.file_lock(self.lock_path, timeout=LOCK_TIMEOUT_S):
                 data = self._merge(self._load(), samples, hourly, counters, now)
                 data["server"] = data.get("server") or self.server
-                data["updated_at"] = _iso(now)
+                data["updated_at"] = fleet_common.iso_from_epoch(now)
                 payload = json.dumps(data, separators=(",", ":"), ensure_ascii=True) + "\n"
                 fleet_common.atomic_write_bytes(self.path, payload.encode("ascii"))
         except (OSError, SuiteError) as exc:  # filelock.Timeout is an OSError
@@ -479,8 +481,8 @@ class MetricsCollector:
         return {
             "window_hours": hours,
             "server": self.server,
-            "since": _iso(start),
-            "until": _iso(now),
+            "since": fleet_common.iso_from_epoch(start),
+            "until": fleet_common.iso_from_epoch(now),
             "counters_since": data.get("created_at"),
             "operations": operations,
             "counters": counters,
@@ -488,33 +490,14 @@ class MetricsCollector:
 
     def _op_summary(self, samples: List[Sample], hourly: Mapping[str, Hourly], start: float,
                     now: float) -> Dict[str, Any]:
-        raw_from = now - RAW_RETENTION_S
-        if self.max_samples_per_op > 0 and len(samples) >= self.max_samples_per_op:
-            # The list was cut to its newest N: raw data is complete only from its oldest row.
-            raw_from = max(raw_from, samples[0][0])
-        if start >= raw_from:
-            rows = [row for row in samples if row[0] >= start]
-            aggs: List[Hourly] = []
-            exact = True
-        else:
-            boundary = _hour_of(raw_from) + (HOUR if raw_from % HOUR else 0)
-            rows = [row for row in samples if row[0] >= boundary]
-            aggs = [agg for key, agg in hourly.items()
-                    if int(key) + HOUR > start and int(key) < boundary]
-            exact = not any(agg[0] for agg in aggs)
+        rows, aggs, exact = self._window(samples, hourly, start, now)
         values = sorted(row[1] for row in rows)
         count = len(rows) + sum(int(agg[0]) for agg in aggs)
         success = sum(int(row[2]) for row in rows) + sum(int(agg[1]) for agg in aggs)
         total_ms = sum(values) + sum(float(agg[2]) for agg in aggs)
         tops = ([values[-1]] if values else []) + [float(agg[3]) for agg in aggs if agg[0]]
         max_ms = max(tops) if tops else None
-        if exact:
-            p50, p95 = nearest_rank(values, 50), nearest_rank(values, 95)
-        else:
-            pairs: List[Tuple[float, int]] = [(value, 1) for value in values]
-            for agg in aggs:
-                pairs.extend(_histogram_pairs(agg))
-            p50, p95 = _weighted_rank(pairs, 50), _weighted_rank(pairs, 95)
+        p50, p95 = _percentiles(values, aggs, exact)
         return {
             "count": count,
             "success": success,
@@ -526,6 +509,21 @@ class MetricsCollector:
             "sum_ms": round(total_ms, 3),
             "percentiles_exact": exact,
         }
+
+    def _window(self, samples: List[Sample], hourly: Mapping[str, Hourly], start: float,
+                now: float) -> Tuple[List[Sample], List[Hourly], bool]:
+        """The raw rows and hourly aggregates that cover ``start`` to ``now``, and whether the
+        percentiles from them are exact (raw rows only)."""
+        raw_from = now - RAW_RETENTION_S
+        if self.max_samples_per_op > 0 and len(samples) >= self.max_samples_per_op:
+            # The list was cut to its newest N: raw data is complete only from its oldest row.
+            raw_from = max(raw_from, samples[0][0])
+        if start >= raw_from:
+            return [row for row in samples if row[0] >= start], [], True
+        boundary = _hour_of(raw_from) + (HOUR if raw_from % HOUR else 0)
+        rows = [row for row in samples if row[0] >= boundary]
+        aggs = [agg for key, agg in hourly.items() if int(key) + HOUR > start and int(key) < boundary]
+        return rows, aggs, not any(agg[0] for agg in aggs)
 
     # ----------------------------------------------------------------- Prometheus
 
@@ -541,7 +539,7 @@ class MetricsCollector:
 
         The folder must exist: ``FileNotFoundError`` (an ``OSError``) otherwise, never a new folder.
         """
-        _write_into_existing_folder(Path(path), self.to_prometheus(summary).encode("utf-8"))
+        fleet_common.replace_file(Path(path), self.to_prometheus(summary).encode("utf-8"))  # no folder made
 
 
 def check_textfile_path(path: Union[str, Path]) -> Path:
@@ -553,25 +551,6 @@ def check_textfile_path(path: Union[str, Path]) -> Path:
     if target.is_dir():
         raise UsageError(f"metrics textfile {target} is a folder")
     return target
-
-
-def _write_into_existing_folder(target: Path, data: bytes) -> None:
-    """Temporary file beside ``target``, fsync, ``os.replace``: readers see the old file or the new
-    one. Unlike ``fleet_common.atomic_write_bytes`` it creates no folder."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-        tmp_name = ""
-    finally:
-        if tmp_name:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass
 
 
 def _histogram_pairs(agg: Hourly) -> List[Tuple[float, int]]:
@@ -586,6 +565,16 @@ def _histogram_pairs(agg: Hourly) -> List[Tuple[float, int]]:
             bound = HIST_BOUNDS_MS[index] if index < len(HIST_BOUNDS_MS) else top
             pairs.append((min(bound, top), int(count)))
     return pairs
+
+
+def _percentiles(values: List[float], aggs: List[Hourly], exact: bool) -> Tuple[Optional[float], Optional[float]]:
+    """p50 and p95 of sorted raw ``values``, with the hourly histograms when not ``exact``."""
+    if exact:
+        return nearest_rank(values, 50), nearest_rank(values, 95)
+    pairs: List[Tuple[float, int]] = [(value, 1) for value in values]
+    for agg in aggs:
+        pairs.extend(_histogram_pairs(agg))
+    return _weighted_rank(pairs, 50), _weighted_rank(pairs, 95)
 
 
 def escape_label(value: object) -> str:

@@ -34,8 +34,6 @@ Prints a summary (or the result as JSON with ``--json``). Exit codes: 0 the remo
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import re
 import socket
@@ -43,20 +41,24 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Final, List, Optional, Sequence, TextIO, Tuple, TypedDict
+from typing import Any, Dict, Final, List, Optional, Sequence, Tuple, TypedDict
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
+from fleet_cli import run_cli
 from fleet_common import (
     EXIT_FAILURE,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     SuiteError,
     UsageError,
     check_number,
+    dump_json_text,
     finite_number,
+    get_logger,
+    write_line,
+    write_text,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_TIMEOUT: Final = 5.0
 # Each step's timeout: under 10 ms no handshake completes; over 10 minutes is a hang, not a check.
@@ -399,12 +401,6 @@ test_connectivity.__test__ = False  # type: ignore[attr-defined]  # not a pytest
 # --------------------------------------------------------------------------- CLI
 
 
-def _write(stream: TextIO, text: str) -> None:
-    """Write a line that cannot crash on a narrow console code page such as cp1252."""
-    encoding = getattr(stream, "encoding", None) or "ascii"
-    stream.write(text.encode(encoding, "replace").decode(encoding, "replace") + "\n")
-
-
 def format_summary(result: ConnectivityResult) -> List[str]:
     """Human-readable lines for a result (the CLI's output without ``--json``)."""
     head = "OK" if result["success"] else f"FAILED at {result['failed_step']}"
@@ -427,21 +423,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=f"seconds allowed for each step (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    try:
-        result = test_connectivity(args.repo, timeout=args.timeout)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except SuiteError as exc:
-        _write(sys.stderr, f"network_check: {exc}")
-        return exc.exit_code
+    return run_cli("network_check", lambda: _check(args))
+
+
+def _check(args: argparse.Namespace) -> int:
+    result = test_connectivity(args.repo, timeout=args.timeout)
     if args.json:
-        _write(sys.stdout, json.dumps(result, indent=2, ensure_ascii=True))
+        write_text(dump_json_text(result))
     else:
         for line in format_summary(result):
-            _write(sys.stdout, line)
+            write_line(line)
     if result["success"]:
         return EXIT_OK
-    _write(sys.stderr, result["message"])
+    write_line(result["message"], sys.stderr)
     return EXIT_FAILURE
 
 

@@ -29,15 +29,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Final, List, Optional, Sequence, Tuple, Union
 
+from fleet_cli import run_cli
 from fleet_common import (
     BROADCAST,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TEMPFAIL,
-    EXIT_USAGE,
     SuiteError,
     UsageError,
     default_repo_path,
@@ -47,11 +47,11 @@ from fleet_common import (
     iso_utc,
     normalize_server_id,
     resolve_server_id,
+    write_line,
 )
 from fleet_git import (
     STANDALONE_FRESHNESS,
     Clone,
-    GitError,
     ObjectMissing,
     PushRejected,
     RemoteUnavailable,
@@ -68,6 +68,7 @@ from fleet_mailbox import (
 
 log = get_logger(__name__)
 
+PROG: Final = "send_message"
 QUICK_RETRY_WINDOW = 2.0  # a failure faster than this gets one quick retry before queueing
 
 
@@ -273,17 +274,10 @@ def _breaker_open(clone: Clone, server: str) -> bool:
 
     Read-only (the monitor owns the file); an unreadable file never blocks a send.
     """
-    import json
+    from circuit_breaker import breaker_open
+    from fleet_common import RuntimePaths
 
-    from fleet_common import state_dir
-
-    try:
-        data = json.loads((state_dir(clone.root, server) / "circuit_breaker.json").read_bytes())
-        opened = float(data["opened_at"])
-        timeout = float(data.get("timeout_seconds") or 300.0)
-    except (OSError, ValueError, TypeError, KeyError):
-        return False
-    return data.get("state") == "OPEN" and time.time() - opened < timeout
+    return breaker_open(RuntimePaths(clone.root, server).breaker)
 
 
 def _queue(clone: Clone, msg: Dict[str, Any], reason: str) -> SendResult:
@@ -349,60 +343,18 @@ def _setup_cli_logging(repo: Optional[str], server: Optional[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from fleet_common import write_line
+    args = _parser().parse_args(argv)
+    return run_cli(PROG, lambda: _main(args))
 
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        sender = resolve_server_id(args.sender)
-        repo = args.repo or default_repo_path()
-        body = sys.stdin.read().rstrip("\r\n") if args.body == "-" else args.body
-        to = args.to if args.to is not None else (None if args.reply_to else BROADCAST)
-        if to is not None:
-            normalize_recipients(to)  # refuse bad ids before touching anything
-        clone = Clone(repo, args.branch)
-        if to is not None:
-            from fleet_status import roster_warning  # the roster names the fleet's servers
 
-            unknown = roster_warning(clone, normalize_recipients(to))
-            if unknown:
-                write_line(f"send_message: warning: {unknown}", sys.stderr)
-        root = str(clone.root)
-        defer_logging_setup(lambda: _setup_cli_logging(root, sender))
-        result = send_message(body, args.subject, to, args.priority, args.msg_type, sender,
-                              ack_required=args.ack_required, reply_to=args.reply_to,
-                              queue=not args.no_queue, clone=clone, allow_secret=args.allow_secret)
-    except KeyboardInterrupt:
-        write_line("send_message: interrupted", sys.stderr)
-        return EXIT_INTERRUPTED
-    except UsageError as exc:
-        write_line(f"send_message: error: {exc}", sys.stderr)
-        return EXIT_USAGE
-    except GitError as exc:
-        log.debug("git failure: %s", exc.details())
-        write_line(f"send_message: error: {exc}", sys.stderr)
-        return EXIT_FAILURE
-    except SuiteError as exc:
-        write_line(f"send_message: error: {exc}", sys.stderr)
-        return EXIT_FAILURE
-    except OSError as exc:
-        write_line(f"send_message: error: {(str(exc).splitlines() or [type(exc).__name__])[0]}",
-                   sys.stderr)
-        return EXIT_FAILURE
+def _main(args: argparse.Namespace) -> int:
+    clone, sender, result = _send_from_args(args)
     reply = None
     if result.ok and args.wait_reply is not None:
-        if not args.json and not args.quiet:
-            write_line(f"Sent {result.message_id} to {_describe_to(result.message['to'])}; "
-                       f"waiting up to {args.wait_reply:g} s for an answer")
-        try:
-            reply = _wait_reply(clone, sender, result.message_id, args.wait_reply)
-        except KeyboardInterrupt:
-            write_line(f"send_message: sent {result.message_id}; interrupted while waiting", sys.stderr)
-            return EXIT_INTERRUPTED
-        except SuiteError as exc:
-            write_line(f"send_message: sent {result.message_id}, but could not wait for an answer: {exc}",
-                       sys.stderr)
-            return EXIT_FAILURE
+        waited = _wait_after_send(args, clone, sender, result)
+        if isinstance(waited, int):
+            return waited
+        reply = waited
     if args.json:
         import json
 
@@ -412,25 +364,71 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_line(json.dumps(out, ensure_ascii=True))
     if reply is not None:
         return _show_reply(reply, args)
+    return _report(result, args)
+
+
+def _send_from_args(args: argparse.Namespace) -> Tuple[Clone, str, SendResult]:
+    """Check the command line's ids, warn about recipients the roster does not name, send."""
+    sender = resolve_server_id(args.sender)
+    repo = args.repo or default_repo_path()
+    body = sys.stdin.read().rstrip("\r\n") if args.body == "-" else args.body
+    to = args.to if args.to is not None else (None if args.reply_to else BROADCAST)
+    if to is not None:
+        normalize_recipients(to)  # refuse bad ids before touching anything
+    clone = Clone(repo, args.branch)
+    if to is not None:
+        from fleet_status import roster_warning  # the roster names the fleet's servers
+
+        unknown = roster_warning(clone, normalize_recipients(to))
+        if unknown:
+            write_line(f"{PROG}: warning: {unknown}", sys.stderr)
+    root = str(clone.root)
+    defer_logging_setup(lambda: _setup_cli_logging(root, sender))
+    result = send_message(body, args.subject, to, args.priority, args.msg_type, sender,
+                          ack_required=args.ack_required, reply_to=args.reply_to,
+                          queue=not args.no_queue, clone=clone, allow_secret=args.allow_secret)
+    return clone, sender, result
+
+
+def _wait_after_send(args: argparse.Namespace, clone: Clone, sender: str,
+                     result: SendResult) -> Union[int, Dict[str, Any]]:
+    """The answer to a message just sent, or an exit code. The message is out whatever happens
+    here, so each failure says so rather than the handler's plain "error"."""
+    if not args.json and not args.quiet:
+        write_line(f"Sent {result.message_id} to {_describe_to(result.message['to'])}; "
+                   f"waiting up to {args.wait_reply:g} s for an answer")
+    try:
+        return _wait_reply(clone, sender, result.message_id, args.wait_reply)
+    except KeyboardInterrupt:
+        write_line(f"{PROG}: sent {result.message_id}; interrupted while waiting", sys.stderr)
+        return EXIT_INTERRUPTED
+    except SuiteError as exc:
+        write_line(f"{PROG}: sent {result.message_id}, but could not wait for an answer: {exc}",
+                   sys.stderr)
+        return EXIT_FAILURE
+
+
+def _report(result: SendResult, args: argparse.Namespace) -> int:
+    """The outcome of a send without ``--wait-reply``, as an exit code and at most two lines."""
     if result.ok:
         if not args.json and not args.quiet:
             write_line(f"Sent {result.message_id} to {_describe_to(result.message['to'])} "
-                  f"(verified on origin at {str(result.commit)[:12]})")
+                       f"(verified on origin at {str(result.commit)[:12]})")
         return EXIT_OK
     if result.status == "queued":
-        write_line(f"send_message: queued {result.message_id}: {result.reason}; "
-              "the monitor will deliver it", sys.stderr)
+        write_line(f"{PROG}: queued {result.message_id}: {result.reason}; "
+                   "the monitor will deliver it", sys.stderr)
         return EXIT_TEMPFAIL
     if not args.no_queue:
         # Neither sent nor queued: the message exists nowhere else, so it goes to stderr as one
         # JSON line after the reason, ready to send again (PROTOCOL.md: nothing is lost).
         import json
 
-        write_line(f"send_message: error: message {result.message_id} {result.reason}; "
+        write_line(f"{PROG}: error: message {result.message_id} {result.reason}; "
                    "the message follows as JSON", sys.stderr)
         write_line(json.dumps(result.message, ensure_ascii=True), sys.stderr)
         return EXIT_FAILURE
-    write_line(f"send_message: error: {result.reason}", sys.stderr)
+    write_line(f"{PROG}: error: {result.reason}", sys.stderr)
     return EXIT_FAILURE
 
 
@@ -442,7 +440,6 @@ def _wait_reply(clone: Clone, sender: str, msg_id: str, seconds: float) -> Dict[
 
 
 def _show_reply(reply: Dict[str, Any], args: argparse.Namespace) -> int:
-    from fleet_common import write_line
     from inbox import EXIT_TIMEOUT, render_full
 
     if not reply["arrived"]:

@@ -67,6 +67,9 @@ from pathlib import Path
 from typing import IO, Any, Callable, Dict, Final, Iterator, List, Mapping, Optional, Tuple, Union
 
 from fleet_common import (  # console_safe and write_line live there: a send needs no logging
+    LOG_FILE_NAME,
+    LOGS_SUBDIR,
+    RuntimePaths,
     SuiteError,
     console_safe,
     file_lock,
@@ -101,7 +104,6 @@ __all__ = [
     "teardown_logging",
 ]
 
-LOG_FILE_NAME: Final = "structured.log"
 LOCK_SUFFIX: Final = ".lock"
 DEFAULT_MAX_BYTES: Final = 5 * 1024 * 1024
 DEFAULT_BACKUP_COUNT: Final = 5
@@ -948,7 +950,9 @@ _setup_guard = threading.Lock()
 
 def log_file_path(repo: "Union[str, os.PathLike[str]]", server_id: Optional[str] = None) -> Path:
     """``<repo>/<server>/logs/structured.log``; creates the (git-excluded) folder, not the repo."""
-    return runtime_dir(repo, resolve_server_id(server_id), "logs") / LOG_FILE_NAME
+    server = resolve_server_id(server_id)
+    runtime_dir(repo, server, LOGS_SUBDIR)
+    return RuntimePaths(repo, server).log
 
 
 def _own(handler: logging.Handler) -> logging.Handler:

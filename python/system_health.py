@@ -29,19 +29,20 @@ sees it as CRITICAL, which is the safe reading of a misconfigured check.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import shutil
 import stat
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple
 
 import fleet_common
+from fleet_cli import run_cli
 from fleet_common import UsageError
+from fleet_git import git_layout, lock_files, lock_name, operation_in_progress
+from monitor_files import read_status  # the owner of monitor_status.json
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,6 @@ CHECK_NAMES: Final = ("disk", "memory", "cpu", "repository", "queue", "circuit_b
 # How many directory entries the .git size walk may visit: the check must stay cheap on a big
 # clone full of loose objects; beyond it the size is reported as a lower bound.
 GIT_SIZE_ENTRY_BUDGET: Final = 20000
-GIT_LOCK_FILES: Final = ("index.lock", "HEAD.lock", "config.lock", "packed-refs.lock",
-                         "shallow.lock")
 
 Check = Dict[str, Any]
 
@@ -215,40 +214,13 @@ def count_changes(porcelain_z: str) -> int:
 
 def _lock_files(git_dir: Path, common_dir: Path, now: float) -> List[Dict[str, Any]]:
     found: List[Dict[str, Any]] = []
-    seen = set()
-    candidates = [git_dir / name for name in GIT_LOCK_FILES]
-    candidates += [common_dir / name for name in GIT_LOCK_FILES]
-    refs = common_dir / "refs"
-    budget = GIT_SIZE_ENTRY_BUDGET
-    for folder, _dirs, files in os.walk(str(refs)):
-        budget -= 1 + len(files)
-        candidates.extend(Path(folder) / name for name in files if name.endswith(".lock"))
-        if budget <= 0:
-            break
-    for path in candidates:
-        key = os.path.normcase(str(path))
-        if key in seen:
-            continue
-        seen.add(key)
+    for path in lock_files(git_dir, common_dir):
         try:
             age = now - path.stat().st_mtime
         except OSError:
             continue
-        try:
-            name = path.relative_to(common_dir).as_posix()
-        except ValueError:
-            name = path.name
-        found.append({"path": name, "age_s": round(max(age, 0.0), 1)})
+        found.append({"path": lock_name(path, common_dir), "age_s": round(max(age, 0.0), 1)})
     return found
-
-
-def _operation_in_progress(git_dir: Path) -> Optional[str]:
-    for marker, label in (("MERGE_HEAD", "merge"), ("rebase-merge", "rebase"),
-                          ("rebase-apply", "rebase"), ("CHERRY_PICK_HEAD", "cherry-pick"),
-                          ("REVERT_HEAD", "revert")):
-        if (git_dir / marker).exists():
-            return label
-    return None
 
 
 def git_dir_size(git_dir: Path, budget: int = GIT_SIZE_ENTRY_BUDGET) -> Tuple[int, bool]:
@@ -278,52 +250,65 @@ def git_dir_size(git_dir: Path, budget: int = GIT_SIZE_ENTRY_BUDGET) -> Tuple[in
 def check_repository(repo: Path, now: float) -> Check:
     if not repo.is_dir():
         return _check(CRITICAL, f"{repo} does not exist", is_clone=False)
-    code, out = _git_text(repo, "rev-parse", "--show-toplevel", "--absolute-git-dir",
-                          "--git-common-dir")
-    lines = out.splitlines()
-    if code != 0 or len(lines) < 3:
+    code, out = _git_text(repo, "rev-parse", "--show-toplevel")
+    layout = git_layout(out.strip()) if code == 0 and out.strip() else None
+    if layout is None:
         return _check(CRITICAL, f"{repo} is not a git clone", is_clone=False)
-    git_dir = Path(lines[1])
-    common_dir = Path(lines[2])
-    if not common_dir.is_absolute():
-        common_dir = (repo / common_dir).resolve()
-
-    code, out = _git_text(repo, "status", "--porcelain=v1", "-z", "--untracked-files=no")
-    changes = count_changes(out) if code == 0 else None
-    ahead = behind = None
-    code, out = _git_text(repo, "rev-list", "--left-right", "--count", "HEAD...@{upstream}")
-    parts = out.split()
-    if code == 0 and len(parts) == 2 and all(part.isdigit() for part in parts):
-        ahead, behind = int(parts[0]), int(parts[1])
-    locks = _lock_files(git_dir, common_dir, now)
-    in_progress = _operation_in_progress(git_dir)
+    git_dir, common_dir = layout
+    ahead, behind = _ahead_behind(repo)
+    operation = operation_in_progress(git_dir)
     size, complete = git_dir_size(common_dir)
     values = {
         "is_clone": True,
-        "uncommitted_changes": changes,
+        "uncommitted_changes": _uncommitted(repo),
         "ahead": ahead,
         "behind": behind,
-        "lock_files": locks,
-        "operation_in_progress": in_progress,
+        "lock_files": _lock_files(git_dir, common_dir, now),
+        "operation_in_progress": operation.label if operation else None,
         "git_size_mb": round(size / MB, 1),
         "git_size_complete": complete,
     }
+    problems = _repository_problems(values)
+    notes = _repository_notes(values, size)
+    if problems:
+        return _check(WARNING, "; ".join(problems + notes), **values)
+    return _check(HEALTHY, "; ".join(notes), **values)
+
+
+def _uncommitted(repo: Path) -> Optional[int]:
+    code, out = _git_text(repo, "status", "--porcelain=v1", "-z", "--untracked-files=no")
+    return count_changes(out) if code == 0 else None
+
+
+def _ahead_behind(repo: Path) -> Tuple[Optional[int], Optional[int]]:
+    """Commits ahead of and behind the upstream; ``(None, None)`` without one."""
+    code, out = _git_text(repo, "rev-list", "--left-right", "--count", "HEAD...@{upstream}")
+    parts = out.split()
+    if code == 0 and len(parts) == 2 and all(part.isdigit() for part in parts):
+        return int(parts[0]), int(parts[1])
+    return None, None
+
+
+def _repository_problems(values: Mapping[str, Any]) -> List[str]:
+    problems: List[str] = []
+    if values["operation_in_progress"]:
+        problems.append(f"a {values['operation_in_progress']} is in progress")
+    if values["lock_files"]:
+        problems.append("lock file " + ", ".join(lock["path"] for lock in values["lock_files"]))
+    return problems
+
+
+def _repository_notes(values: Mapping[str, Any], size: int) -> List[str]:
     notes: List[str] = []
+    changes, ahead, behind = values["uncommitted_changes"], values["ahead"], values["behind"]
     if changes:
         notes.append(f"{changes} uncommitted change{'s' if changes != 1 else ''}")
     if ahead is None:
         notes.append("no upstream")
     elif ahead or behind:
         notes.append(f"{ahead} ahead, {behind} behind upstream")
-    notes.append(f".git {size / MB:.1f} MB{'' if complete else '+'}")
-    problems: List[str] = []
-    if in_progress:
-        problems.append(f"a {in_progress} is in progress")
-    if locks:
-        problems.append("lock file " + ", ".join(lock["path"] for lock in locks))
-    if problems:
-        return _check(WARNING, "; ".join(problems + notes), **values)
-    return _check(HEALTHY, "; ".join(notes), **values)
+    notes.append(f".git {size / MB:.1f} MB{'' if values['git_size_complete'] else '+'}")
+    return notes
 
 
 # --------------------------------------------------------------------------- fleet state
@@ -356,7 +341,7 @@ def queue_check_from_stats(stats: Mapping[str, Any], th: Mapping[str, Any],
 
 
 def check_queue(repo: Path, server: str, th: Mapping[str, Any]) -> Check:
-    queue_file = fleet_common.server_dir(repo, server) / "queue" / "message_queue.json"
+    queue_file = fleet_common.RuntimePaths(repo, server).queue
     try:
         info: Optional[os.stat_result] = os.lstat(queue_file)
     except (FileNotFoundError, NotADirectoryError):
@@ -414,21 +399,15 @@ def _epoch(value: Any) -> Optional[float]:
     return moment.timestamp() if moment is not None else None
 
 
-def _duration(seconds: float) -> str:
-    seconds = max(seconds, 0.0)
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: float) -> Check:
-    path = fleet_common.state_dir(repo, server) / "circuit_breaker.json"
+    from circuit_breaker import read_state_file
+
+    path = fleet_common.RuntimePaths(repo, server).breaker
     try:
-        data = _read_json(path)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _check(WARNING, f"{path.name} is unreadable ({exc})", state=None, error=True)
+        data = read_state_file(path)
+    except (OSError, fleet_common.SuiteError) as exc:
+        return _check(WARNING, f"{path.name} is unreadable ({fleet_common.one_line(exc)})", state=None,
+                      error=True)
     if data is None:
         return _check(HEALTHY, "closed (no breaker state yet)", state="CLOSED", failure_count=0,
                       open_for_s=None)
@@ -439,7 +418,7 @@ def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: f
     values = {"state": state, "failure_count": failures, "open_for_s": open_for}
     if state == "OPEN":
         limit = float(th["breaker_open_critical_seconds"])
-        since = f" for {_duration(open_for)}" if open_for is not None else ""
+        since = f" for {fleet_common.format_duration(open_for)}" if open_for is not None else ""
         text = f"open{since} after {failures} failures: git operations are paused"
         if open_for is not None and open_for > limit:
             return _check(CRITICAL, text, **values)
@@ -452,11 +431,10 @@ def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: f
 
 
 def check_last_fetch(repo: Path, server: str, th: Mapping[str, Any], now: float) -> Check:
-    path = fleet_common.state_dir(repo, server) / "monitor_status.json"
     try:
-        data = _read_json(path)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _check(WARNING, f"{path.name} is unreadable ({exc})", known=False, error=True)
+        data = read_status(repo, server)
+    except (fleet_common.SuiteError, ValueError, UnicodeDecodeError) as exc:
+        return _check(WARNING, f"{fleet_common.STATUS_FILE_NAME} is unreadable ({exc})", known=False, error=True)
     if data is None:
         return _check(HEALTHY, "no monitor has run", known=False)
     try:
@@ -489,7 +467,7 @@ def check_last_fetch(repo: Path, server: str, th: Mapping[str, Any], now: float)
         text = "no successful fetch since the monitor started"
     else:
         age = now - last_ok
-        text = f"last successful fetch {_duration(age)} ago"
+        text = f"last successful fetch {fleet_common.format_duration(age)} ago"
     if data.get("last_error"):
         text += f" (last error: {str(data['last_error']).splitlines()[0][:200]})"
     if age is None or age > critical_after:
@@ -548,13 +526,6 @@ def format_report(health: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(stream: Any, text: str) -> None:
-    """Write text a console of any code page (cp1252, ...) can show, never crashing."""
-    encoding = getattr(stream, "encoding", None) or "ascii"
-    stream.write(text.encode(encoding, "replace").decode(encoding, "replace"))
-    stream.flush()
-
-
 def _option(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -584,22 +555,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     repo = args.path or args.repo or os.environ.get("BUILD_REPO_PATH") or os.getcwd()
     thresholds = {key: getattr(args, key) for key in DEFAULT_THRESHOLDS
                   if getattr(args, key) is not None}
-    try:
-        health = get_system_health(repo, args.server, thresholds)
-    except UsageError as exc:
-        _write(sys.stderr, f"system_health: {exc}\n")
-        return fleet_common.EXIT_USAGE
-    except KeyboardInterrupt:
-        _write(sys.stderr, "system_health: interrupted\n")
-        return fleet_common.EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - Nagios UNKNOWN, one line
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        _write(sys.stderr, f"UNKNOWN: system_health failed: {reason}\n")
-        return EXIT_UNKNOWN
-    if args.json:
-        _write(sys.stdout, json.dumps(health, indent=2, ensure_ascii=True) + "\n")
+    return run_cli("system_health", lambda: _report(repo, args.server, thresholds, args.json),
+                   on_failure=_unknown, catch_all=True)
+
+
+def _unknown(exc: BaseException) -> Tuple[int, str]:
+    """Nagios: a check that could not run is UNKNOWN (exit 3), whatever stopped it."""
+    return EXIT_UNKNOWN, f"UNKNOWN: system_health failed: {fleet_common.one_line(exc)}"
+
+
+def _report(repo: str, server: Optional[str], thresholds: Dict[str, float], as_json: bool) -> int:
+    health = get_system_health(repo, server, thresholds)
+    if as_json:
+        fleet_common.write_text(fleet_common.dump_json_text(health))
     else:
-        _write(sys.stdout, format_report(health))
+        fleet_common.write_text(format_report(health))
     return {HEALTHY: EXIT_HEALTHY, WARNING: EXIT_WARNING}.get(health["overall"], EXIT_CRITICAL)
 
 

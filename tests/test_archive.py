@@ -97,6 +97,21 @@ def test_auto_archive_runs_once_a_day(tmp_path):
     assert [m["body"] for m in fleet.remote_messages()] == ["recent"]
 
 
+def test_the_monitor_archives_after_30_days_by_default_and_0_turns_it_off(tmp_path):
+    entries = [msg(1, 40, read=True), msg(2, 20, read=True), msg(3, 40)]
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": entries}, indent=2).encode())
+    off = fleet.clone("build1")
+    proc = run_script("message_monitor.py", "--repo", str(off), "--server", "build1", "--once",
+                      "--no-auto-reply", "--auto-archive-days", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert [m["subject"] for m in fleet.remote_messages()] == ["m1", "m2", "m3"]
+    c2 = fleet.clone("code2")
+    proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--once", "--no-auto-reply")
+    assert proc.returncode == 0, proc.stderr
+    # read and older than 30 days: archived; read but recent, or unread: stays
+    assert [m["subject"] for m in fleet.remote_messages()] == ["m2", "m3"]
+
+
 def _commit_roster(fleet: Fleet, text: str) -> None:
     admin = fleet.clone("admin")
     (admin / "coordination" / "servers.json").write_text(text)

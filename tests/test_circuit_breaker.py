@@ -557,3 +557,53 @@ def test_concurrent_failures_open_once_and_count_every_failure(clock, state_file
     on_disk = json.loads(state_file.read_text(encoding="ascii"))
     assert (on_disk["state"], on_disk["failure_count"]) == ("OPEN", parties)
     assert on_disk["total_failures"] == parties
+
+
+# ---------------------------------------------------------------------- storage and its readers
+
+
+def test_the_state_machine_keeps_its_fields_in_a_storage(clock):
+    storage = circuit_breaker.MemoryStorage()
+    breaker = CircuitBreaker(failure_threshold=2, timeout_seconds=60, clock=clock, storage=storage)
+    fail(breaker, 2)
+    assert storage.snapshot is not None and storage.snapshot["state"] == "OPEN"
+    again = CircuitBreaker(failure_threshold=2, timeout_seconds=60, clock=clock, storage=storage)
+    assert again.get_status()["state"] == "OPEN" and not again.can_execute()
+    assert again.state_path is None and again.storage is storage
+
+
+def test_a_path_and_a_storage_together_are_refused(state_file):
+    with pytest.raises(SuiteError):
+        CircuitBreaker(state_path=state_file, storage=circuit_breaker.MemoryStorage())
+
+
+def test_readers_see_what_the_file_storage_wrote(clock, state_file):
+    breaker = CircuitBreaker(failure_threshold=1, timeout_seconds=60, state_path=state_file, clock=clock)
+    assert isinstance(breaker.storage, circuit_breaker.FileStorage) and breaker.state_path == state_file
+    assert circuit_breaker.read_state_file(state_file) is None
+    assert not circuit_breaker.breaker_open(state_file, now=clock())
+    fail(breaker, 1)
+    data = circuit_breaker.read_state_file(state_file)
+    assert data is not None and (data["state"], data["timeout_seconds"]) == ("OPEN", 60)
+    assert circuit_breaker.breaker_open(state_file, now=clock())
+    assert circuit_breaker.breaker_open(state_file, now=clock() + 59)
+    assert not circuit_breaker.breaker_open(state_file, now=clock() + 61)  # the trial may go
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"version": 1, "state": "AJAR"}', b"[1]",
+                                     b'{"version": 1, "state": "OPEN", "opened_at": 1, "timeout_seconds": "x"}'])
+def test_an_unusable_state_file_never_blocks_a_send_and_is_left_alone(state_file, content):
+    state_file.parent.mkdir(parents=True)
+    state_file.write_bytes(content)
+    assert not circuit_breaker.breaker_open(state_file)
+    with pytest.raises(SuiteError):
+        circuit_breaker.read_state_file(state_file)
+    assert state_file.read_bytes() == content  # moving aside is the owner's job
+
+
+def test_state_names_are_read_in_any_case(state_file, clock):
+    state_file.parent.mkdir(parents=True)
+    state_file.write_text(json.dumps({"version": 1, "state": "open", "opened_at": clock(),
+                                      "failure_count": 5}), encoding="ascii")
+    assert circuit_breaker.breaker_open(state_file, now=clock() + 1)
+    assert CircuitBreaker(state_path=state_file, clock=clock).get_status()["state"] == "OPEN"

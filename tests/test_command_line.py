@@ -40,6 +40,23 @@ def test_monitor_interval_from_the_environment(value, monkeypatch, capsys):
     assert len(err) == 1 and "MONITOR_INTERVAL must be a number" in err[0]
 
 
+@pytest.mark.parametrize("value", ["nan", "-1", "abc", "1,,2", "99999"])
+def test_monitor_backoff_from_the_environment_is_checked(value, monkeypatch, capsys):
+    monkeypatch.setenv("MONITOR_BACKOFF", value)
+    assert message_monitor.main(["--repo", "/nonexistent", "--once"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MONITOR_BACKOFF must be a number" in err[0]
+
+
+def test_monitor_backoff_delays():
+    assert message_monitor.backoff_delays(None) == message_monitor.BACKOFF_DELAYS
+    assert message_monitor.backoff_delays(" ") == message_monitor.BACKOFF_DELAYS
+    assert message_monitor.backoff_delays("0.5, 1") == (0.5, 1.0)
+    assert message_monitor.backoff_delays("0") == ()  # no retry within a cycle
+    with pytest.raises(UsageError):
+        message_monitor.backoff_delays(",".join(["1"] * 11))
+
+
 def test_check_number():
     assert check_number("2.5", "x", 0, 10) == 2.5
     assert check_number(0, "x", 0, 10) == 0.0

@@ -323,3 +323,22 @@ def test_a_send_that_can_be_neither_sent_nor_queued_prints_the_message(fleet, gi
     assert (message["body"], message["subject"], message["to"]) == ("the body to keep", "Subject", "code2")
     assert not [p.name for p in (b1 / "build1" / "queue").iterdir() if p.name.endswith(".tmp")]
     assert not (b1 / "build1" / "queue" / "message_queue.json").exists()
+
+
+def test_runtime_paths_name_every_runtime_file_once(tmp_path):
+    from fleet_common import RUNTIME_SUBDIRS, RuntimePaths
+    from fleet_service import InstanceLock
+    from message_queue import MessageQueue
+    from monitoring_metrics import MetricsCollector
+
+    paths = RuntimePaths(tmp_path, "Code2")
+    assert paths.server == "code2" and paths.server_dir == tmp_path / "code2"
+    files = [paths.queue, paths.breaker, paths.ledger, paths.metrics, paths.log, paths.instance_lock,
+             paths.pid, paths.monitor_state, paths.status]
+    assert len(set(files)) == len(files)
+    assert {path.parent.name for path in files} == set(RUNTIME_SUBDIRS)
+    assert not (tmp_path / "code2").exists()  # naming a path creates nothing
+    assert MessageQueue(str(tmp_path), "code2").path == paths.queue
+    assert MetricsCollector(str(tmp_path), "code2").path == paths.metrics
+    lock = InstanceLock(tmp_path, "code2")
+    assert (lock.lock_path, lock.pid_path) == (paths.instance_lock, paths.pid)

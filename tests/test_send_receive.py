@@ -106,14 +106,14 @@ def test_restart_never_shows_a_message_twice(fleet):
 def test_marks_that_could_not_be_pushed_are_kept_and_pushed_later(fleet, tmp_path):
     b1, c2 = fleet.clone("build1"), fleet.clone("code2")
     send_message("one", to="code2", from_sender="build1", build_repo_path=str(b1))
-    mon = monitor_for(c2, "code2", [])
-    mon._poll_remote()
-    mon._process_mailbox(mon.clone.tip(), __import__("message_monitor").CycleReport())
     hidden = tmp_path / "origin-away.git"
-    fleet.origin.rename(hidden)  # the remote disappears between showing and marking
+
+    def show_then_lose_the_remote(msg):
+        fleet.origin.rename(hidden)  # the remote disappears between showing and marking
+
+    mon = Monitor(Clone(c2), "code2", 1.0, show=show_then_lose_the_remote, one_shot=True)
     try:
-        report = __import__("message_monitor").CycleReport()
-        mon._push_marks(report)
+        report = mon.cycle()
         assert report.marks_pending == 1
     finally:
         hidden.rename(fleet.origin)
@@ -383,8 +383,9 @@ def test_idle_cycles_cost_one_network_call_and_write_nothing(fleet, tmp_path, mo
     monkeypatch.delenv("GIT_TRACE")
     commands = [line.split("built-in: git ", 1)[1] for line in trace.read_text().splitlines()
                 if "built-in: git " in line]
-    top = [c for c in commands if not c.startswith("upload-pack")]
-    assert [c.split()[0] for c in top] == ["ls-remote"] * 5, top
+    # the remote's side (upload-pack) and the fetch's own connectivity check are no calls of ours
+    top = [c for c in commands if not c.startswith(("upload-pack", "rev-list --objects --stdin"))]
+    assert [c.split()[0] for c in top] == ["fetch"] * 5, top  # one fetch finds (and fetches) what moved
     after = {p: p.stat().st_mtime_ns for p in (c2 / "code2").rglob("*") if p.is_file()}
     assert after == runtime
 

@@ -72,17 +72,19 @@ class NotifySocket:
 def test_notify_ready_status_watchdog_stopping(fleet, tmp_path, git_daemon):
     c2 = fleet.clone("code2")
     notify = NotifySocket(tmp_path / "notify.sock")
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="3000000")
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="3000000",
+               MONITOR_BACKOFF="2,4")
     proc = subprocess.Popen(monitor_cmd(c2, "--interval", "0.3"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lambda: notify.lines("READY=1") and len(notify.lines("STATUS=cycle")) >= 2)
-        # the remote goes away: the monitor sits in its 2 s / 4 s / 8 s backoff, and must keep
-        # feeding the watchdog through those sleeps
+        # the remote goes away: the monitor sits in its 2 s / 4 s backoff (MONITOR_BACKOFF), and
+        # must keep feeding the watchdog through those sleeps until the cycle reports the outage
         git(c2, "remote", "set-url", "origin", git_daemon.url("origin.git"))
         git_daemon.stop()
         start = time.monotonic()
-        time.sleep(9)
+        assert wait_for(lambda: [t for t, line in notify.lines("STATUS=cycle")
+                                 if t >= start and "remote unreachable" in line])
         pings = [t for t, _ in notify.lines("WATCHDOG=1") if t >= start]
         gaps = [b - a for a, b in zip([start, *pings], pings)]
         assert pings and max(gaps) < 3.0, gaps

@@ -1,4 +1,5 @@
-"""fleet_service: sd_notify over real datagram sockets, real signals, real lock holders."""
+"""fleet_service's plumbing, piece by piece: sd_notify over real datagram sockets, real signals,
+real lock holders, unit and task text. (The monitor run as a service end to end: test_monitor_service.)"""
 
 from __future__ import annotations
 

@@ -1,0 +1,244 @@
+"""The monitor's one-shot commands: ``--init``, ``--repair``, ``--status``, ``--archive-days``,
+``--retry-dead``, the service definitions, and how a new message is shown.
+
+Each command runs and returns what to print (library code: the CLI in ``message_monitor``
+prints it and maps errors to exit codes). The mailbox changes go through
+:class:`fleet_mailbox.Mailbox`; the status file is read through :mod:`monitor_files`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from fleet_common import UsageError
+from fleet_git import Clone, run_git
+from fleet_mailbox import REPAIR_HISTORY, Mailbox, serialize
+from monitor_files import read_status_or_none
+
+log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
+
+MONITOR_SCRIPT = "message_monitor.py"  # the CLI that service definitions run
+
+
+# --------------------------------------------------------------------------- --init
+
+
+def init_fleet(path: "os.PathLike[str] | str", branch: str = "main") -> str:
+    """Create ``path`` as a clone of a new bare ``<path>.origin.git`` with an empty mailbox.
+
+    On an existing clone without a mailbox, add one by the transaction. Returns what was done.
+    """
+    from fleet_git import check_branch_name
+
+    check_branch_name(branch)
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--init: {target} is a file, not a folder")
+    if target.exists() and (target / ".git").exists():
+        clone = Clone(target, None)
+        clone.fetch(allow_missing=True)
+        tx = Mailbox(clone).create()  # --init alone may create the branch
+        return "added a mailbox to the existing clone" if tx.changed else "already a fleet repository"
+    if target.exists() and any(target.iterdir()):
+        raise UsageError(f"--init: {target} exists and is not a git clone")
+    origin = target.with_name(target.name + ".origin.git")
+    if origin.exists():
+        raise UsageError(f"--init: {origin} already exists")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise UsageError(f"--init: {target.parent} is a file, not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    run_git(target.parent, "init", "--bare", "--quiet", str(origin))
+    run_git(origin, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
+    blob = run_git(origin, "hash-object", "-w", "--stdin",
+                   input=serialize({"messages": []})).stdout.decode().strip()
+    sub = run_git(origin, "mktree", input=f"100644 blob {blob}\tmessages.json\n".encode()).stdout.decode().strip()
+    root = run_git(origin, "mktree", input=f"040000 tree {sub}\tcoordination\n".encode()).stdout.decode().strip()
+    env = {"GIT_AUTHOR_NAME": os.environ.get("GIT_AUTHOR_NAME", "fleet"),
+           "GIT_AUTHOR_EMAIL": os.environ.get("GIT_AUTHOR_EMAIL", "fleet@fleet.invalid"),
+           "GIT_COMMITTER_NAME": os.environ.get("GIT_COMMITTER_NAME", "fleet"),
+           "GIT_COMMITTER_EMAIL": os.environ.get("GIT_COMMITTER_EMAIL", "fleet@fleet.invalid")}
+    commit = run_git(origin, "-c", "commit.gpgsign=false", "commit-tree", root, "-m",
+                     "fleet: create the mailbox", env=env).stdout.decode().strip()
+    run_git(origin, "update-ref", f"refs/heads/{branch}", commit)
+    run_git(target.parent, "clone", "--quiet", str(origin.resolve()), str(target))
+    return f"created {target} (origin: {origin})"
+
+
+# --------------------------------------------------------------------------- showing a message
+
+# What a shown message may take of a console line: every field comes from another machine
+# (PROTOCOL.md, "Trust between servers"), so each is cut, not only the previews.
+RENDER_ID_CHARS = 100  # id, from and each recipient (a valid server id has at most 64)
+RENDER_WORD_CHARS = 40  # priority, type, timestamp
+RENDER_RECIPIENTS = 5  # then "+N more"
+
+
+def _render_to(to: Any) -> str:
+    from structured_log import clip
+
+    if not isinstance(to, list):
+        return clip(to, RENDER_ID_CHARS)
+    shown = ", ".join(clip(item, RENDER_ID_CHARS) for item in to[:RENDER_RECIPIENTS])
+    more = len(to) - RENDER_RECIPIENTS
+    return f"{shown} +{more} more" if more > 0 else shown
+
+
+def render_message(msg: Dict[str, Any], *, terminal: bool) -> str:
+    """How a new message is shown: a block on a terminal, one line for journald and pipes.
+
+    Every field is redacted, neutralised and cut (``…``), so the whole stays a few hundred
+    characters whatever the message holds.
+    """
+    from structured_log import clip, preview
+
+    fields = {
+        "from": clip(msg.get("from"), RENDER_ID_CHARS), "to": _render_to(msg.get("to")),
+        "priority": clip(msg.get("priority") or "normal", RENDER_WORD_CHARS).upper(),
+        "type": clip(msg.get("type") or "info", RENDER_WORD_CHARS),
+        "subject": preview(str(msg.get("subject") or "(no subject)"), 100),
+        "body": preview(str(msg.get("body") or ""), 200),
+        "id": clip(msg.get("id"), RENDER_ID_CHARS),
+        "when": clip(msg.get("timestamp") or "?", RENDER_WORD_CHARS),
+    }
+    if not terminal:
+        return ("NEW MESSAGE id={id} from={from} to={to} priority={priority} type={type} "
+                "subject=\"{subject}\" preview=\"{body}\"").format(**fields)
+    return ("\n=== NEW MESSAGE [{priority}] from {from} to {to} ({type}, {when})\n"
+            "    Subject: {subject}\n    {body}\n    id: {id}").format(**fields)
+
+# --------------------------------------------------------------------------- one-shot commands
+
+def option_name(dest: str) -> str:
+    """``--auto-archive-days`` for the argparse destination ``auto_archive_days``."""
+    return "--" + dest.replace("_", "-")
+
+
+def _absolute(path: str) -> str:
+    return path if _looks_windows_absolute(path) else str(Path(path).expanduser().resolve())
+
+
+def _service_args(args: argparse.Namespace) -> List[str]:
+    """The loop's options as given, for the command line of a service definition."""
+    extra: List[str] = []
+    if args.branch:
+        extra += ["--branch", args.branch]
+    for dest in ("heartbeat_minutes", "auto_archive_days"):
+        if getattr(args, dest) is not None:
+            extra += [option_name(dest), f"{getattr(args, dest):g}"]
+    for dest in ("metrics_textfile", "rules", "upgrade_signed_by"):
+        if getattr(args, dest):
+            extra += [option_name(dest), _absolute(getattr(args, dest))]
+    if args.mark_read:
+        extra += ["--mark-read", args.mark_read]
+    if args.on_message:
+        extra += ["--on-message", args.on_message, "--on-message-timeout", f"{args.on_message_timeout:g}"]
+    for dest in ("no_auto_reply", "legacy_marks", "heartbeat_on_main"):
+        if getattr(args, dest):
+            extra.append(option_name(dest))
+    if args.quiet:
+        extra.append("--quiet")
+    return extra
+
+
+def run_one_shot(args: argparse.Namespace, repo: str, server: str, interval: float) -> Optional[str]:
+    """Run a command that does not start the loop and return what to print (``""``: nothing);
+    ``None`` when none was asked for."""
+    if args.self_check:
+        for module in ("fleet_common", "fleet_git", "fleet_mailbox", "send_message", "message_queue",
+                       "circuit_breaker", "structured_log", "network_check", "system_health",
+                       "monitoring_metrics", "fleet_service", "auto_reply", "fleet_archive",
+                       "monitor_cycle", "monitor_remote", "monitor_files", "monitor_duties",
+                       "monitor_worktree"):
+            __import__(module)
+        return ""
+    if args.print_systemd_unit or args.print_task_scheduler:
+        from fleet_service import render_systemd_unit, render_task_scheduler
+
+        common = {"python": sys.executable, "script": str(Path(__file__).resolve().with_name(MONITOR_SCRIPT)),
+                  "repo": _absolute(repo), "server": server, "interval": interval,
+                  "extra_args": _service_args(args)}
+        if args.print_systemd_unit:
+            text = render_systemd_unit(user=args.service_user, **common)
+        else:
+            text = render_task_scheduler(**common)
+        return text.rstrip("\n")
+    if args.status:
+        return status_report(repo, server, as_json=args.json)
+    if args.retry_dead:
+        from message_queue import MessageQueue
+
+        count = MessageQueue(str(Clone(repo).root), server).retry_dead()
+        return f"{count} dead message(s) will be retried by the monitor"
+    if args.repair:
+        result = repair_mailbox(Clone(repo, args.branch), server)
+        return result["summary"]
+    if args.archive_days is not None:
+        from fleet_archive import archive_pass
+
+        result = archive_pass(Clone(repo, args.branch), server, args.archive_days)
+        return result["summary"]
+    return None
+
+
+def _looks_windows_absolute(path: str) -> bool:
+    return len(path) > 2 and path[1] == ":" and path[2] in "/\\"
+
+
+# --------------------------------------------------------------------------- --repair and --status
+
+def repair_mailbox(clone: Clone, server: str, *, max_history: int = REPAIR_HISTORY) -> Dict[str, Any]:
+    """Rebuild an unparseable mailbox on the remote (:meth:`fleet_mailbox.Mailbox.repair`)."""
+    return Mailbox(clone).repair(server, max_history=max_history)
+
+
+def status_report(repo: str, server: str, *, as_json: bool = False) -> str:
+    """One screen: health, breaker, queue, last cycle and the 24-hour metrics summary."""
+    import json
+
+    from fleet_service import deliver_command, monitor_running
+    from message_queue import MessageQueue
+    from monitoring_metrics import MetricsCollector
+    from system_health import get_system_health
+
+    root = Clone(repo).root
+    health = get_system_health(str(root), server)
+    last = read_status_or_none(root, server)
+    queue = MessageQueue(str(root), server).stats()
+    metrics = MetricsCollector(str(root), server).get_summary(hours=24)
+    running = monitor_running(root, server)
+    if last is not None:
+        last["running"] = running
+    data = {"server": server, "repo": str(root), "health": health, "monitor": last,
+            "queue": queue, "metrics": metrics}
+    if as_json:
+        return json.dumps(data, indent=2, default=str)
+    lines = [f"Fleet monitor status for {server} at {root}",
+             f"Health: {health['overall']}"]
+    for name, check in health.get("checks", {}).items():
+        lines.append(f"  {name:<16}{check.get('status', '?'):<9}{check.get('message', '')}")
+    if last:
+        state = {True: "running", False: "not running"}.get(running, "unknown")
+        cycles = last.get("iterations")
+        lines.append(f"Monitor: {state} (pid {last.get('pid')}), started {last.get('started_at')}, "
+                     f"{cycles} cycle{'' if cycles == 1 else 's'}, every {last.get('interval')} s")
+        lines.append(f"  last cycle {last.get('last_cycle_at')}: {last.get('last_cycle')}")
+        lines.append(f"  last successful fetch: {last.get('last_fetch_ok_at')}")
+    else:
+        lines.append("Monitor: has not run on this clone yet")
+    lines.append(f"Retry queue: {queue.get('pending')} pending, {queue.get('dead')} dead, "
+                 f"{queue.get('sent')} recently sent")
+    if queue.get("pending") and running is False:
+        lines.append("  WARNING: no monitor runs on this clone, so nothing will deliver them; run: "
+                     + deliver_command(root, server))
+    lines.append("Last 24 hours:")
+    counters = metrics.get("counters", {})
+    lines.append("  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counters.items()))
+    for op, st in sorted(metrics.get("operations", {}).items()):
+        lines.append(f"  {op:<12} {st['count']:>6} runs, {st['success_rate'] * 100:5.1f} % ok, "
+                     f"p50 {st['p50_ms']:.0f} ms, p95 {st['p95_ms']:.0f} ms, max {st['max_ms']:.0f} ms")
+    return "\n".join(lines)
