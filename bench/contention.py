@@ -1,6 +1,6 @@
-"""Eight servers sending at once while eight monitors read and mark their mail.
+"""Eight (or ``--senders N``) servers sending at once while as many monitors read and mark their mail.
 
-Eight clones, one per server; on each, a real ``message_monitor.py --interval 1
+Eight clones by default, one per server; on each, a real ``message_monitor.py --interval 1
 --no-auto-reply`` (the realistic case: a server's monitor and its command-line sends share the
 clone) and, once every monitor has finished a first cycle, a sender process that sends its
 messages in a loop (``send_message(..., clone=...)``), addressed round-robin to the other seven
@@ -12,7 +12,11 @@ applied (waited for with a deadline), total time, median and p95 send latency, p
 fraction of one sender's throughput measured in the same run with the monitors running (its
 messages go to a server that has no monitor, so they cause no read marks). Target >= 50 %.
 
-Usage: ``python3 bench/contention.py [--quick] [--json] [--results-dir DIR]``.
+``--rtt-ms MS`` puts the remote behind ``bench/slowlink.py``'s delaying proxy (``git daemon``,
+``MS`` milliseconds of round trip) instead of a local path.
+
+Usage: ``python3 bench/contention.py [--quick] [--senders N] [--per-sender N] [--rtt-ms MS] [--json]
+[--results-dir DIR]``.
 Exit 0 when every figure was measured, 1 otherwise.
 """
 
@@ -56,14 +60,25 @@ def _remote_state(fleet: bl.BenchFleet, expected: Dict[Tuple[str, str], str]) ->
             "duplicated": sum(1 for v in counts.values() if v > 1), "unread": len(unread)}
 
 
-def run(per_sender: int, deadline: float, legacy_marks: bool = False) -> Dict[str, Any]:
-    import psutil
+def server_names(count: int) -> List[str]:
+    """The usual eight server ids, then ``node9``, ``node10``... up to ``count``."""
+    names = list(bl.SERVERS) + [f"node{i}" for i in range(len(bl.SERVERS) + 1, count + 1)]
+    return names[:count]
 
-    servers = list(bl.SERVERS)
+
+def run(per_sender: int, deadline: float, legacy_marks: bool = False, senders: int = len(bl.SERVERS),
+        rtt_ms: Optional[float] = None) -> Dict[str, Any]:
+    import psutil
+    from slowlink import SlowRemote
+
+    servers = server_names(senders)
     procs: List[Any] = []
     with bl.BenchFleet() as fleet:
+        remote = SlowRemote(fleet.base, rtt_ms).start() if rtt_ms is not None else None
         for name in servers:
             fleet.clone(name)
+            if remote is not None:
+                bl.git(fleet.clones[name], "remote", "set-url", "origin", remote.url(fleet.origin.name))
         try:
             for name in servers:
                 err = open(fleet.base / f"monitor-{name}.log", "wb")  # noqa: SIM115 - closed below
@@ -106,6 +121,8 @@ def run(per_sender: int, deadline: float, legacy_marks: bool = False) -> Dict[st
             for proc, err in procs:
                 bl.stop_process(proc)
                 err.close()
+            if remote is not None:
+                remote.stop()
         errors = _monitor_errors(fleet.base, servers)
     many = bl.summarize_senders(wall, reports)
     idle = cpu1.idle - cpu0.idle
@@ -114,7 +131,7 @@ def run(per_sender: int, deadline: float, legacy_marks: bool = False) -> Dict[st
             "commits": {"sends": sum(1 for t in subjects if " -> " in t),
                         "read_marks": sum(1 for t in subjects if ": mark " in t),
                         "other": sum(1 for t in subjects if " -> " not in t and ": mark " not in t)},
-            "servers": len(servers), "per_sender": per_sender, "single": single, "contention": many,
+            "servers": len(servers), "rtt_ms": rtt_ms, "per_sender": per_sender, "single": single, "contention": many,
             "send_phase_s": sent_done, "all_read_s": all_read_s, "final": state,
             "monitors_alive_at_end": alive, "monitor_warnings": errors}
 
@@ -143,14 +160,20 @@ def _monitor_errors(base: Path, servers: Sequence[str]) -> Dict[str, List[str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = bl.common_parser("contention.py", "8 senders and 8 monitors on one fleet.")
+    parser = bl.common_parser("contention.py", "8 (or N) senders and as many monitors on one fleet.")
+    parser.add_argument("--senders", type=int, default=len(bl.SERVERS), help="racing senders (8)")
+    parser.add_argument("--rtt-ms", type=float, default=None,
+                        help="remote behind a delaying proxy with this round trip (default: a local path)")
     parser.add_argument("--per-sender", type=int, default=None, help="messages per sender (25, quick 5)")
     parser.add_argument("--legacy-marks", action="store_true",
                         help="monitors also write read marks into the mailbox (how fleets ran before state refs)")
     args = parser.parse_args(argv)
     per_sender = args.per_sender or (5 if args.quick else 25)
     started = time.time()
-    r = run(per_sender, 30.0 if args.quick else 90.0, legacy_marks=args.legacy_marks)
+    if args.senders < 2:
+        parser.error("--senders: at least 2")
+    r = run(per_sender, 30.0 if args.quick else 90.0, legacy_marks=args.legacy_marks, senders=args.senders,
+            rtt_ms=args.rtt_ms)
     c, s, f = r["contention"], r["single"], r["final"]
     fraction = c["per_s"] / s["per_s"] if c["per_s"] and s["per_s"] else None
     figures = [

@@ -4,7 +4,7 @@ Every git call goes through :func:`run_git` (argument lists, a timeout, a contro
 environment). :class:`Clone` wraps one server's clone of the fleet repository and offers what
 PROTOCOL.md asks of a writer: fetch the shared branch, read a file from the fetched tip, build a
 commit on top of that tip without touching the working tree or the index (the new blob and the
-trees along its path are written as loose objects, the commit by ``commit-tree``), push it as a
+trees along its path and the commit are written by :mod:`fleet_objects`), push it as a
 compare-and-swap, and accept it only once the remote's own ref-update status confirms it.
 
 What a read may conclude is narrow (PROTOCOL.md, "Trust between servers"): a path is absent only
@@ -420,13 +420,22 @@ class Clone:
         tracking ref in this clone only makes it stale, which costs one rejected push.
         """
         if self._tip is _UNKNOWN:
-            self._tip = self._read_ref(self.remote_ref)
+            self._tip = self._read_ref_file(self.remote_ref)
         if self._tip is _UNKNOWN:
             proc = self.git("rev-parse", "-q", "--verify", f"{self.remote_ref}^{{commit}}", check=False)
             self._tip = proc.stdout.decode().strip() or None
         return self._tip  # type: ignore[return-value]
 
-    def _read_ref(self, refname: str) -> object:
+    def read_ref(self, refname: str) -> Optional[str]:
+        """A ref's id in this clone, ``None`` when it does not exist: read from git's files
+        backend without a process when it can be, else by ``rev-parse``."""
+        found = self._read_ref_file(refname)
+        if found is not _UNKNOWN:
+            return found  # type: ignore[return-value]
+        proc = self.git("rev-parse", "-q", "--verify", refname, check=False)
+        return proc.stdout.decode().strip() or None
+
+    def _read_ref_file(self, refname: str) -> object:
         """A ref's id read from git's files backend (loose file, then ``packed-refs``): ``None``
         when absent, ``_UNKNOWN`` when only git can tell (another ref storage, a symbolic ref)."""
         if (self.common_dir / "reftable").is_dir():

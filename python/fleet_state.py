@@ -35,7 +35,7 @@ from fleet_common import (
     normalize_server_id,
     parse_timestamp,
 )
-from fleet_git import Clone, GitError, RemoteUnavailable, _first_line
+from fleet_git import LOCAL_LOCK_RETRIES, Clone, GitError, RemoteUnavailable, _first_line, _local_lock_busy
 from fleet_mailbox import MessageKey
 
 log = get_logger(__name__)
@@ -279,11 +279,7 @@ class StateStore:
         return self.last_view
 
     def local_tip(self, local_ref: str) -> Optional[str]:
-        found = self.clone._read_ref(local_ref)
-        if isinstance(found, str) or found is None:
-            return found
-        proc = self.clone.git("rev-parse", "-q", "--verify", local_ref, check=False)
-        return proc.stdout.decode().strip() or None
+        return self.clone.read_ref(local_ref)
 
     def refspecs_to_fetch(self, view: RemoteView, servers: Optional[Iterable[str]] = None) -> List[str]:
         """Refspecs for the state refs whose remote tip differs from the local mirror."""
@@ -303,13 +299,21 @@ class StateStore:
         Refs that vanished on the remote are dropped locally, so a deleted state is not read.
         """
         view = view or self.poll()
-        specs = self.refspecs_to_fetch(view, servers)
-        if specs:
+        for attempt in range(LOCAL_LOCK_RETRIES + 1):
+            specs = self.refspecs_to_fetch(view, servers)
+            if not specs:
+                break
             proc = self.clone.network_git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
                                           "origin", *specs, check=False)
-            if proc.returncode != 0:
-                raise RemoteUnavailable(["git", "fetch", "origin", "state refs"], proc.returncode,
-                                        proc.stdout, proc.stderr)
+            if proc.returncode == 0:
+                break
+            if attempt < LOCAL_LOCK_RETRIES and _local_lock_busy(proc.stderr.decode("utf-8", "replace")):
+                # Another process of this clone moved the same mirror meanwhile (its lock, or
+                # "is at X but expected Y"): contention, not an outage. Fetch what is still behind.
+                time.sleep(random.uniform(0.05, 0.2))
+                continue
+            raise RemoteUnavailable(["git", "fetch", "origin", "state refs"], proc.returncode,
+                                    proc.stdout, proc.stderr)
         if servers is None:
             present = {parse_state_ref(ref)[1] for ref in view.state_tips}  # type: ignore[index]
             for local in self._local_refs():
