@@ -6,7 +6,7 @@ Contract:
   only (``NOTIFY_SOCKET``, ``WATCHDOG_USEC``, ``WATCHDOG_PID``). Every method is a no-op returning
   ``False`` outside systemd, on Windows, or where ``AF_UNIX`` is missing, and none ever raises.
   :meth:`SystemdNotifier.watchdog` is rate-limited, so it may be called from hot paths and from
-  the git network hook (``fleet_git.add_network_hook(notifier.keepalive)``).
+  the git network hook (``clone.add_network_hook(notifier.keepalive)``).
 - :func:`interruptible_sleep` sleeps in slices that keep the watchdog fed and returns as soon as
   the stop event is set; :func:`install_stop_handlers` turns SIGTERM / SIGINT (/ SIGBREAK) into a
   requested stop instead of a ``KeyboardInterrupt`` (STYLE.md rule 7: the monitor finishes the
@@ -191,7 +191,7 @@ class SystemdNotifier:
         return self.notify("WATCHDOG=1")
 
     def keepalive(self) -> None:
-        """A hook for ``fleet_git.add_network_hook`` and long loops: feed the watchdog if due."""
+        """A hook for ``Clone.add_network_hook`` and long loops: feed the watchdog if due."""
         self.watchdog()
 
     def stopping(self, status: Optional[str] = None) -> bool:
@@ -242,7 +242,7 @@ def default_notifier() -> SystemdNotifier:
 def keepalive() -> None:
     """Feed the systemd watchdog if due (process-wide notifier); a no-op outside systemd.
 
-    Suitable for ``fleet_git.add_network_hook(fleet_service.keepalive)``.
+    Suitable for ``clone.add_network_hook(fleet_service.keepalive)``.
     """
     default_notifier().watchdog()
 

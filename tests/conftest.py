@@ -41,7 +41,7 @@ def hermetic(tmp_path_factory, monkeypatch):
         monkeypatch.setenv(key, value)
     for key in ("BUILD_REPO_PATH", "SERVER_ID", "MONITOR_INTERVAL", "NOTIFY_SOCKET",
                 "WATCHDOG_USEC", "WATCHDOG_PID", "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE",
-                "NO_COLOR", "FORCE_COLOR"):
+                "NO_COLOR", "FORCE_COLOR", "MONITOR_BACKOFF", "FLEET_GIT_PLUMBING"):
         monkeypatch.delenv(key, raising=False)
     yield
 
