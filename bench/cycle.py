@@ -18,8 +18,6 @@ Exit 0 when every figure was measured, 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -81,30 +79,23 @@ def measure(rtt_ms: float, samples: int) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="cycle.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer samples")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--results-dir", default=None, help="where to write cycle.json")
+    parser = bl.common_parser("cycle.py", __doc__.splitlines()[0])
     args = parser.parse_args(argv)
+    started = time.time()
     samples = 3 if args.quick else 8  # below the monitor's tenth cycle, which checks health
     results = [measure(rtt, samples) for rtt in RTTS_MS]
-    slow = results[-1]
-    summary = {"results": results, "target": f"busy cycle <= {TARGET_RATIO}x fetch+push at 100 ms",
-               "met": slow["busy_vs_floor"] <= TARGET_RATIO}
-    if args.results_dir:
-        from pathlib import Path
-
-        out = Path(args.results_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "cycle.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        for row in results:
-            print(f"{row['rtt_ms']:>5.0f} ms: busy {row['busy_median_s'] * 1000:7.1f} ms, idle "
-                  f"{row['idle_median_s'] * 1000:7.1f} ms, fetch+push floor {row['floor_median_s'] * 1000:7.1f} ms"
-                  f" -> busy/floor {row['busy_vs_floor']:.2f}")
-    return 0
+    figures: List[bl.Figure] = []
+    for row in results:
+        rtt = int(row["rtt_ms"])
+        figures.append(bl.Figure(
+            f"cycle.busy_{rtt}ms", f"busy monitor cycle (new mail, shown, receipt pushed), {rtt} ms RTT",
+            row["busy_median_s"], "ms", row["floor_median_s"], scale=1000,
+            target=("ratio", "<=", TARGET_RATIO) if rtt == max(RTTS_MS) else None,
+            note="floor: git fetch + git push over the same link"))
+        figures.append(bl.Figure(f"cycle.idle_{rtt}ms", f"idle monitor cycle (one network call), {rtt} ms RTT",
+                                 row["idle_median_s"], "ms", row["floor_median_s"], scale=1000))
+    return bl.write_report("cycle", figures, {"results": results}, quick=args.quick, started=started,
+                           as_json=args.json, results_dir=args.results_dir)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import benchlib as bl
 
-SCRIPTS = ("send", "idle", "history", "latency", "contention", "fleet_status", "inbox", "staterefs")
+SCRIPTS = ("send", "idle", "history", "latency", "cycle", "contention", "fleet_status", "inbox", "staterefs")
 # Extra trimming for --quick, on top of each script's own quick mode (the whole run < 1 minute).
 QUICK_ARGS: Dict[str, List[str]] = {
     "send": ["--reps", "6"],
     "idle": [],
     "history": ["--reps", "2"],
     "latency": [],
+    "cycle": [],
     "contention": ["--per-sender", "3"],
     "fleet_status": ["--reps", "3"],
     "inbox": ["--reps", "2"],

@@ -25,6 +25,13 @@ EXPECTED = {
     "latency.i1.median", "latency.i1.p95", "latency.i10.median", "latency.i10.p95",
     "contention.lost_or_duplicated", "contention.unread", "contention.total_time",
     "contention.send_median", "contention.send_p95", "contention.retries", "contention.throughput",
+    "cycle.busy_0ms", "cycle.busy_100ms", "cycle.idle_0ms", "cycle.idle_100ms",
+    "fleet_status.s10", "fleet_status.s50", "fleet_status.page_kb_50",
+    "inbox.list_0", "inbox.list_2000", "inbox.show_0", "inbox.search_2000", "inbox.search_10000",
+    "staterefs.size_10k", "staterefs.broadcast_commits", "staterefs.broadcast_pushes",
+    "staterefs.broadcast_lost_leases", "staterefs.broadcast_all_read", "staterefs.heartbeat_commits",
+    "staterefs.contention_pushes_per_msg", "staterefs.contention_p95", "staterefs.fleet_pushes_per_msg",
+    "staterefs.fleet_p95",
 }
 
 
@@ -45,6 +52,6 @@ def test_run_all_quick_produces_every_figure(tmp_path):
     assert EXPECTED <= set(figures), sorted(EXPECTED - set(figures))
     for key in EXPECTED:
         assert isinstance(figures[key]["measured"], (int, float)), (key, figures[key])
-    for name in ("send", "idle", "history", "latency", "contention"):
+    for name in ("send", "idle", "history", "latency", "cycle", "contention", "fleet_status", "inbox", "staterefs"):
         assert (results / f"{name}.json").is_file()
     assert "| figure | measured | floor | ratio | target | pass/fail |" in proc.stdout
