@@ -20,9 +20,9 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import re
-from typing import AbstractSet, Any, Container, Dict, Final, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import AbstractSet, Any, Container, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
-from fleet_common import BadInput, is_valid_server_id, load_json_bounded, utc_now
+from fleet_common import is_valid_server_id, utc_now
 from fleet_mailbox import (
     MAILBOX_PATH,
     Mailbox,
@@ -37,13 +37,11 @@ from fleet_mailbox import (
     serialize,
     valid_messages,
 )
+from fleet_roster import ROSTER_PATH
 
 log = logging.getLogger(__name__)
 
-ROSTER_PATH: Final = "coordination/servers.json"
 ARCHIVE_DIR = "coordination/archive"
-MAX_ROSTER_BYTES: Final = 1024 * 1024
-MAX_ROSTER_SERVERS: Final = 10000
 _ARCHIVE_NAME = re.compile(r"^messages-(\d{4})-(\d{2})\.json$")
 _ID_SECONDS = re.compile(r"^msg_(\d{9,11})_")
 
@@ -110,48 +108,17 @@ def known_servers(data: Mapping[str, Any], roster: Iterable[str] = (),
     return known
 
 
-def parse_roster(raw: Optional[bytes]) -> List[str]:
-    """Server ids from ``coordination/servers.json``
-    (``{"version": 1, "servers": [{"id": "build1", "description": "..."}]}``); absent: none.
-
-    Bounded (size, depth, count). Raises :class:`BadInput` for a file that breaks a bound or
-    does not have that shape; entries without a valid id are skipped. A newer ``version`` is
-    read for the keys this one knows.
-    """
-    if raw is None:
-        return []
-    data = load_json_bounded(raw, what=ROSTER_PATH, max_bytes=MAX_ROSTER_BYTES, max_depth=8)
-    servers = data.get("servers") if isinstance(data, dict) else None
-    if not isinstance(servers, list):
-        raise BadInput(f"{ROSTER_PATH} has no 'servers' list")
-    if len(servers) > MAX_ROSTER_SERVERS:
-        raise BadInput(f"{ROSTER_PATH} lists {len(servers)} servers, more than {MAX_ROSTER_SERVERS}")
-    ids = []
-    for entry in servers:
-        name = entry.get("id") if isinstance(entry, dict) else entry
-        if isinstance(name, str) and is_valid_server_id(name.strip().lower()):
-            ids.append(name.strip().lower())
-    return ids
-
-
 def read_roster(clone: Any, tip: Optional[str]) -> Optional[List[str]]:
-    """The roster at ``tip``; ``None`` (fleet unknown: broadcasts stay) when it is bad input.
+    """The roster's servers at ``tip`` (its format's owner is :mod:`fleet_roster`); ``None``
+    (the fleet cannot be told: broadcasts stay) when the roster could not be used whole."""
+    from fleet_roster import read_roster as read_roster_file
 
-    A missing git object still raises (``ObjectMissing``): it stops the pass.
-    """
-    from fleet_git import NotAFile
-
-    try:
-        blob, raw = clone.read_file(tip, ROSTER_PATH)
-        return parse_roster(raw)
-    except NotAFile as exc:
-        log.warning("%s; broadcasts stay in the mailbox", exc.reason,
-                    extra={"metadata": {"path": ROSTER_PATH, "oid": exc.oid}})
+    roster = read_roster_file(clone, tip)
+    if roster.problem:
+        log.warning("%s; broadcasts stay in the mailbox", roster.problem,
+                    extra={"metadata": {"path": ROSTER_PATH}})
         return None
-    except BadInput as exc:
-        log.warning("%s (blob %s); broadcasts stay in the mailbox", exc, str(blob)[:12],
-                    extra={"metadata": {"path": ROSTER_PATH, "blob": blob}})
-        return None
+    return list(roster.servers)
 
 
 def plan_archive(data: Dict[str, Any], days: float, now: Optional[_dt.datetime] = None,
