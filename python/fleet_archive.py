@@ -121,6 +121,28 @@ def read_roster(clone: Any, tip: Optional[str]) -> Optional[List[str]]:
     return list(roster.servers)
 
 
+def audience(data: Mapping[str, Any], roster: Optional[List[str]],
+             receipts: Optional[Receipts]) -> Optional[Set[str]]:
+    """The servers a broadcast waits for. With a roster: its servers and those with state refs
+    (a mistyped ``--to`` in the mailbox must not hold every broadcast forever); without one, every
+    id the mailbox names too (:func:`known_servers`); ``None`` when a roster exists but cannot be
+    used (broadcasts stay)."""
+    if roster is None:
+        return None
+    if roster:
+        return set(roster) | {name for name in (receipts or {}) if is_valid_server_id(name)}
+    return known_servers(data, (), receipts)
+
+
+_RECEIPT_FIELDS = ("read", "read_by", "acknowledged_by", "ack_status")
+
+
+def _same_message(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """The same message, receipts aside (an archived copy carries folded-in receipts)."""
+    return ({k: v for k, v in a.items() if k not in _RECEIPT_FIELDS}
+            == {k: v for k, v in b.items() if k not in _RECEIPT_FIELDS})
+
+
 def plan_archive(data: Dict[str, Any], days: float, now: Optional[_dt.datetime] = None,
                  known: Optional[AbstractSet[str]] = None, receipts: Optional[Receipts] = None
                  ) -> Tuple[List[Any], Dict[str, List[Dict[str, Any]]]]:
@@ -197,24 +219,33 @@ def archive_mailbox(clone: Any, server: str, days: float,
     def change(tip: Optional[str]):
         blob, raw = mailbox.read_raw(tip)
         data = parse_document(raw, blob)  # its own copy: the pass changes it
-        roster = read_roster(clone, tip)
-        known = None if roster is None else known_servers(data, roster, receipts)
+        known = audience(data, read_roster(clone, tip), receipts)
+        original = list(data.get("messages", []))
         stay, moves = plan_archive(data, days, now, known, receipts)
         if not moves:
             return None
         files: Dict[str, Optional[bytes]] = {}
         moved = 0
+        kept: Set[int] = set()  # entries planned to move that must stay after all
         for path, msgs in sorted(moves.items()):
             a_blob, a_raw = mailbox.read_raw(tip, path)
             archive = parse_document(a_raw, a_blob, path=path)  # a corrupt archive file stops the pass
-            present = {message_key(m) for m in archive["messages"] if isinstance(m, dict)}
+            present = {message_key(m): m for m in archive["messages"] if isinstance(m, dict)}
             for msg in msgs:
-                if message_key(msg) not in present:  # idempotent: an earlier pass may have landed
+                there = present.get(message_key(msg))
+                if there is None:
+                    present[message_key(msg)] = msg
                     archive["messages"].append(fold_receipts(msg, receipts, acked))
-                    present.add(message_key(msg))
-            moved += len(msgs)
+                    moved += 1
+                elif _same_message(there, msg):
+                    moved += 1  # the archive holds it already (an older tool's pass): leave one copy
+                else:  # another message with the same (id, from), as older tools wrote: never lose one
+                    kept.add(id(msg))
             files[path] = serialize(archive)
-        data["messages"] = stay
+        if not moved:
+            return None
+        keep = {id(e) for e in stay} | kept
+        data["messages"] = [e for e in original if id(e) in keep]
         files[MAILBOX_PATH] = serialize(data)
         result.update(archived=moved, files=sorted(moves))
         return files, f"{server}: archive {moved} messages older than {days:g} days"

@@ -136,6 +136,9 @@ def serialize(data: Mapping[str, Any]) -> bytes:
     return (json.dumps(data, indent=2, ensure_ascii=True) + "\n").encode("ascii")
 
 
+MAX_KEY_CHARS: Final = 512  # an id or sender longer than this makes the entry invalid
+
+
 def entry_problem(entry: Any) -> Optional[str]:
     """Why an entry is not a valid message, or ``None`` when it is."""
     if not isinstance(entry, dict):
@@ -144,6 +147,8 @@ def entry_problem(entry: Any) -> Optional[str]:
         value = entry.get(field)
         if not isinstance(value, str) or not value.strip():
             return f"'{field}' is missing or not a string"
+        if len(value) > MAX_KEY_CHARS:  # it names the message in receipts: bounded there too
+            return f"'{field}' is longer than {MAX_KEY_CHARS} characters"
     to = entry.get("to")
     if isinstance(to, list):
         if not to or not all(isinstance(item, str) for item in to):

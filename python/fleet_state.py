@@ -35,8 +35,16 @@ from fleet_common import (
     normalize_server_id,
     parse_timestamp,
 )
-from fleet_git import LOCAL_LOCK_RETRIES, Clone, GitError, RemoteUnavailable, _first_line, _local_lock_busy
-from fleet_mailbox import MessageKey
+from fleet_git import (
+    LOCAL_LOCK_RETRIES,
+    Clone,
+    GitError,
+    LocalRefLocked,
+    RemoteUnavailable,
+    _first_line,
+    _local_lock_busy,
+)
+from fleet_mailbox import MAX_KEY_CHARS, MessageKey
 
 log = get_logger(__name__)
 
@@ -49,7 +57,7 @@ LOCAL_FALLBACK_PREFIX: Final = "refs/fleet-state/"  # its local mirror (not a lo
 MAX_STATE_BYTES: Final = 8 * 1024 * 1024
 MAX_STATE_DEPTH: Final = 8
 MAX_ENTRIES: Final = 200_000  # read receipts or acknowledgements in one state ref
-MAX_ID_CHARS: Final = 512  # a message id or sender longer than this is not recorded
+MAX_ID_CHARS: Final = MAX_KEY_CHARS  # the mailbox refuses longer ids and senders, so none is lost here
 MAX_NOTE_CHARS: Final = 2000
 MAX_LEASE_ATTEMPTS: Final = 20
 
@@ -312,14 +320,23 @@ class StateStore:
                 # "is at X but expected Y"): contention, not an outage. Fetch what is still behind.
                 time.sleep(random.uniform(0.05, 0.2))
                 continue
+            if _local_lock_busy(proc.stderr.decode("utf-8", "replace")):
+                raise LocalRefLocked(["git", "fetch", "origin", "state refs"], proc.returncode,
+                                     proc.stdout, proc.stderr)
             raise RemoteUnavailable(["git", "fetch", "origin", "state refs"], proc.returncode,
                                     proc.stdout, proc.stderr)
-        if servers is None:
-            present = {parse_state_ref(ref)[1] for ref in view.state_tips}  # type: ignore[index]
-            for local in self._local_refs():
-                if local not in present:
-                    self.clone.git("update-ref", "-d", local, check=False)
+        self.drop_vanished(view, servers)
         return view
+
+    def drop_vanished(self, view: RemoteView, servers: Optional[Iterable[str]] = None) -> None:
+        """Delete local mirrors (of these servers, or all) whose ref the remote no longer has, so a
+        deleted state is neither read nor used as the base of a lease."""
+        wanted = None if servers is None else {normalize_server_id(s) for s in servers}
+        present = {parse_state_ref(ref)[1] for ref in view.state_tips}  # type: ignore[index]
+        for local in self._local_refs():
+            name = local.rsplit("/", 1)[-1]
+            if local not in present and (wanted is None or name in wanted):
+                self.clone.git("update-ref", "-d", local, check=False)
 
     def _local_refs(self) -> List[str]:
         proc = self.clone.git("for-each-ref", "--format=%(refname)", REF_PREFIX, LOCAL_FALLBACK_PREFIX,
@@ -385,24 +402,32 @@ class StateStore:
         """
         server = normalize_server_id(server)
         delay = 0.05
+        refusals = 0
         for _attempt in range(MAX_LEASE_ATTEMPTS):
             remote_ref, local_ref = self._own_refs(server)
             base = self.local_tip(local_ref)
-            current = self._read_commit(base, server) if base else ServerState(server)
+            current = self._base_state(base, server)
             if not current.writable:
                 raise StateRefError(f"the state ref of {server} was written by a newer version "
                                     f"({current.version}); not rewriting it")
             if not change.apply(current):
                 return False
-            blob = self.clone.write_object("blob", current.to_bytes())
+            data = current.to_bytes()
+            if len(data) > MAX_STATE_BYTES:  # readers would ignore it: never publish what none reads
+                raise StateRefError(f"the state of {server} would be {len(data)} bytes, more than the "
+                                    f"{MAX_STATE_BYTES} readers accept; archive old mail to shrink it")
+            blob = self.clone.write_object("blob", data)
             tree = self.clone.write_object("tree", b"100644 " + STATE_FILE.encode() + b"\0" + bytes.fromhex(blob))
             commit = self.clone.commit_tree(tree, None, f"{server}: state", author or server)
             outcome = self._push(commit, remote_ref, base)
             if outcome == "ok":
-                self.clone.git("update-ref", local_ref, commit, check=False)
+                # With the old value: a slower process of this server never moves the mirror back.
+                self.clone.git("update-ref", local_ref, commit, base or "", check=False)
                 return True
             if outcome == "refused" and remote_ref.startswith(REF_PREFIX):
-                self._use_fallback(server)
+                refusals += 1
+                if refusals >= 2:  # refused twice: the host refuses custom refs, not a hiccup
+                    self._use_fallback(server)
                 continue
             if outcome == "refused":
                 raise StateRefError(f"the remote refused {remote_ref}")
@@ -414,6 +439,19 @@ class StateStore:
             self.fetch([server])
         raise StateRefError(f"the state ref of {server} kept moving; gave up after "
                             f"{MAX_LEASE_ATTEMPTS} attempts")
+
+    def _base_state(self, base: Optional[str], server: str) -> ServerState:
+        """The state a write builds on. One of ours that readers cannot use (another member wrote
+        garbage over it, or a bound was broken) is started afresh with a warning: readers already
+        count it as empty, so nothing they could read is lost, and the monitor is not stuck on it."""
+        if not base:
+            return ServerState(server)
+        try:
+            return self._read_commit(base, server)
+        except BadInput as exc:
+            log.warning("own state ref of %s cannot be read (%s); writing a fresh one", server, exc,
+                        extra={"metadata": {"server": server, "tip": base}})
+            return ServerState(server)
 
     def _push(self, commit: str, remote_ref: str, base: Optional[str]) -> str:
         """``ok``, ``lease`` (lost to another process of this server) or ``refused``."""

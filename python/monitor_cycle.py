@@ -22,6 +22,7 @@ from fleet_common import (
     EXIT_OK,
     EXIT_USAGE,
     SUITE_VERSION,
+    BadInput,
     RuntimePaths,
     UsageError,
     iso_from_epoch,
@@ -553,18 +554,23 @@ class Monitor(PeriodicDuties):
                 continue
             if is_handled_by(msg, self.server, handled):
                 continue
-            self.state.record(message_key(msg), mark=mark)
+            self.state.record(message_key(msg), mark=False)
             report.new_messages.append(msg)
         self.state.save()  # before showing: a restart never shows a message twice
-        for msg in report.new_messages:
-            log.info("new message %s from %s: %s", msg["id"], msg.get("from"), msg.get("subject"),
-                     extra={"metadata": {"id": msg["id"], "from": msg.get("from"),
-                                         "priority": msg.get("priority")}})
-            self.metrics.increment("messages_received")
-            self.show(msg)
-            if self.hook is not None:
-                self.hook.run(msg)
-            self._auto_reply(msg, report)
+        try:
+            for msg in report.new_messages:
+                log.info("new message %s from %s: %s", msg["id"], msg.get("from"), msg.get("subject"),
+                         extra={"metadata": {"id": msg["id"], "from": msg.get("from"),
+                                             "priority": msg.get("priority")}})
+                self.metrics.increment("messages_received")
+                self.show(msg)
+                if self.hook is not None:
+                    self.hook.run(msg)
+                self._auto_reply(msg, report)
+                if mark:  # only once it was shown: a failure above leaves the rest unread, not hidden
+                    self.state.record(message_key(msg), mark=True)
+        finally:
+            self.state.save()  # the marks of what was shown survive a failure on the next one
         self._queue_auto_replies(report)
         self.cached_blob = blob
 
@@ -684,7 +690,7 @@ class Monitor(PeriodicDuties):
             if self.reading.legacy_marks:
                 self._mirror_marks(marks, acks)
             pushed = self._timed("mark_read", lambda: self.states.update(self.server, change))
-        except (RemoteUnavailable, MailboxCorrupt, GitError, StateRefError) as exc:
+        except (RemoteUnavailable, MailboxCorrupt, GitError, StateRefError, BadInput) as exc:
             report.marks_pending = len(marks)
             if self.marks_warned != str(exc):
                 self.marks_warned = str(exc)

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any, Dict, Final, Optional
 
-from fleet_common import SUITE_VERSION, dump_json_bytes, iso_utc
+from fleet_common import SUITE_VERSION, BadInput, dump_json_bytes, iso_utc
 from fleet_git import GitError, RemoteUnavailable
 from fleet_mailbox import MailboxCorrupt
 from fleet_state import StateChange, StateRefError, presence_doc
@@ -25,6 +25,7 @@ log = logging.getLogger("message_monitor")  # the monitor's log, as before the s
 HEALTH_EVERY: Final = 10  # iterations between health checks (the seed)
 PRESENCE_SECONDS: Final = 300.0  # presence refreshed at least this often without --heartbeat-minutes
 ARCHIVE_EVERY_SECONDS: Final = 86400.0  # --auto-archive-days runs a pass once a day
+ARCHIVE_RETRY_SECONDS: Final = 3600.0  # a pass that failed (a corrupt archive file) waits this long
 
 
 class PeriodicDuties:
@@ -98,7 +99,7 @@ class PeriodicDuties:
         try:
             self._timed("heartbeat", lambda: self.states.update(
                 self.server, StateChange(presence=self.presence(activity, period))))
-        except (RemoteUnavailable, GitError, StateRefError) as exc:
+        except (RemoteUnavailable, GitError, StateRefError, BadInput) as exc:
             log.warning("presence not published: %s", exc)
             return
         self.presence_due = False
@@ -167,16 +168,25 @@ class PeriodicDuties:
 
     def _maybe_archive(self) -> None:
         last = self.state.extra.get("last_archive_at")
+        tried = self.state.extra.get("last_archive_try_at")
         now = time.time()
         if isinstance(last, (int, float)) and now - last < ARCHIVE_EVERY_SECONDS:
             return
+        if isinstance(tried, (int, float)) and now - tried < ARCHIVE_RETRY_SECONDS:
+            return  # a pass that failed is tried again in an hour, not every cycle
         from fleet_archive import archive_pass
 
+        self.state.extra["last_archive_try_at"] = now
+        self.state.dirty = True
         try:
             result = archive_pass(self.clone, self.server, float(self.auto_archive_days or 0))
-        except (RemoteUnavailable, MailboxCorrupt, GitError, StateRefError) as exc:
-            log.warning("automatic archive pass failed: %s", exc)
+        except (RemoteUnavailable, MailboxCorrupt, GitError, StateRefError, BadInput) as exc:
+            if self.state.extra.get("last_archive_error") != str(exc)[:300]:
+                self.state.extra["last_archive_error"] = str(exc)[:300]
+                log.warning("automatic archive pass failed (tried again in an hour): %s", exc)
+            self.state.save()
             return
+        self.state.extra.pop("last_archive_error", None)
         self.state.extra["last_archive_at"] = now
         self.state.dirty = True
         self.state.save()

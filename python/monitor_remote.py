@@ -98,9 +98,16 @@ class RemotePoller:
             "-c", "maintenance.auto=false", "fetch", "--quiet", "--no-tags", "--no-recurse-submodules",
             "--no-write-fetch-head", "origin", *self.refspecs(), check=False))
         if proc.returncode != 0:
-            if "couldn't find remote ref" in proc.stderr.decode("utf-8", "replace").lower():
+            text = proc.stderr.decode("utf-8", "replace")
+            lowered = text.lower()
+            if "couldn't find remote ref" in lowered and f"refs/heads/{self.clone.branch}" in text:
                 raise BranchMissing(self.clone.branch, ["git", "fetch", "origin", self.clone.branch],
                                     proc.returncode, proc.stdout, proc.stderr)
+            if not _local_fault(lowered):  # the remote's (network, auth, server): back off now
+                raise RemoteUnavailable(["git", "fetch", "origin", self.clone.branch], proc.returncode,
+                                        proc.stdout, proc.stderr)
+            # A ref lock of this clone, a damaged object, or our own state ref gone from the
+            # remote: the listed path tells them apart (and drops a vanished mirror).
             return self.poll_by_listing()
         self.last_fetch_ok = time.time()
         tip = self.states.local_tip(self.clone.remote_ref)
@@ -111,11 +118,17 @@ class RemotePoller:
         return tip
 
     def refspecs(self) -> List[str]:
-        """The shared branch and this server's own state ref (under either name, PROTOCOL.md)."""
+        """The shared branch and this server's own state ref, by its exact name (under either name,
+        PROTOCOL.md) once this clone has it: no pattern, so no other server's ref (``code20`` for
+        ``code2``) or ref nested below ours is ever fetched. Before our first write there is
+        nothing of ours to follow (that first write takes its lease from the remote itself)."""
         server = self.server
-        return [f"+refs/heads/{self.clone.branch}:{self.clone.remote_ref}",
-                f"+{REF_PREFIX}{server}*:{REF_PREFIX}{server}*",
-                f"+{FALLBACK_PREFIX}{server}*:{LOCAL_FALLBACK_PREFIX}{server}*"]
+        specs = [f"+refs/heads/{self.clone.branch}:{self.clone.remote_ref}"]
+        for remote, local in ((REF_PREFIX + server, REF_PREFIX + server),
+                              (FALLBACK_PREFIX + server, LOCAL_FALLBACK_PREFIX + server)):
+            if self.states.local_tip(local):
+                specs.append(f"+{remote}:{local}")
+        return specs
 
     def poll_by_listing(self) -> Optional[str]:
         """The remote tip by ``ls-remote`` (the branch and every state ref), then a fetch of
@@ -137,6 +150,7 @@ class RemotePoller:
         return local
 
     def _follow_own_state(self, view: RemoteView) -> None:
+        self.states.drop_vanished(view, [self.server])
         if self.states.refspecs_to_fetch(view, [self.server]):
             self.timed("git_fetch", lambda: self.states.fetch([self.server], view))
 
@@ -183,3 +197,11 @@ class RemotePoller:
     def refetch(self) -> None:
         """Fetch every object again (a tree or blob of the fetched tip could not be read)."""
         self.known_tip = self.clone.fetch(refetch=True)
+
+
+def _local_fault(stderr: str) -> bool:
+    """Whether a failed fetch failed here, not at the remote: a ref lock or a ref that moved under
+    it in this clone, a damaged object, or a ref it was asked for that the remote no longer has."""
+    return any(mark in stderr for mark in (
+        "cannot lock ref", "unable to update local ref", ".lock", "but expected", "couldn't find remote ref",
+        "missing object", "bad object", "corrupt", "unable to read", "did not send all necessary objects"))

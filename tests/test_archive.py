@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 
 from conftest import QUIRKY, Fleet, git, run_script
 
@@ -90,7 +91,8 @@ def test_auto_archive_runs_once_a_day(tmp_path):
     assert fleet.remote_messages() == []
     b1 = fleet.clone("build1")
     send_message("recent", to="code2", from_sender="build1", build_repo_path=str(b1))
-    again = Monitor(Clone(c2), "code2", 1, one_shot=True, auto_reply=False, auto_archive_days=0)
+    time.sleep(1.1)  # "recent" is now older than the tiny age below: only the daily gate keeps it
+    again = Monitor(Clone(c2), "code2", 1, one_shot=True, auto_reply=False, auto_archive_days=1e-6)
     again.cycle()  # within the day: no second pass, even with a shorter age
     subjects = git(fleet.origin, "log", "--format=%s", "main").splitlines()
     assert sum(s.startswith("code2: archive") for s in subjects) == 1
