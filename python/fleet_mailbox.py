@@ -36,7 +36,7 @@ PRIORITIES = ("low", "normal", "high", "urgent")
 MAILBOX_PATH: Final = "coordination/messages.json"  # defined here only; fleet_git re-exports it
 # Bounds on a mailbox (or archive file) another member wrote (PROTOCOL.md "Trust between
 # servers"): a busy fleet's hot mailbox is a few megabytes; a text beyond these is corrupt.
-MAX_MAILBOX_BYTES: Final = 64 * 1024 * 1024
+MAX_MAILBOX_BYTES: Final = 128 * 1024 * 1024  # a never-archived 100,000-message mailbox is ~72 MB
 
 
 class MailboxCorrupt(SuiteError):
@@ -730,6 +730,10 @@ class Mailbox:
                 return None  # parses (already fine, or repaired meanwhile by someone else)
             except MailboxCorrupt:
                 pass
+            if raw is not None and len(raw) > MAX_MAILBOX_BYTES:
+                # Salvage reads only the bound's worth of text: rebuilding would drop the rest.
+                raise MailboxCorrupt(blob, f"{len(raw)} bytes, more than the {MAX_MAILBOX_BYTES} this "
+                                           "program reads; --repair would lose messages, so it refuses")
             good, good_commit = self.last_good(tip, max_history)
             doc, kept, salvaged = repair_document(good, (raw or b"").decode("utf-8", "replace"))
             result.update(kept=kept, salvaged=salvaged, good_commit=good_commit)

@@ -11,6 +11,7 @@ from conftest import QUIRKY
 
 from fleet_common import parse_timestamp
 from fleet_mailbox import (
+    MAX_MAILBOX_BYTES,
     MailboxCorrupt,
     append_to_blob,
     entry_problem,
@@ -224,7 +225,7 @@ def test_spliced_marks_equal_a_full_rewrite(quirky):
 
 
 @pytest.mark.parametrize("entry", [b"[" * 5000 + b"]" * 5000, b"[" * 900 + b"]" * 900, b"9" * 5000,
-                                   b'"' + b"x" * (64 * 1024 * 1024) + b'"'])
+                                   b'"' + b"x" * MAX_MAILBOX_BYTES + b'"'])
 def test_a_mailbox_beyond_the_bounds_is_corrupt(entry):
     from fleet_mailbox import salvage_messages
 
