@@ -44,7 +44,11 @@ def test_render_keeps_ordinary_messages_as_they_were():
 
 @pytest.mark.timeout(300)
 def test_real_monitor_over_a_huge_message_writes_only_short_lines(tmp_path):
-    mailbox = (json.dumps({"messages": [hostile_message()]}, indent=2, ensure_ascii=True) + "\n").encode()
+    # An id or sender over 512 characters makes an entry invalid (skipped with a warning); the
+    # other fields are as long as ever, and both entries must produce only short lines.
+    shown = {**hostile_message(), "id": "msg_" + "1" * 508, "from": "b" * 512}
+    mailbox = (json.dumps({"messages": [hostile_message(), shown]}, indent=2, ensure_ascii=True)
+               + "\n").encode()
     fleet = Fleet(tmp_path, mailbox=mailbox)
     c2 = fleet.clone("code2")
     proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--once",
@@ -52,6 +56,7 @@ def test_real_monitor_over_a_huge_message_writes_only_short_lines(tmp_path):
     assert proc.returncode == 0, proc.stderr[:2000]
     assert "NEW MESSAGE" in proc.stdout
     assert "+49995 more" in proc.stdout
+    assert "mailbox entry #0 skipped: 'id' is longer than 512 characters" in proc.stderr
     for stream in (proc.stdout, proc.stderr):
         for line in stream.splitlines():
             assert len(line) < LINE_BOUND, line[:200]
