@@ -149,3 +149,40 @@ def run_script(script: str, *args: str, env: Optional[Dict[str, str]] = None,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, timeout=timeout,
         text=True, encoding="utf-8", errors="replace", **kw,
     )
+
+
+def aged_message(i: int, days_ago: float, to="code2", **extra) -> dict:
+    """A valid message from build1, ``days_ago`` old (archive tests), with an id of that time."""
+    import datetime as dt
+
+    moment = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days_ago)
+    msg = {"id": f"msg_{int(moment.timestamp())}_{i:012x}", "from": "build1", "to": to,
+           "subject": f"old news {i}", "body": f"archived body {i}", "type": "info", "priority": "normal",
+           "timestamp": moment.strftime("%Y-%m-%dT%H:%M:%SZ"), "read": False, "ack_required": False}
+    msg.update(extra)
+    return msg
+
+
+def refuse_custom_refs(fleet: "Fleet", message: str = "custom refs refused") -> None:
+    """Make the bare origin refuse ``refs/fleet/*`` as some hosts do (an ``update`` hook)."""
+    if sys.platform == "win32":
+        pytest.skip("update hooks need a POSIX shell")
+    hook = fleet.origin / "hooks" / "update"
+    hook.parent.mkdir(exist_ok=True)
+    hook.write_text(f'#!/bin/sh\ncase "$1" in refs/fleet/*) echo "{message}" >&2; exit 1;; esac\nexit 0\n')
+    hook.chmod(0o755)
+
+
+def request_message(subject: str = "status report please", body: str = "", *, sender: str = "build1",
+                    to="code2", at: float = T0, mid: str = "msg_1_aaaaaaaaaaaa", **extra) -> dict:
+    """A request as another server would send it, at epoch ``at`` (automatic-reply tests)."""
+    import datetime as dt
+
+    from fleet_common import iso_utc
+
+    out = {"id": mid, "from": sender, "to": to, "subject": subject, "body": body, "type": "request",
+           "priority": "normal", "timestamp": iso_utc(dt.datetime.fromtimestamp(at, dt.timezone.utc)),
+           "read": False, "ack_required": False}
+    out.update(extra)
+    return out
+

@@ -7,14 +7,13 @@ fails on its timeout.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 from pathlib import Path
 from typing import Any, Dict
 
 import pytest
-from conftest import T0, FakeClock, git, run_script
+from conftest import T0, FakeClock, git, request_message, run_script
 
 import auto_reply
 from auto_reply import (
@@ -34,7 +33,7 @@ from auto_reply import (
     should_reply,
     word_tokens,
 )
-from fleet_common import EXIT_USAGE, iso_utc
+from fleet_common import EXIT_USAGE
 from fleet_git import Clone
 from message_monitor import Monitor
 from send_message import send_message
@@ -44,17 +43,7 @@ CATASTROPHIC = ["(a+)+$", "(a|aa)+$", "(x+x+)+y", r"^(\w+\s?)*$", "(.*a){20}", "
                 "(?:a*)*b", r"^(([a-z])+.)+[A-Z]([a-z])+$"]
 
 
-def stamp(epoch: float) -> str:
-    return iso_utc(_dt.datetime.fromtimestamp(epoch, _dt.timezone.utc))
-
-
-def request(subject: str = "status report please", body: str = "", *, sender: str = "build1",
-            to: Any = "code2", at: float = T0, mid: str = "msg_1_aaaaaaaaaaaa", **extra: Any) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"id": mid, "from": sender, "to": to, "subject": subject, "body": body,
-                           "type": "request", "priority": "normal", "timestamp": stamp(at),
-                           "read": False, "ack_required": False}
-    out.update(extra)
-    return out
+request = request_message
 
 
 def rules_doc(*rules: Dict[str, Any]) -> Dict[str, Any]:

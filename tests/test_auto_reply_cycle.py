@@ -7,7 +7,6 @@ Costs are proven by counting writes and reads on real files and real git, never 
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -17,29 +16,22 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
-from conftest import T0, FakeClock, Fleet
+from conftest import T0, FakeClock, Fleet, request_message
 
 import auto_reply
 from auto_reply import AutoResponder, ReplyLedger, RuleSet
-from fleet_common import UsageError, iso_utc
+from fleet_common import UsageError
 from fleet_git import Clone
 from fleet_mailbox import message_key
 from message_monitor import Monitor
 from message_queue import PENDING, SENT, MessageQueue
 from send_message import send_message
 
+request = request_message
+
 
 def stamp(epoch: float) -> str:
-    return iso_utc(_dt.datetime.fromtimestamp(epoch, _dt.timezone.utc))
-
-
-def request(subject: str = "status report please", body: str = "", *, sender: str = "build1",
-            to: Any = "code2", at: float = T0, mid: str = "msg_1_aaaaaaaaaaaa", **extra: Any) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"id": mid, "from": sender, "to": to, "subject": subject, "body": body,
-                           "type": "request", "priority": "normal", "timestamp": stamp(at),
-                           "read": False, "ack_required": False}
-    out.update(extra)
-    return out
+    return request_message(at=epoch)["timestamp"]
 
 
 def responder(tmp_path: Path, rules: Any = None, clock: Any = None, server: str = "code2",

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON_DIR, Fleet, git, run_script
+from conftest import PYTHON_DIR, Fleet, aged_message, git, run_script
 
 from fleet_archive import archive_mailbox, archive_path
 from fleet_common import UsageError
@@ -216,13 +216,7 @@ def test_an_idle_listing_costs_one_network_call(fleet, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- archive
 
 
-def _old(i: int, days_ago: float, to="code2", **extra) -> dict:
-    moment = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days_ago)
-    msg = {"id": f"msg_{int(moment.timestamp())}_{i:012x}", "from": "build1", "to": to,
-           "subject": f"old news {i}", "body": f"archived body {i}", "type": "info", "priority": "normal",
-           "timestamp": moment.strftime("%Y-%m-%dT%H:%M:%SZ"), "read": False, "ack_required": False}
-    msg.update(extra)
-    return msg
+_old = aged_message
 
 
 def test_archived_mail_is_found_by_show_search_thread_and_include_archive(tmp_path):

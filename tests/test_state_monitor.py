@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import PYTHON_DIR, git, run_script
+from conftest import PYTHON_DIR, aged_message, git, refuse_custom_refs, run_script
 
 from fleet_git import Clone
 from fleet_state import StateChange, StateStore
@@ -137,12 +137,7 @@ def test_mail_marked_read_by_older_tools_is_honoured(fleet):
 
 
 def test_a_host_that_refuses_custom_refs_gets_the_fallback_branch(fleet):
-    if os.name == "nt":
-        pytest.skip("update hooks need a POSIX shell")
-    hook = fleet.origin / "hooks" / "update"
-    hook.parent.mkdir(exist_ok=True)
-    hook.write_text('#!/bin/sh\ncase "$1" in refs/fleet/*) exit 1;; esac\nexit 0\n')
-    hook.chmod(0o755)
+    refuse_custom_refs(fleet)
     b1, c2 = fleet.clone("build1"), fleet.clone("code2")
     send_message("hello", to="code2", from_sender="build1", build_repo_path=str(b1))
     shown: list = []
@@ -211,14 +206,7 @@ def test_on_message_runs_once_per_message_and_never_stalls_the_cycle(fleet, tmp_
 
 
 def _aged(i: int, to, days: float = 40, **extra) -> dict:
-    import datetime as dt
-
-    moment = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
-    msg = {"id": f"msg_{int(moment.timestamp())}_{i:012x}", "from": "build1", "to": to,
-           "subject": f"old {i}", "body": "x", "type": "info", "priority": "normal",
-           "timestamp": moment.strftime("%Y-%m-%dT%H:%M:%SZ"), "read": False, "ack_required": False}
-    msg.update(extra)
-    return msg
+    return aged_message(i, days, to, **extra)
 
 
 def test_archive_folds_receipts_in_then_the_state_refs_drop_them(tmp_path):

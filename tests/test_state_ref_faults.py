@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import Fleet, git
+from conftest import Fleet, aged_message, git
 
 from fleet_archive import archive_mailbox, find_anywhere
 from fleet_git import Clone
@@ -90,14 +90,7 @@ def test_an_id_too_long_to_record_is_an_invalid_entry():
 
 
 def _aged(i: int, to, days: float = 40, **extra) -> dict:
-    import datetime as dt
-
-    moment = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
-    msg = {"id": f"msg_{int(moment.timestamp())}_{i:012x}", "from": "build1", "to": to,
-           "subject": f"old {i}", "body": f"body {i}", "type": "info", "priority": "normal",
-           "timestamp": moment.strftime("%Y-%m-%dT%H:%M:%SZ"), "read": False, "ack_required": False}
-    msg.update(extra)
-    return msg
+    return aged_message(i, days, to, **extra)
 
 
 def test_with_a_roster_a_mistyped_recipient_does_not_hold_every_broadcast(tmp_path):

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import PYTHON_DIR, git
+from conftest import PYTHON_DIR, git, refuse_custom_refs
 
 from fleet_git import Clone
 from fleet_state import (
@@ -148,12 +148,7 @@ def test_refs_with_bad_server_names_are_not_read(fleet):
 
 
 def test_host_refusing_custom_refs_gets_the_fallback_branch(fleet, caplog):
-    if sys.platform == "win32":
-        pytest.skip("update hooks need a POSIX shell")
-    hook = fleet.origin / "hooks" / "update"
-    hook.parent.mkdir(exist_ok=True)
-    hook.write_text('#!/bin/sh\ncase "$1" in refs/fleet/*) echo "custom refs refused" >&2; exit 1;; esac\nexit 0\n')
-    hook.chmod(0o755)
+    refuse_custom_refs(fleet)
     clone = fleet.clone("code2")
     store = StateStore(Clone(clone))
     assert store.update("code2", StateChange(read=[("m1", "x")]))
