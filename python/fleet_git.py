@@ -297,12 +297,13 @@ class Clone:
         if not root.is_dir():
             raise NotAClone(f"--repo {path}: no such directory")
         self._config = self._read_config(root)
-        dotgit = root / ".git"
-        if dotgit.is_dir() and not (dotgit / "commondir").exists() and self._config.get("remote.origin.url"):
+        layout = git_layout(root)
+        if layout is not None and layout.git_dir == layout.common_dir and self._config.get("remote.origin.url"):
             # The usual case, --repo naming a clone's top folder: its layout is known without
-            # asking git, and the one config call above told the rest.
+            # asking git (git_layout, the one reader of it), and the one config call above told
+            # the rest. Anything else (a subfolder, a linked worktree) asks git itself.
             self.root = root.resolve()
-            self.git_dir = self.common_dir = dotgit.resolve()
+            self.git_dir = self.common_dir = layout.git_dir
             object_format = self._config.get("extensions.objectformat", "sha1")
         else:
             proc = run_git(root, "rev-parse", "--show-toplevel", "--absolute-git-dir", "--show-object-format",
