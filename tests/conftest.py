@@ -186,3 +186,20 @@ def request_message(subject: str = "status report please", body: str = "", *, se
     out.update(extra)
     return out
 
+
+def commit_and_push(clone, message: str) -> None:
+    """Commit everything in ``clone``'s working tree and push it to ``main``, as a member would."""
+    git(clone, "add", "-A")
+    git(clone, "commit", "-qm", message, "--no-gpg-sign")
+    git(clone, "push", "-q", "origin", "main")
+
+
+def make_responder(tmp_path, rules=None, clock=None, server: str = "code2", **kw):
+    """An ``AutoResponder`` with its ledger under ``tmp_path`` and an injected clock."""
+    from auto_reply import AutoResponder, ReplyLedger, RuleSet
+
+    clock = clock or FakeClock()
+    ledger = ReplyLedger(tmp_path / server / "state" / "auto_reply.json", clock=clock)
+    return AutoResponder(server, rules if rules is not None else RuleSet.default(), ledger,
+                         status_provider=lambda: {"overall": "HEALTHY"}, started_at=T0 - 60,
+                         version="1.0.0", clock=clock, **kw)

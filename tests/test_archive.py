@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import time
 
-from conftest import QUIRKY, Fleet, git, run_script
+from conftest import QUIRKY, Fleet, commit_and_push, git, run_script
 
 from fleet_archive import archive_mailbox, archived_keys, find_anywhere
 from fleet_git import Clone
@@ -117,9 +117,7 @@ def test_the_monitor_archives_after_30_days_by_default_and_0_turns_it_off(tmp_pa
 def _commit_roster(fleet: Fleet, text: str) -> None:
     admin = fleet.clone("admin")
     (admin / "coordination" / "servers.json").write_text(text)
-    git(admin, "add", "-A")
-    git(admin, "commit", "-qm", "roster", "--no-gpg-sign")
-    git(admin, "push", "-q", "origin", "main")
+    commit_and_push(admin, "roster")
 
 
 def test_no_archive_setting_hides_a_broadcast_from_a_server_that_has_not_read_it(tmp_path):

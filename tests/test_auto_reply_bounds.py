@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import pytest
-from conftest import T0, FakeClock, git, request_message, run_script
+from conftest import T0, commit_and_push, make_responder, request_message, run_script
 
 import auto_reply
 from auto_reply import (
@@ -22,11 +22,8 @@ from auto_reply import (
     MAX_PHRASES,
     MAX_RULES,
     MAX_RULES_BYTES,
-    AutoResponder,
     PhraseIndex,
-    ReplyLedger,
     RuleError,
-    RuleSet,
     RuleSource,
     load_rules,
     message_tokens,
@@ -54,13 +51,7 @@ def status_rule(**match: Any) -> Dict[str, Any]:
     return {"name": "status", "kind": "status", "match": match or {"words": ["status"]}}
 
 
-def responder(tmp_path: Path, rules: Any = None, clock: Any = None, server: str = "code2",
-              **kw: Any) -> AutoResponder:
-    clock = clock or FakeClock()
-    ledger = ReplyLedger(tmp_path / server / "state" / "auto_reply.json", clock=clock)
-    return AutoResponder(server, rules if rules is not None else RuleSet.default(), ledger,
-                         status_provider=lambda: {"overall": "HEALTHY"}, started_at=T0 - 60,
-                         version="1.0.0", clock=clock, **kw)
+responder = make_responder
 
 
 def check(path: Path, capsys) -> tuple:
@@ -99,9 +90,7 @@ def test_shared_catastrophic_regex_never_reaches_a_monitor(fleet, caplog):
     rules.write_text(json.dumps(rules_doc(
         {"name": "shout", "kind": "status", "match": {"regex": "(a+)+$"}},
         {"name": "status", "kind": "status", "match": {"words": ["status"]}})))
-    git(b1, "add", "-A")
-    git(b1, "commit", "-qm", "rules", "--no-gpg-sign")
-    git(b1, "push", "-q", "origin", "main")
+    commit_and_push(b1, "rules")
     send_message("a" * 32 + "!", "a" * 32 + "!", to="all", from_sender="build1", build_repo_path=str(b1))
     send_message("status report please", "status?", to="code2", from_sender="build1", build_repo_path=str(b1))
     caplog.set_level(logging.ERROR)

@@ -13,13 +13,13 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Dict, List
 
 import pytest
-from conftest import T0, FakeClock, Fleet, request_message
+from conftest import FakeClock, Fleet, make_responder, request_message
 
 import auto_reply
-from auto_reply import AutoResponder, ReplyLedger, RuleSet
+from auto_reply import ReplyLedger
 from fleet_common import UsageError
 from fleet_git import Clone
 from fleet_mailbox import message_key
@@ -34,13 +34,7 @@ def stamp(epoch: float) -> str:
     return request_message(at=epoch)["timestamp"]
 
 
-def responder(tmp_path: Path, rules: Any = None, clock: Any = None, server: str = "code2",
-              **kw: Any) -> AutoResponder:
-    clock = clock or FakeClock()
-    ledger = ReplyLedger(tmp_path / server / "state" / "auto_reply.json", clock=clock)
-    return AutoResponder(server, rules if rules is not None else RuleSet.default(), ledger,
-                         status_provider=lambda: {"overall": "HEALTHY"}, started_at=T0 - 60,
-                         version="1.0.0", clock=clock, **kw)
+responder = make_responder
 
 
 def test_held_decisions_are_written_once_and_counted_at_once(tmp_path, monkeypatch, caplog):

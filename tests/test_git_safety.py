@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from conftest import Fleet, git, run_script
+from conftest import Fleet, commit_and_push, git, run_script
 
 from fleet_git import MAILBOX_PATH, BranchMissing, Clone, ObjectMissing, PushRejected, run_git
 from message_monitor import Monitor, repair_mailbox
@@ -158,9 +158,7 @@ def test_a_monitor_with_a_missing_mailbox_or_rules_blob_reads_nothing_that_cycle
     b1 = fleet.clone("build1")
     (b1 / "coordination" / "auto_reply_rules.json").write_text(json.dumps({"version": 1, "rules": [
         {"name": "pong", "kind": "presence", "match": {"words": ["ping"]}}]}))
-    git(b1, "add", "-A")
-    git(b1, "commit", "-qm", "rules", "--no-gpg-sign")
-    git(b1, "push", "-q", "origin", "main")
+    commit_and_push(b1, "rules")
     assert send_message("ping", to="code2", from_sender="build1", build_repo_path=str(b1))
     c2 = fleet.clone("code2")
     drop_objects(c2, f"origin/main:coordination/{lost}")

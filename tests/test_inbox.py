@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON_DIR, Fleet, aged_message, git, run_script
+from conftest import PYTHON_DIR, Fleet, aged_message, commit_and_push, git, run_script
 
 from fleet_archive import archive_mailbox, archive_path
 from fleet_common import UsageError
@@ -228,9 +228,7 @@ def test_archived_mail_is_found_by_show_search_thread_and_include_archive(tmp_pa
     path = old_tool / archive_path(when)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"messages": [entries[0]]}, indent=2) + "\n")
-    git(old_tool, "add", "-A")
-    git(old_tool, "commit", "-qm", "archive (older tool)", "--no-gpg-sign")
-    git(old_tool, "push", "-q", "origin", "main")
+    commit_and_push(old_tool, "archive (older tool)")
     c2 = fleet.clone("code2")
     assert archive_mailbox(Clone(c2), "code2", 30)["archived"] == 1
     b1 = fleet.clone("build1")

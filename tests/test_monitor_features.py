@@ -8,7 +8,7 @@ import json
 import logging
 
 import pytest
-from conftest import QUIRKY, Fleet, git, run_script
+from conftest import QUIRKY, Fleet, commit_and_push, git, run_script
 
 from fleet_git import Clone
 from message_monitor import Monitor
@@ -136,9 +136,7 @@ def test_rule_file_errors(fleet, tmp_path, caplog):
     b1 = fleet.clone("build1")
     (b1 / "coordination" / "auto_reply_rules.json").write_text(json.dumps({"version": 1, "rules": [
         {"name": "pong", "kind": "presence", "match": {"words": ["ping"]}}]}))
-    git(b1, "add", "-A")
-    git(b1, "commit", "-qm", "rules", "--no-gpg-sign")
-    git(b1, "push", "-q", "origin", "main")
+    commit_and_push(b1, "rules")
     monitor = mon(c2, "code2")
     monitor.cycle()
     (b1 / "coordination" / "auto_reply_rules.json").write_text("{ broken")

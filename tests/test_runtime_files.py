@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON_DIR, git, run_script
+from conftest import PYTHON_DIR, commit_and_push, git, run_script
 
 from fleet_git import Clone
 from message_monitor import Monitor, MonitorState
@@ -100,9 +100,7 @@ def test_ordinary_commits_still_fast_forward(fleet):
     # a folder named like a server id with other content is not a runtime path
     _write(seed / "code2" / "heartbeat.json", "{}\n")
     _write(seed / "docs" / "readme.md", "text\n")
-    git(seed, "add", "-A")
-    git(seed, "commit", "-qm", "docs", "--no-gpg-sign")
-    git(seed, "push", "-q", "origin", "main")
+    commit_and_push(seed, "docs")
     assert mon.cycle().fast_forward == "fast-forwarded"
     assert head(c2) == head(seed)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import Fleet, aged_message, git
+from conftest import Fleet, aged_message, commit_and_push, git
 
 from fleet_archive import archive_mailbox, find_anywhere
 from fleet_git import Clone
@@ -100,9 +100,7 @@ def test_with_a_roster_a_mistyped_recipient_does_not_hold_every_broadcast(tmp_pa
     admin = fleet.clone("admin")
     (admin / "coordination" / "servers.json").write_text(json.dumps(
         {"version": 1, "servers": [{"id": "build1"}, {"id": "code2"}]}))
-    git(admin, "add", "-A")
-    git(admin, "commit", "-qm", "roster", "--no-gpg-sign")
-    git(admin, "push", "-q", "origin", "main")
+    commit_and_push(admin, "roster")
     c2 = fleet.clone("code2")
     assert archive_mailbox(Clone(c2), "code2", 30)["archived"] == 1
     assert [m["to"] for m in fleet.remote_messages()] == ["bulid1"]  # unread by anyone: it stays
