@@ -62,25 +62,10 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import (
-    Any,
-    Callable,
-    Dict,
-    Final,
-    FrozenSet,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Set,
-    Tuple,
-    Union,
-)
 
 from fleet_common import (
     EXIT_OK,
@@ -106,7 +91,6 @@ from fleet_common import (
     write_text,
 )
 from fleet_mailbox import (
-    MessageKey,
     entry_problem,
     is_addressed_to,
     is_reply_subject,
@@ -117,6 +101,19 @@ from fleet_mailbox import (
     reply_subject,
     strip_reply_prefixes,
 )
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    import os
+    from typing import Any, Callable, Dict, Final, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple, Union
+
+    from fleet_mailbox import (
+        MessageKey,
+    )
+
+    Phrase = Tuple[str, ...]
+
+    _Fail = Callable[[str], "RuleError"]
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +243,6 @@ def message_tokens(msg: Mapping[str, Any]) -> List[str]:
             + word_tokens(_clip(_text(msg.get("body")))))
 
 
-Phrase = Tuple[str, ...]
 
 
 class PhraseIndex:
@@ -477,7 +473,6 @@ def parse_rules(doc: Any, source: str) -> RuleSet:
     return RuleSet(rules=tuple(rules), source=source)
 
 
-_Fail = Callable[[str], RuleError]
 
 
 def _rule_list(doc: Any, fail: _Fail) -> List[Any]:

@@ -50,7 +50,6 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Final, Iterator, List, Optional, Tuple, Type, TypeVar, Union
 
 from fleet_common import (
     BREAKER_FILE_NAME,
@@ -68,6 +67,16 @@ from fleet_common import (
     read_local_file,
 )
 
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Any, Callable, Deque, Dict, Final, Iterator, List, Optional, Tuple, Type, TypeVar, Union
+
+    T = TypeVar("T")
+
+    Listener = Callable[["CircuitState", "CircuitState", Dict[str, Any]], Any]
+
+    ExcludeSpec = Union[Type[BaseException], Tuple[Type[BaseException], ...]]
+
 log = get_logger(__name__)  # lazy: the send path reads the state without logging
 
 STATE_VERSION = 1
@@ -78,9 +87,6 @@ LAST_FAILURE_MAX_CHARS = 200
 
 _COUNTERS = ("failure_count", "total_failures", "total_successes", "times_opened")
 
-T = TypeVar("T")
-Listener = Callable[["CircuitState", "CircuitState", Dict[str, Any]], Any]
-ExcludeSpec = Union[Type[BaseException], Tuple[Type[BaseException], ...]]
 
 
 class CircuitState(str, enum.Enum):

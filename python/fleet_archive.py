@@ -20,13 +20,11 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import re
-from typing import AbstractSet, Any, Container, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from fleet_common import is_valid_server_id, utc_now
 from fleet_mailbox import (
     MAILBOX_PATH,
     Mailbox,
-    MessageKey,
     entry_problem,
     find_message,
     is_handled_by,
@@ -39,14 +37,23 @@ from fleet_mailbox import (
 )
 from fleet_roster import ROSTER_PATH
 
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import AbstractSet, Any, Container, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+
+    from fleet_mailbox import (
+        MessageKey,
+    )
+
+    # Read receipts kept outside the mailbox (each server's state ref): server -> (id, from) keys.
+    Receipts = Mapping[str, Container[MessageKey]]
+
 log = logging.getLogger(__name__)
 
 ARCHIVE_DIR = "coordination/archive"
 _ARCHIVE_NAME = re.compile(r"^messages-(\d{4})-(\d{2})\.json$")
 _ID_SECONDS = re.compile(r"^msg_(\d{9,11})_")
 
-# Read receipts kept outside the mailbox (each server's state ref): server -> (id, from) keys.
-Receipts = Mapping[str, Container[MessageKey]]
 _NO_RECEIPTS: Container[MessageKey] = frozenset()
 
 

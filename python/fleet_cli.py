@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Final, Optional, Tuple
 
 from fleet_common import (
     EXIT_FAILURE,
@@ -35,6 +34,13 @@ from fleet_common import (
     one_line,
     write_line,
 )
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Callable, Final, Optional, Tuple
+
+    # Words and numbers a failure that is not bad usage: returns (exit code, the whole stderr line).
+    FailureRenderer = Callable[[BaseException], Tuple[int, str]]
 
 log = get_logger(__name__)
 
@@ -69,8 +75,6 @@ def terminal_columns() -> int:
         return DEFAULT_COLUMNS
 
 
-# Words and numbers a failure that is not bad usage: returns (exit code, the whole stderr line).
-FailureRenderer = Callable[[BaseException], Tuple[int, str]]
 
 
 def error_line(prog: str, reason: object) -> None:

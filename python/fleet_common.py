@@ -20,7 +20,10 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Final, List, Optional, Tuple
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import IO, Any, Callable, Dict, Final, List, Optional, Tuple
 
 
 class LazyLogger:
@@ -47,6 +50,14 @@ class LazyLogger:
 
 
 _deferred_setup: List[Callable[[], None]] = []
+
+
+def sleep_jittered(low: float, high: float) -> None:
+    """Sleep a random time between ``low`` and ``high`` seconds (a retry after a lost race, so
+    that racing processes spread out). :mod:`random` is imported here, on a retry, not at start."""
+    import random
+
+    time.sleep(random.uniform(low, high))
 
 
 def get_logger(name: str) -> LazyLogger:

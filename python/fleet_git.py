@@ -16,16 +16,23 @@ remote does not have is :class:`BranchMissing`; only ``--init`` creates one.
 from __future__ import annotations
 
 import os
-import random
 import re
 import subprocess
 import time
+from collections import namedtuple
 from pathlib import Path
-from typing import Callable, Dict, Final, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
-from fleet_common import EXIT_USAGE, SuiteError, UsageError, get_logger
+from fleet_common import EXIT_USAGE, SuiteError, UsageError, get_logger, sleep_jittered
 from fleet_mailbox import MAILBOX_PATH  # noqa: F401 - the mailbox module owns it; importable here as before
-from fleet_objects import LOOSE_COMPRESSION, ObjectStore, StoreFailed, TreeEntry, date_stamp, edit_tree, parse_tree
+from fleet_objects import LOOSE_COMPRESSION, ObjectStore, StoreFailed, date_stamp, edit_tree, parse_tree
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+    from fleet_objects import TreeEntry
+
+    PushStatus = Tuple[str, str]  # (flag, summary) of a ``push --porcelain`` line: " ", "*", "=", "!"...
 
 log = get_logger(__name__)
 
@@ -256,7 +263,6 @@ def _is_race(text: str) -> bool:
     return any(marker in lowered for marker in _RACE_MARKERS)
 
 
-PushStatus = Tuple[str, str]  # (flag, summary) of a ``push --porcelain`` line: " ", "*", "=", "!"...
 
 
 def _push_status(stdout: bytes, dest: str) -> Optional[PushStatus]:
@@ -522,7 +528,7 @@ class Clone:
         locks = [self.common_dir / f"{self.remote_ref}.lock", self.common_dir / "packed-refs.lock"]
         deadline = time.monotonic() + LOCAL_LOCK_WAIT
         while True:
-            time.sleep(random.uniform(0.05, 0.2))
+            sleep_jittered(0.05, 0.2)
             if not any(lock.exists() for lock in locks):
                 return True
             if time.monotonic() >= deadline:
@@ -847,7 +853,7 @@ class Clone:
                     raise
                 # Jittered and growing: with many writers, retries spread out instead of
                 # colliding again (measured in bench/contention.py).
-                time.sleep(random.uniform(delay / 2, delay))
+                sleep_jittered(delay / 2, delay)
                 delay = min(delay * 1.6, RACE_DELAY_CAP)
                 tip = self._tip_for_write(0.0, create_branch)
                 continue
@@ -902,16 +908,15 @@ class TxResult:
 # ``system_health`` and ``fleet_common.ensure_excluded`` ask these functions rather than looking.
 
 
-class GitLayout(NamedTuple):
-    """Where a work tree keeps its git data.
+class GitLayout(namedtuple("GitLayout", ("git_dir", "common_dir"))):
+    """Where a work tree keeps its git data (two :class:`~pathlib.Path`).
 
     ``git_dir`` is the work tree's own (``HEAD``, ``index``, ``MERGE_HEAD``); ``common_dir`` is
     what linked worktrees share (``refs``, ``objects``, ``config``, ``info/exclude``). They are the
     same folder in a plain clone.
     """
 
-    git_dir: Path
-    common_dir: Path
+    __slots__ = ()
 
 
 GITFILE_MAX_BYTES: Final = 4096  # a ".git" file holds one "gitdir: <path>" line
@@ -952,9 +957,11 @@ OPERATION_MARKERS: Final = (("MERGE_HEAD", "merge"), ("rebase-merge", "rebase"),
                             ("REVERT_HEAD", "revert"), ("BISECT_LOG", "bisect"))
 
 
-class Operation(NamedTuple):
-    marker: str  # the file or folder git left, e.g. ``MERGE_HEAD``
-    label: str  # what a person calls it, e.g. ``merge``
+class Operation(namedtuple("Operation", ("marker", "label"))):
+    """An operation under way: ``marker``, the file or folder git left (``MERGE_HEAD``), and
+    ``label``, what a person calls it (``merge``)."""
+
+    __slots__ = ()
 
 
 def operation_in_progress(git_dir: Path) -> Optional[Operation]:

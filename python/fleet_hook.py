@@ -24,9 +24,12 @@ import subprocess
 import threading
 import time
 from collections import deque
-from typing import Any, Deque, Dict, List, Mapping, Tuple
 
 from fleet_common import UsageError, get_logger
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Any, Deque, Dict, List, Mapping, Tuple
 
 log = get_logger(__name__)
 

@@ -9,12 +9,10 @@ kept byte-for-byte in meaning by writers.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import re
 import time
-from typing import Any, Callable, Container, Dict, Final, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 from fleet_common import (
     BROADCAST,
@@ -27,9 +25,17 @@ from fleet_common import (
     parse_timestamp,
 )
 
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    import datetime as _dt
+    from typing import Any, Callable, Container, Dict, Final, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+
+    MessageKey = Tuple[str, str]  # (id, lower-case from): PROTOCOL.md "Identity"
+
+    Plan = Optional[Tuple[Mapping[str, Optional[bytes]], str]]
+
 log = get_logger(__name__)
 
-MessageKey = Tuple[str, str]  # (id, lower-case from): PROTOCOL.md "Identity"
 
 MESSAGE_TYPES = ("info", "request", "response", "heartbeat", "warning", "update", "ack")
 PRIORITIES = ("low", "normal", "high", "urgent")
@@ -615,7 +621,6 @@ def commit_subject(msg: Mapping[str, Any]) -> str:
 REPAIR_HISTORY: Final = 500  # commits --repair searches back for the last version that parses
 _CREATE_MESSAGE: Final = "fleet: create the mailbox"
 
-Plan = Optional[Tuple[Mapping[str, Optional[bytes]], str]]
 
 
 class Mailbox:

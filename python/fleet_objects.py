@@ -19,12 +19,18 @@ from __future__ import annotations
 import os
 import time
 import zlib
-from pathlib import Path
-from typing import Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple
 
-TreeEntry = Tuple[str, str, str, str]  # mode as git stores it ("40000" for a tree), type, oid, name
-ReadResult = Optional[Tuple[str, str, bytes]]  # (oid, type, content), as cat-file --batch gives it
-Runner = Callable[..., "object"]  # run_git bound to the clone: (*args, input=..., env=...) -> CompletedProcess
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple
+
+    TreeEntry = Tuple[str, str, str, str]  # mode as git stores it ("40000" for a tree), type, oid, name
+
+    ReadResult = Optional[Tuple[str, str, bytes]]  # (oid, type, content), as cat-file --batch gives it
+
+    Runner = Callable[..., "object"]  # run_git bound to the clone: (*args, input=..., env=...) -> CompletedProcess
+
 
 PLUMBING_ENV: Final = "FLEET_GIT_PLUMBING"  # "1": never the fast path (tests, odd filesystems)
 KNOWN_FORMATS: Final = {"sha1": 40, "sha256": 64}  # object format -> hex length of an id

@@ -13,10 +13,14 @@ beyond :mod:`fleet_common` and :mod:`fleet_git`.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Final, Optional
-
 from fleet_common import BROADCAST, BadInput, UsageError, load_json_bounded, normalize_server_id
-from fleet_git import Clone, GitError
+from fleet_git import GitError
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Any, Dict, Final, Optional
+
+    from fleet_git import Clone
 
 ROSTER_PATH: Final = "coordination/servers.json"
 ROSTER_VERSION: Final = 1

@@ -12,7 +12,10 @@ on first use. ``structured_log`` re-exports :func:`redact` and :func:`find_secre
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Final, Iterator, List, Optional, Tuple
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Any, Callable, Final, Iterator, List, Optional, Tuple
 
 REDACTED: Final = "***"
 

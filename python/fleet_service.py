@@ -42,11 +42,14 @@ import sys
 import threading
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple, Union
 
 import fleet_common
 from fleet_common import SuiteError, UsageError, iso_utc, normalize_server_id, one_line
 from fleet_git import LOCAL_TIMEOUT, NETWORK_TIMEOUT
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple, Union
 
 log = logging.getLogger(__name__)
 

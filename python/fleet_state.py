@@ -21,9 +21,6 @@ rewritten; unknown keys are kept by every write.
 from __future__ import annotations
 
 import json
-import random
-import time
-from typing import Any, Dict, Final, Iterable, List, Mapping, Optional, Tuple
 
 from fleet_common import (
     BadInput,
@@ -34,17 +31,26 @@ from fleet_common import (
     load_json_bounded,
     normalize_server_id,
     parse_timestamp,
+    sleep_jittered,
 )
 from fleet_git import (
     LOCAL_LOCK_RETRIES,
-    Clone,
     GitError,
     LocalRefLocked,
     RemoteUnavailable,
     _first_line,
     _local_lock_busy,
 )
-from fleet_mailbox import MAX_KEY_CHARS, MessageKey
+from fleet_mailbox import MAX_KEY_CHARS
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Any, Dict, Final, Iterable, List, Mapping, Optional, Tuple
+
+    from fleet_git import (
+        Clone,
+    )
+    from fleet_mailbox import MessageKey
 
 log = get_logger(__name__)
 
@@ -318,7 +324,7 @@ class StateStore:
             if attempt < LOCAL_LOCK_RETRIES and _local_lock_busy(proc.stderr.decode("utf-8", "replace")):
                 # Another process of this clone moved the same mirror meanwhile (its lock, or
                 # "is at X but expected Y"): contention, not an outage. Fetch what is still behind.
-                time.sleep(random.uniform(0.05, 0.2))
+                sleep_jittered(0.05, 0.2)
                 continue
             if _local_lock_busy(proc.stderr.decode("utf-8", "replace")):
                 raise LocalRefLocked(["git", "fetch", "origin", "state refs"], proc.returncode,
@@ -434,7 +440,7 @@ class StateStore:
             # Lease lost: another process of this server pushed first. Fetch it and merge.
             log.info("state ref %s moved meanwhile (lease lost); merging and pushing again", remote_ref,
                      extra={"metadata": {"ref": remote_ref}})
-            time.sleep(random.uniform(delay / 2, delay))
+            sleep_jittered(delay / 2, delay)
             delay = min(delay * 1.6, 1.0)
             self.fetch([server])
         raise StateRefError(f"the state ref of {server} kept moving; gave up after "

@@ -99,14 +99,14 @@ class MailTools:
         self.branch = branch
 
     def _inbox(self):
-        from inbox import Inbox
+        from fleet_inbox import Inbox
 
         return Inbox(repo=self.repo, server=self.server, branch=self.branch)
 
     def send_message(self, to: str, body: str, subject: Optional[str] = None, priority: str = "normal",
                      reply_to: Optional[str] = None, ack_required: bool = False) -> Dict[str, Any]:
         from fleet_git import Clone
-        from send_message import send_message
+        from fleet_send import send_message
 
         result = send_message(body, subject, to, priority, "info", self.server, self.repo,
                               ack_required=ack_required, reply_to=reply_to, branch=self.branch,
@@ -172,7 +172,7 @@ def fleet_status_dict(repo: str, branch: Optional[str]) -> Dict[str, Any]:
     from fleet_git import Clone
 
     try:
-        from fleet_status import fleet_status
+        from fleet_report import fleet_status
     except ImportError as exc:
         if exc.name != "fleet_status":
             raise

@@ -28,7 +28,6 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from fleet_cli import error_line, run_cli
 from fleet_common import (
@@ -70,6 +69,10 @@ from monitor_duties import HEALTH_EVERY, PRESENCE_SECONDS  # noqa: F401 - re-exp
 from monitor_files import MonitorState  # noqa: F401 - re-exported
 from monitor_remote import BACKOFF_DELAYS, BACKOFF_ENV, backoff_delays  # noqa: F401 - re-exported
 from monitor_worktree import release_signature_problem, runtime_paths_changed  # noqa: F401 - re-exported
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Callable, Optional, Sequence
 
 log = logging.getLogger(__name__)
 

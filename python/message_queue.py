@@ -35,10 +35,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Final, Iterator, List, Optional, Tuple, TypedDict, TypeVar, Union
 
 import fleet_common
 from fleet_common import (
@@ -61,6 +59,30 @@ from fleet_common import (
     runtime_dir,
 )
 
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    import os
+    from typing import Any, Callable, Dict, Final, Iterator, List, Optional, Tuple, TypedDict, TypeVar, Union
+
+    # JSON shapes for readers and type checkers (plain dicts at runtime); "from" is a Python keyword,
+    # hence the functional form.
+    QueueEntry = TypedDict("QueueEntry", {
+        "id": str, "from": str, "kind": str, "message": Dict[str, Any], "status": str,
+        "attempts": int, "queued_at": str, "next_attempt_at": float, "last_error": Optional[str],
+        "last_attempt_at": Optional[str], "sent_at": Optional[str],
+    })
+
+    class QueueStats(TypedDict):
+        pending: int
+        dead: int
+        sent: int
+        oldest_pending_age_s: Optional[float]
+        next_due_in_s: Optional[float]
+
+    T = TypeVar("T")
+
+    Items = List[Any]
+
 log = logging.getLogger(__name__)
 
 QUEUE_VERSION: Final = 1
@@ -77,25 +99,10 @@ PENDING: Final = "pending"
 SENT: Final = "sent"
 DEAD: Final = "dead"
 
-# JSON shapes for readers and type checkers (plain dicts at runtime); "from" is a Python keyword,
-# hence the functional form.
-QueueEntry = TypedDict("QueueEntry", {
-    "id": str, "from": str, "kind": str, "message": Dict[str, Any], "status": str,
-    "attempts": int, "queued_at": str, "next_attempt_at": float, "last_error": Optional[str],
-    "last_attempt_at": Optional[str], "sent_at": Optional[str],
-})
 
 
-class QueueStats(TypedDict):
-    pending: int
-    dead: int
-    sent: int
-    oldest_pending_age_s: Optional[float]
-    next_due_in_s: Optional[float]
 
 
-T = TypeVar("T")
-Items = List[Any]
 
 
 class QueueBusy(SuiteError):

@@ -8,17 +8,20 @@ prints it and maps errors to exit codes). The mailbox changes go through
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
 
 from fleet_common import UsageError
 from fleet_git import Clone, run_git
 from fleet_mailbox import REPAIR_HISTORY, Mailbox, serialize
 from monitor_files import read_status_or_none
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any, Dict, List, Optional
 
 log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
 

@@ -16,7 +16,6 @@ import os
 import re
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from fleet_common import (
     EXIT_OK,
@@ -31,7 +30,6 @@ from fleet_common import (
 )
 from fleet_git import (
     BranchMissing,
-    Clone,
     GitError,
     LocalRefLocked,
     NotAFile,
@@ -42,7 +40,6 @@ from fleet_git import (
 from fleet_mailbox import (
     Mailbox,
     MailboxCorrupt,
-    MessageKey,
     entry_problem,
     is_addressed_to,
     is_handled_by,
@@ -55,6 +52,17 @@ from monitor_duties import PeriodicDuties
 from monitor_files import STATUS_REWRITE_IDLE, MonitorState, write_status
 from monitor_remote import BACKOFF_DELAYS, RemotePoller
 from monitor_worktree import WorkTree
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+    from fleet_git import (
+        Clone,
+    )
+    from fleet_mailbox import (
+        MessageKey,
+    )
 
 log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, Final, Optional
 
 from fleet_common import SUITE_VERSION, BadInput, dump_json_bytes, iso_utc
 from fleet_git import GitError, RemoteUnavailable
 from fleet_mailbox import MailboxCorrupt
 from fleet_state import StateChange, StateRefError, presence_doc
 from monitor_files import STATUS_REWRITE_IDLE
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Any, Dict, Final, Optional
 
 log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
 

@@ -10,8 +10,6 @@ others call :func:`read_status` and :func:`write_status`, never the file names.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any, Dict, Final, Optional, Set
 
 from fleet_common import (
     BadInput,
@@ -24,7 +22,14 @@ from fleet_common import (
     read_local_file,
     runtime_dir,
 )
-from fleet_mailbox import MessageKey, key_from_str, key_str
+from fleet_mailbox import key_from_str, key_str
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any, Dict, Final, Optional, Set
+
+    from fleet_mailbox import MessageKey
 
 log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
 

@@ -10,16 +10,21 @@ answered without the shared branch (PROTOCOL.md: that is bad input, not a root c
 
 from __future__ import annotations
 
-import logging
 import os
 import time
-from typing import Any, Callable, Final, List, Optional, Sequence
 
-from fleet_common import SuiteError, UsageError, check_number
-from fleet_git import BranchMissing, Clone, RemoteUnavailable
-from fleet_state import FALLBACK_PREFIX, LOCAL_FALLBACK_PREFIX, REF_PREFIX, RemoteView, StateStore
+from fleet_common import SuiteError, UsageError, check_number, get_logger
+from fleet_git import BranchMissing, RemoteUnavailable
+from fleet_state import FALLBACK_PREFIX, LOCAL_FALLBACK_PREFIX, REF_PREFIX
 
-log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Any, Callable, Final, List, Optional, Sequence
+
+    from fleet_git import Clone
+    from fleet_state import RemoteView, StateStore
+
+log = get_logger("message_monitor")  # the monitor's log, as before the split
 
 BACKOFF_DELAYS: Final = (2.0, 4.0, 8.0)  # the seed's retry delays for a failed fetch
 BACKOFF_ENV: Final = "MONITOR_BACKOFF"  # e.g. "2,4,8"; "" or unset: the seed's delays

@@ -15,10 +15,15 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Set
 
 from fleet_common import RUNTIME_SUBDIRS, is_link, is_valid_server_id
-from fleet_git import Clone, GitError, operation_in_progress, run_git
+from fleet_git import GitError, operation_in_progress, run_git
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Callable, List, Optional, Set
+
+    from fleet_git import Clone
 
 log = logging.getLogger("message_monitor")  # the monitor's log, as before the split
 

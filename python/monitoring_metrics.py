@@ -49,10 +49,17 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, Final, Iterator, List, Mapping, Optional, Tuple, Union
 
 import fleet_common
 from fleet_common import SuiteError, UsageError
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Any, Callable, Deque, Dict, Final, Iterator, List, Mapping, Optional, Tuple, Union
+
+    Sample = List[float]  # [epoch_s, duration_ms, 1|0]
+
+    Hourly = List[Any]  # [count, successes, sum_ms, max_ms, [bucket counts]]
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +82,6 @@ HIST_BOUNDS_MS: Final = (5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 250
                          10000.0, 30000.0, 60000.0)
 HIST_SIZE: Final = len(HIST_BOUNDS_MS) + 1
 
-Sample = List[float]  # [epoch_s, duration_ms, 1|0]
-Hourly = List[Any]  # [count, successes, sum_ms, max_ms, [bucket counts]]
 
 
 def _hour_of(epoch: float) -> int:

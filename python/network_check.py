@@ -41,7 +41,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Final, List, Optional, Sequence, Tuple, TypedDict
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from fleet_cli import run_cli
@@ -57,6 +56,26 @@ from fleet_common import (
     write_line,
     write_text,
 )
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Any, Dict, Final, List, Optional, Sequence, Tuple, TypedDict
+
+    class CheckResult(TypedDict):
+        ok: bool
+        ms: float
+        detail: str
+
+    class ConnectivityResult(TypedDict):
+        success: bool
+        message: str
+        latency_ms: Optional[float]
+        host: Optional[str]
+        port: Optional[int]
+        scheme: str
+        remote: str  # the remote URL with credentials replaced by ***
+        checks: Dict[str, CheckResult]
+        failed_step: Optional[str]
 
 log = get_logger(__name__)
 
@@ -79,22 +98,8 @@ _DRIVE_RE: Final = re.compile(r"^[A-Za-z]:")
 _SCHEME_RE: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-class CheckResult(TypedDict):
-    ok: bool
-    ms: float
-    detail: str
 
 
-class ConnectivityResult(TypedDict):
-    success: bool
-    message: str
-    latency_ms: Optional[float]
-    host: Optional[str]
-    port: Optional[int]
-    scheme: str
-    remote: str  # the remote URL with credentials replaced by ***
-    checks: Dict[str, CheckResult]
-    failed_step: Optional[str]
 
 
 # --------------------------------------------------------------------------- parsing

@@ -53,18 +53,17 @@ as ``fleet_git``). :class:`StructuredLogger` keeps the earlier script's API.
 
 from __future__ import annotations
 
+import collections.abc
 import datetime as _dt
 import itertools
 import json
 import logging
 import math
 import os
-import re
 import stat
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Any, Dict, Final, List, Mapping, Optional, Union
 
 from fleet_common import (  # console_safe and write_line live there: a send needs no logging
     LOG_FILE_NAME,
@@ -78,6 +77,11 @@ from fleet_common import (  # console_safe and write_line live there: a send nee
     runtime_dir,
 )
 from fleet_secrets import REDACTED, LazyPattern, find_secret, is_secret_key, redact  # the one detector
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    import re
+    from typing import IO, Any, Dict, Final, List, Mapping, Optional, Union
 
 __all__ = [
     "DEFAULT_BACKUP_COUNT",
@@ -244,11 +248,11 @@ def record_message(record: logging.LogRecord) -> str:
     rest of the message out of the bounded field, and a lone long argument keeps the whole field."""
     args = record.args
     if args:
-        values = list(args.values()) if isinstance(args, Mapping) else list(args)
+        values = list(args.values()) if isinstance(args, collections.abc.Mapping) else list(args)
         strings = sum(isinstance(value, str) for value in values)
         room = MAX_FIELD_CHARS - len(str(record.msg))
         share = max(MAX_ARG_CHARS, room // max(strings, 1) - _CUT_NOTE_CHARS)
-        if isinstance(args, Mapping):
+        if isinstance(args, collections.abc.Mapping):
             bounded: Any = {key: _clip_arg(value, share) for key, value in args.items()}
         elif isinstance(args, tuple):
             bounded = tuple(_clip_arg(value, share) for value in args)
@@ -278,7 +282,7 @@ def bounded_data(value: Any, bounds: _Bounds = _NORMAL_BOUNDS, _depth: int = 0) 
         return value if value.bit_length() <= 64 else f"<integer of {value.bit_length()} bits>"
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
-    is_mapping = isinstance(value, Mapping)
+    is_mapping = isinstance(value, collections.abc.Mapping)
     if is_mapping or isinstance(value, (list, tuple, set, frozenset)):
         if _depth >= bounds.depth:
             return _collection_note(value)
@@ -330,7 +334,7 @@ class JsonFormatter(logging.Formatter):
         raw = getattr(record, "metadata", None)
         if raw is None:
             metadata: Dict[str, Any] = {}
-        elif isinstance(raw, Mapping):
+        elif isinstance(raw, collections.abc.Mapping):
             metadata = bounded_data(raw, bounds)
         else:
             metadata = {"value": bounded_data(raw, bounds)}

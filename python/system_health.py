@@ -36,13 +36,18 @@ import shutil
 import stat
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple
 
 import fleet_common
 from fleet_cli import run_cli
 from fleet_common import UsageError
 from fleet_git import git_layout, lock_files, lock_name, operation_in_progress
 from monitor_files import read_status  # the owner of monitor_status.json
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple
+
+    Check = Dict[str, Any]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +96,6 @@ CHECK_NAMES: Final = ("disk", "memory", "cpu", "repository", "queue", "circuit_b
 # clone full of loose objects; beyond it the size is reported as a lower bound.
 GIT_SIZE_ENTRY_BUDGET: Final = 20000
 
-Check = Dict[str, Any]
 
 
 def worst(statuses: Sequence[str]) -> str:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 from conftest import PYTHON_DIR, Fleet, aged_message, commit_and_push, git, run_script
@@ -197,20 +198,42 @@ def test_parse_since():
             parse_since(bad)
 
 
-def test_an_idle_listing_costs_one_network_call(fleet, tmp_path, monkeypatch):
+def _network_calls(trace: Path) -> List[str]:
+    commands = [line.split("built-in: git ", 1)[1].split()[0] for line in trace.read_text().splitlines()
+                if "built-in: git " in line]
+    return [c for c in commands if c in ("fetch", "ls-remote", "push")]
+
+
+def test_a_listing_costs_one_network_call_idle_or_busy(fleet, tmp_path, monkeypatch):
     b1, c2 = fleet.clone("build1"), fleet.clone("code2")
     send(b1, "hello", "build1", to="code2")
     inbox = Inbox(str(c2), "code2")
-    inbox.get(inbox.unread()["messages"][0]["id"])  # a state ref to fetch, then nothing moves
-    trace = tmp_path / "trace.txt"
+    inbox.get(inbox.unread()["messages"][0]["id"])  # this clone now mirrors its own state ref
+    trace = tmp_path / "idle.txt"
     monkeypatch.setenv("GIT_TRACE", str(trace))
     for _ in range(3):
         assert Inbox(str(c2), "code2").unread(include_read=True)["count"] == 1
+    assert _network_calls(trace) == ["fetch"] * 3
     monkeypatch.delenv("GIT_TRACE")
-    commands = [line.split("built-in: git ", 1)[1].split()[0] for line in trace.read_text().splitlines()
-                if "built-in: git " in line]
-    network = [c for c in commands if c in ("fetch", "ls-remote", "push")]
-    assert network == ["ls-remote"] * 3
+    send(b1, "news", "build1", to="code2")
+    trace = tmp_path / "busy.txt"
+    monkeypatch.setenv("GIT_TRACE", str(trace))
+    assert [m["subject"] for m in Inbox(str(c2), "code2").unread()["messages"]] == ["news"]
+    assert _network_calls(trace) == ["fetch"]
+
+
+def test_a_second_clone_of_a_server_finds_the_read_marks_of_the_first(fleet, tmp_path, monkeypatch):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    other = fleet.clone("code2-agent")  # the same server's second clone (its agent's, say)
+    send(b1, "hello", "build1", to="code2")
+    inbox = Inbox(str(c2), "code2")
+    inbox.get(inbox.unread()["messages"][0]["id"])
+    trace = tmp_path / "trace.txt"
+    monkeypatch.setenv("GIT_TRACE", str(trace))
+    # Listed first: the state ref was found and fetched, and so was the branch, which had moved.
+    assert Inbox(str(other), "code2").unread()["count"] == 0
+    assert Inbox(str(other), "code2").unread()["count"] == 0  # then one fetch of both
+    assert _network_calls(trace) == ["ls-remote", "fetch", "fetch", "fetch"]
 
 
 # --------------------------------------------------------------------------- archive
