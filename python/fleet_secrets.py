@@ -5,8 +5,8 @@ record, and :func:`find_secret`, which a send asks before a body or subject ente
 where every server reads it and git keeps it forever (PROTOCOL.md, "Trust between servers").
 
 Kept apart from :mod:`structured_log` so that a send checks its text without importing
-:mod:`logging`: this module imports only :mod:`re` and :mod:`typing`, and compiles each pattern
-on first use. ``structured_log`` re-exports :func:`redact` and :func:`find_secret`.
+:mod:`logging`: this module imports only :mod:`re`, and compiles a pattern only for a text that
+holds one of its words (:class:`LazyPattern`). ``structured_log`` re-exports :func:`redact` and :func:`find_secret`.
 """
 
 from __future__ import annotations
@@ -28,37 +28,64 @@ REDACTED: Final = "***"
 
 
 class LazyPattern:
-    """A regular expression compiled on first use: a command that logs nothing never pays for
-    compiling the redaction patterns."""
+    """A regular expression compiled on first use, with the words any match must contain.
 
-    __slots__ = ("_args", "_compiled")
+    Compiling these patterns costs more than the rest of a send's checks, and most text holds
+    none of their words: :meth:`may_match` tells from ``hints`` (lower-case strings, one of which
+    is in every match) whether a search could find anything, so a text without them never compiles
+    or runs the pattern. ``hints=()`` means no such word: always search.
+    """
 
-    def __init__(self, *args: Any) -> None:
+    __slots__ = ("_args", "_compiled", "hints")
+
+    def __init__(self, *args: Any, hints: Tuple[str, ...] = ()) -> None:
         self._args = args
         self._compiled: Optional["re.Pattern[str]"] = None
+        self.hints = hints
+
+    def may_match(self, folded: str) -> bool:
+        """Whether a match is possible in the text whose :func:`fold` is ``folded``."""
+        return not self.hints or any(hint in folded for hint in self.hints)
 
     def __getattr__(self, name: str) -> Any:
         if self._compiled is None:
             self._compiled = re.compile(*self._args)
         return getattr(self._compiled, name)
 
+
+# re's case-insensitive matching also takes "ı" and "İ" for "i" (casefold already turns "ſ" into
+# "s" and the Kelvin sign into "k"): folded so, a text holds a hint whenever a pattern could match.
+_FOLD: Final = {0x131: "i", 0x307: None}
+
+
+def fold(text: str) -> str:
+    """``text`` as :meth:`LazyPattern.may_match` reads it."""
+    return text.casefold().translate(_FOLD)
+
+
+_SECRET_HINTS: Final = ("pass", "pwd", "token", "secret", "api", "access", "private")
+
 # scheme://user[:password]@host -> scheme://***@host
-_URL_USERINFO_RE = LazyPattern(r"(?i)\b([a-z][a-z0-9+.\-]{0,30}://)(?P<userinfo>[^\s/?#@]+)@")
-_GITHUB_TOKEN_RE = LazyPattern(r"\b(?:gh[pousr]_[A-Za-z0-9]{16,}|github_pat_[A-Za-z0-9_]{20,})")
+_URL_USERINFO_RE = LazyPattern(r"(?i)\b([a-z][a-z0-9+.\-]{0,30}://)(?P<userinfo>[^\s/?#@]+)@", hints=("://",))
+_GITHUB_TOKEN_RE = LazyPattern(r"\b(?:gh[pousr]_[A-Za-z0-9]{16,}|github_pat_[A-Za-z0-9_]{20,})",
+                               hints=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"))
 # A GitLab token may carry dot-separated parts; the optional tail ends on a non-dot, so a full stop
 # after the token stays in the sentence.
 _GITLAB_TOKEN_RE = LazyPattern(
-    r"\bgl(?:pat|ptt|dt|rt|cbt|soat)-[A-Za-z0-9_\-]{16,}(?:\.[A-Za-z0-9_\-.]*[A-Za-z0-9_\-])?"
+    r"\bgl(?:pat|ptt|dt|rt|cbt|soat)-[A-Za-z0-9_\-]{16,}(?:\.[A-Za-z0-9_\-.]*[A-Za-z0-9_\-])?",
+    hints=("glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "glsoat-"),
 )
-_SLACK_TOKEN_RE = LazyPattern(r"\b(?:xox[abeoprs]-[A-Za-z0-9\-]{10,}|xapp-[0-9]-[A-Za-z0-9\-]{10,})")
-_AWS_KEY_ID_RE = LazyPattern(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")
+_SLACK_TOKEN_RE = LazyPattern(r"\b(?:xox[abeoprs]-[A-Za-z0-9\-]{10,}|xapp-[0-9]-[A-Za-z0-9\-]{10,})",
+                              hints=("xox", "xapp-"))
+_AWS_KEY_ID_RE = LazyPattern(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", hints=("akia", "asia"))
 _AUTH_HEADER_RE = LazyPattern(
     r"(?i)\b((?:proxy-)?authorization\\?[\"']?\s*[:=]\s*\\?[\"']?)"
     r"(?!\*\*\*|(?:bearer|basic|digest|token|negotiate|ntlm)\s+\*\*\*)"
     r"(?:(bearer|basic|digest|token|negotiate|ntlm)\s+)?"
-    r"(?P<cred>[^\s\"',;\\]+)"
+    r"(?P<cred>[^\s\"',;\\]+)",
+    hints=("authorization",),
 )
-_BEARER_RE = LazyPattern(r"(?i)\b(bearer)\s+(?!\*\*\*)(?P<cred>[A-Za-z0-9\-._~+/]+=*)")
+_BEARER_RE = LazyPattern(r"(?i)\b(bearer)\s+(?!\*\*\*)(?P<cred>[A-Za-z0-9\-._~+/]+=*)", hints=("bearer",))
 _SECRET_WORD = (
     r"(?:passw(?:or)?d|passphrase|pwd|token|secret|api[_-]?key|apikey|access[_-]?key"
     r"|private[_-]?key)"
@@ -72,7 +99,8 @@ _KEY_VALUE_RE = LazyPattern(
     r"(?:\\\"(?P<edq>(?:(?!\\\").){0,4096}?)\\\""
     r"|\"(?P<dq>(?:[^\"\\]|\\.)*)\""
     r"|'(?P<sq>[^']*)'"
-    r"|(?P<bare>[^\s\"',;&]+))"
+    r"|(?P<bare>[^\s\"',;&]+))",
+    hints=_SECRET_HINTS,
 )
 # "password hunter3", "passwd<TAB>x", "my password is x": a value after a space, a tab or "is".
 # Prose ("the password is stored in the vault", "reset your password for Jira") must pass, so
@@ -90,7 +118,8 @@ _SPOKEN_RE = LazyPattern(
     r"(?P<sep>[ \t]{1,16}(?:(?:is|was)[ \t]{1,16})?)"
     r"(?!(?:" + _FUNCTION_WORDS + r")(?!" + _VALUE_CHAR + r"))"
     r"(?=" + _VALUE_CHAR + r"*[\d!#$%*+/=?@^|~\\]|" + _VALUE_CHAR + r"{1,3}(?!" + _VALUE_CHAR + r"))"
-    r"(?P<value>[\w!#$%*+/?@^|~\\]" + _VALUE_CHAR + r"*)"
+    r"(?P<value>[\w!#$%*+/?@^|~\\]" + _VALUE_CHAR + r"*)",
+    hints=("pass", "secret"),
 )
 _SECRET_KEY_RE = LazyPattern(r"(?i)^[\w.\- ]*(?:" + _SECRET_WORD + r"|authorization)$")
 
@@ -155,6 +184,20 @@ def _spoken_sub(match: "re.Match[str]") -> str:
     return match.group("key") + match.group("sep") + REDACTED
 
 
+# What redact replaces, in order: each pattern with its replacement.
+_MASKS: Final = (
+    (_URL_USERINFO_RE, r"\1" + REDACTED + "@"),
+    (_GITHUB_TOKEN_RE, REDACTED),
+    (_GITLAB_TOKEN_RE, REDACTED),
+    (_SLACK_TOKEN_RE, REDACTED),
+    (_AWS_KEY_ID_RE, REDACTED),
+    (_AUTH_HEADER_RE, _auth_sub),
+    (_BEARER_RE, r"\1 " + REDACTED),
+    (_KEY_VALUE_RE, _key_value_sub),
+    (_SPOKEN_RE, _spoken_sub),
+)
+
+
 def redact(text: object) -> str:
     """``text`` with credentials replaced by ``***``.
 
@@ -170,15 +213,11 @@ def redact(text: object) -> str:
     """
     value = text if isinstance(text, str) else str(text)
     value = _redact_pem(value)
-    value = _URL_USERINFO_RE.sub(r"\1" + REDACTED + "@", value)
-    value = _GITHUB_TOKEN_RE.sub(REDACTED, value)
-    value = _GITLAB_TOKEN_RE.sub(REDACTED, value)
-    value = _SLACK_TOKEN_RE.sub(REDACTED, value)
-    value = _AWS_KEY_ID_RE.sub(REDACTED, value)
-    value = _AUTH_HEADER_RE.sub(_auth_sub, value)
-    value = _BEARER_RE.sub(r"\1 " + REDACTED, value)
-    value = _KEY_VALUE_RE.sub(_key_value_sub, value)
-    return _SPOKEN_RE.sub(_spoken_sub, value)
+    folded = fold(value)  # masking only removes text: a hint absent now stays absent
+    for pattern, replacement in _MASKS:
+        if pattern.may_match(folded):
+            value = pattern.sub(replacement, value)
+    return value
 
 
 def _placeholder(value: Optional[str]) -> bool:
@@ -251,16 +290,16 @@ def _found_pattern(pattern: LazyPattern, kind: str) -> Callable[[str], Optional[
 
 
 _DETECTORS: Final = (
-    _found_pem,
-    _found_pattern(_AWS_KEY_ID_RE, "an AWS access key"),
-    _found_pattern(_GITHUB_TOKEN_RE, "a GitHub token"),
-    _found_pattern(_GITLAB_TOKEN_RE, "a GitLab token"),
-    _found_pattern(_SLACK_TOKEN_RE, "a Slack token"),
-    _found_url,
-    _found_auth,
-    _found_bearer,
-    _found_key_value,
-    _found_spoken,
+    (None, _found_pem),
+    (_AWS_KEY_ID_RE, _found_pattern(_AWS_KEY_ID_RE, "an AWS access key")),
+    (_GITHUB_TOKEN_RE, _found_pattern(_GITHUB_TOKEN_RE, "a GitHub token")),
+    (_GITLAB_TOKEN_RE, _found_pattern(_GITLAB_TOKEN_RE, "a GitLab token")),
+    (_SLACK_TOKEN_RE, _found_pattern(_SLACK_TOKEN_RE, "a Slack token")),
+    (_URL_USERINFO_RE, _found_url),
+    (_AUTH_HEADER_RE, _found_auth),
+    (_BEARER_RE, _found_bearer),
+    (_KEY_VALUE_RE, _found_key_value),
+    (_SPOKEN_RE, _found_spoken),
 )
 
 
@@ -273,7 +312,10 @@ def find_secret(text: object) -> Optional[str]:
     The answer names the kind only, never the secret.
     """
     value = text if isinstance(text, str) else str(text)
-    for detector in _DETECTORS:
+    folded = fold(value)
+    for pattern, detector in _DETECTORS:
+        if pattern is not None and not pattern.may_match(folded):
+            continue
         kind = detector(value)
         if kind is not None:
             return kind

@@ -93,6 +93,36 @@ def test_the_older_kinds_are_found_too():
         assert find_secret(redact(text)) is None, text
 
 
+def test_the_word_prefilter_never_hides_a_secret():
+    """A pattern runs only on text that holds one of its words: the answer is the one every
+    pattern would give, for every known secret, prose, and the letters re's case-blind matching
+    also takes (dotless and dotted i, the long s, the Kelvin sign)."""
+    from test_structured_log import SECRETS
+
+    import fleet_secrets
+
+    def unfiltered(text: str):
+        for _pattern, detector in fleet_secrets._DETECTORS:
+            kind = detector(text)
+            if kind is not None:
+                return kind
+        return None
+
+    def unmasked_everywhere(text: str) -> str:
+        value = fleet_secrets._redact_pem(text)
+        for pattern, replacement in fleet_secrets._MASKS:
+            value = pattern.sub(replacement, value)
+        return value
+
+    samples = [text for text, _s, _k in NEW_SECRETS] + [text for text, _s in SECRETS] + PROSE + [
+        "PA\u017f\u017fWORD=hunter22", "Author\u0131zation: Basic dXNlcjpwYXNz", "AUTHOR\u0130ZATION: token abc123",
+        "to\u212aen: abc123def", "pr\u0131vate_key = 'k3y'", "plain words only", "", "\u2713 done \U0001f680"]
+    for text in samples:
+        assert find_secret(text) == unfiltered(text), text
+        assert redact(text) == unmasked_everywhere(text), text
+    assert find_secret("PA\u017f\u017fWORD=hunter22") is not None
+
+
 def test_the_quirky_fixture_holds_a_secret():
     data = json.loads(QUIRKY.read_text(encoding="utf-8"))
     (rotated,) = [m for m in data["messages"] if isinstance(m, dict) and m.get("subject") == "Credentials rotated"]
