@@ -1149,8 +1149,10 @@ class AutoResponder:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from fleet_cli import HelpFormatter
+
     parser = argparse.ArgumentParser(
-        prog="auto_reply.py",
+        formatter_class=HelpFormatter, prog="auto_reply.py",
         description="Check an automatic-reply rules file before committing it as "
                     f"{SHARED_RULES_PATH} (exit 0 valid, 2 invalid).")
     group = parser.add_mutually_exclusive_group(required=True)

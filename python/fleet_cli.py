@@ -16,7 +16,31 @@ A monitoring plugin has its own failure contract (Nagios: anything unexpected is
 include any other exception. Bad usage stays exit 2 either way.
 
 Anchor: pre-commit ``pre_commit/error_handler.py`` (one handler, one message shape). This module
-imports only :mod:`fleet_common`, so a one-shot command pays nothing for it.
+imports only :mod:`fleet_common` and :mod:`fleet_secrets`, so a one-shot command pays nothing for it.
+It also owns how text from other machines is shown: :func:`sanitize` and :func:`preview`.
+
+Start-up
+--------
+A short command (a send, an inbox read, a look at the fleet) lives for a few tens of
+milliseconds, and without care most of them go to the interpreter's start and imports, not to git.
+The rules, and where each is kept:
+
+* A command's script (``send_message.py``, ``inbox.py``, ``fleet_status.py``) is a few lines that
+  import its module (``fleet_send``, ``fleet_inbox``, ``fleet_report``): Python compiles the script
+  it runs on every start and caches the bytecode only of what is imported.
+* :mod:`typing` is for type checkers only: each module says ``TYPE_CHECKING = False`` and imports
+  its type names under ``if TYPE_CHECKING:``; with ``from __future__ import annotations`` no
+  annotation is evaluated at run time. ``mcp_server`` is the exception (its SDK reads annotations).
+* Imported by the function that needs them, never at start: :mod:`logging` and ``structured_log``
+  (``fleet_common.get_logger`` resolves on the first record), :mod:`random`
+  (``fleet_common.sleep_jittered``, on a retry), :mod:`datetime` (``fleet_common``'s time
+  functions; a send stamps its message with :mod:`time` alone), :mod:`shutil` (argparse's own
+  formatter imports it for the terminal's width; :class:`HelpFormatter` gives the width itself).
+* The secret check compiles a pattern only for text that holds one of its words
+  (``fleet_secrets.LazyPattern``); ``inbox.py`` builds only the named command's arguments.
+
+``tests/test_startup.py`` runs each short command and fails when one of these is imported;
+``bench/send.py``, ``bench/inbox.py`` and ``bench/fleet_status.py`` measure the result.
 """
 
 from __future__ import annotations
@@ -24,6 +48,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 from fleet_common import (
     EXIT_FAILURE,
@@ -34,10 +59,12 @@ from fleet_common import (
     one_line,
     write_line,
 )
+from fleet_secrets import LazyPattern, redact
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
-    from typing import Callable, Final, Optional, Tuple
+    import re
+    from typing import Callable, Dict, Final, List, Optional, Tuple
 
     # Words and numbers a failure that is not bad usage: returns (exit code, the whole stderr line).
     FailureRenderer = Callable[[BaseException], Tuple[int, str]]
@@ -62,7 +89,8 @@ class HelpFormatter(argparse.HelpFormatter):
                          width if width is not None else terminal_columns() - 2)
 
 
-def terminal_columns() -> int:
+def terminal_columns(fallback: int = DEFAULT_COLUMNS) -> int:
+    """The terminal's width: ``COLUMNS``, else the terminal of stdout, else ``fallback``."""
     try:
         columns = int(os.environ.get("COLUMNS", ""))
     except ValueError:
@@ -70,11 +98,67 @@ def terminal_columns() -> int:
     if columns > 0:
         return columns
     try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns or DEFAULT_COLUMNS
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or fallback
     except (AttributeError, ValueError, OSError):
-        return DEFAULT_COLUMNS
+        return fallback
 
 
+def color_wanted(stream: object) -> bool:
+    """Whether to colour ``stream``: a terminal, and ``NO_COLOR`` unset or empty.
+
+    ``FORCE_COLOR`` (non-empty, not ``0``) colours a non-terminal too; ``NO_COLOR`` wins over it.
+    """
+    if os.environ.get("NO_COLOR"):
+        return False
+    force = os.environ.get("FORCE_COLOR")
+    if force and force != "0":
+        return True
+    isatty = getattr(stream, "isatty", None)
+    if isatty is None:
+        return False
+    try:
+        return bool(isatty())
+    except (OSError, ValueError):
+        return False
+
+
+# Console colours by level: colorama's (it also turns ANSI on in a Windows console), else plain ANSI.
+_ANSI_FALLBACK: Final = {
+    "DEBUG": "\x1b[2m",
+    "INFO": "\x1b[32m",
+    "WARNING": "\x1b[33m",
+    "ERROR": "\x1b[31m",
+    "CRITICAL": "\x1b[1m\x1b[31m",
+    "RESET": "\x1b[0m",
+}
+_colorama_ready = False
+_colorama_guard = threading.Lock()
+
+
+def level_styles() -> Dict[str, str]:
+    """ANSI styles per level, from colorama (which also enables ANSI on a Windows console)."""
+    global _colorama_ready
+    try:
+        import colorama  # lazy: only a coloured console needs it
+    except ImportError:  # pragma: no cover - colorama is a runtime requirement
+        return dict(_ANSI_FALLBACK)
+    with _colorama_guard:
+        if not _colorama_ready:
+            fix = getattr(colorama, "just_fix_windows_console", None)
+            if fix is not None:
+                fix()
+            else:  # pragma: no cover - colorama < 0.4.6
+                colorama.init()
+            _colorama_ready = True
+    fore, style = colorama.Fore, colorama.Style
+    return {
+        "DEBUG": style.DIM,
+        "INFO": fore.GREEN,
+        "WARNING": fore.YELLOW,
+        "ERROR": fore.RED,
+        "CRITICAL": style.BRIGHT + fore.RED,
+        "RESET": style.RESET_ALL,
+    }
 
 
 def error_line(prog: str, reason: object) -> None:
@@ -115,3 +199,77 @@ def _failed(prog: str, exc: BaseException, on_failure: Optional[FailureRenderer]
         return code
     error_line(prog, exc)
     return exc.exit_code if isinstance(exc, SuiteError) else EXIT_FAILURE
+
+
+# --------------------------------------------------------------------------- inert text
+#
+# Text from another machine is shown only through these (PROTOCOL.md, "Trust between servers"),
+# by the commands and by structured_log's console and files alike.
+
+ELLIPSIS: Final = "\u2026"
+# Redaction reads this much beyond what is kept, so a secret that starts in the kept part is still
+# recognised whole; nothing further is read, so a huge text costs no more than a small one.
+REDACTION_MARGIN: Final = 64 * 1024
+
+# C0 controls (tab and newline included), DEL, C1 controls, Arabic letter mark, LRM/RLM,
+# line/paragraph separators, bidi embeddings/overrides/isolates, lone surrogates.
+_UNSAFE_RE = LazyPattern(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+_NAMED_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(char: str) -> str:
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _escape_match(match: "re.Match[str]") -> str:
+    return _escape_char(match.group())
+
+
+def sanitize(text: object, max_len: Optional[int] = None) -> str:
+    """``text`` with every control character shown as a visible, inert escape.
+
+    Newline, carriage return and tab become ``\\n``, ``\\r``, ``\\t`` (two characters each); ESC
+    becomes the four characters ``\\x1b``, so ANSI CSI/OSC sequences lose their lead byte and read
+    as plain text. With ``max_len``, the result is at most that long, cut between escapes and
+    ending in ``…`` when cut.
+    """
+    value = text if isinstance(text, str) else str(text)
+    if max_len is None:
+        return _UNSAFE_RE.sub(_escape_match, value)
+    if max_len <= 0:
+        return ""
+    # Every source character yields at least one output character, so looking at max_len + 1 of
+    # them is enough to know whether the result must be cut.
+    pieces: List[str] = []
+    total = 0
+    for char in value[: max_len + 1]:
+        piece = _escape_char(char) if _UNSAFE_RE.match(char) else char
+        pieces.append(piece)
+        total += len(piece)
+    if total <= max_len:
+        return "".join(pieces)
+    kept: List[str] = []
+    used = 0
+    for piece in pieces:
+        if used + len(piece) > max_len - 1:
+            break
+        kept.append(piece)
+        used += len(piece)
+    return "".join(kept) + ELLIPSIS
+
+
+def preview(text: object, length: int = 120) -> str:
+    """A one-line, redacted, inert preview of message text, at most ``length`` characters.
+
+    Redaction runs on the raw text (where a newline still ends a secret value), then
+    :func:`sanitize` escapes what is left and cuts it with ``…``; the result is safe either way.
+    Only the start of a long text is read (:data:`REDACTION_MARGIN` beyond what is shown).
+    """
+    value = text if isinstance(text, str) else str(text)
+    return sanitize(redact(value[: max(length, 0) + REDACTION_MARGIN]), max_len=length)

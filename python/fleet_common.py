@@ -10,7 +10,6 @@ codes (see :data:`EXIT_OK` and friends).
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 import json
 import math
@@ -23,6 +22,7 @@ from pathlib import Path
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
+    import datetime as _dt
     from typing import IO, Any, Callable, Dict, Final, List, Optional, Tuple
 
 
@@ -345,13 +345,23 @@ class RuntimePaths:
 # --------------------------------------------------------------------------- time
 
 
+# datetime is imported by the functions that return or take one: a send stamps its message
+# with iso_utc(), which needs only the time module.
+
+
 def utc_now() -> _dt.datetime:
+    import datetime as _dt
+
     return _dt.datetime.now(_dt.timezone.utc)
 
 
 def iso_utc(moment: Optional[_dt.datetime] = None, *, fraction: bool = False) -> str:
-    """ISO 8601 UTC with a ``Z``; whole seconds unless ``fraction``."""
-    moment = (moment or utc_now()).astimezone(_dt.timezone.utc)
+    """ISO 8601 UTC with a ``Z``; whole seconds unless ``fraction``; now when no ``moment``."""
+    if moment is None:
+        return iso_from_epoch(time.time(), fraction=fraction)
+    import datetime as _dt
+
+    moment = moment.astimezone(_dt.timezone.utc)
     if fraction:
         return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -359,6 +369,8 @@ def iso_utc(moment: Optional[_dt.datetime] = None, *, fraction: bool = False) ->
 
 def datetime_from_epoch(epoch: float) -> _dt.datetime:
     """An aware UTC datetime for a Unix time."""
+    import datetime as _dt
+
     return _dt.datetime.fromtimestamp(epoch, _dt.timezone.utc)
 
 
@@ -367,7 +379,11 @@ def iso_from_epoch(epoch: float, *, fraction: bool = False, round_up: bool = Fal
     shown rounded down would be a moment at which the retry is still refused)."""
     if not fraction:
         epoch = math.ceil(epoch) if round_up else math.floor(epoch)
-    return iso_utc(datetime_from_epoch(epoch), fraction=fraction)
+    whole = math.floor(epoch)
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    if fraction:
+        return f"{text}.{min(999, int((epoch - whole) * 1000)):03d}Z"
+    return text + "Z"
 
 
 def format_duration(seconds: Optional[float]) -> str:
@@ -409,6 +425,8 @@ def parse_timestamp(value: object) -> Optional[_dt.datetime]:
     m = _TS_RE.match(value)
     if not m:
         return None
+    import datetime as _dt
+
     year, month, day, hour, minute, second, frac, zone = m.groups()
     micro = int((frac or "0")[:6].ljust(6, "0"))
     try:

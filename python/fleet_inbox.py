@@ -13,7 +13,7 @@ import re
 import sys
 import time
 
-from fleet_cli import run_cli
+from fleet_cli import HelpFormatter, preview, run_cli, sanitize
 from fleet_common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -103,8 +103,6 @@ class AmbiguousId(UsageError):
     """An id that several senders used (older tools' id scheme collided): give the sender."""
 
     def __init__(self, msg_id: str, senders: Sequence[str]) -> None:
-        from structured_log import sanitize
-
         self.msg_id = msg_id
         self.senders = list(senders)
         shown = ", ".join(sanitize(s, MAX_FIELD_CHARS) for s in self.senders)
@@ -119,8 +117,6 @@ def check_message_id(value: Any) -> str:
     """A message id as given by a person or an agent: non-empty text, no control characters."""
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_CHARS \
             or _CONTROL.search(value):
-        from structured_log import sanitize
-
         raise UsageError(f"malformed message id '{sanitize(str(value), 120)}'")
     return value
 
@@ -131,8 +127,6 @@ def _check_sender(value: Optional[str]) -> Optional[str]:
         return None
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_ID_CHARS \
             or _CONTROL.search(value):
-        from structured_log import sanitize
-
         raise UsageError(f"malformed sender '{sanitize(str(value), 120)}'")
     return value.strip().lower()
 
@@ -424,8 +418,6 @@ class Inbox:
 
     def _locate(self, msg_id: str, sender: Optional[str]) -> Found:
         """The one message with this id (and sender); unknown or ambiguous ids are bad input."""
-        from structured_log import sanitize
-
         msg_id = check_message_id(msg_id)
         wanted = _check_sender(sender)
         found = self._with_id(msg_id)
@@ -628,8 +620,6 @@ class Inbox:
     def _keys_to_mark(self, wanted: Sequence[str], states: Dict[str, ServerState]) -> List[MessageKey]:
         """The unread copies of these ids addressed to this server; an id that names no message,
         or none addressed here, is bad input."""
-        from structured_log import sanitize
-
         keys: List[MessageKey] = []
         for msg_id in dict.fromkeys(wanted):
             found = self._with_id(msg_id)
@@ -845,8 +835,6 @@ def _to_text(to: Any) -> str:
 
 def render_line(view: Mapping[str, Any]) -> str:
     """One line for a listing: unread mark, priority, time, sender, id, subject, flags."""
-    from structured_log import preview, sanitize
-
     mark = " " if view.get("read") else "*"
     flags = ""
     if view.get("ack_required") and not view.get("acknowledged"):
@@ -862,15 +850,11 @@ def render_line(view: Mapping[str, Any]) -> str:
 
 def _body_lines(text: str, indent: str = "") -> List[str]:
     """The body as it was written, line by line, every control character made inert."""
-    from structured_log import sanitize
-
     return [indent + sanitize(line) for line in text.splitlines()] or [indent]
 
 
 def render_full(view: Mapping[str, Any]) -> str:
     """A message in full for a terminal: headers, then the body."""
-    from structured_log import sanitize
-
     lines = [
         f"From:     {sanitize(view.get('from'), MAX_ID_CHARS)}",
         f"To:       {sanitize(_to_text(view.get('to')), 2 * MAX_ID_CHARS)}",
@@ -897,25 +881,11 @@ def render_full(view: Mapping[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- CLI
 
-COMMANDS: Final = ("list", "show", "thread", "mark-read", "ack", "acks", "search", "wait")
 _VALUE_OPTIONS: Final = frozenset({"--repo", "--server", "--branch", "--since", "--from", "--priority",
                                    "--limit", "--before", "--note", "--timeout", "--reply-to"})
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--repo", default=None, help="fleet clone (default: $BUILD_REPO_PATH or K:/Projects/Build)")
-    common.add_argument("--server", default=None, help="this server's id (default: $SERVER_ID or code2)")
-    common.add_argument("--branch", default=None, help="shared branch (default: the remote's default)")
-    as_json = argparse.ArgumentParser(add_help=False)
-    as_json.add_argument("--json", action="store_true", help="print one JSON object")
-
-    parser = argparse.ArgumentParser(
-        prog="inbox.py", description="Read this server's mail in the fleet mailbox.",
-        epilog="Exit codes: 0 done, 1 failure, 2 bad usage or input, 3 list --count: mail waiting, "
-               "75 ack recorded but its answer queued, 124 wait: nothing arrived, 130 interrupted.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("list", parents=[common, as_json], help="unread mail, most urgent first (the default)")
+def _list_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all", action="store_true", help="read mail too")
     p.add_argument("--since", default=None, metavar="2h|ISO", help="only mail newer than this")
     p.add_argument("--from", dest="sender", default=None, metavar="ID", help="only mail from this sender")
@@ -925,33 +895,81 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bodies", action="store_true", help="include message bodies")
     p.add_argument("--count", action="store_true",
                    help="print the number only; exit 3 when it is not zero, 0 when it is")
-    p = sub.add_parser("show", parents=[common, as_json], help="one message in full (marks it read)")
+
+
+def _show_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("id")
     p.add_argument("--from", dest="sender", default=None, metavar="SENDER",
                    help="the sender, when two senders used the same id")
     p.add_argument("--peek", action="store_true", help="do not mark it read")
-    p = sub.add_parser("thread", parents=[common, as_json], help="the conversation a message belongs to")
+
+
+def _thread_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("id")
     p.add_argument("--from", dest="sender", default=None, metavar="SENDER")
-    p = sub.add_parser("mark-read", parents=[common, as_json], help="mark messages read")
+
+
+def _mark_read_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ids", nargs="*", metavar="ID")
     p.add_argument("--all", action="store_true", help="every unread message")
     p.add_argument("--before", default=None, metavar="2h|ISO", help="with --all: only mail older than this")
-    p = sub.add_parser("ack", parents=[common, as_json], help="acknowledge a message (you acted on it)")
+
+
+def _ack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("id")
     p.add_argument("--from", dest="sender", default=None, metavar="SENDER")
     p.add_argument("--note", default=None, help="what was done (kept with the acknowledgement)")
     p.add_argument("--no-message", action="store_true", help="do not send the sender an ack message")
-    sub.add_parser("acks", parents=[common, as_json], help="acknowledgements owed by and to this server")
-    p = sub.add_parser("search", parents=[common, as_json], help="search mail to and from this server")
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("words", nargs="+", metavar="WORD")
     p.add_argument("--include-archive", action="store_true", help="search the archive too")
     p.add_argument("--limit", type=int, default=None, metavar="N")
     p.add_argument("--bodies", action="store_true", help="include message bodies")
-    p = sub.add_parser("wait", parents=[common, as_json], help="wait for mail (or an answer) to arrive")
+
+
+def _wait_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SEC", help="give up after SEC (exit 124)")
     p.add_argument("--reply-to", default=None, metavar="ID", help="wait for an answer to this message")
     p.add_argument("--peek", action="store_true", help="do not mark what arrives read")
+
+
+# Each command: its help line and what adds its own arguments.
+_COMMAND_ARGS: Final = (
+    ("list", "unread mail, most urgent first (the default)", _list_args),
+    ("show", "one message in full (marks it read)", _show_args),
+    ("thread", "the conversation a message belongs to", _thread_args),
+    ("mark-read", "mark messages read", _mark_read_args),
+    ("ack", "acknowledge a message (you acted on it)", _ack_args),
+    ("acks", "acknowledgements owed by and to this server", lambda p: None),
+    ("search", "search mail to and from this server", _search_args),
+    ("wait", "wait for mail (or an answer) to arrive", _wait_args),
+)
+COMMANDS: Final = tuple(name for name, _help, _add in _COMMAND_ARGS)
+
+
+def _parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The command line; with ``only``, just that command gets its arguments (the others keep
+    their help line): building all eight costs more than a listing's own work."""
+    common = argparse.ArgumentParser(add_help=False, formatter_class=HelpFormatter)
+    common.add_argument("--repo", default=None, help="fleet clone (default: $BUILD_REPO_PATH or K:/Projects/Build)")
+    common.add_argument("--server", default=None, help="this server's id (default: $SERVER_ID or code2)")
+    common.add_argument("--branch", default=None, help="shared branch (default: the remote's default)")
+    as_json = argparse.ArgumentParser(add_help=False, formatter_class=HelpFormatter)
+    as_json.add_argument("--json", action="store_true", help="print one JSON object")
+
+    parser = argparse.ArgumentParser(
+        formatter_class=HelpFormatter, prog="inbox.py", description="Read this server's mail in the fleet mailbox.",
+        epilog="Exit codes: 0 done, 1 failure, 2 bad usage or input, 3 list --count: mail waiting, "
+               "75 ack recorded but its answer queued, 124 wait: nothing arrived, 130 interrupted.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text, add_arguments in _COMMAND_ARGS:
+        if only is None or name == only:
+            add_arguments(sub.add_parser(name, parents=[common, as_json], help=help_text,
+                                          formatter_class=HelpFormatter))
+        else:
+            sub.add_parser(name, help=help_text, formatter_class=HelpFormatter)
     return parser
 
 
@@ -1065,8 +1083,6 @@ def _run_ack(args: argparse.Namespace, inbox: Inbox) -> int:
 
 
 def _ack_text(result: Dict[str, Any]) -> str:
-    from structured_log import sanitize
-
     view, reply = result["acknowledged"], result["reply"]
     what = f"{sanitize(view['id'], 120)} from {sanitize(view['from'], MAX_FIELD_CHARS)}"
     if result["already_acknowledged"]:
@@ -1134,8 +1150,9 @@ def _setup_cli_logging(server: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(_with_command(sys.argv[1:] if argv is None else argv))
+    words = _with_command(sys.argv[1:] if argv is None else argv)
+    parser = _parser(words[0] if words and words[0] in COMMANDS else None)
+    args = parser.parse_args(words)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

@@ -680,9 +680,9 @@ def render_terminal(report: Mapping[str, Any], *, color: bool = False, width: in
     """The status line, one aligned row per server (most urgent first), then who is waited on."""
     styles: Dict[str, str] = {}
     if color:
-        from structured_log import _level_styles
+        from fleet_cli import level_styles
 
-        levels = _level_styles()
+        levels = level_styles()
         styles = {OK: levels["INFO"], WARNING: levels["WARNING"], CRITICAL: levels["CRITICAL"],
                   "reset": levels["RESET"]}
 
@@ -908,8 +908,10 @@ def _html_threads(threads: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from fleet_cli import HelpFormatter
+
     parser = argparse.ArgumentParser(
-        prog="fleet_status.py",
+        formatter_class=HelpFormatter, prog="fleet_status.py",
         description="The fleet at a glance: presence, mail waiting, acknowledgements owed.",
         epilog="Exit codes (Nagios): 0 ok, 1 warning, 2 critical (or bad usage), 3 unknown "
                "(the remote cannot be read), 130 interrupted.",
@@ -960,12 +962,9 @@ def _look(args: argparse.Namespace) -> int:
     if args.json:
         write_line(json.dumps(report, ensure_ascii=True))  # one line: indenting costs a fetch
     elif not args.quiet:
-        import shutil
+        from fleet_cli import color_wanted, terminal_columns
 
-        from structured_log import color_wanted
-
-        width = shutil.get_terminal_size((120, 24)).columns
-        write_line(render_terminal(report, color=color_wanted(sys.stdout), width=width))
+        write_line(render_terminal(report, color=color_wanted(sys.stdout), width=terminal_columns(120)))
     return int(report["exit_code"])
 
 

@@ -19,12 +19,10 @@ as bad input, naming the kind of secret and never the secret, unless ``--allow-s
 
 Start-up cost: a send is a short process, so it imports only what every send needs (argparse,
 ``fleet_common``, ``fleet_cli``, ``fleet_git``, ``fleet_mailbox``; ``fleet_secrets`` and
-``fleet_roster`` for the checks before sending). Deferred, each imported inside the function
-that needs it: :mod:`logging` and ``structured_log`` (only when something is logged:
-``fleet_common.get_logger`` resolves on the first record), ``message_queue`` (only when a message
-is queued), ``circuit_breaker`` (only when queueing is allowed), ``fleet_archive`` (only for a
-reply to a message no longer in the hot mailbox), ``inbox`` (only with ``--wait-reply``) and
-:mod:`json` output (only with ``--json``). ``bench/send.py`` measures the result.
+``fleet_roster`` for the checks before sending; ``circuit_breaker`` when queueing is allowed).
+``message_queue`` (a message queued), ``fleet_archive`` (a reply to a message no longer in the hot
+mailbox) and ``fleet_inbox`` (``--wait-reply``) are imported when needed; :mod:`fleet_cli`,
+"Start-up", says what every short command defers and why. ``bench/send.py`` measures the result.
 
 Exit codes: 0 sent and verified; 2 bad usage or bad input (a ``--branch`` the remote does not
 have included: it is never created, nor queued); 75 not deliverable now, queued in

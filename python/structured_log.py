@@ -65,6 +65,8 @@ import sys
 import threading
 from pathlib import Path
 
+# Re-exported: the console's colour rule and inert text live with the command line's output.
+from fleet_cli import ELLIPSIS, REDACTION_MARGIN, color_wanted, level_styles, preview, sanitize
 from fleet_common import (  # console_safe and write_line live there: a send needs no logging
     LOG_FILE_NAME,
     LOGS_SUBDIR,
@@ -80,7 +82,6 @@ from fleet_secrets import REDACTED, LazyPattern, find_secret, is_secret_key, red
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
-    import re
     from typing import IO, Any, Dict, Final, List, Mapping, Optional, Union
 
 __all__ = [
@@ -112,76 +113,13 @@ __all__ = [
 LOCK_SUFFIX: Final = ".lock"
 DEFAULT_MAX_BYTES: Final = 5 * 1024 * 1024
 DEFAULT_BACKUP_COUNT: Final = 5
-ELLIPSIS: Final = "\u2026"
 LINE_JOIN: Final = " | "  # a newline inside one console record
 
 _OWNED_ATTR: Final = "_structured_log_owned"
 
 # --------------------------------------------------------------------------- sanitizing
 
-# C0 controls (tab and newline included), DEL, C1 controls, Arabic letter mark, LRM/RLM,
-# line/paragraph separators, bidi embeddings/overrides/isolates, lone surrogates.
-_UNSAFE_RE = LazyPattern(
-    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
-)
-_NAMED_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _NEWLINE_RE = LazyPattern(r"\r\n|\r|\n")
-
-
-def _escape_char(char: str) -> str:
-    named = _NAMED_ESCAPES.get(char)
-    if named is not None:
-        return named
-    code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def _escape_match(match: "re.Match[str]") -> str:
-    return _escape_char(match.group())
-
-
-def sanitize(text: object, max_len: Optional[int] = None) -> str:
-    """``text`` with every control character shown as a visible, inert escape.
-
-    Newline, carriage return and tab become ``\\n``, ``\\r``, ``\\t`` (two characters each); ESC
-    becomes the four characters ``\\x1b``, so ANSI CSI/OSC sequences lose their lead byte and read
-    as plain text. With ``max_len``, the result is at most that long, cut between escapes and
-    ending in ``…`` when cut.
-    """
-    value = text if isinstance(text, str) else str(text)
-    if max_len is None:
-        return _UNSAFE_RE.sub(_escape_match, value)
-    if max_len <= 0:
-        return ""
-    # Every source character yields at least one output character, so looking at max_len + 1 of
-    # them is enough to know whether the result must be cut.
-    pieces: List[str] = []
-    total = 0
-    for char in value[: max_len + 1]:
-        piece = _escape_char(char) if _UNSAFE_RE.match(char) else char
-        pieces.append(piece)
-        total += len(piece)
-    if total <= max_len:
-        return "".join(pieces)
-    kept: List[str] = []
-    used = 0
-    for piece in pieces:
-        if used + len(piece) > max_len - 1:
-            break
-        kept.append(piece)
-        used += len(piece)
-    return "".join(kept) + ELLIPSIS
-
-
-def preview(text: object, length: int = 120) -> str:
-    """A one-line, redacted, inert preview of message text, at most ``length`` characters.
-
-    Redaction runs on the raw text (where a newline still ends a secret value), then
-    :func:`sanitize` escapes what is left and cuts it with ``…``; the result is safe either way.
-    Only the start of a long text is read (:data:`REDACTION_MARGIN` beyond what is shown).
-    """
-    value = text if isinstance(text, str) else str(text)
-    return sanitize(redact(value[: max(length, 0) + REDACTION_MARGIN]), max_len=length)
 
 
 # --------------------------------------------------------------------------- bounds
@@ -196,9 +134,6 @@ MAX_KEY_CHARS: Final = 100
 MAX_ITEMS: Final = 20  # items of a list and keys of a mapping in the metadata
 MAX_DEPTH: Final = 6
 MAX_LINE_CHARS: Final = 16 * 1024  # a JSON line over this is written again with tighter bounds
-# Redaction reads this much beyond what is kept, so a secret that starts in the kept part is still
-# recognised whole; nothing further is read, so a huge text costs no more than a small one.
-REDACTION_MARGIN: Final = 64 * 1024
 
 
 class _Bounds:
@@ -372,70 +307,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=True, default=str)
 
 
-_ANSI_FALLBACK: Final = {
-    "DEBUG": "\x1b[2m",
-    "INFO": "\x1b[32m",
-    "WARNING": "\x1b[33m",
-    "ERROR": "\x1b[31m",
-    "CRITICAL": "\x1b[1m\x1b[31m",
-    "RESET": "\x1b[0m",
-}
-_colorama_ready = False
-_colorama_guard = threading.Lock()
-
-
-def _level_styles() -> Dict[str, str]:
-    """ANSI styles per level, from colorama (which also enables ANSI on a Windows console)."""
-    global _colorama_ready
-    try:
-        import colorama  # lazy: only a coloured console needs it
-    except ImportError:  # pragma: no cover - colorama is a runtime requirement
-        return dict(_ANSI_FALLBACK)
-    with _colorama_guard:
-        if not _colorama_ready:
-            fix = getattr(colorama, "just_fix_windows_console", None)
-            if fix is not None:
-                fix()
-            else:  # pragma: no cover - colorama < 0.4.6
-                colorama.init()
-            _colorama_ready = True
-    fore, style = colorama.Fore, colorama.Style
-    return {
-        "DEBUG": style.DIM,
-        "INFO": fore.GREEN,
-        "WARNING": fore.YELLOW,
-        "ERROR": fore.RED,
-        "CRITICAL": style.BRIGHT + fore.RED,
-        "RESET": style.RESET_ALL,
-    }
-
-
-def color_wanted(stream: object) -> bool:
-    """Whether to colour ``stream``: a terminal, and ``NO_COLOR`` unset or empty.
-
-    ``FORCE_COLOR`` (non-empty, not ``0``) colours a non-terminal too; ``NO_COLOR`` wins over it.
-    """
-    if os.environ.get("NO_COLOR"):
-        return False
-    force = os.environ.get("FORCE_COLOR")
-    if force and force != "0":
-        return True
-    isatty = getattr(stream, "isatty", None)
-    if isatty is None:
-        return False
-    try:
-        return bool(isatty())
-    except (OSError, ValueError):
-        return False
-
-
 class ConsoleFormatter(logging.Formatter):
     """``HH:MM:SS LEVEL message``: one redacted, sanitized line, optionally coloured by level."""
 
     def __init__(self, color: bool = False) -> None:
         super().__init__(datefmt="%H:%M:%S")
         self.color = color
-        self._styles: Optional[Dict[str, str]] = _level_styles() if color else None
+        self._styles: Optional[Dict[str, str]] = level_styles() if color else None
 
     def format(self, record: logging.LogRecord) -> str:
         parts = [cut(record_message(record))]

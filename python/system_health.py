@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import fleet_common
-from fleet_cli import run_cli
+from fleet_cli import HelpFormatter, run_cli
 from fleet_common import UsageError
 from fleet_git import git_layout, lock_files, lock_name, operation_in_progress
 from monitor_files import read_status  # the owner of monitor_status.json
@@ -536,7 +536,7 @@ def _option(key: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="system_health.py",
+        formatter_class=HelpFormatter, prog="system_health.py",
         description="Report the health of a fleet server (Nagios exit codes: 0 healthy, "
                     "1 warning, 2 critical, 3 unknown; bad usage also exits 2).",
     )

@@ -1,0 +1,78 @@
+"""The short commands import only what their work needs (fleet_cli, "Start-up").
+
+Each command runs as a real process on a real fleet, through a wrapper that reports, at exit,
+every module the process imported; the modules that the start-up rules defer must be absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import List, Set
+
+import pytest
+from conftest import PYTHON_DIR, Fleet
+
+# Run a command's script as ``python3 python/<script>`` would, then name every imported module.
+WRAPPER = """
+import atexit, sys
+atexit.register(lambda: sys.stderr.write("\\nMODULES " + " ".join(sorted(sys.modules)) + "\\n"))
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, script.rsplit("/", 1)[0])
+with open(script, encoding="utf-8") as handle:
+    code = compile(handle.read(), script, "exec")
+exec(code, {"__name__": "__main__", "__file__": script})
+"""
+
+# Deferred by every short command: their import costs more than the work that might need them.
+DEFERRED = {"typing", "logging", "random", "shutil", "bz2", "lzma", "dataclasses", "inspect",
+            "structured_log", "message_queue", "fleet_archive", "auto_reply"}
+
+
+def _run(script: str, *args: str) -> Set[str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, (PYTHON_DIR / script).as_posix(), *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=120,
+                          text=True, encoding="utf-8", errors="replace")
+    assert proc.returncode in (0, 1, 3), proc.stderr  # fleet_status: 1 is a warning (a stale server)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("MODULES ")]
+    assert lines, proc.stderr
+    return set(lines[-1].split()[1:])
+
+
+@pytest.fixture
+def busy_fleet(fleet: Fleet) -> Fleet:
+    fleet.clone("build1")
+    fleet.clone("code2")
+    return fleet
+
+
+def _first_id(fleet: Fleet) -> str:
+    return str(fleet.remote_messages()[-1]["id"])
+
+
+@pytest.mark.parametrize("command", [
+    ["send_message.py", "hello", "Subject", "--to", "code2", "--from", "build1", "--repo", "{build1}"],
+    ["inbox.py", "list", "--repo", "{code2}", "--server", "code2"],
+    ["inbox.py", "list", "--repo", "{code2}", "--server", "code2", "--json"],
+    ["inbox.py", "show", "{id}", "--peek", "--repo", "{code2}", "--server", "code2", "--json"],
+    ["fleet_status.py", "--repo", "{code2}"],
+    ["fleet_status.py", "--repo", "{code2}", "--json"],
+], ids=["send", "inbox-list", "inbox-list-json", "inbox-show", "status", "status-json"])
+def test_a_short_command_imports_nothing_it_defers(busy_fleet: Fleet, command: List[str]) -> None:
+    fleet = busy_fleet
+    if command[0] != "send_message.py":
+        assert not _run("send_message.py", "first", "--to", "code2", "--from", "build1",
+                        "--repo", str(fleet.clones["build1"])) & DEFERRED
+    values = {"build1": str(fleet.clones["build1"]), "code2": str(fleet.clones["code2"])}
+    if "{id}" in command:
+        values["id"] = _first_id(fleet)
+    imported = _run(command[0], *[arg.format(**values) for arg in command[1:]])
+    assert not imported & DEFERRED, sorted(imported & DEFERRED)
+    if command[0] == "send_message.py":
+        assert "datetime" not in imported  # a send stamps its message with the time module alone
+        assert json.loads(json.dumps(fleet.remote_messages()[-1]))["subject"] == "Subject"
