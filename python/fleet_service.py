@@ -650,6 +650,22 @@ def render_task_scheduler(*, python: str, script: str, repo: str, server: str, i
 _SERVICE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
+def compile_suite() -> bool:
+    """Write the bytecode of each of the suite's modules that lacks it or whose source changed.
+
+    Python caches the bytecode of what it imports, unless ``PYTHONDONTWRITEBYTECODE`` is set (some
+    machines and service managers set it): then every short command (a send, an inbox read) would
+    compile its modules again on every start, which costs more than its git work. The monitor runs
+    this when it starts and the self-check of a new version runs it too, so those commands find
+    the bytecode. Whether every module compiled; a folder that cannot be written is no error (the
+    commands then compile as before). Prints nothing.
+    """
+    import compileall
+
+    suite = Path(__file__).resolve().parent
+    return bool(compileall.compile_dir(str(suite), maxlevels=0, quiet=2))
+
+
 def self_check(python: str, script: str, timeout: float = 60) -> Optional[str]:
     """Run ``python script --self-check``; None when it exits 0, else a one-line reason.
 

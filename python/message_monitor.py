@@ -289,6 +289,9 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
                 error_line("message_monitor", report.error)
                 return EXIT_FAILURE
             return EXIT_OK
+        from fleet_service import compile_suite
+
+        compile_suite()  # the bytecode that a send or an inbox read on this server starts from
         notifier.ready(f"monitoring {clone.root} as {server}")
         log.info("monitoring %s as %s every %gs (branch %s)", clone.root, server, interval,
                  clone.branch, extra={"metadata": {"interval": interval, "branch": clone.branch}})

@@ -152,12 +152,14 @@ def run_one_shot(args: argparse.Namespace, repo: str, server: str, interval: flo
     """Run a command that does not start the loop and return what to print (``""``: nothing);
     ``None`` when none was asked for."""
     if args.self_check:
-        for module in ("fleet_common", "fleet_git", "fleet_mailbox", "send_message", "message_queue",
-                       "circuit_breaker", "structured_log", "network_check", "system_health",
-                       "monitoring_metrics", "fleet_service", "auto_reply", "fleet_archive",
-                       "monitor_cycle", "monitor_remote", "monitor_files", "monitor_duties",
-                       "monitor_worktree"):
-            __import__(module)
+        # Every module compiles (leaving its bytecode for the commands: fleet_service.compile_suite)
+        # and imports; mcp_server only compiles, its SDK being an optional extra.
+        from fleet_service import compile_suite
+
+        compile_suite()
+        for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+            if path.stem != "mcp_server":
+                __import__(path.stem)
         return ""
     if args.print_systemd_unit or args.print_task_scheduler:
         from fleet_service import render_systemd_unit, render_task_scheduler

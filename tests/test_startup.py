@@ -76,3 +76,23 @@ def test_a_short_command_imports_nothing_it_defers(busy_fleet: Fleet, command: L
     if command[0] == "send_message.py":
         assert "datetime" not in imported  # a send stamps its message with the time module alone
         assert json.loads(json.dumps(fleet.remote_messages()[-1]))["subject"] == "Subject"
+
+
+def test_the_self_check_leaves_bytecode_where_python_will_not_write_it(tmp_path) -> None:
+    """With PYTHONDONTWRITEBYTECODE set, imports never write bytecode: every start compiles. The
+    monitor's start and the self-check of a new version write it (fleet_service.compile_suite)."""
+    prefix = tmp_path / "pycache"
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPYCACHEPREFIX=str(prefix))
+    env.pop("PYTHONPATH", None)
+
+    def cached() -> Set[str]:
+        return {path.name.split(".")[0] for path in prefix.rglob("*.pyc")}
+
+    subprocess.run([sys.executable, str(PYTHON_DIR / "send_message.py"), "--help"], env=env,
+                   stdout=subprocess.DEVNULL, check=True)
+    assert "fleet_send" not in cached()  # Python wrote nothing on its own
+    proc = subprocess.run([sys.executable, str(PYTHON_DIR / "message_monitor.py"), "--self-check"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 0, proc.stderr
+    suite = {path.stem for path in PYTHON_DIR.glob("*.py")}
+    assert suite <= cached()
