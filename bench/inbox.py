@@ -8,9 +8,12 @@ Measured on real processes (``python3 python/inbox.py ... --repo R --server code
 rounds interleaved with the floor:
 
 * **list** (the default command) right after another server sent code2 one message (untimed), so
-  the list finds the branch moved and fetches it: one ``ls-remote``, one ``fetch``, one mailbox
-  read. Floor: one ``git fetch`` of the same new commit on the same remote, plus the interpreter's
-  start (``python3 -c pass``). Target: list <= 1.5 x that floor, with or without the archive.
+  the list finds the branch moved: one ``git fetch`` of the branch and code2's own state ref (code2
+  has read mail before, so it has one), one mailbox read. Floor: one ``git fetch`` of the same new
+  commit on the same remote, plus the interpreter's start (``python3 -c pass``). Target: list <= 1.5
+  x that floor, with or without the archive.
+* the same list by a server that has never written a state ref (``code1``): it lists the remote
+  first (``ls-remote``), since another clone of it could have written one; reported.
 * **show ID --peek** of a hot message (nothing moved: one ``ls-remote``), against the same floor;
   ``show`` without ``--peek`` also pushes the read receipt to the state ref (reported).
 * **search WORD --include-archive** over 10,000 and 50,000 archived messages (each archive file
@@ -32,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import benchlib as bl
 
 SERVER = "code2"
+NEWCOMER = "code1"  # has mail, has never written a state ref
 HOT = 100
 
 
@@ -55,8 +59,8 @@ def build_fleet(archived: int) -> Dict[str, Any]:
             "to_code2": len(mine), "show_id": mine[0]["id"] if mine else hot[0]["id"]}
 
 
-def _inbox(clone: Path, *args: str) -> List[str]:
-    return [sys.executable, bl.python_script("inbox.py"), *args, "--repo", str(clone), "--server", SERVER,
+def _inbox(clone: Path, *args: str, server: str = SERVER) -> List[str]:
+    return [sys.executable, bl.python_script("inbox.py"), *args, "--repo", str(clone), "--server", server,
             "--json"]
 
 
@@ -71,7 +75,9 @@ def measure(info: Dict[str, Any], reps: int) -> Dict[str, List[float]]:
 
     fleet = info["fleet"]
     mine, sender, floor_clone = (fleet.clones[n] for n in (SERVER, "sender", "floor"))
-    out: Dict[str, List[float]] = {"list": [], "show_peek": [], "show": [], "fetch": [], "interpreter": []}
+    out: Dict[str, List[float]] = {"list": [], "list_first": [], "show_peek": [], "show": [], "fetch": [],
+                                   "interpreter": []}
+    _run(_inbox(mine, "show", info["show_id"]))  # code2 has read mail: its state ref exists
     _run(_inbox(mine, "list"))  # warm: the first read fetches everything once
     for i in range(reps):
         bl.progress(f"inbox: {info['archived']} archived, round {i + 1}/{reps}")
@@ -84,6 +90,11 @@ def measure(info: Dict[str, Any], reps: int) -> Dict[str, List[float]]:
         for step in (steps if i % 2 == 0 else list(reversed(steps))):
             step()
         out["interpreter"].append(bl.timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))[0])
+        if not info["archived"]:
+            if not send_message(f"inbox bench {i} again", None, SERVER, from_sender="build1",
+                                build_repo_path=str(sender)):
+                raise RuntimeError("bench send failed")
+            out["list_first"].append(bl.timed(lambda: _run(_inbox(mine, "list", server=NEWCOMER)))[0])
         out["show_peek"].append(bl.timed(lambda: _run(_inbox(mine, "show", info["show_id"], "--peek")))[0])
     out["show"].append(bl.timed(lambda: _run(_inbox(mine, "show", info["show_id"])))[0])
     return out
@@ -122,6 +133,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         figures.append(bl.Figure(f"inbox.list_{archived}", f"inbox.py list, {label}, after a new message",
                                  bl.median(res["list"]), "ms", floor, target=("ratio", "<=", 1.5), scale=1000,
                                  note=f"floor fetch {fetch * 1000:.0f} ms + python start {start * 1000:.0f} ms"))
+        if res["list_first"]:
+            figures.append(bl.Figure(f"inbox.list_first_{archived}",
+                                     f"inbox.py list, {label}, by a server without a state ref yet",
+                                     bl.median(res["list_first"]), "ms", floor, scale=1000,
+                                     note="ls-remote first, then one fetch"))
         figures.append(bl.Figure(f"inbox.show_{archived}", f"inbox.py show --peek, {label}",
                                  bl.median(res["show_peek"]), "ms", floor, scale=1000,
                                  note=f"show with its read receipt pushed: {res['show'][0] * 1000:.0f} ms"))

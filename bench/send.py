@@ -98,12 +98,14 @@ def uncached_env(base: Path, footing: str) -> Dict[str, str]:
     own start, ``-c pass``, imports only frozen modules and compiles nothing). ``"suite"``: the
     prefix holds the standard library's bytecode (as any installed Python has) but not the
     suite's, so each start compiles just the suite's modules: what ``PYTHONDONTWRITEBYTECODE``
-    costs a deployed fleet server.
+    cost a deployed fleet server before its monitor wrote the bytecode. ``"monitor"``: as
+    ``"suite"``, then ``message_monitor.py --self-check`` (what the monitor's start runs:
+    ``fleet_service.compile_suite``) under ``PYTHONDONTWRITEBYTECODE``: a server whose monitor runs.
     """
     prefix = base / f"pycache-{footing}"
     prefix.mkdir(exist_ok=True)
     env = dict(os.environ, PYTHONPYCACHEPREFIX=str(prefix))
-    if footing == "suite":
+    if footing in ("suite", "monitor"):
         subprocess.run([sys.executable, bl.python_script("send_message.py"), "--help"], env=env,
                        stdout=subprocess.DEVNULL, check=True)
         suite = {path.stem for path in bl.PYTHON_DIR.glob("*.py")}
@@ -111,6 +113,9 @@ def uncached_env(base: Path, footing: str) -> Dict[str, str]:
             if cached.parent.name == bl.PYTHON_DIR.name and cached.name.split(".")[0] in suite:
                 cached.unlink()
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    if footing == "monitor":
+        subprocess.run([sys.executable, bl.python_script("message_monitor.py"), "--self-check"], env=env,
+                       stdout=subprocess.DEVNULL, check=True)
     return env
 
 
@@ -198,6 +203,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         figures.append(bl.Figure("send.cli_uncached", "send_message.py CLI, suite bytecode not cached (median)",
                                  bl.median(u["cli"]), "ms", bl.median(u["floor"]),
                                  target=("ratio", "<=", CLI_UNCACHED_TARGET), scale=1000))
+        bl.progress(f"send: CLI x{reps}, PYTHONDONTWRITEBYTECODE after the monitor's start")
+        m = cli(fleet, reps, uncached="monitor")
+        details["cli_dontwrite_monitor"] = m
+        figures.append(bl.Figure("send.cli_dontwrite_monitor",
+                                 "send_message.py CLI, PYTHONDONTWRITEBYTECODE=1, monitor started (median)",
+                                 bl.median(m["cli"]), "ms", bl.median(m["floor"]), scale=1000,
+                                 note="the monitor's start wrote the suite's bytecode"))
         bl.progress(f"send: CLI x{reps}, no bytecode cached at all")
         n = cli(fleet, reps, uncached="nothing")
         details["cli_nothing_cached"] = n

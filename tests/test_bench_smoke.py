@@ -16,7 +16,7 @@ from conftest import ROOT
 
 EXPECTED = {
     "send.in_process", "send.in_process_stale", "send.in_process_p95",
-    "send.cli", "send.cli_uncached", "send.cli_nothing_cached",
+    "send.cli", "send.cli_uncached", "send.cli_dontwrite_monitor", "send.cli_nothing_cached",
     "send.single_sender_rate",
     "send.four_senders_rate", "send.four_senders_fraction",
     "idle.cpu", "idle.rss", "idle.network_per_cycle", "idle.git_per_cycle", "idle.cat_file",
@@ -28,7 +28,7 @@ EXPECTED = {
     "contention.send_median", "contention.send_p95", "contention.retries", "contention.throughput",
     "cycle.busy_0ms", "cycle.busy_100ms", "cycle.idle_0ms", "cycle.idle_100ms",
     "fleet_status.s10", "fleet_status.s50", "fleet_status.page_kb_50",
-    "inbox.list_0", "inbox.list_2000", "inbox.show_0", "inbox.search_2000", "inbox.search_10000",
+    "inbox.list_0", "inbox.list_first_0", "inbox.list_2000", "inbox.show_0", "inbox.search_2000", "inbox.search_10000",
     "staterefs.size_10k", "staterefs.broadcast_commits", "staterefs.broadcast_pushes",
     "staterefs.broadcast_lost_leases", "staterefs.broadcast_all_read", "staterefs.heartbeat_commits",
     "staterefs.contention_pushes_per_msg", "staterefs.contention_p95", "staterefs.fleet_pushes_per_msg",
