@@ -18,13 +18,17 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
 import time
 from collections import namedtuple
 from pathlib import Path
 
 from fleet_common import EXIT_USAGE, SuiteError, UsageError, get_logger, sleep_jittered
-from fleet_mailbox import MAILBOX_PATH  # noqa: F401 - the mailbox module owns it; importable here as before
-from fleet_objects import LOOSE_COMPRESSION, ObjectStore, StoreFailed, date_stamp, edit_tree, parse_tree
+from fleet_mailbox import (
+    MAILBOX_PATH,  # noqa: F401 - the mailbox module owns it; importable here as before
+    MAX_MAILBOX_BYTES,
+)
+from fleet_objects import LOOSE_COMPRESSION, ObjectStore, StoreFailed, TooLarge, date_stamp, edit_tree, parse_tree
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
@@ -37,6 +41,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 LOCAL_TIMEOUT: Final = 30.0  # local plumbing
+# No object larger than this is read into memory: the largest file the suite reads, the mailbox.
+MAX_OBJECT_BYTES: Final = MAX_MAILBOX_BYTES
 NETWORK_TIMEOUT: Final = 60.0  # fetch, push, ls-remote
 STANDALONE_FRESHNESS: Final = 10.0  # seconds a standalone send trusts the last fetch
 MAX_RACE_ATTEMPTS: Final = 200  # with RACE_DELAY_CAP, about a minute of lost races at most
@@ -48,6 +54,22 @@ _UNKNOWN = object()
 def _folders_of(paths: Iterable[str]) -> List[str]:
     """Every folder that holds one of ``paths``, the root (``""``) first."""
     return sorted({"/".join(p.split("/")[:n]) for p in paths for n in range(p.count("/") + 1)})
+
+
+_HEADER_LINE_MAX: Final = 4096  # "<oid> <type> <size>", or "<spec> missing" for a spec of ours
+
+
+def _feed(stream: "object", data: bytes) -> None:
+    """Write ``data`` to a child's stdin and close it (a thread: the child answers meanwhile)."""
+    try:
+        stream.write(data)  # type: ignore[attr-defined]
+    except OSError:
+        pass  # the child stopped early (it was stopped, or failed): its answer says why
+    finally:
+        try:
+            stream.close()  # type: ignore[attr-defined]
+        except OSError:
+            pass
 
 
 def _tree_spec(commit: str, folder: str) -> str:
@@ -106,6 +128,12 @@ class NotAFile(GitError):
     def __init__(self, argv: Sequence[str], reason: str, oid: str) -> None:
         super().__init__(argv, None, b"", b"", reason)
         self.oid = oid
+
+
+class ObjectTooLarge(NotAFile):
+    """A tree or blob larger than the reader's bound (:data:`MAX_OBJECT_BYTES`) where a file is
+    read: its content is never read into memory, and readers treat it as they treat a folder
+    there (the mailbox: corrupt; the auto-reply rules: the ones in force stay)."""
 
 
 class BranchMissing(GitError, UsageError):
@@ -636,40 +664,74 @@ class Clone:
 
     # ----------------------------------------------------------------- objects
 
-    def read_objects(self, specs: Sequence[str]) -> List[Optional[Tuple[str, str, bytes]]]:
+    def read_objects(self, specs: Sequence[str], max_bytes: int = MAX_OBJECT_BYTES
+                     ) -> List[Optional[Tuple[str, str, bytes]]]:
         """``cat-file --batch`` for several specs at once: (oid, type, content) or ``None``.
 
         ``None`` is git's ``<spec> missing``, which means either that a path is not in its tree
         or that an object is gone: only the caller, who knows the trees along the path, can tell
         (:meth:`_checked_trees`). A ``cat-file`` that fails (a damaged object) is
-        :class:`ObjectMissing`.
+        :class:`ObjectMissing`. Each object's header is read before its content: one that
+        declares more than ``max_bytes`` stops the read (:class:`ObjectTooLarge`) unread.
         """
         if not specs:
             return []
+        argv = ["git", "cat-file", "--batch"]
         try:
-            proc = self.git("cat-file", "--batch", input="".join(s + "\n" for s in specs).encode("utf-8"))
-        except GitTimeout:
+            proc = subprocess.Popen(argv, cwd=str(self.root), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=git_env(), **_SPAWN_KW)  # type: ignore[arg-type]
+        except FileNotFoundError:
+            raise SuiteError("git is not installed or not on PATH") from None
+        errors: List[bytes] = []
+        expired: List[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            proc.kill()
+
+        helpers = [threading.Thread(target=_feed, daemon=True,
+                                    args=(proc.stdin, "".join(s + "\n" for s in specs).encode("utf-8"))),
+                   threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)]
+        timer = threading.Timer(LOCAL_TIMEOUT, expire)
+        for thread in (*helpers, timer):
+            thread.start()
+        try:
+            return [self._read_one(proc, spec, max_bytes) for spec in specs]
+        except ObjectMissing as exc:
+            proc.kill()
+            for thread in helpers:
+                thread.join()
+            if expired:
+                raise GitTimeout(argv, None, b"", b"".join(errors), f"timed out after {LOCAL_TIMEOUT:g} s") from None
+            raise ObjectMissing(argv, proc.wait(), b"", b"".join(errors), exc.reason) from None
+        except ObjectTooLarge:
+            proc.kill()
             raise
-        except GitError as exc:
-            raise ObjectMissing(exc.argv, exc.returncode, exc.stdout, exc.stderr,
-                                f"objects unreadable in this clone: {exc.reason}") from None
-        data = proc.stdout
-        pos = 0
-        results: List[Optional[Tuple[str, str, bytes]]] = []
-        for spec in specs:
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                raise ObjectMissing(["git", "cat-file", "--batch"], proc.returncode, b"", proc.stderr,
-                                    f"cat-file stopped before {spec}")
-            header = data[pos:nl].decode("utf-8", "replace").split(" ")
-            pos = nl + 1
-            if len(header) == 3 and header[2].isdigit():
-                size = int(header[2])
-                results.append((header[0], header[1], data[pos:pos + size]))
-                pos += size + 1
-            else:
-                results.append(None)
-        return results
+        finally:
+            timer.cancel()
+            proc.stdout.close()
+            proc.wait()
+            for thread in helpers:
+                thread.join()
+
+    @staticmethod
+    def _read_one(proc: "subprocess.Popen[bytes]", spec: str, max_bytes: int) -> Optional[Tuple[str, str, bytes]]:
+        """One answer of a running ``cat-file --batch``: its header line, then its content."""
+        header = proc.stdout.readline(_HEADER_LINE_MAX)
+        if not header.endswith(b"\n"):
+            raise ObjectMissing(["git", "cat-file", "--batch"], proc.poll(), b"", b"",
+                                f"cat-file stopped before {spec}")
+        parts = header.decode("utf-8", "replace").split(" ")
+        if len(parts) != 3 or not parts[2].strip().isdigit():
+            return None  # "<spec> missing", "ambiguous"
+        oid, kind, size = parts[0], parts[1], int(parts[2])
+        if size > max_bytes:
+            raise ObjectTooLarge(["git", "cat-file", spec], f"{spec}: {TooLarge(oid, kind, size, max_bytes)}", oid)
+        content = proc.stdout.read(size + 1)
+        if len(content) != size + 1:
+            raise ObjectMissing(["git", "cat-file", "--batch"], proc.poll(), b"", b"",
+                                f"cat-file stopped inside {spec}")
+        return oid, kind, content[:size]
 
     def _checked_trees(self, commit: str, found: Mapping[str, Optional[Tuple[str, str, bytes]]],
                        known: Optional[Mapping[str, Optional[List[TreeEntry]]]] = None
@@ -705,8 +767,10 @@ class Clone:
                                     f"{spec} is not a readable tree") from None
         return trees
 
-    def read_file(self, commit: Optional[str], path: str) -> Tuple[Optional[str], Optional[bytes]]:
-        """(blob id, content) of ``path`` at ``commit``; ``(None, None)`` when absent.
+    def read_file(self, commit: Optional[str], path: str, max_bytes: int = MAX_OBJECT_BYTES
+                  ) -> Tuple[Optional[str], Optional[bytes]]:
+        """(blob id, content) of ``path`` at ``commit``; ``(None, None)`` when absent; a blob (or
+        tree along the path) over ``max_bytes`` is :class:`ObjectTooLarge`, never read.
 
         Absent means: a tree along the path was read and does not name the next part. Any tree
         or blob that the path needs and git cannot produce raises :class:`ObjectMissing`; a
@@ -724,12 +788,16 @@ class Clone:
         # The trees along the path come in the same call: they tell "absent" from "missing", and
         # a transaction that then writes this file needs them, and asks no second time.
         folders = _folders_of([path])
-        loose = self.objects.walk_loose(commit, path) if cacheable else None
+        try:
+            loose = self.objects.walk_loose(commit, path, max_bytes) if cacheable else None
+        except TooLarge as exc:
+            raise ObjectTooLarge(["git", "cat-file", f"{commit}:{path}"], f"{path} at {commit[:12]}: {exc}",
+                                 exc.oid) from None
         if loose is not None:
             *found_trees, found = loose
         else:
             specs = [_tree_spec(commit, folder) for folder in folders] + [f"{commit}:{path}"]
-            *found_trees, found = self.read_objects(specs)
+            *found_trees, found = self.read_objects(specs, max_bytes)
         trees = self._checked_trees(commit, dict(zip(folders, found_trees)))
         parent, _, name = path.rpartition("/")
         entries = trees.get(parent)

@@ -36,10 +36,23 @@ PLUMBING_ENV: Final = "FLEET_GIT_PLUMBING"  # "1": never the fast path (tests, o
 KNOWN_FORMATS: Final = {"sha1": 40, "sha256": 64}  # object format -> hex length of an id
 LOOSE_COMPRESSION: Final = 1  # zlib level for objects we write: a multi-megabyte mailbox stays cheap
 STORE_ATTEMPTS: Final = 5  # writes of one loose object while a prune removes folders under it
+_LOOSE_CHUNK: Final = 64 * 1024  # compressed bytes read before the header is checked
+_HEADER_MAX: Final = 64  # "<kind> <size>\0" fits: the longest kind is 6 letters, a size 20 digits
 
 
 class StoreFailed(OSError):
     """A loose object could not be stored (the caller turns it into its own error)."""
+
+
+class TooLarge(ValueError):
+    """An object declares more content than the reader takes (the caller turns it into its own
+    error). Its content was not read: an object from another machine is bounded before use."""
+
+    def __init__(self, oid: str, kind: str, size: int, limit: int) -> None:
+        super().__init__(f"{kind} {oid[:12]} holds {size:,} bytes, more than the {limit:,} this suite reads")
+        self.oid = oid
+        self.kind = kind
+        self.size = size
 
 
 def hasher(hexlen: int):
@@ -221,36 +234,44 @@ class ObjectStore:
 
     # ----------------------------------------------------------------- reading
 
-    def read_loose(self, oid: str) -> Optional[Tuple[str, bytes]]:
+    def read_loose(self, oid: str, max_bytes: int) -> Optional[Tuple[str, bytes]]:
         """(type, content) of a loose object, or ``None`` when it is packed, absent, or only git
-        may read it (the plumbing path)."""
+        may read it (the plumbing path). :class:`TooLarge` when its header declares more than
+        ``max_bytes``: the header is read first, the content only when it is within the bound."""
         if not self.fast:
             return None
         try:
-            data = zlib.decompress((self.objects_dir / oid[:2] / oid[2:]).read_bytes())
+            with open(self.objects_dir / oid[:2] / oid[2:], "rb") as handle:
+                inflate = zlib.decompressobj()
+                start = inflate.decompress(handle.read(_LOOSE_CHUNK), _HEADER_MAX)
+                nul = start.find(b"\0")
+                kind, _, size = start[:nul].partition(b" ")
+                if nul < 0 or not size.isdigit():
+                    return None
+                if int(size) > max_bytes:
+                    raise TooLarge(oid, kind.decode("ascii", "replace"), int(size), max_bytes)
+                body = start[nul + 1:] + inflate.decompress(inflate.unconsumed_tail + handle.read())
         except (OSError, zlib.error):
             return None
-        nul = data.find(b"\0")
-        kind, _, size = data[:nul].partition(b" ")
-        body = data[nul + 1:]
-        if nul < 0 or not size.isdigit() or int(size) != len(body):
+        if int(size) != len(body) or not inflate.eof:
             return None
         return kind.decode("ascii", "replace"), body
 
-    def walk_loose(self, commit: str, path: str) -> Optional[List[ReadResult]]:
+    def walk_loose(self, commit: str, path: str, max_bytes: int) -> Optional[List[ReadResult]]:
         """The trees along ``path`` and its blob, as ``cat-file --batch`` gives them, read from
         loose objects alone; ``None`` as soon as one is packed (then git reads them).
+        :class:`TooLarge` for an object over ``max_bytes``.
 
         The objects at the tip are loose after our own writes and after a small fetch, so a
         send usually needs no process to read the mailbox."""
-        found = self.read_loose(commit)
+        found = self.read_loose(commit, max_bytes)
         if found is None or found[0] != "commit" or not found[1].startswith(b"tree "):
             return None
         oid = found[1][5:5 + self.hexlen].decode("ascii")
         out: List[ReadResult] = []
         parts = path.split("/")
         for depth, name in enumerate(parts):
-            tree = self.read_loose(oid)
+            tree = self.read_loose(oid, max_bytes)
             if tree is None or tree[0] != "tree":
                 return None
             out.append((oid, "tree", tree[1]))
@@ -262,7 +283,7 @@ class ObjectStore:
                 out.extend([None] * (len(parts) - depth))
                 return out
             oid = entry[2]
-        blob = self.read_loose(oid)
+        blob = self.read_loose(oid, max_bytes)
         if blob is None:
             return None
         out.append((oid, blob[0], blob[1]))

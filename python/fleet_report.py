@@ -25,12 +25,13 @@ from fleet_common import (
     one_line,
     parse_timestamp,
 )
-from fleet_git import LOCAL_LOCK_RETRIES, MAILBOX_PATH, Clone, RemoteUnavailable, _local_lock_busy
+from fleet_git import LOCAL_LOCK_RETRIES, MAILBOX_PATH, Clone, ObjectTooLarge, RemoteUnavailable, _local_lock_busy
 from fleet_mailbox import (
     MailboxCorrupt,
     is_addressed_to,
     message_time,
     parse_document,
+    read_mailbox,
     recipients,
     split_entries,
     strip_reply_prefixes,
@@ -38,14 +39,15 @@ from fleet_mailbox import (
 from fleet_roster import (  # the roster's format lives there; these names stay importable from here
     MAX_DESCRIPTION_CHARS,
     MAX_ROSTER_SERVERS,
-    ROSTER_PATH,
     Roster,
-    parse_roster,
 )
+from fleet_roster import ROSTER_PATH as ROSTER_PATH
+from fleet_roster import parse_roster as parse_roster
 from fleet_roster import read_roster as read_roster
 from fleet_roster import roster_warning as roster_warning
 from fleet_state import (
     MAX_ID_CHARS,
+    MAX_STATE_BYTES,
     STATE_FILE,
     ServerState,
     StateStore,
@@ -234,12 +236,14 @@ def parse_mailbox(raw: Optional[bytes]) -> Dict[str, Any]:
 
 
 def take_snapshot(clone: Clone) -> Snapshot:
-    """Poll, fetch what moved, and read everything in one ``cat-file``.
+    """Poll, fetch what moved, and read the mailbox, the roster and every state file.
 
-    The state files are read here in one batch rather than by :meth:`StateStore.read` one server
-    at a time: after a fetch of many refs their objects are packed, and a ``cat-file`` process per
-    server would cost more than the rest of the look. The merge of a server's two ref names and
-    the handling of a state that breaks a bound are the same as there.
+    The mailbox and the roster are read as every reader reads them (:func:`read_mailbox`): a
+    missing object is an error, never an empty mailbox. The state files are read in one batch
+    rather than by :meth:`StateStore.read` one server at a time: after a fetch of many refs their
+    objects are packed, and a ``cat-file`` process per server would cost more than the rest of the
+    look. The merge of a server's two ref names and the handling of a state that breaks a bound
+    are the same as there.
     """
     store = StateStore(clone)
     view = store.poll()
@@ -250,29 +254,23 @@ def take_snapshot(clone: Clone) -> Snapshot:
     else:
         snap.tip = store.local_tip(clone.remote_ref)
     snap.state_servers = view.servers()
-    specs: List[str] = []
     if snap.tip:
-        specs += [f"{snap.tip}:{MAILBOX_PATH}", f"{snap.tip}:{ROSTER_PATH}"]
+        try:
+            snap.mailbox = parse_mailbox(read_mailbox(clone, snap.tip)[1])
+        except BadInput as exc:
+            snap.problems.append((CRITICAL, f"{exc} (sends queue until message_monitor.py --repair)"))
+        snap.roster = read_roster(clone, snap.tip)
+        if snap.roster.problem:
+            snap.problems.append((WARNING, snap.roster.problem))
     # The state refs the poll listed, by their local mirrors' names: cat-file resolves them itself
     # (a server id has no character that could end or split a spec).
-    owners: List[str] = []
+    wanted: Dict[str, str] = {}
     for ref in sorted(view.state_tips):
         parsed = parse_state_ref(ref)
         if parsed is not None:
-            specs.append(f"{parsed[1]}:{STATE_FILE}")
-            owners.append(parsed[0])
-    found = clone.read_objects(specs)
-    if snap.tip:
-        mailbox, roster = found[0], found[1]
-        found = found[2:]
-        try:
-            snap.mailbox = parse_mailbox(mailbox[2] if mailbox is not None and mailbox[1] == "blob" else None)
-        except BadInput as exc:
-            snap.problems.append((CRITICAL, f"{exc} (sends queue until message_monitor.py --repair)"))
-        snap.roster = parse_roster(roster[2] if roster is not None and roster[1] == "blob" else None)
-        if snap.roster.problem:
-            snap.problems.append((WARNING, snap.roster.problem))
-    for server, item in zip(owners, found):
+            wanted[f"{parsed[1]}:{STATE_FILE}"] = parsed[0]
+    for spec, item in _read_states(clone, wanted, snap).items():
+        server = wanted[spec]
         state = snap.states.setdefault(server, ServerState(server))
         if item is None or item[1] != "blob":
             continue
@@ -281,6 +279,22 @@ def take_snapshot(clone: Clone) -> Snapshot:
         except BadInput as exc:
             snap.problems.append((WARNING, f"state ref of {server} ignored: {exc}"))
     return snap
+
+
+def _read_states(clone: Clone, wanted: Mapping[str, str], snap: Snapshot) -> Dict[str, Any]:
+    """What ``cat-file`` gives for each state file spec; one over the bound is left out, with a
+    warning (the batch is read again without it: one server's state cannot stop the look)."""
+    specs = list(wanted)
+    while True:
+        try:
+            return dict(zip(specs, clone.read_objects(specs, MAX_STATE_BYTES)))
+        except ObjectTooLarge as exc:
+            spec = exc.argv[-1]
+            if spec not in specs:
+                raise
+            specs.remove(spec)
+            snap.states.setdefault(wanted[spec], ServerState(wanted[spec]))
+            snap.problems.append((WARNING, f"state ref of {wanted[spec]} ignored: {exc.reason}"))
 
 
 # --------------------------------------------------------------------------- the report

@@ -387,7 +387,7 @@ class StateStore:
         return state
 
     def _read_commit(self, commit: str, server: str) -> ServerState:
-        blob, raw = self.clone.read_file(commit, STATE_FILE)
+        blob, raw = self.clone.read_file(commit, STATE_FILE, MAX_STATE_BYTES)
         if raw is None:
             return ServerState(server)
         return ServerState.from_bytes(raw, server)

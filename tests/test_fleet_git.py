@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import git
 
-from fleet_git import Clone, run_git
+from fleet_git import MAX_OBJECT_BYTES, Clone, ObjectTooLarge, run_git
 
 
 def test_trees_written_by_the_transaction_pass_fsck(fleet):
@@ -67,11 +67,11 @@ def test_mailbox_reads_from_loose_objects_match_git(fleet):
     clone = Clone(c2)
     tip = clone.tip()
     specs = [f"{tip}^{{tree}}", f"{tip}:coordination", f"{tip}:coordination/messages.json"]
-    assert clone.objects.walk_loose(tip, "coordination/messages.json") == clone.read_objects(specs)
-    assert clone.objects.walk_loose(tip, "coordination/missing.json")[-1] is None
-    assert clone.objects.walk_loose(tip, "nowhere/x.json")[1:] == [None, None]
+    assert clone.objects.walk_loose(tip, "coordination/messages.json", MAX_OBJECT_BYTES) == clone.read_objects(specs)
+    assert clone.objects.walk_loose(tip, "coordination/missing.json", MAX_OBJECT_BYTES)[-1] is None
+    assert clone.objects.walk_loose(tip, "nowhere/x.json", MAX_OBJECT_BYTES)[1:] == [None, None]
     git(c2, "gc", "-q", "--prune=now")  # everything packed: git reads it
-    assert clone.objects.walk_loose(tip, "coordination/messages.json") is None
+    assert clone.objects.walk_loose(tip, "coordination/messages.json", MAX_OBJECT_BYTES) is None
     assert Clone(c2).read_file(tip, "coordination/messages.json")[1] == \
         git(c2, "show", f"{tip}:coordination/messages.json").encode() + b"\n"
 
@@ -118,7 +118,7 @@ def test_the_fast_path_and_git_plumbing_write_the_same_objects(tmp_path, monkeyp
         ids.append((blob, exe, sub, root, first, second, store.write("tree", b"")))
     assert ids[0] == ids[1]
     assert len(ids[0][0]) == (64 if object_format == "sha256" else 40)
-    root_tree = fast.read_loose(ids[0][3])
+    root_tree = fast.read_loose(ids[0][3], MAX_OBJECT_BYTES)
     assert [e[3] for e in parse_tree(root_tree[1], fast.hexlen)] == ["coordination.txt", "coordination", "run.sh"]
     assert git(repo, "cat-file", "-p", ids[0][5]).endswith("code2: x")
     assert run_git(repo, "fsck", "--strict", "--no-dangling", check=False).returncode == 0
@@ -134,3 +134,25 @@ def test_a_transaction_over_plumbing_alone(fleet, monkeypatch):
     assert tx.changed and git(fleet.origin, "rev-parse", "main") == tx.commit
     assert clone.read_file(tx.commit, "a/b/c.txt") == (git(c2, "rev-parse", f"{tx.commit}:a/b/c.txt"), b"c")
     assert run_git(fleet.origin, "fsck", "--strict", check=False).returncode == 0
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["loose", "packed"])
+def test_an_object_over_the_bound_is_never_read(fleet, packed):
+    """A blob from another machine is bounded before use: its header is read, its content not."""
+    b1 = fleet.clone("build1")
+    big = b"x" * 300_000
+    (b1 / "coordination" / "huge.json").write_bytes(big)
+    git(b1, "add", "-A")
+    git(b1, "commit", "-q", "--no-gpg-sign", "-m", "a large file")
+    if packed:
+        git(b1, "gc", "-q", "--prune=now")
+    clone = Clone(b1)
+    tip = git(b1, "rev-parse", "HEAD").strip()
+    assert clone.read_file(tip, "coordination/huge.json", max_bytes=300_000)[1] == big
+    with pytest.raises(ObjectTooLarge) as caught:
+        Clone(b1).read_file(tip, "coordination/huge.json", max_bytes=299_999)
+    assert "300,000 bytes, more than the 299,999" in str(caught.value)
+    with pytest.raises(ObjectTooLarge):
+        clone.read_objects([f"{tip}:coordination/huge.json"], max_bytes=1000)
+    # The batch is usable again at once, and reads what is within the bound.
+    assert clone.read_objects([f"{tip}:coordination/messages.json"])[0][1] == "blob"

@@ -425,3 +425,32 @@ def test_page_for_an_empty_fleet(tmp_path):
     assert "No mail in the hot mailbox" in text and report["exit_code"] == 0
     assert fleet_status.render_terminal(report).startswith("FLEET OK - 0 servers")
 
+
+
+def test_a_lost_mailbox_object_is_unknown_never_an_empty_mailbox(tmp_path):
+    fleet = _fleet(tmp_path, _msg("m1", "build1", "code2", "waiting for you", 60))
+    viewer = _viewer(fleet)
+    blob = git(viewer, "rev-parse", "origin/main:coordination/messages.json")
+    (viewer / ".git" / "objects" / blob[:2] / blob[2:]).unlink()
+    proc = run_script("fleet_status.py", "--repo", str(viewer), "--json")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout == "" and proc.stderr.startswith("FLEET UNKNOWN - ")
+
+
+def test_a_state_file_over_the_bound_is_left_out_unread(tmp_path, capsys):
+    from fleet_state import MAX_STATE_BYTES, REF_PREFIX
+
+    fleet = _fleet(tmp_path)
+    _publish(fleet, "code2")
+    _publish(fleet, "build1")
+    # build1's state ref now holds a state file one byte over the bound: never read into memory.
+    blob = run_git(fleet.origin, "hash-object", "-w", "--stdin",
+                   input=b" " * (MAX_STATE_BYTES + 1)).stdout.decode().strip()
+    tree = run_git(fleet.origin, "mktree", input=f"100644 blob {blob}\tstate.json\n".encode()).stdout.decode().strip()
+    commit = run_git(fleet.origin, "commit-tree", tree, "-m", "huge").stdout.decode().strip()
+    git(fleet.origin, "update-ref", REF_PREFIX + "build1", commit)
+    code, report = _status(fleet, capsys)
+    assert code == 1 and _row(report, "code2")["state"] == LIVE
+    assert _row(report, "build1")["state"] == NEVER_SEEN
+    assert any("state ref of build1 ignored" in p["text"] and f"more than the {MAX_STATE_BYTES:,}" in p["text"]
+               for p in report["problems"])
