@@ -145,6 +145,21 @@ def cli(fleet: bl.BenchFleet, reps: int, *, uncached: Optional[str] = None) -> D
     return {"floor": floors, "cli": measured}
 
 
+# The standard library every short command needs (argument parsing, JSON, paths, regular
+# expressions, git processes): what the interpreter costs before any code of the suite runs.
+STDLIB_IMPORTS = "import argparse, json, pathlib, re, subprocess, zlib"
+
+
+def stdlib_start(reps: int) -> Dict[str, List[float]]:
+    """``python3 -c pass`` against ``python3 -c '<STDLIB_IMPORTS>'``, interleaved, bytecode cached."""
+    out: Dict[str, List[float]] = {"pass": [], "stdlib": []}
+    for i in range(reps):
+        order = [("pass", "pass"), ("stdlib", STDLIB_IMPORTS)]
+        for key, code in (order if i % 2 == 0 else order[::-1]):
+            out[key].append(bl.timed(lambda code=code: subprocess.run([sys.executable, "-c", code], check=True))[0])
+    return out
+
+
 def _throughput(fleet: bl.BenchFleet, names: Sequence[str], count: int) -> Dict[str, Any]:
     pool = bl.SenderPool(fleet.base)
     try:
@@ -216,6 +231,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         figures.append(bl.Figure("send.cli_nothing_cached", "send_message.py CLI, empty PYTHONPYCACHEPREFIX (median)",
                                  bl.median(n["cli"]), "ms", bl.median(n["floor"]), scale=1000,
                                  note="the standard library compiles too"))
+        bl.progress(f"send: interpreter start with the standard library x{reps}")
+        st = stdlib_start(reps)
+        details["stdlib_start"] = st
+        figures.append(bl.Figure("send.stdlib_start", "python3 -c '" + STDLIB_IMPORTS + "' (median)",
+                                 bl.median(st["stdlib"]), "ms", bl.median(st["pass"]), scale=1000,
+                                 note="floor: python3 -c pass; no code of the suite runs"))
         bl.progress(f"send: 1 and 4 concurrent senders x{per_sender}")
         conc = concurrency(fleet, per_sender)
         details["concurrency"] = conc

@@ -16,7 +16,7 @@ from conftest import ROOT
 
 EXPECTED = {
     "send.in_process", "send.in_process_stale", "send.in_process_p95",
-    "send.cli", "send.cli_uncached", "send.cli_dontwrite_monitor", "send.cli_nothing_cached",
+    "send.cli", "send.cli_uncached", "send.cli_dontwrite_monitor", "send.cli_nothing_cached", "send.stdlib_start",
     "send.single_sender_rate",
     "send.four_senders_rate", "send.four_senders_fraction",
     "idle.cpu", "idle.rss", "idle.network_per_cycle", "idle.git_per_cycle", "idle.cat_file",
