@@ -7,6 +7,7 @@ documentation (usage, exit codes, what is read); this module is what it runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -255,12 +256,17 @@ def deliver_or_queue(clone: Clone, msg: Dict[str, Any], *, queue: bool = True) -
 def _breaker_open(clone: Clone, server: str) -> bool:
     """True while the monitor's persisted circuit breaker says the remote is down.
 
-    Read-only (the monitor owns the file); an unreadable file never blocks a send.
+    Read-only (the monitor owns the file); an unreadable file never blocks a send. Without the
+    file (no monitor has persisted a breaker here) ``circuit_breaker`` is not even imported.
     """
-    from circuit_breaker import breaker_open
     from fleet_common import RuntimePaths
 
-    return breaker_open(RuntimePaths(clone.root, server).breaker)
+    path = RuntimePaths(clone.root, server).breaker
+    if not os.path.lexists(path):
+        return False
+    from circuit_breaker import breaker_open
+
+    return breaker_open(path)
 
 
 def _queue(clone: Clone, msg: Dict[str, Any], reason: str) -> SendResult:

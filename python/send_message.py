@@ -19,7 +19,8 @@ as bad input, naming the kind of secret and never the secret, unless ``--allow-s
 
 Start-up cost: a send is a short process, so it imports only what every send needs (argparse,
 ``fleet_common``, ``fleet_cli``, ``fleet_git``, ``fleet_mailbox``; ``fleet_secrets`` and
-``fleet_roster`` for the checks before sending; ``circuit_breaker`` when queueing is allowed).
+``fleet_roster`` for the checks before sending; ``circuit_breaker`` when a monitor has persisted a
+breaker in this clone).
 ``message_queue`` (a message queued), ``fleet_archive`` (a reply to a message no longer in the hot
 mailbox) and ``fleet_inbox`` (``--wait-reply``) are imported when needed; :mod:`fleet_cli`,
 "Start-up", says what every short command defers and why. ``bench/send.py`` measures the result.
