@@ -347,6 +347,7 @@ class RuntimePaths:
 
 # datetime is imported by the functions that return or take one: a send stamps its message
 # with iso_utc(), which needs only the time module.
+_YEAR_10000: Final = 253402300800  # 10000-01-01T00:00:00Z, past what ISO 8601's four digits hold
 
 
 def utc_now() -> _dt.datetime:
@@ -380,10 +381,13 @@ def iso_from_epoch(epoch: float, *, fraction: bool = False, round_up: bool = Fal
     if not fraction:
         epoch = math.ceil(epoch) if round_up else math.floor(epoch)
     whole = math.floor(epoch)
+    micro = round((epoch - whole) * 1_000_000)  # to the microsecond, as datetime rounds a Unix time
+    if micro >= 1_000_000:
+        whole, micro = whole + 1, micro - 1_000_000
+    if not 0 <= whole < _YEAR_10000:
+        raise ValueError(f"{epoch!r} is not a time between 1970 and 9999")
     text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    if fraction:
-        return f"{text}.{min(999, int((epoch - whole) * 1000)):03d}Z"
-    return text + "Z"
+    return f"{text}.{micro // 1000:03d}Z" if fraction else text + "Z"
 
 
 def format_duration(seconds: Optional[float]) -> str:

@@ -42,6 +42,7 @@ log = get_logger(__name__)
 
 LOCAL_TIMEOUT: Final = 30.0  # local plumbing
 # No object larger than this is read into memory: the largest file the suite reads, the mailbox.
+# Readers of smaller files pass their own bound (the rules, the roster, a state file).
 MAX_OBJECT_BYTES: Final = MAX_MAILBOX_BYTES
 NETWORK_TIMEOUT: Final = 60.0  # fetch, push, ls-remote
 STANDALONE_FRESHNESS: Final = 10.0  # seconds a standalone send trusts the last fetch
@@ -664,7 +665,7 @@ class Clone:
 
     # ----------------------------------------------------------------- objects
 
-    def read_objects(self, specs: Sequence[str], max_bytes: int = MAX_OBJECT_BYTES
+    def read_objects(self, specs: Sequence[str], max_bytes: Optional[int] = None
                      ) -> List[Optional[Tuple[str, str, bytes]]]:
         """``cat-file --batch`` for several specs at once: (oid, type, content) or ``None``.
 
@@ -676,6 +677,7 @@ class Clone:
         """
         if not specs:
             return []
+        limit = MAX_OBJECT_BYTES if max_bytes is None else max_bytes
         argv = ["git", "cat-file", "--batch"]
         try:
             proc = subprocess.Popen(argv, cwd=str(self.root), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -695,8 +697,11 @@ class Clone:
         timer = threading.Timer(LOCAL_TIMEOUT, expire)
         for thread in (*helpers, timer):
             thread.start()
+        done = False
         try:
-            return [self._read_one(proc, spec, max_bytes) for spec in specs]
+            results = [self._read_one(proc, spec, limit) for spec in specs]
+            done = True
+            return results
         except ObjectMissing as exc:
             proc.kill()
             for thread in helpers:
@@ -709,6 +714,8 @@ class Clone:
             raise
         finally:
             timer.cancel()
+            if not done:
+                proc.kill()  # whatever stopped the read (Ctrl+C included), the child stops too
             proc.stdout.close()
             proc.wait()
             for thread in helpers:
@@ -767,7 +774,7 @@ class Clone:
                                     f"{spec} is not a readable tree") from None
         return trees
 
-    def read_file(self, commit: Optional[str], path: str, max_bytes: int = MAX_OBJECT_BYTES
+    def read_file(self, commit: Optional[str], path: str, max_bytes: Optional[int] = None
                   ) -> Tuple[Optional[str], Optional[bytes]]:
         """(blob id, content) of ``path`` at ``commit``; ``(None, None)`` when absent; a blob (or
         tree along the path) over ``max_bytes`` is :class:`ObjectTooLarge`, never read.
@@ -788,6 +795,7 @@ class Clone:
         # The trees along the path come in the same call: they tell "absent" from "missing", and
         # a transaction that then writes this file needs them, and asks no second time.
         folders = _folders_of([path])
+        max_bytes = MAX_OBJECT_BYTES if max_bytes is None else max_bytes
         try:
             loose = self.objects.walk_loose(commit, path, max_bytes) if cacheable else None
         except TooLarge as exc:

@@ -32,7 +32,7 @@ from fleet_common import (
     utc_now,
     write_line,
 )
-from fleet_git import MAILBOX_PATH, Clone, RemoteUnavailable
+from fleet_git import MAILBOX_PATH, Clone, NotAFile, RemoteUnavailable
 from fleet_mailbox import (
     PRIORITIES,
     Mailbox,
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
     Msg = Dict[str, Any]
 
-log = get_logger(__name__)
+log = get_logger("inbox")  # the command's name, in logs as before
 
 EXIT_UNREAD: Final = 3  # list --count: mail is waiting (hooks and prompts test for it)
 EXIT_TIMEOUT: Final = 124  # wait: nothing arrived in time (timeout(1)'s convention)
@@ -362,7 +362,12 @@ class Inbox:
 
     def _archive_file(self, path: str, base: int) -> List[Found]:
         """One archive file's valid messages; a file that does not parse is skipped with a warning."""
-        blob, raw = self.clone.read_file(self.clone.tip(), path)
+        try:
+            blob, raw = self.clone.read_file(self.clone.tip(), path)
+        except NotAFile as exc:  # a folder there, or more than the suite reads
+            log.warning("archive file %s cannot be read (%s); its messages are skipped", path, exc.reason,
+                        extra={"metadata": {"path": path, "blob": exc.oid}})
+            return []
         if raw is None:
             return []
         try:

@@ -56,6 +56,11 @@ class MailboxCorrupt(SuiteError):
         super().__init__(f"{path} on the remote does not parse ({reason}); {hint}")
 
 
+class MailboxTooLarge(MailboxCorrupt):
+    """The mailbox is larger than this program reads (:data:`MAX_MAILBOX_BYTES`): it was not read,
+    and ``--repair``, which could salvage only part of it, refuses."""
+
+
 def new_message_id(now: Optional[float] = None) -> str:
     """``msg_<unix seconds>_<12 hex from os.urandom>``: unique even for senders in the same second."""
     return f"msg_{int(now if now is not None else time.time())}_{os.urandom(6).hex()}"
@@ -124,10 +129,12 @@ def read_mailbox(clone: Any, tip: Optional[str], path: str = MAILBOX_PATH) -> Tu
     A folder or submodule at the path is a corrupt mailbox (:class:`MailboxCorrupt`, which
     ``--repair`` rebuilds), never an absent one; a missing object raises ``ObjectMissing``.
     """
-    from fleet_git import NotAFile
+    from fleet_git import NotAFile, ObjectTooLarge
 
     try:
         return clone.read_file(tip, path)
+    except ObjectTooLarge as exc:
+        raise MailboxTooLarge(exc.oid, exc.reason, path=path) from None
     except NotAFile as exc:
         raise MailboxCorrupt(exc.oid, exc.reason, path=path) from None
 
@@ -733,6 +740,8 @@ class Mailbox:
                 blob, raw = self.read_raw(tip)
                 parse_document(raw, blob)
                 return None  # parses (already fine, or repaired meanwhile by someone else)
+            except MailboxTooLarge as exc:  # never read: rebuilding would drop all of it
+                raise MailboxCorrupt(exc.blob, f"{exc.reason}; --repair would lose messages, so it refuses") from None
             except MailboxCorrupt:
                 pass
             if raw is not None and len(raw) > MAX_MAILBOX_BYTES:

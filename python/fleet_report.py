@@ -257,6 +257,8 @@ def take_snapshot(clone: Clone) -> Snapshot:
     if snap.tip:
         try:
             snap.mailbox = parse_mailbox(read_mailbox(clone, snap.tip)[1])
+        except MailboxCorrupt as exc:  # a folder there, or more than the suite reads
+            snap.problems.append((CRITICAL, f"{exc} (sends queue until message_monitor.py --repair)"))
         except BadInput as exc:
             snap.problems.append((CRITICAL, f"{exc} (sends queue until message_monitor.py --repair)"))
         snap.roster = read_roster(clone, snap.tip)

@@ -92,7 +92,7 @@ def read_roster(clone: Clone, tip: Optional[str]) -> Roster:
     if tip is None:
         return Roster()
     try:
-        _blob, raw = clone.read_file(tip, ROSTER_PATH)
+        _blob, raw = clone.read_file(tip, ROSTER_PATH, MAX_ROSTER_BYTES)
     except GitError as exc:
         return Roster(True, problem=f"{ROSTER_PATH} could not be read: {exc}")
     return parse_roster(raw)

@@ -50,7 +50,7 @@ TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     from typing import Any, Dict, Final, List, Optional, Sequence, Tuple, Union
 
-log = get_logger(__name__)
+log = get_logger("send_message")  # the command's name, in logs as before
 
 PROG: Final = "send_message"
 QUICK_RETRY_WINDOW = 2.0  # a failure faster than this gets one quick retry before queueing

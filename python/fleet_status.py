@@ -7,10 +7,11 @@ Usage::
 
 Computed when someone looks and never committed (PROTOCOL.md, "Per-server state refs"): one
 ``ls-remote`` (:meth:`StateStore.poll`) lists the shared branch and every state ref, one ``git
-fetch`` brings what moved since the last look (nothing, when nothing moved), and one ``cat-file``
-reads the hot mailbox ``coordination/messages.json``, the roster and every server's
-``state.json``. The archive is never read, so the cost does not grow with it; the 14-day chart
-therefore counts the mail still in the hot mailbox.
+fetch`` brings what moved since the last look (nothing, when nothing moved), the hot mailbox
+``coordination/messages.json`` and the roster are read as every reader reads them (from loose
+objects, else one ``cat-file``), and one ``cat-file`` reads every server's ``state.json``. The
+archive is never read, so the cost does not grow with it; the 14-day chart therefore counts the
+mail still in the hot mailbox.
 
 Servers: every server with a state ref, every server id in ``from``/``to`` of the hot mailbox, and
 the optional roster ``coordination/servers.json`` (``{"version": 1, "servers": [{"id": "build1",

@@ -174,7 +174,7 @@ def fleet_status_dict(repo: str, branch: Optional[str]) -> Dict[str, Any]:
     try:
         from fleet_report import fleet_status
     except ImportError as exc:
-        if exc.name != "fleet_status":
+        if exc.name != "fleet_report":
             raise
         raise SuiteError("fleet status is not part of this installation (python/fleet_status.py)") from None
     return fleet_status(Clone(repo, branch))

@@ -586,8 +586,9 @@ class Monitor(PeriodicDuties):
         source = getattr(self, "rule_source", None)
         if source is None:
             return
+        from auto_reply import MAX_RULES_BYTES  # imported with the rule source already
         try:
-            blob, raw = self.clone.read_file(tip, RULES_PATH)
+            blob, raw = self.clone.read_file(tip, RULES_PATH, MAX_RULES_BYTES)
         except NotAFile as exc:  # bad input: the rules in force stay, mail keeps flowing
             if exc.oid not in self.corrupt_blobs_logged:
                 self.corrupt_blobs_logged.add(exc.oid)

@@ -454,3 +454,15 @@ def test_a_state_file_over_the_bound_is_left_out_unread(tmp_path, capsys):
     assert _row(report, "build1")["state"] == NEVER_SEEN
     assert any("state ref of build1 ignored" in p["text"] and f"more than the {MAX_STATE_BYTES:,}" in p["text"]
                for p in report["problems"])
+
+
+def test_a_mailbox_over_the_bound_is_critical(tmp_path, capsys, monkeypatch):
+    import fleet_git
+
+    fleet = _fleet(tmp_path, _msg("m1", "build1", "code2", "waiting for you", 60))
+    _publish(fleet, "code2")
+    monkeypatch.setattr(fleet_git, "MAX_OBJECT_BYTES", 100)
+    code, report = _status(fleet, capsys)
+    assert code == 2 and _row(report, "code2")["state"] == LIVE
+    assert any("--repair" in p["text"] and "more than the 100" in p["text"] and p["level"] == CRITICAL
+               for p in report["problems"])

@@ -75,6 +75,10 @@ def test_a_short_command_imports_nothing_it_defers(busy_fleet: Fleet, command: L
     assert not imported & DEFERRED, sorted(imported & DEFERRED)
     if command[0] == "send_message.py":
         assert "datetime" not in imported  # a send stamps its message with the time module alone
+        # Nor the reading side, the queue (nothing was queued) or the breaker (no monitor persisted one);
+        # the checks before sending do run.
+        assert not imported & {"fleet_inbox", "fleet_report", "message_queue", "circuit_breaker"}
+        assert {"fleet_secrets", "fleet_roster"} <= imported
         assert json.loads(json.dumps(fleet.remote_messages()[-1]))["subject"] == "Subject"
 
 

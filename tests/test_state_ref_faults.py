@@ -123,6 +123,22 @@ def test_two_entries_with_one_id_and_sender_are_both_kept(tmp_path, same):
         assert [m["body"] for m in left] == [second["body"]]  # never lost: it stays hot
 
 
+def test_repair_refuses_a_mailbox_too_big_to_read_at_all(fleet, monkeypatch):
+    """Over the objects' bound the mailbox is never read (its header says its size): --repair,
+    which could rebuild it only from an older version, refuses rather than drop what is new."""
+    import fleet_git
+    from fleet_mailbox import Mailbox, MailboxCorrupt
+
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    for n in range(3):
+        send_message(f"m{n}", to="code2", from_sender="build1", build_repo_path=str(b1))
+    monkeypatch.setattr(fleet_git, "MAX_OBJECT_BYTES", 200)  # the mailbox is now over the bound
+    before = fleet.remote_commits()
+    with pytest.raises(MailboxCorrupt, match="would lose messages"):
+        Mailbox(Clone(c2)).repair("code2")
+    assert fleet.remote_commits() == before and len(fleet.remote_messages()) == 3
+
+
 def test_repair_refuses_a_mailbox_too_big_to_salvage_whole(fleet, monkeypatch):
     import fleet_mailbox
     from fleet_mailbox import Mailbox, MailboxCorrupt
