@@ -15,6 +15,7 @@ import re
 import sys
 import time
 
+from fleet_cli import sanitize
 from fleet_common import (
     BadInput,
     UsageError,
@@ -141,24 +142,13 @@ def short_age(seconds: Optional[float]) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-# What structured_log.sanitize escapes (C0/C1 controls, DEL, bidi and line-separator characters,
-# lone surrogates), without importing logging for it: a look should cost about one fetch.
-_UNSAFE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
-                            "\u2066-\u2069\ud800-\udfff]")
-
-
-def _escape(match: "re.Match[str]") -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
 def _text(value: Any, limit: int) -> Optional[str]:
     """A string from another machine, cut to ``limit`` characters (``…`` when cut), every control
-    character shown as an inert escape (an ESC from mail can never drive a terminal)."""
+    character shown as an inert escape (:func:`fleet_cli.sanitize`: an ESC from mail can never
+    drive a terminal)."""
     if not isinstance(value, str):
         return None
-    text = _UNSAFE.sub(_escape, value[:limit + 1])
-    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+    return sanitize(value[:limit + 1], max_len=limit)
 
 
 def _count(value: Any) -> Optional[int]:
