@@ -291,6 +291,20 @@ def test_listing_does_not_read_the_archive(tmp_path, monkeypatch):
     assert len(read) == 1
 
 
+def test_an_archive_file_too_large_to_read_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
+    import fleet_git
+
+    archived = [_old(i, 40, read=True, body="archived body " + "x" * 400) for i in range(1, 6)]
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": archived + [_old(9, 1)]}).encode())
+    c2 = fleet.clone("code2")
+    archive_mailbox(Clone(c2), "code2", 30)
+    monkeypatch.setattr(fleet_git, "MAX_OBJECT_BYTES", 1500)  # the hot mailbox fits, the archive not
+    found = Inbox(str(c2), "code2").search(["body"], include_archive=True)
+    assert [m["archived"] for m in found["messages"]] == [False]
+    assert any("cannot be read" in r.getMessage() and "its messages are skipped" in r.getMessage()
+               for r in caplog.records)
+
+
 # --------------------------------------------------------------------------- threads
 
 
