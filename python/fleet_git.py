@@ -795,17 +795,8 @@ class Clone:
         # The trees along the path come in the same call: they tell "absent" from "missing", and
         # a transaction that then writes this file needs them, and asks no second time.
         folders = _folders_of([path])
-        max_bytes = MAX_OBJECT_BYTES if max_bytes is None else max_bytes
-        try:
-            loose = self.objects.walk_loose(commit, path, max_bytes) if cacheable else None
-        except TooLarge as exc:
-            raise ObjectTooLarge(["git", "cat-file", f"{commit}:{path}"], f"{path} at {commit[:12]}: {exc}",
-                                 exc.oid) from None
-        if loose is not None:
-            *found_trees, found = loose
-        else:
-            specs = [_tree_spec(commit, folder) for folder in folders] + [f"{commit}:{path}"]
-            *found_trees, found = self.read_objects(specs, max_bytes)
+        *found_trees, found = self._path_objects(commit, path, folders, cacheable,
+                                                 MAX_OBJECT_BYTES if max_bytes is None else max_bytes)
         trees = self._checked_trees(commit, dict(zip(folders, found_trees)))
         parent, _, name = path.rpartition("/")
         entries = trees.get(parent)
@@ -829,6 +820,21 @@ class Clone:
             for folder, tree in trees.items():
                 self._trees[(commit, folder)] = tree
         return result
+
+    def _path_objects(self, commit: str, path: str, folders: Sequence[str], cacheable: bool,
+                      max_bytes: int) -> List[Optional[Tuple[str, str, bytes]]]:
+        """The trees of ``folders`` and the blob at ``path``, as ``cat-file --batch`` gives them:
+        from loose objects when they all are, else from git; over ``max_bytes`` is
+        :class:`ObjectTooLarge`."""
+        try:
+            loose = self.objects.walk_loose(commit, path, max_bytes) if cacheable else None
+        except TooLarge as exc:
+            raise ObjectTooLarge(["git", "cat-file", f"{commit}:{path}"], f"{path} at {commit[:12]}: {exc}",
+                                 exc.oid) from None
+        if loose is not None:
+            return loose
+        specs = [_tree_spec(commit, folder) for folder in folders] + [f"{commit}:{path}"]
+        return self.read_objects(specs, max_bytes)
 
     def read_tree(self, commit: Optional[str], folder: str) -> Optional[List[TreeEntry]]:
         """The entries of ``folder`` at ``commit``; ``None`` when absent (as :meth:`read_file`
