@@ -7,7 +7,9 @@ whose tree holds ``state.json``. Every update is a new root commit pushed with
 processes of S ever race for it; a lost lease is re-read, merged (set union) and pushed again.
 
 Everyone reads every state ref. One ``ls-remote`` lists the shared branch and all state refs
-(:meth:`StateStore.poll`), and a state ref is fetched only when its tip moved. Fetched state refs
+(:meth:`StateStore.poll`), and a state ref is fetched only when its tip moved. What needs only the
+branch and this server's own ref (the monitor's cycle, the inbox) fetches both by exact name in one
+call instead (:class:`monitor_remote.RemotePoller`). Fetched state refs
 are mirrored locally under the same names (``refs/fleet/S``; the fallback branch under
 ``refs/fleet-state/S``), which is also what an operator gets from
 ``git fetch origin 'refs/fleet/*:refs/fleet/*'``.

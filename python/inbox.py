@@ -27,7 +27,7 @@ shell over it. Bad input raises :class:`fleet_common.UsageError` (an id shared b
 :class:`AmbiguousId`); an unreachable remote raises :class:`fleet_git.RemoteUnavailable`.
 
 Everything read here comes from another machine: text is bounded before it is returned, terminal
-output goes through :func:`structured_log.sanitize` / :func:`structured_log.preview`, and JSON
+output goes through :func:`fleet_cli.sanitize` / :func:`fleet_cli.preview`, and JSON
 output is ASCII-escaped.
 
 Exit codes: 0 done; 3 (:data:`EXIT_UNREAD`) ``list --count`` found mail (0 when none); 124
