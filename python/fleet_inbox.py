@@ -313,7 +313,7 @@ class Inbox:
         self.clone = clone if clone is not None else Clone(repo or default_repo_path(), branch)
         self.store = StateStore(self.clone)
         self.mailbox = Mailbox(self.clone)
-        self.poller = RemotePoller(self.clone, self.server, self.store, one_shot=True)
+        self.poller = RemotePoller(self.clone, self.server, self.store, one_shot=True, discover_own_state=True)
         self.view: Optional[RemoteView] = None
 
     # ----------------------------------------------------------------- fetching and reading
@@ -328,18 +328,11 @@ class Inbox:
         return view
 
     def _refresh(self) -> None:
-        """The shared branch and this server's own state ref, brought up to date.
-
-        Once this clone mirrors its own state ref, one ``git fetch`` asks for both by their exact
-        names (:meth:`RemotePoller.poll`, the monitor's poll: one network call, busy or idle).
-        Before that, the remote is listed first (:meth:`RemotePoller.poll_by_listing`): another
-        clone of this server (its monitor's, say) may have written the ref, and its read marks
-        count here too.
-        """
-        if len(self.poller.refspecs()) > 1:
-            self.poller.poll()
-        else:
-            self.poller.poll_by_listing()
+        """The shared branch and this server's own state ref, brought up to date: one ``git
+        fetch`` of both by their exact names (:meth:`RemotePoller.poll`, the monitor's poll), or,
+        while this clone mirrors no state ref of its own, a listing of the remote first (another
+        clone of this server, its monitor's say, may have written one)."""
+        self.poller.poll()
 
     def _states(self, servers: Optional[Iterable[str]] = None) -> Dict[str, ServerState]:
         names = {self.server} | set(servers or ())

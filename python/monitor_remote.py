@@ -69,7 +69,7 @@ class RemotePoller:
 
     def __init__(self, clone: Clone, server: str, states: StateStore, *,
                  backoff: Sequence[float] = BACKOFF_DELAYS, one_shot: bool = False,
-                 preflight_timeout: float = 5.0,
+                 discover_own_state: bool = False, preflight_timeout: float = 5.0,
                  timed: Callable[[str, Callable[[], Any]], Any] = lambda op, fn: fn(),
                  sleep: Callable[[float], bool] = lambda seconds: False) -> None:
         self.clone = clone
@@ -77,6 +77,9 @@ class RemotePoller:
         self.states = states
         self.backoff = tuple(backoff)
         self.one_shot = one_shot
+        # A reader (the inbox) lists the remote while this clone mirrors no state ref of its own:
+        # another clone of the same server may have written one, and its read marks count.
+        self.discover_own_state = discover_own_state
         self.preflight_timeout = preflight_timeout
         self.timed = timed
         self.sleep = sleep
@@ -90,18 +93,23 @@ class RemotePoller:
         moved and fetching it are one round trip, not two).
 
         The shared branch is a plain refspec, so a branch the remote lacks is
-        ``BranchMissing`` (PROTOCOL.md), never a root commit; the state refs are patterns, so a
-        server without one yet is no error. ``--no-write-fetch-head`` keeps an idle cycle from
+        ``BranchMissing`` (PROTOCOL.md), never a root commit; the own state ref is asked for only
+        once this clone mirrors it (:meth:`refspecs`), so a server without one yet is no error.
+        With ``discover_own_state`` and no such mirror, the remote is listed instead
+        (:meth:`poll_by_listing`). ``--no-write-fetch-head`` keeps an idle cycle from
         rewriting files; ``FETCH_HEAD``'s time is touched instead, so a standalone send in this
         clone still sees a fresh fetch. A failure that is not plainly the remote's (a ref lock of
         this clone, a damaged object) takes the listed path, which tells them apart.
         """
+        specs = self.refspecs()
+        if self.discover_own_state and len(specs) == 1:
+            return self.poll_by_listing()
         before = self.clone.tip()
         # maintenance.auto=false: an idle cycle runs no local process besides the fetch's own;
         # when something came, the cycle asks for it (as the fetch would have).
         proc = self.timed("git_fetch", lambda: self.clone.network_git(
             "-c", "maintenance.auto=false", "fetch", "--quiet", "--no-tags", "--no-recurse-submodules",
-            "--no-write-fetch-head", "origin", *self.refspecs(), check=False))
+            "--no-write-fetch-head", "origin", *specs, check=False))
         if proc.returncode != 0:
             text = proc.stderr.decode("utf-8", "replace")
             lowered = text.lower()
