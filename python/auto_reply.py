@@ -1149,10 +1149,10 @@ class AutoResponder:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from fleet_cli import HelpFormatter
+    from fleet_cli import ArgumentParser
 
-    parser = argparse.ArgumentParser(
-        formatter_class=HelpFormatter, prog="auto_reply.py",
+    parser = ArgumentParser(
+        prog="auto_reply.py",
         description="Check an automatic-reply rules file before committing it as "
                     f"{SHARED_RULES_PATH} (exit 0 valid, 2 invalid).")
     group = parser.add_mutually_exclusive_group(required=True)

@@ -35,7 +35,8 @@ The rules, and where each is kept:
   (``fleet_common.get_logger`` resolves on the first record), :mod:`random`
   (``fleet_common.sleep_jittered``, on a retry), :mod:`datetime` (``fleet_common``'s time
   functions; a send stamps its message with :mod:`time` alone), :mod:`shutil` (argparse's own
-  formatter imports it for the terminal's width; :class:`HelpFormatter` gives the width itself).
+  formatter imports it for the terminal's width; :class:`HelpFormatter` gives the width itself,
+  and every command builds its parser as :class:`ArgumentParser`, which uses it).
 * The secret check compiles a pattern only for text that holds one of its words
   (``fleet_secrets.LazyPattern``); ``inbox.py`` builds only the named command's arguments.
 
@@ -64,7 +65,7 @@ from fleet_secrets import LazyPattern, redact
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     import re
-    from typing import Callable, Dict, Final, List, Optional, Tuple
+    from typing import Any, Callable, Dict, Final, List, Optional, Tuple
 
     # Words and numbers a failure that is not bad usage: returns (exit code, the whole stderr line).
     FailureRenderer = Callable[[BaseException], Tuple[int, str]]
@@ -87,6 +88,15 @@ class HelpFormatter(argparse.HelpFormatter):
                  width: Optional[int] = None) -> None:
         super().__init__(prog, indent_increment, max_help_position,
                          width if width is not None else terminal_columns() - 2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with :class:`HelpFormatter` as its formatter, for every command of the
+    suite; its subcommands' parsers (``add_subparsers``) are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def terminal_columns(fallback: int = DEFAULT_COLUMNS) -> int:

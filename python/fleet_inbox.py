@@ -13,7 +13,7 @@ import re
 import sys
 import time
 
-from fleet_cli import HelpFormatter, preview, run_cli, sanitize
+from fleet_cli import ArgumentParser, preview, run_cli, sanitize
 from fleet_common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -950,24 +950,23 @@ COMMANDS: Final = tuple(name for name, _help, _add in _COMMAND_ARGS)
 def _parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     """The command line; with ``only``, just that command gets its arguments (the others keep
     their help line): building all eight costs more than a listing's own work."""
-    common = argparse.ArgumentParser(add_help=False, formatter_class=HelpFormatter)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--repo", default=None, help="fleet clone (default: $BUILD_REPO_PATH or K:/Projects/Build)")
     common.add_argument("--server", default=None, help="this server's id (default: $SERVER_ID or code2)")
     common.add_argument("--branch", default=None, help="shared branch (default: the remote's default)")
-    as_json = argparse.ArgumentParser(add_help=False, formatter_class=HelpFormatter)
+    as_json = ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print one JSON object")
 
-    parser = argparse.ArgumentParser(
-        formatter_class=HelpFormatter, prog="inbox.py", description="Read this server's mail in the fleet mailbox.",
+    parser = ArgumentParser(
+        prog="inbox.py", description="Read this server's mail in the fleet mailbox.",
         epilog="Exit codes: 0 done, 1 failure, 2 bad usage or input, 3 list --count: mail waiting, "
                "75 ack recorded but its answer queued, 124 wait: nothing arrived, 130 interrupted.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text, add_arguments in _COMMAND_ARGS:
         if only is None or name == only:
-            add_arguments(sub.add_parser(name, parents=[common, as_json], help=help_text,
-                                          formatter_class=HelpFormatter))
+            add_arguments(sub.add_parser(name, parents=[common, as_json], help=help_text))
         else:
-            sub.add_parser(name, help=help_text, formatter_class=HelpFormatter)
+            sub.add_parser(name, help=help_text)
     return parser
 
 

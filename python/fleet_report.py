@@ -914,10 +914,10 @@ def _html_threads(threads: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fleet_cli import HelpFormatter
+    from fleet_cli import ArgumentParser
 
-    parser = argparse.ArgumentParser(
-        formatter_class=HelpFormatter, prog="fleet_status.py",
+    parser = ArgumentParser(
+        prog="fleet_status.py",
         description="The fleet at a glance: presence, mail waiting, acknowledgements owed.",
         epilog="Exit codes (Nagios): 0 ok, 1 warning, 2 critical (or bad usage), 3 unknown "
                "(the remote cannot be read), 130 interrupted.",

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from fleet_cli import HelpFormatter, run_cli
+from fleet_cli import ArgumentParser, run_cli
 from fleet_common import (
     BROADCAST,
     EXIT_FAILURE,
@@ -293,8 +293,8 @@ def _queue(clone: Clone, msg: Dict[str, Any], reason: str) -> SendResult:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="send_message.py", formatter_class=HelpFormatter,
+    parser = ArgumentParser(
+        prog="send_message.py",
         description="Send a message to the fleet through the shared git repository.",
         epilog="Exit codes: 0 sent and verified, 1 failure, 2 bad usage, "
                "75 queued for the monitor to deliver, 130 interrupted; "

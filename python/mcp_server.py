@@ -321,10 +321,10 @@ def build_server(tools: MailTools) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fleet_cli import HelpFormatter
+    from fleet_cli import ArgumentParser
 
-    parser = argparse.ArgumentParser(
-        formatter_class=HelpFormatter, prog="mcp_server.py",
+    parser = ArgumentParser(
+        prog="mcp_server.py",
         description="MCP server (stdio) that gives a coding agent the fleet mailbox as tools.",
         epilog=f"Needs the optional extra: pip install -r {REQUIREMENTS_FILE} (Python 3.10+). "
                "Exit codes: 0 client closed the connection, 1 failure, 2 bad usage, 130 interrupted.",

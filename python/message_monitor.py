@@ -29,7 +29,7 @@ import sys
 import threading
 from pathlib import Path
 
-from fleet_cli import HelpFormatter, error_line, run_cli
+from fleet_cli import ArgumentParser, error_line, run_cli
 from fleet_common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -87,8 +87,8 @@ DEFAULT_AUTO_ARCHIVE_DAYS = 30.0
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        formatter_class=HelpFormatter, prog="message_monitor.py",
+    parser = ArgumentParser(
+        prog="message_monitor.py",
         description="Watch the fleet mailbox in the shared git repository.",
         epilog="Exit codes: 0 done or stopped on request, 1 failure, 2 bad usage, 130 interrupted.",
     )

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from fleet_cli import HelpFormatter, run_cli
+from fleet_cli import ArgumentParser, run_cli
 from fleet_common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -417,8 +417,8 @@ def format_summary(result: ConnectivityResult) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        formatter_class=HelpFormatter, prog="network_check.py",
+    parser = ArgumentParser(
+        prog="network_check.py",
         description="Check that the fleet repository's remote can be reached (DNS, TCP, HTTP).")
     parser.add_argument("--repo", default=None, metavar="PATH_OR_URL",
                         help="a clone (its origin is checked) or a remote URL; default: origin of "

@@ -28,7 +28,6 @@ sees it as CRITICAL, which is the safe reading of a misconfigured check.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 
 import fleet_common
-from fleet_cli import HelpFormatter, run_cli
+from fleet_cli import ArgumentParser, run_cli
 from fleet_common import UsageError
 from fleet_git import git_layout, lock_files, lock_name, operation_in_progress
 from monitor_files import read_status  # the owner of monitor_status.json
@@ -535,8 +534,8 @@ def _option(key: str) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        formatter_class=HelpFormatter, prog="system_health.py",
+    parser = ArgumentParser(
+        prog="system_health.py",
         description="Report the health of a fleet server (Nagios exit codes: 0 healthy, "
                     "1 warning, 2 critical, 3 unknown; bad usage also exits 2).",
     )
