@@ -37,6 +37,14 @@ import benchlib as bl
 # The CLI's targets (issue 16): the send's start must cost little beyond the interpreter's own.
 CLI_CACHED_TARGET = 1.6
 CLI_UNCACHED_TARGET = 2.2
+# The CLI's footings (uncached_env): (footing, figure key, label, target, note).
+CLI_FOOTINGS = (
+    (None, "cli", "bytecode cached", ("ratio", "<=", CLI_CACHED_TARGET), ""),
+    ("suite", "cli_uncached", "suite bytecode not cached", ("ratio", "<=", CLI_UNCACHED_TARGET), ""),
+    ("monitor", "cli_dontwrite_monitor", "PYTHONDONTWRITEBYTECODE=1, monitor started", None,
+     "the monitor's start wrote the suite's bytecode"),
+    ("nothing", "cli_nothing_cached", "empty PYTHONPYCACHEPREFIX", None, "the standard library compiles too"),
+)
 
 
 def _prepare_clone(path: Any) -> None:
@@ -206,31 +214,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      scale=1000))
         figures.append(bl.Figure("send.in_process_p95", "send_message in-process (p95)",
                                  bl.p95(ip["send"]), "ms", bl.p95(ip["floor"]), scale=1000))
-        bl.progress(f"send: CLI x{reps}, bytecode cached")
-        c = cli(fleet, reps)
-        details["cli"] = c
-        figures.append(bl.Figure("send.cli", "send_message.py CLI, bytecode cached (median)",
-                                 bl.median(c["cli"]), "ms", bl.median(c["floor"]),
-                                 target=("ratio", "<=", CLI_CACHED_TARGET), scale=1000))
-        bl.progress(f"send: CLI x{reps}, the suite's bytecode not cached")
-        u = cli(fleet, reps, uncached="suite")
-        details["cli_uncached"] = u
-        figures.append(bl.Figure("send.cli_uncached", "send_message.py CLI, suite bytecode not cached (median)",
-                                 bl.median(u["cli"]), "ms", bl.median(u["floor"]),
-                                 target=("ratio", "<=", CLI_UNCACHED_TARGET), scale=1000))
-        bl.progress(f"send: CLI x{reps}, PYTHONDONTWRITEBYTECODE after the monitor's start")
-        m = cli(fleet, reps, uncached="monitor")
-        details["cli_dontwrite_monitor"] = m
-        figures.append(bl.Figure("send.cli_dontwrite_monitor",
-                                 "send_message.py CLI, PYTHONDONTWRITEBYTECODE=1, monitor started (median)",
-                                 bl.median(m["cli"]), "ms", bl.median(m["floor"]), scale=1000,
-                                 note="the monitor's start wrote the suite's bytecode"))
-        bl.progress(f"send: CLI x{reps}, no bytecode cached at all")
-        n = cli(fleet, reps, uncached="nothing")
-        details["cli_nothing_cached"] = n
-        figures.append(bl.Figure("send.cli_nothing_cached", "send_message.py CLI, empty PYTHONPYCACHEPREFIX (median)",
-                                 bl.median(n["cli"]), "ms", bl.median(n["floor"]), scale=1000,
-                                 note="the standard library compiles too"))
+        for footing, key, label, target, note in CLI_FOOTINGS:
+            bl.progress(f"send: CLI x{reps}, {label}")
+            run = cli(fleet, reps, uncached=footing)
+            details[key] = run
+            figures.append(bl.Figure(f"send.{key}", f"send_message.py CLI, {label} (median)",
+                                     bl.median(run["cli"]), "ms", bl.median(run["floor"]), scale=1000,
+                                     target=target, note=note))
         bl.progress(f"send: interpreter start with the standard library x{reps}")
         st = stdlib_start(reps)
         details["stdlib_start"] = st
