@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from fleet_common import RUNTIME_SUBDIRS, is_link, is_valid_server_id
-from fleet_git import GitError, operation_in_progress, run_git
+from fleet_git import GitError, ObjectTooLarge, operation_in_progress, run_git
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ class WorkTree:
         if self.upgrade_signers is None or not self._suite_changed(old, new):
             return None
         try:
-            problem = release_signature_problem(self.repo, new, self.upgrade_signers)
+            problem = release_signature_problem(self.clone, new, self.upgrade_signers)
         except GitError as exc:
             problem = str(exc)
         if problem is None:
@@ -154,7 +154,7 @@ class WorkTree:
             return
         if self.upgrade_signers is not None:
             try:
-                problem = release_signature_problem(self.repo, new, self.upgrade_signers)
+                problem = release_signature_problem(self.clone, new, self.upgrade_signers)
             except GitError as exc:
                 problem = str(exc)
             if problem is not None:
@@ -217,16 +217,25 @@ def _is_real_folder(path: Path) -> bool:
 
 
 SSH_SIGNATURE_START = b"-----BEGIN SSH SIGNATURE-----"
+MAX_RELEASE_COMMIT_BYTES = 1024 * 1024  # a message and a signature; a larger commit is no release
 
 
-def release_signature_problem(repo: Path, commit: str, allowed_signers: str) -> Optional[str]:
+def release_signature_problem(clone: Clone, commit: str, allowed_signers: str) -> Optional[str]:
     """Why ``commit`` is not signed by a key in ``allowed_signers`` (git's allowed-signers file,
     ``gpg.ssh.allowedSignersFile``), or None when it is.
 
     Only SSH signatures count: a GPG signature would be judged by whatever keyring the service
-    account happens to have, not by the operator's list.
+    account happens to have, not by the operator's list. The commit comes from another machine:
+    one over :data:`MAX_RELEASE_COMMIT_BYTES` is refused unread.
     """
-    raw = run_git(repo, "cat-file", "commit", commit).stdout
+    repo = clone.root
+    try:
+        found = clone.read_objects([commit], MAX_RELEASE_COMMIT_BYTES)[0]
+    except ObjectTooLarge as exc:
+        return exc.reason
+    if found is None or found[1] != "commit":
+        return "the commit cannot be read"
+    raw = found[2]
     headers = raw.split(b"\n\n", 1)[0]
     signature = next((line.split(b" ", 1)[1] for line in headers.split(b"\n")
                       if line.startswith((b"gpgsig ", b"gpgsig-sha256 ")) and b" " in line), None)

@@ -285,3 +285,19 @@ def test_upgrade_by_push_runs_only_releases_signed_by_an_allowed_key(tmp_path):
     assert git(c2, "rev-parse", "HEAD") == tip
     assert any("restarting into the new version" in r["message"] and tip[:12] in r["message"]
                for r in records), records[-5:]
+
+
+def test_a_release_commit_too_large_to_be_one_is_refused_unread(fleet, tmp_path):
+    """The upgrade check reads a commit another machine wrote: its size is bounded first."""
+    from fleet_git import Clone
+    from monitor_worktree import MAX_RELEASE_COMMIT_BYTES, release_signature_problem
+
+    c2 = fleet.clone("code2")
+    allowed = tmp_path / "allowed_signers"
+    allowed.write_text("")
+    small = git(c2, "commit-tree", "HEAD^{tree}", "-p", "HEAD", "-m", "release 1.2")
+    huge = git(c2, "commit-tree", "HEAD^{tree}", "-p", "HEAD", "-F", "-",
+               input=b"x" * (MAX_RELEASE_COMMIT_BYTES + 1))
+    assert release_signature_problem(Clone(c2), small, str(allowed)) == "the commit is not signed"
+    problem = release_signature_problem(Clone(c2), huge, str(allowed))
+    assert problem is not None and f"more than the {MAX_RELEASE_COMMIT_BYTES:,}" in problem
