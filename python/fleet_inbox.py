@@ -314,17 +314,16 @@ class Inbox:
         self.store = StateStore(self.clone)
         self.mailbox = Mailbox(self.clone)
         self.poller = RemotePoller(self.clone, self.server, self.store, one_shot=True, discover_own_state=True)
-        self.view: Optional[RemoteView] = None
 
     # ----------------------------------------------------------------- fetching and reading
 
     def _sync(self) -> RemoteView:
-        """One ``ls-remote`` (the branch and every state ref), then the branch fetched when it
-        moved: for what needs other servers' state refs (:meth:`acks`)."""
-        view = self.store.poll()
-        if view.branch_tip != self.clone.tip():
-            self.clone.fetch()
-        self.view = view
+        """One ``ls-remote`` (the branch and every state ref), then what moved of the branch and
+        this server's own ref fetched (:meth:`RemotePoller.poll_by_listing`): for what needs other
+        servers' state refs too (:meth:`acks`)."""
+        self.poller.poll_by_listing()
+        view = self.store.last_view
+        assert view is not None  # set by the listing
         return view
 
     def _refresh(self) -> None:
