@@ -57,6 +57,15 @@ def _folders_of(paths: Iterable[str]) -> List[str]:
     return sorted({"/".join(p.split("/")[:n]) for p in paths for n in range(p.count("/") + 1)})
 
 
+def _entries(folder: Path) -> List["os.DirEntry[str]"]:
+    """A folder's entries; none when it does not exist."""
+    try:
+        with os.scandir(folder) as found:
+            return list(found)
+    except FileNotFoundError:
+        return []
+
+
 _HEADER_LINE_MAX: Final = 4096  # "<oid> <type> <size>", or "<spec> missing" for a spec of ours
 
 
@@ -378,7 +387,7 @@ class Clone:
     def _read_config(folder: Path) -> Dict[str, str]:
         cfg = run_git(folder, "config", "-z", "--get-regexp",
                       r"^(remote\.origin\.(url|fetch)|(user|author|committer)\.(name|email)"
-                      r"|extensions\.objectformat)$", check=False)
+                      r"|extensions\.objectformat|gc\.(auto|autopacklimit)|maintenance\..*)$", check=False)
         values: Dict[str, str] = {}
         for item in cfg.stdout.decode("utf-8", "surrogateescape").split("\0"):
             if item:
@@ -401,6 +410,50 @@ class Clone:
             if _local_object_problem(exc.stderr) or b"unavailable" in exc.stderr:
                 raise ObjectMissing(exc.argv, exc.returncode, exc.stdout, exc.stderr) from None
             raise
+
+    def fetch_git(self, *args: str, config: Sequence[str] = ()) -> "subprocess.CompletedProcess[bytes]":
+        """``git fetch`` with ``args`` (never raising for its exit status), followed by
+        :meth:`maintain` when it succeeded, in place of git's own automatic maintenance."""
+        proc = self.network_git(*config, "-c", "maintenance.auto=false", "fetch", *args, check=False)
+        if proc.returncode == 0:
+            self.maintain()
+        return proc
+
+    def maintain(self) -> None:
+        """What ``git fetch`` runs after it (``git maintenance run --auto``), without a process
+        when git's own test says there is nothing to do.
+
+        Every fetch of the suite passes ``-c maintenance.auto=false`` and calls this instead: git
+        would start a process on every fetch just to find, nearly always, that the clone needs no
+        ``gc`` (4 ms here, a tenth of a short command). The test is the one ``git gc --auto``
+        documents and makes: more loose objects than ``gc.auto`` (estimated from ``objects/17``,
+        a 256th of them) or more packs without ``.keep`` than ``gc.autoPackLimit``. With any
+        ``maintenance.*`` setting of the user's (a strategy, a task), or a value this cannot
+        read, git decides.
+        """
+        if self._maintenance_due():
+            self.git("maintenance", "run", "--auto", "--quiet", check=False)
+
+    def _maintenance_due(self) -> bool:
+        config = self._config
+        if config.get("maintenance.auto", "").lower() in ("false", "no", "off", "0"):
+            return False
+        if any(key.startswith("maintenance.") for key in config):
+            return True
+        try:
+            auto = int(config.get("gc.auto", "6700"))
+            pack_limit = int(config.get("gc.autopacklimit", "50"))
+        except ValueError:
+            return True  # "6.7k", say: git reads units this does not
+        if auto <= 0:
+            return False
+        try:
+            loose = sum(1 for entry in _entries(self.objects_dir / "17") if len(entry.name) == self.hexlen - 2)
+            names = {entry.name for entry in _entries(self.objects_dir / "pack")} if pack_limit > 0 else set()
+        except OSError:
+            return True
+        packs = sum(1 for name in names if name.endswith(".pack") and name[:-5] + ".keep" not in names)
+        return loose > (auto + 255) // 256 or (pack_limit > 0 and packs > pack_limit)
 
     def add_network_hook(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` before and after each network call of this clone (once per hook)."""
@@ -496,6 +549,55 @@ class Clone:
                 return oid
         return None
 
+    def refs_in(self, *folders: str) -> Dict[str, str]:
+        """The refs directly in these ref folders (``refs/fleet/``, say; not in folders below
+        them), name -> id: read from git's files backend without a process when it can be, else
+        by ``for-each-ref``."""
+        found: Dict[str, str] = {}
+        if not (self.common_dir / "reftable").is_dir():
+            try:
+                packed = (self.common_dir / "packed-refs").read_text(encoding="utf-8", errors="replace")
+            except FileNotFoundError:
+                packed = ""
+            except OSError:
+                packed = None
+            if packed is not None:
+                for line in packed.splitlines():
+                    oid, _, name = line.partition(" ")
+                    folder, _, leaf = name.rpartition("/")
+                    if folder + "/" in folders and leaf and _is_oid(oid, self.hexlen):
+                        found[name] = oid
+                loose = self._loose_refs_in(folders)
+                if loose is not None:
+                    found.update(loose)
+                    return found
+        proc = self.git("for-each-ref", "--format=%(objectname) %(refname)", *folders)
+        found = {}
+        for line in proc.stdout.decode("utf-8", "replace").splitlines():
+            oid, _, name = line.partition(" ")
+            if name.rpartition("/")[0] + "/" in folders:
+                found[name] = oid
+        return found
+
+    def _loose_refs_in(self, folders: Sequence[str]) -> Optional[Dict[str, str]]:
+        """The loose refs directly in ``folders``; ``None`` when only git can tell (a symbolic
+        ref, a file that is no ref)."""
+        found: Dict[str, str] = {}
+        for folder in folders:
+            for entry in _entries(self.common_dir / folder):
+                if entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
+                    continue  # a ref being written (git renames it into place), or a folder
+                try:
+                    text = Path(entry.path).read_text(encoding="ascii").strip()
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
+                except (OSError, UnicodeDecodeError):
+                    return None
+                if not _is_oid(text, self.hexlen):
+                    return None
+                found[folder + entry.name] = text
+        return found
+
     # ----------------------------------------------------------------- network
 
     def fetch(self, *, allow_missing: bool = False, refetch: bool = False) -> Optional[str]:
@@ -513,10 +615,10 @@ class Clone:
         # loose, damaged ones included, while git reads a packed copy first.
         config = ["-c", "fetch.unpackLimit=1"] if refetch else []
         for attempt in range(LOCAL_LOCK_RETRIES + 1):
-            proc = self.network_git(
-                "-c", f"core.looseCompression={LOOSE_COMPRESSION}", *config, "fetch", "--quiet", "--no-tags",
-                "--no-recurse-submodules", *options, "origin",
-                f"+refs/heads/{self.branch}:{self.remote_ref}", check=False,
+            proc = self.fetch_git(
+                "--quiet", "--no-tags", "--no-recurse-submodules", *options, "origin",
+                f"+refs/heads/{self.branch}:{self.remote_ref}",
+                config=("-c", f"core.looseCompression={LOOSE_COMPRESSION}", *config),
             )
             if proc.returncode == 0:
                 break
@@ -550,6 +652,18 @@ class Clone:
         self.last_sync = time.monotonic()
         self._tip = _UNKNOWN  # read the ref our fetch wrote (FETCH_HEAD may be someone else's)
         return self.tip()
+
+    def note_fetched(self, tip: Optional[str]) -> None:
+        """A fetch of the shared branch outside :meth:`fetch` (the monitor's poll, a look at the
+        whole fleet) just succeeded with ``tip``: the tip cache, the in-process freshness (a
+        delivery right after builds on it without fetching again) and ``FETCH_HEAD``'s time (a
+        standalone send in this clone sees a fresh fetch, even after ``--no-write-fetch-head``)."""
+        self._tip = tip  # the value the fetch wrote to the tracking ref: no process to read it again
+        self.last_sync = time.monotonic()
+        try:
+            os.utime(self.git_dir / "FETCH_HEAD")
+        except OSError:
+            pass  # no FETCH_HEAD yet: a standalone send fetches, as before
 
     def _ref_lock_released(self) -> bool:
         """Wait up to :data:`LOCAL_LOCK_WAIT` seconds for the tracking ref's lock files to go;

@@ -7,7 +7,6 @@ documentation (usage, exit codes, what is read); this module is what it runs.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import re
 import sys
@@ -21,6 +20,7 @@ from fleet_common import (
     EXIT_USAGE,
     MAX_JSON_DEPTH,
     UsageError,
+    datetime_from_epoch,
     default_repo_path,
     defer_logging_setup,
     format_duration,
@@ -32,7 +32,7 @@ from fleet_common import (
     utc_now,
     write_line,
 )
-from fleet_git import MAILBOX_PATH, Clone, NotAFile, RemoteUnavailable
+from fleet_git import MAILBOX_PATH, BranchMissing, Clone, NotAFile, RemoteUnavailable
 from fleet_mailbox import (
     PRIORITIES,
     Mailbox,
@@ -59,13 +59,13 @@ from monitor_remote import RemotePoller
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
+    import datetime as _dt
     from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
     from fleet_mailbox import (
         MessageKey,
     )
     from fleet_state import (
-        RemoteView,
         ServerState,
     )
 
@@ -137,10 +137,12 @@ def parse_since(value: Union[str, _dt.datetime, None], *, what: str = "--since")
     ISO forms are those :func:`fleet_common.parse_timestamp` reads, and a bare date (midnight
     UTC). Anything else raises :class:`UsageError`.
     """
-    if value is None or isinstance(value, _dt.datetime):
-        if isinstance(value, _dt.datetime) and value.tzinfo is None:
-            return value.replace(tzinfo=_dt.timezone.utc)
-        return value
+    if value is None:
+        return None
+    import datetime as _dt  # only for a moment asked for: not on the start of every command
+
+    if isinstance(value, _dt.datetime):
+        return value.replace(tzinfo=_dt.timezone.utc) if value.tzinfo is None else value
     text = str(value)
     m = _DURATION.match(text)
     if m:
@@ -317,14 +319,13 @@ class Inbox:
 
     # ----------------------------------------------------------------- fetching and reading
 
-    def _sync(self) -> RemoteView:
-        """One ``ls-remote`` (the branch and every state ref), then what moved of the branch and
-        this server's own ref fetched (:meth:`RemotePoller.poll_by_listing`): for what needs other
-        servers' state refs too (:meth:`acks`)."""
-        self.poller.poll_by_listing()
-        view = self.store.last_view
-        assert view is not None  # set by the listing
-        return view
+    def _sync_fleet(self) -> List[str]:
+        """The shared branch and every server's state ref in one ``git fetch``
+        (:meth:`StateStore.mirror_fleet`), for what needs other servers' receipts (:meth:`acks`);
+        returns the servers that have a state ref."""
+        if self.store.mirror_fleet() is None:
+            raise BranchMissing(self.clone.branch, ["git", "fetch", "origin", self.clone.branch], None)
+        return sorted(set(self.store.mirrored().values()))
 
     def _refresh(self) -> None:
         """The shared branch and this server's own state ref, brought up to date: one ``git
@@ -401,7 +402,7 @@ class Inbox:
         m = _ID_SECONDS.match(msg_id)
         if m:
             try:
-                guess = archive_path(_dt.datetime.fromtimestamp(int(m.group(1)), _dt.timezone.utc))
+                guess = archive_path(datetime_from_epoch(int(m.group(1))))
             except (OverflowError, OSError, ValueError):
                 guess = ""
             if guess in files:
@@ -670,7 +671,7 @@ class Inbox:
         """What this server owes (mail to it that requires an acknowledgement it has not given)
         and what it is owed (its own such mail: who acknowledged, who not yet, for how long).
         A broadcast waits on every server that has a state ref or has read it."""
-        view = self._sync()
+        everyone = set(self._sync_fleet())
         hot = self._hot()
         mine = [e for e in hot if _sender(e.msg) == self.server and _truthy(e.msg.get("ack_required"))]
         wanted: Set[str] = {self.server}
@@ -681,10 +682,8 @@ class Inbox:
                 broadcast = True
             else:
                 wanted |= rcpt
-        everyone = set(view.servers())
         if broadcast:
             wanted |= everyone
-        self.store.fetch(sorted(wanted), view)
         states = self._states(wanted)
         owed = [e for e in hot if is_addressed_to(e.msg, self.server)
                 and _truthy(e.msg.get("ack_required")) and not _has_acknowledged(e.msg, self.server, states)]
@@ -947,8 +946,8 @@ COMMANDS: Final = tuple(name for name, _help, _add in _COMMAND_ARGS)
 
 
 def _parser(only: Optional[str] = None) -> argparse.ArgumentParser:
-    """The command line; with ``only``, just that command gets its arguments (the others keep
-    their help line): building all eight costs more than a listing's own work."""
+    """The command line; with ``only`` (the command that was named), just that command:
+    building all eight parsers costs more than a listing's own work. ``inbox.py -h`` builds all."""
     common = ArgumentParser(add_help=False)
     common.add_argument("--repo", default=None, help="fleet clone (default: $BUILD_REPO_PATH or K:/Projects/Build)")
     common.add_argument("--server", default=None, help="this server's id (default: $SERVER_ID or code2)")
@@ -964,8 +963,6 @@ def _parser(only: Optional[str] = None) -> argparse.ArgumentParser:
     for name, help_text, add_arguments in _COMMAND_ARGS:
         if only is None or name == only:
             add_arguments(sub.add_parser(name, parents=[common, as_json], help=help_text))
-        else:
-            sub.add_parser(name, help=help_text)
     return parser
 
 

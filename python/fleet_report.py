@@ -13,7 +13,6 @@ import math
 import os
 import re
 import sys
-import time
 
 from fleet_cli import sanitize
 from fleet_common import (
@@ -26,7 +25,7 @@ from fleet_common import (
     one_line,
     parse_timestamp,
 )
-from fleet_git import LOCAL_LOCK_RETRIES, MAILBOX_PATH, Clone, ObjectTooLarge, RemoteUnavailable, _local_lock_busy
+from fleet_git import MAILBOX_PATH, Clone, ObjectTooLarge
 from fleet_mailbox import (
     MailboxCorrupt,
     is_addressed_to,
@@ -54,16 +53,12 @@ from fleet_state import (
     StateStore,
     has_acknowledged,
     has_read,
-    parse_state_ref,
 )
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Set, Tuple
 
-    from fleet_state import (
-        RemoteView,
-    )
 
 # Nagios plugin exit codes (as system_health.py).
 EXIT_OK: Final = 0
@@ -175,7 +170,7 @@ def _worst(levels: Sequence[str]) -> str:
 class Snapshot:
     """What one look at the remote found: the tip, the hot mailbox, the roster, every state."""
 
-    __slots__ = ("branch", "tip", "mailbox", "roster", "states", "state_servers", "problems", "fetched")
+    __slots__ = ("branch", "tip", "mailbox", "roster", "states", "state_servers", "problems")
 
     def __init__(self, branch: str) -> None:
         self.branch = branch
@@ -185,33 +180,6 @@ class Snapshot:
         self.states: Dict[str, ServerState] = {}
         self.state_servers: List[str] = []
         self.problems: List[Tuple[str, str]] = []  # (level, one line)
-        self.fetched: List[str] = []  # refspecs the one fetch brought (empty: nothing moved)
-
-
-def fetch_moved(clone: Clone, store: StateStore, view: RemoteView) -> List[str]:
-    """One ``git fetch`` for the shared branch (when its tip moved) and every state ref whose tip
-    moved. Returns the refspecs (empty when nothing moved, and nothing was fetched)."""
-    specs = store.refspecs_to_fetch(view)
-    branch_moved = view.branch_tip is not None and store.local_tip(clone.remote_ref) != view.branch_tip
-    if branch_moved:
-        specs.insert(0, f"+refs/heads/{clone.branch}:{clone.remote_ref}")
-    if specs:
-        # FETCH_HEAD's age tells a standalone send how fresh the branch is: write it only when
-        # the branch itself was fetched.
-        head = [] if branch_moved else ["--no-write-fetch-head"]
-        for attempt in range(LOCAL_LOCK_RETRIES + 1):
-            proc = clone.network_git("fetch", "--quiet", "--no-tags", "--no-recurse-submodules", *head,
-                                     "origin", *specs, check=False)
-            if proc.returncode == 0:
-                break
-            if _local_lock_busy(proc.stderr.decode("utf-8", "replace")) and attempt < LOCAL_LOCK_RETRIES:
-                time.sleep(0.05 * (attempt + 1))  # a monitor in the same clone holds a ref lock
-                continue
-            raise RemoteUnavailable(["git", "fetch", "origin", f"{len(specs)} refs"], proc.returncode,
-                                    proc.stdout, proc.stderr)
-    # Mirrors of state refs that vanished from the remote stay: only the servers the poll listed
-    # are read, and dropping them would cost a process per look.
-    return specs
 
 
 def parse_mailbox(raw: Optional[bytes]) -> Dict[str, Any]:
@@ -226,7 +194,8 @@ def parse_mailbox(raw: Optional[bytes]) -> Dict[str, Any]:
 
 
 def take_snapshot(clone: Clone) -> Snapshot:
-    """Poll, fetch what moved, and read the mailbox, the roster and every state file.
+    """One fetch of the branch and every state ref, then the mailbox, the roster and every
+    state file read from it.
 
     The mailbox and the roster are read as every reader reads them (:func:`read_mailbox`): a
     missing object is an error, never an empty mailbox. The state files are read in one batch
@@ -236,14 +205,12 @@ def take_snapshot(clone: Clone) -> Snapshot:
     are the same as there.
     """
     store = StateStore(clone)
-    view = store.poll()
     snap = Snapshot(clone.branch)
-    snap.fetched = fetch_moved(clone, store, view)
-    if view.branch_tip is None:
+    snap.tip = store.mirror_fleet()
+    if snap.tip is None:
         snap.problems.append((WARNING, f"the branch {clone.branch} does not exist on the remote"))
-    else:
-        snap.tip = store.local_tip(clone.remote_ref)
-    snap.state_servers = view.servers()
+    mirrors = store.mirrored()
+    snap.state_servers = sorted(set(mirrors.values()))
     if snap.tip:
         try:
             snap.mailbox = parse_mailbox(read_mailbox(clone, snap.tip)[1])
@@ -254,13 +221,9 @@ def take_snapshot(clone: Clone) -> Snapshot:
         snap.roster = read_roster(clone, snap.tip)
         if snap.roster.problem:
             snap.problems.append((WARNING, snap.roster.problem))
-    # The state refs the poll listed, by their local mirrors' names: cat-file resolves them itself
-    # (a server id has no character that could end or split a spec).
-    wanted: Dict[str, str] = {}
-    for ref in sorted(view.state_tips):
-        parsed = parse_state_ref(ref)
-        if parsed is not None:
-            wanted[f"{parsed[1]}:{STATE_FILE}"] = parsed[0]
+    # By their local mirrors' names: cat-file resolves them itself (a server id has no character
+    # that could end or split a spec).
+    wanted = {f"{local}:{STATE_FILE}": server for local, server in sorted(mirrors.items())}
     for spec, item in _read_states(clone, wanted, snap).items():
         server = wanted[spec]
         state = snap.states.setdefault(server, ServerState(server))

@@ -319,8 +319,7 @@ class StateStore:
             specs = self.refspecs_to_fetch(view, servers)
             if not specs:
                 break
-            proc = self.clone.network_git("fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
-                                          "origin", *specs, check=False)
+            proc = self.clone.fetch_git("--quiet", "--no-tags", "--no-write-fetch-head", "origin", *specs)
             if proc.returncode == 0:
                 break
             if attempt < LOCAL_LOCK_RETRIES and _local_lock_busy(proc.stderr.decode("utf-8", "replace")):
@@ -347,20 +346,52 @@ class StateStore:
                 self.clone.git("update-ref", "-d", local, check=False)
 
     def _local_refs(self) -> List[str]:
-        proc = self.clone.git("for-each-ref", "--format=%(refname)", REF_PREFIX, LOCAL_FALLBACK_PREFIX,
-                              check=False)
-        return [line for line in proc.stdout.decode("utf-8", "replace").splitlines() if line]
+        return sorted(self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX))
 
-    # ----------------------------------------------------------------- reading
-
-    def known_servers(self) -> List[str]:
-        """Servers with a state ref mirrored in this clone."""
-        names = set()
+    def mirrored(self) -> Dict[str, str]:
+        """Every state ref mirrored in this clone, both names: local ref -> server id (refs whose
+        name is no server id are left out)."""
+        found = {}
         for local in self._local_refs():
             name = local.rsplit("/", 1)[-1]
             if is_valid_server_id(name) and name == name.lower():
-                names.add(name)
-        return sorted(names)
+                found[local] = name
+        return found
+
+    def known_servers(self) -> List[str]:
+        """Servers with a state ref mirrored in this clone."""
+        return sorted(set(self.mirrored().values()))
+
+    def mirror_fleet(self) -> Optional[str]:
+        """The shared branch and every server's state ref (both names) in ONE ``git fetch``, the
+        mirrors of refs the remote no longer has pruned: a look at the whole fleet
+        (``fleet_status.py``) costs one network call, busy or idle, like a monitor's cycle.
+
+        Returns the branch's tip, ``None`` when the remote has no such branch (the state refs
+        are fetched all the same). A busy ref lock of this clone (its monitor fetching) is waited
+        for; anything else that fails is :class:`RemoteUnavailable`.
+        """
+        branch = [f"+refs/heads/{self.clone.branch}:{self.clone.remote_ref}"]
+        states = [f"+{REF_PREFIX}*:{REF_PREFIX}*", f"+{FALLBACK_PREFIX}*:{LOCAL_FALLBACK_PREFIX}*"]
+        for attempt in range(LOCAL_LOCK_RETRIES + 2):
+            proc = self.clone.fetch_git("--quiet", "--no-tags", "--no-recurse-submodules", "--prune", "origin",
+                                        *branch, *states)
+            if proc.returncode == 0:
+                break
+            text = proc.stderr.decode("utf-8", "replace")
+            if branch and "couldn't find remote ref" in text.lower() and branch[0][1:].split(":")[0] in text:
+                branch = []  # said by the caller; the state refs still tell who is alive
+                continue
+            if _local_lock_busy(text) and attempt < LOCAL_LOCK_RETRIES:
+                sleep_jittered(0.05, 0.2)
+                continue
+            raise RemoteUnavailable(["git", "fetch", "origin", "the branch and every state ref"],
+                                    proc.returncode, proc.stdout, proc.stderr)
+        if not branch:
+            return None
+        tip = self.clone.read_ref(self.clone.remote_ref)
+        self.clone.note_fetched(tip)
+        return tip
 
     def read(self, server: str) -> ServerState:
         """``server``'s state as last fetched (both ref names merged); empty when it has none.

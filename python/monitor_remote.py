@@ -10,7 +10,6 @@ answered without the shared branch (PROTOCOL.md: that is bad input, not a root c
 
 from __future__ import annotations
 
-import os
 import time
 
 from fleet_common import SuiteError, UsageError, check_number, get_logger
@@ -42,22 +41,6 @@ def backoff_delays(text: Optional[str]) -> Sequence[float]:
         raise UsageError(f"{BACKOFF_ENV}: at most {MAX_BACKOFF_STEPS} delays")
     delays = [check_number(part, BACKOFF_ENV, 0.0, MAX_BACKOFF_DELAY) for part in parts]
     return tuple(delay for delay in delays if delay > 0)
-
-
-def note_fetched(clone: Clone, tip: Optional[str]) -> None:
-    """Tell ``clone`` that a fetch of its shared branch just succeeded with ``tip``: the tip
-    cache, the in-process freshness (a delivery in this cycle builds on it without fetching
-    again) and ``FETCH_HEAD``'s time (a standalone send in this clone sees a fresh fetch)."""
-    note = getattr(clone, "note_fetched", None)
-    if note is not None:  # Clone.note_fetched(tip), asked of fleet_git's owner
-        note(tip)
-        return
-    clone._tip = tip  # the value the fetch wrote to the tracking ref: no process to read it again
-    clone.last_sync = time.monotonic()
-    try:
-        os.utime(clone.git_dir / "FETCH_HEAD")
-    except OSError:
-        pass  # no FETCH_HEAD yet: a standalone send fetches, as before
 
 
 class RemotePoller:
@@ -105,11 +88,8 @@ class RemotePoller:
         if self.discover_own_state and len(specs) == 1:
             return self.poll_by_listing()
         before = self.clone.tip()
-        # maintenance.auto=false: an idle cycle runs no local process besides the fetch's own;
-        # when something came, the cycle asks for it (as the fetch would have).
-        proc = self.timed("git_fetch", lambda: self.clone.network_git(
-            "-c", "maintenance.auto=false", "fetch", "--quiet", "--no-tags", "--no-recurse-submodules",
-            "--no-write-fetch-head", "origin", *specs, check=False))
+        proc = self.timed("git_fetch", lambda: self.clone.fetch_git(
+            "--quiet", "--no-tags", "--no-recurse-submodules", "--no-write-fetch-head", "origin", *specs))
         if proc.returncode != 0:
             text = proc.stderr.decode("utf-8", "replace")
             lowered = text.lower()
@@ -124,10 +104,9 @@ class RemotePoller:
             return self.poll_by_listing()
         self.last_fetch_ok = time.time()
         tip = self.states.local_tip(self.clone.remote_ref)
-        note_fetched(self.clone, tip)
+        self.clone.note_fetched(tip)
         if tip != before:
             self.known_tip = tip
-            self.clone.git("maintenance", "run", "--auto", "--quiet", check=False)
         return tip
 
     def refspecs(self) -> List[str]:

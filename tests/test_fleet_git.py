@@ -156,3 +156,48 @@ def test_an_object_over_the_bound_is_never_read(fleet, packed):
         clone.read_objects([f"{tip}:coordination/huge.json"], max_bytes=1000)
     # The batch is usable again at once, and reads what is within the bound.
     assert clone.read_objects([f"{tip}:coordination/messages.json"])[0][1] == "blob"
+
+
+def _packs(clone_dir) -> int:
+    return sum(1 for p in (clone_dir / ".git" / "objects" / "pack").glob("*.pack"))
+
+
+def test_a_fetch_runs_git_maintenance_only_when_git_would_find_work(fleet):
+    """Git's automatic maintenance after a fetch is replaced by its own test (too many packs
+    or loose objects); when that says there is work, git's gc runs as the fetch would run it."""
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    git(c2, "config", "gc.autoDetach", "false")  # the gc finishes before the fetch returns
+    git(c2, "config", "fetch.unpackLimit", "1")  # every fetch leaves a pack
+    clone = Clone(c2)
+    for n in range(3):
+        Clone(b1).transact(lambda tip, n=n: ({f"f{n}.txt": b"%d" % n}, "add"), author="build1")
+        clone.fetch()
+    assert _packs(c2) >= 3 and not clone._maintenance_due()  # 50 packs is git's limit
+    git(c2, "config", "gc.autoPackLimit", "2")
+    clone = Clone(c2)
+    assert clone._maintenance_due()
+    git(c2, "config", "maintenance.auto", "false")  # the user said no: git would not run it either
+    assert not Clone(c2)._maintenance_due()
+    git(c2, "config", "--unset", "maintenance.auto")
+    Clone(b1).transact(lambda tip: ({"last.txt": b"x"}, "add"), author="build1")
+    clone.fetch()
+    assert _packs(c2) == 1 and not clone._maintenance_due()  # gc --auto packed them into one
+    assert run_git(c2, "fsck", "--strict", check=False).returncode == 0
+
+
+def test_refs_in_a_folder_are_read_like_git_reads_them(fleet):
+    c2 = fleet.clone("code2")
+    tip = git(c2, "rev-parse", "HEAD")
+    for name in ("refs/fleet/a", "refs/fleet/b", "refs/fleet/deep/c", "refs/fleet-state/d"):
+        git(c2, "update-ref", name, tip)
+    expected = {"refs/fleet/a": tip, "refs/fleet/b": tip, "refs/fleet-state/d": tip}  # not deep/c
+    assert Clone(c2).refs_in("refs/fleet/", "refs/fleet-state/") == expected
+    git(c2, "pack-refs", "--all")  # into packed-refs
+    assert Clone(c2).refs_in("refs/fleet/", "refs/fleet-state/") == expected
+    other = git(c2, "commit-tree", git(c2, "rev-parse", "HEAD^{tree}"), "-m", "x")
+    git(c2, "update-ref", "refs/fleet/a", other)  # a loose ref over its packed copy wins
+    git(c2, "update-ref", "-d", "refs/fleet/b")
+    (c2 / ".git" / "refs" / "fleet" / "e.lock").write_text(tip + "\n")  # being written: not a ref yet
+    assert Clone(c2).refs_in("refs/fleet/") == {"refs/fleet/a": other}
+    git(c2, "symbolic-ref", "refs/fleet/s", "refs/fleet/a")  # only git reads that: it is asked
+    assert Clone(c2).refs_in("refs/fleet/") == {"refs/fleet/a": other, "refs/fleet/s": other}
