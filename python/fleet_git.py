@@ -411,11 +411,13 @@ class Clone:
                 raise ObjectMissing(exc.argv, exc.returncode, exc.stdout, exc.stderr) from None
             raise
 
-    def fetch_git(self, *args: str, config: Sequence[str] = ()) -> "subprocess.CompletedProcess[bytes]":
+    def fetch_git(self, *args: str, config: Sequence[str] = (),
+                  maintain: bool = True) -> "subprocess.CompletedProcess[bytes]":
         """``git fetch`` with ``args`` (never raising for its exit status), followed by
-        :meth:`maintain` when it succeeded, in place of git's own automatic maintenance."""
+        :meth:`maintain` when it succeeded, in place of git's own automatic maintenance (with
+        ``maintain=False`` the caller runs it, when something came)."""
         proc = self.network_git(*config, "-c", "maintenance.auto=false", "fetch", *args, check=False)
-        if proc.returncode == 0:
+        if proc.returncode == 0 and maintain:
             self.maintain()
         return proc
 

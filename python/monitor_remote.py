@@ -89,7 +89,8 @@ class RemotePoller:
             return self.poll_by_listing()
         before = self.clone.tip()
         proc = self.timed("git_fetch", lambda: self.clone.fetch_git(
-            "--quiet", "--no-tags", "--no-recurse-submodules", "--no-write-fetch-head", "origin", *specs))
+            "--quiet", "--no-tags", "--no-recurse-submodules", "--no-write-fetch-head", "origin", *specs,
+            maintain=False))
         if proc.returncode != 0:
             text = proc.stderr.decode("utf-8", "replace")
             lowered = text.lower()
@@ -105,8 +106,9 @@ class RemotePoller:
         self.last_fetch_ok = time.time()
         tip = self.states.local_tip(self.clone.remote_ref)
         self.clone.note_fetched(tip)
-        if tip != before:
+        if tip != before:  # an idle cycle runs no process besides the fetch
             self.known_tip = tip
+            self.clone.maintain()
         return tip
 
     def refspecs(self) -> List[str]:
