@@ -206,7 +206,7 @@ def short_commands(fleet: bl.BenchFleet, reps: int, rtt_ms: Optional[float], *, 
                    details: Dict[str, Any]) -> List[bl.Figure]:
     """The in-process and command-line sends against their floors, with the sender's clone and
     the floors' clones reaching the remote over a link of ``rtt_ms`` (None: the local path).
-    Over a link, only the bytecode-cached CLI and no reused clone (issue 16's figures)."""
+    Over a link, only the bytecode-cached CLI and no reused clone."""
     from slowlink import linked
 
     local = rtt_ms is None
@@ -234,26 +234,6 @@ def short_commands(fleet: bl.BenchFleet, reps: int, rtt_ms: Optional[float], *, 
     return figures
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = bl.common_parser("send.py", "Send latency and concurrent-sender throughput.")
-    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 30, quick 10)")
-    bl.add_rtt_option(parser)
-    args = parser.parse_args(argv)
-    reps = args.reps or (10 if args.quick else 30)
-    per_sender = 5 if args.quick else 20
-    started = time.time()
-    figures: List[bl.Figure] = []
-    details: Dict[str, Any] = {"reps": reps, "messages_per_sender": per_sender}
-    with bl.BenchFleet() as fleet:
-        for rtt_ms, rounds in bl.link_plan(args.rtt_ms, reps, args.quick):
-            details[f"reps{bl.rtt_key(rtt_ms)}"] = rounds
-            figures += short_commands(fleet, rounds, rtt_ms, quick=args.quick, details=details)
-        if args.rtt_ms is None:  # neither depends on the link
-            figures += local_only(fleet, reps, per_sender, details)
-    return bl.write_report("send", figures, details, quick=args.quick, started=started,
-                           as_json=args.json, results_dir=args.results_dir)
-
-
 def local_only(fleet: bl.BenchFleet, reps: int, per_sender: int, details: Dict[str, Any]) -> List[bl.Figure]:
     """The interpreter's start with the standard library, and 1 against 4 concurrent senders."""
     figures: List[bl.Figure] = []
@@ -277,6 +257,26 @@ def local_only(fleet: bl.BenchFleet, reps: int, per_sender: int, details: Dict[s
     figures.append(bl.Figure("send.four_senders_fraction", "4 senders vs 1 sender throughput",
                              fraction, "x", ratio=fraction))
     return figures
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = bl.common_parser("send.py", "Send latency and concurrent-sender throughput.")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 30, quick 10)")
+    bl.add_rtt_option(parser)
+    args = parser.parse_args(argv)
+    reps = args.reps or (10 if args.quick else 30)
+    per_sender = 5 if args.quick else 20
+    started = time.time()
+    figures: List[bl.Figure] = []
+    details: Dict[str, Any] = {"reps": reps, "messages_per_sender": per_sender}
+    with bl.BenchFleet() as fleet:
+        for rtt_ms, rounds in bl.link_plan(args.rtt_ms, reps, args.quick):
+            details[f"reps{bl.rtt_key(rtt_ms)}"] = rounds
+            figures += short_commands(fleet, rounds, rtt_ms, quick=args.quick, details=details)
+        if args.rtt_ms is None:  # neither depends on the link
+            figures += local_only(fleet, reps, per_sender, details)
+    return bl.write_report("send", figures, details, quick=args.quick, started=started,
+                           as_json=args.json, results_dir=args.results_dir)
 
 
 if __name__ == "__main__":
