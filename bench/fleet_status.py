@@ -15,7 +15,11 @@ Measured, per fleet, on a real process (``python3 python/fleet_status.py --repo 
 * *idle*: nothing moved since the previous run (one ``ls-remote``, no fetch); reported.
 * the page (``--html``) for 50 servers: its size in KB; reported.
 
-Usage: ``python3 bench/fleet_status.py [--quick] [--json] [--results-dir DIR] [--reps N]``.
+The status and its floor are measured again with the viewer's clone and the floor's reaching the
+remote over a 100 ms round trip (``bench/slowlink.py``; fewer rounds, keys ending in ``.rtt100``,
+same target); ``--rtt-ms MS`` measures only over a link of ``MS``.
+
+Usage: ``python3 bench/fleet_status.py [--quick] [--json] [--results-dir DIR] [--reps N] [--rtt-ms MS]``.
 Exit 0 when every figure was measured, 1 otherwise.
 """
 
@@ -86,44 +90,76 @@ def _run(argv: Sequence[str], ok_codes: Sequence[int] = (0, 1, 2)) -> None:
                            f"{proc.stderr.decode('utf-8', 'replace')[-2000:]}")
 
 
-def measure(info: Dict[str, Any], reps: int) -> Dict[str, Any]:
+def measure(info: Dict[str, Any], reps: int, rtt_ms: Optional[float] = None) -> Dict[str, Any]:
+    """Rounds of the status after a send and a presence update against the floor, with the
+    viewer's clone and the floor's reaching the remote over a link of ``rtt_ms`` (None: the local
+    path); the sender and the publisher stay on the local path. The page only on the local path."""
+    from slowlink import linked
+
+    fleet = info["fleet"]
+    viewer = fleet.clones["viewer"]
+    out: Dict[str, Any] = {"moved": [], "idle": [], "fetch": [], "interpreter": []}
+    with linked(fleet.origin, [viewer, fleet.clones["floor"]], rtt_ms):
+        _run(_status_argv(viewer, "--json"))  # warm: the first look fetches every state ref
+        for i in range(reps):
+            bl.progress(f"fleet_status: {info['count']} servers{bl.rtt_label(rtt_ms)}, round {i + 1}/{reps}")
+            _round(info, out, i)
+    if rtt_ms is None:
+        page = fleet.base / "page.html"
+        _run(_status_argv(viewer, "--html", str(page), "-q"))
+        out["page_bytes"] = page.stat().st_size
+    return out
+
+
+def _round(info: Dict[str, Any], out: Dict[str, Any], i: int) -> None:
+    """A send and a presence update (untimed), then the status and the floor's fetch in
+    alternating order, the interpreter's start, and the status again with nothing moved."""
     from fleet_state import StateChange, presence_doc
     from send_message import send_message
 
     fleet = info["fleet"]
-    viewer = fleet.clones["viewer"]
-    sender = fleet.clones["sender"]
-    floor_clone = fleet.clones["floor"]
-    status = _status_argv(viewer, "--json")
-    moved: List[float] = []
-    idle: List[float] = []
-    fetches: List[float] = []
-    starts: List[float] = []
-    _run(status)  # warm: the first look fetches every state ref
-    for i in range(reps):
-        bl.progress(f"fleet_status: {info['count']} servers, round {i + 1}/{reps}")
-        result = send_message(f"status bench {i}", None, "srv00", from_sender="srv01",
-                              build_repo_path=str(sender))
-        if not result:
-            raise RuntimeError(f"send failed: {result.status} {result.reason}")
-        info["store"].update("srv02", StateChange(presence=presence_doc(
-            started=time.time() - 3600, interval=10, healthy=True, version="1.1.0")))
-        steps = [lambda: fetches.append(bl.timed(lambda: bl.git(floor_clone, "fetch", "-q", "origin",
-                                                                 bl.BRANCH))[0]),
-                 lambda: moved.append(bl.timed(lambda: _run(status))[0])]
-        for step in (steps if i % 2 == 0 else list(reversed(steps))):
-            step()
-        starts.append(bl.timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))[0])
-        idle.append(bl.timed(lambda: _run(status))[0])
-    page = fleet.base / "page.html"
-    _run(_status_argv(viewer, "--html", str(page), "-q"))
-    return {"moved": moved, "idle": idle, "fetch": fetches, "interpreter": starts,
-            "page_bytes": page.stat().st_size}
+    sender, floor_clone = fleet.clones["sender"], fleet.clones["floor"]
+    status = _status_argv(fleet.clones["viewer"], "--json")
+    moved, idle, fetches, starts = (out[k] for k in ("moved", "idle", "fetch", "interpreter"))
+    result = send_message(f"status bench {i}", None, "srv00", from_sender="srv01",
+                          build_repo_path=str(sender))
+    if not result:
+        raise RuntimeError(f"send failed: {result.status} {result.reason}")
+    info["store"].update("srv02", StateChange(presence=presence_doc(
+        started=time.time() - 3600, interval=10, healthy=True, version="1.1.0")))
+    steps = [lambda: fetches.append(bl.timed(lambda: bl.git(floor_clone, "fetch", "-q", "origin",
+                                                             bl.BRANCH))[0]),
+             lambda: moved.append(bl.timed(lambda: _run(status))[0])]
+    for step in (steps if i % 2 == 0 else list(reversed(steps))):
+        step()
+    starts.append(bl.timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))[0])
+    idle.append(bl.timed(lambda: _run(status))[0])
+
+
+def status_figures(info: Dict[str, Any], res: Dict[str, Any], rtt_ms: Optional[float]) -> List[bl.Figure]:
+    """The status after a send, and with nothing moved, against 2 x fetch + interpreter; the page's size."""
+    count, archived = info["count"], info["archived"]
+    key, over = bl.rtt_key(rtt_ms), bl.rtt_label(rtt_ms)
+    fetch, start = bl.median(res["fetch"]), bl.median(res["interpreter"])
+    floor = 2 * fetch + start
+    figures = [
+        bl.Figure(f"fleet_status.s{count}{key}", f"fleet_status.py, {count} servers, {archived} archived{over}, "
+                  "after a send and a presence update", bl.median(res["moved"]), "ms", floor,
+                  target=("ratio", "<=", 1.0), scale=1000,
+                  note=f"floor 2 x fetch {fetch * 1000:.0f} ms + python start {start * 1000:.0f} ms"),
+        bl.Figure(f"fleet_status.s{count}_idle{key}", f"fleet_status.py, {count} servers{over}, nothing moved",
+                  bl.median(res["idle"]), "ms", floor, scale=1000),
+    ]
+    if count == max(SIZES) and "page_bytes" in res:
+        figures.append(bl.Figure(f"fleet_status.page_kb_{count}", f"status page size, {count} servers",
+                                 res["page_bytes"] / 1024, "KB"))
+    return figures
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = bl.common_parser("fleet_status.py", "Cost of fleet_status.py against one git fetch.")
     parser.add_argument("--reps", type=int, default=None, help="rounds per fleet (default 12, quick 4)")
+    bl.add_rtt_option(parser)
     args = parser.parse_args(argv)
     reps = args.reps or (4 if args.quick else 12)
     archived = 2000 if args.quick else 10000
@@ -136,24 +172,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         info = build_fleet(count, archived)
         try:
             info["build_s"] = time.perf_counter() - t0
-            res = measure(info, reps)
+            for rtt_ms, rounds in bl.link_plan(args.rtt_ms, reps, args.quick):
+                res = measure(info, rounds, rtt_ms)
+                details["fleets"].append({k: v for k, v in info.items() if k not in ("fleet", "publisher", "store")})
+                details["fleets"][-1].update(res, rtt_ms=rtt_ms)
+                figures += status_figures(info, res, rtt_ms)
         finally:
             info["fleet"].close()
-        fetch, start = bl.median(res["fetch"]), bl.median(res["interpreter"])
-        floor = 2 * fetch + start
-        details["fleets"].append({k: v for k, v in info.items() if k not in ("fleet", "publisher", "store")})
-        details["fleets"][-1].update(res)
-        figures.append(bl.Figure(
-            f"fleet_status.s{count}", f"fleet_status.py, {count} servers, {archived} archived, after a "
-            f"send and a presence update", bl.median(res["moved"]), "ms", floor,
-            target=("ratio", "<=", 1.0), scale=1000,
-            note=f"floor 2 x fetch {fetch * 1000:.0f} ms + python start {start * 1000:.0f} ms"))
-        figures.append(bl.Figure(
-            f"fleet_status.s{count}_idle", f"fleet_status.py, {count} servers, nothing moved",
-            bl.median(res["idle"]), "ms", floor, scale=1000))
-        if count == max(SIZES):
-            figures.append(bl.Figure(f"fleet_status.page_kb_{count}", f"status page size, {count} servers",
-                                     res["page_bytes"] / 1024, "KB"))
     return bl.write_report("fleet_status", figures, details, quick=args.quick, started=started,
                            as_json=args.json, results_dir=args.results_dir)
 

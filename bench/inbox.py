@@ -11,7 +11,9 @@ rounds interleaved with the floor:
   the list finds the branch moved: one ``git fetch`` of the branch and code2's own state ref (code2
   has read mail before, so it has one), one mailbox read. Floor: one ``git fetch`` of the same new
   commit on the same remote, plus the interpreter's start (``python3 -c pass``). Target: list <= 1.5
-  x that floor, with or without the archive.
+  x that floor, with or without the archive. Measured again with code2's clone and the floor's
+  reaching the remote over a 100 ms round trip (``bench/slowlink.py``; fewer rounds, keys ending in
+  ``.rtt100``, same target); ``--rtt-ms MS`` measures only that list, over a link of ``MS``.
 * the same list by a server that has never written a state ref (``code1``): it lists the remote
   first (``ls-remote``), since another clone of it could have written one; reported.
 * **show ID --peek** of a hot message (nothing moved: one ``ls-remote``), against the same floor;
@@ -19,7 +21,7 @@ rounds interleaved with the floor:
 * **search WORD --include-archive** over 10,000 and 50,000 archived messages (each archive file
   read once), reported as measured.
 
-Usage: ``python3 bench/inbox.py [--quick] [--json] [--results-dir DIR] [--reps N]``.
+Usage: ``python3 bench/inbox.py [--quick] [--json] [--results-dir DIR] [--reps N] [--rtt-ms MS]``.
 Exit 0 when every figure was measured, 1 otherwise.
 """
 
@@ -70,34 +72,51 @@ def _run(argv: Sequence[str]) -> None:
         raise RuntimeError(f"inbox.py exited {proc.returncode}: {proc.stderr.decode('utf-8', 'replace')[-2000:]}")
 
 
-def measure(info: Dict[str, Any], reps: int) -> Dict[str, List[float]]:
-    from send_message import send_message
+def measure(info: Dict[str, Any], reps: int, rtt_ms: Optional[float] = None) -> Dict[str, List[float]]:
+    """Rounds of list (and, on the local path, the other reads) against the floor, with code2's
+    clone and the floor's reaching the remote over a link of ``rtt_ms`` (None: the local path);
+    the sender's clone stays on the local path, so only the reader pays the delay."""
+    from slowlink import linked
 
     fleet = info["fleet"]
     mine, sender, floor_clone = (fleet.clones[n] for n in (SERVER, "sender", "floor"))
     out: Dict[str, List[float]] = {"list": [], "list_first": [], "show_peek": [], "show": [], "fetch": [],
                                    "interpreter": []}
-    _run(_inbox(mine, "show", info["show_id"]))  # code2 has read mail: its state ref exists
-    _run(_inbox(mine, "list"))  # warm: the first read fetches everything once
-    for i in range(reps):
-        bl.progress(f"inbox: {info['archived']} archived, round {i + 1}/{reps}")
-        if not send_message(f"inbox bench {i}", None, SERVER, from_sender="build1",
+    with linked(fleet.origin, [mine, floor_clone], rtt_ms):
+        _run(_inbox(mine, "show", info["show_id"]))  # code2 has read mail: its state ref exists
+        _run(_inbox(mine, "list"))  # warm: the first read fetches everything once
+        for i in range(reps):
+            bl.progress(f"inbox: {info['archived']} archived{bl.rtt_label(rtt_ms)}, round {i + 1}/{reps}")
+            _round(info, out, i, reads=rtt_ms is None)
+        if rtt_ms is None:
+            out["show"].append(bl.timed(lambda: _run(_inbox(mine, "show", info["show_id"])))[0])
+    return out
+
+
+def _round(info: Dict[str, Any], out: Dict[str, List[float]], i: int, reads: bool) -> None:
+    """One round: a message for code2 arrives (untimed), then its list and the floor's fetch in
+    alternating order, the interpreter's start, and with ``reads`` the newcomer's list and show."""
+    from send_message import send_message
+
+    fleet = info["fleet"]
+    mine, sender, floor_clone = (fleet.clones[n] for n in (SERVER, "sender", "floor"))
+    if not send_message(f"inbox bench {i}", None, SERVER, from_sender="build1",
+                        build_repo_path=str(sender)):
+        raise RuntimeError("bench send failed")
+    steps = [lambda: out["fetch"].append(bl.timed(lambda: bl.git(floor_clone, "fetch", "-q", "origin",
+                                                                   bl.BRANCH))[0]),
+             lambda: out["list"].append(bl.timed(lambda: _run(_inbox(mine, "list")))[0])]
+    for step in (steps if i % 2 == 0 else list(reversed(steps))):
+        step()
+    out["interpreter"].append(bl.timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))[0])
+    if not reads:
+        return
+    if not info["archived"]:
+        if not send_message(f"inbox bench {i} again", None, SERVER, from_sender="build1",
                             build_repo_path=str(sender)):
             raise RuntimeError("bench send failed")
-        steps = [lambda: out["fetch"].append(bl.timed(lambda: bl.git(floor_clone, "fetch", "-q", "origin",
-                                                                       bl.BRANCH))[0]),
-                 lambda: out["list"].append(bl.timed(lambda: _run(_inbox(mine, "list")))[0])]
-        for step in (steps if i % 2 == 0 else list(reversed(steps))):
-            step()
-        out["interpreter"].append(bl.timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))[0])
-        if not info["archived"]:
-            if not send_message(f"inbox bench {i} again", None, SERVER, from_sender="build1",
-                                build_repo_path=str(sender)):
-                raise RuntimeError("bench send failed")
-            out["list_first"].append(bl.timed(lambda: _run(_inbox(mine, "list", server=NEWCOMER)))[0])
-        out["show_peek"].append(bl.timed(lambda: _run(_inbox(mine, "show", info["show_id"], "--peek")))[0])
-    out["show"].append(bl.timed(lambda: _run(_inbox(mine, "show", info["show_id"])))[0])
-    return out
+        out["list_first"].append(bl.timed(lambda: _run(_inbox(mine, "list", server=NEWCOMER)))[0])
+    out["show_peek"].append(bl.timed(lambda: _run(_inbox(mine, "show", info["show_id"], "--peek")))[0])
 
 
 def measure_search(archived: int, reps: int) -> float:
@@ -110,9 +129,31 @@ def measure_search(archived: int, reps: int) -> float:
         info["fleet"].close()
 
 
+def reader_figures(info: Dict[str, Any], res: Dict[str, List[float]], rtt_ms: Optional[float]) -> List[bl.Figure]:
+    """The list (and on the local path the newcomer's list and show) against fetch + interpreter."""
+    archived, key, over = info["archived"], bl.rtt_key(rtt_ms), bl.rtt_label(rtt_ms)
+    fetch, start = bl.median(res["fetch"]), bl.median(res["interpreter"])
+    floor = fetch + start
+    label = f"{HOT} hot" + (f" + {archived} archived" if archived else "") + over
+    figures = [bl.Figure(f"inbox.list_{archived}{key}", f"inbox.py list, {label}, after a new message",
+                         bl.median(res["list"]), "ms", floor, target=("ratio", "<=", 1.5), scale=1000,
+                         note=f"floor fetch {fetch * 1000:.0f} ms + python start {start * 1000:.0f} ms")]
+    if res["list_first"]:
+        figures.append(bl.Figure(f"inbox.list_first_{archived}{key}",
+                                 f"inbox.py list, {label}, by a server without a state ref yet",
+                                 bl.median(res["list_first"]), "ms", floor, scale=1000,
+                                 note="ls-remote first, then one fetch"))
+    if res["show_peek"]:
+        figures.append(bl.Figure(f"inbox.show_{archived}{key}", f"inbox.py show --peek, {label}",
+                                 bl.median(res["show_peek"]), "ms", floor, scale=1000,
+                                 note=f"show with its read receipt pushed: {res['show'][0] * 1000:.0f} ms"))
+    return figures
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = bl.common_parser("inbox.py", "Cost of inbox.py list, show and search against one git fetch.")
     parser.add_argument("--reps", type=int, default=None, help="rounds per fleet (default 10, quick 3)")
+    bl.add_rtt_option(parser)
     args = parser.parse_args(argv)
     reps = args.reps or (3 if args.quick else 10)
     big, huge = (2000, 10000) if args.quick else (10000, 50000)
@@ -123,25 +164,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bl.progress(f"inbox: building {HOT} hot + {archived} archived")
         info = build_fleet(archived)
         try:
-            res = measure(info, reps)
+            for rtt_ms, rounds in bl.link_plan(args.rtt_ms, reps, args.quick):
+                res = measure(info, rounds, rtt_ms)
+                details["fleets"].append({**{k: v for k, v in info.items() if k != "fleet"}, "rtt_ms": rtt_ms,
+                                          **res})
+                figures += reader_figures(info, res, rtt_ms)
         finally:
             info["fleet"].close()
-        fetch, start = bl.median(res["fetch"]), bl.median(res["interpreter"])
-        floor = fetch + start
-        details["fleets"].append({**{k: v for k, v in info.items() if k != "fleet"}, **res})
-        label = f"{HOT} hot" + (f" + {archived} archived" if archived else "")
-        figures.append(bl.Figure(f"inbox.list_{archived}", f"inbox.py list, {label}, after a new message",
-                                 bl.median(res["list"]), "ms", floor, target=("ratio", "<=", 1.5), scale=1000,
-                                 note=f"floor fetch {fetch * 1000:.0f} ms + python start {start * 1000:.0f} ms"))
-        if res["list_first"]:
-            figures.append(bl.Figure(f"inbox.list_first_{archived}",
-                                     f"inbox.py list, {label}, by a server without a state ref yet",
-                                     bl.median(res["list_first"]), "ms", floor, scale=1000,
-                                     note="ls-remote first, then one fetch"))
-        figures.append(bl.Figure(f"inbox.show_{archived}", f"inbox.py show --peek, {label}",
-                                 bl.median(res["show_peek"]), "ms", floor, scale=1000,
-                                 note=f"show with its read receipt pushed: {res['show'][0] * 1000:.0f} ms"))
-    for archived in (big, huge):
+    for archived in (big, huge) if args.rtt_ms is None else ():  # no network: the local path only
         bl.progress(f"inbox: search over {archived} archived")
         figures.append(bl.Figure(f"inbox.search_{archived}", f"inbox.py search --include-archive, {archived} archived",
                                  measure_search(archived, max(2, reps // 3)), "ms", scale=1000))

@@ -5,9 +5,12 @@ Each benchmark runs as its own process (``python3 bench/<name>.py``), writes
 markdown table (figure, measured, floor, ratio, target, pass/fail) goes to standard output and
 ``<results>/summary.json`` holds everything.
 
-``--quick`` is a smoke run that finishes in about a minute: each benchmark's quick mode with
-sample counts trimmed further, and the two benchmarks that mostly wait (``idle``: one idle
-monitor; ``latency``: sleeps between sends) overlapping each other.
+Every figure of the README's Performance table comes from this one run, the ones over a 100 ms
+round trip (``bench/slowlink.py``) and the contention configurations included.
+
+``--quick`` is a smoke run that finishes in about two and a half minutes: each benchmark's quick
+mode with sample counts trimmed further, and the two benchmarks that mostly wait (``idle``: one
+idle monitor; ``latency``: sleeps between sends) overlapping each other.
 
 Usage: ``python3 bench/run_all.py [--quick] [--json] [--results-dir DIR]``.
 Exit 0 when every benchmark ran and produced every figure (targets are reported, not
@@ -27,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import benchlib as bl
 
 SCRIPTS = ("send", "idle", "history", "latency", "cycle", "contention", "fleet_status", "inbox", "staterefs")
-# Extra trimming for --quick, on top of each script's own quick mode (the whole run < 1 minute).
+# Extra trimming for --quick, on top of each script's own quick mode (the whole run < 2.5 minutes).
 QUICK_ARGS: Dict[str, List[str]] = {
     "send": ["--reps", "6"],
     "idle": [],

@@ -15,12 +15,17 @@ Figures:
   per second, push retries (push attempts minus messages) and the aggregate throughput as a
   fraction of one sender's throughput measured in the same run.
 
+The in-process sends and the bytecode-cached CLI are measured twice: on the local path, then with
+the sender's and the floors' clones reaching the remote over a 100 ms round trip
+(``bench/slowlink.py``, fewer rounds; figure keys end in ``.rtt100``). ``--rtt-ms MS`` measures
+only those, over a link of ``MS``.
+
 Floor and measurement alternate run by run. The floor's push moves the remote, so before each
 measured send the sender's clone fetches, untimed: every send starts from a recent fetch, the
 state a clone is in after its own previous send (PROTOCOL.md: step 1 is then skipped).
 
-Usage: ``python3 bench/send.py [--quick] [--json] [--results-dir DIR]``. Exit 0 when every
-figure was measured (targets are reported, not enforced), 1 otherwise.
+Usage: ``python3 bench/send.py [--quick] [--reps N] [--rtt-ms MS] [--json] [--results-dir DIR]``.
+Exit 0 when every figure was measured (targets are reported, not enforced), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def in_process(fleet: bl.BenchFleet, reps: int, reused: bool = True) -> Dict[str
     from fleet_git import Clone
     from send_message import send_message
 
-    sender = fleet.clone("code2")
+    sender = fleet.clones.get("code2") or fleet.clone("code2")
     floor = bl.SendFloor(fleet)
     counter = [0]
 
@@ -187,9 +192,77 @@ def concurrency(fleet: bl.BenchFleet, count: int) -> Dict[str, Any]:
     return {"single": single, "four": four, "duplicate_ids": len(ids) - len(set(ids))}
 
 
+# The in-process figures: (figure key, series, floor series, label, target); a series missing
+# from the run (the reused clone in quick mode and over the far link) is left out.
+IN_PROCESS = (
+    ("in_process", "send", "floor", "tip fetched just before (median)", ("ratio", "<=", 1.25)),
+    ("in_process_stale", "send_stale", "floor_stale", "from a stale tip (it fetches first) (median)",
+     ("ratio", "<=", 1.25)),
+    ("in_process_reused_clone", "send_reused", "floor_reused", "reused Clone (median)", None),
+)
+
+
+def short_commands(fleet: bl.BenchFleet, reps: int, rtt_ms: Optional[float], *, quick: bool,
+                   details: Dict[str, Any]) -> List[bl.Figure]:
+    """The in-process and command-line sends against their floors, with the sender's clone and
+    the floors' clones reaching the remote over a link of ``rtt_ms`` (None: the local path).
+    Over a link, only the bytecode-cached CLI and no reused clone."""
+    from slowlink import linked
+
+    local = rtt_ms is None
+    key, over = bl.rtt_key(rtt_ms), bl.rtt_label(rtt_ms)
+    clones = [fleet.clones.get(name) or fleet.clone(name) for name in ("code2", "floor", "floor-cli")]
+    figures: List[bl.Figure] = []
+    with linked(fleet.origin, clones, rtt_ms):
+        bl.progress(f"send: in-process x{reps}{over}")
+        ip = in_process(fleet, reps, reused=local and not quick)
+        details["in_process" + key] = ip
+        for name, series, floor, label, target in IN_PROCESS:
+            if series in ip:
+                figures.append(bl.Figure(f"send.{name}{key}", f"send_message in-process{over}, {label}",
+                                         bl.median(ip[series]), "ms", bl.median(ip[floor]), target=target,
+                                         scale=1000))
+        figures.append(bl.Figure(f"send.in_process_p95{key}", f"send_message in-process{over} (p95)",
+                                 bl.p95(ip["send"]), "ms", bl.p95(ip["floor"]), scale=1000))
+        for footing, name, label, target, note in CLI_FOOTINGS if local else CLI_FOOTINGS[:1]:
+            bl.progress(f"send: CLI x{reps}, {label}{over}")
+            run = cli(fleet, reps, uncached=footing)
+            details[name + key] = run
+            figures.append(bl.Figure(f"send.{name}{key}", f"send_message.py CLI, {label}{over} (median)",
+                                     bl.median(run["cli"]), "ms", bl.median(run["floor"]), scale=1000,
+                                     target=target, note=note))
+    return figures
+
+
+def local_only(fleet: bl.BenchFleet, reps: int, per_sender: int, details: Dict[str, Any]) -> List[bl.Figure]:
+    """The interpreter's start with the standard library, and 1 against 4 concurrent senders."""
+    figures: List[bl.Figure] = []
+    bl.progress(f"send: interpreter start with the standard library x{reps}")
+    st = stdlib_start(reps)
+    details["stdlib_start"] = st
+    figures.append(bl.Figure("send.stdlib_start", "python3 -c '" + STDLIB_IMPORTS + "' (median)",
+                             bl.median(st["stdlib"]), "ms", bl.median(st["pass"]), scale=1000,
+                             note="floor: python3 -c pass; no code of the suite runs"))
+    bl.progress(f"send: 1 and 4 concurrent senders x{per_sender}")
+    conc = concurrency(fleet, per_sender)
+    details["concurrency"] = conc
+    single, four = conc["single"], conc["four"]
+    figures.append(bl.Figure("send.single_sender_rate", "1 sender throughput", single["per_s"],
+                             "msg/s", note=f"{single['retries']} retries"))
+    figures.append(bl.Figure("send.four_senders_rate", "4 concurrent senders throughput",
+                             four["per_s"], "msg/s",
+                             note=f"{four['messages']} msgs, {four['push_attempts']} pushes, "
+                                  f"{four['retries']} retries, {conc['duplicate_ids']} duplicates"))
+    fraction = (four["per_s"] / single["per_s"]) if single["per_s"] and four["per_s"] else None
+    figures.append(bl.Figure("send.four_senders_fraction", "4 senders vs 1 sender throughput",
+                             fraction, "x", ratio=fraction))
+    return figures
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = bl.common_parser("send.py", "Send latency and concurrent-sender throughput.")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 30, quick 10)")
+    bl.add_rtt_option(parser)
     args = parser.parse_args(argv)
     reps = args.reps or (10 if args.quick else 30)
     per_sender = 5 if args.quick else 20
@@ -197,49 +270,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     figures: List[bl.Figure] = []
     details: Dict[str, Any] = {"reps": reps, "messages_per_sender": per_sender}
     with bl.BenchFleet() as fleet:
-        bl.progress(f"send: in-process x{reps}")
-        ip = in_process(fleet, reps, reused=not args.quick)
-        details["in_process"] = ip
-        figures.append(bl.Figure("send.in_process", "send_message in-process, tip fetched just before (median)",
-                                 bl.median(ip["send"]), "ms", bl.median(ip["floor"]),
-                                 target=("ratio", "<=", 1.25), scale=1000))
-        figures.append(bl.Figure("send.in_process_stale",
-                                 "send_message in-process from a stale tip (it fetches first) (median)",
-                                 bl.median(ip["send_stale"]), "ms", bl.median(ip["floor_stale"]),
-                                 target=("ratio", "<=", 1.25), scale=1000))
-        if "send_reused" in ip:
-            figures.append(bl.Figure("send.in_process_reused_clone",
-                                     "send_message in-process, reused Clone (median)",
-                                     bl.median(ip["send_reused"]), "ms", bl.median(ip["floor_reused"]),
-                                     scale=1000))
-        figures.append(bl.Figure("send.in_process_p95", "send_message in-process (p95)",
-                                 bl.p95(ip["send"]), "ms", bl.p95(ip["floor"]), scale=1000))
-        for footing, key, label, target, note in CLI_FOOTINGS:
-            bl.progress(f"send: CLI x{reps}, {label}")
-            run = cli(fleet, reps, uncached=footing)
-            details[key] = run
-            figures.append(bl.Figure(f"send.{key}", f"send_message.py CLI, {label} (median)",
-                                     bl.median(run["cli"]), "ms", bl.median(run["floor"]), scale=1000,
-                                     target=target, note=note))
-        bl.progress(f"send: interpreter start with the standard library x{reps}")
-        st = stdlib_start(reps)
-        details["stdlib_start"] = st
-        figures.append(bl.Figure("send.stdlib_start", "python3 -c '" + STDLIB_IMPORTS + "' (median)",
-                                 bl.median(st["stdlib"]), "ms", bl.median(st["pass"]), scale=1000,
-                                 note="floor: python3 -c pass; no code of the suite runs"))
-        bl.progress(f"send: 1 and 4 concurrent senders x{per_sender}")
-        conc = concurrency(fleet, per_sender)
-        details["concurrency"] = conc
-        single, four = conc["single"], conc["four"]
-        figures.append(bl.Figure("send.single_sender_rate", "1 sender throughput", single["per_s"],
-                                 "msg/s", note=f"{single['retries']} retries"))
-        figures.append(bl.Figure("send.four_senders_rate", "4 concurrent senders throughput",
-                                 four["per_s"], "msg/s",
-                                 note=f"{four['messages']} msgs, {four['push_attempts']} pushes, "
-                                      f"{four['retries']} retries, {conc['duplicate_ids']} duplicates"))
-        fraction = (four["per_s"] / single["per_s"]) if single["per_s"] and four["per_s"] else None
-        figures.append(bl.Figure("send.four_senders_fraction", "4 senders vs 1 sender throughput",
-                                 fraction, "x", ratio=fraction))
+        for rtt_ms, rounds in bl.link_plan(args.rtt_ms, reps, args.quick):
+            details[f"reps{bl.rtt_key(rtt_ms)}"] = rounds
+            figures += short_commands(fleet, rounds, rtt_ms, quick=args.quick, details=details)
+        if args.rtt_ms is None:  # neither depends on the link
+            figures += local_only(fleet, reps, per_sender, details)
     return bl.write_report("send", figures, details, quick=args.quick, started=started,
                            as_json=args.json, results_dir=args.results_dir)
 

@@ -11,6 +11,9 @@ Used by the benchmarks::
     with SlowRemote(base_dir, rtt_ms=100) as remote:
         url = remote.url("origin.git")        # git://127.0.0.1:<port>/origin.git
 
+    with linked(fleet.origin, [clone, floor_clone], rtt_ms=100):
+        ...                                   # both clones' origin is the slow remote here
+
 and as a script, to try a fleet by hand over a slow link::
 
     python3 bench/slowlink.py --base DIR --rtt-ms 100     # prints the URL, runs until Ctrl+C
@@ -21,6 +24,7 @@ Only addresses on this machine are used (127.0.0.1), and everything stops with t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import signal
@@ -30,7 +34,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 READY_TIMEOUT = 10.0
 CHUNK = 65536
@@ -211,6 +215,26 @@ def point_clones_at(clones, url: str) -> None:
     for clone in clones:
         subprocess.run(["git", "remote", "set-url", "origin", url], cwd=str(clone), check=True,
                        stdout=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def linked(origin: "os.PathLike[str] | str", clones: Sequence["os.PathLike[str] | str"],
+           rtt_ms: Optional[float]) -> Iterator[Optional[SlowRemote]]:
+    """For the ``with`` block, ``clones`` reach the bare repository ``origin`` over a link of
+    ``rtt_ms`` (a :class:`SlowRemote` serving its folder), then the local path again.
+
+    ``rtt_ms=None`` is the local path itself: the clones are left as they are. Measured commands
+    and their floors go through the same link when both clones are given here."""
+    if rtt_ms is None:
+        yield None
+        return
+    origin = Path(origin).resolve()
+    with SlowRemote(origin.parent, rtt_ms) as remote:
+        point_clones_at(clones, remote.url(origin.name))
+        try:
+            yield remote
+        finally:
+            point_clones_at(clones, str(origin))
 
 
 def measure_rtt(url: str, cwd: "os.PathLike[str] | str", reps: int = 5) -> float:

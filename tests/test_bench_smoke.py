@@ -33,6 +33,11 @@ EXPECTED = {
     "staterefs.broadcast_lost_leases", "staterefs.broadcast_all_read", "staterefs.heartbeat_commits",
     "staterefs.contention_pushes_per_msg", "staterefs.contention_p95", "staterefs.fleet_pushes_per_msg",
     "staterefs.fleet_p95",
+    # over a 100 ms link (bench/slowlink.py)
+    "send.in_process.rtt100", "send.in_process_stale.rtt100", "send.cli.rtt100",
+    "inbox.list_0.rtt100", "inbox.list_2000.rtt100", "fleet_status.s10.rtt100", "fleet_status.s50.rtt100",
+    "contention.rtt100.lost_or_duplicated", "contention.rtt100.unread", "contention.rtt100.send_p95",
+    "contention.rtt100.throughput",
 }
 
 
