@@ -229,7 +229,7 @@ def test_bad_usage_exits_2(tmp_path, capsys):
 # --------------------------------------------------------------------------- what it reads and costs
 
 
-def test_one_look_is_one_fetch_and_reads_only_the_hot_mailbox(tmp_path):
+def test_one_look_fetches_the_branch_and_the_state_refs_and_reads_only_the_hot_mailbox(tmp_path):
     fleet = _fleet(tmp_path, _msg("m1", "code2", "build1", "hello", 60))
     # A broken archive file: status never reads the archive, so it cannot notice.
     _commit(fleet, {"coordination/archive/messages-2020-01.json": b"<<<<<<< not json"})
@@ -246,7 +246,8 @@ def test_one_look_is_one_fetch_and_reads_only_the_hot_mailbox(tmp_path):
         counts: Dict[str, int] = {}
         for name in re.findall(r"trace: built-in: git (\S+)", trace.read_text(errors="replace")):
             counts[name] = counts.get(name, 0) + 1
-        assert counts.get("fetch") == 1 and "ls-remote" not in counts  # the branch and both state refs
+        # The branch, and every state ref under both names (side by side: StateStore.mirror_fleet).
+        assert counts.get("fetch") == 2 and "ls-remote" not in counts
         assert "maintenance" not in counts and "gc" not in counts  # nothing for git's gc to do yet
         counts["servers with state"] = sum(1 for row in json.loads(proc.stdout)["servers"] if row["presence"])
         return counts

@@ -49,6 +49,23 @@ def test_write_then_every_clone_reads_it(fleet):
     assert has_acknowledged({"id": "m2", "from": "BUILD1", "to": "code2"}, "code2", {"code2": state})
 
 
+def test_state_refs_are_fetched_without_negotiation(fleet, tmp_path, monkeypatch):
+    """A state ref is a root commit with one file: nothing to negotiate, so its fetch sends no
+    ``have`` (git would go on sending them for round trips, never finding a common base)."""
+    a, b = fleet.clone("code2"), fleet.clone("build1")
+    writer, reader = StateStore(Clone(a)), StateStore(Clone(b))
+    writer.update("code2", StateChange(read=[("m1", "build1")]))
+    reader.fetch()  # the first copy
+    writer.update("code2", StateChange(read=[("m2", "build1")]))
+    trace = tmp_path / "packets.log"
+    monkeypatch.setenv("GIT_TRACE_PACKET", str(trace))
+    reader.fetch(["code2"])
+    monkeypatch.delenv("GIT_TRACE_PACKET")
+    packets = trace.read_text(errors="replace")
+    assert "fetch> want " in packets and "fetch> have " not in packets
+    assert reader.read("code2").has_read(("m2", "build1"))
+
+
 def test_history_never_grows(fleet):
     store = StateStore(Clone(fleet.clone("code2")))
     for n in range(5):
