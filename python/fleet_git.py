@@ -387,13 +387,24 @@ class Clone:
     def _read_config(folder: Path) -> Dict[str, str]:
         cfg = run_git(folder, "config", "-z", "--get-regexp",
                       r"^(remote\.origin\.(url|fetch)|(user|author|committer)\.(name|email)"
-                      r"|extensions\.objectformat|gc\.(auto|autopacklimit)|maintenance\..*)$", check=False)
+                      r"|extensions\.objectformat|gc\.(auto|autopacklimit)|maintenance\..*"
+                      r"|fleet\.negotiatestaterefs)$", check=False)
         values: Dict[str, str] = {}
         for item in cfg.stdout.decode("utf-8", "surrogateescape").split("\0"):
             if item:
                 key, _, value = item.partition("\n")
                 values[key.lower()] = value
         return values
+
+    def setting(self, key: str) -> Optional[str]:
+        """A setting of this clone's git configuration as read at start (only the keys
+        :meth:`_read_config` asks for; ``key`` in lower case)."""
+        return self._config.get(key)
+
+    def remember(self, key: str, value: str) -> None:
+        """Write a setting into this clone's own configuration (``.git/config``)."""
+        self.git("config", key, value)
+        self._config[key.lower()] = value
 
     def git(self, *args: str, **kw) -> "subprocess.CompletedProcess[bytes]":
         return run_git(self.root, *args, **kw)

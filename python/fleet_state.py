@@ -63,6 +63,10 @@ FALLBACK_PREFIX: Final = "refs/heads/fleet-state/"  # on a remote that refuses c
 LOCAL_FALLBACK_PREFIX: Final = "refs/fleet-state/"  # its local mirror (not a local branch)
 
 MAX_STATE_BYTES: Final = 8 * 1024 * 1024
+MAX_COMMIT_BYTES: Final = 64 * 1024  # a state ref's commit: a tree, an author, a short message
+# Set in a clone's git configuration once a state ref that carries history was fetched there
+# (StateStore._fetch_states): its state refs are then fetched with negotiation.
+NEGOTIATE_KEY: Final = "fleet.negotiatestaterefs"
 MAX_STATE_DEPTH: Final = 8
 MAX_ENTRIES: Final = 200_000  # read receipts or acknowledgements in one state ref
 MAX_ID_CHARS: Final = MAX_KEY_CHARS  # the mailbox refuses longer ids and senders, so none is lost here
@@ -324,17 +328,25 @@ class StateStore:
 
         Without negotiation: a state ref is a root commit holding one file, so there is nothing
         to negotiate, and git's negotiation never ends early for a root commit (the remote cannot
-        say it has found a common base) but goes on for up to four round trips. Another process
-        of this clone moving the same mirror meanwhile (its lock, or "is at X but expected Y") is
-        contention, not an outage: what is still behind is fetched again.
+        say it has found a common base) but goes on for four round trips or more. A ref that
+        carries history instead (someone pushed a branch there) would, without negotiation, bring
+        all of it again each time it moves: once one is seen, this clone negotiates from then on
+        (:data:`NEGOTIATE_KEY`). Another process of this clone moving the same mirror meanwhile
+        (its lock, or "is at X but expected Y") is contention, not an outage: what is still
+        behind is fetched again.
         """
+        negotiate = self.clone.setting(NEGOTIATE_KEY) == "true"
+        before = None if negotiate else self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
+        config = () if negotiate else ("-c", "fetch.negotiationAlgorithm=noop")
         for attempt in range(LOCAL_LOCK_RETRIES + 1):
             wanted = specs()
             if not wanted:
                 return
             proc = self.clone.fetch_git("--quiet", "--no-tags", "--no-write-fetch-head", *options, "origin",
-                                        *wanted, config=("-c", "fetch.negotiationAlgorithm=noop"))
+                                        *wanted, config=config)
             if proc.returncode == 0:
+                if before is not None:
+                    self._check_roots(before)
                 return
             busy = _local_lock_busy(proc.stderr.decode("utf-8", "replace"))
             if busy and attempt < LOCAL_LOCK_RETRIES:
@@ -342,6 +354,26 @@ class StateStore:
                 continue
             error = LocalRefLocked if busy else RemoteUnavailable
             raise error(["git", "fetch", "origin", "state refs"], proc.returncode, proc.stdout, proc.stderr)
+
+    def _check_roots(self, before: Mapping[str, str]) -> None:
+        """After a fetch without negotiation: if a state ref that moved is no root commit, say
+        so once and negotiate from now on (:meth:`_fetch_states`)."""
+        moved = {ref: oid for ref, oid in self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX).items()
+                 if before.get(ref) != oid}
+        if not moved:
+            return
+        try:
+            found = self.clone.read_objects(sorted(set(moved.values())), MAX_COMMIT_BYTES)
+        except GitError:
+            found = []
+        roots = {oid for oid, item in zip(sorted(set(moved.values())), found)
+                 if item is not None and item[1] == "commit" and b"\nparent " not in item[2].split(b"\n\n", 1)[0]}
+        carrying = sorted(ref for ref, oid in moved.items() if oid not in roots)
+        if carrying:
+            self.clone.remember(NEGOTIATE_KEY, "true")
+            log.warning("%s is no state ref (not a root commit: it carries history); this clone "
+                        "negotiates when it fetches state refs from now on", carrying[0],
+                        extra={"metadata": {"refs": carrying[:20]}})
 
     def drop_vanished(self, view: RemoteView, servers: Optional[Iterable[str]] = None) -> None:
         """Delete local mirrors (of these servers, or all) whose ref the remote no longer has, so a

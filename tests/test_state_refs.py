@@ -66,6 +66,28 @@ def test_state_refs_are_fetched_without_negotiation(fleet, tmp_path, monkeypatch
     assert reader.read("code2").has_read(("m2", "build1"))
 
 
+def test_a_state_ref_carrying_history_makes_the_clone_negotiate(fleet, tmp_path, monkeypatch, caplog):
+    """Someone pushed the branch to refs/fleet/x: fetched without negotiation, each move of it
+    would bring the whole history again. Seen once, the clone negotiates from then on."""
+    a, b = fleet.clone("code2"), fleet.clone("build1")
+    StateStore(Clone(a)).update("code2", StateChange(read=[("m1", "build1")]))
+    reader = StateStore(Clone(b))
+    reader.mirror_fleet()
+    assert git(b, "config", "--get", "fleet.negotiatestaterefs", check=False) == ""  # state refs only
+    Clone(a).transact(lambda tip: ({"notes.txt": b"x"}, "a second commit"), author="code2")
+    git(fleet.origin, "update-ref", "refs/fleet/build2", "refs/heads/main")
+    reader.mirror_fleet()
+    assert "refs/fleet/build2 is no state ref" in caplog.text
+    assert git(b, "config", "--get", "fleet.negotiatestaterefs") == "true"
+    assert reader.read("build2").read == {} and reader.read("code2").has_read(("m1", "build1"))
+    StateStore(Clone(a)).update("code2", StateChange(read=[("m2", "build1")]))
+    trace = tmp_path / "packets.log"
+    monkeypatch.setenv("GIT_TRACE_PACKET", str(trace))
+    StateStore(Clone(b)).fetch(["code2"])  # a new process of the same clone: it negotiates
+    monkeypatch.delenv("GIT_TRACE_PACKET")
+    assert "fetch> have " in trace.read_text(errors="replace")
+
+
 def test_history_never_grows(fleet):
     store = StateStore(Clone(fleet.clone("code2")))
     for n in range(5):
