@@ -263,6 +263,16 @@ def run_git(repo: Union[str, "os.PathLike[str]"], *args: str, check: bool = True
     return proc
 
 
+def spawn_git(repo: Union[str, "os.PathLike[str]"], *args: str,
+              stdin: Optional[int] = subprocess.DEVNULL) -> "subprocess.Popen[bytes]":
+    """Start ``git <args>`` in ``repo`` and return at once (pipes for its output)."""
+    try:
+        return subprocess.Popen(["git", *args], cwd=str(repo), stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=git_env(), **_SPAWN_KW)  # type: ignore[arg-type]
+    except FileNotFoundError:
+        raise SuiteError("git is not installed or not on PATH") from None
+
+
 _RACE_MARKERS = (
     "non-fast-forward", "fetch first", "[rejected]", "cannot lock ref", "failed to update ref",
     "stale info", "incorrect old value", "reference already exists", "failed to lock",
@@ -388,7 +398,7 @@ class Clone:
         cfg = run_git(folder, "config", "-z", "--get-regexp",
                       r"^(remote\.origin\.(url|fetch)|(user|author|committer)\.(name|email)"
                       r"|extensions\.objectformat|gc\.(auto|autopacklimit)|maintenance\..*"
-                      r"|fleet\.negotiatestaterefs)$", check=False)
+                      r"|fleet\.negotiatestaterefs|core\.ignorecase)$", check=False)
         values: Dict[str, str] = {}
         for item in cfg.stdout.decode("utf-8", "surrogateescape").split("\0"):
             if item:
@@ -441,8 +451,8 @@ class Clone:
         ``gc`` (4 ms here, a tenth of a short command). The test is the one ``git gc --auto``
         documents and makes: more loose objects than ``gc.auto`` (estimated from ``objects/17``,
         a 256th of them) or more packs without ``.keep`` than ``gc.autoPackLimit``. With any
-        ``maintenance.*`` setting of the user's (a strategy, a task), or a value this cannot
-        read, git decides.
+        ``maintenance.*`` setting of the user's (a strategy, a task; not ``maintenance.repo``,
+        the list that ``git maintenance start`` keeps), or a value this cannot read, git decides.
         """
         if self._maintenance_due():
             self.git("maintenance", "run", "--auto", "--quiet", check=False)
@@ -451,8 +461,8 @@ class Clone:
         config = self._config
         if config.get("maintenance.auto", "").lower() in ("false", "no", "off", "0"):
             return False
-        if any(key.startswith("maintenance.") for key in config):
-            return True
+        if any(key.startswith("maintenance.") and key != "maintenance.repo" for key in config):
+            return True  # (maintenance.repo lists the repositories "git maintenance start" runs on)
         try:
             auto = int(config.get("gc.auto", "6700"))
             pack_limit = int(config.get("gc.autopacklimit", "50"))
@@ -489,6 +499,30 @@ class Clone:
             raise RemoteUnavailable(exc.argv, None, exc.stdout, exc.stderr, exc.reason) from None
         finally:
             self._call_network_hooks()
+
+    def start_network_git(self, *args: str) -> "subprocess.Popen[bytes]":
+        """Start a git call that talks to the remote and return at once, for two network calls
+        side by side; :meth:`finish_network_git` waits for it (or kill it on the way out)."""
+        self._call_network_hooks()
+        return spawn_git(self.root, *args)
+
+    def finish_network_git(self, proc: "subprocess.Popen[bytes]") -> "subprocess.CompletedProcess[bytes]":
+        """Wait for a call of :meth:`start_network_git` (the network timeout counted from now).
+        A timeout is :class:`RemoteUnavailable`; whatever stops the wait (Ctrl+C too) kills it."""
+        try:
+            out, err = proc.communicate(timeout=NETWORK_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise RemoteUnavailable(proc.args, None, out, err,  # type: ignore[arg-type]
+                                    f"timed out after {NETWORK_TIMEOUT:g} s") from None
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            self._call_network_hooks()
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def _default_branch(self) -> str:
         prefix = "refs/remotes/origin/"
@@ -568,22 +602,24 @@ class Clone:
         by ``for-each-ref``."""
         found: Dict[str, str] = {}
         if not (self.common_dir / "reftable").is_dir():
+            # Loose refs first, then packed-refs, as git reads them: a pack-refs in between (a
+            # gc) moves refs from the first place to the second, never the other way.
+            loose = self._loose_refs_in(folders)
             try:
-                packed = (self.common_dir / "packed-refs").read_text(encoding="utf-8", errors="replace")
+                packed: Optional[str] = (self.common_dir / "packed-refs").read_text(encoding="utf-8",
+                                                                                     errors="replace")
             except FileNotFoundError:
                 packed = ""
             except OSError:
                 packed = None
-            if packed is not None:
+            if loose is not None and packed is not None:
                 for line in packed.splitlines():
                     oid, _, name = line.partition(" ")
                     folder, _, leaf = name.rpartition("/")
                     if folder + "/" in folders and leaf and _is_oid(oid, self.hexlen):
                         found[name] = oid
-                loose = self._loose_refs_in(folders)
-                if loose is not None:
-                    found.update(loose)
-                    return found
+                found.update(loose)
+                return found
         proc = self.git("for-each-ref", "--format=%(objectname) %(refname)", *folders)
         found = {}
         for line in proc.stdout.decode("utf-8", "replace").splitlines():
@@ -806,11 +842,7 @@ class Clone:
             return []
         limit = MAX_OBJECT_BYTES if max_bytes is None else max_bytes
         argv = ["git", "cat-file", "--batch"]
-        try:
-            proc = subprocess.Popen(argv, cwd=str(self.root), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=git_env(), **_SPAWN_KW)  # type: ignore[arg-type]
-        except FileNotFoundError:
-            raise SuiteError("git is not installed or not on PATH") from None
+        proc = spawn_git(self.root, *argv[1:], stdin=subprocess.PIPE)
         errors: List[bytes] = []
         expired: List[bool] = []
 

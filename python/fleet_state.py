@@ -47,7 +47,8 @@ from fleet_mailbox import MAX_KEY_CHARS
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
-    from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Tuple
+    import subprocess
+    from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Tuple
 
     from fleet_git import (
         Clone,
@@ -323,8 +324,12 @@ class StateStore:
         self.drop_vanished(view, servers)
         return view
 
-    def _fetch_states(self, specs: Callable[[], List[str]], *options: str) -> None:
-        """``git fetch`` of the state refs that ``specs()`` names (asked again after a busy lock).
+    def _fetch_states(self, specs: Callable[[], List[str]], *options: str,
+                      started: Optional["subprocess.Popen[bytes]"] = None,
+                      before: Optional[Mapping[str, str]] = None, locks_are_fatal: bool = True) -> None:
+        """``git fetch`` of the state refs that ``specs()`` names (asked again after a busy lock);
+        ``started``: the first attempt, already running (:meth:`mirror_fleet`), begun when the
+        mirrors were ``before``.
 
         Without negotiation: a state ref is a root commit holding one file, so there is nothing
         to negotiate, and git's negotiation never ends early for a root commit (the remote cannot
@@ -333,47 +338,60 @@ class StateStore:
         all of it again each time it moves: once one is seen, this clone negotiates from then on
         (:data:`NEGOTIATE_KEY`). Another process of this clone moving the same mirror meanwhile
         (its lock, or "is at X but expected Y") is contention, not an outage: what is still
-        behind is fetched again.
+        behind is fetched again; a lock that stays is :class:`LocalRefLocked`, or, unless
+        ``locks_are_fatal``, a warning (git updated every other mirror).
         """
-        negotiate = self.clone.setting(NEGOTIATE_KEY) == "true"
-        before = None if negotiate else self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
-        config = () if negotiate else ("-c", "fetch.negotiationAlgorithm=noop")
+        negotiates = self.clone.setting(NEGOTIATE_KEY) == "true"
+        if before is None and not negotiates:
+            before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
         for attempt in range(LOCAL_LOCK_RETRIES + 1):
-            wanted = specs()
-            if not wanted:
-                return
-            proc = self.clone.fetch_git("--quiet", "--no-tags", "--no-write-fetch-head", *options, "origin",
-                                        *wanted, config=config)
+            if started is not None:
+                proc, started = self.clone.finish_network_git(started), None
+            else:
+                wanted = specs()
+                if not wanted:
+                    return
+                config, args = self._fetch_command(wanted, options)
+                proc = self.clone.fetch_git(*args, config=config)
             if proc.returncode == 0:
-                if before is not None:
-                    self._check_roots(before)
-                return
+                break
             busy = _local_lock_busy(proc.stderr.decode("utf-8", "replace"))
             if busy and attempt < LOCAL_LOCK_RETRIES:
                 sleep_jittered(0.05, 0.2)
                 continue
+            if busy and not locks_are_fatal:
+                log.warning("a state ref stays locked in this clone; it is read as last fetched: %s",
+                            _first_line(proc.stderr))
+                break
             error = LocalRefLocked if busy else RemoteUnavailable
             raise error(["git", "fetch", "origin", "state refs"], proc.returncode, proc.stdout, proc.stderr)
+        if before is not None and not negotiates:
+            self._check_roots(before)
+
+    def _fetch_command(self, wanted: Sequence[str], options: Sequence[str]) -> Tuple[Tuple[str, ...], List[str]]:
+        """(git's ``-c`` options, ``fetch``'s arguments) for a fetch of the state refs ``wanted``."""
+        config = () if self.clone.setting(NEGOTIATE_KEY) == "true" else ("-c", "fetch.negotiationAlgorithm=noop")
+        return config, ["--quiet", "--no-tags", "--no-write-fetch-head", *options, "origin", *wanted]
 
     def _check_roots(self, before: Mapping[str, str]) -> None:
-        """After a fetch without negotiation: if a state ref that moved is no root commit, say
-        so once and negotiate from now on (:meth:`_fetch_states`)."""
+        """After a fetch without negotiation: if a state ref that moved carries history (a commit
+        with a parent, or a tag), say so once and negotiate from now on (:meth:`_fetch_states`).
+        A commit that cannot be read here says nothing either way."""
         moved = {ref: oid for ref, oid in self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX).items()
                  if before.get(ref) != oid}
-        if not moved:
-            return
-        try:
-            found = self.clone.read_objects(sorted(set(moved.values())), MAX_COMMIT_BYTES)
-        except GitError:
-            found = []
-        roots = {oid for oid, item in zip(sorted(set(moved.values())), found)
-                 if item is not None and item[1] == "commit" and b"\nparent " not in item[2].split(b"\n\n", 1)[0]}
-        carrying = sorted(ref for ref, oid in moved.items() if oid not in roots)
+        carrying = []
+        for ref, oid in sorted(moved.items()):
+            try:
+                found = self.clone.read_objects([oid], MAX_COMMIT_BYTES)[0]
+            except GitError:  # too big for a state ref's commit, or unreadable: the reader says so
+                continue
+            if found is not None and (found[1] == "tag" or (
+                    found[1] == "commit" and b"\nparent " in found[2].split(b"\n\n", 1)[0])):
+                carrying.append(ref)
         if carrying:
             self.clone.remember(NEGOTIATE_KEY, "true")
-            log.warning("%s is no state ref (not a root commit: it carries history); this clone "
-                        "negotiates when it fetches state refs from now on", carrying[0],
-                        extra={"metadata": {"refs": carrying[:20]}})
+            log.warning("%s is no state ref (it carries history); this clone negotiates when it "
+                        "fetches state refs from now on", carrying[0], extra={"metadata": {"refs": carrying[:20]}})
 
     def drop_vanished(self, view: RemoteView, servers: Optional[Iterable[str]] = None) -> None:
         """Delete local mirrors (of these servers, or all) whose ref the remote no longer has, so a
@@ -404,34 +422,43 @@ class StateStore:
 
     def mirror_fleet(self) -> Optional[str]:
         """The shared branch and every server's state ref (both names), the mirrors of refs the
-        remote no longer has pruned: what a look at the whole fleet (``fleet_status.py``) needs,
-        busy or idle, in the time of one fetch.
+        remote no longer has dropped: what a look at the whole fleet (``fleet_status.py``,
+        ``inbox.py acks``) needs, busy or idle, in the time of one fetch.
 
         Two fetches run side by side, the branch's (:meth:`Clone.fetch`) and the state refs'
         (:meth:`_fetch_states`, without negotiation): in one fetch, a moved state ref kept git
-        negotiating for four round trips (0.64 s against 0.33 s over a 100 ms link), while side
-        by side they cost what one fetch costs, locally too. Returns the branch's tip, ``None``
-        when the remote has no such branch (the state refs are fetched all the same).
+        negotiating for four round trips (0.64 s against 0.33 s over a 100 ms link). The state
+        refs are fetched by pattern, ``--prune`` dropping vanished mirrors; where ref names are
+        case-blind (``core.ignorecase``: Windows, macOS), a ref such as ``refs/fleet/CODE2`` would
+        land on code2's mirror, so there the remote is listed first and only lower-case server ids
+        are fetched. Returns the branch's tip, ``None`` when the remote has no such branch (the
+        state refs are fetched all the same).
         """
-        import threading  # subprocess imports it already; only this look runs two fetches
+        view = self.poll() if self.clone.setting("core.ignorecase") == "true" else None
+        options = () if view is not None else ("--prune",)
 
-        failed: List[Exception] = []
+        def specs() -> List[str]:
+            if view is not None:
+                return self.refspecs_to_fetch(view)
+            return [f"+{REF_PREFIX}*:{REF_PREFIX}*", f"+{FALLBACK_PREFIX}*:{LOCAL_FALLBACK_PREFIX}*"]
 
-        def fetch_states() -> None:
-            try:
-                self._fetch_states(lambda: [f"+{REF_PREFIX}*:{REF_PREFIX}*",
-                                            f"+{FALLBACK_PREFIX}*:{LOCAL_FALLBACK_PREFIX}*"], "--prune")
-            except Exception as exc:  # noqa: BLE001 - raised again in the caller's thread, below
-                failed.append(exc)
-
-        beside = threading.Thread(target=fetch_states, name="fetch state refs", daemon=True)
-        beside.start()
+        before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
+        wanted = specs()
+        side = None
+        if wanted:
+            config, args = self._fetch_command(wanted, options)
+            side = self.clone.start_network_git(*config, "-c", "maintenance.auto=false", "fetch", *args)
         try:
             tip = self.clone.fetch(allow_missing=True)
-        finally:
-            beside.join()
-        if failed:
-            raise failed[0]
+        except BaseException:
+            if side is not None:
+                side.kill()
+                side.wait()
+            raise
+        if side is not None:
+            self._fetch_states(specs, *options, started=side, before=before, locks_are_fatal=False)
+        if view is not None:
+            self.drop_vanished(view)
         return tip
 
     def read(self, server: str) -> ServerState:

@@ -533,3 +533,24 @@ def test_message_view_is_the_one_shape():
     assert view["priority"] == "urgent" and view["type"] == "info" and view["ack_required"] is True
     assert view["in_reply_to"] is None and view["to"] == ["code2", None] and len(view["subject"]) == 1000
     assert len(view["body"]) == 1_000_000 and view["truncated"] is True and view["timestamp"] is None
+
+
+def test_acks_read_past_a_state_ref_that_stays_locked_in_the_clone(fleet):
+    """Another server's mirror locked in this clone (a crashed process left its lock) leaves that
+    server's receipts as last fetched, with a warning: the rest is fetched and shown."""
+    b1, c2, c3 = fleet.clone("build1"), fleet.clone("code2"), fleet.clone("code3")
+    ask = send(b1, "Freeze merges", "build1", to="all", ack_required=True, subject="Freeze")
+    Inbox(str(c3), "code3").mark_read(all=True)
+    Inbox(str(b1), "build1").acks()  # mirrors code3's state ref
+    Inbox(str(c2), "code2").acknowledge(ask, message=False)
+    Inbox(str(c3), "code3").acknowledge(ask, message=False)
+    lock = b1 / ".git" / "refs" / "fleet" / "code3.lock"
+    lock.write_text("")
+    proc = run_script("inbox.py", "acks", "--json", "--repo", str(b1), "--server", "build1")
+    assert proc.returncode == 0, proc.stderr
+    assert "stays locked" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    item = json.loads(proc.stdout)["owed_to_me"][0]
+    assert item["acknowledged_by"] == ["code2"] and item["waiting_on"] == ["code3"]  # as last fetched
+    lock.unlink()
+    item = Inbox(str(b1), "build1").acks()["owed_to_me"][0]
+    assert item["acknowledged_by"] == ["code2", "code3"] and item["waiting_on"] == []

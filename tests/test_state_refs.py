@@ -88,6 +88,38 @@ def test_a_state_ref_carrying_history_makes_the_clone_negotiate(fleet, tmp_path,
     assert "fetch> have " in trace.read_text(errors="replace")
 
 
+def test_an_oversized_root_commit_is_not_taken_for_history(fleet, caplog):
+    a, b = fleet.clone("code2"), fleet.clone("build1")
+    writer, reader = StateStore(Clone(a)), StateStore(Clone(b))
+    writer.update("code2", StateChange(read=[("m1", "build1")]))
+    reader.mirror_fleet()
+    tree = git(a, "rev-parse", "refs/fleet/code2^{tree}")
+    big = git(a, "commit-tree", tree, "-m", "x" * 70_000)  # a root commit over the bound
+    git(a, "push", "-q", "origin", f"{big}:refs/fleet/zz")
+    writer.update("code2", StateChange(read=[("m2", "build1")]))
+    reader.mirror_fleet()
+    assert git(b, "config", "--get", "fleet.negotiatestaterefs", check=False) == ""
+    assert "no state ref" not in caplog.text and reader.read("code2").has_read(("m2", "build1"))
+
+
+def test_where_ref_names_are_case_blind_only_server_ids_are_fetched(fleet):
+    """On Windows and macOS refs/fleet/CODE2 is the file of refs/fleet/code2: a look lists the
+    remote and fetches lower-case server ids only, so another member cannot pose as code2."""
+    a, b, evil = fleet.clone("code2"), fleet.clone("build1"), fleet.clone("evil")
+    StateStore(Clone(a)).update("code2", StateChange(read=[("m1", "build1")]))
+    StateStore(Clone(evil)).update("evil", StateChange(read=[("forged", "build1")]))
+    git(evil, "push", "-q", "origin", "refs/fleet/evil:refs/fleet/CODE2")
+    git(b, "config", "core.ignorecase", "true")
+    reader = StateStore(Clone(b))
+    reader.mirror_fleet()
+    assert set(Clone(b).refs_in("refs/fleet/")) == {"refs/fleet/code2", "refs/fleet/evil"}
+    state = reader.read("code2")
+    assert state.has_read(("m1", "build1")) and not state.has_read(("forged", "build1"))
+    git(fleet.origin, "update-ref", "-d", "refs/fleet/evil")
+    reader.mirror_fleet()  # a ref deleted on the remote: its mirror goes too
+    assert set(Clone(b).refs_in("refs/fleet/")) == {"refs/fleet/code2"}
+
+
 def test_history_never_grows(fleet):
     store = StateStore(Clone(fleet.clone("code2")))
     for n in range(5):
