@@ -411,6 +411,10 @@ class Clone:
         :meth:`_read_config` asks for; ``key`` in lower case)."""
         return self._config.get(key)
 
+    def setting_is_true(self, key: str) -> bool:
+        """Whether a boolean setting is true, in any of the spellings git accepts."""
+        return (self._config.get(key) or "").strip().lower() in ("true", "yes", "on", "1")
+
     def remember(self, key: str, value: str) -> None:
         """Write a setting into this clone's own configuration (``.git/config``)."""
         self.git("config", key, value)

@@ -341,7 +341,7 @@ class StateStore:
         behind is fetched again; a lock that stays is :class:`LocalRefLocked`, or, unless
         ``locks_are_fatal``, a warning (git updated every other mirror).
         """
-        negotiates = self.clone.setting(NEGOTIATE_KEY) == "true"
+        negotiates = self.clone.setting_is_true(NEGOTIATE_KEY)
         if before is None and not negotiates:
             before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
         for attempt in range(LOCAL_LOCK_RETRIES + 1):
@@ -370,7 +370,7 @@ class StateStore:
 
     def _fetch_command(self, wanted: Sequence[str], options: Sequence[str]) -> Tuple[Tuple[str, ...], List[str]]:
         """(git's ``-c`` options, ``fetch``'s arguments) for a fetch of the state refs ``wanted``."""
-        config = () if self.clone.setting(NEGOTIATE_KEY) == "true" else ("-c", "fetch.negotiationAlgorithm=noop")
+        config = () if self.clone.setting_is_true(NEGOTIATE_KEY) else ("-c", "fetch.negotiationAlgorithm=noop")
         return config, ["--quiet", "--no-tags", "--no-write-fetch-head", *options, "origin", *wanted]
 
     def _check_roots(self, before: Mapping[str, str]) -> None:
@@ -434,7 +434,7 @@ class StateStore:
         are fetched. Returns the branch's tip, ``None`` when the remote has no such branch (the
         state refs are fetched all the same).
         """
-        view = self.poll() if self.clone.setting("core.ignorecase") == "true" else None
+        view = self.poll() if self.clone.setting_is_true("core.ignorecase") else None
         options = () if view is not None else ("--prune",)
 
         def specs() -> List[str]:
