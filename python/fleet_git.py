@@ -82,6 +82,12 @@ def _feed(stream: "object", data: bytes) -> None:
             pass
 
 
+def _fetch_argv(args: Sequence[str], config: Sequence[str]) -> List[str]:
+    """git's arguments for a fetch of the suite: git's automatic maintenance is left to
+    :meth:`Clone.maintain`."""
+    return [*config, "-c", "maintenance.auto=false", "fetch", *args]
+
+
 def _tree_spec(commit: str, folder: str) -> str:
     return f"{commit}:{folder}" if folder else f"{commit}^{{tree}}"
 
@@ -441,7 +447,7 @@ class Clone:
         """``git fetch`` with ``args`` (never raising for its exit status), followed by
         :meth:`maintain` when it succeeded, in place of git's own automatic maintenance (with
         ``maintain=False`` the caller runs it, when something came)."""
-        proc = self.network_git(*config, "-c", "maintenance.auto=false", "fetch", *args, check=False)
+        proc = self.network_git(*_fetch_argv(args, config), check=False)
         if proc.returncode == 0 and maintain:
             self.maintain()
         return proc
@@ -504,14 +510,14 @@ class Clone:
         finally:
             self._call_network_hooks()
 
-    def start_network_git(self, *args: str) -> "subprocess.Popen[bytes]":
-        """Start a git call that talks to the remote and return at once, for two network calls
-        side by side; :meth:`finish_network_git` waits for it (or kill it on the way out)."""
+    def start_fetch(self, *args: str, config: Sequence[str] = ()) -> "subprocess.Popen[bytes]":
+        """Start the ``git fetch`` that :meth:`fetch_git` would run and return at once, for two
+        fetches side by side; :meth:`finish_network_git` waits for it (or kill it on the way out)."""
         self._call_network_hooks()
-        return spawn_git(self.root, *args)
+        return spawn_git(self.root, *_fetch_argv(args, config))
 
     def finish_network_git(self, proc: "subprocess.Popen[bytes]") -> "subprocess.CompletedProcess[bytes]":
-        """Wait for a call of :meth:`start_network_git` (the network timeout counted from now).
+        """Wait for a fetch of :meth:`start_fetch` (the network timeout counted from now).
         A timeout is :class:`RemoteUnavailable`; whatever stops the wait (Ctrl+C too) kills it."""
         try:
             out, err = proc.communicate(timeout=NETWORK_TIMEOUT)
@@ -588,44 +594,39 @@ class Clone:
             return _UNKNOWN
         if text is not None:
             return text if _is_oid(text, self.hexlen) else _UNKNOWN
+        packed = self._packed_refs()
+        return _UNKNOWN if packed is None else packed.get(refname)
+
+    def _packed_refs(self) -> Optional[Dict[str, str]]:
+        """``packed-refs`` as name -> id (empty when there is none); ``None`` when unreadable."""
         try:
-            packed = (self.common_dir / "packed-refs").read_text(encoding="utf-8", errors="replace")
+            text = (self.common_dir / "packed-refs").read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
-            return None
+            return {}
         except OSError:
-            return _UNKNOWN
-        for line in packed.splitlines():
+            return None
+        found = {}
+        for line in text.splitlines():
             oid, _, name = line.partition(" ")
-            if name == refname and _is_oid(oid, self.hexlen):
-                return oid
-        return None
+            if _is_oid(oid, self.hexlen):  # not the header, not a peeled "^<oid>" line
+                found[name] = oid
+        return found
 
     def refs_in(self, *folders: str) -> Dict[str, str]:
         """The refs directly in these ref folders (``refs/fleet/``, say; not in folders below
         them), name -> id: read from git's files backend without a process when it can be, else
         by ``for-each-ref``."""
-        found: Dict[str, str] = {}
         if not (self.common_dir / "reftable").is_dir():
             # Loose refs first, then packed-refs, as git reads them: a pack-refs in between (a
             # gc) moves refs from the first place to the second, never the other way.
             loose = self._loose_refs_in(folders)
-            try:
-                packed: Optional[str] = (self.common_dir / "packed-refs").read_text(encoding="utf-8",
-                                                                                     errors="replace")
-            except FileNotFoundError:
-                packed = ""
-            except OSError:
-                packed = None
+            packed = self._packed_refs()
             if loose is not None and packed is not None:
-                for line in packed.splitlines():
-                    oid, _, name = line.partition(" ")
-                    folder, _, leaf = name.rpartition("/")
-                    if folder + "/" in folders and leaf and _is_oid(oid, self.hexlen):
-                        found[name] = oid
+                found = {name: oid for name, oid in packed.items() if name.rpartition("/")[0] + "/" in folders}
                 found.update(loose)
                 return found
         proc = self.git("for-each-ref", "--format=%(objectname) %(refname)", *folders)
-        found = {}
+        found: Dict[str, str] = {}
         for line in proc.stdout.decode("utf-8", "replace").splitlines():
             oid, _, name = line.partition(" ")
             if name.rpartition("/")[0] + "/" in folders:
@@ -883,6 +884,24 @@ class Clone:
             proc.wait()
             for thread in helpers:
                 thread.join()
+
+    def read_objects_within(self, specs: Sequence[str], max_bytes: int
+                            ) -> Tuple[Dict[str, Optional[Tuple[str, str, bytes]]], Dict[str, ObjectTooLarge]]:
+        """:meth:`read_objects`, leaving out each object over ``max_bytes`` (the batch is read
+        again without it), so that one oversized object, which another server may have written,
+        cannot keep the others from being read. Returns (spec -> what ``cat-file`` gave, spec ->
+        why it was left out)."""
+        wanted = list(specs)
+        left_out: Dict[str, ObjectTooLarge] = {}
+        while True:
+            try:
+                return dict(zip(wanted, self.read_objects(wanted, max_bytes))), left_out
+            except ObjectTooLarge as exc:
+                spec = exc.argv[-1]
+                if spec not in wanted:
+                    raise
+                wanted.remove(spec)
+                left_out[spec] = exc
 
     @staticmethod
     def _read_one(proc: "subprocess.Popen[bytes]", spec: str, max_bytes: int) -> Optional[Tuple[str, str, bytes]]:

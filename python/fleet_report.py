@@ -25,7 +25,7 @@ from fleet_common import (
     one_line,
     parse_timestamp,
 )
-from fleet_git import MAILBOX_PATH, Clone, ObjectTooLarge
+from fleet_git import MAILBOX_PATH, Clone
 from fleet_mailbox import (
     MailboxCorrupt,
     is_addressed_to,
@@ -238,18 +238,12 @@ def take_snapshot(clone: Clone) -> Snapshot:
 
 def _read_states(clone: Clone, wanted: Mapping[str, str], snap: Snapshot) -> Dict[str, Any]:
     """What ``cat-file`` gives for each state file spec; one over the bound is left out, with a
-    warning (the batch is read again without it: one server's state cannot stop the look)."""
-    specs = list(wanted)
-    while True:
-        try:
-            return dict(zip(specs, clone.read_objects(specs, MAX_STATE_BYTES)))
-        except ObjectTooLarge as exc:
-            spec = exc.argv[-1]
-            if spec not in specs:
-                raise
-            specs.remove(spec)
-            snap.states.setdefault(wanted[spec], ServerState(wanted[spec]))
-            snap.problems.append((WARNING, f"state ref of {wanted[spec]} ignored: {exc.reason}"))
+    warning (one server's state cannot stop the look)."""
+    found, left_out = clone.read_objects_within(list(wanted), MAX_STATE_BYTES)
+    for spec, exc in left_out.items():
+        snap.states.setdefault(wanted[spec], ServerState(wanted[spec]))
+        snap.problems.append((WARNING, f"state ref of {wanted[spec]} ignored: {exc.reason}"))
+    return found
 
 
 # --------------------------------------------------------------------------- the report

@@ -6,10 +6,12 @@ whose tree holds ``state.json``. Every update is a new root commit pushed with
 ``--force-with-lease`` on the tip it was built from, so the ref's history never grows and only
 processes of S ever race for it; a lost lease is re-read, merged (set union) and pushed again.
 
-Everyone reads every state ref. One ``ls-remote`` lists the shared branch and all state refs
-(:meth:`StateStore.poll`), and a state ref is fetched only when its tip moved. What needs only the
-branch and this server's own ref (the monitor's cycle, the inbox) fetches both by exact name in one
-call instead (:class:`monitor_remote.RemotePoller`). Fetched state refs
+Everyone reads every state ref. What needs them all (``fleet_status.py``, ``inbox.py acks``)
+fetches them by pattern, without negotiation, beside a fetch of the branch
+(:meth:`StateStore.mirror_fleet`). What needs only the branch and this server's own ref (the
+monitor's cycle, the inbox) fetches both by exact name in one call
+(:class:`monitor_remote.RemotePoller`); the listed path (:meth:`StateStore.poll`, one
+``ls-remote``, then a fetch of the refs whose tips moved) serves the rest. Fetched state refs
 are mirrored locally under the same names (``refs/fleet/S``; the fallback branch under
 ``refs/fleet-state/S``), which is also what an operator gets from
 ``git fetch origin 'refs/fleet/*:refs/fleet/*'``.
@@ -379,14 +381,17 @@ class StateStore:
         A commit that cannot be read here says nothing either way."""
         moved = {ref: oid for ref, oid in self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX).items()
                  if before.get(ref) != oid}
+        if not moved:
+            return
+        try:  # one cat-file for all; a commit too big for a state ref's is left out
+            found = self.clone.read_objects_within(sorted(set(moved.values())), MAX_COMMIT_BYTES)[0]
+        except GitError:  # unreadable here: the reader says so
+            return
         carrying = []
         for ref, oid in sorted(moved.items()):
-            try:
-                found = self.clone.read_objects([oid], MAX_COMMIT_BYTES)[0]
-            except GitError:  # too big for a state ref's commit, or unreadable: the reader says so
-                continue
-            if found is not None and (found[1] == "tag" or (
-                    found[1] == "commit" and b"\nparent " in found[2].split(b"\n\n", 1)[0])):
+            item = found.get(oid)
+            if item is not None and (item[1] == "tag" or (
+                    item[1] == "commit" and b"\nparent " in item[2].split(b"\n\n", 1)[0])):
                 carrying.append(ref)
         if carrying:
             self.clone.remember(NEGOTIATE_KEY, "true")
@@ -447,7 +452,7 @@ class StateStore:
         side = None
         if wanted:
             config, args = self._fetch_command(wanted, options)
-            side = self.clone.start_network_git(*config, "-c", "maintenance.auto=false", "fetch", *args)
+            side = self.clone.start_fetch(*args, config=config)
         try:
             tip = self.clone.fetch(allow_missing=True)
         except BaseException:
