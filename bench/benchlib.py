@@ -383,6 +383,33 @@ def python_script(name: str) -> str:
     return str(PYTHON_DIR / name)
 
 
+# The least a Python command of the suite that reads mail can do: import what every one of them
+# needs before its first line (json, subprocess), run the floor's fetch (with ``state_refs``,
+# beside it, the fetch of every state ref that a look at the fleet needs, as
+# fleet_state.StateStore.mirror_fleet does) and parse the fetched mailbox. Timed against the
+# floor, it shows where a target that counts the interpreter's start but not its standard library
+# is out of reach for any Python program.
+_PYTHON_FETCH = """\
+import json, subprocess, sys
+clone, state_refs, branch, mailbox = sys.argv[1:5]
+side = None
+if state_refs == "1":
+    side = subprocess.Popen(["git", "-c", "fetch.negotiationAlgorithm=noop", "fetch", "-q", "--prune", "origin",
+                             "+refs/fleet/*:refs/fleet/*"], cwd=clone)
+subprocess.run(["git", "fetch", "-q", "origin", branch], cwd=clone, check=True)
+if side is not None and side.wait() != 0:
+    sys.exit(1)
+blob = subprocess.run(["git", "cat-file", "blob", f"refs/remotes/origin/{branch}:{mailbox}"], cwd=clone,
+                      stdout=subprocess.PIPE, check=True).stdout
+json.loads(blob)
+"""
+
+
+def python_fetch_argv(clone: Path, state_refs: bool = False) -> List[str]:
+    """A Python process that runs the floor's fetch in ``clone`` and reads the mailbox (see _PYTHON_FETCH)."""
+    return [sys.executable, "-c", _PYTHON_FETCH, str(clone), "1" if state_refs else "0", BRANCH, MAILBOX_PATH]
+
+
 def stop_process(proc: Optional["subprocess.Popen[Any]"], timeout: float = 10.0) -> None:
     """Ask a child to stop (SIGTERM: the monitor's requested stop), then kill it if it lingers."""
     if proc is None or proc.poll() is not None:

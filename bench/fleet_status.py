@@ -13,6 +13,10 @@ Measured, per fleet, on a real process (``python3 python/fleet_status.py --repo 
   the shared branch that brings the new commit, and the interpreter's start (``python3 -c
   pass``). Target: status <= 2 x fetch + interpreter start (ratio <= 1.0), whatever the archive.
 * *idle*: nothing moved since the previous run (one ``ls-remote``, no fetch); reported.
+* *the two fetches run by Python*: a Python process that imports json and subprocess and runs the
+  branch's fetch and the state refs' fetch side by side, as the status does
+  and parses the mailbox (``benchlib.python_fetch_argv``), in a clone of its own, against the same floor: the least any
+  Python command that looks at the fleet can cost; reported, on the local path.
 * the page (``--html``) for 50 servers: its size in KB; reported.
 
 The status and its floor are measured again with the viewer's clone and the floor's reaching the
@@ -73,6 +77,7 @@ def build_fleet(count: int, archived: int) -> Dict[str, Any]:
     fleet.clone("viewer")
     fleet.clone("sender")
     fleet.clone("floor")
+    fleet.clone("python_floor")
     return {"count": count, "fleet": fleet, "publisher": publisher, "store": store,
             "archive_files": len(files), "archived": archived,
             "hot_bytes": fleet.remote_blob_size()}
@@ -98,12 +103,14 @@ def measure(info: Dict[str, Any], reps: int, rtt_ms: Optional[float] = None) -> 
 
     fleet = info["fleet"]
     viewer = fleet.clones["viewer"]
-    out: Dict[str, Any] = {"moved": [], "idle": [], "fetch": [], "interpreter": []}
+    out: Dict[str, Any] = {"moved": [], "idle": [], "fetch": [], "interpreter": [], "python_fetch": []}
     with linked(fleet.origin, [viewer, fleet.clones["floor"]], rtt_ms):
         _run(_status_argv(viewer, "--json"))  # warm: the first look fetches every state ref
+        if rtt_ms is None:  # its first fetch brings every state ref
+            subprocess.run(bl.python_fetch_argv(fleet.clones["python_floor"], state_refs=True), check=True)
         for i in range(reps):
             bl.progress(f"fleet_status: {info['count']} servers{bl.rtt_label(rtt_ms)}, round {i + 1}/{reps}")
-            _round(info, out, i)
+            _round(info, out, i, python_floor=rtt_ms is None)
     if rtt_ms is None:
         page = fleet.base / "page.html"
         _run(_status_argv(viewer, "--html", str(page), "-q"))
@@ -111,9 +118,10 @@ def measure(info: Dict[str, Any], reps: int, rtt_ms: Optional[float] = None) -> 
     return out
 
 
-def _round(info: Dict[str, Any], out: Dict[str, Any], i: int) -> None:
+def _round(info: Dict[str, Any], out: Dict[str, Any], i: int, python_floor: bool) -> None:
     """A send and a presence update (untimed), then the status and the floor's fetch in
-    alternating order, the interpreter's start, and the status again with nothing moved."""
+    alternating order, the interpreter's start, with ``python_floor`` the same fetches run by
+    Python, and the status again with nothing moved."""
     from fleet_state import StateChange, presence_doc
     from send_message import send_message
 
@@ -133,6 +141,9 @@ def _round(info: Dict[str, Any], out: Dict[str, Any], i: int) -> None:
     for step in (steps if i % 2 == 0 else list(reversed(steps))):
         step()
     starts.append(bl.timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))[0])
+    if python_floor:
+        argv = bl.python_fetch_argv(fleet.clones["python_floor"], state_refs=True)
+        out["python_fetch"].append(bl.timed(lambda: subprocess.run(argv, check=True))[0])
     idle.append(bl.timed(lambda: _run(status))[0])
 
 
@@ -150,6 +161,12 @@ def status_figures(info: Dict[str, Any], res: Dict[str, Any], rtt_ms: Optional[f
         bl.Figure(f"fleet_status.s{count}_idle{key}", f"fleet_status.py, {count} servers{over}, nothing moved",
                   bl.median(res["idle"]), "ms", floor, scale=1000),
     ]
+    if res["python_fetch"]:
+        figures.append(bl.Figure(f"fleet_status.python_fetch_s{count}{key}",
+                                 f"the status's two fetches and a mailbox read by python (import json, "
+                                 f"subprocess), {count} servers",
+                                 bl.median(res["python_fetch"]), "ms", floor, scale=1000,
+                                 note="the least any Python command that looks at the fleet costs"))
     if count == max(SIZES) and "page_bytes" in res:
         figures.append(bl.Figure(f"fleet_status.page_kb_{count}", f"status page size, {count} servers",
                                  res["page_bytes"] / 1024, "KB"))

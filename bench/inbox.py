@@ -18,6 +18,9 @@ rounds interleaved with the floor:
   first (``ls-remote``), since another clone of it could have written one; reported.
 * **show ID --peek** of a hot message (nothing moved: one ``ls-remote``), against the same floor;
   ``show`` without ``--peek`` also pushes the read receipt to the state ref (reported).
+* **the floor's fetch and a mailbox read, run by Python** (``python3 -c 'import json, subprocess;
+  ...'`` in a clone of its own; ``benchlib.python_fetch_argv``), against the same floor: the
+  least any Python command that reads mail can cost; reported, on the local path.
 * **search WORD --include-archive** over 10,000 and 50,000 archived messages (each archive file
   read once), reported as measured.
 
@@ -54,7 +57,7 @@ def build_fleet(archived: int) -> Dict[str, Any]:
     now = time.time()
     hot = bl.make_messages(HOT, read=False, start=now - 5 * 86400, step=5 * 86400 / HOT, seed=3)
     fleet = bl.BenchFleet(bl.mailbox_bytes(stay + hot), files=files)
-    for name in (SERVER, "sender", "floor"):
+    for name in (SERVER, "sender", "floor", "python_floor"):
         fleet.clone(name)
     mine = [m for m in hot if m["to"] == SERVER]
     return {"fleet": fleet, "archived": archived, "archive_files": len(files), "hot": HOT,
@@ -81,7 +84,7 @@ def measure(info: Dict[str, Any], reps: int, rtt_ms: Optional[float] = None) -> 
     fleet = info["fleet"]
     mine, sender, floor_clone = (fleet.clones[n] for n in (SERVER, "sender", "floor"))
     out: Dict[str, List[float]] = {"list": [], "list_first": [], "show_peek": [], "show": [], "fetch": [],
-                                   "interpreter": []}
+                                   "interpreter": [], "python_fetch": []}
     with linked(fleet.origin, [mine, floor_clone], rtt_ms):
         _run(_inbox(mine, "show", info["show_id"]))  # code2 has read mail: its state ref exists
         _run(_inbox(mine, "list"))  # warm: the first read fetches everything once
@@ -111,6 +114,8 @@ def _round(info: Dict[str, Any], out: Dict[str, List[float]], i: int, reads: boo
     out["interpreter"].append(bl.timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))[0])
     if not reads:
         return
+    python_floor = fleet.clones["python_floor"]
+    out["python_fetch"].append(bl.timed(lambda: subprocess.run(bl.python_fetch_argv(python_floor), check=True))[0])
     if not info["archived"]:
         if not send_message(f"inbox bench {i} again", None, SERVER, from_sender="build1",
                             build_repo_path=str(sender)):
@@ -147,6 +152,11 @@ def reader_figures(info: Dict[str, Any], res: Dict[str, List[float]], rtt_ms: Op
         figures.append(bl.Figure(f"inbox.show_{archived}{key}", f"inbox.py show --peek, {label}",
                                  bl.median(res["show_peek"]), "ms", floor, scale=1000,
                                  note=f"show with its read receipt pushed: {res['show'][0] * 1000:.0f} ms"))
+    if res["python_fetch"]:
+        figures.append(bl.Figure(f"inbox.python_fetch_{archived}{key}",
+                                 f"the floor's fetch and a mailbox read by python (import json, subprocess), {label}",
+                                 bl.median(res["python_fetch"]), "ms", floor, scale=1000,
+                                 note="the least any Python command that reads mail costs"))
     return figures
 
 

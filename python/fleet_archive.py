@@ -173,9 +173,10 @@ def plan_archive(data: Dict[str, Any], days: float, now: Optional[_dt.datetime] 
     return stay, moves
 
 
-def state_receipts(clone: Any) -> Tuple[Dict[str, Set[MessageKey]], Dict[str, Set[MessageKey]]]:
-    """(read receipts, acknowledgements) of every server's state ref, freshly fetched."""
-    from fleet_state import StateStore
+def state_receipts(clone: Any) -> Tuple[Dict[str, Set[MessageKey]], Dict[str, Set[MessageKey]], bool]:
+    """(read receipts, acknowledgements, whether they are every server's) of the state refs,
+    freshly fetched: at most ``fleet_state.MAX_STATE_SERVERS`` servers' are read."""
+    from fleet_state import MAX_STATE_SERVERS, StateStore
 
     store = StateStore(clone)
     store.fetch()
@@ -184,7 +185,10 @@ def state_receipts(clone: Any) -> Tuple[Dict[str, Set[MessageKey]], Dict[str, Se
     for name, state in store.read_all().items():
         read[name] = set(state.read) | set(state.acks)
         acked[name] = set(state.acks)
-    return read, acked
+    if store.left_out:
+        log.warning("the remote holds the state refs of %d servers; the archive read %d and keeps every "
+                    "broadcast", MAX_STATE_SERVERS + store.left_out, MAX_STATE_SERVERS)
+    return read, acked, not store.left_out
 
 
 def fold_receipts(msg: Dict[str, Any], read: Receipts, acked: Receipts) -> Dict[str, Any]:
@@ -218,15 +222,16 @@ def archive_mailbox(clone: Any, server: str, days: float,
     them in ``read_by`` / ``acknowledged_by``, so no receipt is lost when a state ref drops it.
     """
     result: Dict[str, Any] = {"archived": 0, "files": []}
+    everyone = True  # whether the receipts are every server's (else a broadcast's audience is unknown)
     if receipts is None:
-        receipts, acknowledgements = state_receipts(clone)
+        receipts, acknowledgements, everyone = state_receipts(clone)
     acked = acknowledgements or {}
     mailbox = Mailbox(clone)
 
     def change(tip: Optional[str]):
         blob, raw = mailbox.read_raw(tip)
         data = parse_document(raw, blob)  # its own copy: the pass changes it
-        known = audience(data, read_roster(clone, tip), receipts)
+        known = audience(data, read_roster(clone, tip), receipts) if everyone else None
         original = list(data.get("messages", []))
         stay, moves = plan_archive(data, days, now, known, receipts)
         if not moves:

@@ -256,6 +256,9 @@ def sanitize(text: object, max_len: Optional[int] = None) -> str:
         return ""
     # Every source character yields at least one output character, so looking at max_len + 1 of
     # them is enough to know whether the result must be cut.
+    head = value[: max_len + 1]
+    if _UNSAFE_RE.search(head) is None:  # the common case: nothing to escape, one for one
+        return head if len(head) <= max_len else head[: max_len - 1] + ELLIPSIS
     pieces: List[str] = []
     total = 0
     for char in value[: max_len + 1]:

@@ -92,8 +92,12 @@ def _tree_spec(commit: str, folder: str) -> str:
     return f"{commit}:{folder}" if folder else f"{commit}^{{tree}}"
 
 
+_HEX_DIGITS: Final = frozenset("0123456789abcdef")
+MAX_LOOSE_REF_BYTES: Final = 256  # an object id and a newline; a longer file is no ref git wrote
+
+
 def _is_oid(text: str, hexlen: int) -> bool:
-    return len(text) == hexlen and all(c in "0123456789abcdef" for c in text)
+    return len(text) == hexlen and _HEX_DIGITS.issuperset(text)
 
 
 class GitError(SuiteError):
@@ -442,12 +446,12 @@ class Clone:
                 raise ObjectMissing(exc.argv, exc.returncode, exc.stdout, exc.stderr) from None
             raise
 
-    def fetch_git(self, *args: str, config: Sequence[str] = (),
-                  maintain: bool = True) -> "subprocess.CompletedProcess[bytes]":
-        """``git fetch`` with ``args`` (never raising for its exit status), followed by
-        :meth:`maintain` when it succeeded, in place of git's own automatic maintenance (with
-        ``maintain=False`` the caller runs it, when something came)."""
-        proc = self.network_git(*_fetch_argv(args, config), check=False)
+    def fetch_git(self, *args: str, config: Sequence[str] = (), maintain: bool = True,
+                  input: Optional[bytes] = None) -> "subprocess.CompletedProcess[bytes]":
+        """``git fetch`` with ``args`` (never raising for its exit status; ``input``: its standard
+        input, for ``--stdin``), followed by :meth:`maintain` when it succeeded, in place of git's
+        own automatic maintenance (with ``maintain=False`` the caller runs it, when something came)."""
+        proc = self.network_git(*_fetch_argv(args, config), check=False, input=input)
         if proc.returncode == 0 and maintain:
             self.maintain()
         return proc
@@ -510,11 +514,21 @@ class Clone:
         finally:
             self._call_network_hooks()
 
-    def start_fetch(self, *args: str, config: Sequence[str] = ()) -> "subprocess.Popen[bytes]":
+    def start_fetch(self, *args: str, config: Sequence[str] = (),
+                    input: Optional[bytes] = None) -> "subprocess.Popen[bytes]":
         """Start the ``git fetch`` that :meth:`fetch_git` would run and return at once, for two
-        fetches side by side; :meth:`finish_network_git` waits for it (or kill it on the way out)."""
+        fetches side by side; :meth:`finish_network_git` waits for it (or kill it on the way out).
+        ``input`` (refspecs for ``--stdin``) reaches git from a temporary file, so nothing has
+        to write to it meanwhile."""
         self._call_network_hooks()
-        return spawn_git(self.root, *_fetch_argv(args, config))
+        if input is None:
+            return spawn_git(self.root, *_fetch_argv(args, config))
+        import tempfile  # only for a fetch of many refs (fleet_state.REFSPECS_IN_ARGV)
+
+        with tempfile.TemporaryFile() as source:
+            source.write(input)
+            source.seek(0)
+            return spawn_git(self.root, *_fetch_argv(args, config), stdin=source.fileno())
 
     def finish_network_git(self, proc: "subprocess.Popen[bytes]") -> "subprocess.CompletedProcess[bytes]":
         """Wait for a fetch of :meth:`start_fetch` (the network timeout counted from now).
@@ -642,7 +656,8 @@ class Clone:
                 if entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
                     continue  # a ref being written (git renames it into place), or a folder
                 try:
-                    text = Path(entry.path).read_text(encoding="ascii").strip()
+                    with open(entry.path, "rb") as handle:
+                        text = handle.read(MAX_LOOSE_REF_BYTES).decode("ascii").strip()
                 except FileNotFoundError:
                     continue  # deleted meanwhile
                 except (OSError, UnicodeDecodeError):

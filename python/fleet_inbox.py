@@ -322,10 +322,14 @@ class Inbox:
     def _sync_fleet(self) -> List[str]:
         """The shared branch and every server's state ref in one ``git fetch``
         (:meth:`StateStore.mirror_fleet`), for what needs other servers' receipts (:meth:`acks`);
-        returns the servers that have a state ref."""
-        if self.store.mirror_fleet() is None:
+        returns the servers that have a state ref (at most ``MAX_STATE_SERVERS``, this one first)."""
+        if self.store.mirror_fleet(first=[self.server]) is None:
             raise BranchMissing(self.clone.branch, ["git", "fetch", "origin", self.clone.branch], None)
-        return sorted(set(self.store.mirrored().values()))
+        servers = sorted(set(self.store.mirrored(first=[self.server]).values()))
+        if self.store.left_out:
+            log.warning("the remote holds the state refs of %d servers; %d of them are not read",
+                        len(servers) + self.store.left_out, self.store.left_out)
+        return servers
 
     def _refresh(self) -> None:
         """The shared branch and this server's own state ref, brought up to date: one ``git

@@ -209,8 +209,6 @@ def take_snapshot(clone: Clone) -> Snapshot:
     snap.tip = store.mirror_fleet()
     if snap.tip is None:
         snap.problems.append((WARNING, f"the branch {clone.branch} does not exist on the remote"))
-    mirrors = store.mirrored()
-    snap.state_servers = sorted(set(mirrors.values()))
     if snap.tip:
         try:
             snap.mailbox = parse_mailbox(read_mailbox(clone, snap.tip)[1])
@@ -221,6 +219,12 @@ def take_snapshot(clone: Clone) -> Snapshot:
         snap.roster = read_roster(clone, snap.tip)
         if snap.roster.problem:
             snap.problems.append((WARNING, snap.roster.problem))
+    mirrors = store.mirrored(first=_named_servers(snap))
+    if store.left_out:
+        held = len(set(mirrors.values())) + store.left_out
+        snap.problems.append((WARNING, f"the remote holds the state refs of {held} servers; {store.left_out} "
+                                       "of them are not read (the roster's and those the mailbox names go first)"))
+    snap.state_servers = sorted(set(mirrors.values()))
     # By their local mirrors' names: cat-file resolves them itself (a server id has no character
     # that could end or split a spec).
     wanted = {f"{local}:{STATE_FILE}": server for local, server in sorted(mirrors.items())}
@@ -234,6 +238,18 @@ def take_snapshot(clone: Clone) -> Snapshot:
         except BadInput as exc:
             snap.problems.append((WARNING, f"state ref of {server} ignored: {exc}"))
     return snap
+
+
+def _named_servers(snap: Snapshot) -> Set[str]:
+    """The servers the roster and the hot mailbox name (senders and recipients)."""
+    named = set(snap.roster.servers)
+    for msg in snap.mailbox.get("messages", ()):
+        if isinstance(msg, dict):
+            sender = msg.get("from")
+            if isinstance(sender, str):
+                named.add(sender.strip().lower())
+            named.update(recipients(msg) or ())
+    return named
 
 
 def _read_states(clone: Clone, wanted: Mapping[str, str], snap: Snapshot) -> Dict[str, Any]:

@@ -75,6 +75,12 @@ MAX_ENTRIES: Final = 200_000  # read receipts or acknowledgements in one state r
 MAX_ID_CHARS: Final = MAX_KEY_CHARS  # the mailbox refuses longer ids and senders, so none is lost here
 MAX_NOTE_CHARS: Final = 2000
 MAX_LEASE_ATTEMPTS: Final = 20
+# Servers whose state refs one reader fetches and reads (a look at the fleet, the archive): any
+# member can push refs, and ephemeral servers leave theirs behind. The others are counted.
+MAX_STATE_SERVERS: Final = 1000
+# More refspecs than this go to ``git fetch --stdin`` (Windows bounds a command line at 32,767
+# characters, a few hundred refspecs).
+REFSPECS_IN_ARGV: Final = 32
 
 
 class StateRefError(SuiteError):
@@ -279,6 +285,8 @@ class StateStore:
         self._warned: Dict[str, str] = {}
         self._own: Dict[str, Tuple[str, str]] = {}
         self.last_view: Optional[RemoteView] = None
+        self.left_out = 0  # servers whose state refs the last pick left out
+        self._unfetched = 0  # servers whose state refs the last listed fetch of all left out
 
     # ----------------------------------------------------------------- polling and fetching
 
@@ -304,26 +312,48 @@ class StateStore:
     def local_tip(self, local_ref: str) -> Optional[str]:
         return self.clone.read_ref(local_ref)
 
-    def refspecs_to_fetch(self, view: RemoteView, servers: Optional[Iterable[str]] = None) -> List[str]:
-        """Refspecs for the state refs whose remote tip differs from the local mirror."""
+    def refspecs_to_fetch(self, view: RemoteView, servers: Optional[Iterable[str]] = None,
+                          first: Iterable[str] = ()) -> List[str]:
+        """Refspecs for the state refs whose remote tip differs from the local mirror, of these
+        servers or, when ``None``, of at most :data:`MAX_STATE_SERVERS` (:meth:`pick`)."""
         wanted = None if servers is None else {normalize_server_id(s) for s in servers}
-        specs = []
-        for ref, oid in sorted(view.state_tips.items()):
+        found: Dict[str, List[Tuple[str, str, str]]] = {}
+        for ref, oid in view.state_tips.items():
             parsed = parse_state_ref(ref)
-            if parsed is None or (wanted is not None and parsed[0] not in wanted):
-                continue
-            if self.local_tip(parsed[1]) != oid:
-                specs.append(f"+{ref}:{parsed[1]}")
+            if parsed is not None and (wanted is None or parsed[0] in wanted):
+                found.setdefault(parsed[0], []).append((ref, parsed[1], oid))
+        specs = []
+        for server in (sorted(found) if wanted is not None else self.pick(found, first)):
+            for ref, local, oid in sorted(found[server]):
+                if self.local_tip(local) != oid:
+                    specs.append(f"+{ref}:{local}")
         return specs
 
-    def fetch(self, servers: Optional[Iterable[str]] = None, view: Optional[RemoteView] = None) -> RemoteView:
-        """Bring the local mirrors of these servers' state refs (all when ``None``) up to date.
+    def pick(self, servers: Iterable[str], first: Iterable[str] = ()) -> List[str]:
+        """At most :data:`MAX_STATE_SERVERS` of ``servers``, in name order: those in ``first``
+        (the roster's, the mailbox's) before the rest. How many were left out is kept in
+        :attr:`left_out`, for the caller to say."""
+        names = sorted(set(servers))
+        self.left_out = max(0, len(names) - MAX_STATE_SERVERS)
+        if not self.left_out:
+            return names
+        preferred = set(first)
+        names.sort(key=lambda name: name not in preferred)  # stable: in name order within each
+        return sorted(names[:MAX_STATE_SERVERS])
+
+    def fetch(self, servers: Optional[Iterable[str]] = None, view: Optional[RemoteView] = None,
+              first: Iterable[str] = ()) -> RemoteView:
+        """Bring the local mirrors of these servers' state refs (when ``None``, of every server,
+        at most :data:`MAX_STATE_SERVERS`, ``first`` first) up to date.
 
         Refs that vanished on the remote are dropped locally, so a deleted state is not read.
         """
         view = view or self.poll()
-        self._fetch_states(lambda: self.refspecs_to_fetch(view, servers))
+        first = list(first)
+        self._fetch_states(lambda: self.refspecs_to_fetch(view, servers, first))
         self.drop_vanished(view, servers)
+        if servers is None:
+            self._unfetched = max(0, len(view.servers()) - MAX_STATE_SERVERS)
         return view
 
     def _fetch_states(self, specs: Callable[[], List[str]], *options: str,
@@ -353,8 +383,8 @@ class StateStore:
                 wanted = specs()
                 if not wanted:
                     return
-                config, args = self._fetch_command(wanted, options)
-                proc = self.clone.fetch_git(*args, config=config)
+                config, args, refspecs = self._fetch_command(wanted, options)
+                proc = self.clone.fetch_git(*args, config=config, input=refspecs)
             if proc.returncode == 0:
                 break
             busy = _local_lock_busy(proc.stderr.decode("utf-8", "replace"))
@@ -370,10 +400,15 @@ class StateStore:
         if before is not None and not negotiates:
             self._check_roots(before)
 
-    def _fetch_command(self, wanted: Sequence[str], options: Sequence[str]) -> Tuple[Tuple[str, ...], List[str]]:
-        """(git's ``-c`` options, ``fetch``'s arguments) for a fetch of the state refs ``wanted``."""
+    def _fetch_command(self, wanted: Sequence[str],
+                       options: Sequence[str]) -> Tuple[Tuple[str, ...], List[str], Optional[bytes]]:
+        """(git's ``-c`` options, ``fetch``'s arguments, its standard input) for a fetch of the
+        state refs ``wanted``: beyond :data:`REFSPECS_IN_ARGV` of them, on standard input."""
         config = () if self.clone.setting_is_true(NEGOTIATE_KEY) else ("-c", "fetch.negotiationAlgorithm=noop")
-        return config, ["--quiet", "--no-tags", "--no-write-fetch-head", *options, "origin", *wanted]
+        args = ["--quiet", "--no-tags", "--no-write-fetch-head", *options, "origin"]
+        if len(wanted) <= REFSPECS_IN_ARGV:
+            return config, args + list(wanted), None
+        return config, args[:-1] + ["--stdin", "origin"], "".join(spec + "\n" for spec in wanted).encode("ascii")
 
     def _check_roots(self, before: Mapping[str, str]) -> None:
         """After a fetch without negotiation: if a state ref that moved carries history (a commit
@@ -403,29 +438,33 @@ class StateStore:
         deleted state is neither read nor used as the base of a lease."""
         wanted = None if servers is None else {normalize_server_id(s) for s in servers}
         present = {parse_state_ref(ref)[1] for ref in view.state_tips}  # type: ignore[index]
-        for local in self._local_refs():
-            name = local.rsplit("/", 1)[-1]
-            if local not in present and (wanted is None or name in wanted):
-                self.clone.git("update-ref", "-d", local, check=False)
+        gone = [local for local in self._local_refs()
+                if local not in present and (wanted is None or local.rsplit("/", 1)[-1] in wanted)]
+        if gone:  # one process, one transaction (a mirror locked meanwhile: the next look deletes them)
+            self.clone.git("update-ref", "--stdin", check=False,
+                           input="".join(f"delete {local}\n" for local in gone).encode("utf-8"))
 
     def _local_refs(self) -> List[str]:
         return sorted(self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX))
 
-    def mirrored(self) -> Dict[str, str]:
-        """Every state ref mirrored in this clone, both names: local ref -> server id (refs whose
-        name is no server id are left out)."""
+    def mirrored(self, first: Iterable[str] = ()) -> Dict[str, str]:
+        """The state refs mirrored in this clone, both names, of at most
+        :data:`MAX_STATE_SERVERS` servers (:meth:`pick`, ``first`` first): local ref -> server id
+        (refs whose name is no server id are left out)."""
         found = {}
         for local in self._local_refs():
             name = local.rsplit("/", 1)[-1]
             if is_valid_server_id(name) and name == name.lower():
                 found[local] = name
-        return found
+        kept = set(self.pick(found.values(), first))
+        self.left_out = max(self.left_out, self._unfetched)
+        return {local: name for local, name in found.items() if name in kept}
 
-    def known_servers(self) -> List[str]:
-        """Servers with a state ref mirrored in this clone."""
-        return sorted(set(self.mirrored().values()))
+    def known_servers(self, first: Iterable[str] = ()) -> List[str]:
+        """Servers with a state ref mirrored in this clone (at most :data:`MAX_STATE_SERVERS`)."""
+        return sorted(set(self.mirrored(first).values()))
 
-    def mirror_fleet(self) -> Optional[str]:
+    def mirror_fleet(self, first: Iterable[str] = ()) -> Optional[str]:
         """The shared branch and every server's state ref (both names), the mirrors of refs the
         remote no longer has dropped: what a look at the whole fleet (``fleet_status.py``,
         ``inbox.py acks``) needs, busy or idle, in the time of one fetch.
@@ -436,23 +475,27 @@ class StateStore:
         refs are fetched by pattern, ``--prune`` dropping vanished mirrors; where ref names are
         case-blind (``core.ignorecase``: Windows, macOS), a ref such as ``refs/fleet/CODE2`` would
         land on code2's mirror, so there the remote is listed first and only lower-case server ids
-        are fetched. Returns the branch's tip, ``None`` when the remote has no such branch (the
+        are fetched, of at most :data:`MAX_STATE_SERVERS` servers (``first``, then those mirrored
+        already, first). Returns the branch's tip, ``None`` when the remote has no such branch (the
         state refs are fetched all the same).
         """
         view = self.poll() if self.clone.setting_is_true("core.ignorecase") else None
         options = () if view is not None else ("--prune",)
+        first = list(first)
 
         def specs() -> List[str]:
             if view is not None:
-                return self.refspecs_to_fetch(view)
+                held = (local.rsplit("/", 1)[-1] for local in before)
+                return self.refspecs_to_fetch(view, first={*first, *held})
             return [f"+{REF_PREFIX}*:{REF_PREFIX}*", f"+{FALLBACK_PREFIX}*:{LOCAL_FALLBACK_PREFIX}*"]
 
         before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
         wanted = specs()
+        self._unfetched = max(0, len(view.servers()) - MAX_STATE_SERVERS) if view is not None else 0
         side = None
         if wanted:
-            config, args = self._fetch_command(wanted, options)
-            side = self.clone.start_fetch(*args, config=config)
+            config, args, refspecs = self._fetch_command(wanted, options)
+            side = self.clone.start_fetch(*args, config=config, input=refspecs)
         try:
             tip = self.clone.fetch(allow_missing=True)
         except BaseException:
@@ -499,6 +542,8 @@ class StateStore:
         return ServerState.from_bytes(raw, server)
 
     def read_all(self, servers: Optional[Iterable[str]] = None) -> Dict[str, ServerState]:
+        """The state of these servers, or of every server mirrored here (at most
+        :data:`MAX_STATE_SERVERS`, :attr:`left_out` says how many more)."""
         names = self.known_servers() if servers is None else [normalize_server_id(s) for s in servers]
         return {name: self.read(name) for name in names}
 

@@ -172,3 +172,25 @@ def test_has_read_is_one_question_that_takes_receipts_from_elsewhere():
     assert plan_archive(data, 0, known=None, receipts={"build2": {key}})[1] == {}  # fleet unknown
     stay, moves = plan_archive(data, 0, known=known, receipts={"build2": {key}})
     assert stay == [] and sum(len(v) for v in moves.values()) == 1
+
+
+def test_more_state_refs_than_a_reader_reads_keep_every_broadcast(tmp_path, monkeypatch, caplog):
+    """The archive reads at most MAX_STATE_SERVERS servers' receipts: past that, who has read a
+    broadcast cannot be told, so every broadcast stays (direct mail still moves)."""
+    import fleet_state
+    from fleet_state import REF_PREFIX, StateChange, StateStore
+
+    broadcast = msg(1, 40, to="all", read_by=["code2"])
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [broadcast, msg(2, 40, read=True)]}, indent=2).encode())
+    StateStore(Clone(fleet.clone("crowd"))).update("crowd", StateChange(read=[message_key(broadcast)]))
+    tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}crowd")
+    git(fleet.origin, "update-ref", "--stdin",
+        input="".join(f"create {REF_PREFIX}ghost{n} {tip}\n" for n in range(5)).encode())
+    c2 = fleet.clone("code2")
+    monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 3)
+    assert archive_mailbox(Clone(c2), "code2", 30)["archived"] == 1
+    assert [m["subject"] for m in fleet.remote_messages()] == ["m1"]
+    assert any("state refs of 6 servers" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    monkeypatch.undo()  # every receipt read: every server has read the broadcast
+    assert archive_mailbox(Clone(c2), "code2", 30)["archived"] == 1
+    assert fleet.remote_messages() == []

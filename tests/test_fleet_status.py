@@ -472,3 +472,28 @@ def test_a_mailbox_over_the_bound_is_critical(tmp_path, capsys, monkeypatch):
     assert code == 2 and _row(report, "code2")["state"] == LIVE
     assert any("--repair" in p["text"] and "more than the 100" in p["text"] and p["level"] == CRITICAL
                for p in report["problems"])
+
+
+def test_a_fleet_crowded_with_state_refs_is_read_up_to_the_bound_named_servers_first(tmp_path, capsys,
+                                                                                      monkeypatch):
+    """Ephemeral servers leave their state refs behind, and any member can push more: a look
+    reads at most MAX_STATE_SERVERS servers' refs, the roster's and the mailbox's first, and
+    says how many it left out."""
+    import fleet_state
+    from fleet_state import REF_PREFIX
+
+    fleet = _fleet(tmp_path, _msg("m1", "zz-build", "zz-code", "hello", 60),
+                   roster=[{"id": "zz-roster"}])
+    for server in ("zz-code", "zz-build", "zz-roster", "crowd"):
+        _publish(fleet, server)
+    tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}crowd")
+    git(fleet.origin, "update-ref", "--stdin",
+        input="".join(f"create {REF_PREFIX}ghost{n:02d} {tip}\n" for n in range(20)).encode())
+    monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 10)
+    code, report = _status(fleet, capsys)
+    for server in ("zz-code", "zz-build", "zz-roster"):  # they sort after the crowd, and are read
+        assert _row(report, server)["state"] == LIVE
+    read = {row["id"] for row in report["servers"] if row["state"] != NEVER_SEEN}
+    assert read == {"zz-code", "zz-build", "zz-roster", "crowd", *(f"ghost{n:02d}" for n in range(6))}
+    assert any("state refs of 24 servers; 14 of them are not read" in p["text"] for p in report["problems"])
+    assert code == 1

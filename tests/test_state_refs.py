@@ -120,6 +120,42 @@ def test_where_ref_names_are_case_blind_only_server_ids_are_fetched(fleet):
     assert set(Clone(b).refs_in("refs/fleet/")) == {"refs/fleet/code2"}
 
 
+@pytest.mark.parametrize("case_blind", [False, True])
+def test_a_look_reads_a_bounded_number_of_state_refs_the_named_servers_first(fleet, monkeypatch, caplog,
+                                                                              case_blind):
+    """Any member can push state refs, and ephemeral servers leave theirs behind: a look reads
+    at most MAX_STATE_SERVERS of them, those of the servers it was told of first, and says how
+    many it left out. A case-blind clone fetches them by name; past a few dozen, the refspecs
+    reach git on standard input (a Windows command line holds a few hundred)."""
+    import fleet_state
+
+    a, reader_clone, crowd = fleet.clone("zz-code2"), fleet.clone("build1"), fleet.clone("crowd")
+    StateStore(Clone(a)).update("zz-code2", StateChange(read=[("m1", "build1")]))
+    StateStore(Clone(crowd)).update("crowd", StateChange(read=[("m2", "build1")]))
+    tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}crowd")
+    git(fleet.origin, "update-ref", "--stdin",
+        input="".join(f"create {REF_PREFIX}ghost{n:02d} {tip}\n" for n in range(40)).encode())
+    if case_blind:
+        git(reader_clone, "config", "core.ignorecase", "true")
+    monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 36)
+    monkeypatch.setattr(fleet_state, "REFSPECS_IN_ARGV", 8)
+    reader = StateStore(Clone(reader_clone))
+    reader.mirror_fleet(first=["zz-code2"])
+    fetched = Clone(reader_clone).refs_in(REF_PREFIX)
+    assert len(fetched) == (36 if case_blind else 42)  # by name: the bound; by pattern: all of them
+    mirrors = reader.mirrored(first=["zz-code2"])
+    assert len(mirrors) == 36 and reader.left_out == 6
+    assert "zz-code2" in mirrors.values()  # named: read although it sorts last
+    assert reader.read_all(mirrors.values())["zz-code2"].has_read(("m1", "build1"))
+    git(fleet.origin, "update-ref", "-d", f"{REF_PREFIX}zz-code2")
+    reader.mirror_fleet(first=["zz-code2"])  # gone on the remote: gone here too
+    assert f"{REF_PREFIX}zz-code2" not in Clone(reader_clone).refs_in(REF_PREFIX)
+    archiver = StateStore(Clone(fleet.clone("archiver")))  # the listed path (the archive's)
+    archiver.fetch(first=["crowd"])
+    assert len(Clone(fleet.clones["archiver"]).refs_in(REF_PREFIX)) == 36 and archiver.left_out == 5
+    assert archiver.read_all()["crowd"].has_read(("m2", "build1")) and archiver.left_out == 5
+
+
 def test_history_never_grows(fleet):
     store = StateStore(Clone(fleet.clone("code2")))
     for n in range(5):
