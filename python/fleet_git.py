@@ -905,18 +905,45 @@ class Clone:
         """:meth:`read_objects`, leaving out each object over ``max_bytes`` (the batch is read
         again without it), so that one oversized object, which another server may have written,
         cannot keep the others from being read. Returns (spec -> what ``cat-file`` gave, spec ->
-        why it was left out)."""
-        wanted = list(specs)
+        why it was left out).
+
+        A spec that names an object by its id (``<oid>`` or ``<oid>:<path>``) is read from loose
+        objects when it can be (:meth:`ObjectStore.walk_loose`): after a small fetch what moved
+        is loose, and a look at the fleet then needs no ``cat-file`` for it."""
+        found: Dict[str, Optional[Tuple[str, str, bytes]]] = {}
         left_out: Dict[str, ObjectTooLarge] = {}
+        wanted = []
+        for spec in specs:
+            oid, _, path = spec.partition(":")
+            try:
+                loose = self._read_loose_spec(oid, path, max_bytes) if _is_oid(oid, self.hexlen) else None
+            except TooLarge as exc:
+                left_out[spec] = ObjectTooLarge(["git", "cat-file", spec], f"{spec}: {exc}", exc.oid)
+                continue
+            if loose is None:
+                wanted.append(spec)
+            else:
+                found[spec] = loose[0]
         while True:
             try:
-                return dict(zip(wanted, self.read_objects(wanted, max_bytes))), left_out
+                found.update(zip(wanted, self.read_objects(wanted, max_bytes)))
+                return found, left_out
             except ObjectTooLarge as exc:
                 spec = exc.argv[-1]
                 if spec not in wanted:
                     raise
                 wanted.remove(spec)
                 left_out[spec] = exc
+
+    def _read_loose_spec(self, oid: str, path: str,
+                         max_bytes: int) -> Optional[Tuple[Optional[Tuple[str, str, bytes]]]]:
+        """``(what cat-file would give for <oid>[:<path>],)`` from loose objects alone; ``None``
+        when git has to read it."""
+        if not path:
+            item = self.objects.read_loose(oid, max_bytes)
+            return None if item is None else ((oid, item[0], item[1]),)
+        walked = self.objects.walk_loose(oid, path, max_bytes)
+        return None if walked is None else (walked[-1],)
 
     @staticmethod
     def _read_one(proc: "subprocess.Popen[bytes]", spec: str, max_bytes: int) -> Optional[Tuple[str, str, bytes]]:

@@ -225,12 +225,13 @@ def take_snapshot(clone: Clone) -> Snapshot:
         snap.problems.append((WARNING, f"the remote holds the state refs of {held} servers; {store.left_out} "
                                        "of them are not read (the roster's and those the mailbox names go first)"))
     snap.state_servers = sorted(set(mirrors.values()))
-    # By their local mirrors' names: cat-file resolves them itself (a server id has no character
-    # that could end or split a spec).
-    wanted = {f"{local}:{STATE_FILE}": server for local, server in sorted(mirrors.items())}
-    for spec, item in _read_states(clone, wanted, snap).items():
-        server = wanted[spec]
+    # By the ids the mirrors held when listed (loose objects are read without a process; two
+    # refs may hold one commit).
+    wanted = [(f"{store.tips[local]}:{STATE_FILE}", server) for local, server in sorted(mirrors.items())]
+    found = _read_states(clone, wanted, snap)
+    for spec, server in wanted:
         state = snap.states.setdefault(server, ServerState(server))
+        item = found.get(spec)
         if item is None or item[1] != "blob":
             continue
         try:
@@ -252,13 +253,14 @@ def _named_servers(snap: Snapshot) -> Set[str]:
     return named
 
 
-def _read_states(clone: Clone, wanted: Mapping[str, str], snap: Snapshot) -> Dict[str, Any]:
-    """What ``cat-file`` gives for each state file spec; one over the bound is left out, with a
-    warning (one server's state cannot stop the look)."""
-    found, left_out = clone.read_objects_within(list(wanted), MAX_STATE_BYTES)
-    for spec, exc in left_out.items():
-        snap.states.setdefault(wanted[spec], ServerState(wanted[spec]))
-        snap.problems.append((WARNING, f"state ref of {wanted[spec]} ignored: {exc.reason}"))
+def _read_states(clone: Clone, wanted: Sequence[Tuple[str, str]], snap: Snapshot) -> Dict[str, Any]:
+    """What ``cat-file`` gives for each (state file spec, server); one over the bound is left
+    out, with a warning (one server's state cannot stop the look)."""
+    found, left_out = clone.read_objects_within(sorted({spec for spec, _ in wanted}), MAX_STATE_BYTES)
+    for spec, server in wanted:
+        if spec in left_out:
+            snap.states.setdefault(server, ServerState(server))
+            snap.problems.append((WARNING, f"state ref of {server} ignored: {left_out[spec].reason}"))
     return found
 
 

@@ -286,6 +286,7 @@ class StateStore:
         self._own: Dict[str, Tuple[str, str]] = {}
         self.last_view: Optional[RemoteView] = None
         self.left_out = 0  # servers whose state refs the last pick left out
+        self.tips: Dict[str, str] = {}  # the mirrors' ids as last read (by mirrored(), say)
         self._unfetched = 0  # servers whose state refs the last listed fetch of all left out
 
     # ----------------------------------------------------------------- polling and fetching
@@ -445,7 +446,8 @@ class StateStore:
                            input="".join(f"delete {local}\n" for local in gone).encode("utf-8"))
 
     def _local_refs(self) -> List[str]:
-        return sorted(self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX))
+        self.tips = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
+        return sorted(self.tips)
 
     def mirrored(self, first: Iterable[str] = ()) -> Dict[str, str]:
         """The state refs mirrored in this clone, both names, of at most
