@@ -21,7 +21,7 @@ import datetime as _dt
 import logging
 import re
 
-from fleet_common import is_valid_server_id, utc_now
+from fleet_common import SuiteError, is_valid_server_id, utc_now
 from fleet_mailbox import (
     MAILBOX_PATH,
     Mailbox,
@@ -175,20 +175,34 @@ def plan_archive(data: Dict[str, Any], days: float, now: Optional[_dt.datetime] 
 
 def state_receipts(clone: Any) -> Tuple[Dict[str, Set[MessageKey]], Dict[str, Set[MessageKey]], bool]:
     """(read receipts, acknowledgements, whether they are every server's) of the state refs,
-    freshly fetched: at most ``fleet_state.MAX_STATE_SERVERS`` servers' are read."""
+    freshly fetched: at most ``fleet_state.MAX_STATE_SERVERS`` servers' are read, past that those
+    the roster and the mailbox at the fetched tip name first (their mail is what can move)."""
     from fleet_state import MAX_STATE_SERVERS, StateStore
 
     store = StateStore(clone)
-    store.fetch()
+    view = store.poll()
+    named = _named_at_tip(clone) if len(view.servers()) > MAX_STATE_SERVERS else set()
+    store.fetch(view=view, first=named)
     read: Dict[str, Set[MessageKey]] = {}
     acked: Dict[str, Set[MessageKey]] = {}
-    for name, state in store.read_all().items():
+    for name, state in store.read_all(first=named).items():
         read[name] = set(state.read) | set(state.acks)
         acked[name] = set(state.acks)
     if store.left_out:
         log.warning("the remote holds the state refs of %d servers; the archive read %d and keeps every "
                     "broadcast", MAX_STATE_SERVERS + store.left_out, MAX_STATE_SERVERS)
     return read, acked, not store.left_out
+
+
+def _named_at_tip(clone: Any) -> Set[str]:
+    """The servers the roster and the mailbox name at the clone's fetched tip (none when it
+    cannot be read: the archive pass itself then says why)."""
+    tip = clone.tip()
+    try:
+        data = Mailbox(clone).read(tip)[1] if tip else {}
+    except SuiteError:
+        data = {}
+    return known_servers(data, read_roster(clone, tip) or ()) if tip else set()
 
 
 def fold_receipts(msg: Dict[str, Any], read: Receipts, acked: Receipts) -> Dict[str, Any]:

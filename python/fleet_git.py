@@ -914,12 +914,16 @@ class Clone:
         left_out: Dict[str, ObjectTooLarge] = {}
         wanted = []
         for spec in specs:
-            oid, _, path = spec.partition(":")
+            oid, colon, path = spec.partition(":")
             try:
-                loose = self._read_loose_spec(oid, path, max_bytes) if _is_oid(oid, self.hexlen) else None
+                loose = (self._read_loose_spec(oid, path, max_bytes)
+                         if _is_oid(oid, self.hexlen) and bool(colon) == bool(path) else None)
             except TooLarge as exc:
-                left_out[spec] = ObjectTooLarge(["git", "cat-file", spec], f"{spec}: {exc}", exc.oid)
-                continue
+                if path:  # perhaps a commit or tree on the way: git says what it makes of it
+                    loose = None
+                else:
+                    left_out[spec] = ObjectTooLarge(["git", "cat-file", spec], f"{spec}: {exc}", exc.oid)
+                    continue
             if loose is None:
                 wanted.append(spec)
             else:

@@ -319,13 +319,17 @@ class Inbox:
 
     # ----------------------------------------------------------------- fetching and reading
 
-    def _sync_fleet(self) -> List[str]:
+    def _sync_fleet(self) -> None:
         """The shared branch and every server's state ref in one ``git fetch``
-        (:meth:`StateStore.mirror_fleet`), for what needs other servers' receipts (:meth:`acks`);
-        returns the servers that have a state ref (at most ``MAX_STATE_SERVERS``, this one first)."""
+        (:meth:`StateStore.mirror_fleet`), for what needs other servers' receipts (:meth:`acks`)."""
         if self.store.mirror_fleet(first=[self.server]) is None:
             raise BranchMissing(self.clone.branch, ["git", "fetch", "origin", self.clone.branch], None)
-        servers = sorted(set(self.store.mirrored(first=[self.server]).values()))
+
+    def _state_servers(self, named: Set[str]) -> List[str]:
+        """After :meth:`_sync_fleet`: the servers that have a state ref, at most
+        ``MAX_STATE_SERVERS``, the ``named`` ones (and their refs) first."""
+        self.store.fetch_named(named)
+        servers = sorted(set(self.store.mirrored(first=named).values()))
         if self.store.left_out:
             log.warning("the remote holds the state refs of %d servers; %d of them are not read",
                         len(servers) + self.store.left_out, self.store.left_out)
@@ -675,7 +679,7 @@ class Inbox:
         """What this server owes (mail to it that requires an acknowledgement it has not given)
         and what it is owed (its own such mail: who acknowledged, who not yet, for how long).
         A broadcast waits on every server that has a state ref or has read it."""
-        everyone = set(self._sync_fleet())
+        self._sync_fleet()
         hot = self._hot()
         mine = [e for e in hot if _sender(e.msg) == self.server and _truthy(e.msg.get("ack_required"))]
         wanted: Set[str] = {self.server}
@@ -686,6 +690,7 @@ class Inbox:
                 broadcast = True
             else:
                 wanted |= rcpt
+        everyone = set(self._state_servers(wanted))
         if broadcast:
             wanted |= everyone
         states = self._states(wanted)

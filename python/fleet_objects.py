@@ -253,8 +253,8 @@ class ObjectStore:
                 body = start[nul + 1:] + inflate.decompress(inflate.unconsumed_tail + handle.read())
         except (OSError, zlib.error):
             return None
-        if int(size) != len(body) or not inflate.eof:
-            return None
+        if int(size) != len(body) or not inflate.eof or inflate.unused_data:
+            return None  # git reads it, and says what is wrong with it
         return kind.decode("ascii", "replace"), body
 
     def walk_loose(self, commit: str, path: str, max_bytes: int) -> Optional[List[ReadResult]]:
@@ -276,9 +276,13 @@ class ObjectStore:
                 return None
             out.append((oid, "tree", tree[1]))
             try:
-                entry = next((e for e in parse_tree(tree[1], self.hexlen) if e[3] == name), None)
+                entries = parse_tree(tree[1], self.hexlen)
             except (ValueError, UnicodeDecodeError):
                 return None  # git reads it and says what is wrong with it
+            keys = [e[3] + "/" if e[1] == "tree" else e[3] for e in entries]
+            if any(a >= b for a, b in zip(keys, keys[1:])):
+                return None  # out of git's order: git's lookup may stop early, so git looks
+            entry = next((e for e in entries if e[3] == name), None)
             if entry is None:  # absent: the rest of the path does not exist either
                 out.extend([None] * (len(parts) - depth))
                 return out

@@ -219,7 +219,9 @@ def take_snapshot(clone: Clone) -> Snapshot:
         snap.roster = read_roster(clone, snap.tip)
         if snap.roster.problem:
             snap.problems.append((WARNING, snap.roster.problem))
-    mirrors = store.mirrored(first=_named_servers(snap))
+    named = _named_servers(snap)
+    store.fetch_named(named)  # where refs are fetched by name, a crowd must not hide these
+    mirrors = store.mirrored(first=named)
     if store.left_out:
         held = len(set(mirrors.values())) + store.left_out
         snap.problems.append((WARNING, f"the remote holds the state refs of {held} servers; {store.left_out} "

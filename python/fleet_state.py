@@ -288,6 +288,7 @@ class StateStore:
         self.left_out = 0  # servers whose state refs the last pick left out
         self.tips: Dict[str, str] = {}  # the mirrors' ids as last read (by mirrored(), say)
         self._unfetched = 0  # servers whose state refs the last listed fetch of all left out
+        self._listed: Optional[RemoteView] = None  # that listing, while it left some out
 
     # ----------------------------------------------------------------- polling and fetching
 
@@ -314,7 +315,7 @@ class StateStore:
         return self.clone.read_ref(local_ref)
 
     def refspecs_to_fetch(self, view: RemoteView, servers: Optional[Iterable[str]] = None,
-                          first: Iterable[str] = ()) -> List[str]:
+                          first: Iterable[str] = (), then: Iterable[str] = ()) -> List[str]:
         """Refspecs for the state refs whose remote tip differs from the local mirror, of these
         servers or, when ``None``, of at most :data:`MAX_STATE_SERVERS` (:meth:`pick`)."""
         wanted = None if servers is None else {normalize_server_id(s) for s in servers}
@@ -324,22 +325,22 @@ class StateStore:
             if parsed is not None and (wanted is None or parsed[0] in wanted):
                 found.setdefault(parsed[0], []).append((ref, parsed[1], oid))
         specs = []
-        for server in (sorted(found) if wanted is not None else self.pick(found, first)):
+        for server in (sorted(found) if wanted is not None else self.pick(found, first, then)):
             for ref, local, oid in sorted(found[server]):
                 if self.local_tip(local) != oid:
                     specs.append(f"+{ref}:{local}")
         return specs
 
-    def pick(self, servers: Iterable[str], first: Iterable[str] = ()) -> List[str]:
+    def pick(self, servers: Iterable[str], first: Iterable[str] = (), then: Iterable[str] = ()) -> List[str]:
         """At most :data:`MAX_STATE_SERVERS` of ``servers``, in name order: those in ``first``
-        (the roster's, the mailbox's) before the rest. How many were left out is kept in
-        :attr:`left_out`, for the caller to say."""
+        (the roster's, the mailbox's), then those in ``then``, before the rest. How many were
+        left out is kept in :attr:`left_out`, for the caller to say."""
         names = sorted(set(servers))
         self.left_out = max(0, len(names) - MAX_STATE_SERVERS)
         if not self.left_out:
             return names
-        preferred = set(first)
-        names.sort(key=lambda name: name not in preferred)  # stable: in name order within each
+        tier1, tier2 = set(first), set(then)
+        names.sort(key=lambda name: 0 if name in tier1 else 1 if name in tier2 else 2)  # stable
         return sorted(names[:MAX_STATE_SERVERS])
 
     def fetch(self, servers: Optional[Iterable[str]] = None, view: Optional[RemoteView] = None,
@@ -441,9 +442,18 @@ class StateStore:
         present = {parse_state_ref(ref)[1] for ref in view.state_tips}  # type: ignore[index]
         gone = [local for local in self._local_refs()
                 if local not in present and (wanted is None or local.rsplit("/", 1)[-1] in wanted)]
-        if gone:  # one process, one transaction (a mirror locked meanwhile: the next look deletes them)
-            self.clone.git("update-ref", "--stdin", check=False,
-                           input="".join(f"delete {local}\n" for local in gone).encode("utf-8"))
+        if not gone:
+            return
+        # One process for all; the transaction is all or nothing, so when one of them is locked
+        # (a process killed while it wrote it) the others are deleted one by one.
+        batch = self.clone.git("update-ref", "--stdin", check=False,
+                               input="".join(f"delete {local}\n" for local in gone).encode("utf-8"))
+        if batch.returncode != 0:
+            kept = [local for local in gone
+                    if self.clone.git("update-ref", "-d", local, check=False).returncode != 0]
+            if kept:
+                log.warning("%d mirrors of state refs deleted on the remote stay in this clone (locked): %s",
+                            len(kept), ", ".join(kept[:5]))
 
     def _local_refs(self) -> List[str]:
         self.tips = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
@@ -478,8 +488,9 @@ class StateStore:
         case-blind (``core.ignorecase``: Windows, macOS), a ref such as ``refs/fleet/CODE2`` would
         land on code2's mirror, so there the remote is listed first and only lower-case server ids
         are fetched, of at most :data:`MAX_STATE_SERVERS` servers (``first``, then those mirrored
-        already, first). Returns the branch's tip, ``None`` when the remote has no such branch (the
-        state refs are fetched all the same).
+        already, first; :meth:`fetch_named` then brings those of the servers the fetched branch
+        names). Returns the branch's tip, ``None`` when the remote has no such branch (the state
+        refs are fetched all the same).
         """
         view = self.poll() if self.clone.setting_is_true("core.ignorecase") else None
         options = () if view is not None else ("--prune",)
@@ -488,12 +499,13 @@ class StateStore:
         def specs() -> List[str]:
             if view is not None:
                 held = (local.rsplit("/", 1)[-1] for local in before)
-                return self.refspecs_to_fetch(view, first={*first, *held})
+                return self.refspecs_to_fetch(view, first=first, then=held)
             return [f"+{REF_PREFIX}*:{REF_PREFIX}*", f"+{FALLBACK_PREFIX}*:{LOCAL_FALLBACK_PREFIX}*"]
 
         before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
         wanted = specs()
         self._unfetched = max(0, len(view.servers()) - MAX_STATE_SERVERS) if view is not None else 0
+        self._listed = view if self._unfetched else None
         side = None
         if wanted:
             config, args, refspecs = self._fetch_command(wanted, options)
@@ -510,6 +522,20 @@ class StateStore:
         if view is not None:
             self.drop_vanished(view)
         return tip
+
+    def fetch_named(self, named: Iterable[str]) -> None:
+        """After :meth:`mirror_fleet` left some state refs unfetched (a clone that fetches them by
+        name, past :data:`MAX_STATE_SERVERS`): fetch those of the ``named`` servers (the roster's,
+        the mailbox's; at most that many), so a crowd of other refs cannot hide them. Nothing to
+        do otherwise: by pattern every ref was fetched."""
+        view = self._listed
+        if view is None:
+            return
+        present = set(view.servers())
+        wanted = sorted({normalize_server_id(s) for s in named if is_valid_server_id(s)} & present)
+        wanted = wanted[:MAX_STATE_SERVERS]
+        if wanted:
+            self._fetch_states(lambda: self.refspecs_to_fetch(view, wanted), locks_are_fatal=False)
 
     def read(self, server: str) -> ServerState:
         """``server``'s state as last fetched (both ref names merged); empty when it has none.
@@ -543,10 +569,10 @@ class StateStore:
             return ServerState(server)
         return ServerState.from_bytes(raw, server)
 
-    def read_all(self, servers: Optional[Iterable[str]] = None) -> Dict[str, ServerState]:
+    def read_all(self, servers: Optional[Iterable[str]] = None, first: Iterable[str] = ()) -> Dict[str, ServerState]:
         """The state of these servers, or of every server mirrored here (at most
-        :data:`MAX_STATE_SERVERS`, :attr:`left_out` says how many more)."""
-        names = self.known_servers() if servers is None else [normalize_server_id(s) for s in servers]
+        :data:`MAX_STATE_SERVERS`, ``first`` first; :attr:`left_out` says how many more)."""
+        names = self.known_servers(first) if servers is None else [normalize_server_id(s) for s in servers]
         return {name: self.read(name) for name in names}
 
     # ----------------------------------------------------------------- writing

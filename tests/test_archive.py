@@ -194,3 +194,20 @@ def test_more_state_refs_than_a_reader_reads_keep_every_broadcast(tmp_path, monk
     monkeypatch.undo()  # every receipt read: every server has read the broadcast
     assert archive_mailbox(Clone(c2), "code2", 30)["archived"] == 1
     assert fleet.remote_messages() == []
+
+
+def test_a_crowd_of_state_refs_cannot_keep_the_recipients_receipts_from_the_archive(tmp_path, monkeypatch):
+    """Refs named to sort before every real server do not crowd out the receipts of the servers
+    the mailbox names: direct mail their receipts say was read still moves."""
+    import fleet_state
+    from fleet_state import REF_PREFIX, StateChange, StateStore
+
+    direct = msg(1, 40, to="zz-code2")
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [direct]}, indent=2).encode())
+    StateStore(Clone(fleet.clone("zz-code2"))).update("zz-code2", StateChange(read=[message_key(direct)]))
+    tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}zz-code2")
+    git(fleet.origin, "update-ref", "--stdin",
+        input="".join(f"create {REF_PREFIX}aaa{n} {tip}\n" for n in range(5)).encode())
+    monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 3)
+    assert archive_mailbox(Clone(fleet.clone("build1")), "build1", 30)["archived"] == 1
+    assert fleet.remote_messages() == []

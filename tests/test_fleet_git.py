@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import git
 
-from fleet_git import MAX_OBJECT_BYTES, Clone, ObjectTooLarge, run_git
+from fleet_git import MAX_OBJECT_BYTES, Clone, GitError, ObjectTooLarge, run_git
 
 
 def test_trees_written_by_the_transaction_pass_fsck(fleet):
@@ -201,3 +201,58 @@ def test_refs_in_a_folder_are_read_like_git_reads_them(fleet):
     assert Clone(c2).refs_in("refs/fleet/") == {"refs/fleet/a": other}
     git(c2, "symbolic-ref", "refs/fleet/s", "refs/fleet/a")  # only git reads that: it is asked
     assert Clone(c2).refs_in("refs/fleet/") == {"refs/fleet/a": other, "refs/fleet/s": other}
+
+
+def test_objects_read_loose_are_what_cat_file_gives(tmp_path, monkeypatch):
+    """read_objects_within reads ``<oid>`` and ``<oid>:<path>`` from loose objects when it can;
+    whatever the object (absent path, a tree where a file is, an unsorted tree, a commit over
+    the bound on the way to a small file, trailing or missing bytes), the answer is git's."""
+    repo = tmp_path / "r"
+    git(tmp_path, "init", "-q", str(repo))
+    git(repo, "remote", "add", "origin", str(tmp_path / "nowhere.git"))
+
+    def obj(kind: str, data: bytes) -> str:
+        return git(repo, "hash-object", "-w", "-t", kind, "--literally", "--stdin", input=data)
+
+    def tree(*entries):  # raw, in the order given
+        return obj("tree", b"".join(m + b" " + n + b"\0" + bytes.fromhex(o) for m, n, o in entries))
+
+    def commit(top: str, text: str = "m") -> str:
+        return obj("commit", f"tree {top}\nauthor a <a> 1 +0000\ncommitter a <a> 1 +0000\n\n{text}\n".encode())
+
+    def damaged(oid: str, change) -> str:
+        path = repo / ".git" / "objects" / oid[:2] / oid[2:]
+        os.chmod(path, 0o644)
+        path.write_bytes(change(path.read_bytes()))
+        return oid
+
+    blob = obj("blob", b'{"version": 1}')
+    small = tree((b"100644", b"state.json", blob))
+    cases = {
+        "file": (f"{commit(small)}:state.json", 4096),
+        "absent": (f"{commit(tree((b'100644', b'other', blob)))}:state.json", 4096),
+        "a folder": (f"{commit(tree((b'40000', b'state.json', tree((b'100644', b'x', blob)))))}:state.json", 4096),
+        "unsorted": (f"{commit(tree((b'100644', b'z', blob), (b'100644', b'state.json', blob)))}:state.json", 4096),
+        "over the bound": (f"{commit(tree((b'100644', b'state.json', obj('blob', b'x' * 5000))))}:state.json", 4096),
+        "big commit, small file": (f"{commit(small, 'y' * 3000)}:state.json", 1024),
+        "root tree": (f"{commit(small)}:", 4096),
+        "commit": (commit(small, "plain"), 4096),
+        "trailing bytes": (damaged(commit(small, "trailing"), lambda raw: raw + b"GARBAGE"), 4096),
+        "truncated": (damaged(commit(small, "cut"), lambda raw: raw[:-4]), 4096),
+        "missing": ("0" * 40, 4096),
+    }
+
+    def answers():
+        clone, out = Clone(repo), {}
+        for name, (spec, limit) in cases.items():
+            try:
+                found, left_out = clone.read_objects_within([spec], limit)
+                out[name] = (found.get(spec, "left out"), {k: v.reason for k, v in left_out.items()})
+            except GitError as exc:
+                out[name] = (type(exc).__name__, str(exc))
+        return out
+
+    loose = answers()
+    monkeypatch.setenv("FLEET_GIT_PLUMBING", "1")
+    assert answers() == loose
+    assert loose["unsorted"][0] is None and loose["big commit, small file"][0][2] == b'{"version": 1}'

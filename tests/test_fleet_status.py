@@ -474,21 +474,28 @@ def test_a_mailbox_over_the_bound_is_critical(tmp_path, capsys, monkeypatch):
                for p in report["problems"])
 
 
+@pytest.mark.parametrize("case_blind", [False, True])
 def test_a_fleet_crowded_with_state_refs_is_read_up_to_the_bound_named_servers_first(tmp_path, capsys,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, case_blind):
     """Ephemeral servers leave their state refs behind, and any member can push more: a look
     reads at most MAX_STATE_SERVERS servers' refs, the roster's and the mailbox's first, and
-    says how many it left out."""
+    says how many it left out. Where refs are fetched by name (case-blind), the bound applies
+    to the fetch too, and the named servers' refs are fetched once the branch names them, even
+    after an earlier look filled the clone with the crowd."""
     import fleet_state
     from fleet_state import REF_PREFIX
 
     fleet = _fleet(tmp_path, _msg("m1", "zz-build", "zz-code", "hello", 60),
                    roster=[{"id": "zz-roster"}])
-    for server in ("zz-code", "zz-build", "zz-roster", "crowd"):
-        _publish(fleet, server)
+    _publish(fleet, "crowd")
     tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}crowd")
     git(fleet.origin, "update-ref", "--stdin",
         input="".join(f"create {REF_PREFIX}ghost{n:02d} {tip}\n" for n in range(20)).encode())
+    if case_blind:
+        git(_viewer(fleet), "config", "core.ignorecase", "true")
+        StateStore(Clone(_viewer(fleet))).mirror_fleet()  # a look that mirrored the crowd alone
+    for server in ("zz-code", "zz-build", "zz-roster"):
+        _publish(fleet, server)
     monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 10)
     code, report = _status(fleet, capsys)
     for server in ("zz-code", "zz-build", "zz-roster"):  # they sort after the crowd, and are read

@@ -554,3 +554,22 @@ def test_acks_read_past_a_state_ref_that_stays_locked_in_the_clone(fleet):
     lock.unlink()
     item = Inbox(str(b1), "build1").acks()["owed_to_me"][0]
     assert item["acknowledged_by"] == ["code2", "code3"] and item["waiting_on"] == []
+
+
+@pytest.mark.parametrize("case_blind", [False, True])
+def test_acks_owed_to_me_are_read_past_a_crowd_of_state_refs(fleet, monkeypatch, case_blind):
+    """Past the bound on state refs read, the recipients of this server's own mail come first:
+    a crowd of refs that sort before them cannot hide their acknowledgements."""
+    import fleet_state
+
+    b1, c2 = fleet.clone("build1"), fleet.clone("zz-code2")
+    direct = send(b1, "Rotate the keys", "build1", to="zz-code2", ack_required=True, subject="Keys")
+    Inbox(str(c2), "zz-code2").acknowledge(direct, message=False)
+    tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}zz-code2")
+    git(fleet.origin, "update-ref", "--stdin",
+        input="".join(f"create {REF_PREFIX}ghost{n:02d} {tip}\n" for n in range(10)).encode())
+    if case_blind:
+        git(b1, "config", "core.ignorecase", "true")
+    monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 5)
+    owed = Inbox(str(b1), "build1").acks()["owed_to_me"]
+    assert [(o["acknowledged_by"], o["waiting_on"]) for o in owed] == [(["zz-code2"], [])]

@@ -282,3 +282,19 @@ def test_merge_keeps_newest_presence():
     assert old.presence["activity"] == "new"
     new.merge(old)
     assert new.presence["activity"] == "new"
+
+
+def test_mirrors_of_deleted_refs_go_even_when_one_of_them_is_locked(fleet, caplog):
+    """A mirror left locked (a process killed while it wrote it) keeps only itself: the other
+    mirrors of refs deleted on the remote are still dropped, and the one kept is said."""
+    for server in ("aa", "bb", "cc"):
+        StateStore(Clone(fleet.clone(server))).update(server, StateChange(read=[("m1", "x")]))
+    reader = fleet.clone("reader")
+    StateStore(Clone(reader)).fetch()
+    for server in ("aa", "bb", "cc"):
+        git(fleet.origin, "update-ref", "-d", f"{REF_PREFIX}{server}")
+    (reader / ".git" / "refs" / "fleet" / "bb.lock").write_text("")
+    store = StateStore(Clone(reader))
+    store.fetch()
+    assert sorted(store.read_all()) == ["bb"]
+    assert any("refs/fleet/bb" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
