@@ -175,17 +175,17 @@ def plan_archive(data: Dict[str, Any], days: float, now: Optional[_dt.datetime] 
 
 def state_receipts(clone: Any) -> Tuple[Dict[str, Set[MessageKey]], Dict[str, Set[MessageKey]], bool]:
     """(read receipts, acknowledgements, whether they are every server's) of the state refs,
-    freshly fetched: at most ``fleet_state.MAX_STATE_SERVERS`` servers' are read, past that those
-    the roster and the mailbox at the fetched tip name first (their mail is what can move)."""
+    freshly fetched: at most ``fleet_state.MAX_STATE_SERVERS`` servers' are read, past that the
+    roster's first, then those the mailbox at the fetched tip names (their mail is what can move)."""
     from fleet_state import MAX_STATE_SERVERS, StateStore
 
     store = StateStore(clone)
     view = store.poll()
-    named = _named_at_tip(clone) if len(view.servers()) > MAX_STATE_SERVERS else set()
-    store.fetch(view=view, first=named)
+    roster, mail = _named_at_tip(clone) if len(view.servers()) > MAX_STATE_SERVERS else (set(), set())
+    store.fetch(view=view, first=roster, then=mail)
     read: Dict[str, Set[MessageKey]] = {}
     acked: Dict[str, Set[MessageKey]] = {}
-    for name, state in store.read_all(first=named).items():
+    for name, state in store.read_all(first=roster, then=mail).items():
         read[name] = set(state.read) | set(state.acks)
         acked[name] = set(state.acks)
     if store.left_out:
@@ -194,15 +194,17 @@ def state_receipts(clone: Any) -> Tuple[Dict[str, Set[MessageKey]], Dict[str, Se
     return read, acked, not store.left_out
 
 
-def _named_at_tip(clone: Any) -> Set[str]:
-    """The servers the roster and the mailbox name at the clone's fetched tip (none when it
-    cannot be read: the archive pass itself then says why)."""
+def _named_at_tip(clone: Any) -> Tuple[Set[str], Set[str]]:
+    """(the roster's servers, those the mailbox names) at the clone's fetched tip; none when
+    they cannot be read (the archive pass itself then says why)."""
     tip = clone.tip()
+    if not tip:
+        return set(), set()
     try:
-        data = Mailbox(clone).read(tip)[1] if tip else {}
+        data = Mailbox(clone).read(tip)[1]
     except SuiteError:
         data = {}
-    return known_servers(data, read_roster(clone, tip) or ()) if tip else set()
+    return set(read_roster(clone, tip) or ()), known_servers(data)
 
 
 def fold_receipts(msg: Dict[str, Any], read: Receipts, acked: Receipts) -> Dict[str, Any]:

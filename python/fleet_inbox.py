@@ -327,9 +327,9 @@ class Inbox:
 
     def _state_servers(self, named: Set[str]) -> List[str]:
         """After :meth:`_sync_fleet`: the servers that have a state ref, at most
-        ``MAX_STATE_SERVERS``, the ``named`` ones (and their refs) first."""
-        self.store.fetch_named(named)
-        servers = sorted(set(self.store.mirrored(first=named).values()))
+        ``MAX_STATE_SERVERS``, this one, then the ``named`` ones (and their refs), first."""
+        self.store.fetch_named([self.server], named)
+        servers = sorted(set(self.store.mirrored(first=[self.server], then=named).values()))
         if self.store.left_out:
             log.warning("the remote holds the state refs of %d servers; %d of them are not read",
                         len(servers) + self.store.left_out, self.store.left_out)

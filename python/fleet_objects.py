@@ -279,7 +279,7 @@ class ObjectStore:
                 entries = parse_tree(tree[1], self.hexlen)
             except (ValueError, UnicodeDecodeError):
                 return None  # git reads it and says what is wrong with it
-            keys = [e[3] + "/" if e[1] == "tree" else e[3] for e in entries]
+            keys = [e[3].encode("utf-8", "surrogateescape") + (b"/" if e[1] == "tree" else b"") for e in entries]
             if any(a >= b for a, b in zip(keys, keys[1:])):
                 return None  # out of git's order: git's lookup may stop early, so git looks
             entry = next((e for e in entries if e[3] == name), None)

@@ -219,13 +219,13 @@ def take_snapshot(clone: Clone) -> Snapshot:
         snap.roster = read_roster(clone, snap.tip)
         if snap.roster.problem:
             snap.problems.append((WARNING, snap.roster.problem))
-    named = _named_servers(snap)
-    store.fetch_named(named)  # where refs are fetched by name, a crowd must not hide these
-    mirrors = store.mirrored(first=named)
+    roster, mail = set(snap.roster.servers), _mail_servers(snap)
+    store.fetch_named(roster, mail)  # where refs are fetched by name, a crowd must not hide these
+    mirrors = store.mirrored(first=roster, then=mail)
     if store.left_out:
         held = len(set(mirrors.values())) + store.left_out
         snap.problems.append((WARNING, f"the remote holds the state refs of {held} servers; {store.left_out} "
-                                       "of them are not read (the roster's and those the mailbox names go first)"))
+                                       "of them are not read (the roster's first, then those the mailbox names)"))
     snap.state_servers = sorted(set(mirrors.values()))
     # By the ids the mirrors held when listed (loose objects are read without a process; two
     # refs may hold one commit).
@@ -243,9 +243,9 @@ def take_snapshot(clone: Clone) -> Snapshot:
     return snap
 
 
-def _named_servers(snap: Snapshot) -> Set[str]:
-    """The servers the roster and the hot mailbox name (senders and recipients)."""
-    named = set(snap.roster.servers)
+def _mail_servers(snap: Snapshot) -> Set[str]:
+    """The servers the hot mailbox names (senders and recipients)."""
+    named: Set[str] = set()
     for msg in snap.mailbox.get("messages", ()):
         if isinstance(msg, dict):
             sender = msg.get("from")

@@ -25,6 +25,7 @@ rewritten; unknown keys are kept by every write.
 from __future__ import annotations
 
 import json
+import re
 
 from fleet_common import (
     BadInput,
@@ -81,6 +82,8 @@ MAX_STATE_SERVERS: Final = 1000
 # More refspecs than this go to ``git fetch --stdin`` (Windows bounds a command line at 32,767
 # characters, a few hundred refspecs).
 REFSPECS_IN_ARGV: Final = 32
+MAX_LOCKED_MIRRORS: Final = 8  # locked mirrors passed over in one deletion, before all wait for a later look
+_LOCKED_REF = re.compile(r"cannot lock ref '([^']+)'")
 
 
 class StateRefError(SuiteError):
@@ -344,15 +347,15 @@ class StateStore:
         return sorted(names[:MAX_STATE_SERVERS])
 
     def fetch(self, servers: Optional[Iterable[str]] = None, view: Optional[RemoteView] = None,
-              first: Iterable[str] = ()) -> RemoteView:
+              first: Iterable[str] = (), then: Iterable[str] = ()) -> RemoteView:
         """Bring the local mirrors of these servers' state refs (when ``None``, of every server,
         at most :data:`MAX_STATE_SERVERS`, ``first`` first) up to date.
 
         Refs that vanished on the remote are dropped locally, so a deleted state is not read.
         """
         view = view or self.poll()
-        first = list(first)
-        self._fetch_states(lambda: self.refspecs_to_fetch(view, servers, first))
+        first, then = list(first), list(then)
+        self._fetch_states(lambda: self.refspecs_to_fetch(view, servers, first, then))
         self.drop_vanished(view, servers)
         if servers is None:
             self._unfetched = max(0, len(view.servers()) - MAX_STATE_SERVERS)
@@ -442,39 +445,49 @@ class StateStore:
         present = {parse_state_ref(ref)[1] for ref in view.state_tips}  # type: ignore[index]
         gone = [local for local in self._local_refs()
                 if local not in present and (wanted is None or local.rsplit("/", 1)[-1] in wanted)]
-        if not gone:
-            return
-        # One process for all; the transaction is all or nothing, so when one of them is locked
-        # (a process killed while it wrote it) the others are deleted one by one.
-        batch = self.clone.git("update-ref", "--stdin", check=False,
-                               input="".join(f"delete {local}\n" for local in gone).encode("utf-8"))
-        if batch.returncode != 0:
-            kept = [local for local in gone
-                    if self.clone.git("update-ref", "-d", local, check=False).returncode != 0]
-            if kept:
-                log.warning("%d mirrors of state refs deleted on the remote stay in this clone (locked): %s",
-                            len(kept), ", ".join(kept[:5]))
+        # One transaction, all or nothing, without waiting for locks: a mirror that is locked (a
+        # process killed while it wrote it) is left out and the rest deleted again; a lock on all
+        # of them (packed-refs.lock) leaves them for the next look.
+        kept: List[str] = []
+        for _attempt in range(MAX_LOCKED_MIRRORS):
+            if not gone:
+                break
+            proc = self.clone.git("-c", "core.filesRefLockTimeout=0", "-c", "core.packedRefsTimeout=0",
+                                  "update-ref", "--stdin", check=False,
+                                  input="".join(f"delete {local}\n" for local in gone).encode("utf-8"))
+            if proc.returncode == 0:
+                gone = []
+                break
+            locked = _LOCKED_REF.search(proc.stderr.decode("utf-8", "replace"))
+            if locked is None or locked.group(1) not in gone:
+                break
+            gone.remove(locked.group(1))
+            kept.append(locked.group(1))
+        kept += gone
+        if kept:
+            log.warning("%d mirrors of state refs deleted on the remote stay in this clone (locked), until a "
+                        "later look: %s", len(kept), ", ".join(kept[:5]))
 
     def _local_refs(self) -> List[str]:
         self.tips = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
         return sorted(self.tips)
 
-    def mirrored(self, first: Iterable[str] = ()) -> Dict[str, str]:
+    def mirrored(self, first: Iterable[str] = (), then: Iterable[str] = ()) -> Dict[str, str]:
         """The state refs mirrored in this clone, both names, of at most
-        :data:`MAX_STATE_SERVERS` servers (:meth:`pick`, ``first`` first): local ref -> server id
-        (refs whose name is no server id are left out)."""
+        :data:`MAX_STATE_SERVERS` servers (:meth:`pick`: ``first``, then ``then``, first): local
+        ref -> server id (refs whose name is no server id are left out)."""
         found = {}
         for local in self._local_refs():
             name = local.rsplit("/", 1)[-1]
             if is_valid_server_id(name) and name == name.lower():
                 found[local] = name
-        kept = set(self.pick(found.values(), first))
+        kept = set(self.pick(found.values(), first, then))
         self.left_out = max(self.left_out, self._unfetched)
         return {local: name for local, name in found.items() if name in kept}
 
-    def known_servers(self, first: Iterable[str] = ()) -> List[str]:
+    def known_servers(self, first: Iterable[str] = (), then: Iterable[str] = ()) -> List[str]:
         """Servers with a state ref mirrored in this clone (at most :data:`MAX_STATE_SERVERS`)."""
-        return sorted(set(self.mirrored(first).values()))
+        return sorted(set(self.mirrored(first, then).values()))
 
     def mirror_fleet(self, first: Iterable[str] = ()) -> Optional[str]:
         """The shared branch and every server's state ref (both names), the mirrors of refs the
@@ -523,19 +536,29 @@ class StateStore:
             self.drop_vanished(view)
         return tip
 
-    def fetch_named(self, named: Iterable[str]) -> None:
-        """After :meth:`mirror_fleet` left some state refs unfetched (a clone that fetches them by
-        name, past :data:`MAX_STATE_SERVERS`): fetch those of the ``named`` servers (the roster's,
-        the mailbox's; at most that many), so a crowd of other refs cannot hide them. Nothing to
-        do otherwise: by pattern every ref was fetched."""
+    def fetch_named(self, first: Iterable[str], then: Iterable[str] = ()) -> None:
+        """After :meth:`mirror_fleet` fetched the state refs by name and left some out (a
+        case-blind clone, past :data:`MAX_STATE_SERVERS`): fetch those of the servers named in
+        ``first`` (the roster's, say), then in ``then`` (the mailbox's), at most that many, so a
+        crowd of other refs cannot hide them. Nothing to do when nothing was left out. A remote
+        that fails meanwhile (or a ref deleted since the listing) leaves the mirrors as last
+        fetched, with a warning: a stale mirror only shows fewer receipts."""
         view = self._listed
         if view is None:
             return
         present = set(view.servers())
-        wanted = sorted({normalize_server_id(s) for s in named if is_valid_server_id(s)} & present)
+        wanted: List[str] = []
+        for names in (first, then):
+            found = {normalize_server_id(s) for s in names if is_valid_server_id(s)} & present
+            wanted += sorted(found - set(wanted))
         wanted = wanted[:MAX_STATE_SERVERS]
-        if wanted:
+        if not wanted:
+            return
+        try:
             self._fetch_states(lambda: self.refspecs_to_fetch(view, wanted), locks_are_fatal=False)
+        except RemoteUnavailable as exc:
+            log.warning("the state refs of the servers the fleet names could not be fetched; they are read "
+                        "as last fetched: %s", exc)
 
     def read(self, server: str) -> ServerState:
         """``server``'s state as last fetched (both ref names merged); empty when it has none.
@@ -569,10 +592,12 @@ class StateStore:
             return ServerState(server)
         return ServerState.from_bytes(raw, server)
 
-    def read_all(self, servers: Optional[Iterable[str]] = None, first: Iterable[str] = ()) -> Dict[str, ServerState]:
+    def read_all(self, servers: Optional[Iterable[str]] = None, first: Iterable[str] = (),
+                 then: Iterable[str] = ()) -> Dict[str, ServerState]:
         """The state of these servers, or of every server mirrored here (at most
-        :data:`MAX_STATE_SERVERS`, ``first`` first; :attr:`left_out` says how many more)."""
-        names = self.known_servers(first) if servers is None else [normalize_server_id(s) for s in servers]
+        :data:`MAX_STATE_SERVERS`, ``first`` then ``then`` first; :attr:`left_out` says how many
+        more)."""
+        names = self.known_servers(first, then) if servers is None else [normalize_server_id(s) for s in servers]
         return {name: self.read(name) for name in names}
 
     # ----------------------------------------------------------------- writing

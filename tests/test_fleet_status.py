@@ -504,3 +504,24 @@ def test_a_fleet_crowded_with_state_refs_is_read_up_to_the_bound_named_servers_f
     assert read == {"zz-code", "zz-build", "zz-roster", "crowd", *(f"ghost{n:02d}" for n in range(6))}
     assert any("state refs of 24 servers; 14 of them are not read" in p["text"] for p in report["problems"])
     assert code == 1
+
+
+@pytest.mark.parametrize("case_blind", [False, True])
+def test_mail_naming_a_crowd_cannot_hide_a_roster_servers_state(tmp_path, monkeypatch, case_blind):
+    """Anyone can send mail naming many servers and push refs for them: the roster's servers are
+    read before any server the mailbox names."""
+    import fleet_state
+    from fleet_report import take_snapshot
+    from fleet_state import REF_PREFIX
+
+    fakes = [f"aa{n:02d}" for n in range(5)]
+    fleet = _fleet(tmp_path, _msg("m1", "aa00", fakes, "hello", 60), roster=[{"id": "zz-victim"}])
+    _publish(fleet, "zz-victim")
+    tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}zz-victim")
+    git(fleet.origin, "update-ref", "--stdin", input="".join(f"create {REF_PREFIX}{f} {tip}\n" for f in fakes).encode())
+    monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 3)
+    if case_blind:
+        git(_viewer(fleet), "config", "core.ignorecase", "true")
+    snap = take_snapshot(Clone(_viewer(fleet)))
+    assert "zz-victim" in snap.state_servers and snap.states["zz-victim"].presence_time() is not None
+    assert any("3 of them are not read (the roster's first" in text for _, text in snap.problems)

@@ -298,3 +298,42 @@ def test_mirrors_of_deleted_refs_go_even_when_one_of_them_is_locked(fleet, caplo
     store.fetch()
     assert sorted(store.read_all()) == ["bb"]
     assert any("refs/fleet/bb" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_mirrors_of_deleted_refs_wait_for_a_later_look_while_packed_refs_is_locked(fleet, caplog):
+    """A packed-refs.lock left by a killed gc locks every deletion: the mirrors stay, said once,
+    without a wait per mirror, and the next look deletes them."""
+    for server in ("aa", "bb"):
+        StateStore(Clone(fleet.clone(server))).update(server, StateChange(read=[("m1", "x")]))
+    reader = fleet.clone("reader")
+    StateStore(Clone(reader)).fetch()
+    for server in ("aa", "bb"):
+        git(fleet.origin, "update-ref", "-d", f"{REF_PREFIX}{server}")
+    lock = reader / ".git" / "packed-refs.lock"
+    lock.write_text("")
+    store = StateStore(Clone(reader))
+    store.fetch()
+    assert sorted(store.read_all()) == ["aa", "bb"]
+    assert any("2 mirrors of state refs" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    lock.unlink()
+    store.fetch()
+    assert store.read_all() == {}
+
+
+def test_a_named_ref_gone_since_the_listing_leaves_the_look_standing(fleet, monkeypatch, caplog):
+    """On a case-blind clone past the bound, the named servers' refs are fetched after the
+    branch is read; one deleted meanwhile (or a remote gone meanwhile) leaves the mirrors as last
+    fetched, with a warning, and never stops the look."""
+    import fleet_state
+
+    for server in ("aa", "bb", "zz-code2"):
+        StateStore(Clone(fleet.clone(server))).update(server, StateChange(read=[("m1", "x")]))
+    reader_clone = fleet.clone("reader")
+    git(reader_clone, "config", "core.ignorecase", "true")
+    monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 2)
+    reader = StateStore(Clone(reader_clone))
+    reader.mirror_fleet()
+    git(fleet.origin, "update-ref", "-d", f"{REF_PREFIX}zz-code2")
+    reader.fetch_named(["zz-code2"])
+    assert any("could not be fetched" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert sorted(reader.known_servers()) == ["aa", "bb"]
