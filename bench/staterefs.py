@@ -39,8 +39,11 @@ class Monitors:
     def __init__(self, fleet: bl.BenchFleet, names: Sequence[str], interval: float, extra: Sequence[str]) -> None:
         self.fleet = fleet
         self.procs: List[Any] = []
+        # Every clone before any monitor: a local clone copies the origin's object folders, and
+        # a push landing meanwhile (its quarantine folder) makes git refuse the copy.
+        paths = {name: fleet.clones.get(name) or fleet.clone(name) for name in names}
         for name in names:
-            path = fleet.clones.get(name) or fleet.clone(name)
+            path = paths[name]
             err = open(fleet.base / f"monitor-{name}.log", "wb")  # noqa: SIM115 - closed in stop()
             self.procs.append((bl.start_monitor(path, name, interval, stdout=err, stderr=err,
                                                 extra=["--no-auto-reply", *extra]), err, name))
