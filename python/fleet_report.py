@@ -219,10 +219,13 @@ def take_snapshot(clone: Clone) -> Snapshot:
         snap.roster = read_roster(clone, snap.tip)
         if snap.roster.problem:
             snap.problems.append((WARNING, snap.roster.problem))
-    roster, mail = set(snap.roster.servers), _mail_servers(snap)
-    store.fetch_named(roster, mail)  # where refs are fetched by name, a crowd must not hide these
-    mirrors = store.mirrored(first=roster, then=mail)
-    if store.left_out:
+    mirrors = store.mirrored()
+    if store.left_out:  # past the bound: the roster's servers first, then those the mailbox names
+        from fleet_archive import known_servers  # (with logging: only for a crowded fleet)
+
+        roster, mail = set(snap.roster.servers), known_servers(snap.mailbox)
+        store.fetch_named(roster, mail)  # where refs are fetched by name, a crowd must not hide these
+        mirrors = store.mirrored(first=roster, then=mail)
         held = len(set(mirrors.values())) + store.left_out
         snap.problems.append((WARNING, f"the remote holds the state refs of {held} servers; {store.left_out} "
                                        "of them are not read (the roster's first, then those the mailbox names)"))
@@ -241,18 +244,6 @@ def take_snapshot(clone: Clone) -> Snapshot:
         except BadInput as exc:
             snap.problems.append((WARNING, f"state ref of {server} ignored: {exc}"))
     return snap
-
-
-def _mail_servers(snap: Snapshot) -> Set[str]:
-    """The servers the hot mailbox names (senders and recipients)."""
-    named: Set[str] = set()
-    for msg in snap.mailbox.get("messages", ()):
-        if isinstance(msg, dict):
-            sender = msg.get("from")
-            if isinstance(sender, str):
-                named.add(sender.strip().lower())
-            named.update(recipients(msg) or ())
-    return named
 
 
 def _read_states(clone: Clone, wanted: Sequence[Tuple[str, str]], snap: Snapshot) -> Dict[str, Any]:

@@ -51,7 +51,7 @@ from fleet_mailbox import MAX_KEY_CHARS
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     import subprocess
-    from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Tuple
+    from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
     from fleet_git import (
         Clone,
@@ -265,6 +265,21 @@ def parse_state_ref(ref: str) -> Optional[Tuple[str, str]]:
     return None
 
 
+def _server_ids(names: Iterable[str]) -> Set[str]:
+    return {normalize_server_id(name) for name in names if is_valid_server_id(name)}
+
+
+def _ranked(servers: Iterable[str], first: Iterable[str] = (), then: Iterable[str] = ()) -> List[str]:
+    """At most :data:`MAX_STATE_SERVERS` of ``servers``, in name order: those in ``first`` (the
+    roster's, say), then those in ``then`` (the mailbox's), before the rest."""
+    names = sorted(set(servers))
+    if len(names) <= MAX_STATE_SERVERS:
+        return names
+    tier1, tier2 = set(first), set(then)
+    names.sort(key=lambda name: 0 if name in tier1 else 1 if name in tier2 else 2)  # stable
+    return sorted(names[:MAX_STATE_SERVERS])
+
+
 class RemoteView:
     """One ``ls-remote``: the shared branch's tip and every state ref's tip."""
 
@@ -288,7 +303,7 @@ class StateStore:
         self._warned: Dict[str, str] = {}
         self._own: Dict[str, Tuple[str, str]] = {}
         self.last_view: Optional[RemoteView] = None
-        self.left_out = 0  # servers whose state refs the last pick left out
+        self.left_out = 0  # servers whose state refs the last reading of them all left out
         self.tips: Dict[str, str] = {}  # the mirrors' ids as last read (by mirrored(), say)
         self._unfetched = 0  # servers whose state refs the last listed fetch of all left out
         self._listed: Optional[RemoteView] = None  # that listing, while it left some out
@@ -320,7 +335,8 @@ class StateStore:
     def refspecs_to_fetch(self, view: RemoteView, servers: Optional[Iterable[str]] = None,
                           first: Iterable[str] = (), then: Iterable[str] = ()) -> List[str]:
         """Refspecs for the state refs whose remote tip differs from the local mirror, of these
-        servers or, when ``None``, of at most :data:`MAX_STATE_SERVERS` (:meth:`pick`)."""
+        servers or, when ``None``, of at most :data:`MAX_STATE_SERVERS` (``first``, then
+        ``then``, first)."""
         wanted = None if servers is None else {normalize_server_id(s) for s in servers}
         found: Dict[str, List[Tuple[str, str, str]]] = {}
         for ref, oid in view.state_tips.items():
@@ -328,23 +344,11 @@ class StateStore:
             if parsed is not None and (wanted is None or parsed[0] in wanted):
                 found.setdefault(parsed[0], []).append((ref, parsed[1], oid))
         specs = []
-        for server in (sorted(found) if wanted is not None else self.pick(found, first, then)):
+        for server in (sorted(found) if wanted is not None else _ranked(found, first, then)):
             for ref, local, oid in sorted(found[server]):
                 if self.local_tip(local) != oid:
                     specs.append(f"+{ref}:{local}")
         return specs
-
-    def pick(self, servers: Iterable[str], first: Iterable[str] = (), then: Iterable[str] = ()) -> List[str]:
-        """At most :data:`MAX_STATE_SERVERS` of ``servers``, in name order: those in ``first``
-        (the roster's, the mailbox's), then those in ``then``, before the rest. How many were
-        left out is kept in :attr:`left_out`, for the caller to say."""
-        names = sorted(set(servers))
-        self.left_out = max(0, len(names) - MAX_STATE_SERVERS)
-        if not self.left_out:
-            return names
-        tier1, tier2 = set(first), set(then)
-        names.sort(key=lambda name: 0 if name in tier1 else 1 if name in tier2 else 2)  # stable
-        return sorted(names[:MAX_STATE_SERVERS])
 
     def fetch(self, servers: Optional[Iterable[str]] = None, view: Optional[RemoteView] = None,
               first: Iterable[str] = (), then: Iterable[str] = ()) -> RemoteView:
@@ -358,7 +362,7 @@ class StateStore:
         self._fetch_states(lambda: self.refspecs_to_fetch(view, servers, first, then))
         self.drop_vanished(view, servers)
         if servers is None:
-            self._unfetched = max(0, len(view.servers()) - MAX_STATE_SERVERS)
+            self._unfetched = self.left_out = max(0, len(view.servers()) - MAX_STATE_SERVERS)
         return view
 
     def _fetch_states(self, specs: Callable[[], List[str]], *options: str,
@@ -474,15 +478,17 @@ class StateStore:
 
     def mirrored(self, first: Iterable[str] = (), then: Iterable[str] = ()) -> Dict[str, str]:
         """The state refs mirrored in this clone, both names, of at most
-        :data:`MAX_STATE_SERVERS` servers (:meth:`pick`: ``first``, then ``then``, first): local
-        ref -> server id (refs whose name is no server id are left out)."""
+        :data:`MAX_STATE_SERVERS` servers (``first``, then ``then``, first): local ref -> server
+        id (refs whose name is no server id are left out); :attr:`left_out` says how many servers
+        were not read, here or by the last listed fetch of all."""
         found = {}
         for local in self._local_refs():
             name = local.rsplit("/", 1)[-1]
             if is_valid_server_id(name) and name == name.lower():
                 found[local] = name
-        kept = set(self.pick(found.values(), first, then))
-        self.left_out = max(self.left_out, self._unfetched)
+        names = set(found.values())
+        self.left_out = max(0, len(names) - MAX_STATE_SERVERS, self._unfetched)
+        kept = set(_ranked(names, first, then))
         return {local: name for local, name in found.items() if name in kept}
 
     def known_servers(self, first: Iterable[str] = (), then: Iterable[str] = ()) -> List[str]:
@@ -508,6 +514,7 @@ class StateStore:
         view = self.poll() if self.clone.setting_is_true("core.ignorecase") else None
         options = () if view is not None else ("--prune",)
         first = list(first)
+        before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
 
         def specs() -> List[str]:
             if view is not None:
@@ -515,7 +522,6 @@ class StateStore:
                 return self.refspecs_to_fetch(view, first=first, then=held)
             return [f"+{REF_PREFIX}*:{REF_PREFIX}*", f"+{FALLBACK_PREFIX}*:{LOCAL_FALLBACK_PREFIX}*"]
 
-        before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
         wanted = specs()
         self._unfetched = max(0, len(view.servers()) - MAX_STATE_SERVERS) if view is not None else 0
         self._listed = view if self._unfetched else None
@@ -546,12 +552,8 @@ class StateStore:
         view = self._listed
         if view is None:
             return
-        present = set(view.servers())
-        wanted: List[str] = []
-        for names in (first, then):
-            found = {normalize_server_id(s) for s in names if is_valid_server_id(s)} & present
-            wanted += sorted(found - set(wanted))
-        wanted = wanted[:MAX_STATE_SERVERS]
+        first, then = (_server_ids(names) for names in (first, then))
+        wanted = _ranked((first | then) & set(view.servers()), first, then)
         if not wanted:
             return
         try:

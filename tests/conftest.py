@@ -173,6 +173,14 @@ def refuse_custom_refs(fleet: "Fleet", message: str = "custom refs refused") -> 
     hook.chmod(0o755)
 
 
+def crowd_state_refs(fleet: "Fleet", source: str, names) -> None:
+    """Point ``refs/fleet/<name>`` on the origin, for each of ``names``, at ``source``'s state
+    ref: a crowd of state refs, as ephemeral servers or one member could leave them."""
+    tip = git(fleet.origin, "rev-parse", f"refs/fleet/{source}")
+    git(fleet.origin, "update-ref", "--stdin",
+        input="".join(f"create refs/fleet/{name} {tip}\n" for name in names).encode())
+
+
 def request_message(subject: str = "status report please", body: str = "", *, sender: str = "build1",
                     to="code2", at: float = T0, mid: str = "msg_1_aaaaaaaaaaaa", **extra) -> dict:
     """A request as another server would send it, at epoch ``at`` (automatic-reply tests)."""

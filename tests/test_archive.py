@@ -6,7 +6,7 @@ import datetime as dt
 import json
 import time
 
-from conftest import QUIRKY, Fleet, commit_and_push, git, run_script
+from conftest import QUIRKY, Fleet, commit_and_push, crowd_state_refs, git, run_script
 
 from fleet_archive import archive_mailbox, archived_keys, find_anywhere
 from fleet_git import Clone
@@ -178,14 +178,12 @@ def test_more_state_refs_than_a_reader_reads_keep_every_broadcast(tmp_path, monk
     """The archive reads at most MAX_STATE_SERVERS servers' receipts: past that, who has read a
     broadcast cannot be told, so every broadcast stays (direct mail still moves)."""
     import fleet_state
-    from fleet_state import REF_PREFIX, StateChange, StateStore
+    from fleet_state import StateChange, StateStore
 
     broadcast = msg(1, 40, to="all", read_by=["code2"])
     fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [broadcast, msg(2, 40, read=True)]}, indent=2).encode())
     StateStore(Clone(fleet.clone("crowd"))).update("crowd", StateChange(read=[message_key(broadcast)]))
-    tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}crowd")
-    git(fleet.origin, "update-ref", "--stdin",
-        input="".join(f"create {REF_PREFIX}ghost{n} {tip}\n" for n in range(5)).encode())
+    crowd_state_refs(fleet, "crowd", (f"ghost{n}" for n in range(5)))
     c2 = fleet.clone("code2")
     monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 3)
     assert archive_mailbox(Clone(c2), "code2", 30)["archived"] == 1
@@ -200,14 +198,12 @@ def test_a_crowd_of_state_refs_cannot_keep_the_recipients_receipts_from_the_arch
     """Refs named to sort before every real server do not crowd out the receipts of the servers
     the mailbox names: direct mail their receipts say was read still moves."""
     import fleet_state
-    from fleet_state import REF_PREFIX, StateChange, StateStore
+    from fleet_state import StateChange, StateStore
 
     direct = msg(1, 40, to="zz-code2")
     fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [direct]}, indent=2).encode())
     StateStore(Clone(fleet.clone("zz-code2"))).update("zz-code2", StateChange(read=[message_key(direct)]))
-    tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}zz-code2")
-    git(fleet.origin, "update-ref", "--stdin",
-        input="".join(f"create {REF_PREFIX}aaa{n} {tip}\n" for n in range(5)).encode())
+    crowd_state_refs(fleet, "zz-code2", (f"aaa{n}" for n in range(5)))
     monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 3)
     assert archive_mailbox(Clone(fleet.clone("build1")), "build1", 30)["archived"] == 1
     assert fleet.remote_messages() == []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import pytest
-from conftest import Fleet, git, run_script
+from conftest import Fleet, crowd_state_refs, git, run_script
 
 import fleet_status
 from fleet_common import iso_utc
@@ -483,14 +483,11 @@ def test_a_fleet_crowded_with_state_refs_is_read_up_to_the_bound_named_servers_f
     to the fetch too, and the named servers' refs are fetched once the branch names them, even
     after an earlier look filled the clone with the crowd."""
     import fleet_state
-    from fleet_state import REF_PREFIX
 
     fleet = _fleet(tmp_path, _msg("m1", "zz-build", "zz-code", "hello", 60),
                    roster=[{"id": "zz-roster"}])
     _publish(fleet, "crowd")
-    tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}crowd")
-    git(fleet.origin, "update-ref", "--stdin",
-        input="".join(f"create {REF_PREFIX}ghost{n:02d} {tip}\n" for n in range(20)).encode())
+    crowd_state_refs(fleet, "crowd", (f"ghost{n:02d}" for n in range(20)))
     if case_blind:
         git(_viewer(fleet), "config", "core.ignorecase", "true")
         StateStore(Clone(_viewer(fleet))).mirror_fleet()  # a look that mirrored the crowd alone
@@ -512,13 +509,11 @@ def test_mail_naming_a_crowd_cannot_hide_a_roster_servers_state(tmp_path, monkey
     read before any server the mailbox names."""
     import fleet_state
     from fleet_report import take_snapshot
-    from fleet_state import REF_PREFIX
 
     fakes = [f"aa{n:02d}" for n in range(5)]
     fleet = _fleet(tmp_path, _msg("m1", "aa00", fakes, "hello", 60), roster=[{"id": "zz-victim"}])
     _publish(fleet, "zz-victim")
-    tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}zz-victim")
-    git(fleet.origin, "update-ref", "--stdin", input="".join(f"create {REF_PREFIX}{f} {tip}\n" for f in fakes).encode())
+    crowd_state_refs(fleet, "zz-victim", fakes)
     monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 3)
     if case_blind:
         git(_viewer(fleet), "config", "core.ignorecase", "true")

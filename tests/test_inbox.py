@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from conftest import PYTHON_DIR, Fleet, aged_message, commit_and_push, git, run_script
+from conftest import PYTHON_DIR, Fleet, aged_message, commit_and_push, crowd_state_refs, git, run_script
 
 from fleet_archive import archive_mailbox, archive_path
 from fleet_common import UsageError
@@ -565,9 +565,7 @@ def test_acks_owed_to_me_are_read_past_a_crowd_of_state_refs(fleet, monkeypatch,
     b1, c2 = fleet.clone("build1"), fleet.clone("zz-code2")
     direct = send(b1, "Rotate the keys", "build1", to="zz-code2", ack_required=True, subject="Keys")
     Inbox(str(c2), "zz-code2").acknowledge(direct, message=False)
-    tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}zz-code2")
-    git(fleet.origin, "update-ref", "--stdin",
-        input="".join(f"create {REF_PREFIX}ghost{n:02d} {tip}\n" for n in range(10)).encode())
+    crowd_state_refs(fleet, "zz-code2", (f"ghost{n:02d}" for n in range(10)))
     if case_blind:
         git(b1, "config", "core.ignorecase", "true")
     monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 5)

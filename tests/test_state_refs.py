@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import PYTHON_DIR, git, refuse_custom_refs
+from conftest import PYTHON_DIR, crowd_state_refs, git, refuse_custom_refs
 
 from fleet_git import Clone
 from fleet_state import (
@@ -132,9 +132,7 @@ def test_a_look_reads_a_bounded_number_of_state_refs_the_named_servers_first(fle
     a, reader_clone, crowd = fleet.clone("zz-code2"), fleet.clone("build1"), fleet.clone("crowd")
     StateStore(Clone(a)).update("zz-code2", StateChange(read=[("m1", "build1")]))
     StateStore(Clone(crowd)).update("crowd", StateChange(read=[("m2", "build1")]))
-    tip = git(fleet.origin, "rev-parse", f"{REF_PREFIX}crowd")
-    git(fleet.origin, "update-ref", "--stdin",
-        input="".join(f"create {REF_PREFIX}ghost{n:02d} {tip}\n" for n in range(40)).encode())
+    crowd_state_refs(fleet, "crowd", (f"ghost{n:02d}" for n in range(40)))
     if case_blind:
         git(reader_clone, "config", "core.ignorecase", "true")
     monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 36)
