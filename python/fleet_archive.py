@@ -10,9 +10,11 @@ Done with: every server the message is addressed to has read it (:func:`has_read
 answer to "has S read m", which also takes each server's read receipts from elsewhere). For a
 message to one server or a list, those are the servers it names; for a broadcast, every server
 the fleet knows (:func:`known_servers`: the senders and recipients in the mailbox, the roster
-``coordination/servers.json``, the servers that have read marks). Age alone never archives a
-message: no archive setting may hide mail from an addressee that has not read it. Entries that
-are not valid messages, or whose timestamp does not parse, stay in the main file.
+``coordination/servers.json``, the servers that have read marks). A server that has retired
+(``message_monitor.py --retire``: it left the fleet for good) reads nothing more, so no message
+waits for it. Age alone never archives a message: no archive setting may hide mail from an
+addressee that has not read it. Entries that are not valid messages, or whose timestamp does not
+parse, stay in the main file.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fleet_mailbox import (
     entry_problem,
     find_message,
     is_handled_by,
+    known_servers,
     message_key,
     message_time,
     parse_document,
@@ -81,38 +84,17 @@ def addressees(msg: Mapping[str, Any], known: Optional[AbstractSet[str]]) -> Opt
 
 
 def is_done_with(msg: Mapping[str, Any], known: Optional[AbstractSet[str]] = None,
-                 receipts: Optional[Receipts] = None) -> bool:
-    """Every server ``msg`` is addressed to has read it (:func:`has_read`).
+                 receipts: Optional[Receipts] = None, retired: AbstractSet[str] = frozenset()) -> bool:
+    """Every server ``msg`` is addressed to has read it (:func:`has_read`), or has ``retired``.
 
     A broadcast needs every server in ``known`` (:func:`known_servers`); with ``known`` None
     (the fleet cannot be told) no broadcast is done. A message addressed to no valid server is
-    done: nobody will ever read it.
+    done: nobody will ever read it; nor will a server that retired.
     """
     targets = addressees(msg, known)
     if targets is None:
         return False
-    return all(has_read(msg, server, receipts) for server in targets)
-
-
-def known_servers(data: Mapping[str, Any], roster: Iterable[str] = (),
-                  receipts: Optional[Receipts] = None) -> Set[str]:
-    """Every server the fleet knows: senders and named recipients in the mailbox, servers in
-    ``read_by``/``acknowledged_by`` (they read mail), the roster and whoever has receipts."""
-    known: Set[str] = set()
-    for _, msg in valid_messages(data, warn=False):
-        names = [msg.get("from")]
-        to = msg.get("to")
-        names.extend(to if isinstance(to, list) else [to])
-        for field in ("read_by", "acknowledged_by"):
-            value = msg.get(field)
-            if isinstance(value, list):
-                names.extend(value)
-        known.update(name.strip().lower() for name in names
-                     if isinstance(name, str) and is_valid_server_id(name.strip().lower()))
-    known.update(roster)
-    if receipts:
-        known.update(name for name in receipts if is_valid_server_id(name))
-    return known
+    return all(server in retired or has_read(msg, server, receipts) for server in targets)
 
 
 def read_roster(clone: Any, tip: Optional[str]) -> Optional[List[str]]:
@@ -151,12 +133,13 @@ def _same_message(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def plan_archive(data: Dict[str, Any], days: float, now: Optional[_dt.datetime] = None,
-                 known: Optional[AbstractSet[str]] = None, receipts: Optional[Receipts] = None
+                 known: Optional[AbstractSet[str]] = None, receipts: Optional[Receipts] = None,
+                 retired: AbstractSet[str] = frozenset()
                  ) -> Tuple[List[Any], Dict[str, List[Dict[str, Any]]]]:
     """(entries that stay, archive path -> messages that move), order kept on both sides.
 
     A message moves when it is older than ``days`` and done with (:func:`is_done_with` with
-    ``known`` servers and ``receipts``).
+    ``known`` servers, ``receipts`` and ``retired`` servers).
     """
     cutoff = (now or utc_now()) - _dt.timedelta(days=days)
     stay: List[Any] = []
@@ -166,32 +149,50 @@ def plan_archive(data: Dict[str, Any], days: float, now: Optional[_dt.datetime] 
             stay.append(entry)
             continue
         when = message_time(entry)
-        if when is None or when >= cutoff or not is_done_with(entry, known, receipts):
+        if when is None or when >= cutoff or not is_done_with(entry, known, receipts, retired):
             stay.append(entry)
             continue
         moves.setdefault(archive_path(when), []).append(entry)
     return stay, moves
 
 
-def state_receipts(clone: Any) -> Tuple[Dict[str, Set[MessageKey]], Dict[str, Set[MessageKey]], bool]:
-    """(read receipts, acknowledgements, whether they are every server's) of the state refs,
-    freshly fetched: at most ``fleet_state.MAX_STATE_SERVERS`` servers' are read, past that the
-    roster's first, then those the mailbox at the fetched tip names (their mail is what can move)."""
+class StateReceipts:
+    """What the archive needs from the state refs: each server's read receipts and
+    acknowledgements, (id, from) keys; the servers that retired; and whether every server's
+    state was read (else a broadcast's audience is unknown)."""
+
+    __slots__ = ("read", "acked", "retired", "complete")
+
+    def __init__(self, read: Optional[Dict[str, Set[MessageKey]]] = None,
+                 acked: Optional[Dict[str, Set[MessageKey]]] = None,
+                 retired: AbstractSet[str] = frozenset(), complete: bool = True) -> None:
+        self.read = read if read is not None else {}
+        self.acked = acked if acked is not None else {}
+        self.retired = retired
+        self.complete = complete
+
+
+def state_receipts(clone: Any) -> StateReceipts:
+    """The state refs' receipts, freshly fetched: at most ``fleet_state.MAX_STATE_SERVERS``
+    servers' are read, past that the roster's first, then those the mailbox at the fetched tip
+    names (their mail is what can move)."""
     from fleet_state import MAX_STATE_SERVERS, StateStore
 
     store = StateStore(clone)
     view = store.poll()
     roster, mail = _named_at_tip(clone) if len(view.servers()) > MAX_STATE_SERVERS else (set(), set())
     store.fetch(view=view, first=roster, then=mail)
-    read: Dict[str, Set[MessageKey]] = {}
-    acked: Dict[str, Set[MessageKey]] = {}
+    found = StateReceipts(retired=set())
     for name, state in store.read_all(first=roster, then=mail).items():
-        read[name] = set(state.read) | set(state.acks)
-        acked[name] = set(state.acks)
+        found.read[name] = set(state.read) | set(state.acks)
+        found.acked[name] = set(state.acks)
+        if state.is_retired():
+            found.retired.add(name)
     if store.left_out:
         log.warning("the remote holds the state refs of %d servers; the archive read %d and keeps every "
                     "broadcast", MAX_STATE_SERVERS + store.left_out, MAX_STATE_SERVERS)
-    return read, acked, not store.left_out
+        found.complete = False
+    return found
 
 
 def _named_at_tip(clone: Any) -> Tuple[Set[str], Set[str]]:
@@ -229,27 +230,25 @@ def fold_receipts(msg: Dict[str, Any], read: Receipts, acked: Receipts) -> Dict[
 
 def archive_mailbox(clone: Any, server: str, days: float,
                     now: Optional[_dt.datetime] = None,
-                    receipts: Optional[Receipts] = None,
-                    acknowledgements: Optional[Receipts] = None) -> Dict[str, Any]:
+                    states: Optional[StateReceipts] = None) -> Dict[str, Any]:
     """One archive pass by one transaction; returns counts and a one-line summary.
 
-    ``receipts`` / ``acknowledgements``: what each server recorded outside the mailbox, server ->
-    (id, from) keys; by default read from every server's state ref. Each archived message carries
-    them in ``read_by`` / ``acknowledged_by``, so no receipt is lost when a state ref drops it.
+    ``states``: what each server recorded outside the mailbox (:class:`StateReceipts`); by
+    default read from every server's state ref. Each archived message carries the receipts in
+    ``read_by`` / ``acknowledged_by``, so no receipt is lost when a state ref drops it.
     """
     result: Dict[str, Any] = {"archived": 0, "files": []}
-    everyone = True  # whether the receipts are every server's (else a broadcast's audience is unknown)
-    if receipts is None:
-        receipts, acknowledgements, everyone = state_receipts(clone)
-    acked = acknowledgements or {}
+    if states is None:
+        states = state_receipts(clone)
+    receipts, acked, retired = states.read, states.acked, states.retired
     mailbox = Mailbox(clone)
 
     def change(tip: Optional[str]):
         blob, raw = mailbox.read_raw(tip)
         data = parse_document(raw, blob)  # its own copy: the pass changes it
-        known = audience(data, read_roster(clone, tip), receipts) if everyone else None
+        known = audience(data, read_roster(clone, tip), receipts) if states.complete else None
         original = list(data.get("messages", []))
-        stay, moves = plan_archive(data, days, now, known, receipts)
+        stay, moves = plan_archive(data, days, now, known, receipts, retired)
         if not moves:
             return None
         files: Dict[str, Optional[bytes]] = {}

@@ -678,7 +678,8 @@ class Inbox:
     def acks(self) -> Dict[str, Any]:
         """What this server owes (mail to it that requires an acknowledgement it has not given)
         and what it is owed (its own such mail: who acknowledged, who not yet, for how long).
-        A broadcast waits on every server that has a state ref or has read it."""
+        A broadcast waits on every server that has a state ref or has read it; a recipient that
+        retired (``message_monitor.py --retire``) is listed apart, never waited on."""
         self._sync_fleet()
         hot = self._hot()
         mine = [e for e in hot if _sender(e.msg) == self.server and _truthy(e.msg.get("ack_required"))]
@@ -706,11 +707,13 @@ class Inbox:
                 rcpt = (everyone | set(_names(msg.get("read_by"))) | set(_names(msg.get("acknowledged_by"))))
             rcpt = {s for s in rcpt if s != self.server}
             done = sorted(s for s in rcpt if _has_acknowledged(msg, s, states))
+            gone = sorted(s for s in rcpt - set(done) if s in states and states[s].is_retired())
             when = message_time(msg)
             owed_to_me.append({
                 "message": self._view(entry, states),
                 "acknowledged_by": done,
-                "waiting_on": sorted(rcpt - set(done)),
+                "waiting_on": sorted(rcpt - set(done) - set(gone)),
+                "retired": gone,
                 "age_seconds": round(now - when.timestamp(), 1) if when is not None else None,
             })
         return {"owed": [self._view(e, states) for e in owed], "owed_to_me": owed_to_me}
@@ -1109,7 +1112,8 @@ def _run_acks(args: argparse.Namespace, inbox: Inbox) -> int:
         write_line(render_line(item["message"]))
         write_line(f"      acknowledged by: {', '.join(item['acknowledged_by']) or 'nobody yet'}; "
                    f"waiting on: {', '.join(item['waiting_on']) or 'nobody'}; "
-                   f"age: {format_duration(item['age_seconds'])}")
+                   + (f"retired: {', '.join(item['retired'])}; " if item["retired"] else "")
+                   + f"age: {format_duration(item['age_seconds'])}")
     return EXIT_OK
 
 

@@ -221,6 +221,27 @@ def recipients(msg: Mapping[str, Any]) -> Optional[Set[str]]:
     return {name for name in names if is_valid_server_id(name)}
 
 
+def known_servers(data: Mapping[str, Any], roster: Iterable[str] = (),
+                  receipts: Optional[Iterable[str]] = None) -> Set[str]:
+    """Every server the fleet knows: senders and named recipients in the mailbox, servers in
+    ``read_by``/``acknowledged_by`` (they read mail), the roster and whoever has receipts."""
+    known: Set[str] = set()
+    for _, msg in valid_messages(data, warn=False):
+        names = [msg.get("from")]
+        to = msg.get("to")
+        names.extend(to if isinstance(to, list) else [to])
+        for field in ("read_by", "acknowledged_by"):
+            value = msg.get(field)
+            if isinstance(value, list):
+                names.extend(value)
+        known.update(name.strip().lower() for name in names
+                     if isinstance(name, str) and is_valid_server_id(name.strip().lower()))
+    known.update(roster)
+    if receipts:
+        known.update(name for name in receipts if is_valid_server_id(name))
+    return known
+
+
 def is_direct(msg: Mapping[str, Any]) -> bool:
     """To exactly one server (a list of one id counts as that id)."""
     rcpt = recipients(msg)

@@ -29,6 +29,7 @@ from fleet_git import MAILBOX_PATH, Clone
 from fleet_mailbox import (
     MailboxCorrupt,
     is_addressed_to,
+    known_servers,
     message_time,
     parse_document,
     read_mailbox,
@@ -57,7 +58,7 @@ from fleet_state import (
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
-    from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Set, Tuple
+    from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 
 # Nagios plugin exit codes (as system_health.py).
@@ -75,6 +76,7 @@ _EXIT_FOR: Final = {OK: EXIT_OK, WARNING: EXIT_WARNING, CRITICAL: EXIT_CRITICAL}
 LIVE: Final = "live"
 STALE: Final = "stale"
 NEVER_SEEN: Final = "never seen"
+RETIRED: Final = "retired"  # left the fleet for good (message_monitor.py --retire): nobody waits for it
 
 REPORT_VERSION: Final = 1
 DEFAULT_STALE_AFTER: Final = 15 * 60.0
@@ -221,8 +223,6 @@ def take_snapshot(clone: Clone) -> Snapshot:
             snap.problems.append((WARNING, snap.roster.problem))
     mirrors = store.mirrored()
     if store.left_out:  # past the bound: the roster's servers first, then those the mailbox names
-        from fleet_archive import known_servers  # (with logging: only for a crowded fleet)
-
         roster, mail = set(snap.roster.servers), known_servers(snap.mailbox)
         store.fetch_named(roster, mail)  # where refs are fetched by name, a crowd must not hide these
         mirrors = store.mirrored(first=roster, then=mail)
@@ -338,7 +338,9 @@ def _stale_limit(presence: Optional[Dict[str, Any]], stale_after: float) -> floa
 
 def _collect_servers(snap: Snapshot, messages: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, Set[str]], int]:
     """Every server id with where it was seen (``roster``, ``state`` ref, mail as ``sender`` or
-    ``recipient``), at most MAX_SERVERS, the roster's and the state refs' first."""
+    ``recipient``), at most MAX_SERVERS: the roster's first, then those with a state ref that
+    mail names (:func:`known_servers`), those that sent mail, the other state refs, and the ids mail is only sent to (a
+    crowd of state refs, or one message naming hundreds of ids, cannot push a real server out)."""
     found: Dict[str, Set[str]] = {}
     extra: Set[str] = set()
 
@@ -350,16 +352,26 @@ def _collect_servers(snap: Snapshot, messages: Sequence[Dict[str, Any]]) -> Tupl
         else:
             extra.add(server)
 
-    for server in snap.roster.servers:
-        add(server, "roster")
-    for server in snap.state_servers:
-        add(server, "state")
+    senders: Dict[str, None] = {}  # ordered sets
+    named: Dict[str, None] = {}
     for msg in messages:
         sender = msg["from"].lower()
         if is_valid_server_id(sender):
-            add(sender, "sender")
+            senders.setdefault(sender)
         for server in sorted(recipients(msg) or ()):
-            add(server, "recipient")
+            named.setdefault(server)
+    for server in snap.roster.servers:
+        add(server, "roster")
+    mail_named = known_servers({"messages": messages}) if snap.state_servers else set()
+    for server in snap.state_servers:
+        if server in mail_named:
+            add(server, "state")
+    for server in senders:
+        add(server, "sender")
+    for server in snap.state_servers:
+        add(server, "state")
+    for server in named:
+        add(server, "recipient")
     return found, len(extra)
 
 
@@ -398,16 +410,18 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
     servers, overflow = _collect_servers(snap, messages)
     problems = list(snap.problems)
     if overflow:
-        problems.append((WARNING, f"{overflow} more server ids (from the mailbox) not shown; "
+        problems.append((WARNING, f"{overflow} more server ids (from state refs and the mailbox) not shown; "
                                   f"at most {MAX_SERVERS} are"))
     mail = {server: _Mail() for server in servers}
-    unread_by = _count_mail(snap, messages, servers, mail, now.date())
+    retired = _retired(snap.states, servers)
+    unread_by = _count_mail(snap, messages, servers, mail, now.date(), retired)
     presence = {server: _presence_summary(snap.states.get(server), now) for server in servers}
     # Expected servers: the roster's, else every server that has published presence.
     expected = set(snap.roster.servers) if snap.roster.servers else {
         server for server, seen in presence.items() if seen is not None}
     rows = [_server_row(server, servers[server], presence[server], snap.roster, mail[server],
-                        server in expected, stale_after, unread_after, now) for server in servers]
+                        server in expected, stale_after, unread_after, now, retired.get(server))
+            for server in servers]
     rows.sort(key=_urgency)
     level = _worst([r["level"] for r in rows] + [p[0] for p in problems])
     report: Dict[str, Any] = {
@@ -435,13 +449,13 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
 
 
 def _count_mail(snap: Snapshot, messages: List[Dict[str, Any]], servers: Mapping[str, Set[str]],
-                mail: Dict[str, _Mail], today: _dt.date) -> List[List[str]]:
+                mail: Dict[str, _Mail], today: _dt.date, retired: Mapping[str, str]) -> List[List[str]]:
     """Fill each server's counters from the hot mailbox; returns, per message, who has not read
     it yet."""
     # A broadcast waits for every server that runs (roster, state ref, or mail it sent), not for
-    # ids that only appear as a recipient (a typo reads nothing): this also bounds what one
-    # broadcast costs when a mailbox names hundreds of made-up servers.
-    everyone = [server for server, seen in servers.items() if seen != {"recipient"}]
+    # ids that only appear as a recipient (a typo reads nothing), nor for a retired server: this
+    # also bounds what one broadcast costs when a mailbox names hundreds of made-up servers.
+    everyone = [server for server, seen in servers.items() if seen != {"recipient"} and server not in retired]
     unread_by: List[List[str]] = []
     for msg in messages:
         when = message_time(msg)
@@ -455,6 +469,16 @@ def _count_mail(snap: Snapshot, messages: List[Dict[str, Any]], servers: Mapping
                 waiting.append(server)
         unread_by.append(waiting)
     return unread_by
+
+
+def _retired(states: Mapping[str, ServerState], servers: Iterable[str]) -> Dict[str, str]:
+    """server -> when it retired, for the servers that have (:meth:`ServerState.is_retired`)."""
+    found = {}
+    for server in servers:
+        state = states.get(server)
+        if state is not None and state.retired and state.is_retired():
+            found[server] = state.retired
+    return found
 
 
 def _count_sent(counters: Optional[_Mail], when: Optional[_dt.datetime], today: _dt.date) -> None:
@@ -484,7 +508,7 @@ def _count_received(counters: _Mail, server: str, item: Tuple[Optional[_dt.datet
 
 
 def _state_counts(rows: List[Dict[str, Any]]) -> Dict[str, int]:
-    counts = {"servers": len(rows), LIVE: 0, STALE: 0, "never_seen": 0}
+    counts = {"servers": len(rows), LIVE: 0, STALE: 0, "never_seen": 0, RETIRED: 0}
     for row in rows:
         counts["never_seen" if row["state"] == NEVER_SEEN else row["state"]] += 1
     return counts
@@ -503,7 +527,7 @@ def _chart_data(mail: Mapping[str, _Mail], today: _dt.date) -> Dict[str, Any]:
             "totals": [sum(m.per_day[i] for m in mail.values()) for i in range(CHART_DAYS)]}
 
 
-_STATE_ORDER: Final = {NEVER_SEEN: 0, STALE: 1, LIVE: 2}
+_STATE_ORDER: Final = {NEVER_SEEN: 0, STALE: 1, LIVE: 2, RETIRED: 3}
 
 
 def _urgency(row: Mapping[str, Any]) -> Tuple[int, int, float, str]:
@@ -516,10 +540,14 @@ def _urgency(row: Mapping[str, Any]) -> Tuple[int, int, float, str]:
 
 def _server_row(server: str, sources: Set[str], presence: Optional[Dict[str, Any]], roster: Roster,
                 counters: _Mail, is_expected: bool, stale_after: float, unread_after: float,
-                now: _dt.datetime) -> Dict[str, Any]:
+                now: _dt.datetime, retired: Optional[str] = None) -> Dict[str, Any]:
     limit = _stale_limit(presence, stale_after)
     reasons: List[Tuple[str, str]] = []
-    if presence is None:
+    if retired is not None:  # nobody waits for it: its mail and acks are shown, never overdue
+        state = RETIRED
+        if server in roster.servers:
+            reasons.append((WARNING, "retired, still in the roster"))
+    elif presence is None:
         state = NEVER_SEEN
         if is_expected:
             reasons.append((CRITICAL, "in the roster, never seen"))
@@ -535,11 +563,13 @@ def _server_row(server: str, sources: Set[str], presence: Optional[Dict[str, Any
         if presence["healthy"] is False:
             reasons.append((WARNING, "reports itself unhealthy"))
     unread = _oldest_entry(counters.oldest_unread, now)
-    unread_overdue = unread is not None and (unread["age_seconds"] is None or unread["age_seconds"] > unread_after)
+    unread_overdue = retired is None and unread is not None and (
+        unread["age_seconds"] is None or unread["age_seconds"] > unread_after)
     if unread_overdue:
         reasons.append((WARNING, f"{counters.unread} unread, oldest {short_age(unread['age_seconds'])}"))
     ack = _oldest_entry(counters.oldest_ack, now)
-    ack_overdue = ack is not None and (ack["age_seconds"] is None or ack["age_seconds"] > unread_after)
+    ack_overdue = retired is None and ack is not None and (
+        ack["age_seconds"] is None or ack["age_seconds"] > unread_after)
     if ack_overdue:
         reasons.append((WARNING, f"owes {counters.acks} acknowledgement(s), oldest {short_age(ack['age_seconds'])}"))
     return {
@@ -548,6 +578,7 @@ def _server_row(server: str, sources: Set[str], presence: Optional[Dict[str, Any
         "in_roster": server in roster.servers,
         "seen_in": sorted(sources),
         "state": state,
+        "retired": retired,
         "level": _worst([r[0] for r in reasons]),
         "reasons": [text for _lvl, text in reasons],
         "stale_limit": limit,
@@ -603,7 +634,8 @@ def _threads(messages: Sequence[Dict[str, Any]], unread_by: Sequence[Sequence[st
 def summary_line(report: Mapping[str, Any]) -> str:
     """The Nagios status line: ``FLEET WARNING - 5 servers: 3 live, 1 stale, 1 never seen; ...``."""
     c = report["counts"]
-    parts = [f"{c['servers']} servers: {c[LIVE]} live, {c[STALE]} stale, {c['never_seen']} never seen"]
+    parts = [f"{c['servers']} servers: {c[LIVE]} live, {c[STALE]} stale, {c['never_seen']} never seen"
+             + (f", {c[RETIRED]} retired" if c[RETIRED] else "")]
     if report["waited_on"]:
         parts.append("waited on: " + ", ".join(w["server"] for w in report["waited_on"][:10]))
     critical = [r["id"] for r in report["servers"] if r["level"] == CRITICAL]
@@ -719,7 +751,8 @@ _CSS: Final = (
     ".c{background:#fff;border-radius:6px;padding:10px 12px;border-left:6px solid #2e7d32;"
     "box-shadow:0 1px 2px rgba(0,0,0,.08)}.c.warning{border-color:#e69500}"
     ".c.critical{border-color:#c62828}.st{font-weight:600;margin:2px 0}.st.live{color:#2e7d32}"
-    ".st.stale{color:#b26a00}.st.never{color:#c62828}.d{color:#5b6472;margin:2px 0;font-size:13px}"
+    ".st.stale{color:#b26a00}.st.never{color:#c62828}.st.retired{color:#5b6472}"
+    ".d{color:#5b6472;margin:2px 0;font-size:13px}"
     "dl{display:grid;grid-template-columns:auto 1fr;gap:1px 8px;margin:6px 0;font-size:13px}"
     "dt{color:#5b6472}dd{margin:0;overflow-wrap:anywhere}.r{color:#b26a00;font-size:13px;margin:4px 0}"
     ".c.critical .r{color:#c62828}svg{display:block}.bar{fill:#5c7cfa}.base{fill:#ccd}"
@@ -781,7 +814,7 @@ def _chart(days: Sequence[str], totals: Sequence[int]) -> str:
 
 def _card(row: Mapping[str, Any], top: int, days: Sequence[str]) -> str:
     p = row["presence"]
-    state_class = {LIVE: "live", STALE: "stale", NEVER_SEEN: "never"}[row["state"]]
+    state_class = {LIVE: "live", STALE: "stale", NEVER_SEEN: "never", RETIRED: "retired"}[row["state"]]
     facts = []
     if p:
         doing = f" ({p['activity']})" if p.get("activity") else ""
@@ -822,6 +855,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     c = report["counts"]
     status = report["status"]
     tip = (report.get("tip") or "no tip")[:12]
+    retired = f", {c[RETIRED]} retired" if c[RETIRED] else ""
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
@@ -831,7 +865,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"<title>Fleet status</title><style>{_CSS}</style></head><body>"
         f'<header><h1>Fleet status <span class="b {_e(status)}">{_e(status.upper())}</span></h1>'
         f'<p class="meta">{c["servers"]} servers: {c[LIVE]} live, {c[STALE]} stale, '
-        f'{c["never_seen"]} never seen \u00b7 branch {_e(report["branch"])} at {_e(tip)} \u00b7 '
+        f'{c["never_seen"]} never seen{retired} \u00b7 branch {_e(report["branch"])} at {_e(tip)} \u00b7 '
         f'{report["messages"]["hot"]} messages in the hot mailbox \u00b7 made {_e(report["generated"])}</p>'
         f"</header><main>{attention}<h2>Servers</h2><div class=\"grid\">{cards}</div>"
         f"<h2>Messages sent per day (last {CHART_DAYS} days, hot mailbox)</h2>"

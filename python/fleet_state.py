@@ -102,7 +102,7 @@ def _bounded_text(value: Any, limit: int) -> Optional[str]:
 class ServerState:
     """One server's ``state.json``: what it has read and acknowledged, and its presence."""
 
-    __slots__ = ("server", "version", "read", "acks", "presence", "updated", "extra")
+    __slots__ = ("server", "version", "read", "acks", "presence", "updated", "retired", "extra")
 
     def __init__(self, server: str) -> None:
         self.server = server
@@ -111,6 +111,7 @@ class ServerState:
         self.acks: Dict[MessageKey, Dict[str, Any]] = {}
         self.presence: Optional[Dict[str, Any]] = None
         self.updated: Optional[str] = None
+        self.retired: Optional[str] = None  # when it left the fleet (see is_retired)
         self.extra: Dict[str, Any] = {}  # unknown keys, kept by every write
 
     # ----------------------------------------------------------------- reading
@@ -147,8 +148,10 @@ class ServerState:
         presence = doc.get("presence")
         state.presence = presence if isinstance(presence, dict) else None
         state.updated = _bounded_text(doc.get("updated"), 40)
+        retired = _bounded_text(doc.get("retired"), 40)
+        state.retired = retired if retired and parse_timestamp(retired) is not None else None
         state.extra = {k: v for k, v in doc.items()
-                       if k not in ("version", "server", "updated", "presence", "read", "acks")}
+                       if k not in ("version", "server", "updated", "presence", "read", "acks", "retired")}
         return state
 
     def has_read(self, key: MessageKey) -> bool:
@@ -163,6 +166,21 @@ class ServerState:
             return None
         moment = parse_timestamp(self.presence.get("timestamp"))
         return moment.timestamp() if moment is not None else None
+
+    def retired_time(self) -> Optional[float]:
+        """Epoch seconds of the server's retirement, or ``None``."""
+        moment = parse_timestamp(self.retired) if self.retired else None
+        return moment.timestamp() if moment is not None else None
+
+    def is_retired(self) -> bool:
+        """Whether the server has left the fleet: it retired (``message_monitor.py --retire``)
+        and has published no presence since. A monitor that starts again under the same id
+        brings it back with its first presence; nothing has to be undone."""
+        retired = self.retired_time()
+        if retired is None:
+            return False
+        seen = self.presence_time()
+        return seen is None or seen <= retired
 
     # ----------------------------------------------------------------- writing
 
@@ -182,6 +200,9 @@ class ServerState:
             theirs = other.presence_time()
             if self.presence is None or (theirs is not None and (mine is None or theirs > mine)):
                 self.presence = other.presence
+        theirs_retired = other.retired_time()
+        if theirs_retired is not None and (self.retired_time() or -1.0) < theirs_retired:
+            self.retired = other.retired
         for k, v in other.extra.items():
             self.extra.setdefault(k, v)
 
@@ -191,6 +212,8 @@ class ServerState:
             doc["presence"] = self.presence
         doc["read"] = [[mid, sender] for mid, sender in self.read]
         doc["acks"] = list(self.acks.values())
+        if self.retired:
+            doc["retired"] = self.retired
         for k, v in self.extra.items():
             doc.setdefault(k, v)
         return (json.dumps(doc, indent=1, ensure_ascii=True) + "\n").encode("ascii")
@@ -202,12 +225,14 @@ class ServerState:
         twin.acks = {k: dict(v) for k, v in self.acks.items()}
         twin.presence = dict(self.presence) if self.presence is not None else None
         twin.updated = self.updated
+        twin.retired = self.retired
         twin.extra = dict(self.extra)
         return twin
 
 
 class StateChange:
-    """What one writer adds to its own state: receipts, acknowledgements, presence, prunes.
+    """What one writer adds to its own state: receipts, acknowledgements, presence, prunes, and
+    its retirement.
 
     A change is re-applied to the freshly read state after a lost lease, so it is data, not a
     closure over a stale document.
@@ -215,11 +240,12 @@ class StateChange:
 
     def __init__(self, read: Iterable[MessageKey] = (), acks: Iterable[Mapping[str, Any]] = (),
                  presence: Optional[Dict[str, Any]] = None,
-                 drop: Iterable[MessageKey] = ()) -> None:
+                 drop: Iterable[MessageKey] = (), retire: bool = False) -> None:
         self.read = [k for k in read if _key_ok(*k)]
         self.acks = [dict(a) for a in acks if _key_ok(a.get("id"), a.get("from"))]
         self.presence = presence
         self.drop = set(drop)
+        self.retired = iso_utc() if retire else None  # the moment it was asked, kept over a lost lease
 
     def apply(self, state: ServerState) -> bool:
         """Apply to ``state``; whether anything changed."""
@@ -249,6 +275,9 @@ class StateChange:
             if key in state.acks:
                 del state.acks[key]
                 changed = True
+        if self.retired is not None:
+            state.retired = self.retired
+            changed = True
         return changed
 
 

@@ -21,7 +21,9 @@ warn about a ``--to`` that the roster does not name). A bad roster is reported, 
 Live or stale: a server is *live* while its last presence (``presence.timestamp`` in its state
 ref) is at most ``max(--stale-after, 3 x its own published interval)`` old (its ``interval`` is
 believed up to 6 hours), *stale* after that, and *never seen* without a presence. A timestamp in
-the future counts as now.
+the future counts as now. A server that retired (``message_monitor.py --retire``) and has published
+no presence since is *retired*: shown last, its mail and owed acknowledgements never overdue, and
+nothing waits for it; a roster that still names it is a warning.
 
 Levels and exit codes (a Nagios plugin, like ``system_health.py``):
 
@@ -30,7 +32,8 @@ Levels and exit codes (a Nagios plugin, like ``system_health.py``):
   mailbox that does not parse is critical too (every send queues until ``--repair``).
 * 1 WARNING: any other stale or never-seen server; a server that reports itself unhealthy; mail
   waiting unread, or an acknowledgement owed, for longer than ``--unread-after`` (a message
-  without a readable timestamp counts as old); a bad roster or state ref.
+  without a readable timestamp counts as old); a retired server the roster names; a bad roster or
+  state ref.
 * 0 OK: everything else.
 * 3 UNKNOWN: the remote (or the clone) cannot be read, or the page cannot be written; one line on
   stderr. Bad usage exits 2 (argparse's convention, shared with the suite; a monitoring system reads

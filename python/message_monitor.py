@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="archive messages older than N days that are done with, then exit")
     commands.add_argument("--retry-dead", action="store_true",
                           help="give dead messages in the retry queue five more attempts")
+    commands.add_argument("--retire", action="store_true",
+                          help="record that --server has left the fleet for good: the status and the "
+                               "archive stop waiting for it")
     commands.add_argument("--print-systemd-unit", action="store_true", help="print a systemd unit for this machine")
     commands.add_argument("--service-user", default=None, metavar="USER",
                           help="with --print-systemd-unit: the account the service runs as (owner of the clone)")
@@ -152,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
 # One-shot commands: each runs and exits, so at most one may be given (a second one would be
 # ignored in silence). The loop's options make no sense with most of them either; the two
 # service definitions carry them into the service's command line instead.
-ONE_SHOT_COMMANDS = ("init", "status", "repair", "archive_days", "retry_dead", "print_systemd_unit",
+ONE_SHOT_COMMANDS = ("init", "status", "repair", "archive_days", "retry_dead", "retire", "print_systemd_unit",
                      "print_task_scheduler", "self_check")
 SERVICE_DEFINITIONS = ("print_systemd_unit", "print_task_scheduler")
 LOOP_OPTIONS = ("once", "heartbeat_minutes", "auto_archive_days", "metrics_textfile", "rules",

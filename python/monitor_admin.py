@@ -1,5 +1,5 @@
 """The monitor's one-shot commands: ``--init``, ``--repair``, ``--status``, ``--archive-days``,
-``--retry-dead``, the service definitions, and how a new message is shown.
+``--retry-dead``, ``--retire``, the service definitions, and how a new message is shown.
 
 Each command runs and returns what to print (library code: the CLI in ``message_monitor``
 prints it and maps errors to exit codes). The mailbox changes go through
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fleet_common import UsageError
 from fleet_git import Clone, run_git
-from fleet_mailbox import REPAIR_HISTORY, Mailbox, serialize
+from fleet_mailbox import REPAIR_HISTORY, Mailbox, known_servers, serialize
 from monitor_files import read_status_or_none
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
@@ -187,6 +187,8 @@ def run_one_shot(args: argparse.Namespace, repo: str, server: str, interval: flo
 
         result = archive_pass(Clone(repo, args.branch), server, args.archive_days)
         return result["summary"]
+    if args.retire:
+        return retire_server(Clone(repo, args.branch), server)["summary"]
     return None
 
 
@@ -194,7 +196,43 @@ def _looks_windows_absolute(path: str) -> bool:
     return len(path) > 2 and path[1] == ":" and path[2] in "/\\"
 
 
+# --------------------------------------------------------------------------- --retire
+
+LIVE_WARNING_SECONDS = 15 * 60.0  # fleet_status's default --stale-after: seen more recently is live
+
+
+def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
+    """Record in ``server``'s own state ref that it has left the fleet for good (key ``retired``;
+    README, "State refs"): the status stops counting it stale or waited on, and the archive
+    stops keeping mail for it to read. Its receipts stay. A monitor that publishes presence
+    under this id again brings it back; nothing has to be undone.
+
+    A server with no state ref is retired only when the hot mailbox names it (mail sent to an id
+    that never ran, a typo, waits for nobody then); otherwise nothing waits for it already, and
+    nothing is written (no ref for a server that never was)."""
+    import time
+
+    from fleet_state import StateChange, StateStore
+
+    store = StateStore(clone)
+    view = store.poll()
+    if server not in view.servers() and server not in known_servers(Mailbox(clone).read(clone.fetch())[1]):
+        return {"server": server, "retired": None, "pushed": False,
+                "summary": f"{server} has no state ref and no mail names it: nothing waits for it; "
+                           "nothing written (check the id)"}
+    store.fetch([server], view=view)
+    pushed = store.update(server, StateChange(retire=True))
+    state = store.read(server)
+    seen = state.presence_time()
+    summary = f"{server} retired: readers no longer wait for it; a monitor started again under this id brings it back"
+    if seen is not None and time.time() - seen < LIVE_WARNING_SECONDS:
+        summary += (f" (it published presence {max(0, int(time.time() - seen))} s ago: a monitor still "
+                    "running under this id undoes this at its next heartbeat)")
+    return {"server": server, "retired": state.retired, "pushed": pushed, "summary": summary}
+
+
 # --------------------------------------------------------------------------- --repair and --status
+
 
 def repair_mailbox(clone: Clone, server: str, *, max_history: int = REPAIR_HISTORY) -> Dict[str, Any]:
     """Rebuild an unparseable mailbox on the remote (:meth:`fleet_mailbox.Mailbox.repair`)."""

@@ -207,3 +207,28 @@ def test_a_crowd_of_state_refs_cannot_keep_the_recipients_receipts_from_the_arch
     monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 3)
     assert archive_mailbox(Clone(fleet.clone("build1")), "build1", 30)["archived"] == 1
     assert fleet.remote_messages() == []
+
+
+def test_mail_waits_for_no_retired_server_and_its_archived_copy_says_who_read_it(tmp_path):
+    """A server that retired reads nothing more: a broadcast, mail to it alone and mail to it and
+    another move once the others have read them; the archived copy names only who did."""
+    from fleet_state import StateChange, StateStore
+
+    broadcast, alone, shared = msg(1, 40, to="all"), msg(2, 40, to="ci-7"), msg(3, 40, to=["code2", "ci-7"])
+    fresh = msg(4, 1, to="ci-7")  # recent: age still keeps it, retired or not
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [broadcast, alone, shared, fresh]}, indent=2).encode())
+    c2 = fleet.clone("code2")
+    StateStore(Clone(c2)).update("code2", StateChange(read=[message_key(broadcast), message_key(shared)]))
+    StateStore(Clone(fleet.clone("ci-7"))).update("ci-7", StateChange(presence={"timestamp": ts(5)}))
+    assert archive_mailbox(Clone(c2), "code2", 30)["archived"] == 0  # ci-7 has read none of them
+
+    proc = run_script("message_monitor.py", "--repo", str(fleet.clone("ops")), "--server", "ci-7", "--retire")
+    assert proc.returncode == 0, proc.stderr
+    assert archive_mailbox(Clone(c2), "code2", 30)["archived"] == 3
+    assert [m["subject"] for m in fleet.remote_messages()] == ["m4"]
+    assert find_anywhere(Clone(c2), Clone(c2).tip(), alone["id"])["subject"] == "m2"  # still found
+    month = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=40)
+    archived = json.loads(git(fleet.origin, "show", f"main:coordination/archive/messages-{month:%Y-%m}.json"))
+    by_subject = {m["subject"]: m for m in archived["messages"]}
+    assert by_subject["m1"]["read_by"] == ["code2"] and by_subject["m3"]["read_by"] == ["code2"]
+    assert "read_by" not in by_subject["m2"]

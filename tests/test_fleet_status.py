@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 import pytest
 from conftest import Fleet, crowd_state_refs, git, run_script
 
+import fleet_report
 import fleet_status
 from fleet_common import iso_utc
 from fleet_git import Clone, run_git
@@ -484,22 +485,27 @@ def test_a_fleet_crowded_with_state_refs_is_read_up_to_the_bound_named_servers_f
     after an earlier look filled the clone with the crowd."""
     import fleet_state
 
-    fleet = _fleet(tmp_path, _msg("m1", "zz-build", "zz-code", "hello", 60),
+    named = ("zz-code", "zz-build", "zz-roster", "zz-reader", "zz-mixed")
+    fleet = _fleet(tmp_path, _msg("m1", "zz-build", "zz-code", "hello", 60, read_by=["zz-reader"]),
+                   _msg("m2", "zz-build", ["all", "zz-mixed"], "to everyone", 60),
                    roster=[{"id": "zz-roster"}])
     _publish(fleet, "crowd")
     crowd_state_refs(fleet, "crowd", (f"ghost{n:02d}" for n in range(20)))
     if case_blind:
         git(_viewer(fleet), "config", "core.ignorecase", "true")
         StateStore(Clone(_viewer(fleet))).mirror_fleet()  # a look that mirrored the crowd alone
-    for server in ("zz-code", "zz-build", "zz-roster"):
+    for server in named:
         _publish(fleet, server)
-    monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 10)
+    monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 12)
+    monkeypatch.setattr(fleet_report, "MAX_SERVERS", 9)  # rows shown: a crowd must not fill them
     code, report = _status(fleet, capsys)
-    for server in ("zz-code", "zz-build", "zz-roster"):  # they sort after the crowd, and are read
+    for server in named:  # they sort after the crowd, and are read and shown
         assert _row(report, server)["state"] == LIVE
     read = {row["id"] for row in report["servers"] if row["state"] != NEVER_SEEN}
-    assert read == {"zz-code", "zz-build", "zz-roster", "crowd", *(f"ghost{n:02d}" for n in range(6))}
-    assert any("state refs of 24 servers; 14 of them are not read" in p["text"] for p in report["problems"])
+    assert read == {*named, "crowd", *(f"ghost{n:02d}" for n in range(3))}
+    assert any("state refs of 26 servers; 14 of them are not read" in p["text"] for p in report["problems"])
+    assert any("3 more server ids (from state refs and the mailbox) not shown" in p["text"]
+               for p in report["problems"])
     assert code == 1
 
 
@@ -520,3 +526,97 @@ def test_mail_naming_a_crowd_cannot_hide_a_roster_servers_state(tmp_path, monkey
     snap = take_snapshot(Clone(_viewer(fleet)))
     assert "zz-victim" in snap.state_servers and snap.states["zz-victim"].presence_time() is not None
     assert any("3 of them are not read (the roster's first" in text for _, text in snap.problems)
+
+
+# --------------------------------------------------------------------------- retired servers
+
+
+def test_a_retired_server_is_waited_on_by_nobody_until_it_comes_back(tmp_path, capsys):
+    fleet = _fleet(
+        tmp_path,
+        _msg("m1", "code2", "all", "Freeze at 18:00", 5 * 3600),
+        _msg("m2", "code2", "ci-7", "Rerun job 12", 5 * 3600, ack_required=True),
+    )
+    _publish(fleet, "code2", 5, read=[("m1", "code2")])
+    _publish(fleet, "build1", 5, read=[("m1", "code2")])
+    _publish(fleet, "ci-7", 2 * 86400)  # an ephemeral runner, gone two days ago
+
+    code, report = _status(fleet, capsys)  # without a roster, a server that published presence is expected
+    assert code == 2 and _row(report, "ci-7")["state"] == STALE and _row(report, "ci-7")["level"] == CRITICAL
+    assert [t["unread_by"] for t in report["threads"] if t["root"] == "m1"] == [["ci-7"]]
+
+    proc = run_script("message_monitor.py", "--repo", str(fleet.clone("ops")), "--server", "ci-7", "--retire")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ci-7 retired") and "heartbeat" not in proc.stdout  # not live: no warning
+    assert fleet.state("ci-7")["retired"] and fleet.state("ci-7")["presence"]  # its last presence stays
+
+    code, report = _status(fleet, capsys)
+    ci7 = _row(report, "ci-7")
+    assert code == 0 and report["status"] == OK, report["summary"]
+    assert ci7["state"] == "retired" and ci7["level"] == OK and ci7["retired"] and ci7["reasons"] == []
+    # Its own mail is shown, never overdue; the broadcast no longer waits for it.
+    assert ci7["unread"]["count"] == 1 and not ci7["unread"]["overdue"]
+    assert ci7["acks_owed"]["count"] == 1 and not ci7["acks_owed"]["overdue"]
+    assert [t["unread_by"] for t in report["threads"] if t["root"] == "m1"] == [[]]
+    assert report["servers"][-1]["id"] == "ci-7" and report["counts"]["retired"] == 1
+    assert "1 retired" in report["summary"] and report["stale"] == []
+    page = render_html(report)
+    assert '<p class="st retired">retired</p>' in page and ", 1 retired" in page
+
+    # A roster that still names it: a warning, with the reason.
+    _commit(fleet, {ROSTER_PATH: json.dumps({"version": 1, "servers": [
+        {"id": "code2"}, {"id": "build1"}, {"id": "ci-7"}]}).encode()})
+    code, report = _status(fleet, capsys)
+    assert code == 1 and _row(report, "ci-7")["reasons"] == ["retired, still in the roster"]
+
+    # A monitor that starts again under the id brings it back with its first presence (a presence
+    # in the very second of the retirement counts as before it: a runner's last steps are a stop
+    # and --retire, and timestamps have whole seconds).
+    time.sleep(1.1)
+    proc = run_script("message_monitor.py", "--repo", str(fleet.clones["ci-7"]), "--server", "ci-7",
+                      "--once", "--no-auto-reply", "--mark-read", "never")
+    assert proc.returncode == 0, proc.stderr
+    code, report = _status(fleet, capsys)
+    assert _row(report, "ci-7")["state"] == LIVE and report["counts"]["retired"] == 0
+    assert fleet.state("ci-7")["retired"]  # the key stays; the newer presence is what counts
+
+
+def test_retire_writes_no_ref_for_an_id_nothing_names_and_says_when_the_server_looks_live(tmp_path, capsys):
+    fleet = _fleet(tmp_path, _msg("m1", "code2", "build1", "hello", 60),
+                   _msg("m2", "code2", "biuld2", "to a typo", 5 * 3600))
+    _publish(fleet, "build1", 30)
+    ops = fleet.clone("ops")
+    before = git(fleet.origin, "for-each-ref", "refs/fleet/")
+
+    proc = run_script("message_monitor.py", "--repo", str(ops), "--server", "nobody1", "--retire")
+    assert proc.returncode == 0 and "nobody1 has no state ref and no mail names it" in proc.stdout
+    assert git(fleet.origin, "for-each-ref", "refs/fleet/") == before  # no ref for a server that never was
+
+    # An id only mail names (a typo'd recipient): retiring it lets its mail go.
+    code, report = _status(fleet, capsys)
+    assert _row(report, "biuld2")["state"] == NEVER_SEEN and _row(report, "biuld2")["level"] == WARNING
+    assert run_script("message_monitor.py", "--repo", str(ops), "--server", "biuld2", "--retire").returncode == 0
+    code, report = _status(fleet, capsys)
+    assert _row(report, "biuld2")["state"] == "retired" and _row(report, "biuld2")["level"] == OK
+
+    proc = run_script("message_monitor.py", "--repo", str(ops), "--server", "build1", "--retire", "--once")
+    assert proc.returncode == 2 and "--once" in proc.stderr
+
+    proc = run_script("message_monitor.py", "--repo", str(ops), "--server", "build1", "--retire")
+    assert proc.returncode == 0 and "undoes this at its next heartbeat" in proc.stdout
+    # Retiring twice keeps one retirement, its time the newest.
+    first = fleet.state("build1")["retired"]
+    time.sleep(1.1)
+    assert run_script("message_monitor.py", "--repo", str(ops), "--server", "build1", "--retire").returncode == 0
+    assert fleet.state("build1")["retired"] > first
+
+
+def test_retire_with_the_remote_down_writes_nothing(tmp_path):
+    fleet = _fleet(tmp_path, _msg("m1", "code2", "build1", "hello", 60))
+    _publish(fleet, "build1", 30 * 86400)
+    ops = fleet.clone("ops")
+    tip = git(fleet.origin, "rev-parse", "refs/fleet/build1")
+    git(ops, "remote", "set-url", "origin", str(tmp_path / "gone.git"))
+    proc = run_script("message_monitor.py", "--repo", str(ops), "--server", "build1", "--retire")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert git(fleet.origin, "rev-parse", "refs/fleet/build1") == tip

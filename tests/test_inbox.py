@@ -416,6 +416,12 @@ def test_ack_records_the_note_answers_the_sender_and_acks_show_both_sides(fleet)
     assert [m["type"] for m in Inbox(str(b1), "build1").unread()["messages"]] == ["ack"]
     text = run_script("inbox.py", "acks", "--repo", str(b1), "--server", "build1")
     assert "waiting on: code3" in text.stdout
+    # A recipient that left the fleet is listed apart, not waited on.
+    assert run_script("message_monitor.py", "--repo", str(c3), "--server", "code3", "--retire").returncode == 0
+    item = {i["message"]["id"]: i for i in Inbox(str(b1), "build1").acks()["owed_to_me"]}[wide]
+    assert item["waiting_on"] == [] and item["retired"] == ["code3"]
+    text = run_script("inbox.py", "acks", "--repo", str(b1), "--server", "build1")
+    assert "waiting on: nobody; retired: code3;" in text.stdout
 
 
 # --------------------------------------------------------------------------- search

@@ -282,6 +282,45 @@ def test_merge_keeps_newest_presence():
     assert new.presence["activity"] == "new"
 
 
+@pytest.mark.parametrize("retired, presence, expected", [
+    ("2026-01-02T00:00:00Z", None, True),                      # retired, never seen
+    ("2026-01-02T00:00:00Z", "2026-01-01T23:59:59Z", True),    # its last presence came before
+    ("2026-01-02T00:00:00Z", "2026-01-02T00:00:00Z", True),    # the same second: a stop, then --retire
+    ("2026-01-02T00:00:00Z", "2026-01-02T00:00:01Z", False),   # a monitor started again: back
+    (None, "2026-01-02T00:00:01Z", False),
+    ("not a time", None, False),                               # what does not parse is not a retirement
+    (12, None, False),
+    ("2026-01-02T00:00:00Z" + "x" * 100, None, False),         # over the bound: ignored
+])
+def test_a_server_is_retired_until_it_publishes_presence_again(retired, presence, expected):
+    doc = {"version": 1, "server": "ci-7", "read": [], "acks": []}
+    if retired is not None:
+        doc["retired"] = retired
+    if presence is not None:
+        doc["presence"] = {"timestamp": presence}
+    state = ServerState.from_bytes(json.dumps(doc).encode(), "ci-7")
+    assert state.is_retired() is expected
+    assert "retired" not in state.extra  # a key of its own: written back only when it is valid
+    assert ("retired" in json.loads(state.to_bytes())) is (state.retired is not None)
+
+
+def test_retirement_survives_a_lost_lease_and_the_newest_is_kept(fleet):
+    """--retire from one clone while the server's monitor wrote presence from another: the merge
+    keeps both the presence and the retirement."""
+    c2, ops = fleet.clone("code2"), fleet.clone("ops")
+    assert StateStore(Clone(c2)).update("code2", StateChange(read=[("m1", "build1")],
+                                                             presence={"timestamp": "2026-01-01T00:00:00Z"}))
+    assert StateStore(Clone(ops)).update("code2", StateChange(retire=True))  # lease lost once, merged
+    state = _remote_state(fleet, "code2")
+    assert state["retired"] and state["read"] == [["m1", "build1"]] and state["presence"]
+    later, earlier = ServerState("code2"), ServerState("code2")
+    later.retired, earlier.retired = "2026-01-03T00:00:00Z", "2026-01-02T00:00:00Z"
+    earlier.merge(later)
+    assert earlier.retired == "2026-01-03T00:00:00Z"
+    later.merge(ServerState("code2"))
+    assert later.retired == "2026-01-03T00:00:00Z"
+
+
 def test_mirrors_of_deleted_refs_go_even_when_one_of_them_is_locked(fleet, caplog):
     """A mirror left locked (a process killed while it wrote it) keeps only itself: the other
     mirrors of refs deleted on the remote are still dropped, and the one kept is said."""
