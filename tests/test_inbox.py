@@ -570,10 +570,15 @@ def test_acks_owed_to_me_are_read_past_a_crowd_of_state_refs(fleet, monkeypatch,
 
     b1, c2 = fleet.clone("build1"), fleet.clone("zz-code2")
     direct = send(b1, "Rotate the keys", "build1", to="zz-code2", ack_required=True, subject="Keys")
+    wide = send(b1, "Freeze merges", "build1", to="all", ack_required=True, subject="Freeze")
     Inbox(str(c2), "zz-code2").acknowledge(direct, message=False)
     crowd_state_refs(fleet, "zz-code2", (f"ghost{n:02d}" for n in range(10)))
+    Inbox(str(c2), "zz-code2").acknowledge(wide, message=False)  # the crowd holds no such ack
     if case_blind:
         git(b1, "config", "core.ignorecase", "true")
     monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 5)
-    owed = Inbox(str(b1), "build1").acks()["owed_to_me"]
-    assert [(o["acknowledged_by"], o["waiting_on"]) for o in owed] == [(["zz-code2"], [])]
+    owed = {o["message"]["id"]: o for o in Inbox(str(b1), "build1").acks()["owed_to_me"]}
+    assert (owed[direct]["acknowledged_by"], owed[direct]["waiting_on"]) == (["zz-code2"], [])
+    # A broadcast's audience is the servers read: zz-code2 among them, then the crowd's first.
+    assert owed[wide]["acknowledged_by"] == ["zz-code2"]
+    assert owed[wide]["waiting_on"] == ["ghost00", "ghost01", "ghost02", "ghost03"]
