@@ -444,7 +444,10 @@ def parse_timestamp(value: object) -> Optional[_dt.datetime]:
         sign = 1 if zone[0] == "+" else -1
         digits = zone[1:].replace(":", "")
         offset = _dt.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
-        moment = moment - sign * offset
+        try:
+            moment = moment - sign * offset
+        except OverflowError:  # "9999-12-31T23:59:59-23:59" lies past the last date there is
+            return None
     return moment
 
 

@@ -302,7 +302,7 @@ def _oldest_entry(item: Optional[Tuple[Optional[_dt.datetime], Dict[str, Any]]],
             "timestamp": _stamp(when), "age_seconds": _age_of(when, now)}
 
 
-def _presence_summary(state: Optional[ServerState], now: _dt.datetime) -> Optional[Dict[str, Any]]:
+def presence_summary(state: Optional[ServerState], now: _dt.datetime) -> Optional[Dict[str, Any]]:
     """The published presence, each value bounded and typed; ``None`` when there is none."""
     presence = state.presence if state is not None else None
     if not isinstance(presence, dict):
@@ -328,7 +328,7 @@ def _presence_summary(state: Optional[ServerState], now: _dt.datetime) -> Option
     }
 
 
-def _stale_limit(presence: Optional[Dict[str, Any]], stale_after: float) -> float:
+def stale_limit(presence: Optional[Dict[str, Any]], stale_after: float) -> float:
     """``max(--stale-after, 3 x the server's own interval)``, the interval believed up to 6 h."""
     interval = presence.get("interval") if presence else None
     if not interval:
@@ -415,7 +415,7 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
     mail = {server: _Mail() for server in servers}
     retired = _retired(snap.states, servers)
     unread_by = _count_mail(snap, messages, servers, mail, now.date(), retired)
-    presence = {server: _presence_summary(snap.states.get(server), now) for server in servers}
+    presence = {server: presence_summary(snap.states.get(server), now) for server in servers}
     # Expected servers: the roster's, else every server that has published presence.
     expected = set(snap.roster.servers) if snap.roster.servers else {
         server for server, seen in presence.items() if seen is not None}
@@ -477,7 +477,7 @@ def _retired(states: Mapping[str, ServerState], servers: Iterable[str]) -> Dict[
     for server in servers:
         state = states.get(server)
         if state is not None and state.retired and state.is_retired():
-            found[server] = state.retired
+            found[server] = state.retired["at"] or ""
     return found
 
 
@@ -541,7 +541,7 @@ def _urgency(row: Mapping[str, Any]) -> Tuple[int, int, float, str]:
 def _server_row(server: str, sources: Set[str], presence: Optional[Dict[str, Any]], roster: Roster,
                 counters: _Mail, is_expected: bool, stale_after: float, unread_after: float,
                 now: _dt.datetime, retired: Optional[str] = None) -> Dict[str, Any]:
-    limit = _stale_limit(presence, stale_after)
+    limit = stale_limit(presence, stale_after)
     reasons: List[Tuple[str, str]] = []
     if retired is not None:  # nobody waits for it: its mail and acks are shown, never overdue
         state = RETIRED

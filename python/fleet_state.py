@@ -82,6 +82,7 @@ MAX_STATE_SERVERS: Final = 1000
 # More refspecs than this go to ``git fetch --stdin`` (Windows bounds a command line at 32,767
 # characters, a few hundred refspecs).
 REFSPECS_IN_ARGV: Final = 32
+STOPPED: Final = "stopped"  # the presence activity of a monitor's clean stop
 MAX_LOCKED_MIRRORS: Final = 8  # locked mirrors passed over in one deletion, before all wait for a later look
 _LOCKED_REF = re.compile(r"cannot lock ref '([^']+)'")
 
@@ -111,7 +112,7 @@ class ServerState:
         self.acks: Dict[MessageKey, Dict[str, Any]] = {}
         self.presence: Optional[Dict[str, Any]] = None
         self.updated: Optional[str] = None
-        self.retired: Optional[str] = None  # when it left the fleet (see is_retired)
+        self.retired: Optional[Dict[str, Optional[str]]] = None  # {"at", "presence"}: see is_retired
         self.extra: Dict[str, Any] = {}  # unknown keys, kept by every write
 
     # ----------------------------------------------------------------- reading
@@ -148,8 +149,7 @@ class ServerState:
         presence = doc.get("presence")
         state.presence = presence if isinstance(presence, dict) else None
         state.updated = _bounded_text(doc.get("updated"), 40)
-        retired = _bounded_text(doc.get("retired"), 40)
-        state.retired = retired if retired and parse_timestamp(retired) is not None else None
+        state.retired = _retirement(doc.get("retired"))
         state.extra = {k: v for k, v in doc.items()
                        if k not in ("version", "server", "updated", "presence", "read", "acks", "retired")}
         return state
@@ -169,18 +169,21 @@ class ServerState:
 
     def retired_time(self) -> Optional[float]:
         """Epoch seconds of the server's retirement, or ``None``."""
-        moment = parse_timestamp(self.retired) if self.retired else None
+        moment = parse_timestamp(self.retired["at"]) if self.retired else None
         return moment.timestamp() if moment is not None else None
 
     def is_retired(self) -> bool:
-        """Whether the server has left the fleet: it retired (``message_monitor.py --retire``)
-        and has published no presence since. A monitor that starts again under the same id
-        brings it back with its first presence; nothing has to be undone."""
-        retired = self.retired_time()
-        if retired is None:
+        """Whether the server has left the fleet (``message_monitor.py --retire``): its state
+        records a retirement, and its presence is still the one that retirement saw, or says its
+        monitor stopped. No clock is compared: a monitor that starts again under the same id
+        publishes another presence and is back at once (and its writes drop the record), whatever
+        the time on the machine that retired it."""
+        if not self.retired:
             return False
-        seen = self.presence_time()
-        return seen is None or seen <= retired
+        presence = self.presence
+        if not isinstance(presence, dict) or presence.get("activity") == STOPPED:
+            return True
+        return presence.get("timestamp") == self.retired["presence"]
 
     # ----------------------------------------------------------------- writing
 
@@ -200,8 +203,7 @@ class ServerState:
             theirs = other.presence_time()
             if self.presence is None or (theirs is not None and (mine is None or theirs > mine)):
                 self.presence = other.presence
-        theirs_retired = other.retired_time()
-        if theirs_retired is not None and (self.retired_time() or -1.0) < theirs_retired:
+        if other.retired and (not self.retired or (self.retired_time() or 0.0) < (other.retired_time() or 0.0)):
             self.retired = other.retired
         for k, v in other.extra.items():
             self.extra.setdefault(k, v)
@@ -225,7 +227,7 @@ class ServerState:
         twin.acks = {k: dict(v) for k, v in self.acks.items()}
         twin.presence = dict(self.presence) if self.presence is not None else None
         twin.updated = self.updated
-        twin.retired = self.retired
+        twin.retired = dict(self.retired) if self.retired else None
         twin.extra = dict(self.extra)
         return twin
 
@@ -245,7 +247,7 @@ class StateChange:
         self.acks = [dict(a) for a in acks if _key_ok(a.get("id"), a.get("from"))]
         self.presence = presence
         self.drop = set(drop)
-        self.retired = iso_utc() if retire else None  # the moment it was asked, kept over a lost lease
+        self.retire = retire
 
     def apply(self, state: ServerState) -> bool:
         """Apply to ``state``; whether anything changed."""
@@ -267,6 +269,8 @@ class StateChange:
             state.read.setdefault(key, None)
         if self.presence is not None:
             state.presence = self.presence
+            if self.presence.get("activity") != STOPPED:
+                state.retired = None  # a monitor runs under this id: it is back
             changed = True
         for key in self.drop:
             if key in state.read:
@@ -275,13 +279,26 @@ class StateChange:
             if key in state.acks:
                 del state.acks[key]
                 changed = True
-        if self.retired is not None:
-            state.retired = self.retired
+        if self.retire:  # against the presence of the state it is applied to (again after a lost lease)
+            seen = state.presence.get("timestamp") if isinstance(state.presence, dict) else None
+            state.retired = {"at": iso_utc(), "presence": seen if isinstance(seen, str) else None}
             changed = True
         return changed
 
 
 # --------------------------------------------------------------------------- refs
+
+
+def _retirement(value: Any) -> Optional[Dict[str, Optional[str]]]:
+    """A state's ``retired`` record, ``{"at": time, "presence": the presence timestamp it saw}``;
+    ``None`` for anything else (a record that cannot be read retires no one)."""
+    if not isinstance(value, dict):
+        return None
+    at = _bounded_text(value.get("at"), 40)
+    seen = value.get("presence")
+    if not at or parse_timestamp(at) is None or not (seen is None or isinstance(seen, str) and len(seen) <= 40):
+        return None
+    return {"at": at, "presence": seen}
 
 
 def parse_state_ref(ref: str) -> Optional[Tuple[str, str]]:

@@ -140,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_argument("--retry-dead", action="store_true",
                           help="give dead messages in the retry queue five more attempts")
     commands.add_argument("--retire", action="store_true",
-                          help="record that --server has left the fleet for good: the status and the "
-                               "archive stop waiting for it")
+                          help="record that --server has left the fleet for good (its monitor stopped): "
+                               "the status and the archive stop waiting for it")
     commands.add_argument("--print-systemd-unit", action="store_true", help="print a systemd unit for this machine")
     commands.add_argument("--service-user", default=None, metavar="USER",
                           help="with --print-systemd-unit: the account the service runs as (owner of the clone)")

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from fleet_common import UsageError
+from fleet_common import SuiteError, UsageError
 from fleet_git import Clone, run_git
 from fleet_mailbox import REPAIR_HISTORY, Mailbox, known_servers, serialize
 from monitor_files import read_status_or_none
@@ -198,37 +198,41 @@ def _looks_windows_absolute(path: str) -> bool:
 
 # --------------------------------------------------------------------------- --retire
 
-LIVE_WARNING_SECONDS = 15 * 60.0  # fleet_status's default --stale-after: seen more recently is live
-
-
 def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
     """Record in ``server``'s own state ref that it has left the fleet for good (key ``retired``;
     README, "State refs"): the status stops counting it stale or waited on, and the archive
     stops keeping mail for it to read. Its receipts stay. A monitor that publishes presence
     under this id again brings it back; nothing has to be undone.
 
-    A server with no state ref is retired only when the hot mailbox names it (mail sent to an id
-    that never ran, a typo, waits for nobody then); otherwise nothing waits for it already, and
-    nothing is written (no ref for a server that never was)."""
-    import time
+    Refused (exit 2) while the server looks live (a presence within the status's stale limit
+    that is not a monitor's clean stop): its mail would stop waiting for a server still reading
+    it. A server with no state ref is retired only when the hot mailbox names it (mail sent to
+    an id that never ran, a typo); otherwise nothing waits for it already, and nothing is
+    written (no ref for a server that never was)."""
+    import datetime as _dt
 
-    from fleet_state import StateChange, StateStore
+    from fleet_report import DEFAULT_STALE_AFTER, presence_summary, short_age, stale_limit
+    from fleet_state import STOPPED, StateChange, StateStore
 
     store = StateStore(clone)
     view = store.poll()
     if server not in view.servers() and server not in known_servers(Mailbox(clone).read(clone.fetch())[1]):
-        return {"server": server, "retired": None, "pushed": False,
+        return {"server": server, "retired": None,
                 "summary": f"{server} has no state ref and no mail names it: nothing waits for it; "
                            "nothing written (check the id)"}
     store.fetch([server], view=view)
-    pushed = store.update(server, StateChange(retire=True))
+    seen = presence_summary(store.read(server), _dt.datetime.now(_dt.timezone.utc))
+    if seen is not None and seen["activity"] != STOPPED \
+            and seen["age_seconds"] <= stale_limit(seen, DEFAULT_STALE_AFTER):
+        raise UsageError(f"{server} looks live (presence {short_age(seen['age_seconds'])} ago): stop its "
+                         "monitor (a clean stop says so) or wait until it is stale, then retire it")
+    store.update(server, StateChange(retire=True))
     state = store.read(server)
-    seen = state.presence_time()
-    summary = f"{server} retired: readers no longer wait for it; a monitor started again under this id brings it back"
-    if seen is not None and time.time() - seen < LIVE_WARNING_SECONDS:
-        summary += (f" (it published presence {max(0, int(time.time() - seen))} s ago: a monitor still "
-                    "running under this id undoes this at its next heartbeat)")
-    return {"server": server, "retired": state.retired, "pushed": pushed, "summary": summary}
+    if not state.is_retired():  # its monitor published presence meanwhile
+        raise SuiteError(f"{server} published presence while it was being retired: it is running")
+    return {"server": server, "retired": state.retired["at"] if state.retired else None,
+            "summary": f"{server} retired: nobody waits for it any more; a monitor started again "
+                       "under this id brings it back"}
 
 
 # --------------------------------------------------------------------------- --repair and --status

@@ -47,7 +47,7 @@ from fleet_mailbox import (
     new_message_id,
     valid_messages,
 )
-from fleet_state import StateChange, StateRefError, StateStore
+from fleet_state import STOPPED, StateChange, StateRefError, StateStore
 from monitor_duties import PeriodicDuties
 from monitor_files import STATUS_REWRITE_IDLE, MonitorState, write_status
 from monitor_remote import BACKOFF_DELAYS, RemotePoller
@@ -791,6 +791,6 @@ class Monitor(PeriodicDuties):
         if self.hook is not None:
             self.hook.stop()
         if not self.one_shot and self.presence_published and self.breaker.can_execute():
-            self._maybe_presence("stopped")  # readers see a clean stop, not a silent server
+            self._maybe_presence(STOPPED)  # readers see a clean stop, not a silent server
         log.info("monitor stopped", extra={"metadata": {"iterations": self.iterations}})
         return code

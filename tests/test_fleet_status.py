@@ -547,8 +547,9 @@ def test_a_retired_server_is_waited_on_by_nobody_until_it_comes_back(tmp_path, c
 
     proc = run_script("message_monitor.py", "--repo", str(fleet.clone("ops")), "--server", "ci-7", "--retire")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("ci-7 retired") and "heartbeat" not in proc.stdout  # not live: no warning
-    assert fleet.state("ci-7")["retired"] and fleet.state("ci-7")["presence"]  # its last presence stays
+    assert proc.stdout.startswith("ci-7 retired: nobody waits for it")
+    retired = fleet.state("ci-7")["retired"]
+    assert retired["presence"] == fleet.state("ci-7")["presence"]["timestamp"]  # its last presence stays
 
     code, report = _status(fleet, capsys)
     ci7 = _row(report, "ci-7")
@@ -569,16 +570,13 @@ def test_a_retired_server_is_waited_on_by_nobody_until_it_comes_back(tmp_path, c
     code, report = _status(fleet, capsys)
     assert code == 1 and _row(report, "ci-7")["reasons"] == ["retired, still in the roster"]
 
-    # A monitor that starts again under the id brings it back with its first presence (a presence
-    # in the very second of the retirement counts as before it: a runner's last steps are a stop
-    # and --retire, and timestamps have whole seconds).
-    time.sleep(1.1)
+    # A monitor that starts again under the id brings it back with its first presence.
     proc = run_script("message_monitor.py", "--repo", str(fleet.clones["ci-7"]), "--server", "ci-7",
                       "--once", "--no-auto-reply", "--mark-read", "never")
     assert proc.returncode == 0, proc.stderr
     code, report = _status(fleet, capsys)
     assert _row(report, "ci-7")["state"] == LIVE and report["counts"]["retired"] == 0
-    assert fleet.state("ci-7")["retired"]  # the key stays; the newer presence is what counts
+    assert "retired" not in fleet.state("ci-7")  # its own write dropped the record
 
 
 def test_retire_writes_no_ref_for_an_id_nothing_names_and_says_when_the_server_looks_live(tmp_path, capsys):
@@ -602,13 +600,18 @@ def test_retire_writes_no_ref_for_an_id_nothing_names_and_says_when_the_server_l
     proc = run_script("message_monitor.py", "--repo", str(ops), "--server", "build1", "--retire", "--once")
     assert proc.returncode == 2 and "--once" in proc.stderr
 
+    # A server that looks live is not retired: its mail would stop waiting while it still reads.
+    before = git(fleet.origin, "for-each-ref", "refs/fleet/")
     proc = run_script("message_monitor.py", "--repo", str(ops), "--server", "build1", "--retire")
-    assert proc.returncode == 0 and "undoes this at its next heartbeat" in proc.stdout
-    # Retiring twice keeps one retirement, its time the newest.
-    first = fleet.state("build1")["retired"]
-    time.sleep(1.1)
-    assert run_script("message_monitor.py", "--repo", str(ops), "--server", "build1", "--retire").returncode == 0
-    assert fleet.state("build1")["retired"] > first
+    assert proc.returncode == 2 and "build1 looks live (presence 3" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert git(fleet.origin, "for-each-ref", "refs/fleet/") == before
+    # Once its monitor stopped cleanly (a CI job's teardown), it is.
+    _publish(fleet, "build1", 2, activity="stopped")
+    proc = run_script("message_monitor.py", "--repo", str(ops), "--server", "build1", "--retire")
+    assert proc.returncode == 0, proc.stderr
+    code, report = _status(fleet, capsys)
+    assert _row(report, "build1")["state"] == "retired"
 
 
 def test_retire_with_the_remote_down_writes_nothing(tmp_path):

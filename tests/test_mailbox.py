@@ -79,6 +79,9 @@ def test_timestamps_in_every_real_form():
     assert parse_timestamp("2025-11-04T10:00:00+02:00").hour == 8
     assert parse_timestamp("yesterday-ish") is None
     assert parse_timestamp(None) is None
+    # Past either end of the calendar once the offset is applied: unreadable, never an exception.
+    assert parse_timestamp("9999-12-31T23:59:59-23:59") is None
+    assert parse_timestamp("0001-01-01T00:00:00+23:59") is None
 
 
 def test_round_trip_keeps_everything(quirky):

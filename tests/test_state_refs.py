@@ -282,43 +282,58 @@ def test_merge_keeps_newest_presence():
     assert new.presence["activity"] == "new"
 
 
+T1, T2 = "2026-01-01T23:59:59Z", "2026-01-02T00:00:00Z"
+
+
 @pytest.mark.parametrize("retired, presence, expected", [
-    ("2026-01-02T00:00:00Z", None, True),                      # retired, never seen
-    ("2026-01-02T00:00:00Z", "2026-01-01T23:59:59Z", True),    # its last presence came before
-    ("2026-01-02T00:00:00Z", "2026-01-02T00:00:00Z", True),    # the same second: a stop, then --retire
-    ("2026-01-02T00:00:00Z", "2026-01-02T00:00:01Z", False),   # a monitor started again: back
-    (None, "2026-01-02T00:00:01Z", False),
-    ("not a time", None, False),                               # what does not parse is not a retirement
-    (12, None, False),
-    ("2026-01-02T00:00:00Z" + "x" * 100, None, False),         # over the bound: ignored
+    ({"at": T2, "presence": None}, None, True),                          # retired, never seen
+    ({"at": T2, "presence": T1}, {"timestamp": T1}, True),               # the presence it saw
+    ({"at": T2, "presence": T1}, {"timestamp": T2}, False),              # a monitor started again
+    ({"at": T1, "presence": T1}, {"timestamp": T2}, False),              # whatever either clock says
+    ({"at": "2099-01-01T00:00:00Z", "presence": T1}, {"timestamp": T2}, False),  # a clock far ahead
+    ({"at": T2, "presence": T1}, {"timestamp": T2, "activity": "stopped"}, True),  # a clean stop after
+    ({"at": T2, "presence": None}, {"timestamp": "garbage"}, False),
+    ({"at": "not a time", "presence": None}, None, False),               # what does not parse retires no one
+    ({"at": T2, "presence": 12}, None, False),
+    ({"at": T2 + "x" * 100, "presence": None}, None, False),             # over the bound
+    (T2, None, False),                                                   # not a record
+    (None, {"timestamp": T2}, False),
 ])
 def test_a_server_is_retired_until_it_publishes_presence_again(retired, presence, expected):
     doc = {"version": 1, "server": "ci-7", "read": [], "acks": []}
     if retired is not None:
         doc["retired"] = retired
     if presence is not None:
-        doc["presence"] = {"timestamp": presence}
+        doc["presence"] = presence
     state = ServerState.from_bytes(json.dumps(doc).encode(), "ci-7")
     assert state.is_retired() is expected
     assert "retired" not in state.extra  # a key of its own: written back only when it is valid
     assert ("retired" in json.loads(state.to_bytes())) is (state.retired is not None)
 
 
-def test_retirement_survives_a_lost_lease_and_the_newest_is_kept(fleet):
-    """--retire from one clone while the server's monitor wrote presence from another: the merge
-    keeps both the presence and the retirement."""
+def test_retiring_records_the_presence_it_saw_and_a_running_monitor_drops_it(fleet):
+    """--retire from one clone after the server's monitor wrote presence from another (a lost
+    lease: the retirement is applied again to the state as it now is); then the monitor's next
+    presence drops the record, and a clean stop after a retirement keeps it."""
     c2, ops = fleet.clone("code2"), fleet.clone("ops")
-    assert StateStore(Clone(c2)).update("code2", StateChange(read=[("m1", "build1")],
-                                                             presence={"timestamp": "2026-01-01T00:00:00Z"}))
+    first = {"timestamp": T1, "activity": "idle"}
+    assert StateStore(Clone(c2)).update("code2", StateChange(read=[("m1", "build1")], presence=first))
     assert StateStore(Clone(ops)).update("code2", StateChange(retire=True))  # lease lost once, merged
     state = _remote_state(fleet, "code2")
-    assert state["retired"] and state["read"] == [["m1", "build1"]] and state["presence"]
+    assert state["retired"]["presence"] == T1 and state["read"] == [["m1", "build1"]] and state["presence"]
+    assert StateStore(Clone(ops)).read("code2").is_retired()
+    store = StateStore(Clone(c2))
+    assert store.update("code2", StateChange(presence={"timestamp": T2, "activity": "stopped"}))  # lease lost
+    assert "retired" in _remote_state(fleet, "code2") and store.read("code2").is_retired()
+    assert store.update("code2", StateChange(presence={"timestamp": T2, "activity": "idle"}))
+    assert "retired" not in _remote_state(fleet, "code2") and not store.read("code2").is_retired()
     later, earlier = ServerState("code2"), ServerState("code2")
-    later.retired, earlier.retired = "2026-01-03T00:00:00Z", "2026-01-02T00:00:00Z"
+    later.retired = {"at": "2026-01-03T00:00:00Z", "presence": None}
+    earlier.retired = {"at": T2, "presence": T1}
     earlier.merge(later)
-    assert earlier.retired == "2026-01-03T00:00:00Z"
+    assert earlier.retired == later.retired
     later.merge(ServerState("code2"))
-    assert later.retired == "2026-01-03T00:00:00Z"
+    assert later.retired["at"] == "2026-01-03T00:00:00Z"
 
 
 def test_mirrors_of_deleted_refs_go_even_when_one_of_them_is_locked(fleet, caplog):
