@@ -6,15 +6,14 @@ whose tree holds ``state.json``. Every update is a new root commit pushed with
 ``--force-with-lease`` on the tip it was built from, so the ref's history never grows and only
 processes of S ever race for it; a lost lease is re-read, merged (set union) and pushed again.
 
-Everyone reads every state ref. What needs them all (``fleet_status.py``, ``inbox.py acks``)
-fetches them by pattern, without negotiation, beside a fetch of the branch
-(:meth:`StateStore.mirror_fleet`). What needs only the branch and this server's own ref (the
-monitor's cycle, the inbox) fetches both by exact name in one call
-(:class:`monitor_remote.RemotePoller`); the listed path (:meth:`StateStore.poll`, one
-``ls-remote``, then a fetch of the refs whose tips moved) serves the rest. Fetched state refs
-are mirrored locally under the same names (``refs/fleet/S``; the fallback branch under
-``refs/fleet-state/S``), which is also what an operator gets from
-``git fetch origin 'refs/fleet/*:refs/fleet/*'``.
+Everyone reads every state ref, up to :data:`MAX_STATE_SERVERS` servers'. What needs them all
+(``fleet_status.py``, ``inbox.py acks``, the archive) lists the remote (:meth:`StateStore.poll`,
+one ``ls-remote``) and fetches the refs whose tips moved, by name and without negotiation; a look
+at the fleet does that beside a fetch of the branch (:meth:`StateStore.mirror_fleet`). What needs
+only the branch and this server's own ref (the monitor's cycle, the inbox) fetches both by exact
+name in one call (:class:`monitor_remote.RemotePoller`). Fetched state refs are mirrored locally
+under the same names (``refs/fleet/S``; the fallback branch under ``refs/fleet-state/S``), which
+is also what an operator gets from ``git fetch origin 'refs/fleet/*:refs/fleet/*'``.
 
 Everything read here comes from another machine: the file's size, nesting, entry counts and text
 lengths are bounded, and a state ref that breaks a bound is ignored with a warning (it never
@@ -542,50 +541,52 @@ class StateStore:
         return sorted(set(self.mirrored(first, then).values()))
 
     def mirror_fleet(self, first: Iterable[str] = ()) -> Optional[str]:
-        """The shared branch and every server's state ref (both names), the mirrors of refs the
-        remote no longer has dropped: what a look at the whole fleet (``fleet_status.py``,
-        ``inbox.py acks``) needs, busy or idle, in the time of one fetch.
+        """The shared branch and the state refs of every server, at most
+        :data:`MAX_STATE_SERVERS` of them (``first``, then those mirrored already, first), the
+        mirrors of refs the remote no longer has dropped: what a look at the whole fleet
+        (``fleet_status.py``, ``inbox.py acks``) needs, busy or idle.
 
-        Two fetches run side by side, the branch's (:meth:`Clone.fetch`) and the state refs'
-        (:meth:`_fetch_states`, without negotiation): in one fetch, a moved state ref kept git
-        negotiating for four round trips (0.64 s against 0.33 s over a 100 ms link). The state
-        refs are fetched by pattern, ``--prune`` dropping vanished mirrors; where ref names are
-        case-blind (``core.ignorecase``: Windows, macOS), a ref such as ``refs/fleet/CODE2`` would
-        land on code2's mirror, so there the remote is listed first and only lower-case server ids
-        are fetched, of at most :data:`MAX_STATE_SERVERS` servers (``first``, then those mirrored
-        already, first; :meth:`fetch_named` then brings those of the servers the fetched branch
-        names). Returns the branch's tip, ``None`` when the remote has no such branch (the state
-        refs are fetched all the same).
+        Two things run side by side: the branch's fetch (:meth:`Clone.fetch`), and a listing of
+        the remote (:meth:`poll`) followed, when a state ref moved, by a fetch of those that did,
+        by name and without negotiation (:meth:`_fetch_states`: in one fetch with the branch, a
+        moved state ref kept git negotiating for four round trips). By name, never by pattern: a
+        pattern would mirror every ref another member pushes under ``refs/fleet/`` (20,000 of
+        them took 80 MB of ref files in a clone), and where ref names are case-blind
+        (``core.ignorecase``: Windows, macOS) a ref such as ``refs/fleet/CODE2`` would land on
+        code2's mirror; only lower-case server ids are fetched. :meth:`fetch_named` then brings
+        those of the servers the fetched branch names, when some were left out. Returns the
+        branch's tip, ``None`` when the remote has no such branch (the state refs are fetched
+        all the same).
         """
-        view = self.poll() if self.clone.setting_is_true("core.ignorecase") else None
-        options = () if view is not None else ("--prune",)
+        import threading
+
         first = list(first)
         before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
+        done: Dict[str, Any] = {}
 
-        def specs() -> List[str]:
-            if view is not None:
-                held = (local.rsplit("/", 1)[-1] for local in before)
-                return self.refspecs_to_fetch(view, first=first, then=held)
-            return [f"+{REF_PREFIX}*:{REF_PREFIX}*", f"+{FALLBACK_PREFIX}*:{LOCAL_FALLBACK_PREFIX}*"]
+        def states() -> None:
+            try:
+                view = done["view"] = self.poll()
+                held = [local.rsplit("/", 1)[-1] for local in before]
+                self._fetch_states(lambda: self.refspecs_to_fetch(view, first=first, then=held),
+                                   before=before, locks_are_fatal=False)
+            except BaseException as exc:  # noqa: BLE001 - raised again by the caller's thread
+                done["error"] = exc
 
-        wanted = specs()
-        self._unfetched = max(0, len(view.servers()) - MAX_STATE_SERVERS) if view is not None else 0
-        self._listed = view if self._unfetched else None
-        side = None
-        if wanted:
-            config, args, refspecs = self._fetch_command(wanted, options)
-            side = self.clone.start_fetch(*args, config=config, input=refspecs)
+        worker = threading.Thread(target=states, name="state-refs", daemon=True)
+        worker.start()
         try:
             tip = self.clone.fetch(allow_missing=True)
-        except BaseException:
-            if side is not None:
-                side.kill()
-                side.wait()
+        except Exception:
+            worker.join()  # its git calls end within their own time limits
             raise
-        if side is not None:
-            self._fetch_states(specs, *options, started=side, before=before, locks_are_fatal=False)
-        if view is not None:
-            self.drop_vanished(view)
+        worker.join()
+        if "error" in done:
+            raise done["error"]
+        view = done["view"]
+        self._unfetched = max(0, len(view.servers()) - MAX_STATE_SERVERS)
+        self._listed = view if self._unfetched else None
+        self.drop_vanished(view)
         return tip
 
     def fetch_named(self, first: Iterable[str], then: Iterable[str] = ()) -> None:

@@ -5,9 +5,10 @@ Usage::
     python3 python/fleet_status.py [--repo PATH] [--branch B] [--stale-after 15m] [--unread-after 4h]
                                    [--json] [--html FILE] [-q]
 
-Computed when someone looks and never committed (PROTOCOL.md, "Per-server state refs"): two
-``git fetch`` side by side (:meth:`StateStore.mirror_fleet`) bring the shared branch and every
-state ref as they are now (nothing, when nothing moved), the hot mailbox
+Computed when someone looks and never committed (PROTOCOL.md, "Per-server state refs"): the
+branch's ``git fetch`` and, beside it, a listing of the remote followed by a fetch of the state
+refs that moved (:meth:`StateStore.mirror_fleet`) bring the shared branch and every server's
+state ref, up to 1,000 servers', as they are now (nothing, when nothing moved), the hot mailbox
 ``coordination/messages.json`` and the roster are read as every reader reads them (from loose
 objects, else one ``cat-file``), and one ``cat-file`` reads every server's ``state.json``. The
 archive is never read, so the cost does not grow with it; the 14-day chart therefore counts the

@@ -238,7 +238,7 @@ def test_one_look_fetches_the_branch_and_the_state_refs_and_reads_only_the_hot_m
     _publish(fleet, "build1")
     viewer = _viewer(fleet)
 
-    def look() -> Dict[str, int]:
+    def look(fetches: int) -> Dict[str, int]:
         trace = tmp_path / "trace.log"
         if trace.exists():
             trace.unlink()
@@ -247,20 +247,21 @@ def test_one_look_fetches_the_branch_and_the_state_refs_and_reads_only_the_hot_m
         counts: Dict[str, int] = {}
         for name in re.findall(r"trace: built-in: git (\S+)", trace.read_text(errors="replace")):
             counts[name] = counts.get(name, 0) + 1
-        # The branch, and every state ref under both names (side by side: StateStore.mirror_fleet).
-        assert counts.get("fetch") == 2 and "ls-remote" not in counts
+        # Side by side (StateStore.mirror_fleet): the branch's fetch, and a listing of the remote
+        # followed, when state refs moved, by a fetch of those, by name.
+        assert counts.get("fetch") == fetches and counts.get("ls-remote") == 1, counts
         assert "maintenance" not in counts and "gc" not in counts  # nothing for git's gc to do yet
         counts["servers with state"] = sum(1 for row in json.loads(proc.stdout)["servers"] if row["presence"])
         return counts
 
-    assert look()["servers with state"] == 2
-    idle = look()
+    assert look(2)["servers with state"] == 2
+    idle = look(1)  # no state ref moved: the branch's fetch only
     assert idle.get("cat-file", 0) <= 1 and idle["servers with state"] == 2
     _publish(fleet, "build1", 1)
-    assert look()["servers with state"] == 2
-    # A state ref deleted on the remote is no longer read: its mirror is pruned by the same fetch.
+    assert look(2)["servers with state"] == 2
+    # A state ref deleted on the remote is no longer read: the listing says so, its mirror goes.
     git(fleet.origin, "update-ref", "-d", "refs/fleet/build1")
-    assert look()["servers with state"] == 1
+    assert look(1)["servers with state"] == 1
     assert run_git(viewer, "rev-parse", "-q", "--verify", "refs/fleet/build1", check=False).returncode != 0
 
 
