@@ -313,6 +313,7 @@ def presence_summary(state: Optional[ServerState], now: _dt.datetime) -> Optiona
     queue = presence.get("queue") if isinstance(presence.get("queue"), dict) else {}
     system = presence.get("system") if isinstance(presence.get("system"), dict) else {}
     interval = _number(presence.get("interval"))
+    period = _number(presence.get("period"))
     healthy = presence.get("healthy")
     return {
         "timestamp": iso_utc(when),
@@ -324,23 +325,25 @@ def presence_summary(state: Optional[ServerState], now: _dt.datetime) -> Optiona
         "queue": {"pending": _count(queue.get("pending")), "dead": _count(queue.get("dead"))},
         "breaker": _text(presence.get("breaker"), MAX_SHORT_CHARS),
         "interval": interval if interval is not None and interval > 0 else None,
+        "period": period if period is not None and period > 0 else None,
         "system": {key: _number(system.get(key)) for key in ("cpu_usage", "memory_used_gb", "disk_free_gb")},
     }
 
 
 def stale_limit(presence: Optional[Dict[str, Any]], stale_after: float) -> float:
-    """``max(--stale-after, 3 x the server's own interval)``, the interval believed up to 6 h."""
-    interval = presence.get("interval") if presence else None
-    if not interval:
-        return stale_after
-    return max(stale_after, STALE_INTERVALS * min(interval, MAX_BELIEVED_INTERVAL))
+    """``max(--stale-after, 3 x the server's own interval, 3 x its presence period)`` (a
+    summary's, :func:`presence_summary`), each believed up to 6 h: a monitor publishes presence
+    every period (``--heartbeat-minutes``), so three missed ones make it stale."""
+    published = [presence.get(key) for key in ("interval", "period")] if presence else []
+    return max([stale_after] + [STALE_INTERVALS * min(value, MAX_BELIEVED_INTERVAL) for value in published if value])
 
 
 def _collect_servers(snap: Snapshot, messages: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, Set[str]], int]:
     """Every server id with where it was seen (``roster``, ``state`` ref, mail as ``sender`` or
     ``recipient``), at most MAX_SERVERS: the roster's first, then those with a state ref that
-    mail names (:func:`known_servers`), those that sent mail, the other state refs, and the ids mail is only sent to (a
-    crowd of state refs, or one message naming hundreds of ids, cannot push a real server out)."""
+    mail names (:func:`known_servers`), those that sent mail, the other state refs, and the ids
+    mail is only sent to (a crowd of state refs, or one message naming hundreds of ids, cannot
+    push a real server out)."""
     found: Dict[str, Set[str]] = {}
     extra: Set[str] = set()
 

@@ -24,7 +24,9 @@ rewritten; unknown keys are kept by every write.
 from __future__ import annotations
 
 import json
+import math
 import re
+import time
 
 from fleet_common import (
     BadInput,
@@ -82,6 +84,7 @@ MAX_STATE_SERVERS: Final = 1000
 # characters, a few hundred refspecs).
 REFSPECS_IN_ARGV: Final = 32
 STOPPED: Final = "stopped"  # the presence activity of a monitor's clean stop
+MAX_PRESENCE_AHEAD: Final = 3600.0  # a presence stamped further ahead of the reader's clock never wins a merge
 MAX_LOCKED_MIRRORS: Final = 8  # locked mirrors passed over in one deletion, before all wait for a later look
 _LOCKED_REF = re.compile(r"cannot lock ref '([^']+)'")
 
@@ -171,18 +174,27 @@ class ServerState:
         moment = parse_timestamp(self.retired["at"]) if self.retired else None
         return moment.timestamp() if moment is not None else None
 
+    def presence_stamp(self) -> Optional[str]:
+        """The presence's ``timestamp`` as written, or ``None``."""
+        stamp = self.presence.get("timestamp") if isinstance(self.presence, dict) else None
+        return stamp if isinstance(stamp, str) else None
+
     def is_retired(self) -> bool:
         """Whether the server has left the fleet (``message_monitor.py --retire``): its state
-        records a retirement, and its presence is still the one that retirement saw, or says its
-        monitor stopped. No clock is compared: a monitor that starts again under the same id
-        publishes another presence and is back at once (and its writes drop the record), whatever
-        the time on the machine that retired it."""
-        if not self.retired:
-            return False
-        presence = self.presence
-        if not isinstance(presence, dict) or presence.get("activity") == STOPPED:
-            return True
-        return presence.get("timestamp") == self.retired["presence"]
+        records a retirement, and its presence is exactly the one that retirement saw. No clock
+        is compared: a monitor that starts again under the same id publishes another presence
+        and is back at once, whatever the time on the machine that retired it; its writes drop
+        the record, except a clean stop's right after a retirement, which carries it forward."""
+        return bool(self.retired) and self.presence_stamp() == self.retired["presence"]
+
+    def _presence_rank(self) -> float:
+        """What a merge compares presences by: their time; one stamped more than
+        :data:`MAX_PRESENCE_AHEAD` ahead of this clock ranks last (a forged or skewed one must
+        not outrank every presence the server will ever publish)."""
+        seen = self.presence_time()
+        if seen is None or seen > time.time() + MAX_PRESENCE_AHEAD:
+            return -math.inf
+        return seen
 
     # ----------------------------------------------------------------- writing
 
@@ -192,17 +204,19 @@ class ServerState:
         return self.version <= STATE_VERSION
 
     def merge(self, other: "ServerState") -> None:
-        """Fold ``other`` in: set union of receipts and acknowledgements, newest presence."""
+        """Fold ``other`` in: set union of receipts and acknowledgements; the newest presence,
+        with the retirement recorded beside it (a record only counts against the presence it
+        was written with; between two without presence, the newer record)."""
         for key in other.read:
             self.read.setdefault(key, None)
         for key, entry in other.acks.items():
             self.acks.setdefault(key, entry)
-        if other.presence is not None:
-            mine = self.presence_time()
-            theirs = other.presence_time()
-            if self.presence is None or (theirs is not None and (mine is None or theirs > mine)):
-                self.presence = other.presence
-        if other.retired and (not self.retired or (self.retired_time() or 0.0) < (other.retired_time() or 0.0)):
+        if other.presence is not None and (self.presence is None
+                                           or other._presence_rank() > self._presence_rank()):
+            self.presence = other.presence
+            self.retired = other.retired
+        elif self.presence is None and other.presence is None and other.retired and (
+                not self.retired or (self.retired_time() or 0.0) < (other.retired_time() or 0.0)):
             self.retired = other.retired
         for k, v in other.extra.items():
             self.extra.setdefault(k, v)
@@ -241,12 +255,13 @@ class StateChange:
 
     def __init__(self, read: Iterable[MessageKey] = (), acks: Iterable[Mapping[str, Any]] = (),
                  presence: Optional[Dict[str, Any]] = None,
-                 drop: Iterable[MessageKey] = (), retire: bool = False) -> None:
+                 drop: Iterable[MessageKey] = (), retire: bool = False, seen: Optional[str] = None) -> None:
         self.read = [k for k in read if _key_ok(*k)]
         self.acks = [dict(a) for a in acks if _key_ok(a.get("id"), a.get("from"))]
         self.presence = presence
         self.drop = set(drop)
         self.retire = retire
+        self.seen = seen  # with retire: the presence timestamp the caller found (None: none)
 
     def apply(self, state: ServerState) -> bool:
         """Apply to ``state``; whether anything changed."""
@@ -267,8 +282,11 @@ class StateChange:
                 changed = True
             state.read.setdefault(key, None)
         if self.presence is not None:
+            carry = state.is_retired() and self.presence.get("activity") == STOPPED
             state.presence = self.presence
-            if self.presence.get("activity") != STOPPED:
+            if carry and state.retired:  # a clean stop right after a retirement: still gone
+                state.retired = {"at": state.retired["at"], "presence": state.presence_stamp()}
+            else:
                 state.retired = None  # a monitor runs under this id: it is back
             changed = True
         for key in self.drop:
@@ -278,9 +296,13 @@ class StateChange:
             if key in state.acks:
                 del state.acks[key]
                 changed = True
-        if self.retire:  # against the presence of the state it is applied to (again after a lost lease)
-            seen = state.presence.get("timestamp") if isinstance(state.presence, dict) else None
-            state.retired = {"at": iso_utc(), "presence": seen if isinstance(seen, str) else None}
+        if self.retire:  # against the state it is applied to: again after a lost lease
+            stamp = state.presence_stamp()
+            stopped = isinstance(state.presence, dict) and state.presence.get("activity") == STOPPED
+            if stamp != self.seen and not stopped:
+                raise StateRefError(f"{state.server} published presence while it was being retired: "
+                                    "its monitor is running")
+            state.retired = {"at": iso_utc(), "presence": stamp}
             changed = True
         return changed
 
@@ -651,19 +673,22 @@ class StateStore:
 
     # ----------------------------------------------------------------- writing
 
-    def update(self, server: str, change: StateChange, *, author: Optional[str] = None) -> bool:
+    def update(self, server: str, change: StateChange, *, author: Optional[str] = None,
+               names: Optional[Tuple[str, str]] = None) -> bool:
         """Apply ``change`` to ``server``'s own state ref and push it; whether it was pushed.
 
         The push carries a lease on the tip the new state was built from: when another process of
         the same server won meanwhile, its state is fetched, the change applied to it again, and
         pushed again (nothing is lost). A remote that refuses ``refs/fleet/*`` gets the fallback
-        branch from then on (remembered in the clone's config, said once in the log).
+        branch from then on (remembered in the clone's config, said once in the log). ``names``:
+        (remote ref, local mirror) to write instead of this clone's own choice
+        (:meth:`presence_refs`).
         """
         server = normalize_server_id(server)
         delay = 0.05
         refusals = 0
         for _attempt in range(MAX_LEASE_ATTEMPTS):
-            remote_ref, local_ref = self._own_refs(server)
+            remote_ref, local_ref = names or self._own_refs(server)
             base = self.local_tip(local_ref)
             current = self._base_state(base, server)
             if not current.writable:
@@ -683,7 +708,7 @@ class StateStore:
                 # With the old value: a slower process of this server never moves the mirror back.
                 self.clone.git("update-ref", local_ref, commit, base or "", check=False)
                 return True
-            if outcome == "refused" and remote_ref.startswith(REF_PREFIX):
+            if outcome == "refused" and remote_ref.startswith(REF_PREFIX) and names is None:
                 refusals += 1
                 if refusals >= 2:  # refused twice: the host refuses custom refs, not a hiccup
                     self._use_fallback(server)
@@ -735,6 +760,26 @@ class StateStore:
                                 proc.stderr, _first_line(proc.stderr) or "push failed")
 
     # ----------------------------------------------------------------- which ref is ours
+
+    def presence_refs(self, server: str) -> Tuple[str, str]:
+        """(remote ref, local mirror) of ``server``'s ref whose presence a read takes
+        (:meth:`read` merges both names): where a record that must sit beside that presence
+        goes. This clone's own choice (:meth:`_own_refs`) unless only the other name holds it."""
+        server = normalize_server_id(server)
+        own = self._own_refs(server)
+        merged = self.read(server)
+        if merged.presence is None:
+            return own
+        holders = []
+        for names in ((REF_PREFIX + server, REF_PREFIX + server),
+                      (FALLBACK_PREFIX + server, LOCAL_FALLBACK_PREFIX + server)):
+            tip = self.local_tip(names[1])
+            try:
+                if tip and self._read_commit(tip, server).presence == merged.presence:
+                    holders.append(names)
+            except (BadInput, GitError):
+                continue
+        return own if own in holders or not holders else holders[0]
 
     def _config_key(self, server: str) -> str:
         return f"fleet.{server}.stateref"

@@ -20,11 +20,12 @@ the optional roster ``coordination/servers.json`` (``{"version": 1, "servers": [
 warn about a ``--to`` that the roster does not name). A bad roster is reported, never fatal.
 
 Live or stale: a server is *live* while its last presence (``presence.timestamp`` in its state
-ref) is at most ``max(--stale-after, 3 x its own published interval)`` old (its ``interval`` is
-believed up to 6 hours), *stale* after that, and *never seen* without a presence. A timestamp in
-the future counts as now. A server that retired (``message_monitor.py --retire``) and has published
-no presence since is *retired*: shown last, its mail and owed acknowledgements never overdue, and
-nothing waits for it; a roster that still names it is a warning.
+ref) is at most ``max(--stale-after, 3 x its own published interval, 3 x its presence period)``
+old (each believed up to 6 hours), *stale* after that, and *never seen* without a presence. A
+timestamp in the future counts as now. A server whose presence is still the one its retirement
+saw (``message_monitor.py --retire``) is *retired*: shown after the others of its level, its mail
+and owed acknowledgements never overdue, and nothing waits for it; a roster that still names it
+is a warning.
 
 Levels and exit codes (a Nagios plugin, like ``system_health.py``):
 

@@ -199,16 +199,17 @@ def _looks_windows_absolute(path: str) -> bool:
 # --------------------------------------------------------------------------- --retire
 
 def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
-    """Record in ``server``'s own state ref that it has left the fleet for good (key ``retired``;
-    README, "State refs"): the status stops counting it stale or waited on, and the archive
-    stops keeping mail for it to read. Its receipts stay. A monitor that publishes presence
-    under this id again brings it back; nothing has to be undone.
+    """Record in ``server``'s state ref that it has left the fleet for good (key ``retired``,
+    beside the presence it saw; README, "State refs"): the status stops counting it stale or
+    waited on, and the archive stops keeping mail for it to read. Its receipts stay. A monitor
+    that publishes presence under this id again brings it back; nothing has to be undone.
 
     Refused (exit 2) while the server looks live (a presence within the status's stale limit
-    that is not a monitor's clean stop): its mail would stop waiting for a server still reading
-    it. A server with no state ref is retired only when the hot mailbox names it (mail sent to
-    an id that never ran, a typo); otherwise nothing waits for it already, and nothing is
-    written (no ref for a server that never was)."""
+    that is neither a monitor's clean stop nor a ``--once`` run's): its mail would stop waiting
+    for a server still reading it; a presence published while this runs fails it (exit 1). A
+    server with no state ref is retired only when the hot mailbox names it (mail sent to an id
+    that never ran, a typo); otherwise nothing waits for it already, and nothing is written (no
+    ref for a server that never was)."""
     import datetime as _dt
 
     from fleet_report import DEFAULT_STALE_AFTER, presence_summary, short_age, stale_limit
@@ -221,15 +222,16 @@ def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
                 "summary": f"{server} has no state ref and no mail names it: nothing waits for it; "
                            "nothing written (check the id)"}
     store.fetch([server], view=view)
-    seen = presence_summary(store.read(server), _dt.datetime.now(_dt.timezone.utc))
-    if seen is not None and seen["activity"] != STOPPED \
-            and seen["age_seconds"] <= stale_limit(seen, DEFAULT_STALE_AFTER):
+    state = store.read(server)
+    seen = presence_summary(state, _dt.datetime.now(_dt.timezone.utc))
+    gone = seen is None or seen["activity"] == STOPPED or state.presence.get("once") is True  # (--once)
+    if not gone and seen["age_seconds"] <= stale_limit(seen, DEFAULT_STALE_AFTER):
         raise UsageError(f"{server} looks live (presence {short_age(seen['age_seconds'])} ago): stop its "
                          "monitor (a clean stop says so) or wait until it is stale, then retire it")
-    store.update(server, StateChange(retire=True))
+    store.update(server, StateChange(retire=True, seen=state.presence_stamp()), names=store.presence_refs(server))
     state = store.read(server)
-    if not state.is_retired():  # its monitor published presence meanwhile
-        raise SuiteError(f"{server} published presence while it was being retired: it is running")
+    if not state.is_retired():  # a presence under the other ref name, pushed meanwhile
+        raise SuiteError(f"{server} published presence while it was being retired: its monitor is running")
     return {"server": server, "retired": state.retired["at"] if state.retired else None,
             "summary": f"{server} retired: nobody waits for it any more; a monitor started again "
                        "under this id brings it back"}

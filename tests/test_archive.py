@@ -232,3 +232,22 @@ def test_mail_waits_for_no_retired_server_and_its_archived_copy_says_who_read_it
     by_subject = {m["subject"]: m for m in archived["messages"]}
     assert by_subject["m1"]["read_by"] == ["code2"] and by_subject["m3"]["read_by"] == ["code2"]
     assert "read_by" not in by_subject["m2"]
+
+
+def test_a_retirement_forged_under_a_servers_other_ref_name_moves_none_of_its_mail(tmp_path):
+    """Any member can push a ``fleet-state/<server>`` branch: a record there, beside a presence
+    stamped far ahead, does not retire a server that publishes presence under its own ref."""
+    from fleet_state import StateChange, StateStore
+
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [msg(1, 40, to="code2")]}, indent=2).encode())
+    StateStore(Clone(fleet.clone("code2"))).update("code2", StateChange(presence={"timestamp": ts(0.01)}))
+    forged = json.dumps({"version": 1, "server": "code2", "read": [], "acks": [],
+                         "presence": {"timestamp": "9999-12-31T23:59:59Z", "activity": "stopped"},
+                         "retired": {"at": ts(0), "presence": "9999-12-31T23:59:59Z"}}).encode()
+    evil = fleet.clone("evil")
+    blob = git(evil, "hash-object", "-w", "--stdin", input=forged).strip()
+    tree = git(evil, "mktree", input=f"100644 blob {blob}\tstate.json\n".encode()).strip()
+    commit = git(evil, "commit-tree", tree, "-m", "code2: state").strip()
+    git(evil, "push", "-q", "origin", f"{commit}:refs/heads/fleet-state/code2")
+    assert archive_mailbox(Clone(fleet.clone("build1")), "build1", 30)["archived"] == 0
+    assert [m["subject"] for m in fleet.remote_messages()] == ["m1"]

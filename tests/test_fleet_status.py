@@ -190,8 +190,10 @@ def test_a_servers_own_interval_widens_its_stale_limit(tmp_path, capsys):
     _publish(fleet, "slow", 25 * 60, interval=600)  # three missed 10-minute cycles: 30 minutes
     _publish(fleet, "liar", 20 * 3600, interval=1e9)  # an interval is believed up to 6 hours
     _publish(fleet, "fast", 20 * 60, interval=1)
+    _publish(fleet, "hourly", 50 * 60, period=3600)  # --heartbeat-minutes 60: presence hourly
     code, report = _status(fleet, capsys)
     assert _row(report, "slow")["state"] == LIVE and _row(report, "slow")["stale_limit"] == 1800
+    assert _row(report, "hourly")["state"] == LIVE and _row(report, "hourly")["stale_limit"] == 3 * 3600
     assert _row(report, "liar")["state"] == STALE and _row(report, "liar")["level"] == WARNING
     assert _row(report, "fast")["state"] == STALE and _row(report, "fast")["stale_limit"] == 900
     assert code == 1
@@ -578,6 +580,10 @@ def test_a_retired_server_is_waited_on_by_nobody_until_it_comes_back(tmp_path, c
     code, report = _status(fleet, capsys)
     assert _row(report, "ci-7")["state"] == LIVE and report["counts"]["retired"] == 0
     assert "retired" not in fleet.state("ci-7")  # its own write dropped the record
+    # A --once run leaves no process behind: it can be retired right after (a CI job's last steps).
+    proc = run_script("message_monitor.py", "--repo", str(fleet.clones["ops"]), "--server", "ci-7", "--retire")
+    assert proc.returncode == 0, proc.stderr
+    assert _row(_status(fleet, capsys)[1], "ci-7")["state"] == "retired"
 
 
 def test_retire_writes_no_ref_for_an_id_nothing_names_and_says_when_the_server_looks_live(tmp_path, capsys):

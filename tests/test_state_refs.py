@@ -292,7 +292,7 @@ T1, T2 = "2026-01-01T23:59:59Z", "2026-01-02T00:00:00Z"
     ({"at": T2, "presence": T1}, {"timestamp": T2}, False),              # a monitor started again
     ({"at": T1, "presence": T1}, {"timestamp": T2}, False),              # whatever either clock says
     ({"at": "2099-01-01T00:00:00Z", "presence": T1}, {"timestamp": T2}, False),  # a clock far ahead
-    ({"at": T2, "presence": T1}, {"timestamp": T2, "activity": "stopped"}, True),  # a clean stop after
+    ({"at": T2, "presence": T1}, {"timestamp": T2, "activity": "stopped"}, False),  # any other presence
     ({"at": T2, "presence": None}, {"timestamp": "garbage"}, False),
     ({"at": "not a time", "presence": None}, None, False),               # what does not parse retires no one
     ({"at": T2, "presence": 12}, None, False),
@@ -314,27 +314,49 @@ def test_a_server_is_retired_until_it_publishes_presence_again(retired, presence
 
 def test_retiring_records_the_presence_it_saw_and_a_running_monitor_drops_it(fleet):
     """--retire from one clone after the server's monitor wrote presence from another (a lost
-    lease: the retirement is applied again to the state as it now is); then the monitor's next
-    presence drops the record, and a clean stop after a retirement keeps it."""
+    lease: the retirement is applied again to the state as it now is); a presence other than
+    the one the retiring side checked fails it; a clean stop right after carries the record
+    forward; any other presence drops it."""
     c2, ops = fleet.clone("code2"), fleet.clone("ops")
     first = {"timestamp": T1, "activity": "idle"}
     assert StateStore(Clone(c2)).update("code2", StateChange(read=[("m1", "build1")], presence=first))
-    assert StateStore(Clone(ops)).update("code2", StateChange(retire=True))  # lease lost once, merged
+    with pytest.raises(StateRefError, match="published presence while it was being retired"):
+        StateStore(Clone(ops)).update("code2", StateChange(retire=True, seen=None))  # it saw none
+    assert StateStore(Clone(ops)).update("code2", StateChange(retire=True, seen=T1))  # lease lost once, merged
     state = _remote_state(fleet, "code2")
     assert state["retired"]["presence"] == T1 and state["read"] == [["m1", "build1"]] and state["presence"]
     assert StateStore(Clone(ops)).read("code2").is_retired()
     store = StateStore(Clone(c2))
     assert store.update("code2", StateChange(presence={"timestamp": T2, "activity": "stopped"}))  # lease lost
-    assert "retired" in _remote_state(fleet, "code2") and store.read("code2").is_retired()
-    assert store.update("code2", StateChange(presence={"timestamp": T2, "activity": "idle"}))
+    assert _remote_state(fleet, "code2")["retired"]["presence"] == T2 and store.read("code2").is_retired()
+    assert store.update("code2", StateChange(presence={"timestamp": "2026-01-03T00:00:00Z", "activity": "idle"}))
     assert "retired" not in _remote_state(fleet, "code2") and not store.read("code2").is_retired()
-    later, earlier = ServerState("code2"), ServerState("code2")
-    later.retired = {"at": "2026-01-03T00:00:00Z", "presence": None}
-    earlier.retired = {"at": T2, "presence": T1}
-    earlier.merge(later)
-    assert earlier.retired == later.retired
-    later.merge(ServerState("code2"))
-    assert later.retired["at"] == "2026-01-03T00:00:00Z"
+    # Then a clean stop does not bring back a record that is gone.
+    assert store.update("code2", StateChange(presence={"timestamp": "2026-01-04T00:00:00Z", "activity": "stopped"}))
+    assert not store.read("code2").is_retired()
+
+
+def test_a_retirement_counts_only_beside_the_presence_it_was_written_with():
+    """Both ref names of a server are merged: the record comes with the presence that wins, so
+    a record (or a presence stamped far ahead) under the name the server does not write cannot
+    keep it retired while it publishes presence under the other."""
+    own, other = ServerState("code2"), ServerState("code2")
+    own.presence = {"timestamp": "2026-11-29T10:00:00Z", "activity": "idle"}
+    other.presence = {"timestamp": "9999-12-31T23:59:59Z", "activity": "stopped"}
+    other.retired = {"at": "2026-11-29T09:00:00Z", "presence": "9999-12-31T23:59:59Z"}
+    for first, second in ((own, other), (other, own)):
+        merged = ServerState("code2")
+        merged.merge(first.copy())
+        merged.merge(second.copy())
+        assert merged.presence == own.presence and not merged.is_retired()
+    old = ServerState("code2")
+    old.presence = {"timestamp": "2026-11-29T08:00:00Z"}
+    old.retired = {"at": "2026-11-29T09:00:00Z", "presence": "2026-11-29T08:00:00Z"}
+    merged = ServerState("code2")
+    merged.merge(old.copy())
+    assert merged.is_retired()
+    merged.merge(own.copy())  # a newer presence elsewhere: back
+    assert not merged.is_retired()
 
 
 def test_mirrors_of_deleted_refs_go_even_when_one_of_them_is_locked(fleet, caplog):
