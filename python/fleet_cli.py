@@ -176,10 +176,14 @@ def error_line(prog: str, reason: object) -> None:
     write_line(f"{prog}: error: {one_line(reason)}", sys.stderr)
 
 
+_DEPENDENCIES: Final = frozenset({"psutil", "requests", "colorama", "filelock"})  # requirements.txt
+
+
 def run_cli(prog: str, body: Callable[[], int], *, on_failure: Optional[FailureRenderer] = None,
-            catch_all: bool = False) -> int:
+            catch_all: bool = False, failure_stream: Any = None) -> int:
     """Run ``body`` (the CLI's work after argument parsing) and return its exit code, or the code
-    for the exception that stopped it, after writing one line on stderr.
+    for the exception that stopped it, after writing one line on stderr (``on_failure``'s line
+    on ``failure_stream`` when given: a Nagios plugin's status line belongs on stdout).
 
     ``argparse`` errors are not seen here: they happen before, in ``parse_args`` (exit 2).
     """
@@ -191,21 +195,27 @@ def run_cli(prog: str, body: Callable[[], int], *, on_failure: Optional[FailureR
     except UsageError as exc:
         error_line(prog, exc)
         return exc.exit_code
+    except ModuleNotFoundError as exc:  # a dependency of requirements.txt, not installed
+        if exc.name not in _DEPENDENCIES:
+            raise
+        write_line(f"{prog}: error: the Python package {exc.name} is not installed: "
+                   "pip install -r requirements.txt (in the venv the command runs from)", sys.stderr)
+        return EXIT_FAILURE
     except (SuiteError, OSError) as exc:
-        return _failed(prog, exc, on_failure)
+        return _failed(prog, exc, on_failure, failure_stream)
     except Exception as exc:  # noqa: BLE001 - only for tools whose contract says so (catch_all)
         if not catch_all:
             raise
-        return _failed(prog, exc, on_failure)
+        return _failed(prog, exc, on_failure, failure_stream)
 
 
-def _failed(prog: str, exc: BaseException, on_failure: Optional[FailureRenderer]) -> int:
+def _failed(prog: str, exc: BaseException, on_failure: Optional[FailureRenderer], stream: Any = None) -> int:
     details = getattr(exc, "details", None)
     if callable(details):  # a GitError: argv, return code, stdout and stderr for the log
         log.debug("git failure: %s", details())
     if on_failure is not None:
         code, line = on_failure(exc)
-        write_line(line, sys.stderr)
+        write_line(line, stream or sys.stderr)
         return code
     error_line(prog, exc)
     return exc.exit_code if isinstance(exc, SuiteError) else EXIT_FAILURE

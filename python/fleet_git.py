@@ -357,7 +357,7 @@ class Clone:
     def __init__(self, path: Union[str, "os.PathLike[str]"], branch: Optional[str] = None) -> None:
         if branch is not None:
             check_branch_name(branch)
-        root = Path(path)
+        root = Path(path).expanduser()  # "~/Build" as typed: Windows shells pass "~" on unexpanded
         if not root.is_dir():
             raise NotAClone(f"--repo {path}: no such directory")
         self._config = self._read_config(root)

@@ -950,12 +950,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = _parser().parse_args(argv)
     defer_logging_setup(_setup_logging)
-    return run_cli("fleet_status", lambda: _look(args), on_failure=_unknown)
 
+    def unknown(exc: BaseException) -> Tuple[int, str]:
+        """A look that could not finish is Nagios UNKNOWN (exit 3), not a failure of the fleet:
+        the status line on stdout, where Nagios reads it (with ``--json``, as an object)."""
+        line = f"FLEET UNKNOWN - cannot read the fleet: {one_line(exc)}"
+        if args.json:
+            line = json.dumps({"version": REPORT_VERSION, "status": "unknown", "exit_code": EXIT_UNKNOWN,
+                               "summary": line}, ensure_ascii=True)
+        return EXIT_UNKNOWN, line
 
-def _unknown(exc: BaseException) -> Tuple[int, str]:
-    """A look that could not finish is Nagios UNKNOWN (exit 3), not a failure of the fleet."""
-    return EXIT_UNKNOWN, f"FLEET UNKNOWN - cannot read the fleet: {one_line(exc)}"
+    return run_cli("fleet_status", lambda: _look(args), on_failure=unknown,
+                   failure_stream=sys.stderr if args.quiet else sys.stdout)
 
 
 def _look(args: argparse.Namespace) -> int:
@@ -968,7 +974,8 @@ def _look(args: argparse.Namespace) -> int:
             atomic_write_bytes(args.html, render_html(report).encode("utf-8"))
             os.chmod(args.html, PAGE_MODE)  # published: a web server's user must read it
         except OSError as exc:
-            write_line(f"FLEET UNKNOWN - cannot write {args.html}: {one_line(exc)}", sys.stderr)
+            write_line(f"FLEET UNKNOWN - cannot write {args.html}: {one_line(exc)}",
+                       sys.stderr if args.quiet else sys.stdout)
             return EXIT_UNKNOWN
     if args.json:
         write_line(json.dumps(report, ensure_ascii=True))  # one line: indenting costs a fetch

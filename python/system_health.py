@@ -21,7 +21,8 @@ Command line (a Nagios-style plugin)::
     python3 python/system_health.py [PATH] [--server ID] [--json] [--disk-warning-gb X] ...
 
 PATH defaults to ``BUILD_REPO_PATH``, else the current directory. Exit codes follow Nagios:
-0 HEALTHY, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (an unexpected error, one-line reason on stderr).
+0 HEALTHY, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (an unexpected error: one line ``UNKNOWN: ...`` on
+stdout, where Nagios reads a plugin's output; with ``--json``, ``{"overall": "UNKNOWN", ...}``).
 Bad usage also exits 2 (argparse's convention, shared with the whole suite); a monitoring system
 sees it as CRITICAL, which is the safe reading of a misconfigured check.
 """
@@ -33,6 +34,7 @@ import math
 import os
 import shutil
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -555,16 +557,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.path and args.repo and args.path != args.repo:
         parser.error("give the repository either as PATH or as --repo, not both")
-    repo = args.path or args.repo or os.environ.get("BUILD_REPO_PATH") or os.getcwd()
+    repo = os.path.expanduser(args.path or args.repo or os.environ.get("BUILD_REPO_PATH") or os.getcwd())
     thresholds = {key: getattr(args, key) for key in DEFAULT_THRESHOLDS
                   if getattr(args, key) is not None}
+    def unknown(exc: BaseException) -> Tuple[int, str]:
+        """Nagios: a check that could not run is UNKNOWN (exit 3), whatever stopped it."""
+        line = f"UNKNOWN: system_health failed: {fleet_common.one_line(exc)}"
+        if args.json:
+            line = fleet_common.dump_json_text({"overall": "UNKNOWN", "error": line}).rstrip("\n")
+        return EXIT_UNKNOWN, line
+
     return run_cli("system_health", lambda: _report(repo, args.server, thresholds, args.json),
-                   on_failure=_unknown, catch_all=True)
-
-
-def _unknown(exc: BaseException) -> Tuple[int, str]:
-    """Nagios: a check that could not run is UNKNOWN (exit 3), whatever stopped it."""
-    return EXIT_UNKNOWN, f"UNKNOWN: system_health failed: {fleet_common.one_line(exc)}"
+                   on_failure=unknown, catch_all=True, failure_stream=sys.stdout)
 
 
 def _report(repo: str, server: Optional[str], thresholds: Dict[str, float], as_json: bool) -> int:

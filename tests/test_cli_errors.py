@@ -87,3 +87,25 @@ def test_every_cli_says_a_missing_clone_in_one_line(script, args, tmp_path):
     assert proc.returncode in (EXIT_FAILURE, EXIT_USAGE), proc
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith(script[:-3] + ": "), proc.stderr
+
+
+def test_a_missing_dependency_is_one_line_that_says_what_to_install(tmp_path):
+    """Run from a Python without requirements.txt installed (a bare venv), a command that needs
+    a package says so in one line instead of a traceback; one that needs none still works."""
+    import subprocess
+    import sys
+
+    from conftest import PYTHON_DIR
+
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    repo = tmp_path / "Build"
+    proc = subprocess.run([str(python), str(PYTHON_DIR / "message_monitor.py"), "--init", "--repo", str(repo)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([str(python), str(PYTHON_DIR / "message_monitor.py"), "--status", "--repo", str(repo),
+                           "--server", "code2"], capture_output=True, text=True)
+    assert proc.returncode == EXIT_FAILURE and "Traceback" not in proc.stderr
+    last = proc.stderr.splitlines()[-1]  # (after the health checks' own warnings: no psutil either)
+    assert last.startswith("message_monitor: error: the Python package ") and "pip install -r requirements.txt" in last

@@ -173,3 +173,13 @@ def test_cli_processes_print_no_traceback_for_nan():
     proc = run_script("message_monitor.py", "--interval", "nan", "--once")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("must be a number from 0.1 to 86400, not 'nan'")
+
+
+def test_a_repo_given_as_home_relative_is_found_where_the_shell_left_the_tilde(fleet):
+    """PowerShell and cmd pass ``~/...`` to a program as typed: every command expands it."""
+    clone = fleet.clone("code2")
+    env = {"HOME": str(clone.parent), "USERPROFILE": str(clone.parent)}
+    for script, args in (("inbox.py", ["--count"]), ("fleet_status.py", ["--json"]),
+                         ("send_message.py", ["hello", "--to", "build1", "--from", "code2"])):
+        proc = run_script(script, *args, "--repo", f"~/{clone.name}", env=env)
+        assert proc.returncode in (0, 1), (script, proc.stderr)  # (fleet_status: 1, a warning)

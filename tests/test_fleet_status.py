@@ -216,8 +216,14 @@ def test_remote_that_cannot_be_read_is_unknown(tmp_path):
     git(viewer, "remote", "set-url", "origin", str(tmp_path / "gone.git"))
     proc = run_script("fleet_status.py", "--repo", str(viewer))
     assert proc.returncode == 3, proc.stderr
-    assert proc.stdout == "" and proc.stderr.startswith("FLEET UNKNOWN - ")
-    assert len(proc.stderr.strip().splitlines()) == 1
+    # Nagios reads a plugin's first line on stdout: the status line goes there.
+    assert proc.stdout.startswith("FLEET UNKNOWN - cannot read the fleet: ") and proc.stderr == ""
+    assert len(proc.stdout.strip().splitlines()) == 1
+    proc = run_script("fleet_status.py", "--repo", str(viewer), "--json")
+    assert proc.returncode == 3 and json.loads(proc.stdout)["status"] == "unknown"
+    assert json.loads(proc.stdout)["summary"].startswith("FLEET UNKNOWN - ")
+    proc = run_script("fleet_status.py", "--repo", str(viewer), "--html", str(tmp_path / "page.html"), "-q")
+    assert proc.returncode == 3 and proc.stdout == "" and proc.stderr.startswith("FLEET UNKNOWN - ")
 
 
 def test_bad_usage_exits_2(tmp_path, capsys):
@@ -444,7 +450,7 @@ def test_a_lost_mailbox_object_is_unknown_never_an_empty_mailbox(tmp_path):
     (viewer / ".git" / "objects" / blob[:2] / blob[2:]).unlink()
     proc = run_script("fleet_status.py", "--repo", str(viewer), "--json")
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert proc.stdout == "" and proc.stderr.startswith("FLEET UNKNOWN - ")
+    assert json.loads(proc.stdout)["summary"].startswith("FLEET UNKNOWN - ") and proc.stderr == ""
 
 
 def test_a_state_file_over_the_bound_is_left_out_unread(tmp_path, capsys):

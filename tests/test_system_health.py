@@ -381,8 +381,10 @@ def test_cli_unexpected_error_is_unknown(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(system_health, "get_system_health", broken)
     assert system_health.main([str(tmp_path)]) == 3
-    err = capsys.readouterr().err
-    assert err == "UNKNOWN: system_health failed: disk on fire\n"
+    out = capsys.readouterr()
+    assert out.out == "UNKNOWN: system_health failed: disk on fire\n" and out.err == ""  # Nagios reads stdout
+    assert system_health.main([str(tmp_path), "--json"]) == 3
+    assert json.loads(capsys.readouterr().out)["overall"] == "UNKNOWN"
 
 
 def test_one_failing_check_does_not_hide_others(fleet):
