@@ -87,6 +87,8 @@ STOPPED: Final = "stopped"  # the presence activity of a monitor's clean stop
 MAX_PRESENCE_AHEAD: Final = 3600.0  # a presence stamped further ahead of the reader's clock never wins a merge
 MAX_LOCKED_MIRRORS: Final = 8  # locked mirrors passed over in one deletion, before all wait for a later look
 _LOCKED_REF = re.compile(r"cannot lock ref '([^']+)'")
+_OID = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+_GONE_COMMIT = ("not our ref", "unadvertised object", "no such remote ref", "couldn't find remote ref")
 
 
 class StateRefError(SuiteError):
@@ -374,6 +376,7 @@ class StateStore:
         self.tips: Dict[str, str] = {}  # the mirrors' ids as last read (by mirrored(), say)
         self._unfetched = 0  # servers whose state refs the last listed fetch of all left out
         self._listed: Optional[RemoteView] = None  # that listing, while it left some out
+        self._by_name = False  # fetch state refs by name: the remote refused a listed commit
 
     # ----------------------------------------------------------------- polling and fetching
 
@@ -403,7 +406,9 @@ class StateStore:
                           first: Iterable[str] = (), then: Iterable[str] = ()) -> List[str]:
         """Refspecs for the state refs whose remote tip differs from the local mirror, of these
         servers or, when ``None``, of at most :data:`MAX_STATE_SERVERS` (``first``, then
-        ``then``, first)."""
+        ``then``, first): by the commit the listing named (git then asks the remote for no ref
+        list, one round trip less, and the mirror gets exactly what was listed), or by name after
+        the remote refused one of those (it moved since, and the old commit is gone)."""
         wanted = None if servers is None else {normalize_server_id(s) for s in servers}
         found: Dict[str, List[Tuple[str, str, str]]] = {}
         for ref, oid in view.state_tips.items():
@@ -414,7 +419,8 @@ class StateStore:
         for server in (sorted(found) if wanted is not None else _ranked(found, first, then)):
             for ref, local, oid in sorted(found[server]):
                 if self.local_tip(local) != oid:
-                    specs.append(f"+{ref}:{local}")
+                    by_oid = not self._by_name and _OID.match(oid)
+                    specs.append(f"+{oid if by_oid else ref}:{local}")
         return specs
 
     def fetch(self, servers: Optional[Iterable[str]] = None, view: Optional[RemoteView] = None,
@@ -463,7 +469,14 @@ class StateStore:
                 proc = self.clone.fetch_git(*args, config=config, input=refspecs)
             if proc.returncode == 0:
                 break
-            busy = _local_lock_busy(proc.stderr.decode("utf-8", "replace"))
+            text = proc.stderr.decode("utf-8", "replace")
+            if not self._by_name and any(words in text.lower() for words in _GONE_COMMIT):
+                self._by_name = True  # a listed commit gone from the remote: by name, once more
+                try:
+                    return self._fetch_states(specs, *options, locks_are_fatal=locks_are_fatal)
+                finally:
+                    self._by_name = False
+            busy = _local_lock_busy(text)
             if busy and attempt < LOCAL_LOCK_RETRIES:
                 sleep_jittered(0.05, 0.2)
                 continue

@@ -401,14 +401,30 @@ def test_a_named_ref_gone_since_the_listing_leaves_the_look_standing(fleet, monk
     fetched, with a warning, and never stops the look."""
     import fleet_state
 
+    reader_clone = fleet.clone("reader")  # before the states: a local clone would hold their objects
     for server in ("aa", "bb", "zz-code2"):
         StateStore(Clone(fleet.clone(server))).update(server, StateChange(read=[("m1", "x")]))
-    reader_clone = fleet.clone("reader")
     git(reader_clone, "config", "core.ignorecase", "true")
     monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 2)
     reader = StateStore(Clone(reader_clone))
     reader.mirror_fleet()
     git(fleet.origin, "update-ref", "-d", f"{REF_PREFIX}zz-code2")
+    git(fleet.origin, "gc", "-q", "--prune=now")  # its commit gone too: neither name nor id fetches it
     reader.fetch_named(["zz-code2"])
     assert any("could not be fetched" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert sorted(reader.known_servers()) == ["aa", "bb"]
+
+
+def test_state_refs_are_fetched_by_the_listed_commit_and_by_name_once_it_is_gone(fleet):
+    """A listed state ref is fetched by its commit (git asks the remote for no ref list); when
+    the ref moved after the listing and its old commit is gone, by name: the newer state."""
+    reader_clone = fleet.clone("reader")  # before the states: a local clone would hold their objects
+    writer = StateStore(Clone(fleet.clone("code2")))
+    writer.update("code2", StateChange(read=[("m1", "x")]))
+    reader = StateStore(Clone(reader_clone))
+    view = reader.poll()
+    assert reader.refspecs_to_fetch(view) == [f"+{view.state_tips[REF_PREFIX + 'code2']}:{REF_PREFIX}code2"]
+    writer.update("code2", StateChange(read=[("m2", "x")]))  # moves after the listing
+    git(fleet.origin, "gc", "-q", "--prune=now")  # and the listed commit is gone
+    reader.fetch(view=view)
+    assert reader.read("code2").has_read(("m2", "x"))
