@@ -1107,7 +1107,7 @@ def _run_acks(args: argparse.Namespace, inbox: Inbox) -> int:
     write_line(f"Owed by {inbox.server} ({len(result['owed'])}): acknowledge with inbox.py ack ID")
     for view in result["owed"]:
         write_line(render_line(view))
-    write_line(f"Owed to {inbox.server} ({len(result['owed_to_me'])}):")
+    write_line(f"Asked by {inbox.server} ({len(result['owed_to_me'])}): who has acknowledged, who has not")
     for item in result["owed_to_me"]:
         write_line(render_line(item["message"]))
         write_line(f"      acknowledged by: {', '.join(item['acknowledged_by']) or 'nobody yet'}; "
