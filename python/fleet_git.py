@@ -32,7 +32,7 @@ from fleet_objects import LOOSE_COMPRESSION, ObjectStore, StoreFailed, TooLarge,
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
-    from typing import Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+    from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
     from fleet_objects import TreeEntry
 
@@ -283,6 +283,30 @@ def spawn_git(repo: Union[str, "os.PathLike[str]"], *args: str,
         raise SuiteError("git is not installed or not on PATH") from None
 
 
+def stop_git(proc: "subprocess.Popen[Any]") -> None:
+    """Kill a started git and the helpers it runs (``git-remote-https``, ``ssh``, ``upload-pack``)
+    and reap it: on POSIX its whole process group (it leads one, :data:`_SPAWN_KW`); on Windows
+    the tree psutil finds under it. A helper left behind would hold its connection open until
+    the remote answered."""
+    if proc.poll() is not None:
+        return
+    if os.name == "posix":
+        try:
+            os.killpg(proc.pid, 9)  # SIGKILL to the group
+        except OSError:
+            proc.kill()
+    else:
+        try:
+            import psutil  # lazy: only a stopped command gets here
+
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+        except Exception:  # noqa: BLE001 - the tree may be gone already; the process itself is killed below
+            pass
+        proc.kill()
+    proc.wait()
+
+
 _RACE_MARKERS = (
     "non-fast-forward", "fetch first", "[rejected]", "cannot lock ref", "failed to update ref",
     "stale info", "incorrect old value", "reference already exists", "failed to lock",
@@ -514,6 +538,12 @@ class Clone:
         finally:
             self._call_network_hooks()
 
+    def start_network_git(self, *args: str) -> "subprocess.Popen[bytes]":
+        """Start a git call that talks to the remote and return at once; :meth:`finish_network_git`
+        waits for it (or kill it on the way out)."""
+        self._call_network_hooks()
+        return spawn_git(self.root, *args)
+
     def start_fetch(self, *args: str, config: Sequence[str] = (),
                     input: Optional[bytes] = None) -> "subprocess.Popen[bytes]":
         """Start the ``git fetch`` that :meth:`fetch_git` would run and return at once, for two
@@ -536,13 +566,12 @@ class Clone:
         try:
             out, err = proc.communicate(timeout=NETWORK_TIMEOUT)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            stop_git(proc)
             out, err = proc.communicate()
             raise RemoteUnavailable(proc.args, None, out, err,  # type: ignore[arg-type]
                                     f"timed out after {NETWORK_TIMEOUT:g} s") from None
         except BaseException:
-            proc.kill()
-            proc.wait()
+            stop_git(proc)
             raise
         finally:
             self._call_network_hooks()
@@ -669,32 +698,48 @@ class Clone:
 
     # ----------------------------------------------------------------- network
 
-    def fetch(self, *, allow_missing: bool = False, refetch: bool = False) -> Optional[str]:
+    def _branch_fetch(self, refetch: bool = False) -> Tuple[List[str], List[str]]:
+        """(``fetch``'s arguments, git's ``-c`` options) for a fetch of the shared branch."""
+        options = ["--refetch"] if refetch else []
+        # A refetch keeps what it gets as a pack: unpacking would skip every object that exists
+        # loose, damaged ones included, while git reads a packed copy first.
+        config = ["-c", f"core.looseCompression={LOOSE_COMPRESSION}"]
+        if refetch:
+            config += ["-c", "fetch.unpackLimit=1"]
+        return (["--quiet", "--no-tags", "--no-recurse-submodules", *options, "origin",
+                 f"+refs/heads/{self.branch}:{self.remote_ref}"], config)
+
+    def start_branch_fetch(self) -> "subprocess.Popen[bytes]":
+        """The first attempt of :meth:`fetch`, started (for ``fetch(started=...)``)."""
+        args, config = self._branch_fetch()
+        return self.start_fetch(*args, config=config)
+
+    def fetch(self, *, allow_missing: bool = False, refetch: bool = False,
+              started: Optional["subprocess.Popen[bytes]"] = None) -> Optional[str]:
         """Fetch the shared branch into ``refs/remotes/origin/<branch>``; return its tip.
 
         A branch the remote does not have is :class:`BranchMissing`, unless ``allow_missing``
         (``--init``, which creates it): then ``None``. ``refetch`` fetches every object of the
         branch again (``--refetch``): a plain fetch brings nothing when the tip is known, even if
         objects under it were lost. A ref of this clone that stays locked is
-        :class:`LocalRefLocked`, never :class:`RemoteUnavailable`.
+        :class:`LocalRefLocked`, never :class:`RemoteUnavailable`. ``started``: its first
+        attempt, already running (:meth:`start_branch_fetch`).
         """
         argv = ["git", "fetch", "origin", self.branch]
-        options = ["--refetch"] if refetch else []
-        # A refetch keeps what it gets as a pack: unpacking would skip every object that exists
-        # loose, damaged ones included, while git reads a packed copy first.
-        config = ["-c", "fetch.unpackLimit=1"] if refetch else []
         for attempt in range(LOCAL_LOCK_RETRIES + 1):
-            proc = self.fetch_git(
-                "--quiet", "--no-tags", "--no-recurse-submodules", *options, "origin",
-                f"+refs/heads/{self.branch}:{self.remote_ref}",
-                config=("-c", f"core.looseCompression={LOOSE_COMPRESSION}", *config),
-            )
+            if started is not None:
+                proc, started = self.finish_network_git(started), None
+                if proc.returncode == 0:
+                    self.maintain()
+            else:
+                args, config = self._branch_fetch(refetch)
+                proc = self.fetch_git(*args, config=config)
             if proc.returncode == 0:
                 break
             text = proc.stderr.decode("utf-8", "replace")
             lowered = text.lower()
-            if options and "unknown option" in lowered and "refetch" in lowered:
-                options = []  # git before 2.36: a plain fetch is all there is
+            if refetch and "unknown option" in lowered and "refetch" in lowered:
+                refetch = False  # git before 2.36: a plain fetch is all there is
                 continue
             if "couldn't find remote ref" in lowered:
                 self.last_sync = time.monotonic()

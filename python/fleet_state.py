@@ -8,8 +8,9 @@ processes of S ever race for it; a lost lease is re-read, merged (set union) and
 
 Everyone reads every state ref, up to :data:`MAX_STATE_SERVERS` servers'. What needs them all
 (``fleet_status.py``, ``inbox.py acks``, the archive) lists the remote (:meth:`StateStore.poll`,
-one ``ls-remote``) and fetches the refs whose tips moved, by name and without negotiation; a look
-at the fleet does that beside a fetch of the branch (:meth:`StateStore.mirror_fleet`). What needs
+one ``ls-remote``) and fetches the refs whose tips moved, by the commits listed and without
+negotiation; a look at the fleet does that beside a fetch of the branch
+(:meth:`StateStore.mirror_fleet`). What needs
 only the branch and this server's own ref (the monitor's cycle, the inbox) fetches both by exact
 name in one call (:class:`monitor_remote.RemotePoller`). Fetched state refs are mirrored locally
 under the same names (``refs/fleet/S``; the fallback branch under ``refs/fleet-state/S``), which
@@ -46,6 +47,7 @@ from fleet_git import (
     RemoteUnavailable,
     _first_line,
     _local_lock_busy,
+    stop_git,
 )
 from fleet_mailbox import MAX_KEY_CHARS
 
@@ -87,8 +89,10 @@ STOPPED: Final = "stopped"  # the presence activity of a monitor's clean stop
 MAX_PRESENCE_AHEAD: Final = 3600.0  # a presence stamped further ahead of the reader's clock never wins a merge
 MAX_LOCKED_MIRRORS: Final = 8  # locked mirrors passed over in one deletion, before all wait for a later look
 _LOCKED_REF = re.compile(r"cannot lock ref '([^']+)'")
-_OID = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
-_GONE_COMMIT = ("not our ref", "unadvertised object", "no such remote ref", "couldn't find remote ref")
+_OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # (fullmatch)
+_GONE_COMMIT = ("not our ref", "unadvertised object")  # a fetch by a commit the remote no longer has
+_MISSING_REF = re.compile(r"couldn't find remote ref (\S+)")  # a fetch by the name of a ref deleted since
+MAX_GONE_REFS: Final = 64  # refs deleted between a listing and its fetch that are left out; past that, fail
 
 
 class StateRefError(SuiteError):
@@ -377,17 +381,22 @@ class StateStore:
         self._unfetched = 0  # servers whose state refs the last listed fetch of all left out
         self._listed: Optional[RemoteView] = None  # that listing, while it left some out
         self._by_name = False  # fetch state refs by name: the remote refused a listed commit
+        self._gone: Set[str] = set()  # refs listed, then deleted before the fetch (left out of it)
 
     # ----------------------------------------------------------------- polling and fetching
 
     def poll(self) -> RemoteView:
         """The shared branch and every state ref in one network call (an idle cycle's only one)."""
-        branch = f"refs/heads/{self.clone.branch}"
-        proc = self.clone.network_git("ls-remote", "origin", branch, REF_PREFIX + "*",
-                                      FALLBACK_PREFIX + "*", check=False)
+        return self._listed_view(self.clone.network_git(*self._listing(), check=False))
+
+    def _listing(self) -> Tuple[str, ...]:
+        return ("ls-remote", "origin", f"refs/heads/{self.clone.branch}", REF_PREFIX + "*", FALLBACK_PREFIX + "*")
+
+    def _listed_view(self, proc: "subprocess.CompletedProcess[bytes]") -> RemoteView:
         if proc.returncode != 0:
             raise RemoteUnavailable(["git", "ls-remote", "origin"], proc.returncode, proc.stdout,
                                     proc.stderr)
+        branch = f"refs/heads/{self.clone.branch}"
         tip = None
         states: Dict[str, str] = {}
         for line in proc.stdout.decode("utf-8", "replace").splitlines():
@@ -418,8 +427,8 @@ class StateStore:
         specs = []
         for server in (sorted(found) if wanted is not None else _ranked(found, first, then)):
             for ref, local, oid in sorted(found[server]):
-                if self.local_tip(local) != oid:
-                    by_oid = not self._by_name and _OID.match(oid)
+                if self.local_tip(local) != oid and ref not in self._gone:
+                    by_oid = not self._by_name and _OID.fullmatch(oid)
                     specs.append(f"+{oid if by_oid else ref}:{local}")
         return specs
 
@@ -458,34 +467,40 @@ class StateStore:
         negotiates = self.clone.setting_is_true(NEGOTIATE_KEY)
         if before is None and not negotiates:
             before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
-        for attempt in range(LOCAL_LOCK_RETRIES + 1):
-            if started is not None:
-                proc, started = self.clone.finish_network_git(started), None
-            else:
-                wanted = specs()
-                if not wanted:
-                    return
-                config, args, refspecs = self._fetch_command(wanted, options)
-                proc = self.clone.fetch_git(*args, config=config, input=refspecs)
-            if proc.returncode == 0:
-                break
-            text = proc.stderr.decode("utf-8", "replace")
-            if not self._by_name and any(words in text.lower() for words in _GONE_COMMIT):
-                self._by_name = True  # a listed commit gone from the remote: by name, once more
-                try:
-                    return self._fetch_states(specs, *options, locks_are_fatal=locks_are_fatal)
-                finally:
-                    self._by_name = False
-            busy = _local_lock_busy(text)
-            if busy and attempt < LOCAL_LOCK_RETRIES:
-                sleep_jittered(0.05, 0.2)
-                continue
-            if busy and not locks_are_fatal:
-                log.warning("a state ref stays locked in this clone; it is read as last fetched: %s",
-                            _first_line(proc.stderr))
-                break
-            error = LocalRefLocked if busy else RemoteUnavailable
-            raise error(["git", "fetch", "origin", "state refs"], proc.returncode, proc.stdout, proc.stderr)
+        busy_attempts = 0
+        try:
+            while True:
+                if started is not None:
+                    proc, started = self.clone.finish_network_git(started), None
+                else:
+                    wanted = specs()
+                    if not wanted:
+                        return
+                    config, args, refspecs = self._fetch_command(wanted, options)
+                    proc = self.clone.fetch_git(*args, config=config, input=refspecs)
+                if proc.returncode == 0:
+                    break
+                text = proc.stderr.decode("utf-8", "replace")
+                gone = set(_MISSING_REF.findall(text)) - self._gone
+                if gone and len(self._gone) < MAX_GONE_REFS:  # deleted since the listing: the rest
+                    self._gone |= gone
+                    continue
+                if not self._by_name and any(words in text.lower() for words in _GONE_COMMIT):
+                    self._by_name = True  # a listed commit gone from the remote: by name
+                    continue
+                busy = _local_lock_busy(text)
+                if busy and busy_attempts < LOCAL_LOCK_RETRIES:
+                    busy_attempts += 1
+                    sleep_jittered(0.05, 0.2)
+                    continue
+                if busy and not locks_are_fatal:
+                    log.warning("a state ref stays locked in this clone; it is read as last fetched: %s",
+                                _first_line(proc.stderr))
+                    break
+                error = LocalRefLocked if busy else RemoteUnavailable
+                raise error(["git", "fetch", "origin", "state refs"], proc.returncode, proc.stdout, proc.stderr)
+        finally:
+            self._by_name, self._gone = False, set()
         if before is not None and not negotiates:
             self._check_roots(before)
 
@@ -581,56 +596,52 @@ class StateStore:
         mirrors of refs the remote no longer has dropped: what a look at the whole fleet
         (``fleet_status.py``, ``inbox.py acks``) needs, busy or idle.
 
-        Two things run side by side: the branch's fetch (:meth:`Clone.fetch`), and a listing of
-        the remote (:meth:`poll`) followed, when a state ref moved, by a fetch of those that did,
-        by name and without negotiation (:meth:`_fetch_states`: in one fetch with the branch, a
-        moved state ref kept git negotiating for four round trips). By name, never by pattern: a
-        pattern would mirror every ref another member pushes under ``refs/fleet/`` (20,000 of
-        them took 80 MB of ref files in a clone), and where ref names are case-blind
-        (``core.ignorecase``: Windows, macOS) a ref such as ``refs/fleet/CODE2`` would land on
-        code2's mirror; only lower-case server ids are fetched. :meth:`fetch_named` then brings
-        those of the servers the fetched branch names, when some were left out. Returns the
-        branch's tip, ``None`` when the remote has no such branch (the state refs are fetched
-        all the same).
+        The branch's fetch (:meth:`Clone.fetch`) runs beside a listing of the remote
+        (:meth:`poll`) and, when a state ref moved, a fetch of those that did, by the commits
+        listed and without negotiation (:meth:`_fetch_states`: in one fetch with the branch, a
+        moved state ref kept git negotiating for four round trips). Never by pattern: a pattern
+        would mirror every ref another member pushes under ``refs/fleet/`` (20,000 of them took
+        80 MB of ref files in a clone), and where ref names are case-blind (``core.ignorecase``:
+        Windows, macOS) a ref such as ``refs/fleet/CODE2`` would land on code2's mirror; only
+        lower-case server ids are fetched. :meth:`fetch_named` then brings those of the servers
+        the fetched branch names, when some were left out. All three are processes of this one
+        thread: whatever stops the look (Ctrl+C too) stops them. Returns the branch's tip,
+        ``None`` when the remote has no such branch (the state refs are fetched all the same).
         """
-        import threading
-
         first = list(first)
         before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
-        done: Dict[str, Any] = {}
-
-        def states() -> None:
-            try:
-                view = done["view"] = self.poll()
-                held = [local.rsplit("/", 1)[-1] for local in before]
-                self._fetch_states(lambda: self.refspecs_to_fetch(view, first=first, then=held),
-                                   before=before, locks_are_fatal=False)
-            except BaseException as exc:  # noqa: BLE001 - raised again by the caller's thread
-                done["error"] = exc
-
-        worker = threading.Thread(target=states, name="state-refs", daemon=True)
-        worker.start()
+        running = [self.clone.start_network_git(*self._listing())]
         try:
-            tip = self.clone.fetch(allow_missing=True)
-        except Exception:
-            worker.join()  # its git calls end within their own time limits
+            running.append(self.clone.start_branch_fetch())
+            view = self._listed_view(self.clone.finish_network_git(running[0]))
+            held = [local.rsplit("/", 1)[-1] for local in before]
+
+            def specs() -> List[str]:
+                return self.refspecs_to_fetch(view, first=first, then=held)
+
+            wanted = specs()
+            if wanted:
+                config, args, refspecs = self._fetch_command(wanted, ())
+                running.append(self.clone.start_fetch(*args, config=config, input=refspecs))
+            tip = self.clone.fetch(allow_missing=True, started=running[1])
+            if wanted:
+                self._fetch_states(specs, started=running[2], before=before, locks_are_fatal=False)
+        except BaseException:
+            for proc in running:
+                stop_git(proc)
             raise
-        worker.join()
-        if "error" in done:
-            raise done["error"]
-        view = done["view"]
         self._unfetched = max(0, len(view.servers()) - MAX_STATE_SERVERS)
         self._listed = view if self._unfetched else None
         self.drop_vanished(view)
         return tip
 
     def fetch_named(self, first: Iterable[str], then: Iterable[str] = ()) -> None:
-        """After :meth:`mirror_fleet` fetched the state refs by name and left some out (a
-        case-blind clone, past :data:`MAX_STATE_SERVERS`): fetch those of the servers named in
-        ``first`` (the roster's, say), then in ``then`` (the mailbox's), at most that many, so a
-        crowd of other refs cannot hide them. Nothing to do when nothing was left out. A remote
-        that fails meanwhile (or a ref deleted since the listing) leaves the mirrors as last
-        fetched, with a warning: a stale mirror only shows fewer receipts."""
+        """After :meth:`mirror_fleet` left some state refs out (past :data:`MAX_STATE_SERVERS`):
+        fetch those of the servers named in ``first`` (the roster's, say), then in ``then`` (the
+        mailbox's), at most that many, so a crowd of other refs cannot hide them. Nothing to do
+        when nothing was left out. A ref deleted since the listing is left out; a remote that
+        fails meanwhile leaves the mirrors as last fetched, with a warning: a stale mirror only
+        shows fewer receipts."""
         view = self._listed
         if view is None:
             return

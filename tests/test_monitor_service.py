@@ -181,18 +181,29 @@ def test_ctrl_c_in_one_shot_commands_exits_130_and_leaves_nothing_half_written(f
 
 @posix_only
 def test_ctrl_c_in_a_look_at_the_fleet_stops_both_of_its_fetches(fleet, http_git_server):
-    """fleet_status (and inbox acks, the same StateStore.mirror_fleet) fetch the branch and the
-    state refs side by side: Ctrl+C stops both at once, not after the remote's answer or the
-    network timeout (60 s)."""
+    """fleet_status (and inbox acks, the same StateStore.mirror_fleet) fetch the branch and list
+    the state refs side by side: Ctrl+C stops both at once, not after the remote's answer or the
+    network timeout (60 s), and leaves no git (nor its HTTP helper) behind to write refs later."""
+    import psutil
+
     c2 = fleet.clone("code2")
     git(c2, "remote", "set-url", "origin", http_git_server.url("origin.git"))
     http_git_server.delay = 45.0
     proc = subprocess.Popen([sys.executable, str(PYTHON_DIR / "fleet_status.py"), "--repo", str(c2)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert wait_for(lambda: http_git_server.active_connections >= 2, 30)  # both fetches wait
+    assert wait_for(lambda: http_git_server.active_connections >= 2, 30)  # both wait on the remote
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=20)  # a fetch left running would hold it for 45 s
     assert proc.returncode == 130, err
+
+    def left_behind() -> list:
+        found = []
+        for process in psutil.process_iter(["cwd", "cmdline"]):
+            if process.info["cwd"] == str(c2.resolve()):
+                found.append(process.info["cmdline"])
+        return found
+
+    assert wait_for(lambda: not left_behind(), 5), left_behind()
 
 
 def _suite_fleet(tmp_path: Path) -> Tuple[Fleet, Path, Path]:

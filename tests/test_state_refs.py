@@ -396,9 +396,9 @@ def test_mirrors_of_deleted_refs_wait_for_a_later_look_while_packed_refs_is_lock
 
 
 def test_a_named_ref_gone_since_the_listing_leaves_the_look_standing(fleet, monkeypatch, caplog):
-    """On a case-blind clone past the bound, the named servers' refs are fetched after the
-    branch is read; one deleted meanwhile (or a remote gone meanwhile) leaves the mirrors as last
-    fetched, with a warning, and never stops the look."""
+    """Past the bound, the named servers' refs are fetched after the branch is read; one deleted
+    meanwhile is left out (the rest are fetched), and a remote gone meanwhile leaves the mirrors
+    as last fetched, with a warning: neither stops the look."""
     import fleet_state
 
     reader_clone = fleet.clone("reader")  # before the states: a local clone would hold their objects
@@ -411,8 +411,36 @@ def test_a_named_ref_gone_since_the_listing_leaves_the_look_standing(fleet, monk
     git(fleet.origin, "update-ref", "-d", f"{REF_PREFIX}zz-code2")
     git(fleet.origin, "gc", "-q", "--prune=now")  # its commit gone too: neither name nor id fetches it
     reader.fetch_named(["zz-code2"])
-    assert any("could not be fetched" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert sorted(reader.known_servers()) == ["aa", "bb"]
+    reader.mirror_fleet()  # (listed again: zz-code2 is gone)
+    StateStore(Clone(fleet.clones["bb"])).update("bb", StateChange(read=[("m2", "x")]))
+    reader._listed = reader.poll()  # as a look past the bound leaves it
+    git(reader_clone, "remote", "set-url", "origin", str(fleet.origin.parent / "gone.git"))
+    reader.fetch_named(["bb"])
+    assert any("could not be fetched" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_a_state_ref_deleted_between_the_listing_and_the_fetch_is_left_out(fleet, monkeypatch):
+    """A look lists the remote, then fetches what moved: a ref deleted in between (an operator's
+    git push origin :refs/fleet/S, or any member's) leaves the others fetched, never fails the
+    look; its mirror goes at the next listing."""
+
+    reader_clone = fleet.clone("reader")  # before the states: a local clone would hold their objects
+    for server in ("aa", "bb"):
+        StateStore(Clone(fleet.clone(server))).update(server, StateChange(read=[("m1", "x")]))
+    reader = StateStore(Clone(reader_clone))
+    listed = reader.poll
+    def poll_then_delete():  # the listing, then the deletion, as two machines would race
+        view = listed()
+        git(fleet.origin, "update-ref", "-d", f"{REF_PREFIX}bb")
+        git(fleet.origin, "gc", "-q", "--prune=now")
+        return view
+    monkeypatch.setattr(reader, "poll", poll_then_delete)
+    view = reader.fetch()
+    assert view.servers() == ["aa", "bb"] and reader.read("aa").has_read(("m1", "x"))
+    monkeypatch.undo()
+    StateStore(Clone(reader_clone)).mirror_fleet()
+    assert StateStore(Clone(reader_clone)).known_servers() == ["aa"]
 
 
 def test_state_refs_are_fetched_by_the_listed_commit_and_by_name_once_it_is_gone(fleet):
