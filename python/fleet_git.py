@@ -285,25 +285,29 @@ def spawn_git(repo: Union[str, "os.PathLike[str]"], *args: str,
 
 def stop_git(proc: "subprocess.Popen[Any]") -> None:
     """Kill a started git and the helpers it runs (``git-remote-https``, ``ssh``, ``upload-pack``)
-    and reap it: on POSIX its whole process group (it leads one, :data:`_SPAWN_KW`); on Windows
-    the tree psutil finds under it. A helper left behind would hold its connection open until
-    the remote answered."""
+    and reap it: the tree psutil finds under it (a daemon it started, such as
+    ``git credential-cache--daemon``, has left that tree and is spared), else, on POSIX, the
+    process group git leads (:data:`_SPAWN_KW`). A helper left behind would hold its connection
+    open until the remote answered."""
     if proc.poll() is not None:
         return
-    if os.name == "posix":
-        try:
-            os.killpg(proc.pid, 9)  # SIGKILL to the group
-        except OSError:
-            proc.kill()
-    else:
-        try:
-            import psutil  # lazy: only a stopped command gets here
+    try:
+        import psutil  # lazy: only a stopped command gets here
 
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                child.kill()
-        except Exception:  # noqa: BLE001 - the tree may be gone already; the process itself is killed below
+        helpers = psutil.Process(proc.pid).children(recursive=True)  # (a daemon git started has left it)
+    except Exception:  # noqa: BLE001 - no psutil, or git gone meanwhile: its process group instead
+        helpers = None
+    if helpers is None and os.name == "posix":
+        try:
+            os.killpg(proc.pid, 9)  # SIGKILL to the group git leads
+        except OSError:
             pass
-        proc.kill()
+    for helper in helpers or ():
+        try:
+            helper.kill()
+        except Exception:  # noqa: BLE001 - it ended on its own
+            pass
+    proc.kill()
     proc.wait()
 
 
@@ -528,19 +532,22 @@ class Clone:
             except Exception:  # noqa: BLE001 - a hook must never break a git call
                 pass
 
-    def network_git(self, *args: str, check: bool = True, **kw) -> "subprocess.CompletedProcess[bytes]":
-        """A git call that talks to the remote; failures become :class:`RemoteUnavailable`."""
+    def network_git(self, *args: str, check: bool = True, input: Optional[bytes] = None,
+                    timeout: float = NETWORK_TIMEOUT) -> "subprocess.CompletedProcess[bytes]":
+        """A git call that talks to the remote; a timeout is :class:`RemoteUnavailable`, a failure
+        :class:`GitError` when ``check``. Whatever stops the wait (a timeout, Ctrl+C) stops git
+        with its helpers (:func:`stop_git`): ``git-remote-https`` or ``ssh`` would otherwise
+        hold the connection until the remote answered."""
         self._call_network_hooks()
-        try:
-            return run_git(self.root, *args, check=check, timeout=kw.pop("timeout", NETWORK_TIMEOUT), **kw)
-        except GitTimeout as exc:
-            raise RemoteUnavailable(exc.argv, None, exc.stdout, exc.stderr, exc.reason) from None
-        finally:
-            self._call_network_hooks()
+        proc = spawn_git(self.root, *args, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
+        done = self.finish_network_git(proc, input=input, deadline=time.monotonic() + timeout)  # (hooks after)
+        if check and done.returncode != 0:
+            raise GitError(["git", *args], done.returncode, done.stdout, done.stderr)
+        return done
 
     def start_network_git(self, *args: str) -> "subprocess.Popen[bytes]":
         """Start a git call that talks to the remote and return at once; :meth:`finish_network_git`
-        waits for it (or kill it on the way out)."""
+        waits for it (or kills it on the way out)."""
         self._call_network_hooks()
         return spawn_git(self.root, *args)
 
@@ -560,11 +567,15 @@ class Clone:
             source.seek(0)
             return spawn_git(self.root, *_fetch_argv(args, config), stdin=source.fileno())
 
-    def finish_network_git(self, proc: "subprocess.Popen[bytes]") -> "subprocess.CompletedProcess[bytes]":
-        """Wait for a fetch of :meth:`start_fetch` (the network timeout counted from now).
-        A timeout is :class:`RemoteUnavailable`; whatever stops the wait (Ctrl+C too) kills it."""
+    def finish_network_git(self, proc: "subprocess.Popen[bytes]", *, input: Optional[bytes] = None,
+                           deadline: Optional[float] = None) -> "subprocess.CompletedProcess[bytes]":
+        """Wait for a git call of :meth:`start_fetch` or :meth:`start_network_git`, until
+        ``deadline`` (:func:`time.monotonic`; by default the network timeout from now). A timeout
+        is :class:`RemoteUnavailable`; whatever stops the wait (Ctrl+C too) stops git with its
+        helpers (:func:`stop_git`)."""
+        limit = NETWORK_TIMEOUT if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            out, err = proc.communicate(timeout=NETWORK_TIMEOUT)
+            out, err = proc.communicate(input=input, timeout=limit)
         except subprocess.TimeoutExpired:
             stop_git(proc)
             out, err = proc.communicate()
@@ -698,13 +709,13 @@ class Clone:
 
     # ----------------------------------------------------------------- network
 
-    def _branch_fetch(self, refetch: bool = False) -> Tuple[List[str], List[str]]:
+    def _branch_fetch(self, refetch: bool = False, keep_pack: bool = False) -> Tuple[List[str], List[str]]:
         """(``fetch``'s arguments, git's ``-c`` options) for a fetch of the shared branch."""
         options = ["--refetch"] if refetch else []
         # A refetch keeps what it gets as a pack: unpacking would skip every object that exists
         # loose, damaged ones included, while git reads a packed copy first.
         config = ["-c", f"core.looseCompression={LOOSE_COMPRESSION}"]
-        if refetch:
+        if keep_pack:
             config += ["-c", "fetch.unpackLimit=1"]
         return (["--quiet", "--no-tags", "--no-recurse-submodules", *options, "origin",
                  f"+refs/heads/{self.branch}:{self.remote_ref}"], config)
@@ -715,7 +726,8 @@ class Clone:
         return self.start_fetch(*args, config=config)
 
     def fetch(self, *, allow_missing: bool = False, refetch: bool = False,
-              started: Optional["subprocess.Popen[bytes]"] = None) -> Optional[str]:
+              started: Optional["subprocess.Popen[bytes]"] = None,
+              deadline: Optional[float] = None) -> Optional[str]:
         """Fetch the shared branch into ``refs/remotes/origin/<branch>``; return its tip.
 
         A branch the remote does not have is :class:`BranchMissing`, unless ``allow_missing``
@@ -723,16 +735,17 @@ class Clone:
         branch again (``--refetch``): a plain fetch brings nothing when the tip is known, even if
         objects under it were lost. A ref of this clone that stays locked is
         :class:`LocalRefLocked`, never :class:`RemoteUnavailable`. ``started``: its first
-        attempt, already running (:meth:`start_branch_fetch`).
+        attempt, already running (:meth:`start_branch_fetch`), waited for until ``deadline``.
         """
         argv = ["git", "fetch", "origin", self.branch]
+        keep_pack = refetch
         for attempt in range(LOCAL_LOCK_RETRIES + 1):
             if started is not None:
-                proc, started = self.finish_network_git(started), None
+                proc, started = self.finish_network_git(started, deadline=deadline), None
                 if proc.returncode == 0:
                     self.maintain()
             else:
-                args, config = self._branch_fetch(refetch)
+                args, config = self._branch_fetch(refetch, keep_pack)
                 proc = self.fetch_git(*args, config=config)
             if proc.returncode == 0:
                 break

@@ -42,6 +42,7 @@ from fleet_common import (
 )
 from fleet_git import (
     LOCAL_LOCK_RETRIES,
+    NETWORK_TIMEOUT,
     GitError,
     LocalRefLocked,
     RemoteUnavailable,
@@ -91,7 +92,8 @@ MAX_LOCKED_MIRRORS: Final = 8  # locked mirrors passed over in one deletion, bef
 _LOCKED_REF = re.compile(r"cannot lock ref '([^']+)'")
 _OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # (fullmatch)
 _GONE_COMMIT = ("not our ref", "unadvertised object")  # a fetch by a commit the remote no longer has
-_MISSING_REF = re.compile(r"couldn't find remote ref (\S+)")  # a fetch by the name of a ref deleted since
+# A fetch by the name of a ref deleted since the listing (capitalised before git 2.20).
+_MISSING_REF = re.compile(r"couldn't find remote ref (\S+)", re.IGNORECASE)
 MAX_GONE_REFS: Final = 64  # refs deleted between a listing and its fetch that are left out; past that, fail
 
 
@@ -449,10 +451,11 @@ class StateStore:
 
     def _fetch_states(self, specs: Callable[[], List[str]], *options: str,
                       started: Optional["subprocess.Popen[bytes]"] = None,
-                      before: Optional[Mapping[str, str]] = None, locks_are_fatal: bool = True) -> None:
+                      before: Optional[Mapping[str, str]] = None, locks_are_fatal: bool = True,
+                      deadline: Optional[float] = None) -> None:
         """``git fetch`` of the state refs that ``specs()`` names (asked again after a busy lock);
         ``started``: the first attempt, already running (:meth:`mirror_fleet`), begun when the
-        mirrors were ``before``.
+        mirrors were ``before``, waited for until ``deadline``.
 
         Without negotiation: a state ref is a root commit holding one file, so there is nothing
         to negotiate, and git's negotiation never ends early for a root commit (the remote cannot
@@ -471,7 +474,7 @@ class StateStore:
         try:
             while True:
                 if started is not None:
-                    proc, started = self.clone.finish_network_git(started), None
+                    proc, started = self.clone.finish_network_git(started, deadline=deadline), None
                 else:
                     wanted = specs()
                     if not wanted:
@@ -596,8 +599,8 @@ class StateStore:
         mirrors of refs the remote no longer has dropped: what a look at the whole fleet
         (``fleet_status.py``, ``inbox.py acks``) needs, busy or idle.
 
-        The branch's fetch (:meth:`Clone.fetch`) runs beside a listing of the remote
-        (:meth:`poll`) and, when a state ref moved, a fetch of those that did, by the commits
+        The branch's fetch (:meth:`Clone.fetch`) runs beside a listing of the remote (the
+        ``ls-remote`` of :meth:`poll`) and, when a state ref moved, a fetch of those that did, by the commits
         listed and without negotiation (:meth:`_fetch_states`: in one fetch with the branch, a
         moved state ref kept git negotiating for four round trips). Never by pattern: a pattern
         would mirror every ref another member pushes under ``refs/fleet/`` (20,000 of them took
@@ -605,15 +608,19 @@ class StateStore:
         Windows, macOS) a ref such as ``refs/fleet/CODE2`` would land on code2's mirror; only
         lower-case server ids are fetched. :meth:`fetch_named` then brings those of the servers
         the fetched branch names, when some were left out. All three are processes of this one
-        thread: whatever stops the look (Ctrl+C too) stops them. Returns the branch's tip,
+        thread, waited for until one deadline, the network timeout from the start; whatever
+        stops the look (Ctrl+C too) stops them and their helpers, retries included
+        (:func:`fleet_git.stop_git`). Returns the branch's tip,
         ``None`` when the remote has no such branch (the state refs are fetched all the same).
         """
         first = list(first)
         before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
-        running = [self.clone.start_network_git(*self._listing())]
+        deadline = time.monotonic() + NETWORK_TIMEOUT
+        running: List["subprocess.Popen[bytes]"] = []
         try:
+            running.append(self.clone.start_network_git(*self._listing()))
             running.append(self.clone.start_branch_fetch())
-            view = self._listed_view(self.clone.finish_network_git(running[0]))
+            view = self._listed_view(self.clone.finish_network_git(running[0], deadline=deadline))
             held = [local.rsplit("/", 1)[-1] for local in before]
 
             def specs() -> List[str]:
@@ -623,9 +630,10 @@ class StateStore:
             if wanted:
                 config, args, refspecs = self._fetch_command(wanted, ())
                 running.append(self.clone.start_fetch(*args, config=config, input=refspecs))
-            tip = self.clone.fetch(allow_missing=True, started=running[1])
+            tip = self.clone.fetch(allow_missing=True, started=running[1], deadline=deadline)
             if wanted:
-                self._fetch_states(specs, started=running[2], before=before, locks_are_fatal=False)
+                self._fetch_states(specs, started=running[2], before=before, locks_are_fatal=False,
+                                   deadline=deadline)
         except BaseException:
             for proc in running:
                 stop_git(proc)

@@ -206,6 +206,24 @@ def test_ctrl_c_in_a_look_at_the_fleet_stops_both_of_its_fetches(fleet, http_git
     assert wait_for(lambda: not left_behind(), 5), left_behind()
 
 
+def test_ctrl_c_in_any_network_call_leaves_no_git_helper_behind(fleet, http_git_server):
+    """Every git call that talks to the remote (here a send's fetch) stops with its helper
+    (git-remote-http) when the command is stopped, not when the remote answers."""
+    import psutil
+
+    c2 = fleet.clone("code2")
+    git(c2, "remote", "set-url", "origin", http_git_server.url("origin.git"))
+    http_git_server.delay = 45.0
+    proc = subprocess.Popen([sys.executable, str(PYTHON_DIR / "send_message.py"), "hello", "--to", "build1",
+                             "--repo", str(c2), "--from", "code2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: http_git_server.active_connections >= 1, 30)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=20)
+    where = str(c2.resolve())
+    assert wait_for(lambda: not [p for p in psutil.process_iter(["cwd"]) if p.info["cwd"] == where], 5)
+
+
 def _suite_fleet(tmp_path: Path) -> Tuple[Fleet, Path, Path]:
     """A fleet repository that carries the suite itself (the seed's service layout)."""
     fleet = Fleet(tmp_path)
