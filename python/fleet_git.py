@@ -554,7 +554,7 @@ class Clone:
     def start_fetch(self, *args: str, config: Sequence[str] = (),
                     input: Optional[bytes] = None) -> "subprocess.Popen[bytes]":
         """Start the ``git fetch`` that :meth:`fetch_git` would run and return at once, for two
-        fetches side by side; :meth:`finish_network_git` waits for it (or kill it on the way out).
+        fetches side by side; :meth:`finish_network_git` waits for it (or kills it on the way out).
         ``input`` (refspecs for ``--stdin``) reaches git from a temporary file, so nothing has
         to write to it meanwhile."""
         self._call_network_hooks()
