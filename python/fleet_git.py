@@ -307,8 +307,26 @@ def stop_git(proc: "subprocess.Popen[Any]") -> None:
             helper.kill()
         except Exception:  # noqa: BLE001 - it ended on its own
             pass
+    if helpers is not None and os.name == "posix":
+        try:  # and what is left in git's group (a daemon that matters calls setsid and has left it)
+            os.killpg(proc.pid, 9)
+        except OSError:
+            pass
     proc.kill()
     proc.wait()
+
+
+def _drain(proc: "subprocess.Popen[bytes]") -> Tuple[bytes, bytes]:
+    """What a finished or stopped git wrote, read for at most a second: a detached process that
+    still holds its pipes must not hold the caller."""
+    try:
+        out, err = proc.communicate(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        for pipe in (proc.stdout, proc.stderr, proc.stdin):
+            if pipe is not None:
+                pipe.close()
+        out, err = b"", b""
+    return out or b"", err or b""
 
 
 _RACE_MARKERS = (
@@ -577,10 +595,12 @@ class Clone:
         try:
             out, err = proc.communicate(input=input, timeout=limit)
         except subprocess.TimeoutExpired:
-            stop_git(proc)
-            out, err = proc.communicate()
-            raise RemoteUnavailable(proc.args, None, out, err,  # type: ignore[arg-type]
-                                    f"timed out after {NETWORK_TIMEOUT:g} s") from None
+            if proc.poll() is None:  # (one that ended before its wait began is no timeout)
+                stop_git(proc)
+                out, err = _drain(proc)
+                raise RemoteUnavailable(proc.args, None, out, err,  # type: ignore[arg-type]
+                                        f"no answer within {limit:.3g} s") from None
+            out, err = _drain(proc)
         except BaseException:
             stop_git(proc)
             raise

@@ -54,6 +54,7 @@ from fleet_state import (
     StateStore,
     has_acknowledged,
     has_read,
+    takes_retirement,
 )
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
@@ -234,13 +235,13 @@ def take_snapshot(clone: Clone) -> Snapshot:
     # refs may hold one commit).
     wanted = [(f"{store.tips[local]}:{STATE_FILE}", server) for local, server in sorted(mirrors.items())]
     found = _read_states(clone, wanted, snap)
-    for spec, server in wanted:
+    for (spec, server), local in zip(wanted, sorted(mirrors)):
         state = snap.states.setdefault(server, ServerState(server))
         item = found.get(spec)
         if item is None or item[1] != "blob":
             continue
         try:
-            state.merge(ServerState.from_bytes(item[2], server))
+            state.merge(ServerState.from_bytes(item[2], server), retirement=takes_retirement(local, mirrors))
         except BadInput as exc:
             snap.problems.append((WARNING, f"state ref of {server} ignored: {exc}"))
     return snap

@@ -25,7 +25,6 @@ rewritten; unknown keys are kept by every write.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 
@@ -55,7 +54,7 @@ from fleet_mailbox import MAX_KEY_CHARS
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     import subprocess
-    from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+    from typing import Any, Callable, Container, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
     from fleet_git import (
         Clone,
@@ -87,7 +86,6 @@ MAX_STATE_SERVERS: Final = 1000
 # characters, a few hundred refspecs).
 REFSPECS_IN_ARGV: Final = 32
 STOPPED: Final = "stopped"  # the presence activity of a monitor's clean stop
-MAX_PRESENCE_AHEAD: Final = 3600.0  # a presence stamped further ahead of the reader's clock never wins a merge
 MAX_LOCKED_MIRRORS: Final = 8  # locked mirrors passed over in one deletion, before all wait for a later look
 _LOCKED_REF = re.compile(r"cannot lock ref '([^']+)'")
 _OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # (fullmatch)
@@ -192,17 +190,10 @@ class ServerState:
         records a retirement, and its presence is exactly the one that retirement saw. No clock
         is compared: a monitor that starts again under the same id publishes another presence
         and is back at once, whatever the time on the machine that retired it; its writes drop
-        the record, except a clean stop's right after a retirement, which carries it forward."""
+        the record, except a clean stop's right after a retirement, which carries it forward.
+        Of a server's two ref names, the record is read from ``refs/fleet/S`` whenever that ref
+        exists (:meth:`merge`): a record pushed under the other name cannot retire it."""
         return bool(self.retired) and self.presence_stamp() == self.retired["presence"]
-
-    def _presence_rank(self) -> float:
-        """What a merge compares presences by: their time; one stamped more than
-        :data:`MAX_PRESENCE_AHEAD` ahead of this clock ranks last (a forged or skewed one must
-        not outrank every presence the server will ever publish)."""
-        seen = self.presence_time()
-        if seen is None or seen > time.time() + MAX_PRESENCE_AHEAD:
-            return -math.inf
-        return seen
 
     # ----------------------------------------------------------------- writing
 
@@ -211,20 +202,21 @@ class ServerState:
         """A state written by a newer program is read, never rewritten (PROTOCOL.md)."""
         return self.version <= STATE_VERSION
 
-    def merge(self, other: "ServerState") -> None:
-        """Fold ``other`` in: set union of receipts and acknowledgements; the newest presence,
-        with the retirement recorded beside it (a record only counts against the presence it
-        was written with; between two without presence, the newer record)."""
+    def merge(self, other: "ServerState", *, retirement: bool = False) -> None:
+        """Fold ``other`` in: set union of receipts and acknowledgements, the newest presence;
+        with ``retirement``, ``other``'s retirement record (or its lack of one) as well: the
+        caller passes it for ``refs/fleet/S``, and for ``fleet-state/S`` only when there is no
+        ``refs/fleet/S`` (:func:`takes_retirement`)."""
         for key in other.read:
             self.read.setdefault(key, None)
         for key, entry in other.acks.items():
             self.acks.setdefault(key, entry)
-        if other.presence is not None and (self.presence is None
-                                           or other._presence_rank() > self._presence_rank()):
-            self.presence = other.presence
-            self.retired = other.retired
-        elif self.presence is None and other.presence is None and other.retired and (
-                not self.retired or (self.retired_time() or 0.0) < (other.retired_time() or 0.0)):
+        if other.presence is not None:
+            mine = self.presence_time()
+            theirs = other.presence_time()
+            if self.presence is None or (theirs is not None and (mine is None or theirs > mine)):
+                self.presence = other.presence
+        if retirement:
             self.retired = other.retired
         for k, v in other.extra.items():
             self.extra.setdefault(k, v)
@@ -269,7 +261,7 @@ class StateChange:
         self.presence = presence
         self.drop = set(drop)
         self.retire = retire
-        self.seen = seen  # with retire: the presence timestamp the caller found (None: none)
+        self.seen = seen  # with retire: the presence timestamp readers take now (None: none)
 
     def apply(self, state: ServerState) -> bool:
         """Apply to ``state``; whether anything changed."""
@@ -305,12 +297,15 @@ class StateChange:
                 del state.acks[key]
                 changed = True
         if self.retire:  # against the state it is applied to: again after a lost lease
-            stamp = state.presence_stamp()
-            stopped = isinstance(state.presence, dict) and state.presence.get("activity") == STOPPED
-            if stamp != self.seen and not stopped:
-                raise StateRefError(f"{state.server} published presence while it was being retired: "
-                                    "its monitor is running")
-            state.retired = {"at": iso_utc(), "presence": stamp}
+            anchor, stamp = self.seen, state.presence_stamp()
+            if stamp is not None and stamp != self.seen:
+                seen = parse_timestamp(self.seen) if self.seen else None
+                if seen is None or (state.presence_time() or 0.0) > seen.timestamp():  # a newer one
+                    if not (isinstance(state.presence, dict) and state.presence.get("activity") == STOPPED):
+                        raise StateRefError(f"{state.server} published presence while it was being "
+                                            "retired: its monitor is running")
+                    anchor = stamp  # its monitor stopped cleanly meanwhile: retired as it now is
+            state.retired = {"at": iso_utc(), "presence": anchor}
             changed = True
         return changed
 
@@ -328,6 +323,16 @@ def _retirement(value: Any) -> Optional[Dict[str, Optional[str]]]:
     if not at or parse_timestamp(at) is None or not (seen is None or isinstance(seen, str) and len(seen) <= 40):
         return None
     return {"at": at, "presence": seen}
+
+
+def takes_retirement(local_ref: str, local_refs: Container[str]) -> bool:
+    """Whether a reader takes the retirement record of the state mirrored at ``local_ref``:
+    ``refs/fleet/S`` always; the fallback ``refs/fleet-state/S`` only when ``refs/fleet/S`` is
+    not among ``local_refs``. A server writes ``refs/fleet/S`` wherever the host allows it, so
+    a record that any member pushes under the other name is never read beside it."""
+    if local_ref.startswith(REF_PREFIX):
+        return True
+    return REF_PREFIX + local_ref.rsplit("/", 1)[-1] not in local_refs
 
 
 def parse_state_ref(ref: str) -> Optional[Tuple[str, str]]:
@@ -676,11 +681,11 @@ class StateStore:
         if cached is not None and cached[0] == tips:
             return cached[1]
         state = ServerState(server)
-        for tip in tips:
+        for tip, retirement in zip(tips, (True, not tips[0])):
             if not tip:
                 continue
             try:
-                state.merge(self._read_commit(tip, server))
+                state.merge(self._read_commit(tip, server), retirement=retirement)
             except (BadInput, GitError) as exc:
                 if self._warned.get(server) != tip:
                     self._warned[server] = tip
@@ -714,7 +719,7 @@ class StateStore:
         pushed again (nothing is lost). A remote that refuses ``refs/fleet/*`` gets the fallback
         branch from then on (remembered in the clone's config, said once in the log). ``names``:
         (remote ref, local mirror) to write instead of this clone's own choice
-        (:meth:`presence_refs`).
+        (:meth:`retirement_refs`).
         """
         server = normalize_server_id(server)
         delay = 0.05
@@ -793,25 +798,16 @@ class StateStore:
 
     # ----------------------------------------------------------------- which ref is ours
 
-    def presence_refs(self, server: str) -> Tuple[str, str]:
-        """(remote ref, local mirror) of ``server``'s ref whose presence a read takes
-        (:meth:`read` merges both names): where a record that must sit beside that presence
-        goes. This clone's own choice (:meth:`_own_refs`) unless only the other name holds it."""
+    def retirement_refs(self, server: str, view: RemoteView) -> Tuple[str, str]:
+        """(remote ref, local mirror) where ``server``'s retirement record must go to be read
+        (:func:`takes_retirement`): ``refs/fleet/S`` when the remote has it, else the fallback
+        branch when it has that, else this clone's own choice (:meth:`_own_refs`)."""
         server = normalize_server_id(server)
-        own = self._own_refs(server)
-        merged = self.read(server)
-        if merged.presence is None:
-            return own
-        holders = []
-        for names in ((REF_PREFIX + server, REF_PREFIX + server),
-                      (FALLBACK_PREFIX + server, LOCAL_FALLBACK_PREFIX + server)):
-            tip = self.local_tip(names[1])
-            try:
-                if tip and self._read_commit(tip, server).presence == merged.presence:
-                    holders.append(names)
-            except (BadInput, GitError):
-                continue
-        return own if own in holders or not holders else holders[0]
+        if REF_PREFIX + server in view.state_tips:
+            return REF_PREFIX + server, REF_PREFIX + server
+        if FALLBACK_PREFIX + server in view.state_tips:
+            return FALLBACK_PREFIX + server, LOCAL_FALLBACK_PREFIX + server
+        return self._own_refs(server)
 
     def _config_key(self, server: str) -> str:
         return f"fleet.{server}.stateref"

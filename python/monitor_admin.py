@@ -198,18 +198,22 @@ def _looks_windows_absolute(path: str) -> bool:
 
 # --------------------------------------------------------------------------- --retire
 
+MAX_HEARTBEAT_BYTES = 64 * 1024  # <server>/heartbeat.json, as older tools write it
+
+
 def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
     """Record in ``server``'s state ref that it has left the fleet for good (key ``retired``,
-    beside the presence it saw; README, "State refs"): the status stops counting it stale or
-    waited on, and the archive stops keeping mail for it to read. Its receipts stay. A monitor
-    that publishes presence under this id again brings it back; nothing has to be undone.
+    beside the presence readers take now; README, "State refs"): the status stops counting it
+    stale or waited on, and the archive stops keeping mail for it to read. Its receipts stay.
+    A monitor that publishes presence under this id again brings it back; nothing has to be
+    undone.
 
-    Refused (exit 2) while the server looks live (a presence within the status's stale limit
-    that is neither a monitor's clean stop nor a ``--once`` run's): its mail would stop waiting
-    for a server still reading it; a presence published while this runs fails it (exit 1). A
-    server with no state ref is retired only when the hot mailbox names it (mail sent to an id
-    that never ran, a typo); otherwise nothing waits for it already, and nothing is written (no
-    ref for a server that never was)."""
+    Refused (exit 2) while the server looks live: a presence within the status's stale limit
+    that is not a monitor's clean stop, or, with no presence, an older tool's fresh
+    ``<server>/heartbeat.json``; its mail would stop waiting for a server still reading it. A
+    presence published while this runs fails it (exit 1). A server with no state ref is retired
+    only when the hot mailbox names it (mail sent to an id that never ran, a typo); otherwise
+    nothing waits for it already, and nothing is written (no ref for a server that never was)."""
     import datetime as _dt
 
     from fleet_report import DEFAULT_STALE_AFTER, presence_summary, short_age, stale_limit
@@ -217,24 +221,46 @@ def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
 
     store = StateStore(clone)
     view = store.poll()
-    if server not in view.servers() and server not in known_servers(Mailbox(clone).read(clone.fetch())[1]):
+    tip = clone.fetch()
+    if server not in view.servers() and server not in known_servers(Mailbox(clone).read(tip)[1]):
         return {"server": server, "retired": None,
                 "summary": f"{server} has no state ref and no mail names it: nothing waits for it; "
                            "nothing written (check the id)"}
     store.fetch([server], view=view)
     state = store.read(server)
-    seen = presence_summary(state, _dt.datetime.now(_dt.timezone.utc))
-    gone = seen is None or seen["activity"] == STOPPED or state.presence.get("once") is True  # (--once)
-    if not gone and seen["age_seconds"] <= stale_limit(seen, DEFAULT_STALE_AFTER):
+    now = _dt.datetime.now(_dt.timezone.utc)
+    seen = presence_summary(state, now)
+    if seen is None:
+        age = _heartbeat_age(clone, tip, server, now)
+        if age is not None and age <= DEFAULT_STALE_AFTER:
+            raise UsageError(f"{server} looks live (its {server}/heartbeat.json is {short_age(age)} old): "
+                             "stop it, or wait until it is stale, then retire it")
+    elif seen["activity"] != STOPPED and seen["age_seconds"] <= stale_limit(seen, DEFAULT_STALE_AFTER):
         raise UsageError(f"{server} looks live (presence {short_age(seen['age_seconds'])} ago): stop its "
                          "monitor (a clean stop says so) or wait until it is stale, then retire it")
-    store.update(server, StateChange(retire=True, seen=state.presence_stamp()), names=store.presence_refs(server))
+    store.update(server, StateChange(retire=True, seen=state.presence_stamp()),
+                 names=store.retirement_refs(server, view))
+    store.fetch([server])  # a presence under the other ref name meanwhile would end it at once
     state = store.read(server)
-    if not state.is_retired():  # a presence under the other ref name, pushed meanwhile
+    if not state.is_retired():
         raise SuiteError(f"{server} published presence while it was being retired: its monitor is running")
     return {"server": server, "retired": state.retired["at"] if state.retired else None,
             "summary": f"{server} retired: nobody waits for it any more; a monitor started again "
                        "under this id brings it back"}
+
+
+def _heartbeat_age(clone: Clone, tip: Optional[str], server: str, now: Any) -> Optional[float]:
+    """Seconds since an older tool's ``<server>/heartbeat.json`` at ``tip`` (``None``: none, or
+    unreadable)."""
+    from fleet_common import BadInput, load_json_bounded, parse_timestamp
+
+    try:
+        raw = clone.read_file(tip, f"{server}/heartbeat.json", MAX_HEARTBEAT_BYTES)[1] if tip else None
+        doc = load_json_bounded(raw, what="a heartbeat", max_bytes=MAX_HEARTBEAT_BYTES) if raw else None
+    except (BadInput, SuiteError):
+        return None
+    moment = parse_timestamp(doc.get("timestamp")) if isinstance(doc, dict) else None
+    return None if moment is None else max(0.0, (now - moment).total_seconds())
 
 
 # --------------------------------------------------------------------------- --repair and --status

@@ -129,8 +129,7 @@ class PeriodicDuties:
                               "memory_used_gb": checks.get("memory", {}).get("used_gb"),
                               "disk_free_gb": checks.get("disk", {}).get("free_gb")},
                    "queue": {"pending": stats.get("pending"), "dead": stats.get("dead")},
-                   "breaker": self.breaker.get_status().get("state"), "period": period,
-                   **({"once": True} if self.one_shot else {})})  # --once: no process stays behind
+                   "breaker": self.breaker.get_status().get("state"), "period": period})
 
     def _maybe_heartbeat(self, report: Any) -> None:
         """``--heartbeat-on-main``: also the legacy ``<server>/heartbeat.json`` commit."""

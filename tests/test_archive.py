@@ -251,3 +251,23 @@ def test_a_retirement_forged_under_a_servers_other_ref_name_moves_none_of_its_ma
     git(evil, "push", "-q", "origin", f"{commit}:refs/heads/fleet-state/code2")
     assert archive_mailbox(Clone(fleet.clone("build1")), "build1", 30)["archived"] == 0
     assert [m["subject"] for m in fleet.remote_messages()] == ["m1"]
+
+
+def test_a_server_whose_clock_runs_fast_is_not_retired_by_an_old_record_under_its_other_name(tmp_path):
+    """An old presence and a record under fleet-state/<server>, while the server publishes under
+    refs/fleet/<server> with a clock two hours fast: it is live, and none of its mail moves."""
+    from fleet_state import StateChange, StateStore
+
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [msg(1, 40, to="code2")]}, indent=2).encode())
+    ahead = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    StateStore(Clone(fleet.clone("code2"))).update("code2", StateChange(presence={"timestamp": ahead}))
+    old = json.dumps({"version": 1, "server": "code2", "read": [], "acks": [],
+                      "presence": {"timestamp": ts(2)}, "retired": {"at": ts(1.9), "presence": ts(2)}}).encode()
+    evil = fleet.clone("evil")
+    blob = git(evil, "hash-object", "-w", "--stdin", input=old).strip()
+    tree = git(evil, "mktree", input=f"100644 blob {blob}\tstate.json\n".encode()).strip()
+    commit = git(evil, "commit-tree", tree, "-m", "code2: state").strip()
+    git(evil, "push", "-q", "origin", f"{commit}:refs/heads/fleet-state/code2")
+    assert archive_mailbox(Clone(fleet.clone("build1")), "build1", 30)["archived"] == 0
+    proc = run_script("message_monitor.py", "--repo", str(fleet.clones["build1"]), "--server", "code2", "--retire")
+    assert proc.returncode == 2 and "code2 looks live" in proc.stderr, proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 from conftest import git
@@ -256,3 +257,36 @@ def test_objects_read_loose_are_what_cat_file_gives(tmp_path, monkeypatch):
     monkeypatch.setenv("FLEET_GIT_PLUMBING", "1")
     assert answers() == loose
     assert loose["unsorted"][0] is None and loose["big commit, small file"][0][2] == b'{"version": 1}'
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the remote here is a POSIX shell command (git's ext transport)")
+def test_a_network_call_that_times_out_returns_at_its_limit_and_leaves_nothing_behind(tmp_path):
+    """A remote that never answers, whose helper also leaves a detached child holding git's
+    pipes: the call ends at its limit, and the helper and its child are gone with git."""
+    import time
+
+    import psutil
+
+    from fleet_git import RemoteUnavailable
+
+    repo = tmp_path / "repo"
+    git(tmp_path, "init", "-q", str(repo))
+    git(repo, "config", "protocol.ext.allow", "always")
+    git(repo, "remote", "add", "origin", "ext::sh -c (sleep% 37% &);% sleep% 300")
+    started = time.monotonic()
+    with pytest.raises(RemoteUnavailable, match="no answer within 2 s"):
+        Clone(repo).network_git("ls-remote", "origin", timeout=2)
+    assert time.monotonic() - started < 10
+    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] in (["sleep", "37"], ["sleep", "300"])]
+
+
+def test_a_network_call_that_ended_before_its_wait_began_is_no_timeout(fleet):
+    """A look waits for its processes until one deadline: one that finished meanwhile is read,
+    not taken for a timeout."""
+    import time
+
+    clone = Clone(fleet.clone("code2"))
+    proc = clone.start_network_git("ls-remote", "origin")
+    proc.wait()
+    done = clone.finish_network_git(proc, deadline=time.monotonic() - 1)
+    assert done.returncode == 0 and b"refs/heads/main" in done.stdout

@@ -586,10 +586,9 @@ def test_a_retired_server_is_waited_on_by_nobody_until_it_comes_back(tmp_path, c
     code, report = _status(fleet, capsys)
     assert _row(report, "ci-7")["state"] == LIVE and report["counts"]["retired"] == 0
     assert "retired" not in fleet.state("ci-7")  # its own write dropped the record
-    # A --once run leaves no process behind: it can be retired right after (a CI job's last steps).
+    # A --once run's presence is as live as any (cron runs it every minute): refused until stale.
     proc = run_script("message_monitor.py", "--repo", str(fleet.clones["ops"]), "--server", "ci-7", "--retire")
-    assert proc.returncode == 0, proc.stderr
-    assert _row(_status(fleet, capsys)[1], "ci-7")["state"] == "retired"
+    assert proc.returncode == 2 and "ci-7 looks live" in proc.stderr
 
 
 def test_retire_writes_no_ref_for_an_id_nothing_names_and_says_when_the_server_looks_live(tmp_path, capsys):
@@ -625,6 +624,16 @@ def test_retire_writes_no_ref_for_an_id_nothing_names_and_says_when_the_server_l
     assert proc.returncode == 0, proc.stderr
     code, report = _status(fleet, capsys)
     assert _row(report, "build1")["state"] == "retired"
+
+
+def test_retire_refuses_a_server_that_older_tools_show_alive(tmp_path):
+    """No state ref, but a fresh <server>/heartbeat.json of the older tools and mail naming it:
+    it is running; retiring it would let the archive move its mail."""
+    fleet = _fleet(tmp_path, _msg("m1", "code2", "legacy1", "for the old box", 5 * 3600))
+    _commit(fleet, {"legacy1/heartbeat.json": json.dumps({"server": "legacy1", "timestamp": _iso(60)}).encode()})
+    proc = run_script("message_monitor.py", "--repo", str(fleet.clone("ops")), "--server", "legacy1", "--retire")
+    assert proc.returncode == 2 and "legacy1 looks live (its legacy1/heartbeat.json is 6" in proc.stderr, proc.stderr
+    assert git(fleet.origin, "for-each-ref", "refs/fleet/") == ""
 
 
 def test_retire_with_the_remote_down_writes_nothing(tmp_path):

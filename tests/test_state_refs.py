@@ -336,27 +336,37 @@ def test_retiring_records_the_presence_it_saw_and_a_running_monitor_drops_it(fle
     assert not store.read("code2").is_retired()
 
 
-def test_a_retirement_counts_only_beside_the_presence_it_was_written_with():
-    """Both ref names of a server are merged: the record comes with the presence that wins, so
-    a record (or a presence stamped far ahead) under the name the server does not write cannot
-    keep it retired while it publishes presence under the other."""
+def test_a_retirement_is_read_from_refs_fleet_whenever_that_ref_exists():
+    """Both ref names of a server are merged (the newest presence wins, by its own clock): the
+    record is taken from refs/fleet/S, and from fleet-state/S only when there is no refs/fleet/S,
+    so a record pushed under the name a server does not write cannot retire it, whatever
+    presence is pushed beside it; a server whose clock runs fast stays the live one."""
+    from fleet_state import takes_retirement
+
     own, other = ServerState("code2"), ServerState("code2")
     own.presence = {"timestamp": "2026-11-29T10:00:00Z", "activity": "idle"}
     other.presence = {"timestamp": "9999-12-31T23:59:59Z", "activity": "stopped"}
     other.retired = {"at": "2026-11-29T09:00:00Z", "presence": "9999-12-31T23:59:59Z"}
-    for first, second in ((own, other), (other, own)):
+    mirrors = {"refs/fleet/code2", "refs/fleet-state/code2"}
+    for order in (("refs/fleet/code2", own), ("refs/fleet-state/code2", other)), \
+                 (("refs/fleet-state/code2", other), ("refs/fleet/code2", own)):
         merged = ServerState("code2")
-        merged.merge(first.copy())
-        merged.merge(second.copy())
-        assert merged.presence == own.presence and not merged.is_retired()
-    old = ServerState("code2")
-    old.presence = {"timestamp": "2026-11-29T08:00:00Z"}
-    old.retired = {"at": "2026-11-29T09:00:00Z", "presence": "2026-11-29T08:00:00Z"}
+        for local, state in order:
+            merged.merge(state.copy(), retirement=takes_retirement(local, mirrors))
+        assert merged.presence == other.presence and merged.retired is None and not merged.is_retired()
+    # Only the fallback name exists (a host that refuses refs/fleet/*): its record is read.
+    alone = ServerState("code2")
+    alone.merge(other.copy(), retirement=takes_retirement("refs/fleet-state/code2", {"refs/fleet-state/code2"}))
+    assert alone.is_retired()
+    # A fast clock: its presence, two hours ahead under refs/fleet, wins over an old one beside it.
+    fast, old = ServerState("code2"), ServerState("code2")
+    fast.presence = {"timestamp": "2099-01-01T00:00:00Z", "activity": "idle"}
+    old.presence = {"timestamp": "2026-11-27T00:00:00Z"}
+    old.retired = {"at": "2026-11-27T01:00:00Z", "presence": "2026-11-27T00:00:00Z"}
     merged = ServerState("code2")
-    merged.merge(old.copy())
-    assert merged.is_retired()
-    merged.merge(own.copy())  # a newer presence elsewhere: back
-    assert not merged.is_retired()
+    merged.merge(old.copy(), retirement=takes_retirement("refs/fleet-state/code2", mirrors))
+    merged.merge(fast.copy(), retirement=takes_retirement("refs/fleet/code2", mirrors))
+    assert merged.presence == fast.presence and not merged.is_retired()
 
 
 def test_mirrors_of_deleted_refs_go_even_when_one_of_them_is_locked(fleet, caplog):
