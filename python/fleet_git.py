@@ -285,10 +285,11 @@ def spawn_git(repo: Union[str, "os.PathLike[str]"], *args: str,
 
 def stop_git(proc: "subprocess.Popen[Any]") -> None:
     """Kill a started git and the helpers it runs (``git-remote-https``, ``ssh``, ``upload-pack``)
-    and reap it: the tree psutil finds under it (a daemon it started, such as
-    ``git credential-cache--daemon``, has left that tree and is spared), else, on POSIX, the
-    process group git leads (:data:`_SPAWN_KW`). A helper left behind would hold its connection
-    open until the remote answered."""
+    and reap it: the tree psutil finds under it, else (no psutil) the POSIX process group git
+    leads (:data:`_SPAWN_KW`). A daemon git started, such as ``git credential-cache--daemon``,
+    has left the tree and is spared; a detached child that still holds git's pipes is not
+    waited for (:func:`_drain`). A helper left behind would hold its connection open until the
+    remote answered."""
     if proc.poll() is not None:
         return
     try:
@@ -307,26 +308,34 @@ def stop_git(proc: "subprocess.Popen[Any]") -> None:
             helper.kill()
         except Exception:  # noqa: BLE001 - it ended on its own
             pass
-    if helpers is not None and os.name == "posix":
-        try:  # and what is left in git's group (a daemon that matters calls setsid and has left it)
-            os.killpg(proc.pid, 9)
-        except OSError:
-            pass
     proc.kill()
     proc.wait()
 
 
 def _drain(proc: "subprocess.Popen[bytes]") -> Tuple[bytes, bytes]:
-    """What a finished or stopped git wrote, read for at most a second: a detached process that
-    still holds its pipes must not hold the caller."""
+    """What a finished or stopped git wrote, read for at most a second more: a detached process
+    that still holds its pipes must not hold the caller. What was read by then is kept; the
+    caller of a git that ended that way treats it as failed (:meth:`Clone.finish_network_git`)."""
     try:
         out, err = proc.communicate(timeout=1.0)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
+        out, err = exc.stdout, exc.stderr
         for pipe in (proc.stdout, proc.stderr, proc.stdin):
             if pipe is not None:
-                pipe.close()
-        out, err = b"", b""
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        raise _PipesHeld(out or b"", err or b"") from None
     return out or b"", err or b""
+
+
+class _PipesHeld(Exception):
+    """git ended, but another process still holds its output open: what it wrote may be cut."""
+
+    def __init__(self, out: bytes, err: bytes) -> None:
+        super().__init__("git's output was held open by another process")
+        self.out, self.err = out, err
 
 
 _RACE_MARKERS = (
@@ -595,12 +604,16 @@ class Clone:
         try:
             out, err = proc.communicate(input=input, timeout=limit)
         except subprocess.TimeoutExpired:
-            if proc.poll() is None:  # (one that ended before its wait began is no timeout)
+            ended = proc.poll() is not None  # (one that ended before its wait began is no timeout)
+            if not ended:
                 stop_git(proc)
+            try:
                 out, err = _drain(proc)
+            except _PipesHeld as held:  # an answer that may be cut is no answer
+                out, err, ended = held.out, held.err, False
+            if not ended:
                 raise RemoteUnavailable(proc.args, None, out, err,  # type: ignore[arg-type]
                                         f"no answer within {limit:.3g} s") from None
-            out, err = _drain(proc)
         except BaseException:
             stop_git(proc)
             raise

@@ -798,6 +798,20 @@ class StateStore:
 
     # ----------------------------------------------------------------- which ref is ours
 
+    def states_by_name(self, server: str) -> List[ServerState]:
+        """``server``'s state under each of its two ref names, as last fetched, unmerged (those
+        that cannot be read left out)."""
+        server = normalize_server_id(server)
+        found = []
+        for local in (REF_PREFIX + server, LOCAL_FALLBACK_PREFIX + server):
+            tip = self.local_tip(local)
+            try:
+                if tip:
+                    found.append(self._read_commit(tip, server))
+            except (BadInput, GitError):
+                continue
+        return found
+
     def retirement_refs(self, server: str, view: RemoteView) -> Tuple[str, str]:
         """(remote ref, local mirror) where ``server``'s retirement record must go to be read
         (:func:`takes_retirement`): ``refs/fleet/S`` when the remote has it, else the fallback

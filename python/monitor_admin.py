@@ -217,7 +217,7 @@ def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
     import datetime as _dt
 
     from fleet_report import DEFAULT_STALE_AFTER, presence_summary, short_age, stale_limit
-    from fleet_state import STOPPED, StateChange, StateStore
+    from fleet_state import STOPPED, StateChange, StateRefError, StateStore
 
     store = StateStore(clone)
     view = store.poll()
@@ -229,17 +229,25 @@ def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
     store.fetch([server], view=view)
     state = store.read(server)
     now = _dt.datetime.now(_dt.timezone.utc)
-    seen = presence_summary(state, now)
-    if seen is None:
-        age = _heartbeat_age(clone, tip, server, now)
-        if age is not None and age <= DEFAULT_STALE_AFTER:
-            raise UsageError(f"{server} looks live (its {server}/heartbeat.json is {short_age(age)} old): "
-                             "stop it, or wait until it is stale, then retire it")
-    elif seen["activity"] != STOPPED and seen["age_seconds"] <= stale_limit(seen, DEFAULT_STALE_AFTER):
-        raise UsageError(f"{server} looks live (presence {short_age(seen['age_seconds'])} ago): stop its "
-                         "monitor (a clean stop says so) or wait until it is stale, then retire it")
-    store.update(server, StateChange(retire=True, seen=state.presence_stamp()),
-                 names=store.retirement_refs(server, view))
+    # Each ref name's presence on its own: one that is fresh (or stamped ahead) under either
+    # name is a server that may be running, whatever the other name says.
+    presences = [p for p in (presence_summary(one, now) for one in store.states_by_name(server)) if p]
+    for seen in presences:
+        if seen["activity"] != STOPPED and seen["age_seconds"] <= stale_limit(seen, DEFAULT_STALE_AFTER):
+            raise UsageError(f"{server} looks live (presence {short_age(seen['age_seconds'])} ago): stop its "
+                             "monitor (a clean stop says so) or wait until it is stale, then retire it")
+    age = None if presences else _heartbeat_age(clone, tip, server, now)
+    if age is not None and age <= DEFAULT_STALE_AFTER:
+        raise UsageError(f"{server} looks live (its {server}/heartbeat.json is {short_age(age)} old): "
+                         "stop it, or wait until it is stale, then retire it")
+    names = store.retirement_refs(server, view)
+    try:
+        store.update(server, StateChange(retire=True, seen=state.presence_stamp()), names=names)
+    except StateRefError as exc:
+        if "refused" not in str(exc):
+            raise
+        raise SuiteError(f"the remote refuses {names[0]}, which holds {server}'s state and is where a "
+                         f"retirement is read: {server} cannot be retired while the host refuses it") from None
     store.fetch([server])  # a presence under the other ref name meanwhile would end it at once
     state = store.read(server)
     if not state.is_retired():

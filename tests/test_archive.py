@@ -251,6 +251,9 @@ def test_a_retirement_forged_under_a_servers_other_ref_name_moves_none_of_its_ma
     git(evil, "push", "-q", "origin", f"{commit}:refs/heads/fleet-state/code2")
     assert archive_mailbox(Clone(fleet.clone("build1")), "build1", 30)["archived"] == 0
     assert [m["subject"] for m in fleet.remote_messages()] == ["m1"]
+    # Nor can that forged "stopped" presence get a live server retired: each name is judged.
+    proc = run_script("message_monitor.py", "--repo", str(fleet.clones["build1"]), "--server", "code2", "--retire")
+    assert proc.returncode == 2 and "code2 looks live" in proc.stderr, proc.stderr
 
 
 def test_a_server_whose_clock_runs_fast_is_not_retired_by_an_old_record_under_its_other_name(tmp_path):
