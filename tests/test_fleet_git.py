@@ -260,9 +260,10 @@ def test_objects_read_loose_are_what_cat_file_gives(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the remote here is a POSIX shell command (git's ext transport)")
-def test_a_network_call_that_times_out_returns_at_its_limit_and_leaves_nothing_behind(tmp_path):
+def test_a_network_call_that_times_out_returns_at_its_limit_and_stops_its_helper(tmp_path):
     """A remote that never answers, whose helper also leaves a detached child holding git's
-    pipes: the call ends at its limit, and the helper and its child are gone with git."""
+    pipes: the call ends at its limit, and the helper is gone with git (the detached child has
+    left git's tree, as a daemon would, and is not git's to kill)."""
     import time
 
     import psutil
