@@ -285,11 +285,11 @@ def spawn_git(repo: Union[str, "os.PathLike[str]"], *args: str,
 
 def stop_git(proc: "subprocess.Popen[Any]") -> None:
     """Kill a started git and the helpers it runs (``git-remote-https``, ``ssh``, ``upload-pack``)
-    and reap it: the tree psutil finds under it, else (no psutil) the POSIX process group git
-    leads (:data:`_SPAWN_KW`). A daemon git started, such as ``git credential-cache--daemon``,
-    has left the tree and is spared; a detached child that still holds git's pipes is not
-    waited for (:func:`_drain`). A helper left behind would hold its connection open until the
-    remote answered."""
+    and reap it: the tree psutil finds under it, where a daemon git started (such as ``git
+    credential-cache--daemon``) is no longer found and so is spared; without psutil, the POSIX
+    process group git leads (:data:`_SPAWN_KW`), daemon included. A detached child that still
+    holds git's pipes is not waited for (:func:`_drain`). A helper left behind would hold its
+    connection open until the remote answered."""
     if proc.poll() is not None:
         return
     try:
@@ -314,8 +314,9 @@ def stop_git(proc: "subprocess.Popen[Any]") -> None:
 
 def _drain(proc: "subprocess.Popen[bytes]") -> Tuple[bytes, bytes]:
     """What a finished or stopped git wrote, read for at most a second more: a detached process
-    that still holds its pipes must not hold the caller. What was read by then is kept; the
-    caller of a git that ended that way treats it as failed (:meth:`Clone.finish_network_git`)."""
+    that still holds its pipes must not hold the caller. Then :class:`_PipesHeld`, with what was
+    read: all git wrote, where Python can tell (POSIX: git has ended and its pipe is read to the
+    end of what it holds), else nothing (:meth:`Clone.finish_network_git` decides)."""
     try:
         out, err = proc.communicate(timeout=1.0)
     except subprocess.TimeoutExpired as exc:
@@ -331,7 +332,7 @@ def _drain(proc: "subprocess.Popen[bytes]") -> Tuple[bytes, bytes]:
 
 
 class _PipesHeld(Exception):
-    """git ended, but another process still holds its output open: what it wrote may be cut."""
+    """git ended, but another process still holds its output open."""
 
     def __init__(self, out: bytes, err: bytes) -> None:
         super().__init__("git's output was held open by another process")
@@ -601,19 +602,34 @@ class Clone:
         is :class:`RemoteUnavailable`; whatever stops the wait (Ctrl+C too) stops git with its
         helpers (:func:`stop_git`)."""
         limit = NETWORK_TIMEOUT if deadline is None else max(0.0, deadline - time.monotonic())
+        until = time.monotonic() + limit
         try:
-            out, err = proc.communicate(input=input, timeout=limit)
-        except subprocess.TimeoutExpired:
-            ended = proc.poll() is not None  # (one that ended before its wait began is no timeout)
-            if not ended:
-                stop_git(proc)
-            try:
-                out, err = _drain(proc)
-            except _PipesHeld as held:  # an answer that may be cut is no answer
-                out, err, ended = held.out, held.err, False
-            if not ended:
-                raise RemoteUnavailable(proc.args, None, out, err,  # type: ignore[arg-type]
-                                        f"no answer within {limit:.3g} s") from None
+            while True:  # in steps, so a git that ended is not waited for while others hold its pipes
+                try:
+                    out, err = proc.communicate(input=input, timeout=max(0.0, min(0.5, until - time.monotonic())))
+                    break
+                except subprocess.TimeoutExpired:
+                    input = None  # (written whole by the first call)
+                    ended = proc.poll() is not None  # (one that ended before its wait began is no timeout)
+                    if not ended and time.monotonic() < until:
+                        continue
+                if not ended:
+                    stop_git(proc)
+                try:
+                    out, err = _drain(proc)
+                except _PipesHeld as held:  # something git left behind holds its output open
+                    out, err = held.out, held.err
+                    # git's own answer where it was read whole (POSIX); where it cannot be told
+                    # (Windows reads in threads and gives nothing back), none: a cut listing must
+                    # never read as an empty one.
+                    ended = ended and os.name == "posix"
+                    if ended:
+                        log.warning("a process that %s left behind holds its output open",
+                                    " ".join(str(a) for a in proc.args[:3]))
+                if not ended:
+                    raise RemoteUnavailable(proc.args, None, out, err,  # type: ignore[arg-type]
+                                            f"no answer within {limit:.3g} s")
+                break
         except BaseException:
             stop_git(proc)
             raise

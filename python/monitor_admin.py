@@ -217,7 +217,7 @@ def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
     import datetime as _dt
 
     from fleet_report import DEFAULT_STALE_AFTER, presence_summary, short_age, stale_limit
-    from fleet_state import STOPPED, StateChange, StateRefError, StateStore
+    from fleet_state import FALLBACK_PREFIX, LOCAL_FALLBACK_PREFIX, STOPPED, StateChange, StateRefError, StateStore
 
     store = StateStore(clone)
     view = store.poll()
@@ -241,13 +241,17 @@ def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
         raise UsageError(f"{server} looks live (its {server}/heartbeat.json is {short_age(age)} old): "
                          "stop it, or wait until it is stale, then retire it")
     names = store.retirement_refs(server, view)
+    change = StateChange(retire=True, seen=state.presence_stamp())
     try:
-        store.update(server, StateChange(retire=True, seen=state.presence_stamp()), names=names)
+        store.update(server, change, names=names)
     except StateRefError as exc:
         if "refused" not in str(exc):
             raise
-        raise SuiteError(f"the remote refuses {names[0]}, which holds {server}'s state and is where a "
-                         f"retirement is read: {server} cannot be retired while the host refuses it") from None
+        if names[0] not in view.state_tips:  # no ref yet, on a host that refuses refs/fleet/*
+            store.update(server, change, names=(FALLBACK_PREFIX + server, LOCAL_FALLBACK_PREFIX + server))
+        else:
+            raise SuiteError(f"the remote refuses {names[0]}, which holds {server}'s state and is where a "
+                             f"retirement is read: {server} cannot be retired while the host refuses it") from None
     store.fetch([server])  # a presence under the other ref name meanwhile would end it at once
     state = store.read(server)
     if not state.is_retired():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import pytest
-from conftest import Fleet, crowd_state_refs, git, run_script
+from conftest import Fleet, crowd_state_refs, git, refuse_custom_refs, run_script
 
 import fleet_report
 import fleet_status
@@ -634,6 +634,16 @@ def test_retire_refuses_a_server_that_older_tools_show_alive(tmp_path):
     proc = run_script("message_monitor.py", "--repo", str(fleet.clone("ops")), "--server", "legacy1", "--retire")
     assert proc.returncode == 2 and "legacy1 looks live (its legacy1/heartbeat.json is 6" in proc.stderr, proc.stderr
     assert git(fleet.origin, "for-each-ref", "refs/fleet/") == ""
+
+
+def test_retire_on_a_host_that_refuses_custom_refs_writes_the_fallback_branch(tmp_path, capsys):
+    fleet = _fleet(tmp_path, _msg("m1", "code2", "biuld2", "to a typo", 5 * 3600))
+    refuse_custom_refs(fleet)
+    proc = run_script("message_monitor.py", "--repo", str(fleet.clone("ops")), "--server", "biuld2", "--retire")
+    assert proc.returncode == 0, proc.stderr
+    assert git(fleet.origin, "for-each-ref", "--format=%(refname)", "refs/").split() == [
+        "refs/heads/fleet-state/biuld2", "refs/heads/main"]
+    assert _row(_status(fleet, capsys)[1], "biuld2")["state"] == "retired"
 
 
 def test_retire_with_the_remote_down_writes_nothing(tmp_path):
