@@ -567,8 +567,8 @@ class Clone:
         with its helpers (:func:`stop_git`): ``git-remote-https`` or ``ssh`` would otherwise
         hold the connection until the remote answered."""
         self._call_network_hooks()
-        proc = spawn_git(self.root, *args, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
-        done = self.finish_network_git(proc, input=input, deadline=time.monotonic() + timeout)  # (hooks after)
+        proc = self._spawn_with_input(args, input)
+        done = self.finish_network_git(proc, deadline=time.monotonic() + timeout)  # (hooks after)
         if check and done.returncode != 0:
             raise GitError(["git", *args], done.returncode, done.stdout, done.stderr)
         return done
@@ -586,16 +586,21 @@ class Clone:
         ``input`` (refspecs for ``--stdin``) reaches git from a temporary file, so nothing has
         to write to it meanwhile."""
         self._call_network_hooks()
+        return self._spawn_with_input(_fetch_argv(args, config), input)
+
+    def _spawn_with_input(self, args: Sequence[str], input: Optional[bytes]) -> "subprocess.Popen[bytes]":
+        """git started with ``input`` as its standard input from a temporary file (nothing has to
+        write to it while it runs, however long the wait), or none."""
         if input is None:
-            return spawn_git(self.root, *_fetch_argv(args, config))
-        import tempfile  # only for a fetch of many refs (fleet_state.REFSPECS_IN_ARGV)
+            return spawn_git(self.root, *args)
+        import tempfile  # only for many refspecs (fleet_state.REFSPECS_IN_ARGV)
 
         with tempfile.TemporaryFile() as source:
             source.write(input)
             source.seek(0)
-            return spawn_git(self.root, *_fetch_argv(args, config), stdin=source.fileno())
+            return spawn_git(self.root, *args, stdin=source.fileno())
 
-    def finish_network_git(self, proc: "subprocess.Popen[bytes]", *, input: Optional[bytes] = None,
+    def finish_network_git(self, proc: "subprocess.Popen[bytes]", *,
                            deadline: Optional[float] = None) -> "subprocess.CompletedProcess[bytes]":
         """Wait for a git call of :meth:`start_fetch` or :meth:`start_network_git`, until
         ``deadline`` (:func:`time.monotonic`; by default the network timeout from now). A timeout
@@ -606,10 +611,9 @@ class Clone:
         try:
             while True:  # in steps, so a git that ended is not waited for while others hold its pipes
                 try:
-                    out, err = proc.communicate(input=input, timeout=max(0.0, min(0.5, until - time.monotonic())))
+                    out, err = proc.communicate(timeout=max(0.0, min(0.5, until - time.monotonic())))
                     break
                 except subprocess.TimeoutExpired:
-                    input = None  # (written whole by the first call)
                     ended = proc.poll() is not None  # (one that ended before its wait began is no timeout)
                     if not ended and time.monotonic() < until:
                         continue

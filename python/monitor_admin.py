@@ -248,7 +248,11 @@ def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
         if "refused" not in str(exc):
             raise
         if names[0] not in view.state_tips:  # no ref yet, on a host that refuses refs/fleet/*
-            store.update(server, change, names=(FALLBACK_PREFIX + server, LOCAL_FALLBACK_PREFIX + server))
+            try:
+                store.update(server, change, names=(FALLBACK_PREFIX + server, LOCAL_FALLBACK_PREFIX + server))
+            except StateRefError:
+                raise SuiteError(f"the remote refuses both {names[0]} and {FALLBACK_PREFIX}{server}: "
+                                 f"{server} cannot be retired on this host") from None
         else:
             raise SuiteError(f"the remote refuses {names[0]}, which holds {server}'s state and is where a "
                              f"retirement is read: {server} cannot be retired while the host refuses it") from None

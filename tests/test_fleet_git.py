@@ -320,3 +320,29 @@ def test_a_network_call_that_ended_before_its_wait_began_is_no_timeout(fleet):
     proc.wait()
     done = clone.finish_network_git(proc, deadline=time.monotonic() - 1)
     assert done.returncode == 0 and b"refs/heads/main" in done.stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the slow git here is a POSIX shell wrapper")
+def test_a_fetch_given_more_refspecs_than_a_pipe_holds_by_a_slow_starting_git_completes(fleet, tmp_path,
+                                                                                         monkeypatch):
+    """A network call waits in steps; its standard input (thousands of refspecs for
+    ``fetch --stdin``, more than a pipe buffer) reaches git whole however late git starts
+    reading it."""
+    import shutil
+
+    real = shutil.which("git")
+    slow = tmp_path / "slowbin"
+    slow.mkdir()
+    (slow / "git").write_text(f'#!/bin/sh\nsleep 0.8\nexec {real} "$@"\n')
+    (slow / "git").chmod(0o755)
+    source = fleet.clone("build1")
+    tip = git(source, "rev-parse", "HEAD").strip()
+    git(fleet.origin, "update-ref", "--stdin",
+        input="".join(f"create refs/fleet/s{n:04d} {tip}\n" for n in range(2000)).encode())
+    clone = Clone(fleet.clone("code2"))
+    specs = "".join(f"+refs/fleet/s{n:04d}:refs/fleet/s{n:04d}\n" for n in range(2000)).encode()
+    assert len(specs) > 65536
+    monkeypatch.setenv("PATH", f"{slow}{os.pathsep}{os.environ['PATH']}")
+    done = clone.fetch_git("--quiet", "--no-tags", "--stdin", "origin", input=specs)
+    assert done.returncode == 0, done.stderr
+    assert len(clone.refs_in("refs/fleet/")) == 2000
