@@ -10,9 +10,9 @@ Everyone reads every state ref, up to :data:`MAX_STATE_SERVERS` servers'. What n
 (``fleet_status.py``, ``inbox.py acks``, the archive) lists the remote (:meth:`StateStore.poll`,
 one ``ls-remote``) and fetches the refs whose tips moved, by the commits listed and without
 negotiation; a look at the fleet does that beside a fetch of the branch
-(:meth:`StateStore.mirror_fleet`). What needs
-only the branch and this server's own ref (the monitor's cycle, the inbox) fetches both by exact
-name in one call (:class:`monitor_remote.RemotePoller`). Fetched state refs are mirrored locally
+(:meth:`StateStore.mirror_fleet`). What needs only the branch and this server's own ref (the
+monitor's cycle, the inbox) fetches both by exact name in one call
+(:class:`monitor_remote.RemotePoller`). Fetched state refs are mirrored locally
 under the same names (``refs/fleet/S``; the fallback branch under ``refs/fleet-state/S``), which
 is also what an operator gets from ``git fetch origin 'refs/fleet/*:refs/fleet/*'``.
 
@@ -54,7 +54,7 @@ from fleet_mailbox import MAX_KEY_CHARS
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     import subprocess
-    from typing import Any, Callable, Container, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+    from typing import AbstractSet, Any, Container, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
     from fleet_git import (
         Clone,
@@ -97,6 +97,10 @@ MAX_GONE_REFS: Final = 64  # refs deleted between a listing and its fetch that a
 
 class StateRefError(SuiteError):
     """A state ref could not be written (refused, or a lease lost too often)."""
+
+
+class StateRefRefused(StateRefError):
+    """The remote refuses the state ref's name."""
 
 
 def _key_ok(mid: Any, sender: Any) -> bool:
@@ -173,11 +177,6 @@ class ServerState:
         if not self.presence:
             return None
         moment = parse_timestamp(self.presence.get("timestamp"))
-        return moment.timestamp() if moment is not None else None
-
-    def retired_time(self) -> Optional[float]:
-        """Epoch seconds of the server's retirement, or ``None``."""
-        moment = parse_timestamp(self.retired["at"]) if self.retired else None
         return moment.timestamp() if moment is not None else None
 
     def presence_stamp(self) -> Optional[str]:
@@ -387,8 +386,6 @@ class StateStore:
         self.tips: Dict[str, str] = {}  # the mirrors' ids as last read (by mirrored(), say)
         self._unfetched = 0  # servers whose state refs the last listed fetch of all left out
         self._listed: Optional[RemoteView] = None  # that listing, while it left some out
-        self._by_name = False  # fetch state refs by name: the remote refused a listed commit
-        self._gone: Set[str] = set()  # refs listed, then deleted before the fetch (left out of it)
 
     # ----------------------------------------------------------------- polling and fetching
 
@@ -419,12 +416,14 @@ class StateStore:
         return self.clone.read_ref(local_ref)
 
     def refspecs_to_fetch(self, view: RemoteView, servers: Optional[Iterable[str]] = None,
-                          first: Iterable[str] = (), then: Iterable[str] = ()) -> List[str]:
+                          first: Iterable[str] = (), then: Iterable[str] = (), *, by_name: bool = False,
+                          gone: AbstractSet[str] = frozenset()) -> List[str]:
         """Refspecs for the state refs whose remote tip differs from the local mirror, of these
         servers or, when ``None``, of at most :data:`MAX_STATE_SERVERS` (``first``, then
-        ``then``, first): by the commit the listing named (git then asks the remote for no ref
-        list, one round trip less, and the mirror gets exactly what was listed), or by name after
-        the remote refused one of those (it moved since, and the old commit is gone)."""
+        ``then``, first), the refs in ``gone`` (deleted since the listing) left out: by the
+        commit the listing named (git then asks the remote for no ref list, one round trip less,
+        and the mirror gets exactly what was listed), or ``by_name`` after the remote refused
+        one of those (it moved since, and the old commit is gone)."""
         wanted = None if servers is None else {normalize_server_id(s) for s in servers}
         found: Dict[str, List[Tuple[str, str, str]]] = {}
         for ref, oid in view.state_tips.items():
@@ -434,8 +433,8 @@ class StateStore:
         specs = []
         for server in (sorted(found) if wanted is not None else _ranked(found, first, then)):
             for ref, local, oid in sorted(found[server]):
-                if self.local_tip(local) != oid and ref not in self._gone:
-                    by_oid = not self._by_name and _OID.fullmatch(oid)
+                if self.local_tip(local) != oid and ref not in gone:
+                    by_oid = not by_name and _OID.fullmatch(oid)
                     specs.append(f"+{oid if by_oid else ref}:{local}")
         return specs
 
@@ -447,20 +446,21 @@ class StateStore:
         Refs that vanished on the remote are dropped locally, so a deleted state is not read.
         """
         view = view or self.poll()
-        first, then = list(first), list(then)
-        self._fetch_states(lambda: self.refspecs_to_fetch(view, servers, first, then))
+        self._fetch_states(view, servers, list(first), list(then))
         self.drop_vanished(view, servers)
         if servers is None:
             self._unfetched = self.left_out = max(0, len(view.servers()) - MAX_STATE_SERVERS)
         return view
 
-    def _fetch_states(self, specs: Callable[[], List[str]], *options: str,
+    def _fetch_states(self, view: RemoteView, servers: Optional[Iterable[str]] = None,
+                      first: Sequence[str] = (), then: Sequence[str] = (), *,
                       started: Optional["subprocess.Popen[bytes]"] = None,
                       before: Optional[Mapping[str, str]] = None, locks_are_fatal: bool = True,
                       deadline: Optional[float] = None) -> None:
-        """``git fetch`` of the state refs that ``specs()`` names (asked again after a busy lock);
-        ``started``: the first attempt, already running (:meth:`mirror_fleet`), begun when the
-        mirrors were ``before``, waited for until ``deadline``.
+        """``git fetch`` of the state refs :meth:`refspecs_to_fetch` names for ``view`` (named
+        again for each attempt: after a busy lock, by name after a listed commit is refused,
+        without a ref deleted since the listing); ``started``: the first attempt, already running
+        (:meth:`mirror_fleet`), begun when the mirrors were ``before``, waited for until ``deadline``.
 
         Without negotiation: a state ref is a root commit holding one file, so there is nothing
         to negotiate, and git's negotiation never ends early for a root commit (the remote cannot
@@ -476,48 +476,46 @@ class StateStore:
         if before is None and not negotiates:
             before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
         busy_attempts = 0
-        try:
-            while True:
-                if started is not None:
-                    proc, started = self.clone.finish_network_git(started, deadline=deadline), None
-                else:
-                    wanted = specs()
-                    if not wanted:
-                        return
-                    config, args, refspecs = self._fetch_command(wanted, options)
-                    proc = self.clone.fetch_git(*args, config=config, input=refspecs)
-                if proc.returncode == 0:
-                    break
-                text = proc.stderr.decode("utf-8", "replace")
-                gone = set(_MISSING_REF.findall(text)) - self._gone
-                if gone and len(self._gone) < MAX_GONE_REFS:  # deleted since the listing: the rest
-                    self._gone |= gone
-                    continue
-                if not self._by_name and any(words in text.lower() for words in _GONE_COMMIT):
-                    self._by_name = True  # a listed commit gone from the remote: by name
-                    continue
-                busy = _local_lock_busy(text)
-                if busy and busy_attempts < LOCAL_LOCK_RETRIES:
-                    busy_attempts += 1
-                    sleep_jittered(0.05, 0.2)
-                    continue
-                if busy and not locks_are_fatal:
-                    log.warning("a state ref stays locked in this clone; it is read as last fetched: %s",
-                                _first_line(proc.stderr))
-                    break
-                error = LocalRefLocked if busy else RemoteUnavailable
-                raise error(["git", "fetch", "origin", "state refs"], proc.returncode, proc.stdout, proc.stderr)
-        finally:
-            self._by_name, self._gone = False, set()
+        by_name = False  # a listed commit was refused: by name from then on
+        gone: Set[str] = set()  # refs deleted since the listing, left out
+        while True:
+            if started is not None:
+                proc, started = self.clone.finish_network_git(started, deadline=deadline), None
+            else:
+                wanted = self.refspecs_to_fetch(view, servers, first, then, by_name=by_name, gone=gone)
+                if not wanted:
+                    return
+                config, args, refspecs = self._fetch_command(wanted)
+                proc = self.clone.fetch_git(*args, config=config, input=refspecs)
+            if proc.returncode == 0:
+                break
+            text = proc.stderr.decode("utf-8", "replace")
+            missing = set(_MISSING_REF.findall(text)) - gone
+            if missing and len(gone) < MAX_GONE_REFS:  # deleted since the listing: the rest
+                gone |= missing
+                continue
+            if not by_name and any(words in text.lower() for words in _GONE_COMMIT):
+                by_name = True
+                continue
+            busy = _local_lock_busy(text)
+            if busy and busy_attempts < LOCAL_LOCK_RETRIES:
+                busy_attempts += 1
+                sleep_jittered(0.05, 0.2)
+                continue
+            if busy and not locks_are_fatal:
+                log.warning("a state ref stays locked in this clone; it is read as last fetched: %s",
+                            _first_line(proc.stderr))
+                break
+            error = LocalRefLocked if busy else RemoteUnavailable
+            raise error(["git", "fetch", "origin", "state refs"], proc.returncode, proc.stdout, proc.stderr)
         if before is not None and not negotiates:
             self._check_roots(before)
 
-    def _fetch_command(self, wanted: Sequence[str],
-                       options: Sequence[str]) -> Tuple[Tuple[str, ...], List[str], Optional[bytes]]:
+    def _fetch_command(self, wanted: Sequence[str]) -> Tuple[Tuple[str, ...], List[str], Optional[bytes]]:
         """(git's ``-c`` options, ``fetch``'s arguments, its standard input) for a fetch of the
         state refs ``wanted``: beyond :data:`REFSPECS_IN_ARGV` of them, on standard input."""
         config = () if self.clone.setting_is_true(NEGOTIATE_KEY) else ("-c", "fetch.negotiationAlgorithm=noop")
-        args = ["--quiet", "--no-tags", "--no-write-fetch-head", *options, "origin"]
+        args = ["--quiet", "--no-tags", "--no-write-fetch-head", "origin"]
         if len(wanted) <= REFSPECS_IN_ARGV:
             return config, args + list(wanted), None
         return config, args[:-1] + ["--stdin", "origin"], "".join(spec + "\n" for spec in wanted).encode("ascii")
@@ -605,8 +603,8 @@ class StateStore:
         (``fleet_status.py``, ``inbox.py acks``) needs, busy or idle.
 
         The branch's fetch (:meth:`Clone.fetch`) runs beside a listing of the remote (the
-        ``ls-remote`` of :meth:`poll`) and, when a state ref moved, a fetch of those that did, by the commits
-        listed and without negotiation (:meth:`_fetch_states`: in one fetch with the branch, a
+        ``ls-remote`` of :meth:`poll`) and, when a state ref moved, a fetch of those that did,
+        by the commits listed and without negotiation (:meth:`_fetch_states`: in one fetch with the branch, a
         moved state ref kept git negotiating for four round trips). Never by pattern: a pattern
         would mirror every ref another member pushes under ``refs/fleet/`` (20,000 of them took
         80 MB of ref files in a clone), and where ref names are case-blind (``core.ignorecase``:
@@ -615,8 +613,8 @@ class StateStore:
         the fetched branch names, when some were left out. All three are processes of this one
         thread, waited for until one deadline, the network timeout from the start; whatever
         stops the look (Ctrl+C too) stops them and their helpers, retries included
-        (:func:`fleet_git.stop_git`). Returns the branch's tip,
-        ``None`` when the remote has no such branch (the state refs are fetched all the same).
+        (:func:`fleet_git.stop_git`). Returns the branch's tip, ``None`` when the remote has no
+        such branch (the state refs are fetched all the same).
         """
         first = list(first)
         before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
@@ -627,18 +625,14 @@ class StateStore:
             running.append(self.clone.start_branch_fetch())
             view = self._listed_view(self.clone.finish_network_git(running[0], deadline=deadline))
             held = [local.rsplit("/", 1)[-1] for local in before]
-
-            def specs() -> List[str]:
-                return self.refspecs_to_fetch(view, first=first, then=held)
-
-            wanted = specs()
+            wanted = self.refspecs_to_fetch(view, first=first, then=held)
             if wanted:
-                config, args, refspecs = self._fetch_command(wanted, ())
+                config, args, refspecs = self._fetch_command(wanted)
                 running.append(self.clone.start_fetch(*args, config=config, input=refspecs))
             tip = self.clone.fetch(allow_missing=True, started=running[1], deadline=deadline)
             if wanted:
-                self._fetch_states(specs, started=running[2], before=before, locks_are_fatal=False,
-                                   deadline=deadline)
+                self._fetch_states(view, None, first, held, started=running[2], before=before,
+                                   locks_are_fatal=False, deadline=deadline)
         except BaseException:
             for proc in running:
                 stop_git(proc)
@@ -663,7 +657,7 @@ class StateStore:
         if not wanted:
             return
         try:
-            self._fetch_states(lambda: self.refspecs_to_fetch(view, wanted), locks_are_fatal=False)
+            self._fetch_states(view, wanted, locks_are_fatal=False)
         except RemoteUnavailable as exc:
             log.warning("the state refs of the servers the fleet names could not be fetched; they are read "
                         "as last fetched: %s", exc)
@@ -751,7 +745,7 @@ class StateStore:
                     self._use_fallback(server)
                 continue
             if outcome == "refused":
-                raise StateRefError(f"the remote refused {remote_ref}")
+                raise StateRefRefused(f"the remote refused {remote_ref}")
             # Lease lost: another process of this server pushed first. Fetch it and merge.
             log.info("state ref %s moved meanwhile (lease lost); merging and pushing again", remote_ref,
                      extra={"metadata": {"ref": remote_ref}})

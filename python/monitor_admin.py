@@ -217,7 +217,7 @@ def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
     import datetime as _dt
 
     from fleet_report import DEFAULT_STALE_AFTER, presence_summary, short_age, stale_limit
-    from fleet_state import FALLBACK_PREFIX, LOCAL_FALLBACK_PREFIX, STOPPED, StateChange, StateRefError, StateStore
+    from fleet_state import FALLBACK_PREFIX, LOCAL_FALLBACK_PREFIX, STOPPED, StateChange, StateRefRefused, StateStore
 
     store = StateStore(clone)
     view = store.poll()
@@ -244,13 +244,11 @@ def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
     change = StateChange(retire=True, seen=state.presence_stamp())
     try:
         store.update(server, change, names=names)
-    except StateRefError as exc:
-        if "refused" not in str(exc):
-            raise
+    except StateRefRefused:
         if names[0] not in view.state_tips:  # no ref yet, on a host that refuses refs/fleet/*
             try:
                 store.update(server, change, names=(FALLBACK_PREFIX + server, LOCAL_FALLBACK_PREFIX + server))
-            except StateRefError:
+            except StateRefRefused:
                 raise SuiteError(f"the remote refuses both {names[0]} and {FALLBACK_PREFIX}{server}: "
                                  f"{server} cannot be retired on this host") from None
         else:
@@ -268,12 +266,12 @@ def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
 def _heartbeat_age(clone: Clone, tip: Optional[str], server: str, now: Any) -> Optional[float]:
     """Seconds since an older tool's ``<server>/heartbeat.json`` at ``tip`` (``None``: none, or
     unreadable)."""
-    from fleet_common import BadInput, load_json_bounded, parse_timestamp
+    from fleet_common import load_json_bounded, parse_timestamp
 
     try:
         raw = clone.read_file(tip, f"{server}/heartbeat.json", MAX_HEARTBEAT_BYTES)[1] if tip else None
         doc = load_json_bounded(raw, what="a heartbeat", max_bytes=MAX_HEARTBEAT_BYTES) if raw else None
-    except (BadInput, SuiteError):
+    except SuiteError:  # (bad input too)
         return None
     moment = parse_timestamp(doc.get("timestamp")) if isinstance(doc, dict) else None
     return None if moment is None else max(0.0, (now - moment).total_seconds())

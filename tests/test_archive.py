@@ -234,6 +234,16 @@ def test_mail_waits_for_no_retired_server_and_its_archived_copy_says_who_read_it
     assert "read_by" not in by_subject["m2"]
 
 
+def _push_fallback_state(fleet: Fleet, server: str, doc: dict) -> None:
+    """Push a ``state.json`` holding ``doc`` to ``fleet-state/<server>``, as any member can."""
+    raw = json.dumps({"version": 1, "server": server, "read": [], "acks": [], **doc}).encode()
+    evil = fleet.clones.get("evil") or fleet.clone("evil")
+    blob = git(evil, "hash-object", "-w", "--stdin", input=raw).strip()
+    tree = git(evil, "mktree", input=f"100644 blob {blob}\tstate.json\n".encode()).strip()
+    commit = git(evil, "commit-tree", tree, "-m", f"{server}: state").strip()
+    git(evil, "push", "-q", "origin", f"{commit}:refs/heads/fleet-state/{server}")
+
+
 def test_a_retirement_forged_under_a_servers_other_ref_name_moves_none_of_its_mail(tmp_path):
     """Any member can push a ``fleet-state/<server>`` branch: a record there, beside a presence
     stamped far ahead, does not retire a server that publishes presence under its own ref."""
@@ -241,14 +251,9 @@ def test_a_retirement_forged_under_a_servers_other_ref_name_moves_none_of_its_ma
 
     fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [msg(1, 40, to="code2")]}, indent=2).encode())
     StateStore(Clone(fleet.clone("code2"))).update("code2", StateChange(presence={"timestamp": ts(0.01)}))
-    forged = json.dumps({"version": 1, "server": "code2", "read": [], "acks": [],
-                         "presence": {"timestamp": "9999-12-31T23:59:59Z", "activity": "stopped"},
-                         "retired": {"at": ts(0), "presence": "9999-12-31T23:59:59Z"}}).encode()
-    evil = fleet.clone("evil")
-    blob = git(evil, "hash-object", "-w", "--stdin", input=forged).strip()
-    tree = git(evil, "mktree", input=f"100644 blob {blob}\tstate.json\n".encode()).strip()
-    commit = git(evil, "commit-tree", tree, "-m", "code2: state").strip()
-    git(evil, "push", "-q", "origin", f"{commit}:refs/heads/fleet-state/code2")
+    _push_fallback_state(fleet, "code2", {
+        "presence": {"timestamp": "9999-12-31T23:59:59Z", "activity": "stopped"},
+        "retired": {"at": ts(0), "presence": "9999-12-31T23:59:59Z"}})
     assert archive_mailbox(Clone(fleet.clone("build1")), "build1", 30)["archived"] == 0
     assert [m["subject"] for m in fleet.remote_messages()] == ["m1"]
     # Nor can that forged "stopped" presence get a live server retired: each name is judged.
@@ -264,13 +269,8 @@ def test_a_server_whose_clock_runs_fast_is_not_retired_by_an_old_record_under_it
     fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [msg(1, 40, to="code2")]}, indent=2).encode())
     ahead = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
     StateStore(Clone(fleet.clone("code2"))).update("code2", StateChange(presence={"timestamp": ahead}))
-    old = json.dumps({"version": 1, "server": "code2", "read": [], "acks": [],
-                      "presence": {"timestamp": ts(2)}, "retired": {"at": ts(1.9), "presence": ts(2)}}).encode()
-    evil = fleet.clone("evil")
-    blob = git(evil, "hash-object", "-w", "--stdin", input=old).strip()
-    tree = git(evil, "mktree", input=f"100644 blob {blob}\tstate.json\n".encode()).strip()
-    commit = git(evil, "commit-tree", tree, "-m", "code2: state").strip()
-    git(evil, "push", "-q", "origin", f"{commit}:refs/heads/fleet-state/code2")
+    _push_fallback_state(fleet, "code2", {"presence": {"timestamp": ts(2)},
+                                          "retired": {"at": ts(1.9), "presence": ts(2)}})
     assert archive_mailbox(Clone(fleet.clone("build1")), "build1", 30)["archived"] == 0
     proc = run_script("message_monitor.py", "--repo", str(fleet.clones["build1"]), "--server", "code2", "--retire")
     assert proc.returncode == 2 and "code2 looks live" in proc.stderr, proc.stderr
