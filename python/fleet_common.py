@@ -202,9 +202,35 @@ def default_server_id() -> str:
     return os.environ.get("SERVER_ID") or DEFAULT_SERVER
 
 
+# Names Windows keeps for devices, with or without an extension ("con", "nul.txt"): a folder of
+# that name cannot be created there.
+_WINDOWS_DEVICE_RE: Final = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\.|$)")
+
+
+def check_own_server_id(value: object, *, windows: bool = os.name == "nt") -> str:
+    """A server id this process may act as (:func:`normalize_server_id`, then stricter).
+
+    Acting as a server names a git ref (``refs/fleet/<id>``, PROTOCOL.md) and a folder
+    (``<id>/logs``); some ids the pattern allows can name neither. Git refuses a ref name whose
+    part ends with ``.`` or ``.lock`` or holds ``..``, so such a server could never publish its
+    presence nor mark mail read; on Windows a device name (``con``, ``aux``, ``nul.x``) is no
+    folder, and ``build1.`` would share ``build1``'s. Those are refused here, once, with the
+    reason; mail to or from them (older tools) is still read and sent as before.
+    """
+    canon = normalize_server_id(value)
+    if canon.endswith(".") or canon.endswith(".lock") or ".." in canon:
+        raise UsageError(f"server id {canon!r} cannot name this server: git refuses the ref "
+                         f"refs/fleet/{canon} (an id may not end with '.' or '.lock' nor hold '..')")
+    if windows and _WINDOWS_DEVICE_RE.match(canon):
+        raise UsageError(f"server id {canon!r} cannot name this server on Windows: "
+                         f"{canon.split('.')[0]!r} is a device name there, not a folder")
+    return canon
+
+
 def resolve_server_id(server_id: Optional[str]) -> str:
-    """The server id to use: the argument, else ``SERVER_ID``, else ``code2`` (validated)."""
-    return normalize_server_id(server_id if server_id is not None else default_server_id())
+    """The server id to act as: the argument, else ``SERVER_ID``, else ``code2``
+    (:func:`check_own_server_id`)."""
+    return check_own_server_id(server_id if server_id is not None else default_server_id())
 
 
 def default_interval() -> float:

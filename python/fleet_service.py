@@ -44,7 +44,7 @@ import time
 from pathlib import Path, PurePosixPath
 
 import fleet_common
-from fleet_common import SuiteError, UsageError, iso_utc, normalize_server_id, one_line
+from fleet_common import SuiteError, UsageError, check_own_server_id, iso_utc, one_line
 from fleet_git import LOCAL_TIMEOUT, NETWORK_TIMEOUT
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
@@ -350,7 +350,7 @@ class InstanceLock:
     def __init__(self, repo: Union[str, os.PathLike[str]], server_id: str,
                  timeout: float = 0.0) -> None:
         self.repo = Path(repo)
-        self.server_id = normalize_server_id(server_id)
+        self.server_id = check_own_server_id(server_id)
         self.timeout = timeout
         self._lock: Any = None
 
@@ -487,7 +487,7 @@ def deliver_command(repo: Union[str, os.PathLike[str]], server_id: str) -> str:
     """The command that delivers a clone's retry queue once: one cycle of its monitor."""
     script = Path(__file__).resolve().parent / "message_monitor.py"
     return command_line([sys.executable, str(script), "--once", "--repo", str(repo),
-                         "--server", normalize_server_id(server_id)])
+                         "--server", check_own_server_id(server_id)])
 
 
 # --------------------------------------------------------------------------- service definitions
@@ -541,7 +541,7 @@ def render_systemd_unit(*, python: str, script: str, repo: str, server: str, int
                         watchdog_sec: int = WATCHDOG_SEC_DEFAULT,
                         extra_args: Sequence[str] = ()) -> str:
     """A ``.service`` unit for ``/etc/systemd/system/`` running the monitor under a watchdog."""
-    server_id = normalize_server_id(server)
+    server_id = check_own_server_id(server)
     _require_absolute(python, "python")
     _require_absolute(script, "script")
     _require_absolute(repo, "repo")
@@ -608,7 +608,7 @@ def _ps_quote(value: str) -> str:
 def render_task_scheduler(*, python: str, script: str, repo: str, server: str, interval: float,
                           task_name: str = TASK_NAME_DEFAULT, extra_args: Sequence[str] = ()) -> str:
     """A PowerShell script (run as Administrator) that registers and starts a Scheduled Task."""
-    server_id = normalize_server_id(server)
+    server_id = check_own_server_id(server, windows=True)
     if not task_name.strip():
         raise UsageError("task name must not be empty")
     for arg in extra_args:

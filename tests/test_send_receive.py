@@ -314,6 +314,39 @@ def test_init_creates_a_fleet_and_adds_a_mailbox_to_a_clone(tmp_path):
     assert git(origin, "show", "main:src.txt") == "x"
 
 
+@pytest.mark.parametrize("odd", ["build1.", "a..b", "x.lock"])
+def test_an_id_git_cannot_name_a_ref_for_is_refused_as_ones_own_but_its_mail_still_flows(fleet, odd):
+    # The pattern allows these ids, but git refuses refs/fleet/<id>: acting as one, a server
+    # could never publish presence nor mark mail read (every read failed with git's own error).
+    c2 = fleet.clone("code2")
+    before = sorted(p.name for p in c2.iterdir())
+    for argv in (("message_monitor.py", "--server", odd, "--once"), ("inbox.py", "--server", odd),
+                 ("send_message.py", "hi", "--from", odd), ("message_monitor.py", "--server", odd, "--retire")):
+        proc = run_script(*argv, "--repo", str(c2))
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "cannot name this server" in proc.stderr
+    assert sorted(p.name for p in c2.iterdir()) == before
+    # An older tool's server may carry such an id: mail to it is sent, and the fleet sees it.
+    assert run_script("send_message.py", "hi", "--to", odd, "--from", "code2", "--repo", str(c2)).returncode == 0
+    status = run_script("fleet_status.py", "--repo", str(c2), "--json")
+    assert odd in [row["id"] for row in json.loads(status.stdout)["servers"]]
+
+
+def test_windows_device_names_cannot_name_a_server_there():
+    from fleet_common import UsageError, check_own_server_id
+    from fleet_service import render_task_scheduler
+
+    for name in ("con", "nul.build", "com1", "lpt9", "aux"):
+        with pytest.raises(UsageError, match="device name"):
+            check_own_server_id(name, windows=True)
+        assert check_own_server_id(name, windows=False) == name  # a Linux server may be "aux"
+        with pytest.raises(UsageError, match="device name"):
+            render_task_scheduler(python="C:/Python/python.exe", script="C:/fleet/python/message_monitor.py",
+                                  repo="C:/Build", server=name, interval=10)
+    for name in ("console", "com10", "build-con", "nullbuild"):
+        assert check_own_server_id(name, windows=True) == name
+
+
 def test_author_falls_back_to_the_server_id(fleet, monkeypatch):
     for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
         monkeypatch.delenv(key)
