@@ -43,6 +43,9 @@ MAILBOX_PATH: Final = "coordination/messages.json"  # defined here only; fleet_g
 # Bounds on a mailbox (or archive file) another member wrote (PROTOCOL.md "Trust between
 # servers"): a busy fleet's hot mailbox is a few megabytes; a text beyond these is corrupt.
 MAX_MAILBOX_BYTES: Final = 128 * 1024 * 1024  # a never-archived 100,000-message mailbox is ~72 MB
+# One message as JSON (ASCII-escaped, as the mailbox holds it): every send and every cycle of every
+# server pays for the hot mailbox's size, and a log belongs in a file the message names.
+MAX_MESSAGE_BYTES: Final = 1024 * 1024
 
 
 class MailboxCorrupt(SuiteError):
@@ -54,6 +57,19 @@ class MailboxCorrupt(SuiteError):
         self.reason = reason
         hint = "run message_monitor.py --repair" if path == MAILBOX_PATH else "nothing was written"
         super().__init__(f"{path} on the remote does not parse ({reason}); {hint}")
+
+
+class MailboxFull(SuiteError):
+    """A change would write a mailbox (or archive file) larger than every reader reads
+    (:data:`MAX_MAILBOX_BYTES`): nothing was written. Pushed, it would stop every server at once
+    and leave nothing ``--repair`` could rebuild whole."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        super().__init__(f"{path} would grow to {size} bytes, more than the {MAX_MAILBOX_BYTES} every "
+                         "reader reads; nothing was written (message_monitor.py --archive-days moves "
+                         "old mail out of the mailbox)")
 
 
 class MailboxTooLarge(MailboxCorrupt):
@@ -690,8 +706,16 @@ class Mailbox:
     def change(self, plan: Callable[[Optional[str]], Plan], *, author: str, fresh_for: float = 0.0,
                create_branch: bool = False) -> Any:
         """Run ``plan(tip) -> (path -> content, commit message) | None`` as one transaction
-        (the only place the mailbox's writers reach ``Clone.transact``)."""
-        return self.clone.transact(plan, author=author, fresh_for=fresh_for, create_branch=create_branch)
+        (the only place the mailbox's writers reach ``Clone.transact``). A file larger than every
+        reader reads is never written (:class:`MailboxFull`)."""
+        def bounded(tip: Optional[str]) -> Plan:
+            planned = plan(tip)
+            for path, data in (planned[0].items() if planned is not None else ()):
+                if data is not None and len(data) > MAX_MAILBOX_BYTES:
+                    raise MailboxFull(path, len(data))
+            return planned
+
+        return self.clone.transact(bounded, author=author, fresh_for=fresh_for, create_branch=create_branch)
 
     def deliver(self, msg: Dict[str, Any], *, fresh_for: float) -> Any:
         """Append ``msg``; idempotent on (id, from): a message already there changes nothing."""

@@ -7,6 +7,7 @@ documentation (usage, exit codes, what is read); this module is what it runs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -37,10 +38,12 @@ from fleet_git import (
     RemoteUnavailable,
 )
 from fleet_mailbox import (
+    MAX_MESSAGE_BYTES,
     MESSAGE_TYPES,
     PRIORITIES,
     Mailbox,
     MailboxCorrupt,
+    MailboxFull,
     commit_subject,  # noqa: F401 - importable from here, as before
     new_message_id,
     reply_subject,
@@ -138,6 +141,10 @@ def build_message(body: str, subject: Optional[str], to: Union[str, Sequence[str
     if extra:
         for key, value in extra.items():
             msg.setdefault(key, value)
+    size = len(json.dumps(msg, ensure_ascii=True))
+    if size > MAX_MESSAGE_BYTES:
+        raise UsageError(f"the message is {size} bytes as JSON, more than the {MAX_MESSAGE_BYTES} a message "
+                         "may be; put the text in a file and send its path")
     return msg
 
 
@@ -230,6 +237,13 @@ def deliver_or_queue(clone: Clone, msg: Dict[str, Any], *, queue: bool = True) -
                 return SendResult(False, "failed", msg, str(exc))
             return _queue(clone, msg, "the remote mailbox does not parse and needs "
                                       "message_monitor.py --repair")
+        except MailboxFull as exc:  # until an archive pass makes room
+            if not queue:
+                return SendResult(False, "failed", msg, str(exc))
+            return _queue(clone, msg, str(exc))
+        except OSError as exc:  # this machine could not write (a full disk): the queue says whether it can
+            reason = f"this clone could not be written: {exc}"
+            return _queue(clone, msg, reason) if queue else SendResult(False, "failed", msg, reason)
         except PushRejected as exc:  # lost every race for a minute: the monitor tries later
             if not queue:
                 return SendResult(False, "failed", msg, f"lost every push race: {exc.reason}")

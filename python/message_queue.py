@@ -318,13 +318,14 @@ class MessageQueue:
         return self._mutate(change)
 
     def increment_attempts(
-        self, message_id: str, error: str = "", sender: Optional[str] = None,
+        self, message_id: str, error: str = "", sender: Optional[str] = None, *, final: bool = False,
     ) -> QueueEntry:
         """Record a failed delivery attempt and return the updated entry.
 
         Schedules the next attempt ``backoff_delay(attempts)`` seconds from now; at
-        ``max_attempts`` the entry turns ``dead`` and one ERROR is logged. An entry that is not
-        pending is returned unchanged. Raises :class:`UnknownEntry` when there is no such entry.
+        ``max_attempts`` (at once with ``final``: the entry can never be delivered) the entry
+        turns ``dead``, kept, and one ERROR is logged. An entry that is not pending is returned
+        unchanged. Raises :class:`UnknownEntry` when there is no such entry.
         """
         now = self.clock()
 
@@ -338,7 +339,7 @@ class MessageQueue:
             entry["last_error"] = error or None
             entry["last_attempt_at"] = iso_from_epoch(now, fraction=True)
             entry["next_attempt_at"] = now + backoff_delay(attempts, self.max_backoff)
-            died = attempts >= self.max_attempts
+            died = final or attempts >= self.max_attempts
             if died:
                 entry["status"] = DEAD
             return dict(entry), died
@@ -456,7 +457,11 @@ class MessageQueue:
             before = dump_json_bytes(data)
             result = change(data["items"])
             self._prune_sent(data["items"])
-            if dump_json_bytes(data) != before:
+            after = dump_json_bytes(data)
+            if after != before:
+                if len(after) > MAX_STATE_BYTES:  # a queue this program could not read back
+                    raise SuiteError(f"the retry queue would grow to {len(after)} bytes, more than the "
+                                     f"{MAX_STATE_BYTES} it reads back; it was left as it was")
                 data["server"] = self.server_id
                 atomic_write_json(self.path, data)
         return result

@@ -24,6 +24,7 @@ from fleet_common import (
     BadInput,
     RuntimePaths,
     UsageError,
+    is_valid_server_id,
     iso_from_epoch,
     iso_utc,
     normalize_server_id,
@@ -38,8 +39,10 @@ from fleet_git import (
     run_git,
 )
 from fleet_mailbox import (
+    MAX_MESSAGE_BYTES,
     Mailbox,
     MailboxCorrupt,
+    MailboxFull,
     entry_problem,
     is_addressed_to,
     is_handled_by,
@@ -190,6 +193,29 @@ def _split_keywords(options: Optional[MonitorOptions], parts: Optional[MonitorPa
     parts = dataclasses.replace(parts or MonitorParts(),
                                 **{k: v for k, v in keywords.items() if k in part_names})
     return options, parts
+
+
+def queued_problem(entry: Dict[str, Any]) -> Optional[str]:
+    """Why a queue entry's message can never be delivered (a queue file edited by hand, or one
+    that came with the shared branch), or ``None``: it must be a valid message, from the sender
+    and with the id its entry names, and no larger than a send may make one."""
+    import json
+
+    msg = entry.get("message")
+    problem = entry_problem(msg)
+    if problem is not None:
+        return f"its message {problem}"
+    if msg["id"] != entry["id"] or msg["from"].strip().lower() != str(entry.get("from", msg["from"])).strip().lower():
+        return "its message's id or sender is not the entry's"
+    if not is_valid_server_id(msg["from"].strip().lower()):
+        return "its sender is no valid server id"
+    try:
+        size = len(json.dumps(msg, ensure_ascii=True))
+    except (TypeError, ValueError):
+        return "its message is no JSON"
+    if size > MAX_MESSAGE_BYTES:
+        return f"its message is {size} bytes as JSON, more than the {MAX_MESSAGE_BYTES} a message may be"
+    return None
 
 
 def reply_message(fields: Dict[str, Any], sender: str) -> Dict[str, Any]:
@@ -636,14 +662,28 @@ class Monitor(PeriodicDuties):
     def _queues(self) -> List[Any]:
         """This server's retry queue first, then any other server's queue in this clone: a
         person may send ``--from`` another id through this clone, and nothing else would ever
-        deliver that queue (delivery is idempotent, so two monitors sharing one is harmless)."""
-        from fleet_common import is_valid_server_id
+        deliver that queue (delivery is idempotent, so two monitors sharing one is harmless).
+        A queue file git tracks came with the shared branch, not from a send here: it is skipped
+        (with a warning), never delivered as if this clone had queued it."""
         from message_queue import MessageQueue
 
         queues = [self.queue]
+        others = {}
         for path in sorted(self.repo.glob("*/queue/message_queue.json")):
             name = path.parent.parent.name
             if name != self.server and is_valid_server_id(name) and name == name.lower():
+                others[f"{name}/queue/message_queue.json"] = name
+        if others:
+            listed = run_git(self.repo, "ls-files", "-z", "--", *sorted(others), check=False)
+            tracked = set(listed.stdout.decode("utf-8", "surrogateescape").split("\0")) if listed.returncode == 0 \
+                else set(others)  # unknown: deliver nothing that may be the branch's
+            for path, name in others.items():
+                if path in tracked:
+                    if path not in self.warned_entries:
+                        self.warned_entries.add(path)
+                        log.warning("%s is tracked by git (it came with the shared branch); its messages "
+                                    "are not delivered from this clone", path, extra={"metadata": {"path": path}})
+                    continue
                 queues.append(self._other_queues.setdefault(name, MessageQueue(str(self.repo), name)))
         return queues
 
@@ -655,13 +695,19 @@ class Monitor(PeriodicDuties):
             for entry in queue.get_due():
                 if self.stop_event.is_set() and not self.one_shot:
                     return
-                msg = entry.get("message") or {}
+                msg = entry.get("message")
                 sender = entry.get("from")
+                problem = queued_problem(entry)
+                if problem is not None:  # a hand-edited or foreign file: kept, never retried
+                    queue.increment_attempts(entry["id"], f"cannot be delivered: {problem}", sender=sender,
+                                             final=True)
+                    self.metrics.increment("errors")
+                    continue
                 try:
                     tx = self._timed("send", lambda m=msg: self.mailbox.deliver(m, fresh_for=self.interval))
                 except MailboxCorrupt:
                     return
-                except (RemoteUnavailable, GitError) as exc:
+                except (RemoteUnavailable, GitError, MailboxFull) as exc:
                     updated = queue.increment_attempts(entry["id"], str(exc), sender=sender)
                     log.warning("queued message %s not delivered (attempt %s): %s", entry["id"],
                                 updated.get("attempts"), exc, extra={"metadata": {"id": entry["id"]}})

@@ -437,3 +437,15 @@ def test_queue_folder_stays_out_of_git(fleet):
     clone = fleet.clone("code2")
     MessageQueue(clone, "code2").enqueue(message(1))
     assert git(clone, "status", "--porcelain", "--untracked-files=all") == ""
+
+
+def test_a_queue_that_would_outgrow_what_it_reads_back_is_left_as_it_was(tmp_path, monkeypatch):
+    import message_queue
+
+    q = MessageQueue(tmp_path, "code2")
+    q.enqueue(message(1))
+    before = q.path.read_bytes()
+    monkeypatch.setattr(message_queue, "MAX_STATE_BYTES", len(before) + 50)
+    with pytest.raises(SuiteError, match="reads back"):
+        q.enqueue(message(2))
+    assert q.path.read_bytes() == before

@@ -313,6 +313,45 @@ def test_a_send_queued_from_another_server_id_is_delivered_by_this_clones_monito
     assert MessageQueue(str(c2), "build1").stats()["pending"] == 0
 
 
+def test_a_queue_entry_that_is_no_message_dies_alone_and_the_rest_is_delivered(fleet):
+    c2 = fleet.clone("code2")
+    good = {"id": "msg_1762250000_900d", "from": "code2", "to": "build1", "subject": "behind it",
+            "body": "still goes", "type": "info", "priority": "normal",
+            "timestamp": "2025-11-04T10:00:00Z", "read": False, "ack_required": False}
+    queue = MessageQueue(str(c2), "code2")
+    queue.enqueue(good)
+    doc = json.loads(queue.path.read_text(encoding="utf-8"))
+    pending = dict(doc["items"][0], status="pending", attempts=0, next_attempt_at=0)
+    doc["items"][:0] = [dict(pending, id="bad1", message="oops"),  # hand-edited: no message at all
+                        dict(pending, id="bad2", message={"id": "bad2", "to": "build1"}),  # no sender
+                        dict(pending, id="msg_1762250000_f0f0", from_="x",
+                             message=dict(good, id="msg_1762250000_f0f0", **{"from": "build1"}))]
+    queue.path.write_text(json.dumps(doc), encoding="utf-8")
+    proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--once", "--no-auto-reply")
+    assert proc.returncode == 0, proc.stderr
+    assert bodies(fleet) == ["still goes"]
+    dead = {e["id"]: e["last_error"] for e in MessageQueue(str(c2), "code2").get_dead()}
+    assert sorted(dead) == ["bad1", "bad2", "msg_1762250000_f0f0"]
+    assert "cannot be delivered" in dead["bad1"] and "not the entry's" in dead["msg_1762250000_f0f0"]
+
+
+def test_a_queue_file_that_came_with_the_shared_branch_is_not_delivered(fleet):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    forged = {"id": "msg_1762250000_0bad", "from": "ghost", "to": "all", "subject": "forged",
+              "body": "delivered by whoever pulls", "type": "info", "priority": "normal",
+              "timestamp": "2025-11-04T10:00:00Z", "read": False, "ack_required": False}
+    MessageQueue(str(b1), "ghost").enqueue(forged)
+    git(b1, "add", "-f", "ghost/queue/message_queue.json")
+    git(b1, "commit", "-qm", "a queue file, committed", "--no-gpg-sign")
+    git(b1, "push", "-q", "origin", "main")
+    git(c2, "pull", "-q", "--ff-only", "origin", "main")  # a person's pull brings it into the clone
+    proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--once", "--no-auto-reply")
+    assert proc.returncode == 0, proc.stderr
+    assert "forged" not in [m.get("subject") for m in fleet.remote_messages()]
+    assert "ghost/queue/message_queue.json is tracked by git" in proc.stderr
+    assert git(c2, "status", "--porcelain") == ""  # the tracked file is left as the branch has it
+
+
 def test_writes_resume_when_a_corrupt_mailbox_is_reverted(fleet):
     b1, c2 = fleet.clone("build1"), fleet.clone("code2")
     mon = Monitor(Clone(c2), "code2", 1, auto_reply=False)

@@ -347,6 +347,53 @@ def test_windows_device_names_cannot_name_a_server_there():
         assert check_own_server_id(name, windows=True) == name
 
 
+def test_a_message_larger_than_a_message_may_be_is_refused_before_anything(fleet):
+    c2 = fleet.clone("code2")
+    before = fleet.remote_commits()
+    big = "\u00e9" * 200_000  # 1.2 MB as the mailbox holds it (each one a 6-byte escape)
+    proc = run_script("send_message.py", "-", "--to", "build1", "--from", "code2", "--repo", str(c2), input=big)
+    assert proc.returncode == 2 and "more than the 1048576 a message may be" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert fleet.remote_commits() == before and not (c2 / "code2" / "queue").exists()
+
+
+def test_a_send_that_would_grow_the_mailbox_past_what_readers_read_writes_nothing(fleet, monkeypatch):
+    # Pushed, such a mailbox stopped every server at once, and --repair refused to rebuild it.
+    import fleet_mailbox
+
+    c2 = fleet.clone("code2")
+    assert send_message("fits", to="build1", from_sender="code2", build_repo_path=str(c2))
+    size = len(git(fleet.origin, "cat-file", "blob", "main:coordination/messages.json").encode())
+    monkeypatch.setattr(fleet_mailbox, "MAX_MAILBOX_BYTES", size + 100)
+    before = fleet.remote_commits()
+    result = send_message("x" * 500, to="build1", from_sender="code2", build_repo_path=str(c2), queue=False)
+    assert result.status == "failed" and "more than the" in result.reason and "--archive-days" in result.reason
+    assert fleet.remote_commits() == before
+    queued = send_message("x" * 500, to="build1", from_sender="code2", build_repo_path=str(c2))
+    assert queued.status == "queued"  # kept for the monitor, which delivers once an archive made room
+    assert [m["body"] for m in fleet.remote_messages()] == ["fits"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a file size limit (RLIMIT_FSIZE) stands for a full disk")
+def test_a_send_on_a_full_disk_prints_the_message_it_could_neither_send_nor_queue(fleet):
+    import resource
+    import signal
+
+    c2 = fleet.clone("code2")
+    before = fleet.remote_commits()
+
+    def full_disk() -> None:  # every write past 200 bytes fails with EFBIG, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    proc = run_script("send_message.py", "kept on stderr " + "x" * 400, "--to", "build1", "--from", "code2",
+                      "--repo", str(c2), preexec_fn=full_disk)
+    assert proc.returncode == 1, proc.stderr
+    printed = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert [m["body"][:14] for m in printed] == ["kept on stderr"]
+    assert fleet.remote_commits() == before
+
+
 def test_author_falls_back_to_the_server_id(fleet, monkeypatch):
     for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
         monkeypatch.delenv(key)
