@@ -24,9 +24,11 @@ import logging
 import re
 
 from fleet_common import SuiteError, is_valid_server_id, utc_now
+from fleet_git import NotAFile
 from fleet_mailbox import (
     MAILBOX_PATH,
     Mailbox,
+    MailboxCorrupt,
     entry_problem,
     find_message,
     is_handled_by,
@@ -237,7 +239,7 @@ def archive_mailbox(clone: Any, server: str, days: float,
     default read from every server's state ref. Each archived message carries the receipts in
     ``read_by`` / ``acknowledged_by``, so no receipt is lost when a state ref drops it.
     """
-    result: Dict[str, Any] = {"archived": 0, "files": []}
+    result: Dict[str, Any] = {"archived": 0, "files": [], "skipped": []}
     if states is None:
         states = state_receipts(clone)
     receipts, acked, retired = states.read, states.acked, states.retired
@@ -254,9 +256,19 @@ def archive_mailbox(clone: Any, server: str, days: float,
         files: Dict[str, Optional[bytes]] = {}
         moved = 0
         kept: Set[int] = set()  # entries planned to move that must stay after all
+        result["skipped"] = []
         for path, msgs in sorted(moves.items()):
-            a_blob, a_raw = mailbox.read_raw(tip, path)
-            archive = parse_document(a_raw, a_blob, path=path)  # a corrupt archive file stops the pass
+            try:
+                a_blob, a_raw = mailbox.read_raw(tip, path)
+                archive = parse_document(a_raw, a_blob, path=path)
+            except (MailboxCorrupt, NotAFile) as exc:
+                # Another member's file that cannot be read (or a link): that month's mail stays
+                # in the hot mailbox, where nothing is lost; every other month moves as usual.
+                kept.update(id(msg) for msg in msgs)
+                result["skipped"].append(path)
+                log.warning("%s cannot be read (%s); its month's mail stays in the mailbox", path,
+                            getattr(exc, "reason", exc), extra={"metadata": {"path": path}})
+                continue
             present = {message_key(m): m for m in archive["messages"] if isinstance(m, dict)}
             for msg in msgs:
                 there = present.get(message_key(msg))
@@ -274,7 +286,7 @@ def archive_mailbox(clone: Any, server: str, days: float,
         keep = {id(e) for e in stay} | kept
         data["messages"] = [e for e in original if id(e) in keep]
         files[MAILBOX_PATH] = serialize(data)
-        result.update(archived=moved, files=sorted(moves))
+        result.update(archived=moved, files=sorted(set(moves) - set(result["skipped"])))
         return files, f"{server}: archive {moved} messages older than {days:g} days"
 
     tx = mailbox.change(change, author=server)
@@ -283,6 +295,9 @@ def archive_mailbox(clone: Any, server: str, days: float,
         result.update(archived=0, files=[])
     result["summary"] = (f"archived {result['archived']} messages into {', '.join(result['files'])}"
                          if result["archived"] else "nothing to archive")
+    if result["skipped"]:
+        result["summary"] += (f"; {', '.join(result['skipped'])} cannot be read, so that month's mail "
+                              "stays in the mailbox")
     return result
 
 
@@ -317,7 +332,11 @@ def prunable_keys(clone: Any, tip: Optional[str], server: str, read: Iterable[Me
     candidates -= hot
     done: List[MessageKey] = []
     for path in archive_files(clone, tip) if candidates else ():
-        for _, msg in valid_messages(mailbox.read(tip, path)[1], warn=False):
+        try:
+            archived = mailbox.read(tip, path)[1]
+        except (MailboxCorrupt, NotAFile):
+            continue  # receipts of that month stay in the state ref (the pass said why)
+        for _, msg in valid_messages(archived, warn=False):
             key = message_key(msg)
             if key not in candidates or not has_read(msg, server):
                 continue
@@ -327,6 +346,20 @@ def prunable_keys(clone: Any, tip: Optional[str], server: str, read: Iterable[Me
             done.append(key)
             candidates.discard(key)
     return done
+
+
+def is_archived(clone: Any, tip: Optional[str], msg: Mapping[str, Any]) -> bool:
+    """Whether the archive file of ``msg``'s month holds it (one file read; an unreadable file
+    holds nothing): a queued retry of a message that landed long ago must not bring it back."""
+    when = message_time(msg)
+    if when is None or tip is None:
+        return False
+    try:
+        _, data = Mailbox(clone).read(tip, archive_path(when))
+    except (MailboxCorrupt, NotAFile):
+        return False
+    key = message_key(msg)
+    return any(message_key(m) == key for _, m in valid_messages(data, warn=False))
 
 
 def archive_files(clone: Any, tip: Optional[str]) -> List[str]:
@@ -339,8 +372,6 @@ def archive_files(clone: Any, tip: Optional[str]) -> List[str]:
 def find_anywhere(clone: Any, tip: Optional[str], msg_id: str,
                   sender: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """A message by id in the mailbox, else in the archive (the id's month first)."""
-    from fleet_mailbox import MailboxCorrupt
-
     mailbox = Mailbox(clone)
 
     def search(path: str) -> Optional[Dict[str, Any]]:

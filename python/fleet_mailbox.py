@@ -717,14 +717,16 @@ class Mailbox:
 
         return self.clone.transact(bounded, author=author, fresh_for=fresh_for, create_branch=create_branch)
 
-    def deliver(self, msg: Dict[str, Any], *, fresh_for: float) -> Any:
-        """Append ``msg``; idempotent on (id, from): a message already there changes nothing."""
+    def deliver(self, msg: Dict[str, Any], *, fresh_for: float,
+                elsewhere: Optional[Callable[[Optional[str]], bool]] = None) -> Any:
+        """Append ``msg``; idempotent on (id, from): a message already there changes nothing, nor
+        does one that ``elsewhere(tip)`` finds (a queued retry: the archive may hold it by now)."""
         key = message_key(msg)
 
         def plan(tip: Optional[str]) -> Plan:
             blob, raw = self.read_raw(tip)
             new_raw = append_to_blob(raw, blob, msg, key, self.cache)
-            if new_raw is None:
+            if new_raw is None or (elsewhere is not None and elsewhere(tip)):
                 return None  # already delivered (an earlier push landed, its answer was lost)
             return {MAILBOX_PATH: new_raw}, commit_subject(msg)
 

@@ -11,6 +11,7 @@ Library code: it logs and returns, never prints or exits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -703,8 +704,12 @@ class Monitor(PeriodicDuties):
                                              final=True)
                     self.metrics.increment("errors")
                     continue
+                from fleet_archive import is_archived  # (only when something is queued)
+
+                archived = functools.partial(is_archived, self.clone, msg=msg)
                 try:
-                    tx = self._timed("send", lambda m=msg: self.mailbox.deliver(m, fresh_for=self.interval))
+                    tx = self._timed("send", lambda m=msg, a=archived: self.mailbox.deliver(
+                        m, fresh_for=self.interval, elsewhere=a))
                 except MailboxCorrupt:
                     return
                 except (RemoteUnavailable, GitError, MailboxFull) as exc:

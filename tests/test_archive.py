@@ -274,3 +274,48 @@ def test_a_server_whose_clock_runs_fast_is_not_retired_by_an_old_record_under_it
     assert archive_mailbox(Clone(fleet.clone("build1")), "build1", 30)["archived"] == 0
     proc = run_script("message_monitor.py", "--repo", str(fleet.clones["build1"]), "--server", "code2", "--retire")
     assert proc.returncode == 2 and "code2 looks live" in proc.stderr, proc.stderr
+
+
+def test_an_archive_file_nobody_can_read_keeps_only_its_months_mail_hot(tmp_path):
+    """Another member pushed garbage (or a link) as one month's archive file: that month's mail
+    stays in the hot mailbox, every other month moves, and the pass still prunes receipts."""
+    from fleet_state import StateChange, StateStore
+
+    def month_of(days_ago: float) -> str:
+        return f"{dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days_ago):%Y-%m}"
+
+    m1, m2 = msg(1, 70), msg(2, 130)  # two different months, both read by code2
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [m1, m2]}, indent=2).encode())
+    c2, evil = fleet.clone("code2"), fleet.clone("evil")
+    (evil / "coordination" / "archive").mkdir(parents=True)
+    (evil / "coordination" / "archive" / f"messages-{month_of(70)}.json").write_text("{ not json")
+    (evil / "coordination" / "archive" / "messages-1999-01.json").write_text("[[[")
+    commit_and_push(evil, "garbage archive files")
+    StateStore(Clone(c2)).update("code2", StateChange(read=[message_key(m1), message_key(m2)]))
+
+    proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--archive-days", "30")
+    assert proc.returncode == 0, proc.stderr
+    assert f"messages-{month_of(70)}.json cannot be read" in proc.stdout + proc.stderr
+    assert [m["subject"] for m in fleet.remote_messages()] == ["m1"]  # its month's file is unreadable
+    assert find_anywhere(Clone(c2), Clone(c2).fetch(), m2["id"])["subject"] == "m2"
+    state = StateStore(Clone(c2)).read("code2")
+    assert list(state.read) == [message_key(m1)]  # m2's receipt now lives in the archive
+
+
+def test_a_queued_retry_of_mail_archived_meanwhile_does_not_bring_it_back(tmp_path):
+    """The push landed but its answer was lost (or a dead entry was revived long after): the
+    message was read and archived meanwhile; delivering the queued copy changes nothing."""
+    from fleet_state import StateChange, StateStore
+    from message_queue import MessageQueue
+
+    m = msg(1, 40)
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [m]}, indent=2).encode())
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    MessageQueue(str(b1), "build1").enqueue(m, reason="the answer to its push was lost")
+    StateStore(Clone(c2)).update("code2", StateChange(read=[message_key(m)]))
+    assert archive_mailbox(Clone(c2), "code2", 30)["archived"] == 1
+    before = fleet.remote_commits()
+    proc = run_script("message_monitor.py", "--repo", str(b1), "--server", "build1", "--once", "--no-auto-reply")
+    assert proc.returncode == 0, proc.stderr
+    assert fleet.remote_messages() == [] and fleet.remote_commits() == before
+    assert MessageQueue(str(b1), "build1").stats()["pending"] == 0  # counted as delivered
