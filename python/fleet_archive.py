@@ -348,18 +348,32 @@ def prunable_keys(clone: Any, tip: Optional[str], server: str, read: Iterable[Me
     return done
 
 
+def archived_copies(clone: Any, tip: Optional[str], messages: Iterable[Mapping[str, Any]]) -> Set[MessageKey]:
+    """The keys of ``messages`` whose month's archive file holds the same message (receipts
+    aside; each file read once, an unreadable one holds nothing): a copy of such a message in the
+    hot mailbox is one that came back (a queued retry of a push that had landed, an older tool's
+    merge), never new mail."""
+    by_path: Dict[str, List[Mapping[str, Any]]] = {}
+    for msg in messages:
+        when = message_time(msg)
+        if when is not None:
+            by_path.setdefault(archive_path(when), []).append(msg)
+    found: Set[MessageKey] = set()
+    mailbox = Mailbox(clone)
+    for path, msgs in by_path.items() if tip is not None else ():
+        try:
+            _, data = mailbox.read(tip, path)
+        except (MailboxCorrupt, NotAFile):
+            continue
+        there = {message_key(m): m for _, m in valid_messages(data, warn=False)}
+        found.update(message_key(m) for m in msgs
+                     if message_key(m) in there and _same_message(there[message_key(m)], m))
+    return found
+
+
 def is_archived(clone: Any, tip: Optional[str], msg: Mapping[str, Any]) -> bool:
-    """Whether the archive file of ``msg``'s month holds it (one file read; an unreadable file
-    holds nothing): a queued retry of a message that landed long ago must not bring it back."""
-    when = message_time(msg)
-    if when is None or tip is None:
-        return False
-    try:
-        _, data = Mailbox(clone).read(tip, archive_path(when))
-    except (MailboxCorrupt, NotAFile):
-        return False
-    key = message_key(msg)
-    return any(message_key(m) == key for _, m in valid_messages(data, warn=False))
+    """Whether the archive holds ``msg`` already (:func:`archived_copies`)."""
+    return message_key(msg) in archived_copies(clone, tip, [msg])
 
 
 def archive_files(clone: Any, tip: Optional[str]) -> List[str]:

@@ -628,11 +628,46 @@ def merge_copies(kept: Dict[str, Any], other: Dict[str, Any]) -> bool:
     return changed
 
 
+_CONFLICT_MARKS: Final = ("<<<<<<< ", "||||||| ", "=======", ">>>>>>> ")
+
+
+def conflict_sides(text: str) -> List[str]:
+    """The two texts a committed merge conflict stands for: every hunk resolved to its first side
+    (``<<<<<<<`` to ``=======``), then every hunk to its second (to ``>>>>>>>``); a diff3 base
+    (``|||||||``) is left out. None when the text holds no conflict markers.
+
+    git leaves the lines both sides share outside the markers: a message cut by a hunk (its
+    opening ``{`` before the markers, its last fields after them) is whole only in a side's text.
+    """
+    lines = text.splitlines(keepends=True)
+    if not any(line.startswith("<<<<<<< ") for line in lines):
+        return []
+    sides: List[List[str]] = [[], []]
+    where = None  # None: shared; 0: first side; 1: second side; 2: the diff3 base
+    for line in lines:
+        if line.startswith("<<<<<<< "):
+            where = 0
+        elif line.startswith("||||||| ") and where == 0:
+            where = 2
+        elif line.rstrip("\r\n") == "=======" and where in (0, 2):
+            where = 1
+        elif line.startswith(">>>>>>> ") and where == 1:
+            where = None
+        elif where is None:
+            sides[0].append(line)
+            sides[1].append(line)
+        elif where in (0, 1):
+            sides[where].append(line)
+    return ["".join(side) for side in sides]
+
+
 def repair_document(good: Optional[Dict[str, Any]], broken_text: str) -> Tuple[Dict[str, Any], int, int]:
     """The last good document plus every message salvaged from the broken text.
 
     Returns (document, messages kept from the good version, messages salvaged that it lacked).
-    Nothing readable is lost: copies of a message already kept only add their read receipts.
+    Nothing readable is lost: copies of a message already kept only add their read receipts. A
+    committed merge conflict is read as each of its sides too (:func:`conflict_sides`), so a
+    message that a hunk cut in two is found whole.
     """
     doc = good if good is not None else {"messages": []}
     by_key: Dict[MessageKey, Dict[str, Any]] = {}
@@ -640,7 +675,10 @@ def repair_document(good: Optional[Dict[str, Any]], broken_text: str) -> Tuple[D
         by_key.setdefault(message_key(msg), msg)
     kept = len(doc["messages"])
     salvaged = 0
-    for msg in salvage_messages(broken_text):
+    found: List[Dict[str, Any]] = []
+    for text in (broken_text, *conflict_sides(broken_text)):
+        found.extend(salvage_messages(text))
+    for msg in found:
         key = message_key(msg)
         if key in by_key:
             merge_copies(by_key[key], msg)
@@ -776,10 +814,16 @@ class Mailbox:
                 continue
         return None, None
 
-    def repair(self, server: str, *, max_history: int = REPAIR_HISTORY) -> Dict[str, Any]:
+    def repair(self, server: str, *, max_history: int = REPAIR_HISTORY,
+               archived: Optional[Callable[[Optional[str], List[Dict[str, Any]]], Set[MessageKey]]] = None
+               ) -> Dict[str, Any]:
         """Rebuild an unparseable mailbox on the remote: the last version that parses plus every
-        message salvaged from the broken one, by the transaction. Reports what it kept and salvaged."""
-        result: Dict[str, Any] = {"repaired": False, "kept": 0, "salvaged": 0, "good_commit": None}
+        message salvaged from the broken one, by the transaction. Reports what it kept and salvaged.
+
+        ``archived(tip, messages)``: the keys of those the archive holds already (an older tool's
+        stale copy merged back in); they are left out, never brought back as new mail."""
+        result: Dict[str, Any] = {"repaired": False, "kept": 0, "salvaged": 0, "good_commit": None,
+                                  "dropped": 0}
 
         def plan(tip: Optional[str]) -> Plan:
             raw: Optional[bytes] = None  # a folder or submodule there: nothing to salvage
@@ -797,7 +841,11 @@ class Mailbox:
                                            "program reads; --repair would lose messages, so it refuses")
             good, good_commit = self.last_good(tip, max_history)
             doc, kept, salvaged = repair_document(good, (raw or b"").decode("utf-8", "replace"))
-            result.update(kept=kept, salvaged=salvaged, good_commit=good_commit)
+            there = archived(tip, [m for _, m in valid_messages(doc, warn=False)]) if archived else set()
+            if there:
+                doc["messages"] = [m for m in doc["messages"]
+                                   if entry_problem(m) is not None or message_key(m) not in there]
+            result.update(kept=kept, salvaged=salvaged, good_commit=good_commit, dropped=len(there))
             return ({MAILBOX_PATH: serialize(doc)},
                     f"{server}: repair the mailbox (kept {kept}, salvaged {salvaged})")
 
@@ -808,6 +856,8 @@ class Mailbox:
             base = result["good_commit"][:12] if result["good_commit"] else "no earlier version"
             result["summary"] = (f"mailbox repaired at {str(tx.commit)[:12]}: kept {result['kept']} entries "
                                  f"from {base}, salvaged {result['salvaged']} more from the broken file")
+            if result["dropped"]:
+                result["summary"] += f", left out {result['dropped']} the archive holds already"
             log.warning("%s", result["summary"], extra={"metadata": {k: v for k, v in result.items()
                                                                      if k != "summary"}})
         else:

@@ -281,8 +281,12 @@ def _heartbeat_age(clone: Clone, tip: Optional[str], server: str, now: Any) -> O
 
 
 def repair_mailbox(clone: Clone, server: str, *, max_history: int = REPAIR_HISTORY) -> Dict[str, Any]:
-    """Rebuild an unparseable mailbox on the remote (:meth:`fleet_mailbox.Mailbox.repair`)."""
-    return Mailbox(clone).repair(server, max_history=max_history)
+    """Rebuild an unparseable mailbox on the remote (:meth:`fleet_mailbox.Mailbox.repair`),
+    leaving out the copies the archive holds already."""
+    from fleet_archive import archived_copies
+
+    return Mailbox(clone).repair(server, max_history=max_history,
+                                 archived=lambda tip, msgs: archived_copies(clone, tip, msgs))
 
 
 def status_report(repo: str, server: str, *, as_json: bool = False) -> str:

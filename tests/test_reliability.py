@@ -302,6 +302,46 @@ def test_committed_conflict_markers_are_refused_then_repaired(fleet, caplog):
     assert {m["subject"] for m in shown} >= {"ours", "theirs", "Kick-off"}
 
 
+def test_repair_after_a_real_legacy_merge_keeps_both_sides_and_leaves_archived_mail_archived(fleet):
+    """An older tool, behind an archive pass, appends a message, pulls (git conflicts on the lines
+    both appended), commits the markers and pushes. git leaves the lines both sides share outside
+    the markers, so no message is whole between them: repair reads each side."""
+    from fleet_state import StateChange, StateStore
+
+    def old_msg(i: int, subject: str, days_ago: float, sender: str = "build1") -> dict:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - days_ago * 86400))
+        return {"id": f"msg_{1700000000 + i}_{i:012x}", "from": sender, "to": "code2", "subject": subject,
+                "body": subject, "type": "info", "priority": "normal", "timestamp": when,
+                "read": False, "ack_required": False}
+
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    m1, m2 = old_msg(1, "m1", 40), old_msg(2, "m2", 1)
+    (b1 / "coordination" / "messages.json").write_text(json.dumps({"messages": [m1, m2]}, indent=2) + "\n")
+    git(b1, "commit", "-qam", "two messages", "--no-gpg-sign")
+    git(b1, "push", "-q", "origin", "main")
+    legacy = fleet.clone("legacy")  # an older tool's clone: it will not see the archive pass
+    StateStore(Clone(c2)).update("code2", StateChange(read=[("msg_1700000001_000000000001", "build1")]))
+    assert run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--archive-days", "30",
+                      ).returncode == 0  # m1 moves to the archive, its receipt leaves the state ref
+    assert send_message("m3", "m3", to="code2", from_sender="build1", build_repo_path=str(b1))
+    path = legacy / "coordination" / "messages.json"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["messages"].append(old_msg(4, "m4", 0, sender="legacy"))
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    git(legacy, "commit", "-qam", "legacy -> code2: m4", "--no-gpg-sign")
+    git(legacy, "pull", "-q", "--no-rebase", "--no-edit", "origin", "main", check=False)
+    assert "<<<<<<<" in path.read_text(encoding="utf-8")
+    git(legacy, "commit", "-qam", "merge, markers and all", "--no-gpg-sign")
+    git(legacy, "push", "-q", "origin", "HEAD:main")
+
+    proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--repair")
+    assert proc.returncode == 0, proc.stderr
+    assert "left out 1 the archive holds already" in proc.stdout + proc.stderr
+    assert sorted(m["subject"] for m in fleet.remote_messages()) == ["m2", "m3", "m4"]
+    unread = json.loads(run_script("inbox.py", "--repo", str(c2), "--server", "code2", "--json").stdout)
+    assert sorted(m["subject"] for m in unread["messages"]) == ["m2", "m3", "m4"]  # m1 stays read, archived
+
+
 def test_a_send_queued_from_another_server_id_is_delivered_by_this_clones_monitor(fleet, git_daemon):
     c2 = served_clone(fleet, git_daemon, "code2")
     git_daemon.stop()
@@ -366,3 +406,12 @@ def test_writes_resume_when_a_corrupt_mailbox_is_reverted(fleet):
     report = mon.cycle()
     assert report.ok and report.sent == 1
     assert bodies(fleet) == ["waits"]
+
+
+def test_a_conflict_is_read_as_each_of_its_sides_diff3_base_left_out():
+    from fleet_mailbox import conflict_sides
+
+    text = ("a\n<<<<<<< HEAD\nours\n||||||| base\nbase\n=======\ntheirs\n>>>>>>> 1234\n"
+            "b\n<<<<<<< x\n1\n=======\n2\n>>>>>>> y\n")
+    assert conflict_sides(text) == ["a\nours\nb\n1\n", "a\ntheirs\nb\n2\n"]
+    assert conflict_sides("no markers\n=======\n") == []
