@@ -10,9 +10,12 @@ Contract:
 - A command is started and not waited for: the cycle goes on. Each later cycle reaps finished
   commands (a non-zero exit is logged as a warning) and stops any that ran past the time limit
   (logged). At most :data:`MAX_RUNNING` run at once; further messages wait their turn in order.
-- At most once per message: the monitor records a message as processed before showing it and
-  before starting its command, so no restart starts it again. A monitor that stops kills what
-  is still running.
+- Once per message, never skipped: the monitor records a message as owed a command before it
+  shows it (``monitor_files.MonitorState.hook_owed``), and the record goes just before the
+  command starts (``on_start``), so a restart neither starts one twice nor forgets one that was
+  still waiting: those start after the restart. A monitor that stops kills what is still
+  running (it has started: it is not started again); ``--once`` waits for every command it
+  started, each up to the time limit, before it exits.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from fleet_common import UsageError, get_logger
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
-    from typing import Any, Deque, Dict, List, Mapping, Tuple
+    from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Tuple
 
 log = get_logger(__name__)
 
@@ -60,14 +63,17 @@ class MessageHook:
     """Start the ``--on-message`` command for messages; reap and time-limit the runs."""
 
     def __init__(self, command: str, timeout: float, *, repo: "os.PathLike[str] | str",
-                 server: str, max_running: int = MAX_RUNNING) -> None:
+                 server: str, max_running: int = MAX_RUNNING,
+                 on_start: Callable[[Dict[str, Any]], None] = lambda msg: None,
+                 owed: Iterable[Mapping[str, Any]] = ()) -> None:
         self.argv = split_command(command)
         self.timeout = float(timeout)
         self.repo = str(repo)
         self.server = server
         self.max_running = max_running
+        self.on_start = on_start
         self.running: List[Tuple[subprocess.Popen, float, str]] = []
-        self.waiting: Deque[Dict[str, Any]] = deque()
+        self.waiting: Deque[Dict[str, Any]] = deque(dict(msg) for msg in owed)
 
     def run(self, msg: Mapping[str, Any]) -> None:
         """Start the command for ``msg`` now, or as soon as a slot frees."""
@@ -80,13 +86,14 @@ class MessageHook:
             self._start(self.waiting.popleft())
 
     def _start(self, msg: Dict[str, Any]) -> None:
+        self.on_start(msg)
         msg_id = _env_text(msg.get("id"))
         env = dict(os.environ)
         env.update({"FLEET_MSG_ID": msg_id, "FLEET_MSG_FROM": _env_text(msg.get("from")),
                     "FLEET_MSG_SUBJECT": _env_text(msg.get("subject")),
                     "FLEET_MSG_PRIORITY": _env_text(msg.get("priority") or "normal"),
                     "FLEET_SERVER": self.server, "FLEET_REPO": self.repo})
-        data = json.dumps(msg, ensure_ascii=True).encode("ascii")[:STDIN_LIMIT]
+        data = _stdin_json(msg)
         kw: Dict[str, Any] = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
                               else {"start_new_session": True})
         try:
@@ -122,17 +129,48 @@ class MessageHook:
         if start:
             self._start_waiting()
 
+    def drain(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Run every waiting command and wait for all, each up to the time limit (``--once``),
+        or until ``stop()`` says the monitor is asked to stop."""
+        self._start_waiting()
+        while (self.running or self.waiting) and not stop():
+            time.sleep(0.05)
+            self.reap()
+
     def stop(self) -> None:
-        """Stop every running command (the monitor is stopping)."""
+        """Stop every running command (the monitor is stopping); waiting ones stay owed."""
         for proc, _deadline, msg_id in self.running:
             if proc.poll() is None:
                 _kill(proc)
                 log.warning("--on-message for %s stopped with the monitor", msg_id)
         self.running = []
         if self.waiting:
-            log.warning("--on-message not run for %d message(s): the monitor stopped first",
-                        len(self.waiting))
+            log.warning("--on-message waits for %d message(s); it runs for them when the monitor "
+                        "starts again", len(self.waiting))
             self.waiting.clear()
+
+
+def _stdin_json(msg: Mapping[str, Any]) -> bytes:
+    """The message as the command reads it: JSON, always whole. One past :data:`STDIN_LIMIT`
+    (another member's text: the mailbox bounds only the whole file) has its long texts and lists
+    cut, marked ``"truncated": true``; the JSON text itself is never cut."""
+    data = json.dumps(msg, ensure_ascii=True).encode("ascii")
+    chars = STDIN_LIMIT // 8
+    while len(data) > STDIN_LIMIT:
+        cut = {str(k)[:200]: _shortened(v, chars) for k, v in list(msg.items())[:100]}
+        data = json.dumps({**cut, "truncated": True}, ensure_ascii=True).encode("ascii")
+        chars //= 4
+    return data
+
+
+def _shortened(value: Any, chars: int) -> Any:
+    """A field cut to ``chars`` characters (lists to their first 100 such items; nested objects
+    to nothing: a message's own fields are texts and lists of texts)."""
+    if isinstance(value, str):
+        return value[:chars]
+    if isinstance(value, list):
+        return [_shortened(item, chars) if not isinstance(item, (list, dict)) else None for item in value[:100]]
+    return None if isinstance(value, dict) else value
 
 
 def _feed(proc: subprocess.Popen, data: bytes) -> None:

@@ -287,6 +287,7 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
             restore = install_stop_handlers(lambda name: stop.set())
         if args.once:
             report = monitor.cycle()
+            monitor.finish_hook()
             monitor.metrics.maybe_flush(True)
             if not report.ok:
                 error_line("message_monitor", report.error)

@@ -282,7 +282,8 @@ class Monitor(PeriodicDuties):
             from fleet_hook import MessageHook
 
             self.hook = MessageHook(self.reading.on_message, self.reading.on_message_timeout,
-                                    repo=self.repo, server=self.server)
+                                    repo=self.repo, server=self.server, on_start=self.state.hook_started,
+                                    owed=list(self.state.hook_owed.values()))
         self.queue = parts.queue if parts.queue is not None else MessageQueue(str(self.repo), self.server)
         self._other_queues: Dict[str, Any] = {}
         # The cycle records the poll's outcome itself (an unreachable remote is a failure; a
@@ -590,17 +591,19 @@ class Monitor(PeriodicDuties):
             if is_handled_by(msg, self.server, handled):
                 continue
             self.state.record(message_key(msg), mark=False)
+            if self.hook is not None:
+                self.state.owe_hook(msg)
             report.new_messages.append(msg)
-        self.state.save()  # before showing: a restart never shows a message twice
+        self.state.save()  # before showing: a restart never shows a message twice, nor forgets a command
         try:
             for msg in report.new_messages:
                 log.info("new message %s from %s: %s", msg["id"], msg.get("from"), msg.get("subject"),
                          extra={"metadata": {"id": msg["id"], "from": msg.get("from"),
                                              "priority": msg.get("priority")}})
                 self.metrics.increment("messages_received")
-                self.show(msg)
                 if self.hook is not None:
                     self.hook.run(msg)
+                self._show(msg)
                 self._auto_reply(msg, report)
                 if mark:  # only once it was shown: a failure above leaves the rest unread, not hidden
                     self.state.record(message_key(msg), mark=True)
@@ -608,6 +611,26 @@ class Monitor(PeriodicDuties):
             self.state.save()  # the marks of what was shown survive a failure on the next one
         self._queue_auto_replies(report)
         self.cached_blob = blob
+
+    def finish_hook(self) -> None:
+        """The monitor stops: a one-shot run (cron's) first runs every command it owes and waits
+        for each up to its time limit; a loop's running commands are stopped, waiting ones stay
+        owed for the next start (:class:`fleet_hook.MessageHook`)."""
+        if self.hook is None:
+            return
+        if self.one_shot:
+            self.hook.drain(stop=self.stop_event.is_set)
+        self.hook.stop()
+
+    def _show(self, msg: Dict[str, Any]) -> None:
+        """Show a message on the console; a console that cannot be written (a closed pipe) is
+        said once in the log and never stops the cycle: the message is recorded either way."""
+        try:
+            self.show(msg)
+        except OSError as exc:
+            if "console" not in self.warned_entries:
+                self.warned_entries.add("console")
+                log.warning("new messages cannot be shown: the console cannot be written (%s)", exc)
 
     def _refresh_rules(self, tip: Optional[str]) -> None:
         source = getattr(self, "rule_source", None)
@@ -839,8 +862,7 @@ class Monitor(PeriodicDuties):
             if remaining > 0 and self._sleep(remaining):
                 break
         self.metrics.maybe_flush(True)
-        if self.hook is not None:
-            self.hook.stop()
+        self.finish_hook()
         if not self.one_shot and self.presence_published and self.breaker.can_execute():
             self._maybe_presence(STOPPED)  # readers see a clean stop, not a silent server
         log.info("monitor stopped", extra={"metadata": {"iterations": self.iterations}})

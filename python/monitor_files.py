@@ -22,7 +22,7 @@ from fleet_common import (
     read_local_file,
     runtime_dir,
 )
-from fleet_mailbox import key_from_str, key_str
+from fleet_mailbox import entry_problem, key_from_str, key_str, message_key
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
@@ -43,7 +43,8 @@ STATUS_REWRITE_IDLE: Final = 60.0  # seconds between status-file rewrites while 
 # --------------------------------------------------------------------------- monitor_state.json
 
 
-STATE_LISTS = ("processed", "pending_marks", "pending_acks")
+STATE_LISTS = ("processed", "pending_marks", "pending_acks", "hook_owed")
+HOOK_OWED_CAP = 1000  # messages kept for an --on-message command that has not started yet
 
 
 def _state_problem(data: Dict[str, Any]) -> Optional[str]:
@@ -75,6 +76,11 @@ class MonitorState:
             key_from_str(k) for k in data.get("pending_marks", []) if isinstance(k, str)}
         self.pending_acks: Set[MessageKey] = {
             key_from_str(k) for k in data.get("pending_acks", []) if isinstance(k, str)}
+        # Messages whose --on-message command has not started yet (a stop, a full slot list):
+        # it starts after a restart too, and once it has started the message leaves this list.
+        self.hook_owed: Dict[MessageKey, Dict[str, Any]] = {
+            message_key(m): m for m in data.get("hook_owed", [])[-HOOK_OWED_CAP:]
+            if isinstance(m, dict) and entry_problem(m) is None}
         self.extra: Dict[str, Any] = {k: v for k, v in data.items() if k not in (
             "version", "server", "updated_at", *STATE_LISTS)}
         self.dirty = False
@@ -91,6 +97,22 @@ class MonitorState:
         if ack:
             self.pending_acks.add(key)
         self.dirty = True
+
+    def owe_hook(self, msg: Dict[str, Any]) -> None:
+        """The --on-message command is to run for ``msg`` (saved with the next :meth:`save`)."""
+        self.hook_owed[message_key(msg)] = dict(msg)
+        while len(self.hook_owed) > HOOK_OWED_CAP:
+            dropped = next(iter(self.hook_owed))
+            del self.hook_owed[dropped]
+            log.warning("--on-message will not run for %s: more than %d messages wait for it", dropped[0],
+                        HOOK_OWED_CAP, extra={"metadata": {"id": dropped[0]}})
+        self.dirty = True
+
+    def hook_started(self, msg: Dict[str, Any]) -> None:
+        """Its command is starting: saved now, so that no restart starts it again."""
+        if self.hook_owed.pop(message_key(msg), None) is not None:
+            self.dirty = True
+            self.save()
 
     def marks_pushed(self, keys: Set[MessageKey], acks: Set[MessageKey]) -> None:
         self.pending_marks -= keys
@@ -111,6 +133,7 @@ class MonitorState:
             "processed": [key_str(k) for k in self.processed],
             "pending_marks": sorted(key_str(k) for k in self.pending_marks),
             "pending_acks": sorted(key_str(k) for k in self.pending_acks),
+            "hook_owed": list(self.hook_owed.values()),
             "updated_at": iso_utc(),
         }
         data.update(self.extra)

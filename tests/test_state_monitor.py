@@ -205,6 +205,81 @@ def test_on_message_runs_once_per_message_and_never_stalls_the_cycle(fleet, tmp_
     assert again.cycle().new_messages == [] and not again.hook.running
 
 
+TOUCH = """
+import os, sys, time
+open(os.path.join(sys.argv[1], os.environ["FLEET_MSG_ID"]), "a").write("ran\\n")
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hook_fleet(fleet, tmp_path, count: int, sleep: float):
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    script, out = tmp_path / "touch.py", tmp_path / "out"
+    script.write_text(TOUCH)
+    out.mkdir()
+    ids = [send_message(f"m{i}", to="code2", from_sender="build1", build_repo_path=str(b1)).message_id
+           for i in range(count)]
+    return c2, f'"{sys.executable}" "{script}" "{out}" {sleep}', out, ids
+
+
+def _runs(out) -> dict:
+    return {p.name: p.read_text().count("ran") for p in out.iterdir()}
+
+
+@pytest.mark.timeout(120)
+def test_once_runs_the_command_for_every_new_message_and_waits_within_the_time_limit(fleet, tmp_path):
+    # Cron's --once used to start four commands, drop the rest and leave a hung one running.
+    c2, command, out, ids = _hook_fleet(fleet, tmp_path, 6, 30)
+    started = time.monotonic()
+    proc = run_script("message_monitor.py", "--repo", str(c2), "--server", "code2", "--once", "--no-auto-reply",
+                      "--on-message", command, "--on-message-timeout", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - started < 25  # two rounds of four slots, each stopped at 1 s
+    assert _runs(out) == {i: 1 for i in ids}
+    assert proc.stderr.count("ran past 1 s and was stopped") == 6
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_leaves_waiting_commands_owed_and_the_next_start_runs_them_once(fleet, tmp_path):
+    c2, command, out, ids = _hook_fleet(fleet, tmp_path, 6, 30)
+    reading = ReadingOptions(on_message=command, on_message_timeout=60)
+    first = mon(c2, "code2", reading=reading)
+    first.one_shot = False
+    assert len(first.cycle().new_messages) == 6
+    first.finish_hook()  # a service stop: four were running (stopped), two waited for a slot
+    assert sorted(_runs(out)) == sorted(ids[:4])
+    again = mon(c2, "code2", reading=reading)
+    again.one_shot = False
+    assert again.cycle().new_messages == []
+
+    def all_started() -> bool:
+        again.hook.reap()
+        return len(_runs(out)) == 6
+
+    deadline = time.monotonic() + 30
+    while not all_started():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    again.finish_hook()
+    assert _runs(out) == {i: 1 for i in ids}
+    third = mon(c2, "code2", reading=reading)
+    assert not third.hook.waiting and third.cycle().new_messages == []
+
+
+def test_a_console_that_cannot_be_written_never_costs_a_message_its_command(fleet, tmp_path, caplog):
+    c2, command, out, ids = _hook_fleet(fleet, tmp_path, 3, 0)
+
+    class Broken(list):  # a console whose pipe closed
+        def append(self, msg) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    m = mon(c2, "code2", Broken(), reading=ReadingOptions(on_message=command, on_message_timeout=20))
+    assert m.cycle().ok
+    m.finish_hook()
+    assert _runs(out) == {i: 1 for i in ids}
+    assert "console cannot be written" in caplog.text
+
+
 def _aged(i: int, to, days: float = 40, **extra) -> dict:
     return aged_message(i, days, to, **extra)
 
@@ -245,3 +320,16 @@ def test_archive_folds_receipts_in_then_the_state_refs_drop_them(tmp_path):
     assert {m["id"]: (m["read"], m["acknowledged"]) for m in everything} == {
         direct["id"]: (True, True), broadcast["id"]: (True, False)}
     assert Inbox(str(c2), "code2").unread(include_archive=True)["count"] == 0
+
+
+def test_a_command_reads_whole_json_however_long_the_message():
+    from fleet_hook import STDIN_LIMIT, _stdin_json
+
+    msg = {"id": "m1", "from": "build1", "to": "code2", "subject": "s" * 9_000_000, "body": "\u00e9" * 2_000_000,
+           "read_by": ["x" * 100] * 200_000}
+    data = _stdin_json(msg)
+    seen = json.loads(data)
+    assert len(data) <= STDIN_LIMIT and seen["truncated"] is True and seen["id"] == "m1"
+    assert seen["body"].startswith("\u00e9") and len(seen["read_by"]) == 100
+    small = {"id": "m2", "from": "b", "to": "c", "body": "hi"}
+    assert json.loads(_stdin_json(small)) == small
