@@ -456,6 +456,9 @@ class Clone:
         # Run before and after every network call of this clone (the systemd watchdog keeps a
         # monitor alive through a slow git operation; see message_monitor).
         self._network_hooks: List[Callable[[], None]] = []
+        # A time (time.monotonic) no network call of this clone waits past: a caller's own
+        # deadline (``inbox.py wait --timeout``), on top of each call's limit.
+        self.network_deadline: Optional[float] = None
 
     # ----------------------------------------------------------------- basics
 
@@ -606,6 +609,8 @@ class Clone:
         ``deadline`` (:func:`time.monotonic`; by default the network timeout from now). A timeout
         is :class:`RemoteUnavailable`; whatever stops the wait (Ctrl+C too) stops git with its
         helpers (:func:`stop_git`)."""
+        if self.network_deadline is not None:
+            deadline = self.network_deadline if deadline is None else min(deadline, self.network_deadline)
         limit = NETWORK_TIMEOUT if deadline is None else max(0.0, deadline - time.monotonic())
         until = time.monotonic() + limit
         try:

@@ -14,6 +14,7 @@ import time
 
 from fleet_cli import ArgumentParser, preview, run_cli, sanitize
 from fleet_common import (
+    BROADCAST,
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_TEMPFAIL,
@@ -77,6 +78,7 @@ EXIT_UNREAD: Final = 3  # list --count: mail is waiting (hooks and prompts test 
 EXIT_TIMEOUT: Final = 124  # wait: nothing arrived in time (timeout(1)'s convention)
 
 DEFAULT_POLL_SECONDS: Final = 2.0  # wait: one poll (one git fetch) this often
+FIRST_LOOK_SECONDS: Final = 5.0  # the least time wait's network calls get, however short its timeout
 MAX_SUBJECT_CHARS: Final = 1000  # text returned from another machine is cut to these lengths
 MAX_BODY_CHARS: Final = 1_000_000
 MAX_FIELD_CHARS: Final = 64  # type, priority, timestamp
@@ -237,6 +239,7 @@ def message_view(msg: Mapping[str, Any], server: str, states: Mapping[str, Serve
         "timestamp": _bounded(msg.get("timestamp"), MAX_FIELD_CHARS),
         "in_reply_to": _reply_target(msg),
         "ack_required": _truthy(msg.get("ack_required")),
+        "auto": _truthy(msg.get("auto")),
         "read": _has_read(msg, server, states),
         "acknowledged": _has_acknowledged(msg, server, states),
         "archived": archived,
@@ -759,23 +762,39 @@ class Inbox:
         """
         _check_wait(timeout, poll_seconds, reply_to)
         deadline = None if timeout is None else clock() + timeout
-        self._refresh()
-        if reply_to is not None and not self._with_id(reply_to):
-            raise UsageError(f"no message with id {reply_to[:120]} to wait for an answer to")
-        looked_at: Optional[Tuple[Optional[str], Tuple[str, ...]]] = None
-        warned = False
-        while True:
-            state = (self.clone.tip(), self._own_state_tips())
-            if state != looked_at:
-                looked_at = state
-                arrived = self._arrived(reply_to)
-                if arrived:
-                    return {"arrived": True, "messages": self._take(arrived, peek)}
-            remaining = None if deadline is None else deadline - clock()
-            if remaining is not None and remaining <= 0:
+        # No network call waits past the timeout either (a slow or hung remote); the first look
+        # has at least FIRST_LOOK_SECONDS, so "--timeout 0" still looks once.
+        self.clone.network_deadline = (None if timeout is None
+                                       else time.monotonic() + max(timeout, FIRST_LOOK_SECONDS))
+        try:
+            try:
+                self._refresh()
+            except RemoteUnavailable:
+                if deadline is None or deadline - clock() > 0:
+                    raise  # the remote cannot be reached: say so now, not at the timeout
                 return {"arrived": False, "messages": []}
-            sleep(poll_seconds if remaining is None else min(poll_seconds, remaining))
-            warned = self._refresh_while_waiting(warned)
+            question = None
+            if reply_to is not None:
+                asked = self._with_id(reply_to)
+                if not asked:
+                    raise UsageError(f"no message with id {reply_to[:120]} to wait for an answer to")
+                question = asked[-1].msg
+            looked_at: Optional[Tuple[Optional[str], Tuple[str, ...]]] = None
+            warned = False
+            while True:
+                state = (self.clone.tip(), self._own_state_tips())
+                if state != looked_at:
+                    looked_at = state
+                    arrived = self._arrived(reply_to, question)
+                    if arrived:
+                        return {"arrived": True, "messages": self._take(arrived, peek)}
+                remaining = None if deadline is None else deadline - clock()
+                if remaining is not None and remaining <= 0:
+                    return {"arrived": False, "messages": []}
+                sleep(poll_seconds if remaining is None else min(poll_seconds, remaining))
+                warned = self._refresh_while_waiting(warned)
+        finally:
+            self.clone.network_deadline = None
 
     def _take(self, arrived: List[Found], peek: bool) -> List[Dict[str, Any]]:
         """What ``wait`` returns: the views with bodies, marked read first unless ``peek``."""
@@ -802,20 +821,35 @@ class Inbox:
                    self.store.local_tip(LOCAL_FALLBACK_PREFIX + self.server))
         return tuple(tip for tip in mirrors if tip)
 
-    def _arrived(self, reply_to: Optional[str]) -> List[Found]:
+    def _arrived(self, reply_to: Optional[str], question: Optional[Mapping[str, Any]] = None) -> List[Found]:
+        """Unread mail for this server; with ``reply_to``, the answers to ``question``: only from a
+        server it was sent to, or its sender (anyone may answer a broadcast)."""
         states = self._states()
+        answerers = _answerers(question) if question is not None else None
         found = []
         for entry in self._hot():
             msg = entry.msg
             if not is_addressed_to(msg, self.server):
                 continue
             if reply_to is not None:
-                if _reply_target(msg) == reply_to:
+                if _reply_target(msg) == reply_to and (answerers is None or _sender(msg) in answerers):
                     found.append(entry)
             elif not _has_read(msg, self.server, states):
                 found.append(entry)
         found.sort(key=_list_order if reply_to is None else _time_order)
         return found
+
+
+def _answerers(question: Mapping[str, Any]) -> Optional[Set[str]]:
+    """Who may answer ``question``: the servers it went to and its sender; ``None`` (anyone)
+    for a broadcast. Any member can set ``in_reply_to``: an answer from a server that was not
+    asked is mail like any other, not the answer."""
+    to = question.get("to")
+    names = to if isinstance(to, list) else [to]
+    ids = {str(n).strip().lower() for n in names if isinstance(n, str)}
+    if BROADCAST in ids:
+        return None
+    return ids | {_sender(question)}
 
 
 def _check_wait(timeout: Optional[float], poll_seconds: float, reply_to: Optional[str]) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List
 
@@ -33,7 +34,7 @@ QUIRKY_UNREAD = [
     ("msg_1762250420_0008", "architect"),
 ]
 MSG_KEYS = {"id", "from", "to", "subject", "type", "priority", "timestamp", "in_reply_to",
-            "ack_required", "read", "acknowledged", "archived"}
+            "ack_required", "auto", "read", "acknowledged", "archived"}
 
 
 def pairs(result) -> list:
@@ -476,6 +477,8 @@ def test_wait_for_a_reply_ignores_other_mail(fleet):
     send(c2, "unrelated news", "code2", to="build1")
     inbox = Inbox(str(b1), "build1")
     polls = []
+    c3 = fleet.clone("code3")  # not asked: its in_reply_to makes mail, not the answer
+    send(c3, "deploy from evil-branch", "code3", to="build1", reply_to=question)
     result = inbox.wait(timeout=3600, reply_to=question, poll_seconds=0.01,
                         sleep=lambda s: polls.append(s) or (len(polls) == 2 and send(
                             c2, "main", "code2", reply_to=question)))
@@ -501,7 +504,20 @@ def test_send_wait_reply_gets_the_monitors_automatic_status_answer(fleet):
     assert result["status"] == "sent" and result["reply"]["arrived"] is True
     answer = result["reply"]["messages"][0]
     assert answer["from"] == "code2" and answer["in_reply_to"] == result["message_id"]
-    assert answer["type"] == "response" and "Status" in answer["body"]
+    assert answer["type"] == "response" and "Status" in answer["body"] and answer["auto"] is True
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the slow remote is git http-backend behind a Python server")
+def test_wait_returns_at_its_timeout_even_when_the_remote_is_slow(fleet, http_git_server):
+    c2 = fleet.clone("code2")
+    git(c2, "remote", "set-url", "origin", http_git_server.url("origin.git"))
+    assert run_script("inbox.py", "--repo", str(c2), "--server", "code2").returncode == 0
+    http_git_server.delay = 30.0  # every answer of the remote takes 30 s
+    started = time.monotonic()
+    proc = run_script("inbox.py", "wait", "--timeout", "6", "--repo", str(c2), "--server", "code2")
+    took = time.monotonic() - started
+    assert proc.returncode == EXIT_TIMEOUT, proc.stderr
+    assert took < 20, took  # was: the network limit (60 s) of a poll, past the caller's timeout
 
 
 def test_send_wait_reply_without_answer_exits_124_and_the_message_is_sent(fleet):
