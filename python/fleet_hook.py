@@ -48,12 +48,16 @@ def _env_text(value: Any) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def split_command(command: str) -> List[str]:
-    """The operator's command as an argument list (POSIX quoting; Windows keeps backslashes)."""
+def split_command(command: str, *, windows: bool = os.name == "nt") -> List[str]:
+    """The operator's command as an argument list: POSIX quoting; on Windows backslashes are kept
+    and the double quotes around a word (``"C:\\Program Files\\python.exe"``) are taken off, as
+    Windows programs read their command line (they are put back where needed when it starts)."""
     try:
-        argv = shlex.split(command, posix=os.name != "nt")
+        argv = shlex.split(command, posix=not windows)
     except ValueError as exc:
         raise UsageError(f"--on-message: cannot split the command: {exc}") from None
+    if windows:
+        argv = [word[1:-1] if len(word) >= 2 and word[0] == word[-1] == '"' else word for word in argv]
     if not argv:
         raise UsageError("--on-message needs a command")
     return argv

@@ -356,11 +356,11 @@ def _main(args: argparse.Namespace) -> int:
     if result.ok and args.wait_reply is not None:
         waited = _wait_after_send(args, clone, sender, result)
         if isinstance(waited, int):
+            if args.json:  # the message was sent: a script still gets its id and outcome
+                write_line(json.dumps({**result.to_dict(), "reply": None}, ensure_ascii=True))
             return waited
         reply = waited
     if args.json:
-        import json
-
         out = result.to_dict()
         if reply is not None:
             out["reply"] = reply

@@ -520,6 +520,27 @@ def test_wait_returns_at_its_timeout_even_when_the_remote_is_slow(fleet, http_gi
     assert took < 20, took  # was: the network limit (60 s) of a poll, past the caller's timeout
 
 
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT stands for Ctrl+C")
+def test_send_wait_reply_json_interrupted_still_prints_what_was_sent(fleet):
+    import signal
+
+    b1 = fleet.clone("build1")
+    fleet.clone("code2")
+    proc = subprocess.Popen([sys.executable, str(PYTHON_DIR / "send_message.py"), "anyone?", "--to", "code2",
+                             "--from", "build1", "--repo", str(b1), "--wait-reply", "120", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(m.get("body") == "anyone?" for m in fleet.remote_messages()):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    result = json.loads(out)
+    assert result["status"] == "sent" and result["reply"] is None and result["message_id"].startswith("msg_")
+
+
 def test_send_wait_reply_without_answer_exits_124_and_the_message_is_sent(fleet):
     b1 = fleet.clone("build1")
     fleet.clone("code2")

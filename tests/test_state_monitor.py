@@ -333,3 +333,15 @@ def test_a_command_reads_whole_json_however_long_the_message():
     assert seen["body"].startswith("\u00e9") and len(seen["read_by"]) == 100
     small = {"id": "m2", "from": "b", "to": "c", "body": "hi"}
     assert json.loads(_stdin_json(small)) == small
+
+
+def test_a_windows_command_line_loses_the_quotes_around_its_words():
+    import subprocess as sp
+
+    from fleet_hook import split_command
+
+    line = '"C:\\Program Files\\Python311\\python.exe" "C:\\agent\\wake.py" --fast'
+    argv = split_command(line, windows=True)
+    assert argv == ["C:\\Program Files\\Python311\\python.exe", "C:\\agent\\wake.py", "--fast"]
+    assert sp.list2cmdline(argv) == line.replace('"C:\\agent\\wake.py"', "C:\\agent\\wake.py")  # quoted where needed
+    assert split_command("python3 'a b.py' c", windows=False) == ["python3", "a b.py", "c"]
