@@ -651,6 +651,34 @@ def replace_file(target: Path, data: bytes) -> None:
                 pass
 
 
+STALE_TEMP_AGE: Final = 600.0  # a write's temporary file lives for a moment; older is a killed writer's
+
+
+def remove_stale_temp_files(folder: "os.PathLike[str] | str", max_age: float = STALE_TEMP_AGE) -> int:
+    """Remove the temporary files (``.<name>.*.tmp``) that writers killed mid-write left in
+    ``folder`` (:func:`replace_file` removes its own otherwise); how many. Only regular files
+    older than ``max_age`` seconds, never through a link."""
+    removed = 0
+    now = time.time()
+    here = Path(folder)
+    if here.is_symlink() or here.parent.is_symlink():
+        return 0  # a runtime folder is never a link (a fast-forward's, say): nothing in it is ours
+    try:
+        entries = list(os.scandir(here))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > max_age:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    return removed
+
+
 def _replace_with_retry(src: str, dst: Path) -> None:
     deadline = time.monotonic() + 2.0
     while True:

@@ -29,6 +29,7 @@ from fleet_common import (
     iso_from_epoch,
     iso_utc,
     normalize_server_id,
+    remove_stale_temp_files,
 )
 from fleet_git import (
     BranchMissing,
@@ -266,6 +267,9 @@ class Monitor(PeriodicDuties):
         self.show = parts.show or (lambda msg: None)
         self.one_shot = options.one_shot
         self.stop_event = parts.stop_event or threading.Event()
+        paths = RuntimePaths(self.repo, self.server)
+        for folder in (paths.queue_dir, paths.state_dir, paths.logs_dir):
+            remove_stale_temp_files(folder)  # what a writer killed mid-write left behind
         self.state = MonitorState(self.repo, self.server)
         self.reading = reading or ReadingOptions()
         self.states = StateStore(clone)  # this server's receipts and presence (PROTOCOL.md)

@@ -449,3 +449,18 @@ def test_a_queue_that_would_outgrow_what_it_reads_back_is_left_as_it_was(tmp_pat
     with pytest.raises(SuiteError, match="reads back"):
         q.enqueue(message(2))
     assert q.path.read_bytes() == before
+
+
+def test_a_writer_killed_mid_write_leaves_no_temporary_file_behind_for_long(fleet):
+    from conftest import run_script
+
+    clone = fleet.clone("code2")
+    MessageQueue(clone, "code2").enqueue(message(1))
+    queue_dir = clone / "code2" / "queue"
+    old, fresh = queue_dir / ".message_queue.json.abc123.tmp", queue_dir / ".message_queue.json.def456.tmp"
+    for path in (old, fresh):
+        path.write_text("{half a")
+    os.utime(old, (1_000_000_000, 1_000_000_000))  # long ago: its writer is gone
+    proc = run_script("message_monitor.py", "--repo", str(clone), "--server", "code2", "--once", "--no-auto-reply")
+    assert proc.returncode == 0, proc.stderr
+    assert not old.exists() and fresh.exists()  # a fresh one may be a writer at work
