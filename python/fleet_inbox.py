@@ -660,9 +660,11 @@ class Inbox:
             ack: Dict[str, Any] = {"id": msg["id"], "from": _sender(msg)}
             if note:
                 ack["note"] = note
-            self.store.update(self.server, StateChange(acks=[ack]))
+            # Decided where the state ref is written (under its lease): of two acknowledgements
+            # at once, only the one that recorded it sends the answer.
+            already = not self.store.update(self.server, StateChange(acks=[ack]))
             states = self._states()
-            if message:
+            if message and not already:
                 reply = self._send_ack(msg, note).to_dict()
         return {"acknowledged": self._view(entry, states), "reply": reply,
                 "already_acknowledged": already}

@@ -619,3 +619,27 @@ def test_acks_owed_to_me_are_read_past_a_crowd_of_state_refs(fleet, monkeypatch,
     # A broadcast's audience is the servers read: zz-code2 among them, then the crowd's first.
     assert owed[wide]["acknowledged_by"] == ["zz-code2"]
     assert owed[wide]["waiting_on"] == ["ghost00", "ghost01", "ghost02", "ghost03"]
+
+
+def test_two_acknowledgements_at_once_send_one_answer(fleet):
+    import threading
+
+    b1, c2, c2b = fleet.clone("build1"), fleet.clone("code2"), fleet.clone("code2-agent")
+    ids = [send(b1, f"please confirm {i}", "build1", to="code2", ack_required=True) for i in range(3)]
+    for mid in ids:
+        barrier = threading.Barrier(2)
+        results = []
+
+        def ack(repo, note, mid=mid, barrier=barrier, results=results) -> None:
+            inbox = Inbox(str(repo), "code2")
+            barrier.wait()
+            results.append(inbox.acknowledge(mid, note=note))
+
+        threads = [threading.Thread(target=ack, args=(repo, note)) for repo, note in ((c2, "one"), (c2b, "two"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert sorted(r["already_acknowledged"] for r in results) == [False, True]
+    answers = [m for m in fleet.remote_messages() if m.get("type") == "ack"]
+    assert sorted(m["in_reply_to"] for m in answers) == sorted(ids)
