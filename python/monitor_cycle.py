@@ -607,9 +607,9 @@ class Monitor(PeriodicDuties):
                 self.metrics.increment("messages_received")
                 if self.hook is not None:
                     self.hook.run(msg)
-                self._show(msg)
+                shown = self._show(msg)
                 self._auto_reply(msg, report)
-                if mark:  # only once it was shown: a failure above leaves the rest unread, not hidden
+                if mark and shown:  # only once it was shown: what was not stays unread, not hidden
                     self.state.record(message_key(msg), mark=True)
         finally:
             self.state.save()  # the marks of what was shown survive a failure on the next one
@@ -626,15 +626,18 @@ class Monitor(PeriodicDuties):
             self.hook.drain(stop=self.stop_event.is_set)
         self.hook.stop()
 
-    def _show(self, msg: Dict[str, Any]) -> None:
-        """Show a message on the console; a console that cannot be written (a closed pipe) is
-        said once in the log and never stops the cycle: the message is recorded either way."""
+    def _show(self, msg: Dict[str, Any]) -> bool:
+        """Show a message on the console; whether it was shown. A console that cannot be written
+        (a closed pipe) is said once in the log and never stops the cycle: the message's command
+        runs all the same, and it stays unread for the agent's inbox."""
         try:
             self.show(msg)
         except OSError as exc:
             if "console" not in self.warned_entries:
                 self.warned_entries.add("console")
                 log.warning("new messages cannot be shown: the console cannot be written (%s)", exc)
+            return False
+        return True
 
     def _refresh_rules(self, tip: Optional[str]) -> None:
         source = getattr(self, "rule_source", None)
