@@ -32,7 +32,7 @@ from fleet_objects import LOOSE_COMPRESSION, ObjectStore, StoreFailed, TooLarge,
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
-    from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+    from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
     from fleet_objects import TreeEntry
 
@@ -281,6 +281,29 @@ def spawn_git(repo: Union[str, "os.PathLike[str]"], *args: str,
                                 stderr=subprocess.PIPE, env=git_env(), **_SPAWN_KW)  # type: ignore[arg-type]
     except FileNotFoundError:
         raise SuiteError("git is not installed or not on PATH") from None
+
+
+# Network git calls running in this process (started, not yet finished): a process that ends
+# while worker threads wait on some (the MCP server, stopped) stops them with their helpers.
+_NETWORK_CALLS: "Set[subprocess.Popen[bytes]]" = set()
+_NETWORK_CALLS_LOCK = threading.Lock()
+
+
+def _track(proc: "subprocess.Popen[bytes]") -> "subprocess.Popen[bytes]":
+    with _NETWORK_CALLS_LOCK:
+        _NETWORK_CALLS.add(proc)
+    return proc
+
+
+def stop_network_calls() -> int:
+    """Stop every network git call of this process that is still running (:func:`stop_git`:
+    git with its helpers, so no push lands after its caller was told it failed); how many."""
+    with _NETWORK_CALLS_LOCK:
+        running = list(_NETWORK_CALLS)
+        _NETWORK_CALLS.clear()
+    for proc in running:
+        stop_git(proc)
+    return len(running)
 
 
 def stop_git(proc: "subprocess.Popen[Any]") -> None:
@@ -580,7 +603,7 @@ class Clone:
         """Start a git call that talks to the remote and return at once; :meth:`finish_network_git`
         waits for it (or kills it on the way out)."""
         self._call_network_hooks()
-        return spawn_git(self.root, *args)
+        return _track(spawn_git(self.root, *args))
 
     def start_fetch(self, *args: str, config: Sequence[str] = (),
                     input: Optional[bytes] = None) -> "subprocess.Popen[bytes]":
@@ -595,13 +618,13 @@ class Clone:
         """git started with ``input`` as its standard input from a temporary file (nothing has to
         write to it while it runs, however long the wait), or none."""
         if input is None:
-            return spawn_git(self.root, *args)
+            return _track(spawn_git(self.root, *args))
         import tempfile  # only for many refspecs (fleet_state.REFSPECS_IN_ARGV)
 
         with tempfile.TemporaryFile() as source:
             source.write(input)
             source.seek(0)
-            return spawn_git(self.root, *args, stdin=source.fileno())
+            return _track(spawn_git(self.root, *args, stdin=source.fileno()))
 
     def finish_network_git(self, proc: "subprocess.Popen[bytes]", *,
                            deadline: Optional[float] = None) -> "subprocess.CompletedProcess[bytes]":
@@ -643,6 +666,8 @@ class Clone:
             stop_git(proc)
             raise
         finally:
+            with _NETWORK_CALLS_LOCK:
+                _NETWORK_CALLS.discard(proc)
             self._call_network_hooks()
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

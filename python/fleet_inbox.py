@@ -753,12 +753,16 @@ class Inbox:
     def wait(self, *, timeout: Optional[float] = None, reply_to: Optional[str] = None,
              poll_seconds: float = DEFAULT_POLL_SECONDS, peek: bool = False,
              clock: Callable[[], float] = time.monotonic,
-             sleep: Callable[[float], None] = time.sleep) -> Dict[str, Any]:
+             sleep: Callable[[float], None] = time.sleep,
+             max_body_chars: Optional[int] = None) -> Dict[str, Any]:
         """Block until unread mail addressed to this server is there (with ``reply_to``: an
         answer to that message, read or not), or ``timeout`` seconds pass (``None``: no limit).
 
         Mail already waiting counts, so nothing that lands between a ``list`` and a ``wait`` is
-        missed. What arrives is returned with bodies and marked read unless ``peek``. Polls with
+        missed. What arrives is returned with bodies and marked read unless ``peek``; with
+        ``max_body_chars``, only the messages whose bodies fit in that many characters together
+        (the first always, its body cut to fit: ``"truncated": true``), and ``"more"`` says how
+        many arrived that were left for a later call, unread. Polls with
         one ``git fetch`` (:meth:`_refresh`) every ``poll_seconds``; a
         failing poll after the first is retried (the remote may come back before the timeout).
         """
@@ -789,7 +793,11 @@ class Inbox:
                     looked_at = state
                     arrived = self._arrived(reply_to, question)
                     if arrived:
-                        return {"arrived": True, "messages": self._take(arrived, peek)}
+                        taken = self._take(arrived, peek, max_body_chars)
+                        result: Dict[str, Any] = {"arrived": True, "messages": taken}
+                        if len(taken) < len(arrived):
+                            result["more"] = len(arrived) - len(taken)
+                        return result
                 remaining = None if deadline is None else deadline - clock()
                 if remaining is not None and remaining <= 0:
                     return {"arrived": False, "messages": []}
@@ -798,13 +806,26 @@ class Inbox:
         finally:
             self.clone.network_deadline = None
 
-    def _take(self, arrived: List[Found], peek: bool) -> List[Dict[str, Any]]:
-        """What ``wait`` returns: the views with bodies, marked read first unless ``peek``."""
+    def _take(self, arrived: List[Found], peek: bool, max_body_chars: Optional[int] = None) -> List[Dict[str, Any]]:
+        """What ``wait`` returns: the views with bodies (within ``max_body_chars``, see
+        :meth:`wait`), marked read first unless ``peek``; what does not fit stays unread."""
         states = self._states()
+        views = [self._view(e, states, body=True) for e in arrived]
+        if max_body_chars is not None:
+            kept = 1
+            room = max_body_chars - len(views[0]["body"])
+            while kept < len(views) and len(views[kept]["body"]) <= room:
+                room -= len(views[kept]["body"])
+                kept += 1
+            arrived, views = arrived[:kept], views[:kept]
+            if len(views[0]["body"]) > max_body_chars:
+                views[0]["body"] = views[0]["body"][:max_body_chars]
+                views[0]["truncated"] = True
         if not peek:
             self._mark([message_key(e.msg) for e in arrived if not _has_read(e.msg, self.server, states)])
-            states = self._states()
-        return [self._view(e, states, body=True) for e in arrived]
+            for view in views:
+                view["read"] = True  # what wait takes is mail to this server
+        return views
 
     def _refresh_while_waiting(self, warned: bool) -> bool:
         """Poll again; a remote that does not answer is said once, then retried. Returns whether

@@ -30,7 +30,8 @@ only here, only by :func:`main` and :func:`build_server`: the rest of the suite 
 3.8 without it, and without it this command says in one line what to install.
 
 Exit codes: 0 the client closed the connection; 1 failure (the SDK is missing, or git failed at
-start); 2 bad usage (a bad server id, a folder that is no clone); 130 interrupted.
+start); 2 bad usage (a bad server id, a folder that is no clone); 130 interrupted (Ctrl+C, SIGTERM,
+SIGHUP: git calls still running stop with it).
 """
 
 from __future__ import annotations
@@ -61,14 +62,20 @@ SDK_VERSION: Final = "2.3.0"  # the version requirements-mcp.txt pins; the API b
 SDK_MIN_PYTHON: Final = (3, 10)
 MAX_WAIT_SECONDS: Final = 300.0  # one tool call never holds the agent longer (the issue's bound)
 DEFAULT_WAIT_SECONDS: Final = 60.0
+# What one result may carry: an agent's client may cut or drop a longer tool result, and mail it
+# never saw must not read as read. Bodies share this many characters per result; lists without
+# bodies hold at most DEFAULT_LIST_LIMIT messages unless the agent asks for more.
+MAX_BODY_CHARS: Final = 100_000
+DEFAULT_LIST_LIMIT: Final = 50
 
 # One line per tool: the whole tool list is read by the model on every turn.
 DESCRIPTIONS: Final = {
     "send_message": "Send mail. to: a server id, 'all' or 'a,b'. priority: low|normal|high|urgent. "
                     "reply_to: the id answered.",
     "fetch_inbox": "List this server's mail without bodies. since: 2h, 30m, 1d or an ISO time.",
-    "read_message": "Read one message with its body and mark it read. sender: when two share the id.",
-    "get_thread": "The conversation a message belongs to, with bodies.",
+    "read_message": "Read one message with its body and mark it read. sender: when two share the id. "
+                    "A long body comes in parts: read again with offset=next_offset.",
+    "get_thread": "The conversation a message belongs to, with bodies (long ones cut).",
     "mark_read": "Mark messages read by id.",
     "acknowledge": "Acknowledge a message to its sender, with an optional note.",
     "search_messages": "Find mail by words in subject, body or sender; include_archive for old mail.",
@@ -119,13 +126,33 @@ class MailTools:
 
     def fetch_inbox(self, unread_only: bool = True, since: Optional[str] = None,
                     limit: Optional[int] = None) -> Dict[str, Any]:
-        return self._inbox().unread(include_read=not unread_only, since=since, limit=limit)
+        return self._inbox().unread(include_read=not unread_only, since=since,
+                                    limit=DEFAULT_LIST_LIMIT if limit is None else limit)
 
-    def read_message(self, id: str, sender: Optional[str] = None) -> Dict[str, Any]:
-        return self._inbox().get(id, sender)
+    def read_message(self, id: str, sender: Optional[str] = None, offset: int = 0) -> Dict[str, Any]:
+        """The message with at most :data:`MAX_BODY_CHARS` of its body from ``offset``; a body
+        that goes on says ``"truncated": true`` and ``"next_offset"``."""
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise UsageError("offset must be a whole number, 0 or more")
+        result = self._inbox().get(id, sender)
+        message = result["message"]
+        body = message["body"]
+        message["body"] = body[offset:offset + MAX_BODY_CHARS]
+        if offset + MAX_BODY_CHARS < len(body):
+            message["truncated"] = True
+            message["next_offset"] = offset + MAX_BODY_CHARS
+        return result
 
     def get_thread(self, id: str) -> Dict[str, Any]:
-        return self._inbox().thread(id)
+        result = self._inbox().thread(id)
+        room = MAX_BODY_CHARS
+        for message in result["messages"]:
+            body = message.get("body", "")
+            if len(body) > room:
+                message["body"] = body[:room]
+                message["truncated"] = True  # read_message gives it whole
+            room -= len(message["body"])
+        return result
 
     def mark_read(self, ids: List[str]) -> Dict[str, Any]:
         return self._inbox().mark_read(ids)
@@ -135,7 +162,7 @@ class MailTools:
         return self._inbox().acknowledge(id, sender, note=note)
 
     def search_messages(self, words: str, include_archive: bool = False) -> Dict[str, Any]:
-        return self._inbox().search(words, include_archive=include_archive)
+        return self._inbox().search(words, include_archive=include_archive, limit=DEFAULT_LIST_LIMIT)
 
     def wait_for_mail(self, timeout_seconds: float = DEFAULT_WAIT_SECONDS, reply_to: Optional[str] = None,
                       stop: Optional[threading.Event] = None) -> Dict[str, Any]:
@@ -144,9 +171,9 @@ class MailTools:
             raise UsageError(f"timeout_seconds must be more than 0 and at most {int(MAX_WAIT_SECONDS)}, "
                              f"not {timeout_seconds:g}")
         if stop is None:
-            return self._inbox().wait(timeout=timeout_seconds, reply_to=reply_to)
+            return self._inbox().wait(timeout=timeout_seconds, reply_to=reply_to, max_body_chars=MAX_BODY_CHARS)
         try:
-            return self._inbox().wait(timeout=timeout_seconds, reply_to=reply_to,
+            return self._inbox().wait(timeout=timeout_seconds, reply_to=reply_to, max_body_chars=MAX_BODY_CHARS,
                                       sleep=functools.partial(_sleep_unless_stopped, stop))
         except _WaitStopped:
             return {"arrived": False, "messages": []}
@@ -360,7 +387,7 @@ def _serve(args: argparse.Namespace) -> int:
     serve MCP on stdio until the client closes the connection."""
     import_sdk()
     server = resolve_server_id(args.server)
-    from fleet_git import Clone
+    from fleet_git import Clone, stop_network_calls
 
     clone = Clone(args.repo or default_repo_path(), args.branch)  # refuses a folder that is no clone
     repo = str(clone.root)
@@ -368,12 +395,50 @@ def _serve(args: argparse.Namespace) -> int:
     app = build_server(MailTools(repo, server, args.branch))
     log.info("MCP server for %s on %s started", server, repo,
              extra={"metadata": {"server": server, "repo": repo, "branch": args.branch}})
+    restore = _stop_on_terminate()
     try:
         app.run("stdio")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    finally:
+        restore()
+        # A tool call still in a worker thread (a slow fetch, a push) stops with its git helpers
+        # now: an orphaned push would land after the agent was told the call failed.
+        stopped = stop_network_calls()
+        if stopped:
+            log.warning("MCP server stopped with %d git call(s) still running; they were stopped", stopped)
     log.info("MCP server for %s stopped: the client closed the connection", server)
     return EXIT_OK
+
+
+def _stop_on_terminate() -> Callable[[], None]:
+    """SIGTERM (a service manager, a client killing its server) and SIGHUP stop the server now:
+    every git call still running stops with its helpers, the log is flushed, and the process
+    exits 130. (Not by unwinding: the SDK's reader of standard input would hold the process
+    until the client closed it.) Returns what puts the previous handlers back."""
+    import logging
+    import os
+    import signal
+
+    def terminate(signum: int, frame: Any) -> None:
+        from fleet_git import stop_network_calls
+
+        stopped = stop_network_calls()
+        log.warning("MCP server stopped by signal %d; %d git call(s) were stopped with it", signum, stopped)
+        logging.shutdown()
+        os._exit(EXIT_INTERRUPTED)
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None:
+            previous[number] = signal.signal(number, terminate)
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+    return restore
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List
@@ -359,3 +360,77 @@ def test_without_the_sdk_it_says_what_to_install(tmp_path):
     assert proc.returncode == 1 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install -r requirements-mcp.txt" in lines[0], proc.stderr
+
+
+@needs_sdk
+def test_long_mail_comes_in_bounded_results_and_only_what_was_returned_is_read(fleet, sdk):
+    """An agent's client may cut or drop a long tool result: bodies share 100,000 characters a
+    result, a long body is read in parts, and wait_for_mail marks read only what it returned."""
+    from mcp_server import MAX_BODY_CHARS
+    from send_message import send_message
+
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    long_body = "".join(f"{i:07d} " for i in range(30_000))  # 240,000 characters
+    ids = [send_message(body, f"part {n}", to="code2", from_sender="build1", build_repo_path=str(b1)).message_id
+           for n, body in enumerate((long_body, "b" * 60_000, "c" * 60_000))]
+
+    async def body() -> None:
+        async with agent(c2, "code2") as code2:
+            got = await code2.call("wait_for_mail", timeout_seconds=5)
+            assert [m["id"] for m in got["messages"]] == ids[:1] and got["more"] == 2
+            assert got["messages"][0]["truncated"] is True and len(got["messages"][0]["body"]) == MAX_BODY_CHARS
+            assert (await code2.call("fetch_inbox"))["count"] == 2  # what it did not return is unread
+            parts, offset = [], 0
+            while offset is not None:
+                read = (await code2.call("read_message", id=ids[0], offset=offset))["message"]
+                parts.append(read["body"])
+                offset = read.get("next_offset")
+            assert "".join(parts) == long_body and len(parts) == 3
+            thread = await code2.call("get_thread", id=ids[1])
+            assert sum(len(m.get("body", "")) for m in thread["messages"]) <= MAX_BODY_CHARS
+            rest = await code2.call("wait_for_mail", timeout_seconds=5)
+            assert [m["id"] for m in rest["messages"]] == ids[1:2] and rest["more"] == 1
+
+    run(sdk, body)
+
+
+@needs_sdk
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM")
+def test_sigterm_during_a_slow_call_leaves_no_git_behind(fleet, sdk, http_git_server):
+    """Stopped by its service manager or client while a call waits on a slow remote: nothing of
+    that call's git (nor its HTTP helper) lives on to write refs, or land a push, afterwards."""
+    import signal
+
+    import psutil
+
+    c2 = fleet.clone("code2")
+    git(c2, "remote", "set-url", "origin", http_git_server.url("origin.git"))
+    http_git_server.delay = 30.0
+    with open(fleet.base / "code2.mcp-stderr.txt", "wb") as err:
+        proc = subprocess.Popen([sys.executable, str(PYTHON_DIR / "mcp_server.py"), "--repo", str(c2),
+                                 "--server", "code2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, env=server_env())
+    try:
+        for message in ({"id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}},
+                {"method": "notifications/initialized"},
+                {"id": 2, "method": "tools/call", "params": {"name": "fetch_inbox", "arguments": {}}}):
+            proc.stdin.write(json.dumps({"jsonrpc": "2.0", **message}).encode() + b"\n")
+            proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while http_git_server.active_connections < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stdin.close()
+    where = str(c2.resolve())
+    deadline = time.monotonic() + 5
+    while [p for p in psutil.process_iter(["cwd"]) if p.info["cwd"] == where]:
+        assert time.monotonic() < deadline, "a git of the stopped server still runs"
+        time.sleep(0.1)
