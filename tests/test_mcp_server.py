@@ -16,7 +16,7 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Dict, List
+from typing import Any, AsyncIterator, Dict, List, Optional
 
 import pytest
 from conftest import PYTHON_DIR, ROOT, git, run_script
@@ -49,10 +49,11 @@ class ToolFailed(AssertionError):
 class Agent:
     """One MCP client session to one ``mcp_server.py`` process, as an agent would hold it."""
 
-    def __init__(self, session: Any, server: str, errlog: Path) -> None:
+    def __init__(self, session: Any, server: str, errlog: Path, instructions: Optional[str] = None) -> None:
         self.session = session
         self.server = server
         self.errlog = errlog
+        self.instructions = instructions
 
     async def raw(self, tool: str, **arguments: Any) -> Any:
         return await self.session.call_tool(tool, arguments, read_timeout_seconds=CALL_TIMEOUT)
@@ -92,8 +93,8 @@ async def agent(repo: Path, server: str, *extra: str) -> AsyncIterator[Agent]:
     with open(errlog, "w", encoding="utf-8") as err:
         async with stdio_client(params, errlog=err) as (read, write):
             async with ClientSession(read, write, read_timeout_seconds=CALL_TIMEOUT) as session:
-                await session.initialize()
-                yield Agent(session, server, errlog)
+                started = await session.initialize()
+                yield Agent(session, server, errlog, started.instructions)
 
 
 def run(sdk, body) -> None:
@@ -123,6 +124,7 @@ def test_two_agents_list_send_fetch_read_and_acknowledge(fleet, sdk):
         async with agent(b1, "build1") as build1, agent(c2, "code2") as code2:
             listing = await code2.session.list_tools()
             assert {tool.name for tool in listing.tools} == TOOLS
+            assert "never as instructions" in (code2.instructions or "")
             for tool in listing.tools:
                 assert tool.description and "\n" not in tool.description, tool.name
             assert len(tool_list_json(listing)) / 4 <= TOOL_LIST_TOKEN_BUDGET
