@@ -27,6 +27,7 @@ from fleet_common import SuiteError, is_valid_server_id, utc_now
 from fleet_git import NotAFile
 from fleet_mailbox import (
     MAILBOX_PATH,
+    MAX_MAILBOX_BYTES,
     Mailbox,
     MailboxCorrupt,
     entry_problem,
@@ -270,17 +271,28 @@ def archive_mailbox(clone: Any, server: str, days: float,
                             getattr(exc, "reason", exc), extra={"metadata": {"path": path}})
                 continue
             present = {message_key(m): m for m in archive["messages"] if isinstance(m, dict)}
+            here = 0
+            held: Set[int] = set()
             for msg in msgs:
                 there = present.get(message_key(msg))
                 if there is None:
                     present[message_key(msg)] = msg
                     archive["messages"].append(fold_receipts(msg, receipts, acked))
-                    moved += 1
+                    here += 1
                 elif _same_message(there, msg):
-                    moved += 1  # the archive holds it already (an older tool's pass): leave one copy
+                    here += 1  # the archive holds it already (an older tool's pass): leave one copy
                 else:  # another message with the same (id, from), as older tools wrote: never lose one
-                    kept.add(id(msg))
-            files[path] = serialize(archive)
+                    held.add(id(msg))
+            content = serialize(archive)
+            if len(content) > MAX_MAILBOX_BYTES:  # a month past what readers read: it stays hot
+                kept.update(id(msg) for msg in msgs)
+                result["skipped"].append(path)
+                log.warning("%s would grow past %d bytes; its month's mail stays in the mailbox", path,
+                            MAX_MAILBOX_BYTES, extra={"metadata": {"path": path}})
+                continue
+            kept |= held
+            moved += here
+            files[path] = content
         if not moved:
             return None
         keep = {id(e) for e in stay} | kept
@@ -296,8 +308,8 @@ def archive_mailbox(clone: Any, server: str, days: float,
     result["summary"] = (f"archived {result['archived']} messages into {', '.join(result['files'])}"
                          if result["archived"] else "nothing to archive")
     if result["skipped"]:
-        result["summary"] += (f"; {', '.join(result['skipped'])} cannot be read, so that month's mail "
-                              "stays in the mailbox")
+        result["summary"] += (f"; {', '.join(result['skipped'])} cannot be read or would grow past what "
+                              "readers read, so that month's mail stays in the mailbox")
     return result
 
 
@@ -348,32 +360,36 @@ def prunable_keys(clone: Any, tip: Optional[str], server: str, read: Iterable[Me
     return done
 
 
-def archived_copies(clone: Any, tip: Optional[str], messages: Iterable[Mapping[str, Any]]) -> Set[MessageKey]:
-    """The keys of ``messages`` whose month's archive file holds the same message (receipts
-    aside; each file read once, an unreadable one holds nothing): a copy of such a message in the
-    hot mailbox is one that came back (a queued retry of a push that had landed, an older tool's
-    merge), never new mail."""
+def archived_copies(clone: Any, tip: Optional[str], messages: Iterable[Mapping[str, Any]], *,
+                    mailbox: Optional[Mailbox] = None) -> Set[int]:
+    """Which of ``messages`` (their ``id()``) the archive holds already: the same message,
+    receipts aside, in its month's file (each file read once, through ``mailbox``'s parse cache
+    when given; an unreadable one holds nothing). A copy of such a message in the hot mailbox is
+    one that came back (a queued retry of a push that had landed, an older tool's merge), never
+    new mail; another message under the same id and sender (older tools' ids collided) is not."""
     by_path: Dict[str, List[Mapping[str, Any]]] = {}
     for msg in messages:
         when = message_time(msg)
         if when is not None:
             by_path.setdefault(archive_path(when), []).append(msg)
-    found: Set[MessageKey] = set()
-    mailbox = Mailbox(clone)
+    found: Set[int] = set()
+    mailbox = mailbox or Mailbox(clone)
     for path, msgs in by_path.items() if tip is not None else ():
         try:
             _, data = mailbox.read(tip, path)
         except (MailboxCorrupt, NotAFile):
             continue
-        there = {message_key(m): m for _, m in valid_messages(data, warn=False)}
-        found.update(message_key(m) for m in msgs
-                     if message_key(m) in there and _same_message(there[message_key(m)], m))
+        there: Dict[MessageKey, List[Mapping[str, Any]]] = {}
+        for _, archived in valid_messages(data, warn=False):
+            there.setdefault(message_key(archived), []).append(archived)
+        found.update(id(m) for m in msgs if any(_same_message(a, m) for a in there.get(message_key(m), ())))
     return found
 
 
-def is_archived(clone: Any, tip: Optional[str], msg: Mapping[str, Any]) -> bool:
+def is_archived(clone: Any, tip: Optional[str], msg: Mapping[str, Any], *,
+                mailbox: Optional[Mailbox] = None) -> bool:
     """Whether the archive holds ``msg`` already (:func:`archived_copies`)."""
-    return message_key(msg) in archived_copies(clone, tip, [msg])
+    return id(msg) in archived_copies(clone, tip, [msg], mailbox=mailbox)
 
 
 def archive_files(clone: Any, tip: Optional[str]) -> List[str]:

@@ -760,9 +760,10 @@ class Inbox:
 
         Mail already waiting counts, so nothing that lands between a ``list`` and a ``wait`` is
         missed. What arrives is returned with bodies and marked read unless ``peek``; with
-        ``max_body_chars``, only the messages whose bodies fit in that many characters together
-        (the first always, its body cut to fit: ``"truncated": true``), and ``"more"`` says how
-        many arrived that were left for a later call, unread. Polls with
+        ``max_body_chars``, only the messages whose views (as compact JSON) fit in that many
+        characters together, at most :data:`MAX_TAKEN` (the first always, its body cut to half of
+        it: ``"truncated": true``), and ``"more"`` says how many arrived that were left for a later
+        call, unread. Polls with
         one ``git fetch`` (:meth:`_refresh`) every ``poll_seconds``; a
         failing poll after the first is retried (the remote may come back before the timeout).
         """
@@ -793,6 +794,9 @@ class Inbox:
                     looked_at = state
                     arrived = self._arrived(reply_to, question)
                     if arrived:
+                        # The read mark's push gets its own limit: cut short, it could land
+                        # unseen and leave mail read that was never returned.
+                        self.clone.network_deadline = None
                         taken = self._take(arrived, peek, max_body_chars)
                         result: Dict[str, Any] = {"arrived": True, "messages": taken}
                         if len(taken) < len(arrived):
@@ -811,16 +815,15 @@ class Inbox:
         :meth:`wait`), marked read first unless ``peek``; what does not fit stays unread."""
         states = self._states()
         views = [self._view(e, states, body=True) for e in arrived]
-        if max_body_chars is not None:
-            kept = 1
-            room = max_body_chars - len(views[0]["body"])
-            while kept < len(views) and len(views[kept]["body"]) <= room:
-                room -= len(views[kept]["body"])
+        if max_body_chars is not None:  # the whole view counts, not only its body
+            if len(views[0]["body"]) > max_body_chars // 2:
+                views[0]["body"] = views[0]["body"][:max_body_chars // 2]
+                views[0]["truncated"] = True
+            kept, room = 1, max_body_chars - _json_chars(views[0])
+            while kept < min(len(views), MAX_TAKEN) and _json_chars(views[kept]) <= room:
+                room -= _json_chars(views[kept])
                 kept += 1
             arrived, views = arrived[:kept], views[:kept]
-            if len(views[0]["body"]) > max_body_chars:
-                views[0]["body"] = views[0]["body"][:max_body_chars]
-                views[0]["truncated"] = True
         if not peek:
             self._mark([message_key(e.msg) for e in arrived if not _has_read(e.msg, self.server, states)])
             for view in views:
@@ -861,6 +864,13 @@ class Inbox:
                 found.append(entry)
         found.sort(key=_list_order if reply_to is None else _time_order)
         return found
+
+
+MAX_TAKEN: Final = 50  # messages one bounded wait returns at most (the rest waits for the next)
+
+
+def _json_chars(view: Mapping[str, Any]) -> int:
+    return len(json.dumps(view, ensure_ascii=False, separators=(",", ":")))
 
 
 def _answerers(question: Mapping[str, Any]) -> Optional[Set[str]]:

@@ -628,7 +628,7 @@ def merge_copies(kept: Dict[str, Any], other: Dict[str, Any]) -> bool:
     return changed
 
 
-_CONFLICT_MARKS: Final = ("<<<<<<< ", "||||||| ", "=======", ">>>>>>> ")
+_CONFLICT_MARK = re.compile(r"^(<<<<<<< |\|\|\|\|\|\|\| |=======\r?$|>>>>>>> )", re.MULTILINE)
 
 
 def conflict_sides(text: str) -> List[str]:
@@ -638,26 +638,36 @@ def conflict_sides(text: str) -> List[str]:
 
     git leaves the lines both sides share outside the markers: a message cut by a hunk (its
     opening ``{`` before the markers, its last fields after them) is whole only in a side's text.
+    Built from slices between the marker lines (a few times the text's size, however many lines).
     """
-    lines = text.splitlines(keepends=True)
-    if not any(line.startswith("<<<<<<< ") for line in lines):
+    marks = list(_CONFLICT_MARK.finditer(text))
+    if not any(m.group(1).startswith("<") for m in marks):
         return []
     sides: List[List[str]] = [[], []]
     where = None  # None: shared; 0: first side; 1: second side; 2: the diff3 base
-    for line in lines:
-        if line.startswith("<<<<<<< "):
-            where = 0
-        elif line.startswith("||||||| ") and where == 0:
-            where = 2
-        elif line.rstrip("\r\n") == "=======" and where in (0, 2):
-            where = 1
-        elif line.startswith(">>>>>>> ") and where == 1:
-            where = None
-        elif where is None:
-            sides[0].append(line)
-            sides[1].append(line)
+    start = 0
+    for mark in marks:
+        kind = mark.group(1)[0]
+        nxt = {"<": 0 if where is None else None, "|": 2 if where == 0 else None,
+               "=": 1 if where in (0, 2) else None, ">": -1 if where == 1 else None}[kind]
+        if nxt is None:
+            continue  # a marker-like line out of place: it is text of the side it is in
+        end = text.find("\n", mark.start())
+        end = len(text) if end == -1 else end + 1
+        segment = text[start:mark.start()]
+        if where is None:
+            sides[0].append(segment)
+            sides[1].append(segment)
         elif where in (0, 1):
-            sides[where].append(line)
+            sides[where].append(segment)
+        where = None if nxt == -1 else nxt
+        start = end
+    tail = text[start:]
+    if where is None:
+        sides[0].append(tail)
+        sides[1].append(tail)
+    elif where in (0, 1):
+        sides[where].append(tail)
     return ["".join(side) for side in sides]
 
 
@@ -815,13 +825,13 @@ class Mailbox:
         return None, None
 
     def repair(self, server: str, *, max_history: int = REPAIR_HISTORY,
-               archived: Optional[Callable[[Optional[str], List[Dict[str, Any]]], Set[MessageKey]]] = None
+               archived: Optional[Callable[[Optional[str], List[Dict[str, Any]]], Set[int]]] = None
                ) -> Dict[str, Any]:
         """Rebuild an unparseable mailbox on the remote: the last version that parses plus every
         message salvaged from the broken one, by the transaction. Reports what it kept and salvaged.
 
-        ``archived(tip, messages)``: the keys of those the archive holds already (an older tool's
-        stale copy merged back in); they are left out, never brought back as new mail."""
+        ``archived(tip, messages)``: which of them (their ``id()``) the archive holds already (an
+        older tool's stale copy merged back in); they are left out, never brought back as new mail."""
         result: Dict[str, Any] = {"repaired": False, "kept": 0, "salvaged": 0, "good_commit": None,
                                   "dropped": 0}
 
@@ -843,8 +853,7 @@ class Mailbox:
             doc, kept, salvaged = repair_document(good, (raw or b"").decode("utf-8", "replace"))
             there = archived(tip, [m for _, m in valid_messages(doc, warn=False)]) if archived else set()
             if there:
-                doc["messages"] = [m for m in doc["messages"]
-                                   if entry_problem(m) is not None or message_key(m) not in there]
+                doc["messages"] = [m for m in doc["messages"] if id(m) not in there]
             result.update(kept=kept, salvaged=salvaged, good_commit=good_commit, dropped=len(there))
             return ({MAILBOX_PATH: serialize(doc)},
                     f"{server}: repair the mailbox (kept {kept}, salvaged {salvaged})")

@@ -286,8 +286,10 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
         if not args.once:
             restore = install_stop_handlers(lambda name: stop.set())
         if args.once:
-            report = monitor.cycle()
-            monitor.finish_hook()
+            try:
+                report = monitor.cycle()
+            finally:  # (interrupted in the cycle: the commands it started stop with it)
+                monitor.finish_hook()
             monitor.metrics.maybe_flush(True)
             if not report.ok:
                 error_line("message_monitor", report.error)

@@ -362,6 +362,24 @@ class MessageQueue:
             )
         return entry
 
+    def postpone(self, message_id: str, error: str = "", sender: Optional[str] = None,
+                 seconds: float = DEFAULT_MAX_BACKOFF) -> bool:
+        """Try a pending entry again in ``seconds`` without spending an attempt (the remote
+        answered; what is missing is room, which an archive pass makes). ``False`` when the
+        queue holds no such pending entry."""
+        now = self.clock()
+
+        def change(items: Items) -> bool:
+            entry = self._find(items, message_id, sender)
+            if entry is None or entry.get("status") != PENDING:
+                return False
+            entry["last_error"] = error or None
+            entry["last_attempt_at"] = iso_from_epoch(now, fraction=True)
+            entry["next_attempt_at"] = now + seconds
+            return True
+
+        return self._mutate(change) if self.path.exists() else False
+
     def retry_dead(self, message_id: Optional[str] = None, sender: Optional[str] = None) -> int:
         """Make dead entries (all, or one id) pending again with 0 attempts, due now; return how many."""
         if not self.path.exists():

@@ -622,9 +622,11 @@ class Monitor(PeriodicDuties):
         owed for the next start (:class:`fleet_hook.MessageHook`)."""
         if self.hook is None:
             return
-        if self.one_shot:
-            self.hook.drain(stop=self.stop_event.is_set)
-        self.hook.stop()
+        try:
+            if self.one_shot:
+                self.hook.drain(stop=self.stop_event.is_set)
+        finally:  # Ctrl+C in the drain too: nothing keeps running past the monitor
+            self.hook.stop()
 
     def _show(self, msg: Dict[str, Any]) -> bool:
         """Show a message on the console; whether it was shown. A console that cannot be written
@@ -693,37 +695,56 @@ class Monitor(PeriodicDuties):
     def _queues(self) -> List[Any]:
         """This server's retry queue first, then any other server's queue in this clone: a
         person may send ``--from`` another id through this clone, and nothing else would ever
-        deliver that queue (delivery is idempotent, so two monitors sharing one is harmless).
-        A queue file git tracks came with the shared branch, not from a send here: it is skipped
-        (with a warning), never delivered as if this clone had queued it."""
+        deliver that queue (delivery is idempotent, so two monitors sharing one is harmless)."""
         from message_queue import MessageQueue
 
         queues = [self.queue]
-        others = {}
         for path in sorted(self.repo.glob("*/queue/message_queue.json")):
             name = path.parent.parent.name
-            if name != self.server and is_valid_server_id(name) and name == name.lower():
-                others[f"{name}/queue/message_queue.json"] = name
-        if others:
-            listed = run_git(self.repo, "ls-files", "-z", "--", *sorted(others), check=False)
-            tracked = set(listed.stdout.decode("utf-8", "surrogateescape").split("\0")) if listed.returncode == 0 \
-                else set(others)  # unknown: deliver nothing that may be the branch's
-            for path, name in others.items():
-                if path in tracked:
-                    if path not in self.warned_entries:
-                        self.warned_entries.add(path)
-                        log.warning("%s is tracked by git (it came with the shared branch); its messages "
-                                    "are not delivered from this clone", path, extra={"metadata": {"path": path}})
-                    continue
-                queues.append(self._other_queues.setdefault(name, MessageQueue(str(self.repo), name)))
+            if name == self.server or not is_valid_server_id(name) or name != name.lower():
+                continue
+            try:
+                if name not in self._other_queues:
+                    self._other_queues[name] = MessageQueue(str(self.repo), name)
+            except UsageError as exc:  # an id no server may act as now (an older version's queue)
+                self._warn_once(f"queue:{name}", "%s is not delivered: %s", path.parent, exc)
+                continue
+            queues.append(self._other_queues[name])
         return queues
+
+    def _warn_once(self, key: str, text: str, *args: Any) -> None:
+        if key not in self.warned_entries:
+            self.warned_entries.add(key)
+            log.warning(text, *args)
+
+    def _untracked(self, queues: List[Any]) -> List[Any]:
+        """The queues whose file git does not track. One that git tracks came with the shared
+        branch (someone committed it), not from a send here: it is skipped with a warning, never
+        delivered as if this clone had queued it. When git cannot say, none is delivered now."""
+        paths = {queue.path.relative_to(self.repo).as_posix(): queue for queue in queues}
+        listed = run_git(self.repo, "ls-files", "-z", "--", *sorted(paths), check=False)
+        if listed.returncode != 0:
+            reason = listed.stderr.decode("utf-8", "replace").strip().splitlines()[:1] or ["no reason given"]
+            log.warning("queued messages wait: git cannot say whether it tracks the queue files (%s)",
+                        reason[0][:300])
+            return []
+        tracked = set(listed.stdout.decode("utf-8", "surrogateescape").split("\0"))
+        for path in sorted(tracked & set(paths)):
+            self._warn_once(f"tracked:{path}", "%s is tracked by git (it came with the shared branch); its "
+                            "messages are not delivered from this clone", path)
+        return [queue for path, queue in paths.items() if path not in tracked]
 
     def _drain_queue(self, report: CycleReport) -> None:
         """Deliver due queued messages (sends that found the remote down, automatic replies)."""
         if self.corrupt_blob is not None:
             return  # never write on top of a corrupt mailbox; attempts are not spent meanwhile
-        for queue in self._queues():
-            for entry in queue.get_due():
+        due = {queue: entries for queue in self._queues() for entries in [queue.get_due()] if entries}
+        if not due:
+            return  # (the usual cycle: no git process for the queues)
+        from fleet_archive import is_archived
+
+        for queue in self._untracked(list(due)):
+            for entry in due[queue]:
                 if self.stop_event.is_set() and not self.one_shot:
                     return
                 msg = entry.get("message")
@@ -734,15 +755,17 @@ class Monitor(PeriodicDuties):
                                              final=True)
                     self.metrics.increment("errors")
                     continue
-                from fleet_archive import is_archived  # (only when something is queued)
-
-                archived = functools.partial(is_archived, self.clone, msg=msg)
+                archived = functools.partial(is_archived, self.clone, msg=msg, mailbox=self.mailbox)
                 try:
                     tx = self._timed("send", lambda m=msg, a=archived: self.mailbox.deliver(
                         m, fresh_for=self.interval, elsewhere=a))
                 except MailboxCorrupt:
                     return
-                except (RemoteUnavailable, GitError, MailboxFull) as exc:
+                except MailboxFull as exc:  # room comes with an archive pass: no attempt is spent
+                    queue.postpone(entry["id"], str(exc), sender=sender)
+                    self._warn_once("mailbox-full", "queued messages wait: %s", exc)
+                    return
+                except (RemoteUnavailable, GitError) as exc:
                     updated = queue.increment_attempts(entry["id"], str(exc), sender=sender)
                     log.warning("queued message %s not delivered (attempt %s): %s", entry["id"],
                                 updated.get("attempts"), exc, extra={"metadata": {"id": entry["id"]}})

@@ -55,6 +55,31 @@ def _state_problem(data: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+OWED_TEXT_CHARS = 4096  # of each text of a message kept for a command that has not started
+
+
+def owed_copy(msg: Dict[str, Any]) -> Dict[str, Any]:
+    """A message as :class:`MonitorState` keeps it for its command: texts cut at
+    :data:`OWED_TEXT_CHARS` and lists at 20 items (then ``"truncated": true``; ``inbox.py show``
+    has it whole), at most 40 fields."""
+    copy: Dict[str, Any] = {}
+    cut = False
+    for key, value in list(msg.items())[:40]:
+        if isinstance(value, str) and len(value) > OWED_TEXT_CHARS:
+            value, cut = value[:OWED_TEXT_CHARS], True
+        elif isinstance(value, list):
+            short = [v[:OWED_TEXT_CHARS] if isinstance(v, str) else v for v in value[:20]
+                     if not isinstance(v, (dict, list))]
+            cut = cut or len(short) != len(value) or short != value
+            value = short
+        elif isinstance(value, dict):
+            value, cut = None, True
+        copy[str(key)[:200]] = value
+    if cut:
+        copy["truncated"] = True
+    return copy
+
+
 class MonitorState:
     """Processed message keys and read marks not yet pushed: ``<server>/state/monitor_state.json``.
 
@@ -99,8 +124,9 @@ class MonitorState:
         self.dirty = True
 
     def owe_hook(self, msg: Dict[str, Any]) -> None:
-        """The --on-message command is to run for ``msg`` (saved with the next :meth:`save`)."""
-        self.hook_owed[message_key(msg)] = dict(msg)
+        """The --on-message command is to run for ``msg`` (saved with the next :meth:`save`). The
+        saved copy is bounded (:func:`owed_copy`): the state file stays small whatever the mail."""
+        self.hook_owed[message_key(msg)] = owed_copy(msg)
         while len(self.hook_owed) > HOOK_OWED_CAP:
             dropped = next(iter(self.hook_owed))
             del self.hook_owed[dropped]

@@ -319,3 +319,40 @@ def test_a_queued_retry_of_mail_archived_meanwhile_does_not_bring_it_back(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert fleet.remote_messages() == [] and fleet.remote_commits() == before
     assert MessageQueue(str(b1), "build1").stats()["pending"] == 0  # counted as delivered
+
+
+def test_a_month_whose_archive_file_is_full_keeps_its_mail_hot_and_the_others_move(tmp_path, monkeypatch):
+    import fleet_archive
+
+    m1, m2 = msg(1, 70, read=True), msg(2, 130, read=True)  # two months
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [m1, m2]}, indent=2).encode())
+    c2 = fleet.clone("code2")
+    full = f"{dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=70):%Y-%m}"
+    (c2 / "coordination" / "archive").mkdir(parents=True)
+    (c2 / "coordination" / "archive" / f"messages-{full}.json").write_text(
+        json.dumps({"messages": [msg(100 + i, 70, read=True) for i in range(20)]}, indent=2))
+    commit_and_push(c2, "a busy month")
+    monkeypatch.setattr(fleet_archive, "MAX_MAILBOX_BYTES", 6000)  # that month's file is about full
+    result = archive_mailbox(Clone(c2), "code2", 30)
+    assert result["archived"] == 1 and result["skipped"] == [f"coordination/archive/messages-{full}.json"]
+    assert [m["subject"] for m in fleet.remote_messages()] == ["m1"]
+
+
+def test_repair_leaves_out_only_the_archived_copy_not_a_message_sharing_its_id(tmp_path):
+    """Older tools' ids collided: two messages with one id and sender, one of them archived.
+    A repair drops the hot copy of the archived one and keeps the other."""
+    from message_monitor import repair_mailbox
+
+    a = msg(1, 40, body="the archived one")
+    b = dict(a, body="another message, same id")
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [a, b]}, indent=2).encode())
+    c2 = fleet.clone("code2")
+    month = f"{dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=40):%Y-%m}"
+    (c2 / "coordination" / "archive").mkdir(parents=True)
+    (c2 / "coordination" / "archive" / f"messages-{month}.json").write_text(json.dumps({"messages": [a]}))
+    commit_and_push(c2, "an older tool's archive")
+    (c2 / "coordination" / "messages.json").write_text("{ broken")
+    commit_and_push(c2, "broken")
+    result = repair_mailbox(Clone(c2), "code2")
+    assert result["repaired"] and result["dropped"] == 1
+    assert [m["body"] for m in fleet.remote_messages()] == ["another message, same id"]

@@ -643,3 +643,23 @@ def test_two_acknowledgements_at_once_send_one_answer(fleet):
         assert sorted(r["already_acknowledged"] for r in results) == [False, True]
     answers = [m for m in fleet.remote_messages() if m.get("type") == "ack"]
     assert sorted(m["in_reply_to"] for m in answers) == sorted(ids)
+
+
+def test_a_bounded_wait_counts_whole_messages_and_leaves_the_rest_unread(fleet):
+    from fleet_inbox import MAX_TAKEN
+
+    b1, c2 = fleet.clone("build1"), fleet.clone("code2")
+    for i in range(3):
+        send(b1, "short", "build1", to="code2", subject=f"{i} " + "s" * 900)
+    got = Inbox(str(c2), "code2").wait(timeout=5, max_body_chars=2500)
+    assert len(got["messages"]) == 2 and got["more"] == 1  # each view is over 900 characters
+    assert Inbox(str(c2), "code2").unread()["count"] == 1
+    many = [aged_message(100 + i, 0.01, "code2") for i in range(MAX_TAKEN + 10)]
+    path = b1 / "coordination" / "messages.json"
+    git(b1, "pull", "-q", "--ff-only", "origin", "main")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["messages"].extend(many)
+    path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    commit_and_push(b1, "sixty small messages")
+    got = Inbox(str(c2), "code2").wait(timeout=5, max_body_chars=10**9)
+    assert len(got["messages"]) == MAX_TAKEN and got["more"] == 11

@@ -415,3 +415,52 @@ def test_a_conflict_is_read_as_each_of_its_sides_diff3_base_left_out():
             "b\n<<<<<<< x\n1\n=======\n2\n>>>>>>> y\n")
     assert conflict_sides(text) == ["a\nours\nb\n1\n", "a\ntheirs\nb\n2\n"]
     assert conflict_sides("no markers\n=======\n") == []
+
+
+def test_queues_a_clone_cannot_deliver_never_stop_its_own_from_going_out(fleet, caplog):
+    """An older version's queue under an id no server may act as now, a queue file the shared
+    branch brought (this server's own included), git unable to say what it tracks: each is said,
+    and what can go out goes out."""
+    c2 = fleet.clone("code2")
+    mine = {"id": "msg_1762250000_000a", "from": "code2", "to": "build1", "subject": "mine", "body": "goes out",
+            "type": "info", "priority": "normal", "timestamp": "2025-11-04T10:00:00Z", "read": False,
+            "ack_required": False}
+    odd = c2 / "build1." / "queue"
+    odd.mkdir(parents=True)
+    (odd / "message_queue.json").write_text(json.dumps({"version": 1, "items": []}))
+    MessageQueue(str(c2), "code2").enqueue(mine)
+    assert monitor(c2, "code2").cycle().sent == 1
+    assert "build1." in caplog.text and "cannot name this server" in caplog.text
+
+    forged = dict(mine, id="msg_1762250000_000b", subject="forged", **{"from": "code2"})
+    evil = fleet.clone("evil")
+    MessageQueue(str(evil), "code2").enqueue(forged)  # a member commits code2's queue file
+    git(evil, "add", "-f", "code2/queue/message_queue.json")
+    git(evil, "commit", "-qm", "a queue file, committed", "--no-gpg-sign")
+    git(evil, "push", "-q", "origin", "main")
+    c3 = fleet.clone("code3")
+    assert monitor(c3, "code2").cycle().sent == 0
+    assert "forged" not in [m.get("subject") for m in fleet.remote_messages()]
+    assert "code2/queue/message_queue.json is tracked by git" in caplog.text
+    assert git(c3, "status", "--porcelain") == ""
+
+
+def test_a_send_waiting_for_room_in_a_full_mailbox_spends_no_attempt(fleet, monkeypatch):
+    import fleet_mailbox
+
+    c2 = fleet.clone("code2")
+    size = len(git(fleet.origin, "cat-file", "blob", "main:coordination/messages.json").encode())
+    monkeypatch.setattr(fleet_mailbox, "MAX_MAILBOX_BYTES", size + 50)
+    assert send_message("x" * 300, to="build1", from_sender="code2", build_repo_path=str(c2)).status == "queued"
+    queue = MessageQueue(str(c2), "code2")
+    for _ in range(6):
+        monitor(c2, "code2").cycle()
+        for entry in queue.get_pending():  # due again at once, as if the wait had passed
+            entry_id = entry["id"]
+        doc = json.loads(queue.path.read_text())
+        doc["items"][0]["next_attempt_at"] = 0
+        queue.path.write_text(json.dumps(doc))
+    [entry] = queue.get_pending()
+    assert entry["id"] == entry_id and entry["attempts"] == 0 and "--archive-days" in entry["last_error"]
+    monkeypatch.setattr(fleet_mailbox, "MAX_MAILBOX_BYTES", 128 * 1024 * 1024)  # an archive made room
+    assert monitor(c2, "code2").cycle().sent == 1

@@ -345,3 +345,40 @@ def test_a_windows_command_line_loses_the_quotes_around_its_words():
     assert argv == ["C:\\Program Files\\Python311\\python.exe", "C:\\agent\\wake.py", "--fast"]
     assert sp.list2cmdline(argv) == line.replace('"C:\\agent\\wake.py"', "C:\\agent\\wake.py")  # quoted where needed
     assert split_command("python3 'a b.py' c", windows=False) == ["python3", "a b.py", "c"]
+
+
+def test_what_a_command_is_owed_is_kept_small_whatever_the_mail():
+    from monitor_files import OWED_TEXT_CHARS, owed_copy
+
+    msg = {"id": "m1", "from": "build1", "to": ["code2"] * 500, "subject": "s", "body": "b" * 1_000_000,
+           "extra": {"deep": "x" * 10}}
+    copy = owed_copy(msg)
+    assert len(json.dumps(copy)) < 3 * OWED_TEXT_CHARS and copy["truncated"] is True
+    assert copy["id"] == "m1" and len(copy["to"]) == 20 and copy["extra"] is None
+    small = {"id": "m2", "from": "b", "to": "c", "body": "hi"}
+    assert owed_copy(small) == small
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT stands for Ctrl+C")
+def test_ctrl_c_in_once_stops_the_commands_it_started(fleet, tmp_path):
+    import signal
+
+    import psutil
+
+    c2, command, out, ids = _hook_fleet(fleet, tmp_path, 1, 300)
+    proc = subprocess.Popen([sys.executable, str(PYTHON_DIR / "message_monitor.py"), "--repo", str(c2),
+                             "--server", "code2", "--once", "--no-auto-reply", "--on-message", command,
+                             "--on-message-timeout", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not _runs(out):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    script = str(tmp_path / "touch.py")
+    deadline = time.monotonic() + 10
+    while any(script in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
+        assert time.monotonic() < deadline, "the command outlived the monitor"
+        time.sleep(0.1)
