@@ -238,9 +238,23 @@ def git_env(extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     env["GCM_INTERACTIVE"] = "never"
     env["LC_ALL"] = "C"
     env["LANGUAGE"] = "C"
+    # No hook runs in the suite's own git calls: a clone whose core.hooksPath points into the
+    # shared tree (.githooks, husky) would otherwise run what any member pushed, as this server,
+    # on the monitor's next fast-forward, fetch or push. (git 2.31+ reads these variables.)
+    try:
+        count = int(env.get("GIT_CONFIG_COUNT") or 0)
+    except ValueError:
+        count = 0
+    env[f"GIT_CONFIG_KEY_{count}"] = "core.hooksPath"
+    env[f"GIT_CONFIG_VALUE_{count}"] = NO_HOOKS
+    env["GIT_CONFIG_COUNT"] = str(count + 1)
     if extra:
         env.update(extra)
     return env
+
+
+# A folder that cannot exist (below the null device): git finds no hook there.
+NO_HOOKS: Final = os.path.join(os.devnull, "fleet-mailbox-runs-no-hooks")
 
 
 # Git children run in their own process group, so that a Ctrl+C meant for the monitor does not
@@ -1465,7 +1479,7 @@ def git_busy_in(repo_root: Path, git_dir: Path) -> bool:
     """
     import psutil  # lazy: only needed when a stale-looking lock exists
 
-    roots = {str(repo_root.resolve()), str(git_dir.resolve())}
+    roots = {str(repo_root.resolve()), str(git_dir.resolve())} | _linked_worktrees(git_dir)
     me = os.getpid()
     for proc in psutil.process_iter(["name", "pid"]):
         try:
@@ -1480,7 +1494,30 @@ def git_busy_in(repo_root: Path, git_dir: Path) -> bool:
             return True
         if any(cwd == r or cwd.startswith(r + os.sep) for r in roots) or any(r in cmd for r in roots):
             return True
+        try:
+            named = proc.environ().get("GIT_DIR")  # git started by path alone (GIT_DIR=... git ...)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        except psutil.AccessDenied:
+            return True
+        if named and any(str(Path(cwd, named).resolve()).startswith(r) for r in roots):
+            return True
     return False
+
+
+def _linked_worktrees(git_dir: Path) -> Set[str]:
+    """The folders of this repository's linked worktrees (``git worktree add``), which share
+    its refs and so its locks: ``<git dir>/worktrees/*/gitdir`` names each one's ``.git`` file."""
+    found: Set[str] = set()
+    for entry in _entries(git_dir / "worktrees"):
+        try:
+            text = (Path(entry.path) / "gitdir").read_text(encoding="utf-8", errors="replace")[:4096].strip()
+        except OSError:
+            continue
+        if text:
+            found.add(str(Path(text).parent.resolve()))
+            found.add(str(Path(entry.path).resolve()))
+    return found
 
 
 def remove_stale_locks(repo_root: Path, git_dir: Path, *, max_age: float = STALE_LOCK_AGE,

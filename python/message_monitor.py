@@ -288,8 +288,11 @@ def _run_monitor(args: argparse.Namespace, clone: Clone, server: str, interval: 
         if args.once:
             try:
                 report = monitor.cycle()
-            finally:  # (interrupted in the cycle: the commands it started stop with it)
-                monitor.finish_hook()
+            except BaseException:  # interrupted in the cycle: the commands it started stop with it
+                if monitor.hook is not None:
+                    monitor.hook.stop()
+                raise
+            monitor.finish_hook()  # runs what it owes, each up to its limit (Ctrl+C: stops them)
             monitor.metrics.maybe_flush(True)
             if not report.ok:
                 error_line("message_monitor", report.error)

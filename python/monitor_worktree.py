@@ -21,7 +21,7 @@ from fleet_git import GitError, ObjectTooLarge, operation_in_progress, run_git
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
-    from typing import Callable, List, Optional, Set
+    from typing import Callable, Dict, List, Optional, Set
 
     from fleet_git import Clone
 
@@ -82,11 +82,22 @@ class WorkTree:
         if refused is not None:
             self.ff_warned = refused
             return "unsigned"
+        try:
+            changes = changed_paths(self.repo, head, tip)
+            local = local_files_in_the_way(self.repo, changes)
+        except GitError as exc:
+            return self._ff_warn(f"the incoming changes cannot be checked: {exc}", "refused")
+        if local:
+            return self._ff_warn(f"the incoming commits write {ascii(local[0][:200])}, where this clone keeps "
+                                 "files of its own (ignored, or in a folder git does not track)", "local-files")
+        before = _dirty(self.repo, changes)
         # --ff-only refuses, touching nothing, when the branch has diverged or local changes are
-        # in the way; --no-autostash: a person's work is never stashed.
-        merge = run_git(self.repo, "merge", "--ff-only", "--no-autostash", "--quiet", "--no-stat",
-                        tip, check=False)
+        # in the way; --no-autostash: a person's work is never stashed; --no-overwrite-ignore:
+        # nor is an ignored file of this clone replaced.
+        merge = run_git(self.repo, "merge", "--ff-only", "--no-autostash", "--no-overwrite-ignore", "--quiet",
+                        "--no-stat", tip, check=False)
         if merge.returncode != 0:
+            _undo_partial_checkout(self.repo, head, changes, before)
             reason = merge.stderr.decode("utf-8", "replace").strip().splitlines()
             text = reason[0] if reason else "git merge --ff-only failed"
             if "not possible to fast-forward" in text.lower():
@@ -206,6 +217,87 @@ def runtime_paths_changed(repo: Path, old: str, new: str) -> List[str]:
         elif new_mode in ("120000", "160000") or (new_mode != "000000" and _is_real_folder(repo / names[0])):
             found.append(path)
     return found
+
+
+def changed_paths(repo: Path, old: str, new: str) -> Dict[str, str]:
+    """Path -> status letter (``A``, ``M``, ``D``, ``T``) of what the commits ``old..new`` change."""
+    out = run_git(repo, "diff-tree", "-r", "-z", "--no-renames", "--name-status", old, new).stdout
+    fields = out.split(b"\0")
+    return {path.decode("utf-8", "surrogateescape"): status.decode("ascii", "replace")[:1]
+            for status, path in zip(fields[0::2], fields[1::2]) if path}
+
+
+def local_files_in_the_way(repo: Path, changes: Dict[str, str]) -> List[str]:
+    """What a fast-forward would write where this clone keeps files of its own, which ``git merge``
+    would replace or add to without a word: a path this clone ignores (its ``.venv``, a tool's
+    cache), or a new path in a folder that exists here and that git does not track. A top-level
+    folder that holds nothing but runtime folders is the exception: a server's, whose runtime
+    folders are refused on their own (:func:`runtime_paths_changed`) and which takes files of the
+    branch beside them (an older tool's heartbeat)."""
+    written = sorted(path for path, status in changes.items() if status != "D")
+    if not written:
+        return []
+    ignored = run_git(repo, "check-ignore", "-z", "--stdin", check=False,
+                      input="\0".join(written).encode("utf-8", "surrogateescape"))
+    if ignored.returncode not in (0, 1):  # 1: nothing ignored
+        raise GitError(["git", "check-ignore"], ignored.returncode, ignored.stdout, ignored.stderr)
+    found = [p.decode("utf-8", "surrogateescape") for p in ignored.stdout.split(b"\0") if p]
+    folders = set()
+    for path in written:
+        if changes[path] != "A":
+            continue
+        parts = path.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            folder = "/".join(parts[:depth])
+            if depth == 1 and _only_runtime_folders(repo / folder):
+                continue
+            if _is_real_folder(repo / folder):
+                folders.add(folder)
+    if folders:
+        listed = run_git(repo, "ls-tree", "-r", "-d", "-z", "--name-only", "HEAD").stdout
+        tracked = {p.decode("utf-8", "surrogateescape") for p in listed.split(b"\0") if p}
+        untracked = folders - tracked
+        found += [path for path in written if any(path.startswith(f + "/") for f in untracked)]
+    return sorted(set(found))
+
+
+def _only_runtime_folders(folder: Path) -> bool:
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return all(name.lower() in RUNTIME_SUBDIRS for name in names)
+
+
+def _dirty(repo: Path, changes: Dict[str, str]) -> Set[str]:
+    """Which of these paths differ from ``HEAD`` in the working tree now (or exist, untracked)."""
+    if not changes:
+        return set()
+    paths = sorted(changes)
+    diff = run_git(repo, "diff", "--name-only", "-z", "HEAD", "--", *paths, check=False).stdout
+    dirty = {p.decode("utf-8", "surrogateescape") for p in diff.split(b"\0") if p}
+    dirty.update(path for path, status in changes.items() if status == "A" and os.path.lexists(repo / path))
+    return dirty
+
+
+def _undo_partial_checkout(repo: Path, head: str, changes: Dict[str, str], before: Set[str]) -> None:
+    """A fast-forward that failed half-way (a file it could not replace: read-only, or held open
+    on Windows) may have written some files already: put back those it wrote, so that a refused
+    fast-forward leaves the working tree as it was, not with changes nobody made."""
+    after = _dirty(repo, changes)
+    written = sorted(after - before)
+    if not written:
+        return
+    restore = [path for path in written if changes[path] != "A"]
+    if restore:
+        run_git(repo, "checkout", head, "--", *restore, check=False)
+    for path in written:
+        if changes[path] == "A":
+            try:
+                os.unlink(repo / path)
+            except OSError:
+                pass
+    log.warning("a fast-forward that failed half-way had written %d file(s); they were put back", len(written))
 
 
 def _is_real_folder(path: Path) -> bool:

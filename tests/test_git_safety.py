@@ -428,3 +428,38 @@ def test_repair_salvages_around_deep_text(fleet):
     result = repair_mailbox(Clone(b1), "build1")
     assert result["repaired"]
     assert sorted(m["body"] for m in fleet.remote_messages()) == ["kept", "salvaged"]
+
+
+def test_a_lock_a_live_git_holds_in_a_linked_worktree_is_never_taken_for_stale(tmp_path):
+    """A linked worktree (``git worktree add``) shares the clone's refs and their locks: a git at
+    work there for over two minutes (a slow reference-transaction hook, a shallow fetch) keeps
+    its lock."""
+    from fleet_git import remove_stale_locks
+
+    repo = tmp_path / "clone"
+    git(tmp_path, "init", "-q", "-b", "main", str(repo))
+    (repo / "f").write_text("x")
+    git(repo, "add", "f")
+    git(repo, "commit", "-qm", "i", "--no-gpg-sign")
+    worktree = tmp_path / "wt"
+    git(repo, "worktree", "add", "-q", "-b", "topic", str(worktree))
+    target = git(worktree, "commit-tree", "HEAD^{tree}", "-p", "HEAD", "-m", "work").strip()
+    holder = subprocess.Popen(["git", "update-ref", "--stdin"], cwd=worktree, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        holder.stdin.write(f"start\nupdate refs/heads/topic {target}\nprepare\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "start: ok"
+        assert holder.stdout.readline().strip() == "prepare: ok"
+        lock = repo / ".git" / "refs" / "heads" / "topic.lock"
+        old = time.time() - 600
+        os.utime(lock, (old, old))  # ten minutes old, and still held
+        assert remove_stale_locks(repo, repo / ".git") == []
+        assert lock.exists()
+        out, _ = holder.communicate("commit\n", timeout=30)
+        assert holder.returncode == 0 and "commit: ok" in out
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.communicate()
+    assert git(repo, "rev-parse", "topic").strip() == target

@@ -340,3 +340,96 @@ def test_runtime_paths_name_every_runtime_file_once(tmp_path):
     assert MetricsCollector(str(tmp_path), "code2").path == paths.metrics
     lock = InstanceLock(tmp_path, "code2")
     assert (lock.lock_path, lock.pid_path) == (paths.instance_lock, paths.pid)
+
+
+# --------------------------------------------------------------------------- this clone's own files
+
+
+def _push_member_commit(fleet, files: dict, message: str) -> None:
+    seed = fleet.clone("member") if "member" not in fleet.clones else fleet.clones["member"]
+    git(seed, "pull", "-q", "--ff-only", "origin", "main")
+    for path, text in files.items():
+        _write(seed / path, text)
+    git(seed, "add", "-A", "-f")
+    git(seed, "commit", "-qm", message, "--no-gpg-sign")
+    git(seed, "push", "-q", "origin", "main")
+
+
+def test_a_fast_forward_never_writes_where_this_clone_keeps_its_own_files(fleet):
+    """The operator's venv lives in the clone (ignored); another member force-adds files there, or
+    into a folder this clone has and git does not track: the fast-forward is refused, nothing of
+    theirs lands where code is loaded from, and nothing of this clone's is replaced."""
+    c2 = fleet.clone("code2")
+    mon = monitor(c2, "code2")
+    (c2 / ".gitignore").write_text(".venv/\n")
+    commit_and_push(c2, "ignore the venv")
+    _write(c2 / ".venv" / "pyvenv.cfg", "home = /usr/bin\n")
+    _write(c2 / "notes" / "mine.txt", "a person's untracked notes\n")
+    before = head(c2)
+    _push_member_commit(fleet, {".venv/pyvenv.cfg": "home = /nonexistent\n",
+                                ".venv/lib/site-packages/zz.pth": "import os; os.system('id > PWNED')\n"},
+                        "into the venv")
+    assert mon.cycle().fast_forward == "local-files"
+    assert head(c2) == before and (c2 / ".venv" / "pyvenv.cfg").read_text() == "home = /usr/bin\n"
+    assert not (c2 / ".venv" / "lib").exists()
+    fleet.clones.pop("member")
+    fleet.clone("member2")
+    git(fleet.clones["member2"], "rm", "-rq", "--cached", ".venv")
+    git(fleet.clones["member2"], "commit", "-qm", "undo", "--no-gpg-sign")
+    git(fleet.clones["member2"], "push", "-q", "origin", "main")
+    seed = fleet.clones["member2"]
+    _write(seed / "notes" / "theirs.txt", "a member's file\n")
+    commit_and_push(seed, "into a folder this clone does not track")
+    mon.last_ff = 0.0  # (the monitor updates the working tree at most every few seconds)
+    assert mon.cycle().fast_forward == "local-files"
+    assert not (c2 / "notes" / "theirs.txt").exists()
+
+
+@posix_only
+def test_no_hook_of_the_shared_tree_runs_in_the_monitors_git_calls(fleet):
+    c2 = fleet.clone("code2")
+    git(c2, "config", "core.hooksPath", ".githooks")  # a common convention (husky too)
+    mon = monitor(c2, "code2")
+    hook = "#!/bin/sh\nid > \"$(git rev-parse --show-toplevel)/PWNED\"\n"
+    seed = fleet.clone("member")
+    for name in ("post-merge", "reference-transaction", "pre-push", "post-checkout"):
+        _write(seed / ".githooks" / name, hook)
+        os.chmod(seed / ".githooks" / name, 0o755)
+    commit_and_push(seed, "hooks for everyone")
+    assert mon.cycle().fast_forward == "fast-forwarded"
+    assert send_message("after the hooks came", to="member", from_sender="code2", build_repo_path=str(c2))
+    mon.last_ff = 0.0
+    assert mon.cycle().ok
+    assert not (c2 / "PWNED").exists()
+
+
+@posix_only
+def test_a_fast_forward_that_fails_half_way_leaves_the_working_tree_as_it_was(fleet):
+    """A file git cannot replace (held open on Windows; immutable here) stops a fast-forward after
+    it wrote other files: those are put back, so nobody finds changes nobody made."""
+    import shutil
+
+    c2 = fleet.clone("code2")
+    mon = monitor(c2, "code2")
+    seed = fleet.clone("member")
+    for name in ("a.txt", "b.txt", "c.txt"):
+        _write(seed / name, "v1\n")
+    commit_and_push(seed, "v1")
+    mon.last_ff = 0.0
+    assert mon.cycle().fast_forward == "fast-forwarded"
+    for name in ("a.txt", "b.txt", "c.txt", "new/d.txt"):
+        _write(seed / name, "v2\n")
+    commit_and_push(seed, "v2")
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(c2 / "b.txt")], capture_output=True).returncode != 0:
+        pytest.skip("no immutable files here (chattr +i)")
+    try:
+        mon.last_ff = 0.0
+        assert mon.cycle().fast_forward == "refused"
+        assert git(c2, "status", "--porcelain") == ""
+        assert (c2 / "a.txt").read_text() == "v1\n" and not (c2 / "new" / "d.txt").exists()
+    finally:
+        subprocess.run([chattr, "-i", str(c2 / "b.txt")], check=False)
+    mon.last_ff, mon.ff_pending = 0.0, True  # (tried again with the next commit; here at once)
+    assert mon.cycle().fast_forward == "fast-forwarded"  # once nothing is in the way
+    assert (c2 / "b.txt").read_text() == "v2\n"
