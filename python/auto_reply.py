@@ -135,6 +135,11 @@ LEGACY_SUBJECT_PREFIXES: Final = ("auto-response", "[auto]")
 DEFAULT_MAX_AGE_HOURS: Final = 24.0
 DEFAULT_PER_SENDER_LIMIT: Final = 3
 DEFAULT_PER_SENDER_WINDOW: Final = 600.0
+# Replies to all senders together in one window: any member can write mail "from" a thousand
+# made-up ids, and each would get its own three replies otherwise.
+DEFAULT_OVERALL_LIMIT: Final = 20
+STATUS_REUSE_S: Final = 5.0  # one status snapshot answers every request of a cycle
+MAX_FUTURE_S: Final = 3600.0  # a timestamp further ahead is no sender's clock skew: never fresh
 LEDGER_RETENTION_S: Final = 30 * 86400.0
 RECENT_RETENTION_S: Final = 86400.0
 LEDGER_MAX_ENTRIES: Final = 50000
@@ -718,7 +723,12 @@ def _gate(msg: Mapping[str, Any], server: str, now: float, max_age_hours: float)
     age = now - moment.timestamp()
     if age > max_age_hours * 3600.0:
         return False, f"too-old: {age / 3600.0:.1f} h old (cut-off {max_age_hours:g} h)"
-    # A timestamp in the future (a sender's clock ahead) counts as fresh.
+    # A timestamp a little in the future (a sender's clock ahead) counts as fresh; far ahead, it
+    # would stay fresh for good and outlive the ledger's memory of the answer: never answered.
+    if age < -MAX_FUTURE_S:
+        return False, f"too-old: dated {-age / 3600.0:.1f} h in the future (counts as unreadable)"
+    if not _printable(msg["id"]):
+        return False, "invalid: its id holds control characters (an answer would repeat them)"
     in_reply_to = msg.get("in_reply_to")
     is_reply = bool(isinstance(in_reply_to, str) and in_reply_to.strip()) or is_reply_subject(_subject_head(msg))
     if is_reply:
@@ -726,6 +736,13 @@ def _gate(msg: Mapping[str, Any], server: str, now: float, max_age_hours: float)
             return True, f"{ACK_ONLY}: a reply that requires an acknowledgement"
         return False, "reply: replies are never answered automatically"
     return True, OK
+
+
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str) -> bool:
+    return _CONTROL.search(text) is None
 
 
 def should_reply(msg: Mapping[str, Any], server: str, now: Union[float, _dt.datetime],
@@ -809,6 +826,11 @@ class ReplyLedger:
         """
         when = self.clock() if now is None else now
         return sum(1 for t in self._data["recent"].get(sender.strip().lower(), []) if t > when - window)
+
+    def recent_total(self, now: Optional[float] = None, window: float = DEFAULT_PER_SENDER_WINDOW) -> int:
+        """Automatic replies sent to anyone in the last ``window`` seconds."""
+        when = self.clock() if now is None else now
+        return sum(1 for times in self._data["recent"].values() for t in times if t > when - window)
 
     def within_limit(self, sender: str, now: Optional[float] = None,
                      limit: int = DEFAULT_PER_SENDER_LIMIT,
@@ -1025,7 +1047,8 @@ class AutoResponder:
                  started_at: float, version: str, clock: Callable[[], float] = time.time,
                  max_age_hours: float = DEFAULT_MAX_AGE_HOURS,
                  per_sender_limit: int = DEFAULT_PER_SENDER_LIMIT,
-                 per_sender_window: float = DEFAULT_PER_SENDER_WINDOW) -> None:
+                 per_sender_window: float = DEFAULT_PER_SENDER_WINDOW,
+                 overall_limit: int = DEFAULT_OVERALL_LIMIT) -> None:
         self.server = normalize_server_id(server)
         self.rules = rules_source_or_ruleset
         self.ledger = ledger
@@ -1040,9 +1063,17 @@ class AutoResponder:
             raise UsageError("per_sender_limit must not be negative")
         if not 0 < per_sender_window <= RECENT_RETENTION_S:
             raise UsageError(f"per_sender_window must be between 0 and {RECENT_RETENTION_S:g} s")
+        if overall_limit < 0:
+            raise UsageError("overall_limit must not be negative")
         self.max_age_hours = max_age_hours
         self.per_sender_limit = per_sender_limit
         self.per_sender_window = per_sender_window
+        self.overall_limit = overall_limit
+        # Messages this server has answered already, as the mailbox shows (its automatic replies'
+        # in_reply_to), set by the monitor each cycle: what another clone of this server answered,
+        # or this clone before its ledger was lost, is not answered again.
+        self.answered: Set[str] = set()
+        self._status: Optional[Tuple[float, Any]] = None
         self._held: List[Tuple[Mapping[str, Any], Decision, Dict[str, Any]]] = []
         # sender -> when a withheld reply was last logged as a warning: one warning per sender
         # and window, not one per message, when a sender floods this server with requests.
@@ -1063,7 +1094,7 @@ class AutoResponder:
                       reason, extra={"metadata": {"reason": reason.split(":")[0]}})
             return None
         key = message_key(msg)
-        if self.ledger.already_replied(key):
+        if self.ledger.already_replied(key) or msg["id"] in self.answered:
             return None
         kinds = ("acknowledge",) if reason.startswith(ACK_ONLY) else None
         rule = self.ruleset().match(msg, kinds)
@@ -1082,6 +1113,16 @@ class AutoResponder:
                 sender, format_duration(self.per_sender_window), self.per_sender_limit,
                 extra={"metadata": {"id": shown_id, "from": sender, "rule": rule.name,
                                     "limit": self.per_sender_limit}})
+            return Decision(rule=rule.name, kind=rule.kind, acknowledge=acknowledge, reply=None,
+                            limited=True)
+        if self.ledger.recent_total(now, self.per_sender_window) >= self.overall_limit:
+            shown_id = one_line(msg["id"], 80)
+            log.log(logging.WARNING if self._first_limited("\0all", now) else logging.DEBUG,
+                    "automatic reply to %s withheld: %d automatic replies in the last %s (limit %d for "
+                    "all senders together)", shown_id, self.ledger.recent_total(now, self.per_sender_window),
+                    format_duration(self.per_sender_window), self.overall_limit,
+                    extra={"metadata": {"id": shown_id, "from": sender, "rule": rule.name,
+                                        "limit": self.overall_limit}})
             return Decision(rule=rule.name, kind=rule.kind, acknowledge=acknowledge, reply=None,
                             limited=True)
         return Decision(rule=rule.name, kind=rule.kind, acknowledge=acknowledge,
@@ -1105,16 +1146,25 @@ class AutoResponder:
         elif rule.kind == "presence":
             body, kind = render_presence(self.server, uptime_s=uptime, version=self.version), "response"
         else:
-            try:
-                status: Any = self.status_provider()
-            except Exception as exc:  # noqa: BLE001 - the reply says why health is unavailable
-                log.warning("status for an automatic reply unavailable: %s", exc)
-                status = exc
-            body = render_status(self.server, status, uptime_s=uptime, version=self.version)
+            body = render_status(self.server, self._status_now(now), uptime_s=uptime, version=self.version)
             kind = "response"
-        # Always to the sender alone, also for a broadcast: one answer, to who asked.
-        return {"to": sender, "subject": reply_subject(_subject_head(msg)), "body": body,
+        # Always to the sender alone, also for a broadcast: one answer, to who asked; its subject
+        # on one line, without the request's control characters.
+        subject = _CONTROL.sub(" ", reply_subject(_subject_head(msg)))
+        return {"to": sender, "subject": subject, "body": body,
                 "type": kind, "priority": "normal", "in_reply_to": msg["id"], "auto": True}
+
+    def _status_now(self, now: float) -> Any:
+        """The status an automatic reply reports: one snapshot for every request of a cycle."""
+        if self._status is not None and 0 <= now - self._status[0] < STATUS_REUSE_S:
+            return self._status[1]
+        try:
+            status: Any = self.status_provider()
+        except Exception as exc:  # noqa: BLE001 - the reply says why health is unavailable
+            log.warning("status for an automatic reply unavailable: %s", exc)
+            status = exc
+        self._status = (now, status)
+        return status
 
     def commit(self, msg: Mapping[str, Any], decision: Decision, reply_id: Optional[str]) -> bool:
         """Record the decision in the ledger (before sending). False: already recorded, do not send."""

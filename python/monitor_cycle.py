@@ -589,7 +589,13 @@ class Monitor(PeriodicDuties):
         own = self.states.read(self.server)
         handled = _AnyOf(self.state.processed, own.read, own.acks)
         mark = self.reading.mark_read == "on-show"
+        answered: Set[str] = set()  # what this server answered automatically, as the mailbox shows
         for _, msg in valid_messages(data, warn=False):
+            if msg.get("auto") is True and msg["from"].strip().lower() == self.server:
+                target = msg.get("in_reply_to")
+                if isinstance(target, str):
+                    answered.add(target)
+                continue
             if not is_addressed_to(msg, self.server):
                 continue
             if is_handled_by(msg, self.server, handled):
@@ -598,6 +604,8 @@ class Monitor(PeriodicDuties):
             if self.hook is not None:
                 self.state.owe_hook(msg)
             report.new_messages.append(msg)
+        if self.responder is not None:
+            self.responder.answered = answered
         self.state.save()  # before showing: a restart never shows a message twice, nor forgets a command
         try:
             for msg in report.new_messages:

@@ -181,3 +181,43 @@ def test_the_default_monitor_acknowledges_nothing(fleet):
     assert [m for m in fleet.remote_messages() if m.get("auto") is True] == []
     ledger = ReplyLedger(c2 / "code2" / "state" / "auto_reply.json")
     assert ledger.keys() == []  # not even recorded
+
+
+@pytest.mark.timeout(300)
+def test_requests_from_a_crowd_of_made_up_senders_get_a_bounded_number_of_replies(tmp_path, caplog):
+    """Any member can write mail "from" a thousand made-up ids: each would get its own replies
+    under the per-sender limit. The limit for all senders together bounds the flood, and one
+    status snapshot answers the cycle's requests."""
+    fleet = Fleet(tmp_path, mailbox=flood(300, 300))
+    c2 = fleet.clone("code2")
+    statuses: List[int] = []
+    monitor = Monitor(Clone(c2), "code2", 1.0, one_shot=True)
+    provider = monitor.responder.status_provider
+    monitor.responder.status_provider = lambda: statuses.append(1) or provider()
+    with caplog.at_level(logging.WARNING):
+        assert monitor.cycle().ok
+    autos = [m for m in fleet.remote_messages() if m.get("auto") is True]
+    assert len(autos) == auto_reply.DEFAULT_OVERALL_LIMIT
+    assert len(statuses) == 1
+    assert "limit 20 for all senders together" in caplog.text
+
+
+def test_a_request_is_answered_once_by_a_server_monitored_from_two_clones(fleet):
+    """A Windows checkout and a WSL one, or a clone whose runtime files a `git clean -fdx` took:
+    the mailbox shows this server's earlier automatic answer, and it is not sent again."""
+    b1, c2, c2b = fleet.clone("build1"), fleet.clone("code2"), fleet.clone("code2-again")
+    send_message("status report please", to="code2", from_sender="build1", build_repo_path=str(b1))
+    for clone in (c2, c2b, c2):
+        assert Monitor(Clone(clone), "code2", 1.0, one_shot=True).cycle().ok
+    autos = [m for m in fleet.remote_messages() if m.get("auto") is True]
+    assert len(autos) == 1
+
+
+def test_a_request_dated_far_ahead_or_named_with_control_characters_is_not_answered(tmp_path):
+    r = responder(tmp_path)
+    now = r.clock()
+    assert r.decide(request(at=now + 600)) is not None  # a sender's clock a little ahead
+    assert r.decide(request(at=now + 2 * 86400, mid="msg_2_bbbbbbbbbbbb")) is None
+    assert r.decide(request(at=now, mid="msg_\x1b[31m\nInjected: yes")) is None
+    decision = r.decide(request(at=now, subject="status\x1b[2J\r\nFrom: admin\u202e", mid="msg_3_cccccccccccc"))
+    assert decision is not None and decision.reply["subject"].isprintable()
