@@ -630,13 +630,16 @@ def atomic_write_bytes(path: "os.PathLike[str] | str", data: bytes) -> None:
     replace_file(target, data)
 
 
-def replace_file(target: Path, data: bytes) -> None:
+def replace_file(target: Path, data: bytes, *, mode: Optional[int] = None) -> None:
     """The write half of :func:`atomic_write_bytes`, for a folder the caller chose (a metrics
-    textfile for node_exporter): creates no folder and moves nothing aside."""
+    textfile for node_exporter): creates no folder and moves nothing aside. ``mode``: the new
+    file's permissions on POSIX (a temporary file is created private, 0600)."""
     import tempfile  # lazy: a send writes no state file
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
     try:
+        if mode is not None and hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

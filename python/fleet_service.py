@@ -517,6 +517,13 @@ def _systemd_exec_arg(value: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _systemd_program(path: str) -> str:
+    """ExecStart='s first word: specifiers expanded, but no "$" substitution, so "$" stays as it is."""
+    _check_text(path, "python")
+    text = _systemd_specifiers(path)
+    return text if _SYSTEMD_SAFE.match(text.replace("$", "")) else '"' + text + '"'
+
+
 def _systemd_env(name: str, value: str) -> str:
     _check_text(value, name)
     text = _systemd_specifiers(f"{name}={value}")
@@ -550,9 +557,14 @@ def render_systemd_unit(*, python: str, script: str, repo: str, server: str, int
         raise UsageError(f"invalid user name {user!r}")
     if int(watchdog_sec) <= 0:
         raise UsageError(f"watchdog_sec must be positive, got {watchdog_sec!r}")
+    if any(ch in python for ch in "\"'\\"):
+        # systemd takes the program's path as written (no quotes, no escapes, no "$$"): one it
+        # would refuse to start is refused here, with the reason, not at the service's start.
+        raise UsageError(f"python {python!r}: systemd cannot start a program whose path holds a quote "
+                         "or a backslash; use a link without them")
     argv = [python, script, "--repo", repo, "--server", server_id,
             "--interval", _interval_text(interval), *extra_args]
-    exec_start = " ".join(_systemd_exec_arg(arg) for arg in argv)
+    exec_start = " ".join([_systemd_program(python)] + [_systemd_exec_arg(arg) for arg in argv[1:]])
     lines = [
         "[Unit]",
         f"Description={_systemd_specifiers(f'Fleet message monitor ({server_id})')}",

@@ -140,7 +140,7 @@ def _clean_document(data: Dict[str, Any], server: str, now: float) -> Dict[str, 
     counters = data.get("counters")
     if isinstance(counters, dict):
         for name, value in counters.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if _finite(value):
                 clean["counters"][str(name)] = int(value)
     for op, rows in _dict_items(data.get("samples")):
         good = _clean_samples(rows)
@@ -157,8 +157,16 @@ def _dict_items(value: Any) -> List[Tuple[Any, Any]]:
     return list(value.items()) if isinstance(value, dict) else []
 
 
+MAX_NUMBER = 1e15  # a count or a duration beyond this is no measurement: the entry is dropped
+
+
+def _finite(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and abs(value) < MAX_NUMBER)
+
+
 def _numbers(row: Any, count: int) -> bool:
-    return isinstance(row, list) and len(row) >= count and all(isinstance(x, (int, float)) for x in row[:count])
+    return isinstance(row, list) and len(row) >= count and all(_finite(x) for x in row[:count])
 
 
 def _clean_samples(rows: Any) -> List[Sample]:
@@ -166,9 +174,13 @@ def _clean_samples(rows: Any) -> List[Sample]:
     if not isinstance(rows, list):
         return []
     try:  # the usual case, a well-formed list, in one fast pass
-        return [[float(t), float(ms), 1 if ok else 0] for t, ms, ok in rows]
+        good = [[float(t), float(ms), 1 if ok else 0] for t, ms, ok in rows]
+        if all(math.isfinite(t) and math.isfinite(ms) and abs(t) < MAX_NUMBER and abs(ms) < MAX_NUMBER
+               for t, ms, _ in good):
+            return good
     except (TypeError, ValueError):
-        return [[float(row[0]), float(row[1]), 1 if row[2] else 0] for row in rows if _numbers(row, 3)]
+        pass
+    return [[float(row[0]), float(row[1]), 1 if row[2] else 0] for row in rows if _numbers(row, 3)]
 
 
 def _clean_hours(hours: Any) -> Dict[str, Hourly]:
@@ -179,7 +191,8 @@ def _clean_hours(hours: Any) -> Dict[str, Hourly]:
             hour = int(key)
         except (TypeError, ValueError):
             continue
-        if _numbers(entry, 4):
+        if _numbers(entry, 4) and (len(entry) < 5 or not isinstance(entry[4], list)
+                                   or all(_finite(count) for count in entry[4])):
             agg = _new_hourly()
             _add_hourly(agg, entry)
             kept[str(hour)] = agg
@@ -322,7 +335,11 @@ class MetricsCollector:
         if not isinstance(found, int) or isinstance(found, bool) or found > FORMAT_VERSION:
             raise SuiteError(f"{self.path} has format version {found!r}, newer than this "
                              f"program's {FORMAT_VERSION}")
-        return _clean_document(data, self.server, self.clock())
+        try:
+            return _clean_document(data, self.server, self.clock())
+        except (TypeError, ValueError, OverflowError) as exc:  # a shape the cleaning did not foresee
+            fleet_common.move_aside(self.path, f"{METRICS_FILE} does not hold metrics ({exc})")
+            return self._fresh()
 
     def _snapshot_pending(self) -> Tuple[Dict[str, List[Sample]], Dict[str, Dict[int, Hourly]],
                                          Dict[str, int]]:
@@ -544,7 +561,8 @@ class MetricsCollector:
 
         The folder must exist: ``FileNotFoundError`` (an ``OSError``) otherwise, never a new folder.
         """
-        fleet_common.replace_file(Path(path), self.to_prometheus(summary).encode("utf-8"))  # no folder made
+        # No folder is made; readable by node_exporter's own user (0644), whatever this one's umask.
+        fleet_common.replace_file(Path(path), self.to_prometheus(summary).encode("utf-8", "replace"), mode=0o644)
 
 
 def check_textfile_path(path: Union[str, Path]) -> Path:
@@ -583,8 +601,10 @@ def _percentiles(values: List[float], aggs: List[Hourly], exact: bool) -> Tuple[
 
 
 def escape_label(value: object) -> str:
-    """A Prometheus label value: backslash, double quote and newline escaped."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    """A Prometheus label value: backslash, double quote and newline escaped; text that is no
+    UTF-8 (a lone surrogate from a hand-edited file) replaced."""
+    text = str(value).encode("utf-8", "replace").decode("utf-8")
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _format_value(value: float) -> str:

@@ -176,11 +176,28 @@ def _load_average() -> Optional[List[float]]:
         return None
 
 
-def check_cpu(th: Mapping[str, Any]) -> Check:
+CPU_REUSE_S = 1.0  # a reading this recent answers again: a reading over milliseconds means nothing
+CPU_FIRST_SAMPLE_S = 0.2  # the first reading of a process: psutil has nothing to compare with yet
+_cpu_reading: List[float] = []  # [monotonic time, percent] of this process's last reading
+
+
+def cpu_percent() -> float:
+    """The machine's CPU use since this process last asked (psutil), at least over
+    :data:`CPU_FIRST_SAMPLE_S`: a first reading blocks that long (without it psutil says 0.0), and
+    one taken less than :data:`CPU_REUSE_S` ago is given again (two checks a few milliseconds
+    apart read 100 and then 0)."""
     import psutil  # lazy
 
-    # interval=None does not block; the first call in a process may read 0.0.
-    percent = float(psutil.cpu_percent(interval=None))
+    now = time.monotonic()
+    if _cpu_reading and now - _cpu_reading[0] < CPU_REUSE_S:
+        return _cpu_reading[1]
+    percent = float(psutil.cpu_percent(interval=None if _cpu_reading else CPU_FIRST_SAMPLE_S))
+    _cpu_reading[:] = [time.monotonic(), percent]
+    return percent
+
+
+def check_cpu(th: Mapping[str, Any]) -> Check:
+    percent = cpu_percent()
     load = _load_average()
     text = f"{percent:.1f}% busy"
     if load is not None:
@@ -420,6 +437,8 @@ def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: f
     failures = data.get("failure_count")
     opened = _epoch(data.get("opened_at"))
     open_for = round(now - opened, 1) if opened is not None and state == "OPEN" else None
+    if open_for is not None and open_for < -FUTURE_SKEW_S:
+        open_for = None  # opened by a clock far ahead: how long is unknown, never "not yet"
     values = {"state": state, "failure_count": failures, "open_for_s": open_for}
     if state == "OPEN":
         limit = float(th["breaker_open_critical_seconds"])
@@ -433,6 +452,9 @@ def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: f
     if state != "CLOSED":
         return _check(WARNING, f"unknown breaker state {state!r}", **values)
     return _check(HEALTHY, "closed", **values)
+
+
+FUTURE_SKEW_S = 300.0  # a time further ahead than this was written by a clock that was wrong
 
 
 def check_last_fetch(repo: Path, server: str, th: Mapping[str, Any], now: float) -> Check:
@@ -479,6 +501,9 @@ def check_last_fetch(repo: Path, server: str, th: Mapping[str, Any], now: float)
         return _check(CRITICAL, text, **values)
     if age > warn_after:
         return _check(WARNING, text, **values)
+    if age < -FUTURE_SKEW_S:  # written by a clock far ahead: it says nothing about now
+        return _check(WARNING, f"{fleet_common.STATUS_FILE_NAME} is dated "
+                               f"{fleet_common.format_duration(-age)} in the future (clock skew)", **values)
     return _check(HEALTHY, text, **values)
 
 

@@ -403,3 +403,21 @@ def test_oversized_metrics_file_is_moved_aside(repo, clock, monkeypatch):
     assert metrics.flush()
     assert json.loads(metrics.path.read_text())["counters"] == {"errors": 1}
     assert len(list(metrics.path.parent.glob("metrics.json.corrupt-*"))) == 1
+
+
+def test_a_metrics_file_with_numbers_no_measurement_has_is_cleaned_or_moved_aside(repo, clock):
+    path = repo / "code2" / "logs" / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"version": 1, "counters": {"errors": 1e400, "sent": 3, "\\ud800x": 1}, '
+                    '"samples": {"fetch": [[1e400, 5, 1], [1700000000, 12.5, 1]]}, '
+                    '"hourly": {"fetch": {"1700000000": [1, 1, 5.0, 5.0, [1e400]]}}}')
+    m = MetricsCollector(str(repo), "code2", clock=clock)
+    m.increment("sent")
+    assert m.flush(force=True)
+    data = json.loads(path.read_text())
+    assert data["counters"]["sent"] == 4 and "errors" not in data["counters"]
+    out = repo / "fleet.prom"
+    m.write_prometheus_textfile(out)
+    list(text_string_to_metric_families(out.read_text(encoding="utf-8")))  # whole and valid
+    if os.name == "posix":
+        assert oct(out.stat().st_mode & 0o777) == oct(0o644)  # node_exporter runs as its own user

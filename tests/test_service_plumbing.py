@@ -644,3 +644,21 @@ def test_restart_process_runs_the_new_version(tmp_path):
     assert [line[0] for line in lines] == ["first", "second"]
     if os.name != "nt":
         assert lines[0][1] == lines[1][1]  # exec keeps the pid (NotifyAccess=main)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_a_python_path_systemd_would_not_start_is_refused_or_written_as_it_starts(tmp_path):
+    """systemd takes the program's path as written: "$$" there is no dollar sign, and a quote or a
+    backslash makes it refuse the unit. A "$" path is written as it is; a quote is refused here."""
+    folder = tmp_path / "py$env"
+    folder.mkdir()
+    python = folder / "python3"
+    python.symlink_to(sys.executable)
+    unit = _unit(tmp_path, python=str(python))
+    assert f"ExecStart={python} " in unit
+    proc = _verify(unit, tmp_path / "unit")
+    assert not [line for line in (proc.stdout + proc.stderr).splitlines()
+                if "fleet-monitor.service" in line and "not executable" in line], proc.stderr
+    for bad in ('/opt/py"thon/bin/python3', "/opt/py'thon/bin/python3", "/opt/py\\thon/bin/python3"):
+        with pytest.raises(UsageError, match="quote or a backslash"):
+            _unit(tmp_path, python=bad)

@@ -395,3 +395,21 @@ def test_one_failing_check_does_not_hide_others(fleet):
     last_fetch = result["checks"]["last_fetch"]
     assert last_fetch["status"] == WARNING and last_fetch["error"] is True
     assert result["checks"]["repository"]["status"] == HEALTHY
+
+
+def test_cpu_is_read_over_a_real_span_not_the_milliseconds_between_two_checks():
+    first = system_health.cpu_percent()
+    assert system_health.cpu_percent() == first  # a check a moment later reuses the reading
+    assert 0.0 <= first <= 100.0
+
+
+def test_a_status_written_by_a_clock_far_ahead_is_no_proof_of_health(fleet):
+    c2 = fleet.clone("code2")
+    ahead = fleet_common.iso_from_epoch(__import__("time").time() + 365 * 86400)
+    status = {"pid": 1, "server": "code2", "started_at": ahead, "last_cycle_at": ahead, "last_cycle_ok": True,
+              "last_fetch_ok_at": ahead, "interval": 10, "iterations": 1, "suite_version": "1.0.0"}
+    path = fleet_common.RuntimePaths(c2, "code2").state_dir / fleet_common.STATUS_FILE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": 1, **status}))
+    check = get_system_health(str(c2), "code2")["checks"]["last_fetch"]
+    assert check["status"] == WARNING and "in the future" in check["message"]
