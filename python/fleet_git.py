@@ -228,8 +228,9 @@ def _first_line(data: bytes) -> str:
     return ""
 
 
-def git_env(extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
-    """The environment for git: inherited, minus what hooks set, never prompting (STYLE.md 3)."""
+def git_env(extra: Optional[Mapping[str, str]] = None, *, hooks: bool = False) -> Dict[str, str]:
+    """The environment for git: inherited, minus what hooks set, never prompting (STYLE.md 3),
+    and running no hook unless ``hooks`` (a git server a test starts runs its remote's hooks)."""
     env = dict(os.environ)
     for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX",
                 "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES"):
@@ -241,13 +242,16 @@ def git_env(extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     # No hook runs in the suite's own git calls: a clone whose core.hooksPath points into the
     # shared tree (.githooks, husky) would otherwise run what any member pushed, as this server,
     # on the monitor's next fast-forward, fetch or push. (git 2.31+ reads these variables.)
+    # (A remote on a local path runs its own hooks all the same: git clears these variables for
+    # the receive-pack it starts there.)
     try:
         count = int(env.get("GIT_CONFIG_COUNT") or 0)
     except ValueError:
         count = 0
-    env[f"GIT_CONFIG_KEY_{count}"] = "core.hooksPath"
-    env[f"GIT_CONFIG_VALUE_{count}"] = NO_HOOKS
-    env["GIT_CONFIG_COUNT"] = str(count + 1)
+    if not hooks:
+        env[f"GIT_CONFIG_KEY_{count}"] = "core.hooksPath"
+        env[f"GIT_CONFIG_VALUE_{count}"] = NO_HOOKS
+        env["GIT_CONFIG_COUNT"] = str(count + 1)
     if extra:
         env.update(extra)
     return env

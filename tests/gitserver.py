@@ -179,7 +179,7 @@ class GitDaemon:
         else:
             kw = {"start_new_session": True}  # its own group: stop() kills per-connection children too
         self._proc = subprocess.Popen(argv, cwd=str(self.base_path), stdin=subprocess.DEVNULL,
-                                      stdout=self._log, stderr=self._log, env=git_env(),
+                                      stdout=self._log, stderr=self._log, env=git_env(hooks=True),
                                       **kw)  # type: ignore[call-overload]
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
@@ -554,7 +554,7 @@ class HttpGitServer:
         if not self._backend:
             self._backend = _http_backend_argv(self.base_path)
         # The environment at start, so a backend run during a test's teardown sees the same one.
-        self._env = git_env()
+        self._env = git_env(hooks=True)
         self._stopping.clear()
         try:
             server = _Server(("127.0.0.1", self.port or 0), _Handler)

@@ -463,3 +463,18 @@ def test_a_lock_a_live_git_holds_in_a_linked_worktree_is_never_taken_for_stale(t
             holder.kill()
             holder.communicate()
     assert git(repo, "rev-parse", "topic").strip() == target
+
+
+@pytest.mark.skipif(os.name == "nt", reason="a shell hook")
+def test_the_remotes_own_hooks_still_run_for_the_suites_pushes(fleet):
+    """No hook runs in the suite's git calls in the clone; a remote on a local path still runs its
+    own (a pre-receive policy), since git starts its receive-pack without those settings."""
+    c2 = fleet.clone("code2")
+    hook = fleet.origin / "hooks" / "pre-receive"
+    hook.parent.mkdir(exist_ok=True)
+    hook.write_text("#!/bin/sh\necho 'policy: no pushes today' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    before = fleet.remote_commits()
+    proc = run_script("send_message.py", "refused by the remote's policy", "--to", "build1", "--from", "code2",
+                      "--repo", str(c2), "--no-queue")
+    assert proc.returncode == 1 and fleet.remote_commits() == before, proc.stderr
