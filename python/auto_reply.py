@@ -1072,7 +1072,11 @@ class AutoResponder:
         # Messages this server has answered already, as the mailbox shows (its automatic replies'
         # in_reply_to), set by the monitor each cycle: what another clone of this server answered,
         # or this clone before its ledger was lost, is not answered again.
-        self.answered: Set[str] = set()
+        self.answered: Set[MessageKey] = set()  # (the request's id, its sender)
+        # The roster's servers (coordination/servers.json), set by the monitor each cycle: the
+        # limit for all senders together never holds back their requests (made-up senders cannot
+        # use up the budget of the fleet's own servers).
+        self.roster: Set[str] = set()
         self._status: Optional[Tuple[float, Any]] = None
         self._held: List[Tuple[Mapping[str, Any], Decision, Dict[str, Any]]] = []
         # sender -> when a withheld reply was last logged as a warning: one warning per sender
@@ -1094,7 +1098,7 @@ class AutoResponder:
                       reason, extra={"metadata": {"reason": reason.split(":")[0]}})
             return None
         key = message_key(msg)
-        if self.ledger.already_replied(key) or msg["id"] in self.answered:
+        if self.ledger.already_replied(key) or key in self.answered:
             return None
         kinds = ("acknowledge",) if reason.startswith(ACK_ONLY) else None
         rule = self.ruleset().match(msg, kinds)
@@ -1115,7 +1119,7 @@ class AutoResponder:
                                     "limit": self.per_sender_limit}})
             return Decision(rule=rule.name, kind=rule.kind, acknowledge=acknowledge, reply=None,
                             limited=True)
-        if self.ledger.recent_total(now, self.per_sender_window) >= self.overall_limit:
+        if sender not in self.roster and self.ledger.recent_total(now, self.per_sender_window) >= self.overall_limit:
             shown_id = one_line(msg["id"], 80)
             log.log(logging.WARNING if self._first_limited("\0all", now) else logging.DEBUG,
                     "automatic reply to %s withheld: %d automatic replies in the last %s (limit %d for "

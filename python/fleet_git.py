@@ -245,7 +245,7 @@ def git_env(extra: Optional[Mapping[str, str]] = None, *, hooks: bool = False) -
     # (A remote on a local path runs its own hooks all the same: git clears these variables for
     # the receive-pack it starts there.)
     try:
-        count = int(env.get("GIT_CONFIG_COUNT") or 0)
+        count = max(0, int(env.get("GIT_CONFIG_COUNT") or 0))
     except ValueError:
         count = 0
     if not hooks:

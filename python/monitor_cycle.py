@@ -589,12 +589,12 @@ class Monitor(PeriodicDuties):
         own = self.states.read(self.server)
         handled = _AnyOf(self.state.processed, own.read, own.acks)
         mark = self.reading.mark_read == "on-show"
-        answered: Set[str] = set()  # what this server answered automatically, as the mailbox shows
+        answered: Set[MessageKey] = set()  # what this server answered automatically, as the mailbox shows
         for _, msg in valid_messages(data, warn=False):
             if msg.get("auto") is True and msg["from"].strip().lower() == self.server:
-                target = msg.get("in_reply_to")
-                if isinstance(target, str):
-                    answered.add(target)
+                target, to = msg.get("in_reply_to"), msg.get("to")
+                if isinstance(target, str) and isinstance(to, str):
+                    answered.add((target, to.strip().lower()))  # the key of the request it answered
                 continue
             if not is_addressed_to(msg, self.server):
                 continue
@@ -606,6 +606,11 @@ class Monitor(PeriodicDuties):
             report.new_messages.append(msg)
         if self.responder is not None:
             self.responder.answered = answered
+            if report.new_messages:
+                from fleet_roster import read_roster
+
+                roster = read_roster(self.clone, tip)  # (a roster that cannot be used names nobody)
+                self.responder.roster = set() if roster.problem else set(roster.servers)
         self.state.save()  # before showing: a restart never shows a message twice, nor forgets a command
         try:
             for msg in report.new_messages:

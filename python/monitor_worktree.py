@@ -85,19 +85,19 @@ class WorkTree:
         try:
             changes = changed_paths(self.repo, head, tip)
             local = local_files_in_the_way(self.repo, changes)
-        except GitError as exc:
+            before, folders_before = _dirty(self.repo, changes), _folders(self.repo, changes)
+        except (GitError, OSError) as exc:
             return self._ff_warn(f"the incoming changes cannot be checked: {exc}", "refused")
         if local:
             return self._ff_warn(f"the incoming commits write {ascii(local[0][:200])}, where this clone keeps "
-                                 "files of its own (ignored, or in a folder git does not track)", "local-files")
-        before = _dirty(self.repo, changes)
+                                 "files of its own that it ignores", "local-files")
         # --ff-only refuses, touching nothing, when the branch has diverged or local changes are
         # in the way; --no-autostash: a person's work is never stashed; --no-overwrite-ignore:
         # nor is an ignored file of this clone replaced.
         merge = run_git(self.repo, "merge", "--ff-only", "--no-autostash", "--no-overwrite-ignore", "--quiet",
                         "--no-stat", tip, check=False)
         if merge.returncode != 0:
-            _undo_partial_checkout(self.repo, head, changes, before)
+            _undo_partial_checkout(self.repo, head, changes, before, folders_before)
             reason = merge.stderr.decode("utf-8", "replace").strip().splitlines()
             text = reason[0] if reason else "git merge --ff-only failed"
             if "not possible to fast-forward" in text.lower():
@@ -228,75 +228,81 @@ def changed_paths(repo: Path, old: str, new: str) -> Dict[str, str]:
 
 
 def local_files_in_the_way(repo: Path, changes: Dict[str, str]) -> List[str]:
-    """What a fast-forward would write where this clone keeps files of its own, which ``git merge``
-    would replace or add to without a word: a path this clone ignores (its ``.venv``, a tool's
-    cache), or a new path in a folder that exists here and that git does not track. A top-level
-    folder that holds nothing but runtime folders is the exception: a server's, whose runtime
-    folders are refused on their own (:func:`runtime_paths_changed`) and which takes files of the
-    branch beside them (an older tool's heartbeat)."""
+    """What a fast-forward would write where this clone keeps ignored files of its own, which
+    ``git merge`` would add to without a word: an incoming path that exists here ignored, or that
+    goes into a folder that exists here and that this clone ignores (an operator's ``.venv``, a
+    tool's cache). A path ignored here that touches nothing local (``*.json`` ignored, a first
+    ``<id>/heartbeat.json``) is no one's file and goes through."""
     written = sorted(path for path, status in changes.items() if status != "D")
-    if not written:
-        return []
-    ignored = run_git(repo, "check-ignore", "-z", "--stdin", check=False,
-                      input="\0".join(written).encode("utf-8", "surrogateescape"))
-    if ignored.returncode not in (0, 1):  # 1: nothing ignored
-        raise GitError(["git", "check-ignore"], ignored.returncode, ignored.stdout, ignored.stderr)
-    found = [p.decode("utf-8", "surrogateescape") for p in ignored.stdout.split(b"\0") if p]
-    folders = set()
+    local: Dict[str, str] = {}  # what exists here -> the incoming path it is in the way of
     for path in written:
-        if changes[path] != "A":
-            continue
+        if os.path.lexists(repo / path):
+            local.setdefault(path, path)
         parts = path.split("/")[:-1]
         for depth in range(1, len(parts) + 1):
             folder = "/".join(parts[:depth])
-            if depth == 1 and _only_runtime_folders(repo / folder):
-                continue
             if _is_real_folder(repo / folder):
-                folders.add(folder)
-    if folders:
-        listed = run_git(repo, "ls-tree", "-r", "-d", "-z", "--name-only", "HEAD").stdout
-        tracked = {p.decode("utf-8", "surrogateescape") for p in listed.split(b"\0") if p}
-        untracked = folders - tracked
-        found += [path for path in written if any(path.startswith(f + "/") for f in untracked)]
-    return sorted(set(found))
-
-
-def _only_runtime_folders(folder: Path) -> bool:
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return False
-    return all(name.lower() in RUNTIME_SUBDIRS for name in names)
+                local.setdefault(folder + "/", path)
+    if not local:
+        return []
+    ignored = run_git(repo, "check-ignore", "-z", "--stdin", check=False,
+                      input="\0".join(local).encode("utf-8", "surrogateescape"))
+    if ignored.returncode not in (0, 1):  # 1: nothing ignored
+        raise GitError(["git", "check-ignore"], ignored.returncode, ignored.stdout, ignored.stderr)
+    hits = [p.decode("utf-8", "surrogateescape") for p in ignored.stdout.split(b"\0") if p]
+    return sorted({local[hit] for hit in hits if hit in local})
 
 
 def _dirty(repo: Path, changes: Dict[str, str]) -> Set[str]:
-    """Which of these paths differ from ``HEAD`` in the working tree now (or exist, untracked)."""
+    """Which of these paths differ from ``HEAD`` in the working tree now (or exist, untracked).
+    No path goes on git's command line (a commit may change 70,000 of them, or name a file
+    ``*``): git lists what differs, and that is matched here."""
     if not changes:
         return set()
-    paths = sorted(changes)
-    diff = run_git(repo, "diff", "--name-only", "-z", "HEAD", "--", *paths, check=False).stdout
-    dirty = {p.decode("utf-8", "surrogateescape") for p in diff.split(b"\0") if p}
+    diff = run_git(repo, "diff", "--name-only", "--no-renames", "-z", "HEAD", check=False).stdout
+    dirty = {p.decode("utf-8", "surrogateescape") for p in diff.split(b"\0") if p} & set(changes)
     dirty.update(path for path, status in changes.items() if status == "A" and os.path.lexists(repo / path))
     return dirty
 
 
-def _undo_partial_checkout(repo: Path, head: str, changes: Dict[str, str], before: Set[str]) -> None:
+def _folders(repo: Path, changes: Dict[str, str]) -> Set[str]:
+    """The folders on the way to the paths a fast-forward adds that exist here now."""
+    found = set()
+    for path, status in changes.items():
+        parts = path.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            folder = "/".join(parts[:depth])
+            if status == "A" and _is_real_folder(repo / folder):
+                found.add(folder)
+    return found
+
+
+def _undo_partial_checkout(repo: Path, head: str, changes: Dict[str, str], before: Set[str],
+                           folders_before: Set[str]) -> None:
     """A fast-forward that failed half-way (a file it could not replace: read-only, or held open
-    on Windows) may have written some files already: put back those it wrote, so that a refused
-    fast-forward leaves the working tree as it was, not with changes nobody made."""
+    on Windows) may have written some files already: put back those it wrote, and remove the
+    folders it made, so that a refused fast-forward leaves the working tree as it was, not with
+    changes nobody made."""
     after = _dirty(repo, changes)
     written = sorted(after - before)
-    if not written:
+    made = sorted(_folders(repo, changes) - folders_before, key=lambda f: -f.count("/"))
+    if not written and not made:
         return
     restore = [path for path in written if changes[path] != "A"]
     if restore:
-        run_git(repo, "checkout", head, "--", *restore, check=False)
+        run_git(repo, "--literal-pathspecs", "checkout", head, "--pathspec-from-file=-", "--pathspec-file-nul",
+                check=False, input="\0".join(restore).encode("utf-8", "surrogateescape"))
     for path in written:
         if changes[path] == "A":
             try:
                 os.unlink(repo / path)
             except OSError:
                 pass
+    for folder in made:  # deepest first; only folders left empty
+        try:
+            os.rmdir(repo / folder)
+        except OSError:
+            pass
     log.warning("a fast-forward that failed half-way had written %d file(s); they were put back", len(written))
 
 

@@ -221,3 +221,27 @@ def test_a_request_dated_far_ahead_or_named_with_control_characters_is_not_answe
     assert r.decide(request(at=now, mid="msg_\x1b[31m\nInjected: yes")) is None
     decision = r.decide(request(at=now, subject="status\x1b[2J\r\nFrom: admin\u202e", mid="msg_3_cccccccccccc"))
     assert decision is not None and decision.reply["subject"].isprintable()
+
+
+def test_a_flood_of_made_up_senders_never_silences_the_servers_the_roster_names(tmp_path):
+    fleet = Fleet(tmp_path, mailbox=flood(30, 30))
+    c2 = fleet.clone("code2")
+    roster = c2 / "coordination" / "servers.json"
+    roster.write_text(json.dumps({"version": 1, "servers": [{"id": "code2"}, {"id": "build1"}, {"id": "real1"}]}))
+    from conftest import commit_and_push
+
+    commit_and_push(c2, "the roster")
+    b1 = fleet.clone("real1")
+    send_message("status report please", to="code2", from_sender="real1", build_repo_path=str(b1))
+    assert Monitor(Clone(c2), "code2", 1.0, one_shot=True).cycle().ok
+    autos = [m for m in fleet.remote_messages() if m.get("auto") is True]
+    assert "real1" in {m["to"] for m in autos}  # answered, whatever the flood used up
+    assert len(autos) <= auto_reply.DEFAULT_OVERALL_LIMIT + 2  # (build1 and real1: the roster names both)
+
+
+def test_an_earlier_answer_to_another_senders_message_with_the_same_id_is_no_answer(tmp_path):
+    r = responder(tmp_path)
+    r.answered = {("msg_1_aaaaaaaaaaaa", "build2")}  # code2 answered build2's message of that id
+    assert r.decide(request(at=r.clock(), sender="build1")) is not None
+    r.answered = {("msg_1_aaaaaaaaaaaa", "build1")}
+    assert r.decide(request(at=r.clock(), sender="build1")) is None

@@ -356,33 +356,36 @@ def _push_member_commit(fleet, files: dict, message: str) -> None:
 
 
 def test_a_fast_forward_never_writes_where_this_clone_keeps_its_own_files(fleet):
-    """The operator's venv lives in the clone (ignored); another member force-adds files there, or
-    into a folder this clone has and git does not track: the fast-forward is refused, nothing of
-    theirs lands where code is loaded from, and nothing of this clone's is replaced."""
+    """The operator's venv lives in the clone (ignored); another member force-adds files there:
+    the fast-forward is refused, nothing of theirs lands where code is loaded from, and nothing
+    of this clone's is replaced. A path ignored here that touches nothing local goes through."""
     c2 = fleet.clone("code2")
     mon = monitor(c2, "code2")
-    (c2 / ".gitignore").write_text(".venv/\n")
-    commit_and_push(c2, "ignore the venv")
+    (c2 / ".gitignore").write_text(".venv/\n*.log\n")
+    commit_and_push(c2, "ignore the venv and logs")
     _write(c2 / ".venv" / "pyvenv.cfg", "home = /usr/bin\n")
-    _write(c2 / "notes" / "mine.txt", "a person's untracked notes\n")
+    (c2 / ".venv" / "lib" / "site-packages").mkdir(parents=True)
     before = head(c2)
-    _push_member_commit(fleet, {".venv/pyvenv.cfg": "home = /nonexistent\n",
-                                ".venv/lib/site-packages/zz.pth": "import os; os.system('id > PWNED')\n"},
+    _push_member_commit(fleet, {".venv/lib/site-packages/zz.pth": "import os; os.system('id > PWNED')\n"},
                         "into the venv")
     assert mon.cycle().fast_forward == "local-files"
-    assert head(c2) == before and (c2 / ".venv" / "pyvenv.cfg").read_text() == "home = /usr/bin\n"
-    assert not (c2 / ".venv" / "lib").exists()
-    fleet.clones.pop("member")
-    fleet.clone("member2")
-    git(fleet.clones["member2"], "rm", "-rq", "--cached", ".venv")
-    git(fleet.clones["member2"], "commit", "-qm", "undo", "--no-gpg-sign")
-    git(fleet.clones["member2"], "push", "-q", "origin", "main")
-    seed = fleet.clones["member2"]
-    _write(seed / "notes" / "theirs.txt", "a member's file\n")
-    commit_and_push(seed, "into a folder this clone does not track")
+    assert head(c2) == before and not (c2 / ".venv" / "lib" / "site-packages" / "zz.pth").exists()
+    _push_member_commit(fleet, {".venv/pyvenv.cfg": "home = /nonexistent\n"}, "over the venv's own file")
     mon.last_ff = 0.0  # (the monitor updates the working tree at most every few seconds)
     assert mon.cycle().fast_forward == "local-files"
-    assert not (c2 / "notes" / "theirs.txt").exists()
+    assert (c2 / ".venv" / "pyvenv.cfg").read_text() == "home = /usr/bin\n"
+    seed = fleet.clones["member"]
+    git(seed, "rm", "-rq", "--cached", ".venv")
+    _write(seed / "reports" / "build.log", "a log the branch carries, ignored or not\n")
+    _write(seed / "notes" / "theirs.txt", "a member's file\n")
+    _write(c2 / "notes" / "mine.txt", "a person's untracked notes\n")
+    git(seed, "add", "-f", "reports/build.log", "notes/theirs.txt")
+    git(seed, "commit", "-qm", "the venv out again; a log and notes in", "--no-gpg-sign")
+    git(seed, "push", "-q", "origin", "main")
+    mon.last_ff = 0.0
+    assert mon.cycle().fast_forward == "fast-forwarded"
+    assert (c2 / "reports" / "build.log").exists() and (c2 / "notes" / "mine.txt").read_text().startswith("a person")
+    assert (c2 / ".venv" / "pyvenv.cfg").read_text() == "home = /usr/bin\n"
 
 
 @posix_only
@@ -417,7 +420,7 @@ def test_a_fast_forward_that_fails_half_way_leaves_the_working_tree_as_it_was(fl
     commit_and_push(seed, "v1")
     mon.last_ff = 0.0
     assert mon.cycle().fast_forward == "fast-forwarded"
-    for name in ("a.txt", "b.txt", "c.txt", "new/d.txt"):
+    for name in ("a.txt", "b.txt", "c.txt", "new/deeper/d.txt"):
         _write(seed / name, "v2\n")
     commit_and_push(seed, "v2")
     chattr = shutil.which("chattr")
@@ -427,7 +430,7 @@ def test_a_fast_forward_that_fails_half_way_leaves_the_working_tree_as_it_was(fl
         mon.last_ff = 0.0
         assert mon.cycle().fast_forward == "refused"
         assert git(c2, "status", "--porcelain") == ""
-        assert (c2 / "a.txt").read_text() == "v1\n" and not (c2 / "new" / "d.txt").exists()
+        assert (c2 / "a.txt").read_text() == "v1\n" and not (c2 / "new").exists()  # nor the folders it made
     finally:
         subprocess.run([chattr, "-i", str(c2 / "b.txt")], check=False)
     mon.last_ff, mon.ff_pending = 0.0, True  # (tried again with the next commit; here at once)
