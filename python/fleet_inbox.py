@@ -79,6 +79,7 @@ EXIT_TIMEOUT: Final = 124  # wait: nothing arrived in time (timeout(1)'s convent
 
 DEFAULT_POLL_SECONDS: Final = 2.0  # wait: one poll (one git fetch) this often
 FIRST_LOOK_SECONDS: Final = 5.0  # the least time wait's network calls get, however short its timeout
+LAST_LOOK_SECONDS: Final = 2.0  # the look at the timeout itself may take this long past it
 MAX_SUBJECT_CHARS: Final = 1000  # text returned from another machine is cut to these lengths
 MAX_BODY_CHARS: Final = 1_000_000
 MAX_FIELD_CHARS: Final = 64  # type, priority, timestamp
@@ -771,8 +772,8 @@ class Inbox:
         deadline = None if timeout is None else clock() + timeout
         # No network call waits past the timeout either (a slow or hung remote); the first look
         # has at least FIRST_LOOK_SECONDS, so "--timeout 0" still looks once.
-        self.clone.network_deadline = (None if timeout is None
-                                       else time.monotonic() + max(timeout, FIRST_LOOK_SECONDS))
+        self.clone.network_deadline = (None if timeout is None else time.monotonic()
+                                       + max(timeout + LAST_LOOK_SECONDS, FIRST_LOOK_SECONDS))
         try:
             try:
                 self._refresh()
@@ -806,7 +807,8 @@ class Inbox:
                 if remaining is not None and remaining <= 0:
                     return {"arrived": False, "messages": []}
                 sleep(poll_seconds if remaining is None else min(poll_seconds, remaining))
-                warned = self._refresh_while_waiting(warned)
+                ended = deadline is not None and deadline - clock() <= 0
+                warned = self._refresh_while_waiting(warned or ended)  # (at the timeout: no warning)
         finally:
             self.clone.network_deadline = None
 

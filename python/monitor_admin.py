@@ -235,7 +235,8 @@ def retire_server(clone: Clone, server: str) -> Dict[str, Any]:
     for seen in presences:
         if seen["activity"] != STOPPED and seen["age_seconds"] <= stale_limit(seen, DEFAULT_STALE_AFTER):
             raise UsageError(f"{server} looks live (presence {short_age(seen['age_seconds'])} ago): stop its "
-                             "monitor (a clean stop says so) or wait until it is stale, then retire it")
+                             "monitor (a clean stop says so) or wait until it is stale (a --once run stays "
+                             f"live for {short_age(stale_limit(seen, DEFAULT_STALE_AFTER))}), then retire it")
     age = None if presences else _heartbeat_age(clone, tip, server, now)
     if age is not None and age <= DEFAULT_STALE_AFTER:
         raise UsageError(f"{server} looks live (its {server}/heartbeat.json is {short_age(age)} old): "
