@@ -827,10 +827,12 @@ class ReplyLedger:
         when = self.clock() if now is None else now
         return sum(1 for t in self._data["recent"].get(sender.strip().lower(), []) if t > when - window)
 
-    def recent_total(self, now: Optional[float] = None, window: float = DEFAULT_PER_SENDER_WINDOW) -> int:
-        """Automatic replies sent to anyone in the last ``window`` seconds."""
+    def recent_total(self, now: Optional[float] = None, window: float = DEFAULT_PER_SENDER_WINDOW,
+                     which: Callable[[str], bool] = lambda sender: True) -> int:
+        """Automatic replies sent in the last ``window`` seconds to the senders ``which`` keeps."""
         when = self.clock() if now is None else now
-        return sum(1 for times in self._data["recent"].values() for t in times if t > when - window)
+        return sum(1 for sender, times in self._data["recent"].items() if which(sender)
+                   for t in times if t > when - window)
 
     def within_limit(self, sender: str, now: Optional[float] = None,
                      limit: int = DEFAULT_PER_SENDER_LIMIT,
@@ -1098,7 +1100,7 @@ class AutoResponder:
                       reason, extra={"metadata": {"reason": reason.split(":")[0]}})
             return None
         key = message_key(msg)
-        if self.ledger.already_replied(key) or key in self.answered:
+        if self.ledger.already_replied(key) or (msg["id"], msg["from"].strip().lower()) in self.answered:
             return None
         kinds = ("acknowledge",) if reason.startswith(ACK_ONLY) else None
         rule = self.ruleset().match(msg, kinds)
@@ -1119,12 +1121,17 @@ class AutoResponder:
                                     "limit": self.per_sender_limit}})
             return Decision(rule=rule.name, kind=rule.kind, acknowledge=acknowledge, reply=None,
                             limited=True)
-        if sender not in self.roster and self.ledger.recent_total(now, self.per_sender_window) >= self.overall_limit:
+        # Two budgets of the same size: the roster's servers and everyone else, so that a flood
+        # from made-up ids cannot use up the fleet's own (nor the reverse), and the total stays
+        # bounded whatever the roster names (any member can commit one of 300 names).
+        listed = sender in self.roster
+        if self.ledger.recent_total(now, self.per_sender_window,
+                                    lambda who: (who in self.roster) == listed) >= self.overall_limit:
             shown_id = one_line(msg["id"], 80)
             log.log(logging.WARNING if self._first_limited("\0all", now) else logging.DEBUG,
-                    "automatic reply to %s withheld: %d automatic replies in the last %s (limit %d for "
-                    "all senders together)", shown_id, self.ledger.recent_total(now, self.per_sender_window),
-                    format_duration(self.per_sender_window), self.overall_limit,
+                    "automatic reply to %s withheld: %d automatic replies in the last %s (limit %d for %s "
+                    "together)", shown_id, self.overall_limit, format_duration(self.per_sender_window),
+                    self.overall_limit, "the roster's servers" if listed else "all senders the roster does not name",
                     extra={"metadata": {"id": shown_id, "from": sender, "rule": rule.name,
                                         "limit": self.overall_limit}})
             return Decision(rule=rule.name, kind=rule.kind, acknowledge=acknowledge, reply=None,

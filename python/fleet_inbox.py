@@ -807,8 +807,8 @@ class Inbox:
                 if remaining is not None and remaining <= 0:
                     return {"arrived": False, "messages": []}
                 sleep(poll_seconds if remaining is None else min(poll_seconds, remaining))
-                ended = deadline is not None and deadline - clock() <= 0
-                warned = self._refresh_while_waiting(warned or ended)  # (at the timeout: no warning)
+                warned = self._refresh_while_waiting(warned, ended=lambda: deadline is not None
+                                                     and deadline - clock() <= 0)
         finally:
             self.clone.network_deadline = None
 
@@ -832,13 +832,13 @@ class Inbox:
                 view["read"] = True  # what wait takes is mail to this server
         return views
 
-    def _refresh_while_waiting(self, warned: bool) -> bool:
-        """Poll again; a remote that does not answer is said once, then retried. Returns whether
-        it has been said."""
+    def _refresh_while_waiting(self, warned: bool, ended: Callable[[], bool] = lambda: False) -> bool:
+        """Poll again; a remote that does not answer is said once, then retried; not when the
+        wait's own timeout (``ended``) cut the poll short. Returns whether it has been said."""
         try:
             self._refresh()
         except RemoteUnavailable as exc:
-            if not warned:
+            if not warned and not ended():
                 log.warning("waiting for mail: the remote did not answer (%s); still trying", exc.reason)
             return True
         return warned

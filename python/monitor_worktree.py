@@ -236,6 +236,8 @@ def local_files_in_the_way(repo: Path, changes: Dict[str, str]) -> List[str]:
     written = sorted(path for path, status in changes.items() if status != "D")
     local: Dict[str, str] = {}  # what exists here -> the incoming path it is in the way of
     for path in written:
+        if _below_a_link(repo, path):
+            continue  # (a link here that the commit makes a folder: git's own checks judge that)
         if os.path.lexists(repo / path):
             local.setdefault(path, path)
         parts = path.split("/")[:-1]
@@ -251,6 +253,19 @@ def local_files_in_the_way(repo: Path, changes: Dict[str, str]) -> List[str]:
         raise GitError(["git", "check-ignore"], ignored.returncode, ignored.stdout, ignored.stderr)
     hits = [p.decode("utf-8", "surrogateescape") for p in ignored.stdout.split(b"\0") if p]
     return sorted({local[hit] for hit in hits if hit in local})
+
+
+def _below_a_link(repo: Path, path: str) -> bool:
+    """Whether one of the folders on the way to ``path`` is a symbolic link in this clone."""
+    parts = path.split("/")[:-1]
+    return any(is_link_path(repo.joinpath(*parts[:depth])) for depth in range(1, len(parts) + 1))
+
+
+def is_link_path(path: Path) -> bool:
+    try:
+        return is_link(os.lstat(path))
+    except OSError:
+        return False
 
 
 def _dirty(repo: Path, changes: Dict[str, str]) -> Set[str]:

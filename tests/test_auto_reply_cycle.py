@@ -199,7 +199,7 @@ def test_requests_from_a_crowd_of_made_up_senders_get_a_bounded_number_of_replie
     autos = [m for m in fleet.remote_messages() if m.get("auto") is True]
     assert len(autos) == auto_reply.DEFAULT_OVERALL_LIMIT
     assert len(statuses) == 1
-    assert "limit 20 for all senders together" in caplog.text
+    assert "limit 20 for all senders the roster does not name together" in caplog.text
 
 
 def test_a_request_is_answered_once_by_a_server_monitored_from_two_clones(fleet):
@@ -237,6 +237,21 @@ def test_a_flood_of_made_up_senders_never_silences_the_servers_the_roster_names(
     autos = [m for m in fleet.remote_messages() if m.get("auto") is True]
     assert "real1" in {m["to"] for m in autos}  # answered, whatever the flood used up
     assert len(autos) <= auto_reply.DEFAULT_OVERALL_LIMIT + 2  # (build1 and real1: the roster names both)
+
+
+def test_a_roster_naming_every_flooding_sender_still_bounds_the_replies(tmp_path):
+    """Any member can commit a roster of 300 names and flood "from" them: the roster's servers
+    have a budget of their own, not none."""
+    from conftest import commit_and_push
+
+    fleet = Fleet(tmp_path, mailbox=flood(200, 100))
+    c2 = fleet.clone("code2")
+    (c2 / "coordination" / "servers.json").write_text(json.dumps(
+        {"version": 1, "servers": [{"id": "code2"}] + [{"id": f"build{n + 1}"} for n in range(100)]}))
+    commit_and_push(c2, "a roster of everyone")
+    assert Monitor(Clone(c2), "code2", 1.0, one_shot=True).cycle().ok
+    autos = [m for m in fleet.remote_messages() if m.get("auto") is True]
+    assert len(autos) == auto_reply.DEFAULT_OVERALL_LIMIT
 
 
 def test_an_earlier_answer_to_another_senders_message_with_the_same_id_is_no_answer(tmp_path):

@@ -436,3 +436,22 @@ def test_a_fast_forward_that_fails_half_way_leaves_the_working_tree_as_it_was(fl
     mon.last_ff, mon.ff_pending = 0.0, True  # (tried again with the next commit; here at once)
     assert mon.cycle().fast_forward == "fast-forwarded"  # once nothing is in the way
     assert (c2 / "b.txt").read_text() == "v2\n"
+
+
+@posix_only
+def test_a_tracked_link_that_becomes_a_folder_still_fast_forwards(fleet):
+    # (nested: a top-level link named like a server id is refused on its own, as a runtime path)
+    c2 = fleet.clone("code2")
+    mon = monitor(c2, "code2")
+    seed = fleet.clone("member")
+    _write(seed / "lib" / "real_data" / "sub" / "a.txt", "a\n")
+    os.symlink("real_data", seed / "lib" / "data")
+    commit_and_push(seed, "data is a link")
+    mon.last_ff = 0.0
+    assert mon.cycle().fast_forward == "fast-forwarded" and (c2 / "lib" / "data").is_symlink()
+    os.unlink(seed / "lib" / "data")
+    _write(seed / "lib" / "data" / "sub" / "a.txt", "a\n")
+    commit_and_push(seed, "data is a folder now")
+    mon.last_ff = 0.0
+    assert mon.cycle().fast_forward == "fast-forwarded"
+    assert not (c2 / "lib" / "data").is_symlink() and (c2 / "lib" / "data" / "sub" / "a.txt").is_file()
