@@ -787,6 +787,11 @@ class Inbox:
                 if not asked:
                     raise UsageError(f"no message with id {reply_to[:120]} to wait for an answer to")
                 question = asked[-1].msg
+                if asked[-1].archived:  # its answers may be archived too: looked for there once
+                    found = self._arrived(reply_to, question, include_archive=True)
+                    if found:
+                        self.clone.network_deadline = None
+                        return {"arrived": True, "messages": self._take(found, peek, max_body_chars)}
             looked_at: Optional[Tuple[Optional[str], Tuple[str, ...]]] = None
             warned = False
             while True:
@@ -849,13 +854,14 @@ class Inbox:
                    self.store.local_tip(LOCAL_FALLBACK_PREFIX + self.server))
         return tuple(tip for tip in mirrors if tip)
 
-    def _arrived(self, reply_to: Optional[str], question: Optional[Mapping[str, Any]] = None) -> List[Found]:
+    def _arrived(self, reply_to: Optional[str], question: Optional[Mapping[str, Any]] = None, *,
+                 include_archive: bool = False) -> List[Found]:
         """Unread mail for this server; with ``reply_to``, the answers to ``question``: only from a
         server it was sent to, or its sender (anyone may answer a broadcast)."""
         states = self._states()
         answerers = _answerers(question) if question is not None else None
         found = []
-        for entry in self._hot():
+        for entry in self._messages(include_archive) if include_archive else self._hot():
             msg = entry.msg
             if not is_addressed_to(msg, self.server):
                 continue

@@ -663,3 +663,15 @@ def test_a_bounded_wait_counts_whole_messages_and_leaves_the_rest_unread(fleet):
     commit_and_push(b1, "sixty small messages")
     got = Inbox(str(c2), "code2").wait(timeout=5, max_body_chars=10**9)
     assert len(got["messages"]) == MAX_TAKEN and got["more"] == 11
+
+
+def test_a_wait_for_the_answer_to_an_archived_question_finds_the_archived_answer(tmp_path):
+    question = _old(1, 40, to="code2", read=True)  # from build1
+    answer = _old(2, 40, to="build1", **{"from": "code2"}, in_reply_to=question["id"], read=True)
+    fleet = Fleet(tmp_path, mailbox=json.dumps({"messages": [question, answer]}, indent=2).encode())
+    c2 = fleet.clone("code2")
+    assert archive_mailbox(Clone(c2), "code2", 30)["archived"] == 2
+    proc = run_script("inbox.py", "wait", "--reply-to", question["id"], "--timeout", "1", "--json",
+                      "--repo", str(fleet.clone("build1")), "--server", "build1")
+    assert proc.returncode == 0, proc.stderr
+    assert [m["id"] for m in json.loads(proc.stdout)["messages"]] == [answer["id"]]
