@@ -101,6 +101,9 @@ from fleet_mailbox import (
     reply_subject,
     strip_reply_prefixes,
 )
+from fleet_mailbox import (
+    flag as _truthy,
+)
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
@@ -195,17 +198,6 @@ class RuleError(UsageError):
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
-
-
-def _truthy(value: Any) -> bool:
-    """A flag as older tools wrote it: ``true``, ``"true"``, ``"True"``, ``1``."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "yes", "1")
-    if isinstance(value, (int, float)):
-        return value == 1
-    return False
 
 
 def _epoch(now: Union[float, _dt.datetime]) -> float:

@@ -32,6 +32,7 @@ from fleet_mailbox import (
     MailboxCorrupt,
     entry_problem,
     find_message,
+    flag,
     is_handled_by,
     known_servers,
     message_key,
@@ -226,7 +227,7 @@ def fold_receipts(msg: Dict[str, Any], read: Receipts, acked: Receipts) -> Dict[
         current = out.get(field) if isinstance(out.get(field), list) else []
         have = {n.lower() for n in current if isinstance(n, str)}
         out[field] = list(current) + [n for n in names if n not in have]
-    if ackers and out.get("ack_required") is True:
+    if ackers and flag(out.get("ack_required")):
         out["ack_status"] = "acknowledged"
     return out
 

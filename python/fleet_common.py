@@ -618,7 +618,7 @@ def read_local_file(path: "os.PathLike[str] | str", *, max_bytes: int = MAX_STAT
     return data
 
 
-def atomic_write_bytes(path: "os.PathLike[str] | str", data: bytes) -> None:
+def atomic_write_bytes(path: "os.PathLike[str] | str", data: bytes, *, mode: Optional[int] = None) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old or the new file, never half.
 
     Temporary file in the same folder, flush, fsync, ``os.replace``; on Windows the replace is
@@ -627,7 +627,7 @@ def atomic_write_bytes(path: "os.PathLike[str] | str", data: bytes) -> None:
     """
     target = Path(path)
     _prepare_target(target)
-    replace_file(target, data)
+    replace_file(target, data, mode=mode)
 
 
 def replace_file(target: Path, data: bytes, *, mode: Optional[int] = None) -> None:

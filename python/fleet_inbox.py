@@ -46,6 +46,9 @@ from fleet_mailbox import (
     reply_subject,
     valid_messages,
 )
+from fleet_mailbox import (
+    flag as _truthy,
+)
 from fleet_state import (
     LOCAL_FALLBACK_PREFIX,
     MAX_ID_CHARS,
@@ -184,15 +187,6 @@ def _check_priority(priority: Optional[str]) -> Optional[str]:
 
 def _bounded(value: Any, limit: int) -> Optional[str]:
     return value[:limit] if isinstance(value, str) else None
-
-
-def _truthy(value: Any) -> bool:
-    """A flag as older tools wrote it: ``true``, ``"true"``, ``1``."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "yes", "1")
-    return isinstance(value, (int, float)) and value == 1
 
 
 def _priority(msg: Mapping[str, Any]) -> str:

@@ -227,6 +227,16 @@ def valid_messages(data: Mapping[str, Any], *, warn: bool = True) -> Iterator[Tu
     return iter(valid)
 
 
+def flag(value: Any) -> bool:
+    """A message's flag (``ack_required``, ``read``, ``auto``) as older tools wrote it: ``true``,
+    ``"true"``, ``"True"``, ``"yes"``, ``1``; the one reading every module uses."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "1")
+    return isinstance(value, (int, float)) and value == 1
+
+
 def recipients(msg: Mapping[str, Any]) -> Optional[Set[str]]:
     """Lower-case server ids in ``to``; ``None`` for a broadcast. Invalid ids match no one."""
     to = msg.get("to")
@@ -272,13 +282,26 @@ def is_addressed_to(msg: Mapping[str, Any], server: str) -> bool:
     return rcpt is None or server in rcpt
 
 
+# Receipts read from one list (``read_by``, ``acknowledged_by``): as many as a fleet has servers
+# (fleet_state.MAX_STATE_SERVERS). A longer list is another member's; past this it is not read,
+# so that a look at the fleet (every message by every server) stays linear in the mailbox.
+MAX_RECEIPT_NAMES: Final = 1000
+
+
 def _lower_list(value: Any) -> List[str]:
-    return [item.lower() for item in value if isinstance(item, str)] if isinstance(value, list) else []
+    return [item.lower() for item in value[:MAX_RECEIPT_NAMES] if isinstance(item, str)] \
+        if isinstance(value, list) else []
+
+
+def names_server(value: Any, server: str) -> bool:
+    """Whether a receipt list names ``server`` (any letter case), among its first names."""
+    return isinstance(value, list) and any(
+        isinstance(item, str) and item.lower() == server for item in value[:MAX_RECEIPT_NAMES])
 
 
 def is_handled_by(msg: Mapping[str, Any], server: str, local: Container[MessageKey] = frozenset()) -> bool:
     """PROTOCOL.md: in ``read_by``, or ``read`` true and ``to`` names the server alone, or local state."""
-    if server in _lower_list(msg.get("read_by")):
+    if names_server(msg.get("read_by"), server):
         return True
     if msg.get("read") is True and is_direct(msg):
         return True
@@ -339,7 +362,9 @@ def mark_handled(data: Dict[str, Any], server: str, keys: Iterable[MessageKey],
             if server not in _lower_list(acked):
                 acked.append(server)
                 touched = True
-            if msg.get("ack_status") != "acknowledged":
+            # ack_status speaks for the whole message: set for mail to this server alone, so one
+            # acknowledgement never reads as everyone's to an older tool.
+            if is_direct(msg) and msg.get("ack_status") != "acknowledged":
                 msg["ack_status"] = "acknowledged"
                 touched = True
         if touched:
@@ -416,13 +441,31 @@ def _last_key_is_messages(data: Mapping[str, Any]) -> bool:
     return bool(data) and list(data)[-1] == "messages" and isinstance(data["messages"], list)
 
 
+def _messages_close_the_text(raw: Optional[bytes]) -> bool:
+    """Whether the text's last top-level key (a line indented by two spaces) is ``"messages"``.
+    The parsed document cannot tell: with a key written twice (``{"x": 1, "messages": [...],
+    "x": []}``) its last key is ``messages`` while the text ends with the other one, whose "]"
+    an append would then have opened."""
+    if raw is None:
+        return False
+    last = raw.rfind(b'\n  "')
+    return last != -1 and raw.startswith(b'\n  "messages": [', last)
+
+
+def _spliceable(raw: Optional[bytes]) -> bool:
+    """Whether a change may edit the text in place: it is laid out as this suite writes it (two
+    spaces, ASCII only, a final newline; PROTOCOL.md). Anything else (an older tool's raw UTF-8,
+    no final newline) is written again whole, in the contract's layout."""
+    return raw is not None and raw.startswith(b'{\n  "') and raw.endswith(b"\n") and raw.isascii()
+
+
 def append_to_blob(raw: Optional[bytes], blob: Optional[str], msg: Dict[str, Any],
                    key: MessageKey, cache: Optional[DocumentCache] = None) -> Optional[bytes]:
     """The new mailbox text with ``msg`` appended, or ``None`` when it is already there."""
     data = parse_cached(raw, blob, cache)
     if has_message(data, key):
         return None
-    if raw is not None and raw.startswith(b'{\n  "') and _last_key_is_messages(data):
+    if _spliceable(raw) and _last_key_is_messages(data) and _messages_close_the_text(raw):
         # The text parses and its last key holds the list, so the final "]" closes that list.
         if data["messages"] and raw.endswith(_TAIL):
             return raw[:-len(_TAIL)] + b",\n" + _indented(msg) + _TAIL
@@ -472,7 +515,7 @@ def mark_in_blob(raw: Optional[bytes], blob: Optional[str], server: str, keys: I
     wanted = set(keys) | set(acknowledge)
     targets = [msg for _, msg in valid_messages(data, warn=False) if message_key(msg) in wanted]
     edits: List[Tuple[int, int, bytes]] = []
-    spliceable = raw is not None and raw.startswith(b'{\n  "')
+    spliceable = _spliceable(raw)
     changed = 0
     for msg in targets:
         new = _copy_for_marks(msg)

@@ -10,7 +10,6 @@ import argparse
 import datetime as _dt
 import json
 import math
-import os
 import re
 import sys
 
@@ -20,6 +19,7 @@ from fleet_common import (
     UsageError,
     default_repo_path,
     defer_logging_setup,
+    format_duration,
     is_valid_server_id,
     iso_utc,
     one_line,
@@ -28,6 +28,7 @@ from fleet_common import (
 from fleet_git import MAILBOX_PATH, Clone
 from fleet_mailbox import (
     MailboxCorrupt,
+    flag,
     is_addressed_to,
     known_servers,
     message_time,
@@ -331,6 +332,14 @@ def presence_summary(state: Optional[ServerState], now: _dt.datetime) -> Optiona
     }
 
 
+CLOCK_AHEAD_TOLERANCE: Final = 300.0  # seconds a presence may be stamped ahead before it is said
+
+
+def _seconds_ahead(seen: Optional[Dict[str, Any]], now: _dt.datetime) -> float:
+    when = parse_timestamp(seen.get("timestamp")) if seen else None
+    return 0.0 if when is None else (when - now).total_seconds()
+
+
 def stale_limit(presence: Optional[Dict[str, Any]], stale_after: float) -> float:
     """``max(--stale-after, 3 x the server's own interval, 3 x its presence period)`` (a
     summary's, :func:`presence_summary`), each believed up to 6 h: a monitor publishes presence
@@ -413,6 +422,11 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
     messages = [msg for _, msg in valid_pairs]
     servers, overflow = _collect_servers(snap, messages)
     problems = list(snap.problems)
+    if invalid:  # no reader shows them: mail that may be lost, not a detail of the JSON
+        position, reason = invalid[0]
+        more = f" (and {len(invalid) - 1} more)" if len(invalid) > 1 else ""
+        problems.append((WARNING, f"{len(invalid)} mailbox entries cannot be read by anyone: #{position} "
+                                  f"{_text(reason, 120)}{more}"))
     if overflow:
         problems.append((WARNING, f"{overflow} more server ids (from state refs and the mailbox) not shown; "
                                   f"at most {MAX_SERVERS} are"))
@@ -420,6 +434,11 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
     retired = _retired(snap.states, servers)
     unread_by = _count_mail(snap, messages, servers, mail, now.date(), retired)
     presence = {server: presence_summary(snap.states.get(server), now) for server in servers}
+    for server, seen in sorted(presence.items()):
+        ahead = _seconds_ahead(seen, now)
+        if ahead > CLOCK_AHEAD_TOLERANCE:  # live however long ago it stopped, until then
+            problems.append((WARNING, f"{server}'s presence is stamped {format_duration(ahead)} ahead of this "
+                                      "machine's clock: one of the two clocks is wrong"))
     # Expected servers: the roster's, else every server that has published presence.
     expected = set(snap.roster.servers) if snap.roster.servers else {
         server for server, seen in presence.items() if seen is not None}
@@ -504,7 +523,7 @@ def _count_received(counters: _Mail, server: str, item: Tuple[Optional[_dt.datet
         counters.unread += 1
         if _older(item, counters.oldest_unread):
             counters.oldest_unread = item
-    if msg.get("ack_required") is True and not has_acknowledged(msg, server, states):
+    if flag(msg.get("ack_required")) and not has_acknowledged(msg, server, states):
         counters.acks += 1
         if _older(item, counters.oldest_ack):
             counters.oldest_ack = item
@@ -972,8 +991,8 @@ def _look(args: argparse.Namespace) -> int:
     report = fleet_status(clone, stale_after=args.stale_after, unread_after=args.unread_after)
     if args.html:
         try:
-            atomic_write_bytes(args.html, render_html(report).encode("utf-8"))
-            os.chmod(args.html, PAGE_MODE)  # published: a web server's user must read it
+            # Published: readable by a web server's user from the moment it is in place.
+            atomic_write_bytes(args.html, render_html(report).encode("utf-8"), mode=PAGE_MODE)
         except OSError as exc:
             write_line(f"FLEET UNKNOWN - cannot write {args.html}: {one_line(exc)}",
                        sys.stderr if args.quiet else sys.stdout)

@@ -41,7 +41,7 @@ class PeriodicDuties:
         if self.iterations % HEALTH_EVERY == 1 or HEALTH_EVERY == 1:
             self.health_check()
         self._maybe_presence()
-        if self.heartbeat_seconds and self.reading.heartbeat_on_main:
+        if self.reading.heartbeat_on_main:  # (every --heartbeat-minutes, else every 5 minutes)
             self._maybe_heartbeat(report)
         if self.auto_archive_days:
             self._maybe_archive()
@@ -135,7 +135,7 @@ class PeriodicDuties:
         """``--heartbeat-on-main``: also the legacy ``<server>/heartbeat.json`` commit."""
         last = self.state.extra.get("last_heartbeat_at")
         now = time.time()
-        if isinstance(last, (int, float)) and now - last < float(self.heartbeat_seconds or 0):
+        if isinstance(last, (int, float)) and now - last < float(self.heartbeat_seconds or PRESENCE_SECONDS):
             return
         try:
             tx = self._timed("heartbeat", self.publish_heartbeat)

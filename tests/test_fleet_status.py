@@ -655,3 +655,26 @@ def test_retire_with_the_remote_down_writes_nothing(tmp_path):
     proc = run_script("message_monitor.py", "--repo", str(ops), "--server", "build1", "--retire")
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert git(fleet.origin, "rev-parse", "refs/fleet/build1") == tip
+
+
+def test_mail_nobody_can_read_and_a_clock_far_ahead_are_warnings_not_ok(tmp_path, capsys):
+    entry = {"id": "msg_1762250000_00000000000a", "from": "build1", "to": "code2", "subject": "lost",
+             "timestamp": 1762250000}  # an older tool's epoch seconds: no reader shows it
+    fleet = Fleet(tmp_path, mailbox=serialize({"messages": [entry]}))
+    b1 = fleet.clone("build1")
+    ahead = iso_utc(dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1))
+    presence = presence_doc(started=time.time(), interval=10, healthy=True)
+    presence["timestamp"] = ahead
+    StateStore(Clone(b1)).update("build1", StateChange(presence=presence))
+    code, report = _status(fleet, capsys)
+    texts = [p["text"] for p in report["problems"]]
+    assert code == 1 and any("cannot be read by anyone" in t for t in texts), texts
+    assert any("build1's presence is stamped" in t and "ahead" in t for t in texts), texts
+
+
+def test_a_receipt_list_is_read_up_to_as_many_names_as_a_fleet_has_servers():
+    from fleet_mailbox import MAX_RECEIPT_NAMES, is_handled_by
+
+    crowd = ["x"] * MAX_RECEIPT_NAMES
+    assert is_handled_by({"read_by": ["x"] * 5 + ["code2"]}, "code2")
+    assert not is_handled_by({"read_by": crowd + ["code2"]}, "code2")  # past the bound: not read

@@ -478,3 +478,17 @@ def test_the_remotes_own_hooks_still_run_for_the_suites_pushes(fleet):
     proc = run_script("send_message.py", "refused by the remote's policy", "--to", "build1", "--from", "code2",
                       "--repo", str(c2), "--no-queue")
     assert proc.returncode == 1 and fleet.remote_commits() == before, proc.stderr
+
+
+def test_a_clone_made_without_git_clone_takes_the_remotes_default_branch(tmp_path):
+    """init + remote add + fetch leaves no origin/HEAD: the one branch fetched (master here) is
+    taken, not main assumed."""
+    fleet = Fleet(tmp_path)
+    b1 = fleet.clone("build1")
+    git(b1, "push", "-q", "origin", "main:master")
+    git(fleet.origin, "symbolic-ref", "HEAD", "refs/heads/master")
+    bare = tmp_path / "handmade"
+    git(tmp_path, "init", "-q", str(bare))
+    git(bare, "remote", "add", "origin", str(fleet.origin))
+    git(bare, "fetch", "-q", "origin", "master")
+    assert Clone(bare).branch == "master"
