@@ -47,7 +47,8 @@ MAX_OBJECT_BYTES: Final = MAX_MAILBOX_BYTES
 NETWORK_TIMEOUT: Final = 60.0  # fetch, push, ls-remote
 STANDALONE_FRESHNESS: Final = 10.0  # seconds a standalone send trusts the last fetch
 MAX_RACE_ATTEMPTS: Final = 200  # with RACE_DELAY_CAP, about a minute of lost races at most
-RACE_TIME_LIMIT: Final = 60.0  # and never longer than this (each attempt also pays its fetch and push)
+RACE_TIME_LIMIT: Final = 60.0  # and no longer than this (each attempt also pays its fetch and push)
+MIN_RACE_ATTEMPTS: Final = 5  # ... once this many tried: on a slow remote one lost race is no verdict
 RACE_DELAY_CAP: Final = 1.0  # seconds: tens to hundreds of milliseconds (PROTOCOL.md step 5)
 
 _UNKNOWN = object()
@@ -702,14 +703,6 @@ class Clone:
         ref = proc.stdout.decode().strip()
         if proc.returncode == 0 and ref.startswith(prefix):
             return ref[len(prefix):]
-        # A clone made without "git clone" (init, remote add, fetch) has no origin/HEAD: the one
-        # branch it fetched is the remote's (PROTOCOL.md), read locally; asking the remote here
-        # would make every command wait on a remote that does not answer.
-        listed = self.git("for-each-ref", "--format=%(refname)", "--count=3", prefix, check=False)
-        names = [ref[len(prefix):] for ref in listed.stdout.decode("utf-8", "replace").split()
-                 if ref.startswith(prefix) and ref != prefix + "HEAD"]
-        if "main" not in names and len(names) == 1:
-            return names[0]
         return "main"
 
     def identity(self, role: str, fallback_name: str) -> Tuple[str, str]:
@@ -1328,7 +1321,8 @@ class Clone:
                 tip = self._tip_for_write(0.0, create_branch, refetch=True)
                 continue
             except PushRejected:
-                if attempt == max_attempts or time.monotonic() - started > RACE_TIME_LIMIT:
+                if attempt == max_attempts or (attempt >= MIN_RACE_ATTEMPTS
+                                               and time.monotonic() - started > RACE_TIME_LIMIT):
                     raise
                 # Jittered and growing: with many writers, retries spread out instead of
                 # colliding again (measured in bench/contention.py).

@@ -28,7 +28,21 @@ from fleet_common import (
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     import datetime as _dt
-    from typing import Any, Callable, Container, Dict, Final, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+    from typing import (
+        Any,
+        Callable,
+        Container,
+        Dict,
+        Final,
+        FrozenSet,
+        Iterable,
+        Iterator,
+        List,
+        Mapping,
+        Optional,
+        Set,
+        Tuple,
+    )
 
     MessageKey = Tuple[str, str]  # (id, lower-case from): PROTOCOL.md "Identity"
 
@@ -282,28 +296,37 @@ def is_addressed_to(msg: Mapping[str, Any], server: str) -> bool:
     return rcpt is None or server in rcpt
 
 
-# Receipts read from one list (``read_by``, ``acknowledged_by``): as many as a fleet has servers
-# (fleet_state.MAX_STATE_SERVERS). A longer list is another member's; past this it is not read,
-# so that a look at the fleet (every message by every server) stays linear in the mailbox.
-MAX_RECEIPT_NAMES: Final = 1000
-
-
 def _lower_list(value: Any) -> List[str]:
-    return [item.lower() for item in value[:MAX_RECEIPT_NAMES] if isinstance(item, str)] \
-        if isinstance(value, list) else []
+    return [item.lower() for item in value if isinstance(item, str)] if isinstance(value, list) else []
+
+
+_NAME_SETS: Dict[int, Tuple[List[Any], int, FrozenSet[str]]] = {}  # id(list) -> (list, its length, names)
+_NAME_SETS_CAP: Final = 4096
 
 
 def names_server(value: Any, server: str) -> bool:
-    """Whether a receipt list names ``server`` (any letter case), among its first names."""
-    return isinstance(value, list) and any(
-        isinstance(item, str) and item.lower() == server for item in value[:MAX_RECEIPT_NAMES])
+    """Whether a receipt list (``read_by``, ``acknowledged_by``) names ``server``, in any letter
+    case. A long list's lower-cased names are worked out once and kept while the list stays as it
+    is: a look at the fleet asks this for every message and every server, and one member's
+    100,000-name list made it take minutes."""
+    if not isinstance(value, list):
+        return False
+    if len(value) < 64:
+        return any(isinstance(item, str) and item.lower() == server for item in value)
+    known = _NAME_SETS.get(id(value))
+    if known is None or known[0] is not value or known[1] != len(value):
+        if len(_NAME_SETS) >= _NAME_SETS_CAP:
+            _NAME_SETS.clear()
+        known = (value, len(value), frozenset(item.lower() for item in value if isinstance(item, str)))
+        _NAME_SETS[id(value)] = known
+    return server in known[2]
 
 
 def is_handled_by(msg: Mapping[str, Any], server: str, local: Container[MessageKey] = frozenset()) -> bool:
     """PROTOCOL.md: in ``read_by``, or ``read`` true and ``to`` names the server alone, or local state."""
     if names_server(msg.get("read_by"), server):
         return True
-    if msg.get("read") is True and is_direct(msg):
+    if flag(msg.get("read")) and is_direct(msg):
         return True
     return message_key(msg) in local
 
@@ -452,6 +475,12 @@ def _messages_close_the_text(raw: Optional[bytes]) -> bool:
     return last != -1 and raw.startswith(b'\n  "messages": [', last)
 
 
+def _one_line_per_key(raw: Optional[bytes], data: Mapping[str, Any]) -> bool:
+    """Whether the text has exactly one line at the top level (indented by two spaces) for each
+    key of the parsed document: none written twice, nothing nested laid out as if it were a key."""
+    return raw is not None and raw.count(b'\n  "') == len(data)
+
+
 def _spliceable(raw: Optional[bytes]) -> bool:
     """Whether a change may edit the text in place: it is laid out as this suite writes it (two
     spaces, ASCII only, a final newline; PROTOCOL.md). Anything else (an older tool's raw UTF-8,
@@ -465,7 +494,8 @@ def append_to_blob(raw: Optional[bytes], blob: Optional[str], msg: Dict[str, Any
     data = parse_cached(raw, blob, cache)
     if has_message(data, key):
         return None
-    if _spliceable(raw) and _last_key_is_messages(data) and _messages_close_the_text(raw):
+    if _spliceable(raw) and _last_key_is_messages(data) and _messages_close_the_text(raw) \
+            and _one_line_per_key(raw, data):
         # The text parses and its last key holds the list, so the final "]" closes that list.
         if data["messages"] and raw.endswith(_TAIL):
             return raw[:-len(_TAIL)] + b",\n" + _indented(msg) + _TAIL

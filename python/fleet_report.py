@@ -422,11 +422,6 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
     messages = [msg for _, msg in valid_pairs]
     servers, overflow = _collect_servers(snap, messages)
     problems = list(snap.problems)
-    if invalid:  # no reader shows them: mail that may be lost, not a detail of the JSON
-        position, reason = invalid[0]
-        more = f" (and {len(invalid) - 1} more)" if len(invalid) > 1 else ""
-        problems.append((WARNING, f"{len(invalid)} mailbox entries cannot be read by anyone: #{position} "
-                                  f"{_text(reason, 120)}{more}"))
     if overflow:
         problems.append((WARNING, f"{overflow} more server ids (from state refs and the mailbox) not shown; "
                                   f"at most {MAX_SERVERS} are"))

@@ -852,11 +852,11 @@ def has_read(msg: Mapping[str, Any], server: str, states: Mapping[str, ServerSta
 
 def has_acknowledged(msg: Mapping[str, Any], server: str, states: Mapping[str, ServerState]) -> bool:
     """Whether ``server`` acknowledged ``msg``: legacy ``acknowledged_by`` or its state ref."""
-    from fleet_mailbox import message_key, names_server, recipients
+    from fleet_mailbox import is_direct, message_key, names_server, recipients
 
     if names_server(msg.get("acknowledged_by"), server):
         return True
-    if msg.get("ack_status") == "acknowledged" and recipients(msg) == {server}:
+    if msg.get("ack_status") == "acknowledged" and is_direct(msg) and recipients(msg) == {server}:
         return True  # an older tool's acknowledgement of mail to one server (PROTOCOL.md)
     state = states.get(server)
     return state is not None and message_key(msg) in state.acks

@@ -82,3 +82,14 @@ def test_a_send_never_pushes_a_mailbox_that_does_not_parse_whatever_keys_it_repe
     written = subprocess.run(["git", "cat-file", "blob", "main:coordination/messages.json"], cwd=fleet.origin,
                              capture_output=True, check=True).stdout
     assert [m["id"] for m in json.loads(written)["messages"]][0] == "m1" and len(json.loads(written)["messages"]) == 2
+
+
+def test_an_append_never_lands_in_another_list_laid_out_to_look_like_the_mailboxs():
+    from fleet_mailbox import _indented, append_to_blob, message_key
+
+    old = _message(1)
+    raw = (b'{\n  "x": 1,\n  "messages": [\n' + _indented(old) + b'\n  ],\n'
+           b'  "x": [{\n  "messages": [\n  ]}\n  ]\n}\n')
+    new = _message(2)
+    doc = json.loads(append_to_blob(raw, None, new, message_key(new)))
+    assert [m["id"] for m in doc["messages"]] == [old["id"], new["id"]]

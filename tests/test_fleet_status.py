@@ -657,10 +657,8 @@ def test_retire_with_the_remote_down_writes_nothing(tmp_path):
     assert git(fleet.origin, "rev-parse", "refs/fleet/build1") == tip
 
 
-def test_mail_nobody_can_read_and_a_clock_far_ahead_are_warnings_not_ok(tmp_path, capsys):
-    entry = {"id": "msg_1762250000_00000000000a", "from": "build1", "to": "code2", "subject": "lost",
-             "timestamp": 1762250000}  # an older tool's epoch seconds: no reader shows it
-    fleet = Fleet(tmp_path, mailbox=serialize({"messages": [entry]}))
+def test_a_presence_stamped_far_ahead_is_a_warning_not_ok(tmp_path, capsys):
+    fleet = Fleet(tmp_path)
     b1 = fleet.clone("build1")
     ahead = iso_utc(dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1))
     presence = presence_doc(started=time.time(), interval=10, healthy=True)
@@ -668,13 +666,17 @@ def test_mail_nobody_can_read_and_a_clock_far_ahead_are_warnings_not_ok(tmp_path
     StateStore(Clone(b1)).update("build1", StateChange(presence=presence))
     code, report = _status(fleet, capsys)
     texts = [p["text"] for p in report["problems"]]
-    assert code == 1 and any("cannot be read by anyone" in t for t in texts), texts
-    assert any("build1's presence is stamped" in t and "ahead" in t for t in texts), texts
+    assert code == 1 and any("build1's presence is stamped" in t and "ahead" in t for t in texts), texts
 
 
-def test_a_receipt_list_is_read_up_to_as_many_names_as_a_fleet_has_servers():
-    from fleet_mailbox import MAX_RECEIPT_NAMES, is_handled_by
+def test_a_receipt_list_of_any_length_is_read_whole_and_once():
+    """One member's 100,000-name list made a look (every message by every server) take minutes;
+    a fleet of many CI runners has lists past a thousand names, read whole."""
+    from fleet_mailbox import is_handled_by, mark_handled
 
-    crowd = ["x"] * MAX_RECEIPT_NAMES
-    assert is_handled_by({"read_by": ["x"] * 5 + ["code2"]}, "code2")
-    assert not is_handled_by({"read_by": crowd + ["code2"]}, "code2")  # past the bound: not read
+    crowd = [f"ci-{n}" for n in range(100_000)]
+    msg = {"id": "m1", "from": "build1", "to": "all", "read_by": crowd + ["code2"]}
+    assert is_handled_by(msg, "code2") and not is_handled_by(msg, "code3")
+    doc = {"messages": [msg]}
+    assert mark_handled(doc, "code2", [("m1", "build1")]) == 0  # already there: nothing written
+    assert mark_handled(doc, "code3", [("m1", "build1")]) == 1 and is_handled_by(msg, "code3")

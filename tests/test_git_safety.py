@@ -480,15 +480,12 @@ def test_the_remotes_own_hooks_still_run_for_the_suites_pushes(fleet):
     assert proc.returncode == 1 and fleet.remote_commits() == before, proc.stderr
 
 
-def test_a_clone_made_without_git_clone_takes_the_remotes_default_branch(tmp_path):
-    """init + remote add + fetch leaves no origin/HEAD: the one branch fetched (master here) is
-    taken, not main assumed."""
+def test_a_clone_of_one_topic_branch_never_takes_it_for_the_shared_branch(tmp_path):
+    """A single-branch clone of a person's topic branch has no origin/HEAD and fetched only that
+    branch: mail still goes to the shared branch (main), never onto the topic branch."""
     fleet = Fleet(tmp_path)
     b1 = fleet.clone("build1")
-    git(b1, "push", "-q", "origin", "main:master")
-    git(fleet.origin, "symbolic-ref", "HEAD", "refs/heads/master")
-    bare = tmp_path / "handmade"
-    git(tmp_path, "init", "-q", str(bare))
-    git(bare, "remote", "add", "origin", str(fleet.origin))
-    git(bare, "fetch", "-q", "origin", "master")
-    assert Clone(bare).branch == "master"
+    git(b1, "push", "-q", "origin", "main:dev")
+    single = tmp_path / "single"
+    git(tmp_path, "clone", "-q", "--single-branch", "-b", "dev", str(fleet.origin), str(single))
+    assert Clone(single).branch == "main"
