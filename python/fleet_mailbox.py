@@ -475,6 +475,17 @@ def _messages_close_the_text(raw: Optional[bytes]) -> bool:
     return last != -1 and raw.startswith(b'\n  "messages": [', last)
 
 
+def _single_or_checked(raw: Optional[bytes], data: Mapping[str, Any]) -> bool:
+    """Whether the text's final "]" closes the list the parsed document reads as ``messages``.
+    With ``messages`` the only key, it does whatever the text repeats (the last value of a key is
+    the one a parser keeps, and it ends the text). With other keys too, the text is checked line
+    by line (:func:`_messages_close_the_text`, :func:`_one_line_per_key`): a scan of the whole text
+    (about 0.2 s for 78 MiB), paid only by mailboxes that carry keys of their own."""
+    if len(data) == 1:
+        return True
+    return _messages_close_the_text(raw) and _one_line_per_key(raw, data)
+
+
 def _one_line_per_key(raw: Optional[bytes], data: Mapping[str, Any]) -> bool:
     """Whether the text has exactly one line at the top level (indented by two spaces) for each
     key of the parsed document: none written twice, nothing nested laid out as if it were a key."""
@@ -494,8 +505,7 @@ def append_to_blob(raw: Optional[bytes], blob: Optional[str], msg: Dict[str, Any
     data = parse_cached(raw, blob, cache)
     if has_message(data, key):
         return None
-    if _spliceable(raw) and _last_key_is_messages(data) and _messages_close_the_text(raw) \
-            and _one_line_per_key(raw, data):
+    if _spliceable(raw) and _last_key_is_messages(data) and _single_or_checked(raw, data):
         # The text parses and its last key holds the list, so the final "]" closes that list.
         if data["messages"] and raw.endswith(_TAIL):
             return raw[:-len(_TAIL)] + b",\n" + _indented(msg) + _TAIL
