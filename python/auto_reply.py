@@ -92,6 +92,7 @@ from fleet_common import (
 )
 from fleet_mailbox import (
     entry_problem,
+    flag,
     is_addressed_to,
     is_reply_subject,
     key_from_str,
@@ -100,9 +101,6 @@ from fleet_mailbox import (
     message_time,
     reply_subject,
     strip_reply_prefixes,
-)
-from fleet_mailbox import (
-    flag as _truthy,
 )
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
@@ -323,7 +321,7 @@ class Match:
         :class:`PhraseIndex` found (it looks once per message for the phrases of all rules)."""
         if not self.selective:
             return False
-        if self.ack_required is not None and _truthy(msg.get("ack_required")) != self.ack_required:
+        if self.ack_required is not None and flag(msg.get("ack_required")) != self.ack_required:
             return False
         if self.senders is not None and _text(msg.get("from")).strip().lower() not in self.senders:
             return False
@@ -691,7 +689,7 @@ def _gate(msg: Mapping[str, Any], server: str, now: float, max_age_hours: float)
     problem = entry_problem(msg)
     if problem is not None:
         return False, f"invalid: {problem}"
-    if _truthy(msg.get("auto")):
+    if flag(msg.get("auto")):
         return False, "auto: the message is marked auto"
     kind = _text(msg.get("type")).strip().lower()
     if kind in NO_REPLY_TYPES:
@@ -724,7 +722,7 @@ def _gate(msg: Mapping[str, Any], server: str, now: float, max_age_hours: float)
     in_reply_to = msg.get("in_reply_to")
     is_reply = bool(isinstance(in_reply_to, str) and in_reply_to.strip()) or is_reply_subject(_subject_head(msg))
     if is_reply:
-        if _truthy(msg.get("ack_required")):
+        if flag(msg.get("ack_required")):
             return True, f"{ACK_ONLY}: a reply that requires an acknowledgement"
         return False, "reply: replies are never answered automatically"
     return True, OK

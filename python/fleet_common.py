@@ -486,6 +486,8 @@ def parse_timestamp(value: object) -> Optional[_dt.datetime]:
 # logged as critical and moved aside, never followed, then a fresh one is made. The checks guard
 # against what a shared repository can place in the working tree; a local user who can swap files
 # between the check and the use can already write the files themselves.
+# A time stamped further ahead than this was written by a clock that was wrong (health, status).
+CLOCK_SKEW_TOLERANCE: Final = 300.0
 MAX_STATE_BYTES: Final = 128 * 1024 * 1024  # a local state file larger than this is not ours
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)  # POSIX; Windows relies on the lstat check
 _O_NONBLOCK: Final = getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block the open

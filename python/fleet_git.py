@@ -510,7 +510,7 @@ class Clone:
         cfg = run_git(folder, "config", "-z", "--get-regexp",
                       r"^(remote\.origin\.(url|fetch)|(user|author|committer)\.(name|email)"
                       r"|extensions\.objectformat|gc\.(auto|autopacklimit)|maintenance\..*"
-                      r"|fleet\.negotiatestaterefs|core\.ignorecase)$", check=False)
+                      r"|fleet\.negotiatestaterefs)$", check=False)
         values: Dict[str, str] = {}
         for item in cfg.stdout.decode("utf-8", "surrogateescape").split("\0"):
             if item:
@@ -1500,7 +1500,7 @@ def git_busy_in(repo_root: Path, git_dir: Path) -> bool:
             continue
         except psutil.AccessDenied:
             return True
-        if any(cwd == r or cwd.startswith(r + os.sep) for r in roots) or any(r in cmd for r in roots):
+        if _inside(cwd, roots) or any(r in cmd for r in roots):
             return True
         try:
             named = proc.environ().get("GIT_DIR")  # git started by path alone (GIT_DIR=... git ...)
@@ -1508,9 +1508,13 @@ def git_busy_in(repo_root: Path, git_dir: Path) -> bool:
             continue
         except psutil.AccessDenied:
             return True
-        if named and any(str(Path(cwd, named).resolve()).startswith(r) for r in roots):
+        if named and _inside(str(Path(cwd, named).resolve()), roots):
             return True
     return False
+
+
+def _inside(path: str, roots: Iterable[str]) -> bool:
+    return any(path == root or path.startswith(root + os.sep) for root in roots)
 
 
 def _linked_worktrees(git_dir: Path) -> Set[str]:

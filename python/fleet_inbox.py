@@ -14,7 +14,6 @@ import time
 
 from fleet_cli import ArgumentParser, preview, run_cli, sanitize
 from fleet_common import (
-    BROADCAST,
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_TEMPFAIL,
@@ -38,6 +37,7 @@ from fleet_mailbox import (
     PRIORITIES,
     Mailbox,
     MailboxCorrupt,
+    flag,
     is_addressed_to,
     message_key,
     message_time,
@@ -45,9 +45,6 @@ from fleet_mailbox import (
     recipients,
     reply_subject,
     valid_messages,
-)
-from fleet_mailbox import (
-    flag as _truthy,
 )
 from fleet_state import (
     LOCAL_FALLBACK_PREFIX,
@@ -233,8 +230,8 @@ def message_view(msg: Mapping[str, Any], server: str, states: Mapping[str, Serve
         "priority": _priority(msg),
         "timestamp": _bounded(msg.get("timestamp"), MAX_FIELD_CHARS),
         "in_reply_to": _reply_target(msg),
-        "ack_required": _truthy(msg.get("ack_required")),
-        "auto": _truthy(msg.get("auto")),
+        "ack_required": flag(msg.get("ack_required")),
+        "auto": flag(msg.get("auto")),
         "read": _has_read(msg, server, states),
         "acknowledged": _has_acknowledged(msg, server, states),
         "archived": archived,
@@ -682,7 +679,7 @@ class Inbox:
         retired (``message_monitor.py --retire``) is listed apart, never waited on."""
         self._sync_fleet()
         hot = self._hot()
-        mine = [e for e in hot if _sender(e.msg) == self.server and _truthy(e.msg.get("ack_required"))]
+        mine = [e for e in hot if _sender(e.msg) == self.server and flag(e.msg.get("ack_required"))]
         wanted: Set[str] = {self.server}
         broadcast = False
         for entry in mine:
@@ -696,7 +693,7 @@ class Inbox:
             wanted |= everyone
         states = self._states(wanted)
         owed = [e for e in hot if is_addressed_to(e.msg, self.server)
-                and _truthy(e.msg.get("ack_required")) and not _has_acknowledged(e.msg, self.server, states)]
+                and flag(e.msg.get("ack_required")) and not _has_acknowledged(e.msg, self.server, states)]
         owed.sort(key=_list_order)
         now = time.time()
         owed_to_me = []
@@ -879,12 +876,8 @@ def _answerers(question: Mapping[str, Any]) -> Optional[Set[str]]:
     """Who may answer ``question``: the servers it went to and its sender; ``None`` (anyone)
     for a broadcast. Any member can set ``in_reply_to``: an answer from a server that was not
     asked is mail like any other, not the answer."""
-    to = question.get("to")
-    names = to if isinstance(to, list) else [to]
-    ids = {str(n).strip().lower() for n in names if isinstance(n, str)}
-    if BROADCAST in ids:
-        return None
-    return ids | {_sender(question)}
+    addressees = recipients(question)
+    return None if addressees is None else addressees | {_sender(question)}
 
 
 def _check_wait(timeout: Optional[float], poll_seconds: float, reply_to: Optional[str]) -> None:

@@ -91,6 +91,15 @@ class MailboxTooLarge(MailboxCorrupt):
     and ``--repair``, which could salvage only part of it, refuses."""
 
 
+def message_size_problem(msg: Mapping[str, Any]) -> Optional[str]:
+    """Why ``msg`` is larger than a message may be (:data:`MAX_MESSAGE_BYTES` as the mailbox holds
+    it, JSON with non-ASCII escaped), or ``None``."""
+    size = len(json.dumps(msg, ensure_ascii=True))
+    if size <= MAX_MESSAGE_BYTES:
+        return None
+    return f"the message is {size} bytes as JSON, more than the {MAX_MESSAGE_BYTES} a message may be"
+
+
 def new_message_id(now: Optional[float] = None) -> str:
     """``msg_<unix seconds>_<12 hex from os.urandom>``: unique even for senders in the same second."""
     return f"msg_{int(now if now is not None else time.time())}_{os.urandom(6).hex()}"
@@ -296,10 +305,6 @@ def is_addressed_to(msg: Mapping[str, Any], server: str) -> bool:
     return rcpt is None or server in rcpt
 
 
-def _lower_list(value: Any) -> List[str]:
-    return [item.lower() for item in value if isinstance(item, str)] if isinstance(value, list) else []
-
-
 _NAME_SETS: Dict[int, Tuple[List[Any], int, FrozenSet[str]]] = {}  # id(list) -> (list, its length, names)
 _NAME_SETS_CAP: Final = 4096
 
@@ -372,7 +377,7 @@ def mark_handled(data: Dict[str, Any], server: str, keys: Iterable[MessageKey],
         if not isinstance(read_by, list):
             read_by = msg["read_by"] = [] if read_by is None else read_by
             touched = True
-        if server not in _lower_list(read_by):
+        if not names_server(read_by, server):
             read_by.append(server)
             touched = True
         if is_direct(msg) and msg.get("read") is not True:
@@ -382,7 +387,7 @@ def mark_handled(data: Dict[str, Any], server: str, keys: Iterable[MessageKey],
             acked = msg.get("acknowledged_by")
             if not isinstance(acked, list):
                 acked = msg["acknowledged_by"] = []
-            if server not in _lower_list(acked):
+            if not names_server(acked, server):
                 acked.append(server)
                 touched = True
             # ack_status speaks for the whole message: set for mail to this server alone, so one

@@ -15,6 +15,7 @@ import sys
 
 from fleet_cli import sanitize
 from fleet_common import (
+    CLOCK_SKEW_TOLERANCE,
     BadInput,
     UsageError,
     default_repo_path,
@@ -332,9 +333,6 @@ def presence_summary(state: Optional[ServerState], now: _dt.datetime) -> Optiona
     }
 
 
-CLOCK_AHEAD_TOLERANCE: Final = 300.0  # seconds a presence may be stamped ahead before it is said
-
-
 def _seconds_ahead(seen: Optional[Dict[str, Any]], now: _dt.datetime) -> float:
     when = parse_timestamp(seen.get("timestamp")) if seen else None
     return 0.0 if when is None else (when - now).total_seconds()
@@ -431,7 +429,7 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
     presence = {server: presence_summary(snap.states.get(server), now) for server in servers}
     for server, seen in sorted(presence.items()):
         ahead = _seconds_ahead(seen, now)
-        if ahead > CLOCK_AHEAD_TOLERANCE:  # live however long ago it stopped, until then
+        if ahead > CLOCK_SKEW_TOLERANCE:  # live however long ago it stopped, until then
             problems.append((WARNING, f"{server}'s presence is stamped {format_duration(ahead)} ahead of this "
                                       "machine's clock: one of the two clocks is wrong"))
     # Expected servers: the roster's, else every server that has published presence.

@@ -38,13 +38,13 @@ from fleet_git import (
     RemoteUnavailable,
 )
 from fleet_mailbox import (
-    MAX_MESSAGE_BYTES,
     MESSAGE_TYPES,
     PRIORITIES,
     Mailbox,
     MailboxCorrupt,
     MailboxFull,
     commit_subject,  # noqa: F401 - importable from here, as before
+    message_size_problem,
     new_message_id,
     reply_subject,
 )
@@ -141,10 +141,9 @@ def build_message(body: str, subject: Optional[str], to: Union[str, Sequence[str
     if extra:
         for key, value in extra.items():
             msg.setdefault(key, value)
-    size = len(json.dumps(msg, ensure_ascii=True))
-    if size > MAX_MESSAGE_BYTES:
-        raise UsageError(f"the message is {size} bytes as JSON, more than the {MAX_MESSAGE_BYTES} a message "
-                         "may be; put the text in a file and send its path")
+    too_large = message_size_problem(msg)
+    if too_large:
+        raise UsageError(f"{too_large}; put the text in a file and send its path")
     return msg
 
 

@@ -41,7 +41,6 @@ from fleet_git import (
     run_git,
 )
 from fleet_mailbox import (
-    MAX_MESSAGE_BYTES,
     Mailbox,
     MailboxCorrupt,
     MailboxFull,
@@ -49,6 +48,7 @@ from fleet_mailbox import (
     is_addressed_to,
     is_handled_by,
     message_key,
+    message_size_problem,
     new_message_id,
     valid_messages,
 )
@@ -201,7 +201,6 @@ def queued_problem(entry: Dict[str, Any]) -> Optional[str]:
     """Why a queue entry's message can never be delivered (a queue file edited by hand, or one
     that came with the shared branch), or ``None``: it must be a valid message, from the sender
     and with the id its entry names, and no larger than a send may make one."""
-    import json
 
     msg = entry.get("message")
     problem = entry_problem(msg)
@@ -212,12 +211,10 @@ def queued_problem(entry: Dict[str, Any]) -> Optional[str]:
     if not is_valid_server_id(msg["from"].strip().lower()):
         return "its sender is no valid server id"
     try:
-        size = len(json.dumps(msg, ensure_ascii=True))
+        too_large = message_size_problem(msg)
     except (TypeError, ValueError):
         return "its message is no JSON"
-    if size > MAX_MESSAGE_BYTES:
-        return f"its message is {size} bytes as JSON, more than the {MAX_MESSAGE_BYTES} a message may be"
-    return None
+    return f"its message: {too_large}" if too_large else None
 
 
 def reply_message(fields: Dict[str, Any], sender: str) -> Dict[str, Any]:

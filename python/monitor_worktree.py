@@ -240,9 +240,7 @@ def local_files_in_the_way(repo: Path, changes: Dict[str, str]) -> List[str]:
             continue  # (a link here that the commit makes a folder: git's own checks judge that)
         if os.path.lexists(repo / path):
             local.setdefault(path, path)
-        parts = path.split("/")[:-1]
-        for depth in range(1, len(parts) + 1):
-            folder = "/".join(parts[:depth])
+        for folder in _parents(path):
             if _is_real_folder(repo / folder):
                 local.setdefault(folder + "/", path)
     if not local:
@@ -255,17 +253,21 @@ def local_files_in_the_way(repo: Path, changes: Dict[str, str]) -> List[str]:
     return sorted({local[hit] for hit in hits if hit in local})
 
 
+def _parents(path: str) -> List[str]:
+    """The folders on the way to ``path``, outermost first (``a``, ``a/b`` for ``a/b/c``)."""
+    parts = path.split("/")[:-1]
+    return ["/".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
+
+
 def _below_a_link(repo: Path, path: str) -> bool:
     """Whether one of the folders on the way to ``path`` is a symbolic link in this clone."""
-    parts = path.split("/")[:-1]
-    return any(is_link_path(repo.joinpath(*parts[:depth])) for depth in range(1, len(parts) + 1))
-
-
-def is_link_path(path: Path) -> bool:
-    try:
-        return is_link(os.lstat(path))
-    except OSError:
-        return False
+    for folder in _parents(path):
+        try:
+            if is_link(os.lstat(repo / folder)):
+                return True
+        except OSError:
+            return False  # nothing there: nothing below it either
+    return False
 
 
 def _dirty(repo: Path, changes: Dict[str, str]) -> Set[str]:
@@ -282,14 +284,8 @@ def _dirty(repo: Path, changes: Dict[str, str]) -> Set[str]:
 
 def _folders(repo: Path, changes: Dict[str, str]) -> Set[str]:
     """The folders on the way to the paths a fast-forward adds that exist here now."""
-    found = set()
-    for path, status in changes.items():
-        parts = path.split("/")[:-1]
-        for depth in range(1, len(parts) + 1):
-            folder = "/".join(parts[:depth])
-            if status == "A" and _is_real_folder(repo / folder):
-                found.add(folder)
-    return found
+    return {folder for path, status in changes.items() if status == "A"
+            for folder in _parents(path) if _is_real_folder(repo / folder)}
 
 
 def _undo_partial_checkout(repo: Path, head: str, changes: Dict[str, str], before: Set[str],

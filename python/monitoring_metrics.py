@@ -175,8 +175,7 @@ def _clean_samples(rows: Any) -> List[Sample]:
         return []
     try:  # the usual case, a well-formed list, in one fast pass
         good = [[float(t), float(ms), 1 if ok else 0] for t, ms, ok in rows]
-        if all(math.isfinite(t) and math.isfinite(ms) and abs(t) < MAX_NUMBER and abs(ms) < MAX_NUMBER
-               for t, ms, _ in good):
+        if all(_finite(t) and _finite(ms) for t, ms, _ in good):
             return good
     except (TypeError, ValueError):
         pass

@@ -437,7 +437,7 @@ def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: f
     failures = data.get("failure_count")
     opened = _epoch(data.get("opened_at"))
     open_for = round(now - opened, 1) if opened is not None and state == "OPEN" else None
-    if open_for is not None and open_for < -FUTURE_SKEW_S:
+    if open_for is not None and open_for < -fleet_common.CLOCK_SKEW_TOLERANCE:
         open_for = None  # opened by a clock far ahead: how long is unknown, never "not yet"
     values = {"state": state, "failure_count": failures, "open_for_s": open_for}
     if state == "OPEN":
@@ -452,9 +452,6 @@ def check_circuit_breaker(repo: Path, server: str, th: Mapping[str, Any], now: f
     if state != "CLOSED":
         return _check(WARNING, f"unknown breaker state {state!r}", **values)
     return _check(HEALTHY, "closed", **values)
-
-
-FUTURE_SKEW_S = 300.0  # a time further ahead than this was written by a clock that was wrong
 
 
 def check_last_fetch(repo: Path, server: str, th: Mapping[str, Any], now: float) -> Check:
@@ -501,7 +498,7 @@ def check_last_fetch(repo: Path, server: str, th: Mapping[str, Any], now: float)
         return _check(CRITICAL, text, **values)
     if age > warn_after:
         return _check(WARNING, text, **values)
-    if age < -FUTURE_SKEW_S:  # written by a clock far ahead: it says nothing about now
+    if age < -fleet_common.CLOCK_SKEW_TOLERANCE:  # written by a clock far ahead: it says nothing about now
         return _check(WARNING, f"{fleet_common.STATUS_FILE_NAME} is dated "
                                f"{fleet_common.format_duration(-age)} in the future (clock skew)", **values)
     return _check(HEALTHY, text, **values)

@@ -206,6 +206,7 @@ def test_ctrl_c_in_a_look_at_the_fleet_stops_both_of_its_fetches(fleet, http_git
     assert wait_for(lambda: not left_behind(), 5), left_behind()
 
 
+@posix_only
 def test_ctrl_c_in_any_network_call_leaves_no_git_helper_behind(fleet, http_git_server):
     """Every git call that talks to the remote (here a send's fetch) stops with its helper
     (git-remote-http) when the command is stopped, not when the remote answers."""

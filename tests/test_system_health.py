@@ -397,8 +397,15 @@ def test_one_failing_check_does_not_hide_others(fleet):
     assert result["checks"]["repository"]["status"] == HEALTHY
 
 
-def test_cpu_is_read_over_a_real_span_not_the_milliseconds_between_two_checks():
+def test_cpu_is_read_over_a_real_span_not_the_milliseconds_between_two_checks(monkeypatch):
+    import psutil
+
+    asked = []
+    real = psutil.cpu_percent
+    monkeypatch.setattr(psutil, "cpu_percent", lambda interval=None: asked.append(interval) or real(interval))
+    monkeypatch.setattr(system_health, "_cpu_reading", [])  # a process that has not read it yet
     first = system_health.cpu_percent()
+    assert asked == [system_health.CPU_FIRST_SAMPLE_S]  # a first reading samples a span of its own
     assert system_health.cpu_percent() == first  # a check a moment later reuses the reading
     assert 0.0 <= first <= 100.0
 
