@@ -39,6 +39,12 @@ The rules, and where each is kept:
   and every command builds its parser as :class:`ArgumentParser`, which uses it).
 * The secret check compiles a pattern only for text that holds one of its words
   (``fleet_secrets.LazyPattern``); ``inbox.py`` builds only the named command's arguments.
+* A listing sorts by seconds worked out without :mod:`datetime`
+  (``fleet_common.timestamp_seconds``).
+* The first network call does not wait for the imports: ``inbox.py`` and ``fleet_status.py``
+  start it (and the reading of the clone's settings) before their module loads, and the command
+  takes the started process when its own call is the same (:mod:`fleet_start`); both end through
+  ``fleet_start.leave``, without the interpreter's teardown.
 
 ``tests/test_startup.py`` runs each short command and fails when one of these is imported;
 ``bench/send.py``, ``bench/inbox.py`` and ``bench/fleet_status.py`` measure the result.

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from fleet_start import DEFAULT_REPO, DEFAULT_SERVER  # (their one owner: a script reads them first)
+
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     import datetime as _dt
@@ -84,8 +86,6 @@ EXIT_USAGE: Final = 2
 EXIT_TEMPFAIL: Final = 75  # EX_TEMPFAIL: queued, the monitor delivers it later
 EXIT_INTERRUPTED: Final = 130
 
-DEFAULT_REPO: Final = "K:/Projects/Build"
-DEFAULT_SERVER: Final = "code2"
 DEFAULT_INTERVAL: Final = 10.0
 BROADCAST: Final = "all"
 SUITE_VERSION: Final = "1.0.0"
@@ -475,6 +475,50 @@ def parse_timestamp(value: object) -> Optional[_dt.datetime]:
         except OverflowError:  # "9999-12-31T23:59:59-23:59" lies past the last date there is
             return None
     return moment
+
+
+def timestamp_seconds(value: object) -> Optional[float]:
+    """:func:`parse_timestamp` as seconds since the epoch (the same number as its
+    ``.timestamp()``, ``None`` for the same values), worked out without :mod:`datetime`: sorting
+    a listing needs no more, and a short command then never imports it."""
+    if not isinstance(value, str):
+        return None
+    m = _TS_RE.match(value)
+    if not m:
+        return None
+    year, month, day, hour, minute, second = (int(part or 0) for part in m.groups()[:6])
+    if not (1 <= year <= 9999 and 1 <= month <= 12 and 1 <= day <= _days_in_month(year, month)
+            and hour <= 23 and minute <= 59 and second <= 59):
+        return None
+    frac, zone = m.group(7), m.group(8)
+    seconds = _days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second
+    if zone and zone.upper() != "Z":
+        digits = zone[1:].replace(":", "")
+        offset = int(digits[:2]) * 3600 + int(digits[2:]) * 60
+        seconds -= offset if zone[0] == "+" else -offset
+        if not _FIRST_SECOND <= seconds <= _LAST_SECOND:
+            return None  # past the dates there are (datetime's OverflowError)
+    return (seconds * 10**6 + int((frac or "0")[:6].ljust(6, "0"))) / 10**6  # as timedelta.total_seconds
+
+
+def _days_in_month(year: int, month: int) -> int:
+    if month == 2:
+        return 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
+    return 30 if month in (4, 6, 9, 11) else 31
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 to that date of the proleptic Gregorian calendar (H. Hinnant's
+    ``days_from_civil``)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    return era * 146097 + year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year - 719468
+
+
+_FIRST_SECOND: Final = _days_from_civil(1, 1, 1) * 86400  # 0001-01-01T00:00:00Z
+_LAST_SECOND: Final = _days_from_civil(9999, 12, 31) * 86400 + 86399  # 9999-12-31T23:59:59Z
 
 
 # --------------------------------------------------------------------------- files

@@ -28,7 +28,24 @@ from fleet_mailbox import (
     MAILBOX_PATH,  # noqa: F401 - the mailbox module owns it; importable here as before
     MAX_MAILBOX_BYTES,
 )
-from fleet_objects import LOOSE_COMPRESSION, ObjectStore, StoreFailed, TooLarge, date_stamp, edit_tree, parse_tree
+from fleet_objects import ObjectStore, StoreFailed, TooLarge, date_stamp, edit_tree, parse_tree
+from fleet_start import (  # noqa: F401  (git_env and NO_HOOKS: fleet_git offers what it always offered)
+    CONFIG_ARGS,
+    LOOSE_COMPRESSION,
+    MAX_LOOSE_REF_BYTES,
+    NO_HOOKS,
+    UNKNOWN,
+    adopt,
+    branch_fetch_args,
+    fetch_args,
+    git_env,
+    is_oid,
+    origin_head,
+    own_group,
+    packed_refs,
+    popen_git,
+    read_ref,
+)
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
@@ -51,7 +68,7 @@ RACE_TIME_LIMIT: Final = 60.0  # and no longer than this (each attempt also pays
 MIN_RACE_ATTEMPTS: Final = 5  # ... once this many tried: on a slow remote one lost race is no verdict
 RACE_DELAY_CAP: Final = 1.0  # seconds: tens to hundreds of milliseconds (PROTOCOL.md step 5)
 
-_UNKNOWN = object()
+_UNKNOWN = UNKNOWN  # only git can tell (fleet_start.read_ref)
 
 
 def _folders_of(paths: Iterable[str]) -> List[str]:
@@ -84,22 +101,11 @@ def _feed(stream: "object", data: bytes) -> None:
             pass
 
 
-def _fetch_argv(args: Sequence[str], config: Sequence[str]) -> List[str]:
-    """git's arguments for a fetch of the suite: git's automatic maintenance is left to
-    :meth:`Clone.maintain`."""
-    return [*config, "-c", "maintenance.auto=false", "fetch", *args]
-
-
 def _tree_spec(commit: str, folder: str) -> str:
     return f"{commit}:{folder}" if folder else f"{commit}^{{tree}}"
 
 
-_HEX_DIGITS: Final = frozenset("0123456789abcdef")
-MAX_LOOSE_REF_BYTES: Final = 256  # an object id and a newline; a longer file is no ref git wrote
-
-
-def _is_oid(text: str, hexlen: int) -> bool:
-    return len(text) == hexlen and _HEX_DIGITS.issuperset(text)
+_is_oid = is_oid
 
 
 class GitError(SuiteError):
@@ -230,45 +236,8 @@ def _first_line(data: bytes) -> str:
     return ""
 
 
-def git_env(extra: Optional[Mapping[str, str]] = None, *, hooks: bool = False) -> Dict[str, str]:
-    """The environment for git: inherited, minus what hooks set, never prompting (STYLE.md 3),
-    and running no hook unless ``hooks`` (a git server a test starts runs its remote's hooks)."""
-    env = dict(os.environ)
-    for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX",
-                "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES"):
-        env.pop(key, None)
-    env["GIT_TERMINAL_PROMPT"] = "0"
-    env["GCM_INTERACTIVE"] = "never"
-    env["LC_ALL"] = "C"
-    env["LANGUAGE"] = "C"
-    # No hook runs in the suite's own git calls: a clone whose core.hooksPath points into the
-    # shared tree (.githooks, husky) would otherwise run what any member pushed, as this server,
-    # on the monitor's next fast-forward, fetch or push. (git 2.31+ reads these variables.)
-    # (A remote on a local path runs its own hooks all the same: git clears these variables for
-    # the receive-pack it starts there.)
-    try:
-        count = max(0, int(env.get("GIT_CONFIG_COUNT") or 0))
-    except ValueError:
-        count = 0
-    if not hooks:
-        env[f"GIT_CONFIG_KEY_{count}"] = "core.hooksPath"
-        env[f"GIT_CONFIG_VALUE_{count}"] = NO_HOOKS
-        env["GIT_CONFIG_COUNT"] = str(count + 1)
-    if extra:
-        env.update(extra)
-    return env
-
-
-# A folder that cannot exist (below the null device): git finds no hook there.
-NO_HOOKS: Final = os.path.join(os.devnull, "fleet-mailbox-runs-no-hooks")
-
-
-# Git children run in their own process group, so that a Ctrl+C meant for the monitor does not
-# kill a push half-way: the monitor finishes the current step and stops (issue 7).
-if os.name == "nt":
-    _SPAWN_KW: Dict[str, object] = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-else:
-    _SPAWN_KW = {"start_new_session": True}
+# Git children run in their own process group (fleet_start.own_group; issue 7).
+_SPAWN_KW: Final = own_group()
 
 
 def run_git(repo: Union[str, "os.PathLike[str]"], *args: str, check: bool = True,
@@ -297,8 +266,7 @@ def spawn_git(repo: Union[str, "os.PathLike[str]"], *args: str,
               stdin: Optional[int] = subprocess.DEVNULL) -> "subprocess.Popen[bytes]":
     """Start ``git <args>`` in ``repo`` and return at once (pipes for its output)."""
     try:
-        return subprocess.Popen(["git", *args], cwd=str(repo), stdin=stdin, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=git_env(), **_SPAWN_KW)  # type: ignore[arg-type]
+        return popen_git(str(repo), args, stdin)
     except FileNotFoundError:
         raise SuiteError("git is not installed or not on PATH") from None
 
@@ -507,12 +475,19 @@ class Clone:
 
     @staticmethod
     def _read_config(folder: Path) -> Dict[str, str]:
-        cfg = run_git(folder, "config", "-z", "--get-regexp",
-                      r"^(remote\.origin\.(url|fetch)|(user|author|committer)\.(name|email)"
-                      r"|extensions\.objectformat|gc\.(auto|autopacklimit)|maintenance\..*"
-                      r"|fleet\.negotiatestaterefs)$", check=False)
+        """The settings of :data:`fleet_start.CONFIG_ARGS`, from one ``git config`` (the one this
+        command's script started before its modules loaded, when it did)."""
+        early = adopt(os.path.realpath(folder), CONFIG_ARGS)
+        if early is not None:
+            try:
+                out = early.communicate(timeout=LOCAL_TIMEOUT)[0]
+            except subprocess.TimeoutExpired:
+                stop_git(early)
+                out = run_git(folder, *CONFIG_ARGS, check=False).stdout
+        else:
+            out = run_git(folder, *CONFIG_ARGS, check=False).stdout
         values: Dict[str, str] = {}
-        for item in cfg.stdout.decode("utf-8", "surrogateescape").split("\0"):
+        for item in out.decode("utf-8", "surrogateescape").split("\0"):
             if item:
                 key, _, value = item.partition("\n")
                 values[key.lower()] = value
@@ -553,7 +528,7 @@ class Clone:
         """``git fetch`` with ``args`` (never raising for its exit status; ``input``: its standard
         input, for ``--stdin``), followed by :meth:`maintain` when it succeeded, in place of git's
         own automatic maintenance (with ``maintain=False`` the caller runs it, when something came)."""
-        proc = self.network_git(*_fetch_argv(args, config), check=False, input=input)
+        proc = self.network_git(*fetch_args(args, config), check=False, input=input)
         if proc.returncode == 0 and maintain:
             self.maintain()
         return proc
@@ -623,7 +598,12 @@ class Clone:
         """Start a git call that talks to the remote and return at once; :meth:`finish_network_git`
         waits for it (or kills it on the way out)."""
         self._call_network_hooks()
-        return _track(spawn_git(self.root, *args))
+        return self._spawn(args)
+
+    def _spawn(self, args: Sequence[str]) -> "subprocess.Popen[bytes]":
+        """``git <args>`` started here, tracked as a network call: the very call this command's
+        script started before its modules loaded (:func:`fleet_start.adopt`), when it did."""
+        return _track(adopt(self.root, args) or spawn_git(self.root, *args))
 
     def start_fetch(self, *args: str, config: Sequence[str] = (),
                     input: Optional[bytes] = None) -> "subprocess.Popen[bytes]":
@@ -632,13 +612,13 @@ class Clone:
         ``input`` (refspecs for ``--stdin``) reaches git from a temporary file, so nothing has
         to write to it meanwhile."""
         self._call_network_hooks()
-        return self._spawn_with_input(_fetch_argv(args, config), input)
+        return self._spawn_with_input(fetch_args(args, config), input)
 
     def _spawn_with_input(self, args: Sequence[str], input: Optional[bytes]) -> "subprocess.Popen[bytes]":
         """git started with ``input`` as its standard input from a temporary file (nothing has to
         write to it while it runs, however long the wait), or none."""
         if input is None:
-            return _track(spawn_git(self.root, *args))
+            return self._spawn(args)
         import tempfile  # only for many refspecs (fleet_state.REFSPECS_IN_ARGV)
 
         with tempfile.TemporaryFile() as source:
@@ -693,12 +673,9 @@ class Clone:
 
     def _default_branch(self) -> str:
         prefix = "refs/remotes/origin/"
-        try:  # a symbolic ref is a small loose file in the files backend: no process needed
-            text = (self.git_dir / "refs" / "remotes" / "origin" / "HEAD").read_text(encoding="utf-8").strip()
-            if text.startswith("ref: " + prefix):
-                return text[len("ref: " + prefix):]
-        except OSError:
-            pass
+        named = origin_head(os.fspath(self.git_dir))  # no process needed, nearly always
+        if named is not None:
+            return named
         proc = self.git("symbolic-ref", "-q", "refs/remotes/origin/HEAD", check=False)
         ref = proc.stdout.decode().strip()
         if proc.returncode == 0 and ref.startswith(prefix):
@@ -739,35 +716,13 @@ class Clone:
         return proc.stdout.decode().strip() or None
 
     def _read_ref_file(self, refname: str) -> object:
-        """A ref's id read from git's files backend (loose file, then ``packed-refs``): ``None``
+        """A ref's id read from git's files backend (:func:`fleet_start.read_ref`): ``None``
         when absent, ``_UNKNOWN`` when only git can tell (another ref storage, a symbolic ref)."""
-        if (self.common_dir / "reftable").is_dir():
-            return _UNKNOWN
-        try:
-            text: Optional[str] = (self.common_dir / refname).read_text(encoding="ascii").strip()
-        except FileNotFoundError:
-            text = None
-        except (OSError, UnicodeDecodeError):
-            return _UNKNOWN
-        if text is not None:
-            return text if _is_oid(text, self.hexlen) else _UNKNOWN
-        packed = self._packed_refs()
-        return _UNKNOWN if packed is None else packed.get(refname)
+        return read_ref(os.fspath(self.common_dir), refname, self.hexlen)
 
     def _packed_refs(self) -> Optional[Dict[str, str]]:
         """``packed-refs`` as name -> id (empty when there is none); ``None`` when unreadable."""
-        try:
-            text = (self.common_dir / "packed-refs").read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return {}
-        except OSError:
-            return None
-        found = {}
-        for line in text.splitlines():
-            oid, _, name = line.partition(" ")
-            if _is_oid(oid, self.hexlen):  # not the header, not a peeled "^<oid>" line
-                found[name] = oid
-        return found
+        return packed_refs(os.fspath(self.common_dir), self.hexlen)
 
     def refs_in(self, *folders: str) -> Dict[str, str]:
         """The refs directly in these ref folders (``refs/fleet/``, say; not in folders below
@@ -812,21 +767,10 @@ class Clone:
 
     # ----------------------------------------------------------------- network
 
-    def _branch_fetch(self, refetch: bool = False, keep_pack: bool = False) -> Tuple[List[str], List[str]]:
-        """(``fetch``'s arguments, git's ``-c`` options) for a fetch of the shared branch."""
-        options = ["--refetch"] if refetch else []
-        # A refetch keeps what it gets as a pack: unpacking would skip every object that exists
-        # loose, damaged ones included, while git reads a packed copy first.
-        config = ["-c", f"core.looseCompression={LOOSE_COMPRESSION}"]
-        if keep_pack:
-            config += ["-c", "fetch.unpackLimit=1"]
-        return (["--quiet", "--no-tags", "--no-recurse-submodules", *options, "origin",
-                 f"+refs/heads/{self.branch}:{self.remote_ref}"], config)
-
     def start_branch_fetch(self) -> "subprocess.Popen[bytes]":
         """The first attempt of :meth:`fetch`, started (for ``fetch(started=...)``)."""
-        args, config = self._branch_fetch()
-        return self.start_fetch(*args, config=config)
+        self._call_network_hooks()
+        return self._spawn(branch_fetch_args(self.branch))
 
     def fetch(self, *, allow_missing: bool = False, refetch: bool = False,
               started: Optional["subprocess.Popen[bytes]"] = None,
@@ -848,8 +792,10 @@ class Clone:
                 if proc.returncode == 0:
                     self.maintain()
             else:
-                args, config = self._branch_fetch(refetch, keep_pack)
-                proc = self.fetch_git(*args, config=config)
+                proc = self.network_git(*branch_fetch_args(self.branch, refetch=refetch, keep_pack=keep_pack),
+                                        check=False)
+                if proc.returncode == 0:
+                    self.maintain()
             if proc.returncode == 0:
                 break
             text = proc.stderr.decode("utf-8", "replace")

@@ -29,6 +29,7 @@ from fleet_common import (
     json_depth_exceeds,
     parse_timestamp,
     resolve_server_id,
+    timestamp_seconds,
     utc_now,
     write_line,
 )
@@ -203,8 +204,8 @@ def _reply_target(msg: Mapping[str, Any]) -> Optional[str]:
 
 def _when(msg: Mapping[str, Any]) -> float:
     """Epoch seconds for sorting; a missing or unparseable timestamp is oldest (PROTOCOL.md)."""
-    moment = message_time(msg)
-    return moment.timestamp() if moment is not None else float("-inf")
+    seconds = timestamp_seconds(msg.get("timestamp"))
+    return seconds if seconds is not None else float("-inf")
 
 
 def message_view(msg: Mapping[str, Any], server: str, states: Mapping[str, ServerState], *,

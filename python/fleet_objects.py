@@ -20,6 +20,8 @@ import os
 import time
 import zlib
 
+from fleet_start import LOOSE_COMPRESSION  # (fetches write loose objects at the same level)
+
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     from pathlib import Path
@@ -34,7 +36,6 @@ if TYPE_CHECKING:
 
 PLUMBING_ENV: Final = "FLEET_GIT_PLUMBING"  # "1": never the fast path (tests, odd filesystems)
 KNOWN_FORMATS: Final = {"sha1": 40, "sha256": 64}  # object format -> hex length of an id
-LOOSE_COMPRESSION: Final = 1  # zlib level for objects we write: a multi-megabyte mailbox stays cheap
 STORE_ATTEMPTS: Final = 5  # writes of one loose object while a prune removes folders under it
 _LOOSE_CHUNK: Final = 64 * 1024  # compressed bytes read before the header is checked
 _HEADER_MAX: Final = 64  # "<kind> <size>\0" fits: the longest kind is 6 letters, a size 20 digits

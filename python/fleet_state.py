@@ -50,6 +50,7 @@ from fleet_git import (
     stop_git,
 )
 from fleet_mailbox import MAX_KEY_CHARS
+from fleet_start import FALLBACK_PREFIX, LOCAL_FALLBACK_PREFIX, REF_PREFIX, listing_args  # (their one owner)
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
@@ -65,9 +66,6 @@ log = get_logger(__name__)
 
 STATE_FILE: Final = "state.json"
 STATE_VERSION: Final = 1
-REF_PREFIX: Final = "refs/fleet/"  # on the remote and, mirrored, in every clone
-FALLBACK_PREFIX: Final = "refs/heads/fleet-state/"  # on a remote that refuses custom refs
-LOCAL_FALLBACK_PREFIX: Final = "refs/fleet-state/"  # its local mirror (not a local branch)
 
 MAX_STATE_BYTES: Final = 8 * 1024 * 1024
 MAX_COMMIT_BYTES: Final = 64 * 1024  # a state ref's commit: a tree, an author, a short message
@@ -393,8 +391,8 @@ class StateStore:
         """The shared branch and every state ref in one network call (an idle cycle's only one)."""
         return self._listed_view(self.clone.network_git(*self._listing(), check=False))
 
-    def _listing(self) -> Tuple[str, ...]:
-        return ("ls-remote", "origin", f"refs/heads/{self.clone.branch}", REF_PREFIX + "*", FALLBACK_PREFIX + "*")
+    def _listing(self) -> List[str]:
+        return listing_args(self.clone.branch)
 
     def _listed_view(self, proc: "subprocess.CompletedProcess[bytes]") -> RemoteView:
         if proc.returncode != 0:

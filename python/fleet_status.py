@@ -50,9 +50,17 @@ Everything read from the shared repository is bounded (sizes, nesting, text leng
 of servers) before use (PROTOCOL.md, "Trust between servers").
 """
 
-# The code is in fleet_report (fleet_cli explains why a command's script stays this small).
-from fleet_report import *  # noqa: F401,F403  (``import fleet_status`` offers what it always offered)
-from fleet_report import main
+# The code is in fleet_report (fleet_cli explains why a command's script stays this small); the
+# first network calls start before it loads (fleet_start).
+import sys
+
+import fleet_start
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    fleet_start.start_look(sys.argv[1:])
+
+from fleet_report import *  # noqa: E402,F401,F403  (``import fleet_status`` offers what it always offered)
+from fleet_report import main  # noqa: E402
+
+if __name__ == "__main__":
+    fleet_start.leave(main())

@@ -36,9 +36,17 @@ queued for the monitor to deliver; 2 bad usage or bad input (unknown or malforme
 1 any other failure (the remote unreachable), one line on stderr; 130 interrupted by Ctrl+C.
 """
 
-# The code is in fleet_inbox (fleet_cli explains why a command's script stays this small).
-from fleet_inbox import *  # noqa: F401,F403  (``import inbox`` offers what it always offered)
-from fleet_inbox import main
+# The code is in fleet_inbox (fleet_cli explains why a command's script stays this small); the
+# first fetch starts before it loads (fleet_start).
+import sys
+
+import fleet_start
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    fleet_start.start_poll(sys.argv[1:], unless=("acks",))  # every command but acks polls first
+
+from fleet_inbox import *  # noqa: E402,F401,F403  (``import inbox`` offers what it always offered)
+from fleet_inbox import main  # noqa: E402
+
+if __name__ == "__main__":
+    fleet_start.leave(main())

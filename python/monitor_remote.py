@@ -14,7 +14,7 @@ import time
 
 from fleet_common import SuiteError, UsageError, check_number, get_logger
 from fleet_git import BranchMissing, RemoteUnavailable
-from fleet_state import FALLBACK_PREFIX, LOCAL_FALLBACK_PREFIX, REF_PREFIX
+from fleet_start import POLL_OPTIONS, branch_refspec, own_state_refspecs
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
@@ -88,9 +88,7 @@ class RemotePoller:
         if self.discover_own_state and len(specs) == 1:
             return self.poll_by_listing()
         before = self.clone.tip()
-        proc = self.timed("git_fetch", lambda: self.clone.fetch_git(
-            "--quiet", "--no-tags", "--no-recurse-submodules", "--no-write-fetch-head", "origin", *specs,
-            maintain=False))
+        proc = self.timed("git_fetch", lambda: self.clone.fetch_git(*POLL_OPTIONS, *specs, maintain=False))
         if proc.returncode != 0:
             text = proc.stderr.decode("utf-8", "replace")
             lowered = text.lower()
@@ -116,13 +114,7 @@ class RemotePoller:
         PROTOCOL.md) once this clone has it: no pattern, so no other server's ref (``code20`` for
         ``code2``) or ref nested below ours is ever fetched. Before our first write there is
         nothing of ours to follow (that first write takes its lease from the remote itself)."""
-        server = self.server
-        specs = [f"+refs/heads/{self.clone.branch}:{self.clone.remote_ref}"]
-        for remote, local in ((REF_PREFIX + server, REF_PREFIX + server),
-                              (FALLBACK_PREFIX + server, LOCAL_FALLBACK_PREFIX + server)):
-            if self.states.local_tip(local):
-                specs.append(f"+{remote}:{local}")
-        return specs
+        return [branch_refspec(self.clone.branch), *own_state_refspecs(self.server, self.states.local_tip)]
 
     def poll_by_listing(self) -> Optional[str]:
         """The remote tip by ``ls-remote`` (the branch and every state ref), then a fetch of

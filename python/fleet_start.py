@@ -1,0 +1,452 @@
+"""What a short command does before its modules load: it starts the git call it is about to make.
+
+``inbox.py list`` spends its time in two waits that need not follow each other: the remote's
+answer to one ``git fetch`` (16 ms from a bare repository on the same disk, a round trip or more
+over a network) and Python loading the suite (about 20 ms of imports). So its script calls
+:func:`start_poll` first, with nothing but :mod:`os` and :mod:`sys` loaded. That reads the few
+things the command's first fetch depends on from the command line, the environment and the files
+git keeps (the clone's top folder, the branch ``origin/HEAD`` names, whether the clone mirrors the
+server's own state ref), and starts that fetch; the imports then run while git works. The command
+goes on as always and works out its fetch the usual way; :class:`fleet_git.Clone` takes the
+started process instead of starting one when both argument lists and the folder are the same,
+word for word (:func:`adopt`). A wrong guess therefore costs a call that was not needed, never a
+wrong one. Whatever cannot be told without git or the suite's own checks (an abbreviated option,
+``--help``, a linked worktree or a ``.git`` file, a reftable, an ``origin/HEAD`` that is not a
+plain file, a server id or branch the suite would refuse) starts nothing. A started call the
+command did not take is stopped when the command ends (:func:`leave`; on POSIX by SIGTERM to the
+process group git leads, on which git removes its lock files; on Windows it is first given two
+seconds to finish).
+
+This module is the one owner of what that call is, for the early start and the usual path alike:
+the environment git runs in (:func:`git_env`), a fetch's fixed words (:func:`fetch_args`), the
+monitor's and the inbox's poll (:func:`poll_fetch_args`, :func:`own_state_refspecs`), the names of
+the state refs (PROTOCOL.md, "Per-server state refs"), the default clone and server, and how a ref
+and ``origin/HEAD`` are read from git's files backend (:func:`read_ref`, :func:`origin_head`).
+
+:func:`leave` also ends the process without the interpreter's teardown: freeing, one by one, every
+object and module a short command made costs 5 to 10 ms, a fifth of an ``inbox.py list``, to give
+back memory the process returns whole a moment later. ``atexit`` handlers still run (logging's
+flush is one) and both streams are flushed; where that cannot be sure to be all (a thread that is
+not a daemon still running, a stream that cannot be flushed, a debugger, profiler or coverage
+run that writes its results after the script), the usual ``SystemExit``.
+
+Imports: :mod:`os` and :mod:`sys` only (:mod:`subprocess` when a call is started), so that calling
+it first costs nothing the command would not pay anyway (fleet_cli, "Start-up").
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
+if TYPE_CHECKING:
+    import subprocess
+    from typing import Callable, Collection, Dict, Final, List, Mapping, NoReturn, Optional, Sequence, Tuple
+
+DEFAULT_REPO: Final = "K:/Projects/Build"
+DEFAULT_SERVER: Final = "code2"
+
+# PROTOCOL.md, "Per-server state refs": refs/fleet/<id> on the remote and, mirrored, in every clone;
+# on a remote that refuses custom refs, the branch refs/heads/fleet-state/<id>, mirrored locally as
+# refs/fleet-state/<id> (not a local branch).
+REF_PREFIX: Final = "refs/fleet/"
+FALLBACK_PREFIX: Final = "refs/heads/fleet-state/"
+LOCAL_FALLBACK_PREFIX: Final = "refs/fleet-state/"
+
+# A folder that cannot exist (below the null device): git finds no hook there.
+NO_HOOKS: Final = os.path.join(os.devnull, "fleet-mailbox-runs-no-hooks")
+
+# The poll's fetch (the monitor's every cycle, and every inbox command's first look): quiet, no
+# tags nor submodules, and no FETCH_HEAD rewritten by an idle cycle.
+POLL_OPTIONS: Final = ("--quiet", "--no-tags", "--no-recurse-submodules", "--no-write-fetch-head", "origin")
+
+LOOSE_COMPRESSION: Final = 1  # zlib level for loose objects, ours and fetched: a multi-megabyte mailbox stays cheap
+
+# The one reading of a clone's settings a command makes (fleet_git.Clone), in one process.
+CONFIG_ARGS: Final = ("config", "-z", "--get-regexp",
+                      r"^(remote\.origin\.(url|fetch)|(user|author|committer)\.(name|email)"
+                      r"|extensions\.objectformat|gc\.(auto|autopacklimit)|maintenance\..*"
+                      r"|fleet\.negotiatestaterefs)$")
+
+HEX_DIGITS: Final = frozenset("0123456789abcdef")
+SHA1_HEXLEN: Final = 40
+MAX_LOOSE_REF_BYTES: Final = 256  # an object id and a newline; a longer file is no ref git wrote
+STOP_GRACE_SECONDS: Final = 2.0  # a started call nobody took, on Windows, before it is killed
+
+
+class _Unknown:
+    """Only git can tell (another ref storage, a symbolic ref, a file git would not write)."""
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN: Final = _Unknown()
+
+
+# --------------------------------------------------------------------------- git's environment
+
+
+def git_env(extra: Optional[Mapping[str, str]] = None, *, hooks: bool = False) -> Dict[str, str]:
+    """The environment for git: inherited, minus what hooks set, never prompting (STYLE.md 3),
+    and running no hook unless ``hooks`` (a git server a test starts runs its remote's hooks)."""
+    env = dict(os.environ)
+    for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX",
+                "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES"):
+        env.pop(key, None)
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env["GCM_INTERACTIVE"] = "never"
+    env["LC_ALL"] = "C"
+    env["LANGUAGE"] = "C"
+    # No hook runs in the suite's own git calls: a clone whose core.hooksPath points into the
+    # shared tree (.githooks, husky) would otherwise run what any member pushed, as this server,
+    # on the monitor's next fast-forward, fetch or push. (git 2.31+ reads these variables.)
+    # (A remote on a local path runs its own hooks all the same: git clears these variables for
+    # the receive-pack it starts there.)
+    try:
+        count = max(0, int(env.get("GIT_CONFIG_COUNT") or 0))
+    except ValueError:
+        count = 0
+    if not hooks:
+        env[f"GIT_CONFIG_KEY_{count}"] = "core.hooksPath"
+        env[f"GIT_CONFIG_VALUE_{count}"] = NO_HOOKS
+        env["GIT_CONFIG_COUNT"] = str(count + 1)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def own_group() -> Dict[str, object]:
+    """``Popen``'s words for a git child in a process group of its own: a Ctrl+C meant for the
+    monitor does not kill a push half-way (the monitor finishes the current step and stops), and
+    :func:`fleet_git.stop_git` can stop git with its helpers."""
+    import subprocess
+
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
+
+
+def popen_git(repo: str, args: Sequence[str], stdin: object = None) -> "subprocess.Popen[bytes]":
+    """Start ``git <args>`` in ``repo`` (pipes for its output; ``stdin``, or none) in a process
+    group of its own (:func:`own_group`). ``FileNotFoundError`` when there is no git."""
+    import subprocess
+
+    return subprocess.Popen(["git", *args], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL if stdin is None else stdin, env=git_env(),
+                            **own_group())  # type: ignore[call-overload]
+
+
+# --------------------------------------------------------------------------- the calls
+
+
+def fetch_args(args: Sequence[str], config: Sequence[str] = ()) -> List[str]:
+    """git's arguments for a fetch of the suite: git's automatic maintenance is left to
+    :meth:`fleet_git.Clone.maintain`."""
+    return [*config, "-c", "maintenance.auto=false", "fetch", *args]
+
+
+def branch_refspec(branch: str) -> str:
+    return f"+refs/heads/{branch}:refs/remotes/origin/{branch}"
+
+
+def own_state_refspecs(server: str, mirrored: Callable[[str], object]) -> List[str]:
+    """The refspecs of ``server``'s own state ref, by its exact name under either name (PROTOCOL.md),
+    for each that ``mirrored(local_ref)`` finds in this clone: no pattern, so no other server's ref
+    (``code20`` for ``code2``) or ref nested below it is ever fetched."""
+    specs = []
+    for remote, local in ((REF_PREFIX + server, REF_PREFIX + server),
+                          (FALLBACK_PREFIX + server, LOCAL_FALLBACK_PREFIX + server)):
+        if mirrored(local):
+            specs.append(f"+{remote}:{local}")
+    return specs
+
+
+def poll_fetch_args(specs: Sequence[str]) -> List[str]:
+    """The poll's fetch of ``specs`` (the branch's refspec, then the own state ref's)."""
+    return fetch_args([*POLL_OPTIONS, *specs])
+
+
+def branch_fetch_args(branch: str, *, refetch: bool = False, keep_pack: bool = False) -> List[str]:
+    """The fetch of the shared branch alone (:meth:`fleet_git.Clone.fetch`): ``refetch`` fetches
+    every object again (``--refetch``) and keeps them as a pack, ``keep_pack`` keeps a pack."""
+    # A refetch keeps what it gets as a pack: unpacking would skip every object that exists
+    # loose, damaged ones included, while git reads a packed copy first.
+    config = ["-c", f"core.looseCompression={LOOSE_COMPRESSION}"]
+    if keep_pack:
+        config += ["-c", "fetch.unpackLimit=1"]
+    options = ["--refetch"] if refetch else []
+    return fetch_args(["--quiet", "--no-tags", "--no-recurse-submodules", *options, "origin",
+                       branch_refspec(branch)], config)
+
+
+def listing_args(branch: str) -> List[str]:
+    """The listing of the shared branch and every state ref on the remote (``ls-remote``)."""
+    return ["ls-remote", "origin", f"refs/heads/{branch}", REF_PREFIX + "*", FALLBACK_PREFIX + "*"]
+
+
+# --------------------------------------------------------------------------- git's files
+
+
+def is_oid(text: str, hexlen: int) -> bool:
+    return len(text) == hexlen and HEX_DIGITS.issuperset(text)
+
+
+def packed_refs(common_dir: str, hexlen: int) -> Optional[Dict[str, str]]:
+    """``packed-refs`` as name -> id (empty when there is none); ``None`` when unreadable."""
+    try:
+        with open(os.path.join(common_dir, "packed-refs"), encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return {}
+    except OSError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        oid, _, name = line.partition(" ")
+        if is_oid(oid, hexlen):  # not the header, not a peeled "^<oid>" line
+            found[name] = oid
+    return found
+
+
+def read_ref(common_dir: str, refname: str, hexlen: int) -> object:
+    """A ref's id read from git's files backend (its loose file, then ``packed-refs``): ``None``
+    when absent, :data:`UNKNOWN` when only git can tell (a reftable, a symbolic ref)."""
+    if os.path.isdir(os.path.join(common_dir, "reftable")):
+        return UNKNOWN
+    try:
+        with open(os.path.join(common_dir, refname), "rb") as handle:
+            data = handle.read(MAX_LOOSE_REF_BYTES + 1)
+    except FileNotFoundError:
+        data = None
+    except OSError:
+        return UNKNOWN
+    if data is not None:
+        text = data.decode("ascii", "replace").strip()
+        return text if len(data) <= MAX_LOOSE_REF_BYTES and is_oid(text, hexlen) else UNKNOWN
+    packed = packed_refs(common_dir, hexlen)
+    return UNKNOWN if packed is None else packed.get(refname)
+
+
+def origin_head(git_dir: str) -> Optional[str]:
+    """The branch ``refs/remotes/origin/HEAD`` names, read from its file (a symbolic ref is a
+    small loose file in the files backend); ``None`` when that does not tell (git then decides)."""
+    prefix = "ref: refs/remotes/origin/"
+    try:
+        with open(os.path.join(git_dir, "refs", "remotes", "origin", "HEAD"), "rb") as handle:
+            text = handle.read(MAX_LOOSE_REF_BYTES + 1).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith(prefix) or len(text) > MAX_LOOSE_REF_BYTES:
+        return None
+    return text[len(prefix):] or None
+
+
+# --------------------------------------------------------------------------- the early start
+
+_OWN_OPTIONS: Final = ("--repo", "--server", "--branch")
+_STARTED: Dict[Tuple[str, Tuple[str, ...]], "subprocess.Popen[bytes]"] = {}
+_STOP_AT_EXIT = False
+
+
+def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
+    """Start the poll's fetch (:func:`poll_fetch_args`) that the command on ``argv`` is about to
+    run first, and the reading of the clone's settings, when everything they depend on can be read
+    without git; not when a word of ``unless`` is on the command line (a command whose first
+    network call is another). A clone that mirrors no state ref of this server yet lists the remote
+    first (:class:`monitor_remote.RemotePoller`): nothing is started then."""
+    found = None if any(word in unless for word in argv) else _target(argv)
+    if found is None:
+        return
+    root, git_dir, server, branch = found
+    unknown = []
+
+    def mirrored(ref: str) -> bool:
+        tip = read_ref(git_dir, ref, SHA1_HEXLEN)
+        if tip is UNKNOWN:
+            unknown.append(ref)
+        return tip is not None and tip is not UNKNOWN
+
+    try:
+        own = own_state_refspecs(server, mirrored)
+    except (OSError, ValueError):
+        return
+    if own and not unknown:
+        _start(root, poll_fetch_args([branch_refspec(branch), *own]))
+        _start(root, list(CONFIG_ARGS))
+
+
+def start_look(argv: Sequence[str]) -> None:
+    """Start the calls a look at the whole fleet (``fleet_status.py``) begins with, side by side:
+    the listing of the remote and the fetch of the shared branch
+    (:meth:`fleet_state.StateStore.mirror_fleet`), and the reading of the clone's settings."""
+    found = _target(argv)
+    if found is not None:
+        root, _git_dir, _server, branch = found
+        _start(root, listing_args(branch))
+        _start(root, branch_fetch_args(branch))
+        _start(root, list(CONFIG_ARGS))
+
+
+def _target(argv: Sequence[str]) -> Optional[Tuple[str, str, str, str]]:
+    """(top folder, git dir, server, branch) of the command on ``argv``, when all four are sure."""
+    found = _command_line(argv)
+    if found is None:
+        return None
+    repo, server, branch = found
+    try:
+        clone = _plain_clone(repo)
+        if clone is None or not _plausible_server(server):
+            return None
+        root, git_dir = clone
+        branch = branch if branch is not None else origin_head(git_dir)
+    except (OSError, ValueError):
+        return None  # an early start is a guess: whatever it cannot read, the command reads itself
+    if branch is None or not _plausible_branch(branch):
+        return None
+    return root, git_dir, server, branch
+
+
+def _command_line(argv: Sequence[str]) -> Optional[Tuple[str, str, Optional[str]]]:
+    """(repo, server, branch or None) as the command's parser would read them, or ``None``
+    where this reading could differ from argparse's."""
+    values: Dict[str, str] = {}
+    tokens = list(argv)
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token in ("--", "-h", "--help"):
+            return None
+        name, equals, value = token.partition("=")
+        if name in _OWN_OPTIONS:
+            if not equals:
+                if index + 1 >= len(tokens):
+                    return None
+                index += 1
+                value = tokens[index]
+            values[name] = value
+        elif token.startswith("--") and any(option.startswith(name) for option in _OWN_OPTIONS):
+            return None  # an abbreviation argparse would take for one of ours
+        index += 1
+    repo = values.get("--repo") or os.environ.get("BUILD_REPO_PATH") or DEFAULT_REPO
+    server = values.get("--server", os.environ.get("SERVER_ID") or DEFAULT_SERVER)
+    return repo, server, values.get("--branch")
+
+
+def _plain_clone(repo: str) -> Optional[Tuple[str, str]]:
+    """(top folder, git dir) of a plain clone at ``repo`` (its ``.git`` a folder, no
+    ``commondir``: what :class:`fleet_git.Clone` reads without asking git), else ``None``."""
+    top = os.path.expanduser(repo)
+    dotgit = os.path.join(top, ".git")
+    if not os.path.isdir(dotgit) or os.path.exists(os.path.join(dotgit, "commondir")):
+        return None
+    return os.path.realpath(top), os.path.realpath(dotgit)
+
+
+def _plausible_server(server: str) -> bool:
+    """An id :func:`fleet_common.check_own_server_id` surely takes as it is (lower case, no
+    spaces): a-z 0-9 . _ -, starting with a letter or digit, no '..', not ending in '.' or
+    '.lock', no Windows device name."""
+    if not (0 < len(server) <= 64 and server[0] in "abcdefghijklmnopqrstuvwxyz0123456789"):
+        return False
+    if not set(server) <= set("abcdefghijklmnopqrstuvwxyz0123456789._-"):
+        return False
+    if ".." in server or server.endswith(".") or server.endswith(".lock"):
+        return False
+    return os.name != "nt" or server.split(".")[0] not in (
+        "con", "prn", "aux", "nul", *(f"{kind}{n}" for kind in ("com", "lpt") for n in range(10)))
+
+
+def _plausible_branch(branch: str) -> bool:
+    """A branch name git and :func:`fleet_common.check_branch_name` surely take (no option, no
+    pattern, no odd part)."""
+    parts = branch.split("/")
+    return (0 < len(branch) <= 200 and set(branch) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                                             "0123456789._-/")
+            and all(part and not part.startswith((".", "-")) and not part.endswith((".", ".lock"))
+                    for part in parts) and ".." not in branch)
+
+
+def _start(root: str, args: List[str]) -> None:
+    try:
+        proc = popen_git(root, args)
+    except OSError:
+        return  # no git: the command says so itself
+    global _STOP_AT_EXIT
+    if not _STOP_AT_EXIT:
+        import atexit
+
+        atexit.register(stop_unused)  # whatever ends the process first (a Ctrl+C while it loads)
+        _STOP_AT_EXIT = True
+    _STARTED[(root, tuple(args))] = proc
+
+
+def adopt(root: object, args: Sequence[str]) -> Optional["subprocess.Popen[bytes]"]:
+    """The call started early as ``git <args>`` in ``root`` (:func:`os.fspath` of the clone's
+    resolved top folder), taken: the caller waits for it as for its own; ``None`` when none was."""
+    if not _STARTED:
+        return None
+    return _STARTED.pop((os.fspath(root), tuple(args)), None)  # type: ignore[arg-type]
+
+
+def stop_unused() -> int:
+    """Stop every call started early that nobody took, and reap it; how many."""
+    stopped = 0
+    while _STARTED:
+        _key, proc = _STARTED.popitem()
+        stopped += 1
+        _stop(proc)
+    return stopped
+
+
+def _stop(proc: "subprocess.Popen[bytes]") -> None:
+    import subprocess
+
+    try:
+        if proc.poll() is None:
+            if os.name == "posix":
+                import signal
+
+                os.killpg(proc.pid, signal.SIGTERM)  # git and its helpers; git removes its locks
+            else:
+                try:
+                    proc.communicate(timeout=STOP_GRACE_SECONDS)
+                    return
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        proc.communicate(timeout=STOP_GRACE_SECONDS)
+    except (OSError, subprocess.TimeoutExpired):
+        try:
+            proc.kill()
+            proc.wait(timeout=STOP_GRACE_SECONDS)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
+# --------------------------------------------------------------------------- the end
+
+
+def leave(code: int) -> "NoReturn":
+    """End this command's process with exit status ``code`` (see the module's text)."""
+    stop_unused()
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        raise SystemExit(code)  # a debugger, profiler or coverage run writes its results after the script
+    threading = sys.modules.get("threading")
+    if threading is not None and any(t.is_alive() and not t.daemon and t is not threading.main_thread()
+                                     for t in threading.enumerate()):
+        raise SystemExit(code)
+    import atexit
+
+    run, clear = getattr(atexit, "_run_exitfuncs", None), getattr(atexit, "_clear", None)
+    if run is None or clear is None:
+        raise SystemExit(code)
+    run()
+    clear()
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except (OSError, ValueError):
+        raise SystemExit(code) from None  # the interpreter reports a closed pipe as it always did
+    os._exit(code)

@@ -1,0 +1,209 @@
+"""A short command starts its first git calls before its modules load (fleet_start), on real fleets.
+
+The script of ``inbox.py`` and of ``fleet_status.py`` guesses, from the command line and the files
+git keeps, the calls the command is about to make, and starts them; the command takes them when
+its own calls are the same, word for word. These tests check that they are taken, that a wrong
+guess only costs a call (its result is never used, the process is stopped and reaped), that the
+guess starts nothing where it cannot be sure, and that the quick exit loses no output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, List
+
+import psutil
+import pytest
+from conftest import PYTHON_DIR, Fleet, git, run_script
+
+import fleet_start
+from fleet_common import parse_timestamp, timestamp_seconds
+from fleet_git import Clone
+from fleet_report import fleet_status
+from inbox import Inbox
+from send_message import send_message
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_started() -> Iterator[None]:
+    yield
+    fleet_start.stop_unused()
+
+
+def _git_commands(trace: Path) -> List[str]:
+    """The git commands run while ``GIT_TRACE`` named ``trace`` (``fetch ...``, ``config ...``)."""
+    marker = "trace: built-in: git "
+    text = trace.read_text(encoding="utf-8", errors="replace") if trace.exists() else ""
+    return [line.split(marker, 1)[1] for line in text.splitlines() if marker in line]
+
+
+def _count(commands: List[str], word: str) -> int:
+    return sum(1 for command in commands if command.split(" ", 1)[0] == word)
+
+
+def _reader(fleet: Fleet) -> Path:
+    """code2's clone, with a state ref of its own (it has read mail), and new mail waiting."""
+    b1 = fleet.clone("build1")
+    c2 = fleet.clone("code2")
+    assert send_message("first", "one", "code2", from_sender="build1", build_repo_path=str(b1))
+    Inbox(str(c2), "code2").mark_read(all=True)
+    assert send_message("second", "two", "code2", from_sender="build1", build_repo_path=str(b1))
+    return c2
+
+
+def test_the_inbox_takes_the_fetch_and_the_settings_its_script_started(fleet, tmp_path, monkeypatch):
+    c2 = _reader(fleet)
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("GIT_TRACE", str(trace))
+    fleet_start.start_poll(["list", "--repo", str(c2), "--server", "code2", "--json"], unless=("acks",))
+    assert len(fleet_start._STARTED) == 2  # the poll's fetch and the reading of the clone's settings
+    result = Inbox(str(c2), "code2").unread()
+    assert not fleet_start._STARTED  # both taken
+    assert [m["subject"] for m in result["messages"]] == ["two"]
+    commands = _git_commands(trace)
+    assert _count(commands, "fetch") == 1 and _count(commands, "config") == 1, commands
+
+
+def test_the_status_takes_the_listing_and_the_fetch_its_script_started(fleet, tmp_path, monkeypatch):
+    c2 = _reader(fleet)
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("GIT_TRACE", str(trace))
+    fleet_start.start_look(["--repo", str(c2), "--json"])
+    assert len(fleet_start._STARTED) == 3
+    report = fleet_status(Clone(c2))
+    assert not fleet_start._STARTED
+    assert {row["id"] for row in report["servers"]} >= {"build1", "code2"}
+    commands = _git_commands(trace)
+    assert _count(commands, "ls-remote") == 1 and _count(commands, "config") == 1, commands
+
+
+def test_a_wrong_guess_costs_a_call_and_never_its_result(fleet, tmp_path, monkeypatch):
+    """The script's guess fetched another branch: the command fetches its own and reads only that;
+    the call it did not take is stopped and reaped."""
+    c2 = _reader(fleet)
+    fleet_start.start_poll(["list", "--repo", str(c2), "--server", "code2", "--branch", "elsewhere"])
+    started = list(fleet_start._STARTED.values())
+    result = Inbox(str(c2), "code2").unread()
+    assert [m["subject"] for m in result["messages"]] == ["two"]
+    assert len(fleet_start._STARTED) == 1  # the settings were the same and were taken; the fetch was not
+    assert fleet_start.stop_unused() == 1
+    assert all(proc.returncode is not None for proc in started)
+    assert git(c2, "for-each-ref", "refs/remotes/origin/elsewhere") == ""
+
+
+@pytest.mark.parametrize("argv", [
+    ["list", "--rep", "{c2}"],  # argparse takes an abbreviation: this reading would not
+    ["list", "--repo", "{c2}", "--help"],
+    ["list", "--", "--repo", "{c2}"],
+    ["acks", "--repo", "{c2}"],  # its first network call is another
+    ["list", "--repo", "{c2}", "--server", "Code2"],  # the suite decides what it makes of that
+    ["list", "--repo", "{c2}", "--server", "code2.lock"],
+    ["list", "--repo", "{c2}", "--branch", "-x"],
+    ["list", "--repo", "{c2}", "--server", "build1"],  # no state ref of its own yet: it lists first
+    ["list", "--repo", "{c2}/coordination"],  # a subfolder: git says where the clone is
+    ["list", "--repo"],
+], ids=["abbreviated", "help", "double-dash", "acks", "upper-case", "lock", "option-branch",
+        "no-state-ref", "subfolder", "no-value"])
+def test_the_guess_starts_nothing_it_cannot_be_sure_of(fleet, argv):
+    c2 = _reader(fleet)
+    fleet_start.start_poll([arg.format(c2=c2) for arg in argv], unless=("acks",))
+    assert not fleet_start._STARTED
+
+
+def test_a_linked_worktree_or_a_clone_without_origin_head_starts_nothing(fleet, tmp_path):
+    c2 = _reader(fleet)
+    linked = tmp_path / "linked"
+    git(c2, "worktree", "add", "-q", "--detach", str(linked))
+    fleet_start.start_poll(["list", "--repo", str(linked), "--server", "code2"])
+    assert not fleet_start._STARTED
+    git(c2, "symbolic-ref", "--delete", "refs/remotes/origin/HEAD")
+    fleet_start.start_poll(["list", "--repo", str(c2), "--server", "code2"])
+    assert not fleet_start._STARTED
+    fleet_start.start_poll(["list", "--repo", str(c2), "--server", "code2", "--branch", "main"])
+    assert len(fleet_start._STARTED) == 2
+
+
+@pytest.mark.usefixtures("no_proxy")
+def test_a_command_that_fails_before_its_fetch_does_not_wait_for_the_started_one(fleet, http_git_server):
+    c2 = _reader(fleet)
+    git(c2, "remote", "set-url", "origin", http_git_server.url("origin.git"))
+    http_git_server.delay = 30.0  # every answer of the remote takes 30 s
+    started = time.monotonic()
+    proc = run_script("inbox.py", "list", "--since", "yesterday-ish", "--repo", str(c2), "--server", "code2")
+    took = time.monotonic() - started
+    assert proc.returncode == 2 and "--since" in proc.stderr, proc.stderr
+    assert took < 15, took
+    deadline = time.monotonic() + 10
+    while _gits_in(c2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _gits_in(c2)
+
+
+def _gits_in(folder: Path) -> List[int]:
+    found = []
+    for proc in psutil.process_iter(["name", "cwd"]):
+        try:
+            if (proc.info["name"] or "").startswith("git") and proc.info["cwd"] == str(folder.resolve()):
+                found.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def test_the_quick_exit_writes_every_byte_and_keeps_the_exit_status(fleet):
+    b1 = fleet.clone("build1")
+    c2 = fleet.clone("code2")
+    for i in range(3):
+        assert send_message("x" * 60_000, f"long {i}", "code2", from_sender="build1", build_repo_path=str(b1))
+    listed = run_script("inbox.py", "list", "--bodies", "--json", "--repo", str(c2), "--server", "code2")
+    assert listed.returncode == 0, listed.stderr
+    assert [len(m["body"]) for m in json.loads(listed.stdout)["messages"]] == [60_000] * 3  # > a pipe's buffer
+    counted = run_script("inbox.py", "list", "--count", "--repo", str(c2), "--server", "code2")
+    assert (counted.returncode, counted.stdout) == (3, "3\n")
+
+
+def test_a_profiler_still_gets_the_end_of_the_command(fleet, tmp_path):
+    c2 = fleet.clone("code2")
+    out = tmp_path / "profile.out"
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), str(PYTHON_DIR / "inbox.py"),
+                           "list", "--repo", str(c2), "--server", "code2"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_size > 0
+
+
+def test_seconds_from_a_timestamp_are_what_datetime_makes_of_it():
+    edges = ["2025-11-04T11:10:39Z", "2025-11-04 20:45", "2024-02-29T00:00:00Z", "2023-02-29T00:00:00Z",
+             "1900-02-29T00:00:00Z", "2000-02-29T00:00:00Z", "0001-01-01T00:00:00+00:01",
+             "0001-01-01T00:00:00-00:01", "9999-12-31T23:59:59-00:01", "9999-12-31T23:59:59+00:01",
+             "0000-01-01T00:00:00Z", "2025-13-01T00:00:00Z", "2025-11-04T24:00:00Z", "2025-11-04T23:59:60Z",
+             "2025-11-04T11:10:39.123456789Z", "2025-11-04T11:10:39.1+05:30", "2025-11-04T11:10:39+0530",
+             "2025-11-04T11:10:39+99:99", " 2025-11-04T11:10Z ", "1969-12-31T23:59:59.999999Z", None, 5, "x"]
+    rng = random.Random(7)
+
+    def made_up() -> str:
+        text = (f"{rng.choice([1, 1582, 1900, 1970, 2000, 2100, 9999, rng.randint(0, 9999)]):04d}-"
+                f"{rng.randint(0, 13):02d}-{rng.randint(0, 32):02d}{rng.choice('T ')}"
+                f"{rng.randint(0, 25):02d}:{rng.randint(0, 61):02d}")
+        if rng.random() < 0.8:
+            text += f":{rng.randint(0, 61):02d}"
+        if rng.random() < 0.4:
+            text += "." + str(rng.randint(0, 10 ** rng.randint(1, 9)))
+        zone = rng.random()
+        if zone < 0.3:
+            text += "Z"
+        elif zone < 0.7:
+            text += f"{rng.choice('+-')}{rng.randint(0, 99):02d}{rng.choice([':', ''])}{rng.randint(0, 99):02d}"
+        return text
+
+    for value in edges + [made_up() for _ in range(20_000)]:
+        moment = parse_timestamp(value)
+        assert timestamp_seconds(value) == (moment.timestamp() if moment is not None else None), value
