@@ -11,9 +11,11 @@ rounds interleaved with the floor:
   the list finds the branch moved: one ``git fetch`` of the branch and code2's own state ref (code2
   has read mail before, so it has one), one mailbox read. Floor: one ``git fetch`` of the same new
   commit on the same remote, plus the interpreter's start (``python3 -c pass``). Target: list <= 1.5
-  x that floor, with or without the archive. Measured again with code2's clone and the floor's
-  reaching the remote over a 100 ms round trip (``bench/slowlink.py``; fewer rounds, keys ending in
-  ``.rtt100``, same target); ``--rtt-ms MS`` measures only that list, over a link of ``MS``.
+  x that floor, with or without the archive (also reported against 1.5 x the fetch plus the
+  interpreter's start, the reading the status's target is given). Measured again with code2's
+  clone and the floor's reaching the remote over a 100 ms round trip (``bench/slowlink.py``; fewer
+  rounds, keys ending in ``.rtt100``, same target); ``--rtt-ms MS`` measures only that list, over
+  a link of ``MS``.
 * the same list by a server that has never written a state ref (``code1``): it lists the remote
   first (``ls-remote``), since another clone of it could have written one; reported.
 * **show ID --peek** of a hot message (nothing moved: one ``ls-remote``), against the same floor;
@@ -142,7 +144,12 @@ def reader_figures(info: Dict[str, Any], res: Dict[str, List[float]], rtt_ms: Op
     label = f"{HOT} hot" + (f" + {archived} archived" if archived else "") + over
     figures = [bl.Figure(f"inbox.list_{archived}{key}", f"inbox.py list, {label}, after a new message",
                          bl.median(res["list"]), "ms", floor, target=("ratio", "<=", 1.5), scale=1000,
-                         note=f"floor fetch {fetch * 1000:.0f} ms + python start {start * 1000:.0f} ms")]
+                         note=f"floor fetch {fetch * 1000:.0f} ms + python start {start * 1000:.0f} ms"),
+               # The target read the other way, 1.5 x the fetch plus one interpreter start (as the
+               # status's "2 x fetch plus interpreter start" is read): reported.
+               bl.Figure(f"inbox.list_strict_{archived}{key}",
+                         "the same list against 1.5 x fetch + python start", bl.median(res["list"]), "ms",
+                         1.5 * fetch + start, scale=1000)]
     if res["list_first"]:
         figures.append(bl.Figure(f"inbox.list_first_{archived}{key}",
                                  f"inbox.py list, {label}, by a server without a state ref yet",

@@ -254,8 +254,8 @@ def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
     """Start the poll's fetch (:func:`poll_fetch_args`) that the command on ``argv`` is about to
     run first, and the reading of the clone's settings, when everything they depend on can be read
     without git; not when a word of ``unless`` is on the command line (a command whose first
-    network call is another). A clone that mirrors no state ref of this server yet lists the remote
-    first (:class:`monitor_remote.RemotePoller`): nothing is started then."""
+    network call is another). A clone that mirrors no state ref of this server yet lists the
+    remote first (:class:`monitor_remote.RemotePoller`): that listing is started then."""
     found = None if any(word in unless for word in argv) else _target(argv)
     if found is None:
         return
@@ -272,8 +272,8 @@ def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
         own = own_state_refspecs(server, mirrored)
     except (OSError, ValueError):
         return
-    if own and not unknown:
-        _start(root, poll_fetch_args([branch_refspec(branch), *own]))
+    if not unknown:
+        _start(root, poll_fetch_args([branch_refspec(branch), *own]) if own else listing_args(branch))
         _start(root, list(CONFIG_ARGS))
 
 

@@ -105,15 +105,24 @@ def test_a_wrong_guess_costs_a_call_and_never_its_result(fleet, tmp_path, monkey
     ["list", "--repo", "{c2}", "--server", "Code2"],  # the suite decides what it makes of that
     ["list", "--repo", "{c2}", "--server", "code2.lock"],
     ["list", "--repo", "{c2}", "--branch", "-x"],
-    ["list", "--repo", "{c2}", "--server", "build1"],  # no state ref of its own yet: it lists first
     ["list", "--repo", "{c2}/coordination"],  # a subfolder: git says where the clone is
     ["list", "--repo"],
 ], ids=["abbreviated", "help", "double-dash", "acks", "upper-case", "lock", "option-branch",
-        "no-state-ref", "subfolder", "no-value"])
+        "subfolder", "no-value"])
 def test_the_guess_starts_nothing_it_cannot_be_sure_of(fleet, argv):
     c2 = _reader(fleet)
     fleet_start.start_poll([arg.format(c2=c2) for arg in argv], unless=("acks",))
     assert not fleet_start._STARTED
+
+
+def test_a_server_without_a_state_ref_yet_takes_the_listing_its_script_started(fleet, tmp_path, monkeypatch):
+    c2 = _reader(fleet)
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("GIT_TRACE", str(trace))
+    fleet_start.start_poll(["list", "--repo", str(c2), "--server", "build1", "--json"])
+    result = Inbox(str(c2), "build1").unread()
+    assert not fleet_start._STARTED and result["count"] == 0
+    assert _count(_git_commands(trace), "ls-remote") == 1
 
 
 def test_a_linked_worktree_or_a_clone_without_origin_head_starts_nothing(fleet, tmp_path):
