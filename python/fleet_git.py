@@ -32,11 +32,13 @@ from fleet_objects import ObjectStore, StoreFailed, TooLarge, date_stamp, edit_t
 from fleet_start import (  # noqa: F401  (git_env and NO_HOOKS: fleet_git offers what it always offered)
     CONFIG_ARGS,
     LOOSE_COMPRESSION,
+    MAX_BRANCH_LENGTH,
     MAX_LOOSE_REF_BYTES,
     NO_HOOKS,
     UNKNOWN,
     adopt,
     branch_fetch_args,
+    branch_name_problem,
     fetch_args,
     git_env,
     is_oid,
@@ -202,10 +204,6 @@ class NotAClone(UsageError):
     """``--repo`` is missing, not a git clone, or has no ``origin``."""
 
 
-# git check-ref-format's rules for a branch name, checked without running git (git-check-ref-format(1)).
-_BAD_REF_TEXT = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
-MAX_BRANCH_LENGTH: Final = 255
-
 
 def check_branch_name(branch: str) -> str:
     """``branch`` when git would accept it as a branch name; :class:`UsageError` otherwise.
@@ -213,16 +211,7 @@ def check_branch_name(branch: str) -> str:
     Checked before any git call: ``--branch ../../x`` names no branch, and a name becomes part
     of a refspec and a path under ``.git/refs``.
     """
-    parts = branch.split("/")
-    problem = None
-    if not branch or len(branch) > MAX_BRANCH_LENGTH:
-        problem = "empty or too long"
-    elif _BAD_REF_TEXT.search(branch):
-        problem = "it holds '..', '//', '@{', a space, a control character or one of ~^:?*[\\"
-    elif branch.startswith(("-", "/")) or branch.endswith(("/", ".")) or branch in ("@", "HEAD"):
-        problem = "it starts with '-' or '/', ends with '/' or '.', or is '@' or 'HEAD'"
-    elif any(not part or part.startswith(".") or part.endswith(".lock") for part in parts):
-        problem = "a part starts with '.' or ends with '.lock'"
+    problem = branch_name_problem(branch)  # (fleet_start: its script checks names before anything loads)
     if problem is not None:
         raise UsageError(f"invalid --branch {branch!r}: {problem}")
     return branch

@@ -13,9 +13,9 @@ word for word (:func:`adopt`). A wrong guess therefore costs a call that was not
 wrong one. Whatever cannot be told without git or the suite's own checks (an abbreviated option,
 ``--help``, a linked worktree or a ``.git`` file, a reftable, an ``origin/HEAD`` that is not a
 plain file, a server id or branch the suite would refuse) starts nothing. A started call the
-command did not take is stopped when the command ends (:func:`leave`; on POSIX by SIGTERM to the
-process group git leads, on which git removes its lock files; on Windows it is first given two
-seconds to finish).
+command did not take is stopped when the command ends (:func:`stop_unused`: after a second's
+grace, by SIGTERM to the process group git leads, on which git removes its lock files; on Windows
+with its helpers).
 
 This module is the one owner of what that call is, for the early start and the usual path alike:
 the environment git runs in (:func:`git_env`), a fetch's fixed words (:func:`fetch_args`), the
@@ -72,7 +72,7 @@ CONFIG_ARGS: Final = ("config", "-z", "--get-regexp",
 HEX_DIGITS: Final = frozenset("0123456789abcdef")
 SHA1_HEXLEN: Final = 40
 MAX_LOOSE_REF_BYTES: Final = 256  # an object id and a newline; a longer file is no ref git wrote
-STOP_GRACE_SECONDS: Final = 2.0  # a started call nobody took, on Windows, before it is killed
+STOP_GRACE_SECONDS: Final = 1.0  # a started call nobody took may finish this long before it is stopped
 
 
 class _Unknown:
@@ -245,6 +245,10 @@ def origin_head(git_dir: str) -> Optional[str]:
 
 # --------------------------------------------------------------------------- the early start
 
+MAX_BRANCH_LENGTH: Final = 255
+# What git-check-ref-format(1) refuses anywhere in a ref name: control characters, space, DEL, ~^:?*[\
+_REF_TEXT_REFUSED: Final = frozenset([chr(code) for code in range(0x21)] + list("\x7f~^:?*[\\"))
+
 _OWN_OPTIONS: Final = ("--repo", "--server", "--branch")
 _STARTED: Dict[Tuple[str, Tuple[str, ...]], "subprocess.Popen[bytes]"] = {}
 _STOP_AT_EXIT = False
@@ -303,7 +307,7 @@ def _target(argv: Sequence[str]) -> Optional[Tuple[str, str, str, str]]:
         branch = branch if branch is not None else origin_head(git_dir)
     except (OSError, ValueError):
         return None  # an early start is a guess: whatever it cannot read, the command reads itself
-    if branch is None or not _plausible_branch(branch):
+    if branch is None or branch_name_problem(branch) is not None:
         return None
     return root, git_dir, server, branch
 
@@ -358,14 +362,18 @@ def _plausible_server(server: str) -> bool:
         "con", "prn", "aux", "nul", *(f"{kind}{n}" for kind in ("com", "lpt") for n in range(10)))
 
 
-def _plausible_branch(branch: str) -> bool:
-    """A branch name git and :func:`fleet_common.check_branch_name` surely take (no option, no
-    pattern, no odd part)."""
-    parts = branch.split("/")
-    return (0 < len(branch) <= 200 and set(branch) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                                             "0123456789._-/")
-            and all(part and not part.startswith((".", "-")) and not part.endswith((".", ".lock"))
-                    for part in parts) and ".." not in branch)
+def branch_name_problem(branch: str) -> Optional[str]:
+    """Why git would not take ``branch`` as a branch name (git-check-ref-format(1)), checked
+    without running git; ``None`` when it would. :func:`fleet_git.check_branch_name` says it."""
+    if not branch or len(branch) > MAX_BRANCH_LENGTH:
+        return "empty or too long"
+    if not _REF_TEXT_REFUSED.isdisjoint(branch) or any(bad in branch for bad in ("..", "@{", "//")):
+        return "it holds '..', '//', '@{', a space, a control character or one of ~^:?*[\\"
+    if branch.startswith(("-", "/")) or branch.endswith(("/", ".")) or branch in ("@", "HEAD"):
+        return "it starts with '-' or '/', ends with '/' or '.', or is '@' or 'HEAD'"
+    if any(not part or part.startswith(".") or part.endswith(".lock") for part in branch.split("/")):
+        return "a part starts with '.' or ends with '.lock'"
+    return None
 
 
 def _start(root: str, args: List[str]) -> None:
@@ -391,37 +399,42 @@ def adopt(root: object, args: Sequence[str]) -> Optional["subprocess.Popen[bytes
 
 
 def stop_unused() -> int:
-    """Stop every call started early that nobody took, and reap it; how many."""
-    stopped = 0
-    while _STARTED:
-        _key, proc = _STARTED.popitem()
-        stopped += 1
-        _stop(proc)
-    return stopped
+    """Stop every call started early that nobody took, and reap it; how many. Each is first given
+    :data:`STOP_GRACE_SECONDS` (together) to finish: a fetch cut off while it receives leaves a
+    partial pack behind, and one from a remote on the same disk or a LAN is done by then. Then it
+    is stopped: on POSIX by SIGTERM to the process group git leads (git removes its lock files),
+    where that does not end it, and on Windows, with its helpers (:func:`fleet_git.stop_git`)."""
+    import subprocess
+    import time
+
+    running = list(_STARTED.values())
+    _STARTED.clear()
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for proc in running:
+        try:
+            proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+        except OSError:
+            pass
+    return len(running)
 
 
 def _stop(proc: "subprocess.Popen[bytes]") -> None:
     import subprocess
 
-    try:
-        if proc.poll() is None:
-            if os.name == "posix":
-                import signal
+    if os.name == "posix":
+        import signal
 
-                os.killpg(proc.pid, signal.SIGTERM)  # git and its helpers; git removes its locks
-            else:
-                try:
-                    proc.communicate(timeout=STOP_GRACE_SECONDS)
-                    return
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        proc.communicate(timeout=STOP_GRACE_SECONDS)
-    except (OSError, subprocess.TimeoutExpired):
         try:
-            proc.kill()
-            proc.wait(timeout=STOP_GRACE_SECONDS)
+            os.killpg(proc.pid, signal.SIGTERM)  # git and its helpers; git removes its locks
+            proc.communicate(timeout=STOP_GRACE_SECONDS)
+            return
         except (OSError, subprocess.TimeoutExpired):
             pass
+    from fleet_git import stop_git  # git and the helpers it runs, killed and reaped
+
+    stop_git(proc)
 
 
 # --------------------------------------------------------------------------- the end
@@ -430,8 +443,9 @@ def _stop(proc: "subprocess.Popen[bytes]") -> None:
 def leave(code: int) -> "NoReturn":
     """End this command's process with exit status ``code`` (see the module's text)."""
     stop_unused()
-    if sys.gettrace() is not None or sys.getprofile() is not None:
-        raise SystemExit(code)  # a debugger, profiler or coverage run writes its results after the script
+    if (sys.gettrace() is not None or sys.getprofile() is not None
+            or not {"bdb", "pydevd"}.isdisjoint(sys.modules)):
+        raise SystemExit(code)  # a debugger, profiler or coverage run has more to do after the script
     threading = sys.modules.get("threading")
     if threading is not None and any(t.is_alive() and not t.daemon and t is not threading.main_thread()
                                      for t in threading.enumerate()):

@@ -138,6 +138,20 @@ def test_a_linked_worktree_or_a_clone_without_origin_head_starts_nothing(fleet, 
     assert len(fleet_start._STARTED) == 2
 
 
+@pytest.mark.parametrize("script", ["inbox.py", "fleet_status.py"])
+def test_a_branch_the_suite_refuses_is_never_fetched_early(fleet, script):
+    """A member pushed a commit as refs/heads/HEAD: fetched as "--branch HEAD" it would land on
+    origin/HEAD, the symbolic ref, and so move origin/main to it."""
+    c2 = _reader(fleet)
+    stray = git(fleet.origin, "commit-tree", git(fleet.origin, "rev-parse", "main^{tree}"), "-m", "stray")
+    git(fleet.origin, "update-ref", "refs/heads/HEAD", stray)
+    before = git(c2, "rev-parse", "refs/remotes/origin/main")
+    args = ["list", "--server", "code2"] if script == "inbox.py" else []
+    proc = run_script(script, *args, "--repo", str(c2), "--branch", "HEAD")
+    assert proc.returncode == 2 and "invalid --branch" in proc.stderr, proc.stderr
+    assert git(c2, "rev-parse", "refs/remotes/origin/main") == before
+
+
 @pytest.mark.usefixtures("no_proxy")
 def test_a_command_that_fails_before_its_fetch_does_not_wait_for_the_started_one(fleet, http_git_server):
     c2 = _reader(fleet)
@@ -177,16 +191,19 @@ def test_the_quick_exit_writes_every_byte_and_keeps_the_exit_status(fleet):
     assert (counted.returncode, counted.stdout) == (3, "3\n")
 
 
-def test_a_profiler_still_gets_the_end_of_the_command(fleet, tmp_path):
+def test_a_profiler_or_a_debugger_still_gets_the_end_of_the_command(fleet, tmp_path):
     c2 = fleet.clone("code2")
     out = tmp_path / "profile.out"
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), str(PYTHON_DIR / "inbox.py"),
-                           "list", "--repo", str(c2), "--server", "code2"],
+    command = [str(PYTHON_DIR / "inbox.py"), "list", "--repo", str(c2), "--server", "code2"]
+    proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), *command],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_size > 0
+    debugged = subprocess.run([sys.executable, "-m", "pdb", *command], input="c\nq\n", stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert "The program exited via sys.exit(). Exit status: 0" in debugged.stdout, debugged.stdout
 
 
 def test_seconds_from_a_timestamp_are_what_datetime_makes_of_it():
