@@ -20,7 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-from fleet_start import DEFAULT_REPO, DEFAULT_SERVER  # (their one owner: a script reads them first)
+from fleet_start import (  # noqa: F401  (their one owner: a script reads them first)
+    DEFAULT_REPO,
+    DEFAULT_SERVER,
+    EXIT_INTERRUPTED,
+)
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
@@ -84,7 +88,7 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_TEMPFAIL: Final = 75  # EX_TEMPFAIL: queued, the monitor delivers it later
-EXIT_INTERRUPTED: Final = 130
+# EXIT_INTERRUPTED (130, a Ctrl+C) is fleet_start's: a script's quick exit may need it before this loads.
 
 DEFAULT_INTERVAL: Final = 10.0
 BROADCAST: Final = "all"

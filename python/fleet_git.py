@@ -47,6 +47,7 @@ from fleet_start import (  # noqa: F401  (git_env and NO_HOOKS: fleet_git offers
     packed_refs,
     popen_git,
     read_ref,
+    tip_at_start,
 )
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
@@ -449,7 +450,9 @@ class Clone:
         self.objects = ObjectStore(self.objects_dir, object_format, self._objects_git)
         self.hexlen = self.objects.hexlen
         self.last_sync: float = 0.0  # monotonic time of the last fetch or verified push
-        self._tip: object = _UNKNOWN
+        # What this command knew of the remote's tip before its fetch (its script read it before
+        # starting that fetch early, fleet_start), else nothing yet.
+        self._tip: object = tip_at_start(self.root, self.remote_ref)
         self._files: Dict[Tuple[str, str], Tuple[Optional[str], Optional[bytes]]] = {}
         self._trees: Dict[Tuple[str, str], Optional[List[TreeEntry]]] = {}
         self.push_attempts = 0  # pushes tried (for benchmarks: retries = attempts - commits)

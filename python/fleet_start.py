@@ -28,7 +28,7 @@ object and module a short command made costs 5 to 10 ms, a fifth of an ``inbox.p
 back memory the process returns whole a moment later. ``atexit`` handlers still run (logging's
 flush is one) and both streams are flushed; where that cannot be sure to be all (a thread that is
 not a daemon still running, a stream that cannot be flushed, a debugger, profiler or coverage
-run that writes its results after the script), the usual ``SystemExit``.
+run that writes its results after the script, ``python -i``), the usual ``SystemExit``.
 
 Imports: :mod:`os` and :mod:`sys` only (:mod:`subprocess` when a call is started), so that calling
 it first costs nothing the command would not pay anyway (fleet_cli, "Start-up").
@@ -72,6 +72,7 @@ CONFIG_ARGS: Final = ("config", "-z", "--get-regexp",
 HEX_DIGITS: Final = frozenset("0123456789abcdef")
 SHA1_HEXLEN: Final = 40
 MAX_LOOSE_REF_BYTES: Final = 256  # an object id and a newline; a longer file is no ref git wrote
+EXIT_INTERRUPTED: Final = 130  # a Ctrl+C (PROTOCOL.md, "Command-line contract")
 STOP_GRACE_SECONDS: Final = 1.0  # a started call nobody took may finish this long before it is stopped
 
 
@@ -252,6 +253,7 @@ _REF_TEXT_REFUSED: Final = frozenset([chr(code) for code in range(0x21)] + list(
 _OWN_OPTIONS: Final = ("--repo", "--server", "--branch")
 _STARTED: Dict[Tuple[str, Tuple[str, ...]], "subprocess.Popen[bytes]"] = {}
 _STOP_AT_EXIT = False
+_TIPS_AT_START: Dict[Tuple[str, str], Optional[str]] = {}
 
 
 def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
@@ -277,6 +279,7 @@ def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
     except (OSError, ValueError):
         return
     if not unknown:
+        _remember_tip(root, git_dir, branch)
         _start(root, poll_fetch_args([branch_refspec(branch), *own]) if own else listing_args(branch))
         _start(root, list(CONFIG_ARGS))
 
@@ -287,7 +290,8 @@ def start_look(argv: Sequence[str]) -> None:
     (:meth:`fleet_state.StateStore.mirror_fleet`), and the reading of the clone's settings."""
     found = _target(argv)
     if found is not None:
-        root, _git_dir, _server, branch = found
+        root, git_dir, _server, branch = found
+        _remember_tip(root, git_dir, branch)
         _start(root, listing_args(branch))
         _start(root, branch_fetch_args(branch))
         _start(root, list(CONFIG_ARGS))
@@ -376,6 +380,24 @@ def branch_name_problem(branch: str) -> Optional[str]:
     return None
 
 
+def _remember_tip(root: str, git_dir: str, branch: str) -> None:
+    ref = f"refs/remotes/origin/{branch}"
+    try:
+        tip = read_ref(git_dir, ref, SHA1_HEXLEN)
+    except (OSError, ValueError):
+        return
+    if tip is not UNKNOWN:
+        _TIPS_AT_START[(root, ref)] = tip  # type: ignore[assignment]
+
+
+def tip_at_start(root: object, ref: str) -> object:
+    """The id ``ref`` held in the clone at ``root`` (as :func:`adopt` names it) when this
+    command's script read it, before it started any call: what the command knew of the remote
+    before its fetch, which a fetch started early has already moved (``None``: no such ref), taken
+    once; :data:`UNKNOWN` when the script read none."""
+    return _TIPS_AT_START.pop((os.fspath(root), ref), UNKNOWN)  # type: ignore[arg-type]
+
+
 def _start(root: str, args: List[str]) -> None:
     try:
         proc = popen_git(root, args)
@@ -403,21 +425,31 @@ def stop_unused() -> int:
     :data:`STOP_GRACE_SECONDS` (together) to finish: a fetch cut off while it receives leaves a
     partial pack behind, and one from a remote on the same disk or a LAN is done by then. Then it
     is stopped: on POSIX by SIGTERM to the process group git leads (git removes its lock files),
-    where that does not end it, and on Windows, with its helpers (:func:`fleet_git.stop_git`)."""
+    where that does not end it, and on Windows, with its helpers (:func:`fleet_git.stop_git`).
+    Whatever interrupts the grace (a Ctrl+C) stops the rest at once."""
     import subprocess
     import time
 
-    running = list(_STARTED.values())
-    _STARTED.clear()
+    stopped = 0
     deadline = time.monotonic() + STOP_GRACE_SECONDS
-    for proc in running:
-        try:
-            proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+    try:
+        while _STARTED:
+            key = next(iter(_STARTED))
+            proc = _STARTED[key]
+            try:
+                proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _stop(proc)
+            except OSError:
+                pass
+            del _STARTED[key]
+            stopped += 1
+    finally:
+        while _STARTED:
+            _key, proc = _STARTED.popitem()
+            stopped += 1
             _stop(proc)
-        except OSError:
-            pass
-    return len(running)
+    return stopped
 
 
 def _stop(proc: "subprocess.Popen[bytes]") -> None:
@@ -442,10 +474,13 @@ def _stop(proc: "subprocess.Popen[bytes]") -> None:
 
 def leave(code: int) -> "NoReturn":
     """End this command's process with exit status ``code`` (see the module's text)."""
-    stop_unused()
-    if (sys.gettrace() is not None or sys.getprofile() is not None
-            or not {"bdb", "pydevd"}.isdisjoint(sys.modules)):
-        raise SystemExit(code)  # a debugger, profiler or coverage run has more to do after the script
+    try:
+        stop_unused()
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED  # the calls are stopped all the same
+    if (sys.gettrace() is not None or sys.getprofile() is not None or sys.flags.inspect
+            or os.environ.get("PYTHONINSPECT") or not {"bdb", "pydevd"}.isdisjoint(sys.modules)):
+        raise SystemExit(code)  # a debugger, profiler, coverage run or "python -i" goes on after the script
     threading = sys.modules.get("threading")
     if threading is not None and any(t.is_alive() and not t.daemon and t is not threading.main_thread()
                                      for t in threading.enumerate()):

@@ -97,6 +97,20 @@ def test_a_wrong_guess_costs_a_call_and_never_its_result(fleet, tmp_path, monkey
     assert git(c2, "for-each-ref", "refs/remotes/origin/elsewhere") == ""
 
 
+def test_a_fetch_started_early_is_followed_by_the_maintenance_it_owes(fleet, tmp_path, monkeypatch):
+    """Whether git's maintenance is due is asked after a fetch that brought something; the fetch
+    started early has moved the ref before the command reads it, and it counts all the same."""
+    c2 = _reader(fleet)
+    git(c2, "config", "maintenance.strategy", "none")  # a setting of the user's: git decides, every time
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("GIT_TRACE", str(trace))
+    fleet_start.start_poll(["list", "--repo", str(c2), "--server", "code2"])
+    for proc in list(fleet_start._STARTED.values()):
+        proc.wait(timeout=60)  # the early fetch is over before the command looks
+    assert [m["subject"] for m in Inbox(str(c2), "code2").unread()["messages"]] == ["two"]
+    assert _count(_git_commands(trace), "maintenance") == 1
+
+
 @pytest.mark.parametrize("argv", [
     ["list", "--rep", "{c2}"],  # argparse takes an abbreviation: this reading would not
     ["list", "--repo", "{c2}", "--help"],
@@ -168,6 +182,38 @@ def test_a_command_that_fails_before_its_fetch_does_not_wait_for_the_started_one
     assert not _gits_in(c2)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT stands for Ctrl+C")
+@pytest.mark.usefixtures("no_proxy")
+def test_ctrl_c_while_a_refused_command_stops_its_started_calls_leaves_no_git(fleet, http_git_server):
+    import signal
+
+    c2 = _reader(fleet)
+    git(c2, "remote", "set-url", "origin", http_git_server.url("origin.git"))
+    http_git_server.delay = 60.0
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.Popen([sys.executable, str(PYTHON_DIR / "inbox.py"), "list", "--since", "yesterday-ish",
+                             "--repo", str(c2), "--server", "code2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    os.set_blocking(proc.stderr.fileno(), False)
+    said = b""
+    deadline = time.monotonic() + 30
+    while b"--since" not in said and time.monotonic() < deadline:  # refused: now in its calls' grace
+        said += proc.stderr.read() or b""
+        time.sleep(0.02)
+    assert _gits_in(c2)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    os.set_blocking(proc.stderr.fileno(), True)
+    err = (said + proc.stderr.read()).decode("utf-8", "replace")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--since" in err
+    deadline = time.monotonic() + 5
+    while _gits_in(c2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _gits_in(c2)
+
+
 def _gits_in(folder: Path) -> List[int]:
     found = []
     for proc in psutil.process_iter(["name", "cwd"]):
@@ -204,6 +250,9 @@ def test_a_profiler_or_a_debugger_still_gets_the_end_of_the_command(fleet, tmp_p
     debugged = subprocess.run([sys.executable, "-m", "pdb", *command], input="c\nq\n", stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, timeout=120)
     assert "The program exited via sys.exit(). Exit status: 0" in debugged.stdout, debugged.stdout
+    inspected = subprocess.run([sys.executable, "-i", *command], input="print('still here')\n",
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert "still here" in inspected.stdout, inspected.stderr
 
 
 def test_seconds_from_a_timestamp_are_what_datetime_makes_of_it():
