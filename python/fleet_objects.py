@@ -159,6 +159,7 @@ class ObjectStore:
 
     def __init__(self, objects_dir: Path, object_format: str, git: Runner) -> None:
         self.objects_dir = objects_dir
+        self._objects_path = os.fspath(objects_dir)  # (a status reads hundreds: no Path per object)
         self.object_format = object_format
         self.hexlen = KNOWN_FORMATS.get(object_format, 40)
         self.git = git
@@ -242,7 +243,7 @@ class ObjectStore:
         if not self.fast:
             return None
         try:
-            with open(self.objects_dir / oid[:2] / oid[2:], "rb") as handle:
+            with open(os.path.join(self._objects_path, oid[:2], oid[2:]), "rb") as handle:
                 inflate = zlib.decompressobj()
                 start = inflate.decompress(handle.read(_LOOSE_CHUNK), _HEADER_MAX)
                 nul = start.find(b"\0")
