@@ -48,6 +48,7 @@ from fleet_start import (  # noqa: F401  (git_env and NO_HOOKS: fleet_git offers
     popen_git,
     read_ref,
     tip_at_start,
+    tracking_ref,
 )
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
@@ -442,7 +443,7 @@ class Clone:
         if not self.origin_url:
             raise NotAClone(f"--repo {path}: the clone has no remote 'origin'")
         self.branch = branch or self._default_branch()
-        self.remote_ref = f"refs/remotes/origin/{self.branch}"
+        self.remote_ref = tracking_ref(self.branch)
         # git push moves refs/remotes/origin/<branch> itself when the fetch refspec maps it.
         self._push_updates_tracking_ref = self._config.get("remote.origin.fetch") in (
             "+refs/heads/*:refs/remotes/origin/*", f"+refs/heads/{self.branch}:{self.remote_ref}")

@@ -29,6 +29,7 @@ import time
 from collections import deque
 
 from fleet_common import UsageError, get_logger
+from fleet_start import own_group
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
@@ -98,8 +99,7 @@ class MessageHook:
                     "FLEET_MSG_PRIORITY": _env_text(msg.get("priority") or "normal"),
                     "FLEET_SERVER": self.server, "FLEET_REPO": self.repo})
         data = _stdin_json(msg)
-        kw: Dict[str, Any] = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
-                              else {"start_new_session": True})
+        kw = own_group()  # a Ctrl+C meant for the monitor is not the command's
         try:
             proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL, env=env, cwd=self.repo, **kw)

@@ -70,7 +70,7 @@ CONFIG_ARGS: Final = ("config", "-z", "--get-regexp",
                       r"|fleet\.negotiatestaterefs)$")
 
 HEX_DIGITS: Final = frozenset("0123456789abcdef")
-SHA1_HEXLEN: Final = 40
+ANY_HEXLEN: Final = 0  # is_oid's "40 or 64": what a script may read before it knows the object format
 MAX_LOOSE_REF_BYTES: Final = 256  # an object id and a newline; a longer file is no ref git wrote
 EXIT_INTERRUPTED: Final = 130  # a Ctrl+C (PROTOCOL.md, "Command-line contract")
 STOP_GRACE_SECONDS: Final = 1.0  # a started call nobody took may finish this long before it is stopped
@@ -148,8 +148,13 @@ def fetch_args(args: Sequence[str], config: Sequence[str] = ()) -> List[str]:
     return [*config, "-c", "maintenance.auto=false", "fetch", *args]
 
 
+def tracking_ref(branch: str) -> str:
+    """Where a clone keeps the remote's ``branch`` (``origin/<branch>``)."""
+    return f"refs/remotes/origin/{branch}"
+
+
 def branch_refspec(branch: str) -> str:
-    return f"+refs/heads/{branch}:refs/remotes/origin/{branch}"
+    return f"+refs/heads/{branch}:{tracking_ref(branch)}"
 
 
 def own_state_refspecs(server: str, mirrored: Callable[[str], object]) -> List[str]:
@@ -191,7 +196,9 @@ def listing_args(branch: str) -> List[str]:
 
 
 def is_oid(text: str, hexlen: int) -> bool:
-    return len(text) == hexlen and HEX_DIGITS.issuperset(text)
+    """Whether ``text`` is an object id of ``hexlen`` hex digits (:data:`ANY_HEXLEN`: SHA-1's 40
+    or SHA-256's 64)."""
+    return (len(text) in (40, 64) if hexlen == ANY_HEXLEN else len(text) == hexlen) and HEX_DIGITS.issuperset(text)
 
 
 def packed_refs(common_dir: str, hexlen: int) -> Optional[Dict[str, str]]:
@@ -269,7 +276,7 @@ def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
     unknown = []
 
     def mirrored(ref: str) -> bool:
-        tip = read_ref(git_dir, ref, SHA1_HEXLEN)
+        tip = read_ref(git_dir, ref, ANY_HEXLEN)
         if tip is UNKNOWN:
             unknown.append(ref)
         return tip is not None and tip is not UNKNOWN
@@ -344,10 +351,12 @@ def _command_line(argv: Sequence[str]) -> Optional[Tuple[str, str, Optional[str]
 
 def _plain_clone(repo: str) -> Optional[Tuple[str, str]]:
     """(top folder, git dir) of a plain clone at ``repo`` (its ``.git`` a folder, no
-    ``commondir``: what :class:`fleet_git.Clone` reads without asking git), else ``None``."""
+    ``commondir``: what :class:`fleet_git.Clone` reads without asking git; refs in files, not a
+    reftable), else ``None``."""
     top = os.path.expanduser(repo)
     dotgit = os.path.join(top, ".git")
-    if not os.path.isdir(dotgit) or os.path.exists(os.path.join(dotgit, "commondir")):
+    if (not os.path.isdir(dotgit) or os.path.exists(os.path.join(dotgit, "commondir"))
+            or os.path.exists(os.path.join(dotgit, "reftable"))):
         return None
     return os.path.realpath(top), os.path.realpath(dotgit)
 
@@ -381,9 +390,9 @@ def branch_name_problem(branch: str) -> Optional[str]:
 
 
 def _remember_tip(root: str, git_dir: str, branch: str) -> None:
-    ref = f"refs/remotes/origin/{branch}"
+    ref = tracking_ref(branch)
     try:
-        tip = read_ref(git_dir, ref, SHA1_HEXLEN)
+        tip = read_ref(git_dir, ref, ANY_HEXLEN)
     except (OSError, ValueError):
         return
     if tip is not UNKNOWN:

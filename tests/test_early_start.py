@@ -192,20 +192,22 @@ def test_ctrl_c_while_a_refused_command_stops_its_started_calls_leaves_no_git(fl
     http_git_server.delay = 60.0
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
-    proc = subprocess.Popen([sys.executable, str(PYTHON_DIR / "inbox.py"), "list", "--since", "yesterday-ish",
-                             "--repo", str(c2), "--server", "code2"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
-    os.set_blocking(proc.stderr.fileno(), False)
-    said = b""
-    deadline = time.monotonic() + 30
-    while b"--since" not in said and time.monotonic() < deadline:  # refused: now in its calls' grace
-        said += proc.stderr.read() or b""
-        time.sleep(0.02)
-    assert _gits_in(c2)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
-    os.set_blocking(proc.stderr.fileno(), True)
-    err = (said + proc.stderr.read()).decode("utf-8", "replace")
+    for _attempt in range(3):  # the signal must land within the grace: a loaded machine may miss it
+        proc = subprocess.Popen([sys.executable, str(PYTHON_DIR / "inbox.py"), "list", "--since", "yesterday-ish",
+                                 "--repo", str(c2), "--server", "code2"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        os.set_blocking(proc.stderr.fileno(), False)
+        said = b""
+        deadline = time.monotonic() + 30
+        while b"--since" not in said and time.monotonic() < deadline:  # refused: now in its calls' grace
+            said += proc.stderr.read() or b""
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        os.set_blocking(proc.stderr.fileno(), True)
+        err = (said + proc.stderr.read()).decode("utf-8", "replace")
+        if proc.returncode != 2:  # 2: the grace was over before the signal came
+            break
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--since" in err
     deadline = time.monotonic() + 5
@@ -223,6 +225,25 @@ def _gits_in(folder: Path) -> List[int]:
         except (psutil.Error, OSError):
             continue
     return found
+
+
+def test_a_sha256_clone_reads_its_packed_refs_for_what_they_are(tmp_path):
+    """git clone packs origin/<branch>: read as absent, the command's idea of its tip before the
+    fetch was wrong (and a packed state ref of its own was missed)."""
+    seed = tmp_path / "seed"
+    git(tmp_path, "init", "-q", "--object-format=sha256", "-b", "main", str(seed))
+    (seed / "coordination").mkdir()
+    (seed / "coordination" / "messages.json").write_text('{\n  "messages": []\n}\n', encoding="utf-8")
+    git(seed, "add", "-A")
+    git(seed, "-c", "user.name=t", "-c", "user.email=t@x.invalid", "commit", "-q", "-m", "create")
+    origin = tmp_path / "origin.git"
+    git(tmp_path, "clone", "-q", "--bare", str(seed), str(origin))
+    c2 = tmp_path / "code2"
+    git(tmp_path, "clone", "-q", str(origin), str(c2))
+    tip = git(c2, "rev-parse", "refs/remotes/origin/main")
+    assert len(tip) == 64 and not (c2 / ".git" / "refs" / "remotes" / "origin" / "main").exists()  # packed
+    fleet_start.start_look(["--repo", str(c2)])
+    assert fleet_start.tip_at_start(os.path.realpath(c2), "refs/remotes/origin/main") == tip
 
 
 def test_the_quick_exit_writes_every_byte_and_keeps_the_exit_status(fleet):
