@@ -29,6 +29,7 @@ from fleet_mailbox import (
     MAX_MAILBOX_BYTES,
 )
 from fleet_objects import ObjectStore, StoreFailed, TooLarge, date_stamp, edit_tree, parse_tree
+from fleet_secrets import LazyPattern
 from fleet_start import (  # noqa: F401  (git_env and NO_HOOKS: fleet_git offers what it always offered)
     CONFIG_ARGS,
     LOOSE_COMPRESSION,
@@ -353,7 +354,7 @@ LOCAL_LOCK_WAIT: Final = 2.0  # seconds a fetch waits for another process's ref 
 
 # What git says when this clone lacks an object that a push must send (pruned by a gc racing us),
 # or holds a damaged one (which a fetch cannot replace: git compares what it receives with it).
-_LOCAL_OBJECT_PROBLEM = re.compile(
+_LOCAL_OBJECT_PROBLEM = LazyPattern(  # compiled on first use: only a failing git call needs it
     r"unable to read [0-9a-f]{40}|bad object [0-9a-f]{40}|missing (?:blob|tree|commit) [0-9a-f]{40}"
     r"|not a valid '?(?:tree|commit)'? object|inflate: data stream error|object file .* is empty"
     r"|loose object [0-9a-f]{40} .*is corrupt", re.IGNORECASE)

@@ -47,6 +47,7 @@ from fleet_mailbox import (
     reply_subject,
     valid_messages,
 )
+from fleet_secrets import LazyPattern
 from fleet_state import (
     LOCAL_FALLBACK_PREFIX,
     MAX_ID_CHARS,
@@ -92,14 +93,15 @@ MAX_SINCE_DAYS: Final = 36500
 LINE_SUBJECT_CHARS: Final = 80  # a subject in a one-line listing
 
 _PRIORITY_RANK: Final = {"urgent": 0, "high": 1, "normal": 2, "low": 3}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
-_DATE_ONLY = re.compile(r"^\s*\d{4}-\d{2}-\d{2}\s*$")
+# Compiled on first use (fleet_secrets.LazyPattern): a listing needs none of them.
+_CONTROL = LazyPattern(r"[\x00-\x1f\x7f]")
+_DURATION = LazyPattern(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+_DATE_ONLY = LazyPattern(r"^\s*\d{4}-\d{2}-\d{2}\s*$")
 _UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_ID_SECONDS = re.compile(r"^msg_(\d{9,11})_")
+_ID_SECONDS = LazyPattern(r"^msg_(\d{9,11})_")
 # Reply prefixes older tools wrote, "Ack Re:" and "ACK:" included (threads without in_reply_to).
-_THREAD_PREFIX = re.compile(r"^\s*(?:(?:ack\s*re|ack|re|aw|sv|fw|fwd)\s*(?:\[\d+\])?\s*:\s*)+",
-                            re.IGNORECASE)
+_THREAD_PREFIX = LazyPattern(r"^\s*(?:(?:ack\s*re|ack|re|aw|sv|fw|fwd)\s*(?:\[\d+\])?\s*:\s*)+",
+                             re.IGNORECASE)
 
 
 
