@@ -57,7 +57,11 @@ def _reader(fleet: Fleet) -> Path:
     return c2
 
 
-def test_the_inbox_takes_the_fetch_and_the_settings_its_script_started(fleet, tmp_path, monkeypatch):
+@pytest.mark.parametrize("spawn", [True, False], ids=["posix_spawn", "subprocess"])
+def test_the_inbox_takes_the_fetch_and_the_settings_its_script_started(fleet, tmp_path, monkeypatch, spawn):
+    if spawn and not fleet_start.POSIX_SPAWN:
+        pytest.skip("os.posix_spawnp is POSIX's")
+    monkeypatch.setattr(fleet_start, "POSIX_SPAWN", spawn)  # Windows starts them with subprocess
     c2 = _reader(fleet)
     trace = tmp_path / "trace"
     monkeypatch.setenv("GIT_TRACE", str(trace))
@@ -225,6 +229,28 @@ def _gits_in(folder: Path) -> List[int]:
         except (psutil.Error, OSError):
             continue
     return found
+
+
+@pytest.mark.skipif(not fleet_start.POSIX_SPAWN, reason="os.posix_spawnp is POSIX's")
+def test_a_git_started_without_subprocess_answers_as_popen_would(tmp_path):
+    import signal
+
+    root = str(tmp_path)
+    git(tmp_path, "init", "-q")
+    for args in (["version"], ["rev-parse", "--verify", "no-such-ref"]):
+        spawned, popen = fleet_start.spawn_git(root, args), fleet_start.popen_git(root, args)
+        assert spawned.communicate(timeout=30) == popen.communicate(timeout=30)
+        assert spawned.returncode == popen.returncode and spawned.args == popen.args
+    slow = fleet_start.spawn_git(root, ["-c", "alias.slow=!echo early; sleep 1; echo late >&2", "slow"])
+    with pytest.raises(subprocess.TimeoutExpired) as caught:
+        slow.communicate(timeout=0.3)
+    assert caught.value.stdout == b"early\n"  # what was read so far, and kept for the next call
+    assert slow.communicate(timeout=30) == (b"early\n", b"late\n") and slow.returncode == 0
+    hung = fleet_start.spawn_git(root, ["-c", "alias.hang=!sleep 30", "hang"])
+    assert hung.poll() is None
+    os.killpg(hung.pid, signal.SIGKILL)  # git leads a session of its own, helpers included
+    hung.communicate(timeout=30)
+    assert hung.returncode == -signal.SIGKILL
 
 
 def test_a_sha256_clone_reads_its_packed_refs_for_what_they_are(tmp_path):
