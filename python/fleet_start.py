@@ -487,20 +487,32 @@ def _stop(proc: "subprocess.Popen[bytes]") -> None:
 # start without subprocess: importing it (it brings locale and re) costs 10 ms, and a fetch that
 # starts 10 ms earlier is over before the suite has loaded. Windows starts them with subprocess.
 POSIX_SPAWN: Final = hasattr(os, "posix_spawnp")
+try:
+    import _signal as _signals  # the C module signal wraps in enums: loaded with the interpreter
+except ImportError:  # pragma: no cover - another Python
+    import signal as _signals
 
 
 def spawn_git(root: str, args: Sequence[str]) -> "SpawnedGit":
     """``git <args>`` in ``root`` (``git -C``), started with :func:`os.posix_spawnp` in a session
     of its own (as :func:`own_group`), standard input from the null device, its output in pipes,
     in :func:`git_env`'s environment. ``OSError`` when it cannot start (no git)."""
+    inherited = _inheritable_fds()
+    if inherited is None:
+        raise OSError("cannot tell which files the command was given")  # (the caller starts nothing)
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     try:
-        # (the pipes are not inherited: dup2 onto 1 and 2 makes the child's copies, the rest close on exec)
+        # As Popen's close_fds and restore_signals: git and its helpers get no file of the command
+        # but its three streams (a caller's pipe would stay open as long as a daemon a helper
+        # left), and the signals Python ignores (SIGPIPE, SIGXFSZ) act on them as they should. The
+        # pipes made here are not inherited: dup2 onto 1 and 2 makes the child's own copies.
         actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),  # type: ignore[attr-defined]
-                   (os.POSIX_SPAWN_DUP2, out_write, 1), (os.POSIX_SPAWN_DUP2, err_write, 2)]  # type: ignore[attr-defined]
+                   (os.POSIX_SPAWN_DUP2, out_write, 1), (os.POSIX_SPAWN_DUP2, err_write, 2),  # type: ignore[attr-defined]
+                   *((os.POSIX_SPAWN_CLOSE, fd) for fd in inherited)]  # type: ignore[attr-defined]
         pid = os.posix_spawnp("git", ["git", "-C", root, *args], git_env(),  # type: ignore[attr-defined]
-                              file_actions=actions, setsid=True)
+                              file_actions=actions, setsid=True,
+                              setsigdef=(_signals.SIGPIPE, _signals.SIGXFSZ))  # type: ignore[attr-defined]
     except BaseException:
         os.close(out_read)
         os.close(err_read)
@@ -509,6 +521,26 @@ def spawn_git(root: str, args: Sequence[str]) -> "SpawnedGit":
         os.close(out_write)
         os.close(err_write)
     return SpawnedGit(["git", *args], pid, out_read, err_read)
+
+
+def _inheritable_fds() -> Optional[List[int]]:
+    """The files above the three streams this process would hand a child (``None``: no listing
+    of its open files, ``/proc/self/fd`` or ``/dev/fd``, to tell)."""
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        found = []
+        for name in names:
+            if name.isdigit() and int(name) > 2:
+                try:
+                    if os.get_inheritable(int(name)):
+                        found.append(int(name))
+                except OSError:
+                    pass  # the listing's own, closed by now
+        return found
+    return None
 
 
 class SpawnedGit:

@@ -253,6 +253,32 @@ def test_a_git_started_without_subprocess_answers_as_popen_would(tmp_path):
     assert hung.returncode == -signal.SIGKILL
 
 
+@pytest.mark.skipif(not (fleet_start.POSIX_SPAWN and os.path.isdir("/proc/self/fd")), reason="Linux's /proc")
+def test_a_git_started_without_subprocess_gets_the_files_and_signals_popen_gives(tmp_path):
+    """Only the three streams (a pipe the caller handed down must not stay open in a daemon a
+    helper leaves), and the signals Python ignores acting again (SIGPIPE, SIGXFSZ)."""
+    root = str(tmp_path)
+    git(tmp_path, "init", "-q")
+    kept_read, kept_write = os.pipe()
+    os.set_inheritable(kept_write, True)
+    try:
+        show = ["-c", "alias.fds=!ls /proc/$$/fd; grep SigIgn /proc/$$/status", "fds"]
+        spawned, popen = fleet_start.spawn_git(root, show), fleet_start.popen_git(root, show)
+        seen, expected = (_files_and_ignored(proc.communicate(timeout=30)[0]) for proc in (spawned, popen))
+        assert seen == expected and str(kept_write) not in seen[0]
+    finally:
+        os.close(kept_read)
+        os.close(kept_write)
+
+
+def _files_and_ignored(said: bytes):
+    """(the open files, the ignored signals among 1 to 31) from ``ls /proc/PID/fd`` and
+    ``SigIgn``; glibc's own signals (32 and 33) are its business."""
+    lines = said.decode().split()
+    mask = int(lines[lines.index("SigIgn:") + 1], 16)
+    return [line for line in lines[:lines.index("SigIgn:")]], mask & 0x7FFFFFFF
+
+
 def test_a_sha256_clone_reads_its_packed_refs_for_what_they_are(tmp_path):
     """git clone packs origin/<branch>: read as absent, the command's idea of its tip before the
     fetch was wrong (and a packed state ref of its own was missed)."""
