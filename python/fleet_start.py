@@ -412,7 +412,7 @@ def tip_at_start(root: object, ref: str) -> object:
 
 def _start(root: str, args: List[str]) -> None:
     try:
-        proc = spawn_git(root, args) if POSIX_SPAWN else popen_git(root, args)
+        proc = (spawn_git(root, args) if POSIX_SPAWN else None) or popen_git(root, args)
     except OSError:
         return  # no git: the command says so itself
     global _STOP_AT_EXIT
@@ -493,13 +493,14 @@ except ImportError:  # pragma: no cover - another Python
     import signal as _signals
 
 
-def spawn_git(root: str, args: Sequence[str]) -> "SpawnedGit":
+def spawn_git(root: str, args: Sequence[str]) -> Optional["SpawnedGit"]:
     """``git <args>`` in ``root`` (``git -C``), started with :func:`os.posix_spawnp` in a session
     of its own (as :func:`own_group`), standard input from the null device, its output in pipes,
-    in :func:`git_env`'s environment. ``OSError`` when it cannot start (no git)."""
+    in :func:`git_env`'s environment; ``None`` when this process's open files cannot be listed
+    (then only subprocess can keep them from git). ``OSError`` when it cannot start (no git)."""
     inherited = _inheritable_fds()
     if inherited is None:
-        raise OSError("cannot tell which files the command was given")  # (the caller starts nothing)
+        return None
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     try:
