@@ -24,6 +24,8 @@ from fleet_start import (  # noqa: F401  (their one owner: a script reads them f
     DEFAULT_REPO,
     DEFAULT_SERVER,
     EXIT_INTERRUPTED,
+    own_id_problem,
+    server_id_shape,
 )
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
@@ -94,7 +96,6 @@ DEFAULT_INTERVAL: Final = 10.0
 BROADCAST: Final = "all"
 SUITE_VERSION: Final = "1.0.0"
 
-SERVER_ID_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 # Never-committed runtime paths, relative to the clone root (PROTOCOL.md, "The fleet repository").
 RUNTIME_SUBDIRS: Final = ("logs", "queue", "state")
@@ -179,7 +180,7 @@ def normalize_server_id(value: object, *, allow_broadcast: bool = False) -> str:
         if allow_broadcast:
             return canon
         raise UsageError(f"invalid server id {value!r}: 'all' is reserved for broadcast")
-    if canon != value.lower() or not SERVER_ID_RE.match(canon) or canon in (".", ".."):
+    if canon != value.lower() or not server_id_shape(canon):
         raise UsageError(
             f"invalid server id {value!r}: use 1-64 characters a-z 0-9 . _ - starting with a "
             "letter or digit"
@@ -206,11 +207,6 @@ def default_server_id() -> str:
     return os.environ.get("SERVER_ID") or DEFAULT_SERVER
 
 
-# Names Windows keeps for devices, with or without an extension ("con", "nul.txt"): a folder of
-# that name cannot be created there.
-_WINDOWS_DEVICE_RE: Final = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\.|$)")
-
-
 def check_own_server_id(value: object, *, windows: bool = os.name == "nt") -> str:
     """A server id this process may act as (:func:`normalize_server_id`, then stricter).
 
@@ -222,12 +218,9 @@ def check_own_server_id(value: object, *, windows: bool = os.name == "nt") -> st
     reason; mail to or from them (older tools) is still read and sent as before.
     """
     canon = normalize_server_id(value)
-    if canon.endswith(".") or canon.endswith(".lock") or ".." in canon:
-        raise UsageError(f"server id {canon!r} cannot name this server: git refuses the ref "
-                         f"refs/fleet/{canon} (an id may not end with '.' or '.lock' nor hold '..')")
-    if windows and _WINDOWS_DEVICE_RE.match(canon):
-        raise UsageError(f"server id {canon!r} cannot name this server on Windows: "
-                         f"{canon.split('.')[0]!r} is a device name there, not a folder")
+    problem = own_id_problem(canon, windows=windows)  # (fleet_start: a script checks it before loading)
+    if problem is not None:
+        raise UsageError(f"server id {canon!r} cannot name this server{problem}")
     return canon
 
 

@@ -73,7 +73,6 @@ RACE_TIME_LIMIT: Final = 60.0  # and no longer than this (each attempt also pays
 MIN_RACE_ATTEMPTS: Final = 5  # ... once this many tried: on a slow remote one lost race is no verdict
 RACE_DELAY_CAP: Final = 1.0  # seconds: tens to hundreds of milliseconds (PROTOCOL.md step 5)
 
-_UNKNOWN = UNKNOWN  # only git can tell (fleet_start.read_ref)
 
 
 def _folders_of(paths: Iterable[str]) -> List[str]:
@@ -110,7 +109,6 @@ def _tree_spec(commit: str, folder: str) -> str:
     return f"{commit}:{folder}" if folder else f"{commit}^{{tree}}"
 
 
-_is_oid = is_oid
 
 
 class GitError(SuiteError):
@@ -693,9 +691,9 @@ class Clone:
         Known without a process after our own fetch or verified push. Someone else moving the
         tracking ref in this clone only makes it stale, which costs one rejected push.
         """
-        if self._tip is _UNKNOWN:
+        if self._tip is UNKNOWN:
             self._tip = self._read_ref_file(self.remote_ref)
-        if self._tip is _UNKNOWN:
+        if self._tip is UNKNOWN:
             proc = self.git("rev-parse", "-q", "--verify", f"{self.remote_ref}^{{commit}}", check=False)
             self._tip = proc.stdout.decode().strip() or None
         return self._tip  # type: ignore[return-value]
@@ -704,14 +702,14 @@ class Clone:
         """A ref's id in this clone, ``None`` when it does not exist: read from git's files
         backend without a process when it can be, else by ``rev-parse``."""
         found = self._read_ref_file(refname)
-        if found is not _UNKNOWN:
+        if found is not UNKNOWN:
             return found  # type: ignore[return-value]
         proc = self.git("rev-parse", "-q", "--verify", refname, check=False)
         return proc.stdout.decode().strip() or None
 
     def _read_ref_file(self, refname: str) -> object:
         """A ref's id read from git's files backend (:func:`fleet_start.read_ref`): ``None``
-        when absent, ``_UNKNOWN`` when only git can tell (another ref storage, a symbolic ref)."""
+        when absent, ``UNKNOWN`` when only git can tell (another ref storage, a symbolic ref)."""
         return read_ref(os.fspath(self.common_dir), refname, self.hexlen)
 
     def _packed_refs(self) -> Optional[Dict[str, str]]:
@@ -754,7 +752,7 @@ class Clone:
                     continue  # deleted meanwhile
                 except (OSError, UnicodeDecodeError):
                     return None
-                if not _is_oid(text, self.hexlen):
+                if not is_oid(text, self.hexlen):
                     return None
                 found[folder + entry.name] = text
         return found
@@ -820,7 +818,7 @@ class Clone:
                                     "(git fsck names it)")
             raise RemoteUnavailable(argv, proc.returncode, proc.stdout, proc.stderr)
         self.last_sync = time.monotonic()
-        self._tip = _UNKNOWN  # read the ref our fetch wrote (FETCH_HEAD may be someone else's)
+        self._tip = UNKNOWN  # read the ref our fetch wrote (FETCH_HEAD may be someone else's)
         return self.tip()
 
     def note_fetched(self, tip: Optional[str]) -> None:
@@ -856,7 +854,7 @@ class Clone:
             return None
         for line in text.splitlines()[:100]:
             oid, _, rest = line.partition("\t")
-            if _is_oid(oid, self.hexlen) and f"branch '{self.branch}' of " in rest:
+            if is_oid(oid, self.hexlen) and f"branch '{self.branch}' of " in rest:
                 proc = self.git("rev-parse", "-q", "--verify", f"{oid}^{{commit}}", check=False)
                 return oid if proc.returncode == 0 else None
         return None
@@ -1018,7 +1016,7 @@ class Clone:
             oid, colon, path = spec.partition(":")
             try:
                 loose = (self._read_loose_spec(oid, path, max_bytes)
-                         if _is_oid(oid, self.hexlen) and bool(colon) == bool(path) else None)
+                         if is_oid(oid, self.hexlen) and bool(colon) == bool(path) else None)
             except TooLarge as exc:
                 if path:  # perhaps a commit or tree on the way: git says what it makes of it
                     loose = None

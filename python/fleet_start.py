@@ -284,10 +284,7 @@ def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
             unknown.append(ref)
         return tip is not None and tip is not UNKNOWN
 
-    try:
-        own = own_state_refspecs(server, mirrored)
-    except (OSError, ValueError):
-        return
+    own = own_state_refspecs(server, mirrored)
     if not unknown:
         _remember_tip(root, git_dir, branch)
         _start(root, poll_fetch_args([branch_refspec(branch), *own]) if own else listing_args(branch))
@@ -364,18 +361,33 @@ def _plain_clone(repo: str) -> Optional[Tuple[str, str]]:
     return os.path.realpath(top), os.path.realpath(dotgit)
 
 
+_SERVER_ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
+# Names Windows keeps for devices, with or without an extension ("con", "nul.txt"): a folder of
+# that name cannot be created there.
+_WINDOWS_DEVICES: Final = frozenset(["con", "prn", "aux", "nul", *(f"{kind}{digit}" for kind in ("com", "lpt")
+                                                                    for digit in range(10))])
+
+
+def server_id_shape(canon: str) -> bool:
+    """Whether a lower-case id has a server id's shape (PROTOCOL.md): 1 to 64 of a-z 0-9 . _ -,
+    the first a letter or digit (:func:`fleet_common.normalize_server_id` says why not)."""
+    return 0 < len(canon) <= 64 and canon[0] not in "._-" and _SERVER_ID_CHARS.issuperset(canon)
+
+
+def own_id_problem(canon: str, *, windows: bool = os.name == "nt") -> Optional[str]:
+    """Why a well-shaped id cannot name the server this process acts as (the end of
+    :func:`fleet_common.check_own_server_id`'s message), or ``None``."""
+    if canon.endswith(".") or canon.endswith(".lock") or ".." in canon:
+        return (f": git refuses the ref refs/fleet/{canon} (an id may not end with '.' or '.lock' "
+                "nor hold '..')")
+    if windows and canon.split(".")[0] in _WINDOWS_DEVICES:
+        return f" on Windows: {canon.split('.')[0]!r} is a device name there, not a folder"
+    return None
+
+
 def _plausible_server(server: str) -> bool:
-    """An id :func:`fleet_common.check_own_server_id` surely takes as it is (lower case, no
-    spaces): a-z 0-9 . _ -, starting with a letter or digit, no '..', not ending in '.' or
-    '.lock', no Windows device name."""
-    if not (0 < len(server) <= 64 and server[0] in "abcdefghijklmnopqrstuvwxyz0123456789"):
-        return False
-    if not set(server) <= set("abcdefghijklmnopqrstuvwxyz0123456789._-"):
-        return False
-    if ".." in server or server.endswith(".") or server.endswith(".lock"):
-        return False
-    return os.name != "nt" or server.split(".")[0] not in (
-        "con", "prn", "aux", "nul", *(f"{kind}{n}" for kind in ("com", "lpt") for n in range(10)))
+    """An id :func:`fleet_common.check_own_server_id` surely takes as it is (lower case, no spaces)."""
+    return server_id_shape(server) and own_id_problem(server) is None
 
 
 def branch_name_problem(branch: str) -> Optional[str]:
@@ -394,10 +406,7 @@ def branch_name_problem(branch: str) -> Optional[str]:
 
 def _remember_tip(root: str, git_dir: str, branch: str) -> None:
     ref = tracking_ref(branch)
-    try:
-        tip = read_ref(git_dir, ref, ANY_HEXLEN)
-    except (OSError, ValueError):
-        return
+    tip = read_ref(git_dir, ref, ANY_HEXLEN)
     if tip is not UNKNOWN:
         _TIPS_AT_START[(root, ref)] = tip  # type: ignore[assignment]
 
