@@ -15,15 +15,14 @@ remote does not have is :class:`BranchMissing`; only ``--init`` creates one.
 
 from __future__ import annotations
 
+import _thread
 import os
 import re
-import subprocess
-import threading
 import time
 from collections import namedtuple
 from pathlib import Path
 
-from fleet_common import EXIT_USAGE, SuiteError, UsageError, get_logger, sleep_jittered
+from fleet_common import EXIT_USAGE, LazyModule, SuiteError, UsageError, get_logger, sleep_jittered
 from fleet_mailbox import (
     MAILBOX_PATH,  # noqa: F401 - the mailbox module owns it; importable here as before
     MAX_MAILBOX_BYTES,
@@ -48,17 +47,24 @@ from fleet_start import (  # noqa: F401  (git_env and NO_HOOKS: fleet_git offers
     packed_refs,
     popen_git,
     read_ref,
+    refs_in,
     tip_at_start,
     tracking_ref,
 )
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
+    import subprocess
+    import threading
     from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
     from fleet_objects import TreeEntry
 
     PushStatus = Tuple[str, str]  # (flag, summary) of a ``push --porcelain`` line: " ", "*", "=", "!"...
+
+else:  # imported where first used (fleet_common.LazyModule)
+    subprocess = LazyModule("subprocess")
+    threading = LazyModule("threading")
 
 log = get_logger(__name__)
 
@@ -253,18 +259,26 @@ def run_git(repo: Union[str, "os.PathLike[str]"], *args: str, check: bool = True
 
 
 def spawn_git(repo: Union[str, "os.PathLike[str]"], *args: str,
-              stdin: Optional[int] = subprocess.DEVNULL) -> "subprocess.Popen[bytes]":
-    """Start ``git <args>`` in ``repo`` and return at once (pipes for its output)."""
+              stdin: Optional[int] = None) -> "subprocess.Popen[bytes]":
+    """Start ``git <args>`` in ``repo`` and return at once (pipes for its output; ``stdin``, or
+    the null device)."""
     try:
         return popen_git(str(repo), args, stdin)
     except FileNotFoundError:
         raise SuiteError("git is not installed or not on PATH") from None
 
 
+class Finished(namedtuple("Finished", ("args", "returncode", "stdout", "stderr"))):
+    """A finished git call, as ``subprocess.CompletedProcess`` gives it (without importing
+    :mod:`subprocess`: a command whose calls its script started needs nothing else of it)."""
+
+    __slots__ = ()
+
+
 # Network git calls running in this process (started, not yet finished): a process that ends
 # while worker threads wait on some (the MCP server, stopped) stops them with their helpers.
 _NETWORK_CALLS: "Set[subprocess.Popen[bytes]]" = set()
-_NETWORK_CALLS_LOCK = threading.Lock()
+_NETWORK_CALLS_LOCK = _thread.allocate_lock()
 
 
 def _track(proc: "subprocess.Popen[bytes]") -> "subprocess.Popen[bytes]":
@@ -516,7 +530,7 @@ class Clone:
             raise
 
     def fetch_git(self, *args: str, config: Sequence[str] = (), maintain: bool = True,
-                  input: Optional[bytes] = None) -> "subprocess.CompletedProcess[bytes]":
+                  input: Optional[bytes] = None) -> "Finished":
         """``git fetch`` with ``args`` (never raising for its exit status; ``input``: its standard
         input, for ``--stdin``), followed by :meth:`maintain` when it succeeded, in place of git's
         own automatic maintenance (with ``maintain=False`` the caller runs it, when something came)."""
@@ -574,7 +588,7 @@ class Clone:
                 pass
 
     def network_git(self, *args: str, check: bool = True, input: Optional[bytes] = None,
-                    timeout: float = NETWORK_TIMEOUT) -> "subprocess.CompletedProcess[bytes]":
+                    timeout: float = NETWORK_TIMEOUT) -> "Finished":
         """A git call that talks to the remote; a timeout is :class:`RemoteUnavailable`, a failure
         :class:`GitError` when ``check``. Whatever stops the wait (a timeout, Ctrl+C) stops git
         with its helpers (:func:`stop_git`): ``git-remote-https`` or ``ssh`` would otherwise
@@ -619,7 +633,7 @@ class Clone:
             return _track(spawn_git(self.root, *args, stdin=source.fileno()))
 
     def finish_network_git(self, proc: "subprocess.Popen[bytes]", *,
-                           deadline: Optional[float] = None) -> "subprocess.CompletedProcess[bytes]":
+                           deadline: Optional[float] = None) -> "Finished":
         """Wait for a git call of :meth:`start_fetch` or :meth:`start_network_git`, until
         ``deadline`` (:func:`time.monotonic`; by default the network timeout from now). A timeout
         is :class:`RemoteUnavailable`; whatever stops the wait (Ctrl+C too) stops git with its
@@ -661,7 +675,7 @@ class Clone:
             with _NETWORK_CALLS_LOCK:
                 _NETWORK_CALLS.discard(proc)
             self._call_network_hooks()
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        return Finished(proc.args, proc.returncode, out, err)
 
     def _default_branch(self) -> str:
         prefix = "refs/remotes/origin/"
@@ -718,43 +732,17 @@ class Clone:
 
     def refs_in(self, *folders: str) -> Dict[str, str]:
         """The refs directly in these ref folders (``refs/fleet/``, say; not in folders below
-        them), name -> id: read from git's files backend without a process when it can be, else
-        by ``for-each-ref``."""
-        if not (self.common_dir / "reftable").is_dir():
-            # Loose refs first, then packed-refs, as git reads them: a pack-refs in between (a
-            # gc) moves refs from the first place to the second, never the other way.
-            loose = self._loose_refs_in(folders)
-            packed = self._packed_refs()
-            if loose is not None and packed is not None:
-                found = {name: oid for name, oid in packed.items() if name.rpartition("/")[0] + "/" in folders}
-                found.update(loose)
-                return found
+        them), name -> id: read from git's files backend without a process when it can be
+        (:func:`fleet_start.refs_in`), else by ``for-each-ref``."""
+        found = refs_in(os.fspath(self.common_dir), folders, self.hexlen)
+        if found is not None:
+            return found
         proc = self.git("for-each-ref", "--format=%(objectname) %(refname)", *folders)
-        found: Dict[str, str] = {}
+        found = {}
         for line in proc.stdout.decode("utf-8", "replace").splitlines():
             oid, _, name = line.partition(" ")
             if name.rpartition("/")[0] + "/" in folders:
                 found[name] = oid
-        return found
-
-    def _loose_refs_in(self, folders: Sequence[str]) -> Optional[Dict[str, str]]:
-        """The loose refs directly in ``folders``; ``None`` when only git can tell (a symbolic
-        ref, a file that is no ref)."""
-        found: Dict[str, str] = {}
-        for folder in folders:
-            for entry in _entries(self.common_dir / folder):
-                if entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
-                    continue  # a ref being written (git renames it into place), or a folder
-                try:
-                    with open(entry.path, "rb") as handle:
-                        text = handle.read(MAX_LOOSE_REF_BYTES).decode("ascii").strip()
-                except FileNotFoundError:
-                    continue  # deleted meanwhile
-                except (OSError, UnicodeDecodeError):
-                    return None
-                if not is_oid(text, self.hexlen):
-                    return None
-                found[folder + entry.name] = text
         return found
 
     # ----------------------------------------------------------------- network

@@ -29,6 +29,7 @@ TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     import datetime as _dt
     from typing import (
+        AbstractSet,
         Any,
         Callable,
         Container,
@@ -298,10 +299,17 @@ def is_direct(msg: Mapping[str, Any]) -> bool:
     return rcpt is not None and len(rcpt) == 1 and (isinstance(to, str) or len(to) == 1)
 
 
-def is_addressed_to(msg: Mapping[str, Any], server: str) -> bool:
+_RECIPIENTS_UNKNOWN: Final = frozenset({"(recipients not worked out)"})
+
+
+def is_addressed_to(msg: Mapping[str, Any], server: str,
+                    rcpt: Optional[AbstractSet[str]] = _RECIPIENTS_UNKNOWN) -> bool:
+    """Whether ``msg`` is for ``server`` (named in ``to``, or a broadcast) and not from it;
+    ``rcpt``: its :func:`recipients`, when already worked out."""
     if str(msg.get("from", "")).lower() == server:
         return False
-    rcpt = recipients(msg)
+    if rcpt is _RECIPIENTS_UNKNOWN:
+        rcpt = recipients(msg)
     return rcpt is None or server in rcpt
 
 

@@ -28,6 +28,7 @@ from fleet_common import (
 )
 from fleet_git import MAILBOX_PATH, Clone
 from fleet_mailbox import (
+    Document,
     MailboxCorrupt,
     flag,
     is_addressed_to,
@@ -190,10 +191,11 @@ class Snapshot:
 def parse_mailbox(raw: Optional[bytes]) -> Dict[str, Any]:
     """The hot mailbox within bounds (size, depth, digits); :class:`BadInput` when it breaks one.
 
-    Parsed by :func:`fleet_mailbox.parse_document`, the mailbox format's one reader.
+    Parsed by :func:`fleet_mailbox.parse_document`, the mailbox format's one reader; a
+    :class:`fleet_mailbox.Document`, which remembers which entries are valid.
     """
     try:
-        return {"messages": parse_document(raw)["messages"]}
+        return Document(messages=parse_document(raw)["messages"])
     except MailboxCorrupt as exc:
         raise BadInput(f"{MAILBOX_PATH}: {exc.reason}") from None
 
@@ -224,7 +226,7 @@ def take_snapshot(clone: Clone) -> Snapshot:
         snap.roster = read_roster(clone, snap.tip)
         if snap.roster.problem:
             snap.problems.append((WARNING, snap.roster.problem))
-    mirrors = store.mirrored()
+    mirrors = store.mirrored(mirrors=store.after_look)
     if store.left_out:  # past the bound: the roster's servers first, then those the mailbox names
         roster, mail = set(snap.roster.servers), known_servers(snap.mailbox)
         store.fetch_named(roster, mail)  # where refs are fetched by name, a crowd must not hide these
@@ -346,12 +348,13 @@ def stale_limit(presence: Optional[Dict[str, Any]], stale_after: float) -> float
     return max([stale_after] + [STALE_INTERVALS * min(value, MAX_BELIEVED_INTERVAL) for value in published if value])
 
 
-def _collect_servers(snap: Snapshot, messages: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, Set[str]], int]:
+def _collect_servers(snap: Snapshot, messages: Sequence[Dict[str, Any]],
+                     named_in: Sequence[Optional[Set[str]]]) -> Tuple[Dict[str, Set[str]], int]:
     """Every server id with where it was seen (``roster``, ``state`` ref, mail as ``sender`` or
     ``recipient``), at most MAX_SERVERS: the roster's first, then those with a state ref that
     mail names (:func:`known_servers`), those that sent mail, the other state refs, and the ids
     mail is only sent to (a crowd of state refs, or one message naming hundreds of ids, cannot
-    push a real server out)."""
+    push a real server out). ``named_in``: each message's :func:`recipients`."""
     found: Dict[str, Set[str]] = {}
     extra: Set[str] = set()
 
@@ -365,15 +368,17 @@ def _collect_servers(snap: Snapshot, messages: Sequence[Dict[str, Any]]) -> Tupl
 
     senders: Dict[str, None] = {}  # ordered sets
     named: Dict[str, None] = {}
-    for msg in messages:
+    for msg, rcpt in zip(messages, named_in):
         sender = msg["from"].lower()
         if is_valid_server_id(sender):
             senders.setdefault(sender)
-        for server in sorted(recipients(msg) or ()):
+        for server in sorted(rcpt or ()):
             named.setdefault(server)
     for server in snap.roster.servers:
         add(server, "roster")
-    mail_named = known_servers({"messages": messages}) if snap.state_servers else set()
+    # Which of them come first matters only when they are more than are shown.
+    crowded = len(set(snap.roster.servers).union(snap.state_servers, senders, named)) > MAX_SERVERS
+    mail_named = known_servers(snap.mailbox) if crowded and snap.state_servers else set()
     for server in snap.state_servers:
         if server in mail_named:
             add(server, "state")
@@ -418,14 +423,16 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
     now = now or _dt.datetime.now(_dt.timezone.utc)
     valid_pairs, invalid = split_entries(snap.mailbox)
     messages = [msg for _, msg in valid_pairs]
-    servers, overflow = _collect_servers(snap, messages)
+    times = [message_time(msg) for msg in messages]
+    named_in = [recipients(msg) for msg in messages]
+    servers, overflow = _collect_servers(snap, messages, named_in)
     problems = list(snap.problems)
     if overflow:
         problems.append((WARNING, f"{overflow} more server ids (from state refs and the mailbox) not shown; "
                                   f"at most {MAX_SERVERS} are"))
     mail = {server: _Mail() for server in servers}
     retired = _retired(snap.states, servers)
-    unread_by = _count_mail(snap, messages, servers, mail, now.date(), retired)
+    unread_by = _count_mail(snap, messages, times, named_in, servers, mail, now.date(), retired)
     presence = {server: presence_summary(snap.states.get(server), now) for server in servers}
     for server, seen in sorted(presence.items()):
         ahead = _seconds_ahead(seen, now)
@@ -458,29 +465,28 @@ def build_report(snap: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
                    "limit_seconds": r["stale_limit"]} for r in rows if r["state"] == STALE],
         "problems": [{"level": lvl, "text": text} for lvl, text in problems],
         "chart": _chart_data(mail, now.date()),
-        "threads": _threads(messages, unread_by, now),
+        "threads": _threads(messages, times, unread_by, now),
     }
     report["summary"] = summary_line(report)
     return report
 
 
-def _count_mail(snap: Snapshot, messages: List[Dict[str, Any]], servers: Mapping[str, Set[str]],
+def _count_mail(snap: Snapshot, messages: List[Dict[str, Any]], times: Sequence[Optional[_dt.datetime]],
+                named_in: Sequence[Optional[Set[str]]], servers: Mapping[str, Set[str]],
                 mail: Dict[str, _Mail], today: _dt.date, retired: Mapping[str, str]) -> List[List[str]]:
-    """Fill each server's counters from the hot mailbox; returns, per message, who has not read
-    it yet."""
+    """Fill each server's counters from the hot mailbox (each message's time and
+    :func:`recipients` given); returns, per message, who has not read it yet."""
     # A broadcast waits for every server that runs (roster, state ref, or mail it sent), not for
     # ids that only appear as a recipient (a typo reads nothing), nor for a retired server: this
     # also bounds what one broadcast costs when a mailbox names hundreds of made-up servers.
     everyone = [server for server, seen in servers.items() if seen != {"recipient"} and server not in retired]
     unread_by: List[List[str]] = []
-    for msg in messages:
-        when = message_time(msg)
+    for msg, when, rcpt in zip(messages, times, named_in):
         _count_sent(mail.get(msg["from"].lower()), when, today)
-        rcpt = recipients(msg)
         waiting: List[str] = []
         for server in (everyone if rcpt is None else sorted(rcpt)):
             counters = mail.get(server)
-            if counters is not None and is_addressed_to(msg, server) \
+            if counters is not None and is_addressed_to(msg, server, rcpt) \
                     and _count_received(counters, server, (when, msg), snap.states):
                 waiting.append(server)
         unread_by.append(waiting)
@@ -607,13 +613,12 @@ def _server_row(server: str, sources: Set[str], presence: Optional[Dict[str, Any
     }
 
 
-def _threads(messages: Sequence[Dict[str, Any]], unread_by: Sequence[Sequence[str]],
-             now: _dt.datetime) -> List[Dict[str, Any]]:
+def _threads(messages: Sequence[Dict[str, Any]], times: Sequence[Optional[_dt.datetime]],
+             unread_by: Sequence[Sequence[str]], now: _dt.datetime) -> List[Dict[str, Any]]:
     """The latest threads: subject, size, last activity, who took part, who has not read it."""
     roots = _thread_roots(messages)
     by_root: Dict[str, Dict[str, Any]] = {}
-    for msg, root, waiting in zip(messages, roots, unread_by):
-        when = message_time(msg)
+    for msg, when, root, waiting in zip(messages, times, roots, unread_by):
         thread = by_root.get(root)
         if thread is None:
             thread = by_root[root] = {"root": root, "subject": None, "first_subject": msg.get("subject"),

@@ -39,6 +39,7 @@ part of ``subprocess.Popen`` that :mod:`fleet_git` uses. Windows starts them wit
 
 from __future__ import annotations
 
+import _thread
 import os
 import sys
 
@@ -56,6 +57,16 @@ DEFAULT_SERVER: Final = "code2"
 REF_PREFIX: Final = "refs/fleet/"
 FALLBACK_PREFIX: Final = "refs/heads/fleet-state/"
 LOCAL_FALLBACK_PREFIX: Final = "refs/fleet-state/"
+BROADCAST: Final = "all"  # the "to" of a message for everyone: no server's id
+# Servers whose state refs one reader fetches and reads (a look at the fleet, the archive): any
+# member can push refs, and ephemeral servers leave theirs behind. The others are counted.
+MAX_STATE_SERVERS: Final = 1000
+# More refspecs than this go to ``git fetch --stdin`` (Windows bounds a command line at 32,767
+# characters, a few hundred refspecs).
+REFSPECS_IN_ARGV: Final = 32
+# Set in a clone's git configuration once a state ref that carries history was fetched there
+# (fleet_state.StateStore._fetch_states): its state refs are then fetched with negotiation.
+NEGOTIATE_KEY: Final = "fleet.negotiatestaterefs"
 
 # A folder that cannot exist (below the null device): git finds no hook there.
 NO_HOOKS: Final = os.path.join(os.devnull, "fleet-mailbox-runs-no-hooks")
@@ -77,6 +88,7 @@ ANY_HEXLEN: Final = 0  # is_oid's "40 or 64": what a script may read before it k
 MAX_LOOSE_REF_BYTES: Final = 256  # an object id and a newline; a longer file is no ref git wrote
 EXIT_INTERRUPTED: Final = 130  # a Ctrl+C (PROTOCOL.md, "Command-line contract")
 STOP_GRACE_SECONDS: Final = 1.0  # a started call nobody took may finish this long before it is stopped
+LOOK_AHEAD_SWITCH_SECONDS: Final = 0.0002  # the interpreter's turns while the look-ahead runs (default 5 ms)
 
 
 class _Unknown:
@@ -125,9 +137,9 @@ def own_group() -> Dict[str, object]:
     """``Popen``'s words for a git child in a process group of its own: a Ctrl+C meant for the
     monitor does not kill a push half-way (the monitor finishes the current step and stops), and
     :func:`fleet_git.stop_git` can stop git with its helpers."""
-    import subprocess
-
     if os.name == "nt":
+        import subprocess
+
         return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
     return {"start_new_session": True}
 
@@ -195,6 +207,54 @@ def listing_args(branch: str) -> List[str]:
     return ["ls-remote", "origin", f"refs/heads/{branch}", REF_PREFIX + "*", FALLBACK_PREFIX + "*"]
 
 
+def parse_state_ref(ref: str) -> Optional[Tuple[str, str]]:
+    """(server, local mirror ref) for a remote state ref's name, or ``None`` for anything else
+    (a name that is not a server id as written in its canonical lower case)."""
+    for prefix, local in ((REF_PREFIX, REF_PREFIX), (FALLBACK_PREFIX, LOCAL_FALLBACK_PREFIX)):
+        if ref.startswith(prefix):
+            name = ref[len(prefix):]
+            if server_id_shape(name) and name != BROADCAST:
+                return name, local + name
+    return None
+
+
+def listed_state_refs(tips: Mapping[str, str]) -> Dict[str, List[Tuple[str, str, str]]]:
+    """The state refs among a listing's refs (name -> id), by server: (remote ref, local mirror, id)."""
+    found: Dict[str, List[Tuple[str, str, str]]] = {}
+    for ref, oid in tips.items():
+        parsed = parse_state_ref(ref)
+        if parsed is not None:
+            found.setdefault(parsed[0], []).append((ref, parsed[1], oid))
+    return found
+
+
+def moved_state_refspecs(found: Mapping[str, Sequence[Tuple[str, str, str]]], servers: Sequence[str],
+                         mirrored: Callable[[str], Optional[str]], *, by_name: bool = False,
+                         gone: Collection[str] = ()) -> List[str]:
+    """Refspecs for the state refs of ``servers`` (listed in ``found``, :func:`listed_state_refs`)
+    whose listed id is not what ``mirrored(local mirror)`` holds, those in ``gone`` left out: by
+    the id listed (git then asks the remote for no ref list, one round trip less, and the mirror
+    gets exactly what was listed), or ``by_name``."""
+    specs = []
+    for server in servers:
+        for ref, local, oid in sorted(found[server]):
+            if mirrored(local) != oid and ref not in gone:
+                specs.append(f"+{ref if by_name or not is_oid(oid, ANY_HEXLEN) else oid}:{local}")
+    return specs
+
+
+def state_fetch_command(wanted: Sequence[str], *,
+                        negotiate: bool) -> Tuple[Tuple[str, ...], List[str], Optional[bytes]]:
+    """(git's ``-c`` options, ``fetch``'s arguments, its standard input) for a fetch of the state
+    refs ``wanted``: beyond :data:`REFSPECS_IN_ARGV` of them, on standard input; without
+    negotiation unless ``negotiate`` (fleet_state.StateStore._fetch_states says why)."""
+    config = () if negotiate else ("-c", "fetch.negotiationAlgorithm=noop")
+    args = ["--quiet", "--no-tags", "--no-write-fetch-head", "origin"]
+    if len(wanted) <= REFSPECS_IN_ARGV:
+        return config, args + list(wanted), None
+    return config, args[:-1] + ["--stdin", "origin"], "".join(spec + "\n" for spec in wanted).encode("ascii")
+
+
 # --------------------------------------------------------------------------- git's files
 
 
@@ -240,6 +300,52 @@ def read_ref(common_dir: str, refname: str, hexlen: int) -> object:
     return UNKNOWN if packed is None else packed.get(refname)
 
 
+def _read_small(path: str, limit: int) -> bytes:
+    """At most ``limit`` bytes of a small file (a ref), without a file object (a third of the cost)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def refs_in(common_dir: str, folders: Sequence[str], hexlen: int) -> Optional[Dict[str, str]]:
+    """The refs directly in these ref folders (``refs/fleet/``, say; not in folders below them),
+    name -> id, read from git's files backend; ``None`` when only git can tell (a reftable, a
+    symbolic ref, a file that is no ref)."""
+    if os.path.isdir(os.path.join(common_dir, "reftable")):
+        return None
+    # Loose refs first, then packed-refs, as git reads them: a pack-refs in between (a gc) moves
+    # refs from the first place to the second, never the other way.
+    loose: Dict[str, str] = {}
+    for folder in folders:
+        try:
+            with os.scandir(os.path.join(common_dir, folder)) as found:
+                entries = list(found)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        for entry in entries:
+            if entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
+                continue  # a ref being written (git renames it into place), or a folder
+            try:
+                text = _read_small(entry.path, MAX_LOOSE_REF_BYTES).decode("ascii").strip()
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+            except (OSError, UnicodeDecodeError):
+                return None
+            if not is_oid(text, hexlen):
+                return None
+            loose[folder + entry.name] = text
+    packed = packed_refs(common_dir, hexlen)
+    if packed is None:
+        return None
+    refs = {name: oid for name, oid in packed.items() if name.rpartition("/")[0] + "/" in folders}
+    refs.update(loose)
+    return refs
+
+
 def origin_head(git_dir: str) -> Optional[str]:
     """The branch ``refs/remotes/origin/HEAD`` names, read from its file (a symbolic ref is a
     small loose file in the files backend); ``None`` when that does not tell (git then decides)."""
@@ -263,6 +369,7 @@ _REF_TEXT_REFUSED: Final = frozenset([chr(code) for code in range(0x21)] + list(
 _OWN_OPTIONS: Final = ("--repo", "--server", "--branch")
 _STARTED: Dict[Tuple[str, Tuple[str, ...]], "subprocess.Popen[bytes]"] = {}
 _STOP_AT_EXIT = False
+_GUARD = _thread.allocate_lock()  # the look-ahead's start against the command's taking over and stop_unused
 _TIPS_AT_START: Dict[Tuple[str, str], Optional[str]] = {}
 
 
@@ -294,14 +401,18 @@ def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
 def start_look(argv: Sequence[str]) -> None:
     """Start the calls a look at the whole fleet (``fleet_status.py``) begins with, side by side:
     the listing of the remote and the fetch of the shared branch
-    (:meth:`fleet_state.StateStore.mirror_fleet`), and the reading of the clone's settings."""
+    (:meth:`fleet_state.StateStore.mirror_fleet`), and the reading of the clone's settings; and,
+    where git starts without subprocess, a thread that starts the fetch of the state refs that
+    moved as soon as the listing is in (:func:`_look_ahead`)."""
     found = _target(argv)
     if found is not None:
         root, git_dir, _server, branch = found
         _remember_tip(root, git_dir, branch)
-        _start(root, listing_args(branch))
+        listing = _start(root, listing_args(branch))
         _start(root, branch_fetch_args(branch))
-        _start(root, list(CONFIG_ARGS))
+        config = _start(root, list(CONFIG_ARGS))
+        if isinstance(listing, SpawnedGit) and isinstance(config, SpawnedGit):
+            _look_ahead(root, git_dir, listing, config)
 
 
 def _target(argv: Sequence[str]) -> Optional[Tuple[str, str, str, str]]:
@@ -419,11 +530,11 @@ def tip_at_start(root: object, ref: str) -> object:
     return _TIPS_AT_START.pop((os.fspath(root), ref), UNKNOWN)  # type: ignore[arg-type]
 
 
-def _start(root: str, args: List[str]) -> None:
+def _start(root: str, args: List[str]) -> Optional["subprocess.Popen[bytes]"]:
     try:
         proc = (spawn_git(root, args) if POSIX_SPAWN else None) or popen_git(root, args)
     except OSError:
-        return  # no git: the command says so itself
+        return None  # no git: the command says so itself
     global _STOP_AT_EXIT
     if not _STOP_AT_EXIT:
         import atexit
@@ -431,6 +542,97 @@ def _start(root: str, args: List[str]) -> None:
         atexit.register(stop_unused)  # whatever ends the process first (a Ctrl+C while it loads)
         _STOP_AT_EXIT = True
     _STARTED[(root, tuple(args))] = proc
+    return proc
+
+
+class _LookAhead:
+    """What :func:`_look_ahead`'s thread did: ``before``, the mirrors it read, once it started a
+    fetch of the state refs that moved; ``done`` is held until it has decided."""
+
+    __slots__ = ("root", "done", "before", "taken")
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.done = _thread.allocate_lock()
+        self.before: Optional[Dict[str, str]] = None
+        self.taken = False  # the command took over: nothing starts any more
+
+
+_AHEAD: Optional[_LookAhead] = None
+
+
+def _look_ahead(root: str, git_dir: str, listing: "SpawnedGit", config: "SpawnedGit") -> None:
+    """Start :func:`_read_ahead` in a thread of its own: a look at the fleet lists the remote
+    before it fetches the state refs that moved, and the listing is in 20 ms before the suite has
+    loaded, so the thread starts that fetch meanwhile (the imports let it run: they wait for files
+    and give way to a waiting thread every few milliseconds)."""
+    global _AHEAD
+    ahead = _AHEAD = _LookAhead(root)
+    ahead.done.acquire()
+    switching = sys.getswitchinterval()
+    # The thread waits for files (refs, git's pipes) and each time waits again for the interpreter
+    # the imports hold: by default up to 5 ms each time, a fetch later. Until it is done, they
+    # take turns more often.
+    sys.setswitchinterval(LOOK_AHEAD_SWITCH_SECONDS)
+    try:
+        _thread.start_new_thread(_read_ahead, (ahead, git_dir, listing, config, switching))
+    except RuntimeError:  # no thread to be had: the command does it all itself
+        sys.setswitchinterval(switching)
+        ahead.done.release()
+
+
+def _read_ahead(ahead: _LookAhead, git_dir: str, listing: "SpawnedGit", config: "SpawnedGit",
+                switching: float) -> None:
+    """The thread: once the clone's settings and the listing are in, start the fetch of the state
+    refs that moved as :meth:`fleet_state.StateStore.mirror_fleet` composes it
+    (:func:`listed_state_refs`, :func:`moved_state_refspecs`, :func:`state_fetch_command`), and keep
+    the mirrors it compared with. It starts nothing where the command could compose another: a
+    clone that negotiates, more servers than :data:`MAX_STATE_SERVERS` (some are left out, by the
+    roster's ranking), more refspecs than fit on the command line, refs only git can read."""
+    try:
+        settings, _ = config.communicate()
+        if config.returncode != 0 or NEGOTIATE_KEY.encode("ascii") in settings.lower():
+            return
+        before = refs_in(git_dir, (REF_PREFIX, LOCAL_FALLBACK_PREFIX), ANY_HEXLEN)  # while the remote answers
+        out, _ = listing.communicate()
+        if before is None or listing.returncode != 0:
+            return
+        tips = {}
+        for line in out.decode("utf-8", "replace").splitlines():
+            oid, _, ref = line.partition("\t")
+            tips[ref] = oid
+        found = listed_state_refs(tips)
+        if len(found) > MAX_STATE_SERVERS:
+            return
+        wanted = moved_state_refspecs(found, sorted(found), before.get)
+        if not wanted or len(wanted) > REFSPECS_IN_ARGV:
+            return
+        config_words, args, _none = state_fetch_command(wanted, negotiate=False)
+        with _GUARD:
+            if not ahead.taken and _start(ahead.root, fetch_args(args, config_words)):
+                ahead.before = before
+    except BaseException:  # noqa: BLE001 - a guess: whatever goes wrong, the command does it itself
+        pass
+    finally:
+        sys.setswitchinterval(switching)
+        ahead.done.release()
+
+
+def mirrors_at_start(root: object) -> Optional[Dict[str, str]]:
+    """The state refs' mirrors in the clone at ``root`` (ref -> id) as the look-ahead read them
+    when it started a fetch of those that moved (the caller's own fetch of them, composed from the
+    same listing and these mirrors, takes it: :func:`adopt`), else ``None``. Called once the
+    caller has read the listing: waits for the look-ahead's decision, which follows it closely;
+    nothing starts after this call."""
+    global _AHEAD
+    ahead = _AHEAD
+    if ahead is None or ahead.root != os.fspath(root):  # type: ignore[arg-type]
+        return None
+    _AHEAD = None
+    ahead.done.acquire(timeout=STOP_GRACE_SECONDS)
+    with _GUARD:
+        ahead.taken = True
+        return ahead.before
 
 
 def adopt(root: object, args: Sequence[str]) -> Optional["subprocess.Popen[bytes]"]:
@@ -448,6 +650,11 @@ def stop_unused() -> int:
     is stopped: on POSIX by SIGTERM to the process group git leads (git removes its lock files),
     where that does not end it, and on Windows, with its helpers (:func:`fleet_git.stop_git`).
     Whatever interrupts the grace (a Ctrl+C) stops the rest at once."""
+    with _GUARD:
+        if _AHEAD is not None:
+            _AHEAD.taken = True  # the look-ahead starts nothing from now on
+    if not _STARTED:
+        return 0
     import subprocess
     import time
 
@@ -507,8 +714,10 @@ def spawn_git(root: str, args: Sequence[str]) -> Optional["SpawnedGit"]:
     of its own (as :func:`own_group`), standard input from the null device, its output in pipes,
     in :func:`git_env`'s environment; ``None`` when this process's open files cannot be listed
     (then only subprocess can keep them from git). ``OSError`` when it cannot start (no git)."""
+    import select
+
     inherited = _inheritable_fds()
-    if inherited is None:
+    if inherited is None or not hasattr(select, "poll"):  # (SpawnedGit.communicate polls)
         return None
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
@@ -570,18 +779,22 @@ class SpawnedGit:
         self.stderr = open(err_fd, "rb", buffering=0)  # noqa: SIM115
         self._out = bytearray()
         self._err = bytearray()
+        self._reading = _thread.allocate_lock()  # one reader of the pipes at a time (the look-ahead's thread)
+        self._reaping = _thread.allocate_lock()  # one waitpid at a time, as in Popen
 
     def __repr__(self) -> str:
         return f"<SpawnedGit pid={self.pid} returncode={self.returncode} args={self.args!r}>"
 
     def poll(self) -> Optional[int]:
         if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)  # type: ignore[attr-defined]
-            except ChildProcessError:
-                pid, status = self.pid, 0  # reaped elsewhere: what Popen assumes too
-            if pid:
-                self.returncode = _exit_code(status)
+            with self._reaping:
+                if self.returncode is None:
+                    try:
+                        pid, status = os.waitpid(self.pid, os.WNOHANG)  # type: ignore[attr-defined]
+                    except ChildProcessError:
+                        pid, status = self.pid, 0  # reaped elsewhere: what Popen assumes too
+                    if pid:
+                        self.returncode = _exit_code(status)
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
@@ -591,10 +804,12 @@ class SpawnedGit:
         delay = 0.0005
         while self.poll() is None:
             if end is None:
-                try:
-                    self.returncode = _exit_code(os.waitpid(self.pid, 0)[1])
-                except ChildProcessError:
-                    self.returncode = 0
+                with self._reaping:
+                    if self.returncode is None:
+                        try:
+                            self.returncode = _exit_code(os.waitpid(self.pid, 0)[1])
+                        except ChildProcessError:
+                            self.returncode = 0
                 break
             left = end - time.monotonic()
             if left <= 0:
@@ -606,31 +821,42 @@ class SpawnedGit:
         return self.returncode  # type: ignore[return-value]
 
     def communicate(self, input: None = None, timeout: Optional[float] = None) -> Tuple[bytes, bytes]:
-        """Both outputs read to their end, then git waited for, within ``timeout`` in all."""
-        import selectors
-        import subprocess
+        """Both outputs read to their end, then git waited for, within ``timeout`` in all; the
+        same outputs again on a later call."""
+        import select  # poll, where posix_spawnp is (spawn_git): not selectors, whose import costs 3 ms
         import time
 
         end = None if timeout is None else time.monotonic() + timeout
-        with selectors.DefaultSelector() as selector:
+        if not self._reading.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._timed_out(timeout)
+        try:
+            poller = select.poll()
+            pipes = {}
             for pipe in (self.stdout, self.stderr):
                 if not pipe.closed:
-                    selector.register(pipe, selectors.EVENT_READ)
-            while selector.get_map():
+                    poller.register(pipe.fileno(), select.POLLIN)
+                    pipes[pipe.fileno()] = pipe
+            while pipes:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
-                    raise subprocess.TimeoutExpired(self.args, timeout,  # type: ignore[arg-type]
-                                                    bytes(self._out), bytes(self._err))
-                for key, _events in selector.select(left):
-                    pipe = key.fileobj
-                    data = os.read(pipe.fileno(), 65536)  # type: ignore[union-attr]
+                    self._timed_out(timeout)
+                for fd, _events in poller.poll(None if left is None else left * 1000):
+                    data = os.read(fd, 65536)
                     if data:
-                        (self._out if pipe is self.stdout else self._err).extend(data)
+                        (self._out if pipes[fd] is self.stdout else self._err).extend(data)
                     else:
-                        selector.unregister(pipe)
-                        pipe.close()  # type: ignore[union-attr]
-        self.wait(None if end is None else max(0.0, end - time.monotonic()))
+                        poller.unregister(fd)
+                        pipes.pop(fd).close()
+            self.wait(None if end is None else max(0.0, end - time.monotonic()))
+        finally:
+            self._reading.release()
         return bytes(self._out), bytes(self._err)
+
+    def _timed_out(self, timeout: Optional[float]) -> "NoReturn":
+        import subprocess
+
+        raise subprocess.TimeoutExpired(self.args, timeout,  # type: ignore[arg-type]
+                                        bytes(self._out), bytes(self._err))
 
     def send_signal(self, signal_number: int) -> None:
         if self.returncode is None:

@@ -50,7 +50,19 @@ from fleet_git import (
     stop_git,
 )
 from fleet_mailbox import MAX_KEY_CHARS
-from fleet_start import FALLBACK_PREFIX, LOCAL_FALLBACK_PREFIX, REF_PREFIX, listing_args  # (their one owner)
+from fleet_start import (  # (their one owner: the script of a look at the fleet reads them first)
+    FALLBACK_PREFIX,
+    LOCAL_FALLBACK_PREFIX,
+    MAX_STATE_SERVERS,
+    NEGOTIATE_KEY,
+    REF_PREFIX,
+    listed_state_refs,
+    listing_args,
+    mirrors_at_start,
+    moved_state_refspecs,
+    parse_state_ref,
+    state_fetch_command,
+)
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
@@ -59,6 +71,7 @@ if TYPE_CHECKING:
 
     from fleet_git import (
         Clone,
+        Finished,
     )
     from fleet_mailbox import MessageKey
 
@@ -69,24 +82,14 @@ STATE_VERSION: Final = 1
 
 MAX_STATE_BYTES: Final = 8 * 1024 * 1024
 MAX_COMMIT_BYTES: Final = 64 * 1024  # a state ref's commit: a tree, an author, a short message
-# Set in a clone's git configuration once a state ref that carries history was fetched there
-# (StateStore._fetch_states): its state refs are then fetched with negotiation.
-NEGOTIATE_KEY: Final = "fleet.negotiatestaterefs"
 MAX_STATE_DEPTH: Final = 8
 MAX_ENTRIES: Final = 200_000  # read receipts or acknowledgements in one state ref
 MAX_ID_CHARS: Final = MAX_KEY_CHARS  # the mailbox refuses longer ids and senders, so none is lost here
 MAX_NOTE_CHARS: Final = 2000
 MAX_LEASE_ATTEMPTS: Final = 20
-# Servers whose state refs one reader fetches and reads (a look at the fleet, the archive): any
-# member can push refs, and ephemeral servers leave theirs behind. The others are counted.
-MAX_STATE_SERVERS: Final = 1000
-# More refspecs than this go to ``git fetch --stdin`` (Windows bounds a command line at 32,767
-# characters, a few hundred refspecs).
-REFSPECS_IN_ARGV: Final = 32
 STOPPED: Final = "stopped"  # the presence activity of a monitor's clean stop
 MAX_LOCKED_MIRRORS: Final = 8  # locked mirrors passed over in one deletion, before all wait for a later look
 _LOCKED_REF = re.compile(r"cannot lock ref '([^']+)'")
-_OID = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # (fullmatch)
 _GONE_COMMIT = ("not our ref", "unadvertised object")  # a fetch by a commit the remote no longer has
 # A fetch by the name of a ref deleted since the listing (capitalised before git 2.20).
 _MISSING_REF = re.compile(r"couldn't find remote ref (\S+)", re.IGNORECASE)
@@ -332,16 +335,6 @@ def takes_retirement(local_ref: str, local_refs: Container[str]) -> bool:
     return REF_PREFIX + local_ref.rsplit("/", 1)[-1] not in local_refs
 
 
-def parse_state_ref(ref: str) -> Optional[Tuple[str, str]]:
-    """(server, local mirror ref) for a remote state ref name, or ``None`` for anything else."""
-    for prefix, local in ((REF_PREFIX, REF_PREFIX), (FALLBACK_PREFIX, LOCAL_FALLBACK_PREFIX)):
-        if ref.startswith(prefix):
-            name = ref[len(prefix):]
-            if is_valid_server_id(name) and name == name.lower():
-                return name, local + name
-    return None
-
-
 def _server_ids(names: Iterable[str]) -> Set[str]:
     return {normalize_server_id(name) for name in names if is_valid_server_id(name)}
 
@@ -384,6 +377,7 @@ class StateStore:
         self.tips: Dict[str, str] = {}  # the mirrors' ids as last read (by mirrored(), say)
         self._unfetched = 0  # servers whose state refs the last listed fetch of all left out
         self._listed: Optional[RemoteView] = None  # that listing, while it left some out
+        self.after_look: Optional[Dict[str, str]] = None  # the mirrors as mirror_fleet left them, when read
 
     # ----------------------------------------------------------------- polling and fetching
 
@@ -394,7 +388,7 @@ class StateStore:
     def _listing(self) -> List[str]:
         return listing_args(self.clone.branch)
 
-    def _listed_view(self, proc: "subprocess.CompletedProcess[bytes]") -> RemoteView:
+    def _listed_view(self, proc: "Finished") -> RemoteView:
         if proc.returncode != 0:
             raise RemoteUnavailable(["git", "ls-remote", "origin"], proc.returncode, proc.stdout,
                                     proc.stderr)
@@ -415,26 +409,22 @@ class StateStore:
 
     def refspecs_to_fetch(self, view: RemoteView, servers: Optional[Iterable[str]] = None,
                           first: Iterable[str] = (), then: Iterable[str] = (), *, by_name: bool = False,
-                          gone: AbstractSet[str] = frozenset()) -> List[str]:
-        """Refspecs for the state refs whose remote tip differs from the local mirror, of these
-        servers or, when ``None``, of at most :data:`MAX_STATE_SERVERS` (``first``, then
-        ``then``, first), the refs in ``gone`` (deleted since the listing) left out: by the
-        commit the listing named (git then asks the remote for no ref list, one round trip less,
-        and the mirror gets exactly what was listed), or ``by_name`` after the remote refused
-        one of those (it moved since, and the old commit is gone)."""
-        wanted = None if servers is None else {normalize_server_id(s) for s in servers}
-        found: Dict[str, List[Tuple[str, str, str]]] = {}
-        for ref, oid in view.state_tips.items():
-            parsed = parse_state_ref(ref)
-            if parsed is not None and (wanted is None or parsed[0] in wanted):
-                found.setdefault(parsed[0], []).append((ref, parsed[1], oid))
-        specs = []
-        for server in (sorted(found) if wanted is not None else _ranked(found, first, then)):
-            for ref, local, oid in sorted(found[server]):
-                if self.local_tip(local) != oid and ref not in gone:
-                    by_oid = not by_name and _OID.fullmatch(oid)
-                    specs.append(f"+{oid if by_oid else ref}:{local}")
-        return specs
+                          gone: AbstractSet[str] = frozenset(),
+                          mirrors: Optional[Mapping[str, str]] = None) -> List[str]:
+        """Refspecs for the state refs whose remote tip differs from the local mirror (as in
+        ``mirrors``, when given), of these servers or, when ``None``, of at most
+        :data:`MAX_STATE_SERVERS` (``first``, then ``then``, first), the refs in ``gone``
+        (deleted since the listing) left out: by the commit the listing named, or ``by_name``
+        after the remote refused one of those (it moved since, and the old commit is gone)
+        (:func:`fleet_start.moved_state_refspecs`)."""
+        found = listed_state_refs(view.state_tips)
+        if servers is None:
+            order = _ranked(found, first, then)
+        else:
+            wanted = {normalize_server_id(s) for s in servers}
+            order = sorted(name for name in found if name in wanted)
+        mirrored = self.local_tip if mirrors is None else mirrors.get
+        return moved_state_refspecs(found, order, mirrored, by_name=by_name, gone=gone)
 
     def fetch(self, servers: Optional[Iterable[str]] = None, view: Optional[RemoteView] = None,
               first: Iterable[str] = (), then: Iterable[str] = ()) -> RemoteView:
@@ -454,7 +444,7 @@ class StateStore:
                       first: Sequence[str] = (), then: Sequence[str] = (), *,
                       started: Optional["subprocess.Popen[bytes]"] = None,
                       before: Optional[Mapping[str, str]] = None, locks_are_fatal: bool = True,
-                      deadline: Optional[float] = None) -> None:
+                      deadline: Optional[float] = None) -> Optional[Dict[str, str]]:
         """``git fetch`` of the state refs :meth:`refspecs_to_fetch` names for ``view`` (named
         again for each attempt: after a busy lock, by name after a listed commit is refused,
         without a ref deleted since the listing); ``started``: the first attempt, already running
@@ -482,7 +472,7 @@ class StateStore:
             else:
                 wanted = self.refspecs_to_fetch(view, servers, first, then, by_name=by_name, gone=gone)
                 if not wanted:
-                    return
+                    return None
                 config, args, refspecs = self._fetch_command(wanted)
                 proc = self.clone.fetch_git(*args, config=config, input=refspecs)
             if proc.returncode == 0:
@@ -507,29 +497,26 @@ class StateStore:
             error = LocalRefLocked if busy else RemoteUnavailable
             raise error(["git", "fetch", "origin", "state refs"], proc.returncode, proc.stdout, proc.stderr)
         if before is not None and not negotiates:
-            self._check_roots(before)
+            return self._check_roots(before)
+        return None
 
     def _fetch_command(self, wanted: Sequence[str]) -> Tuple[Tuple[str, ...], List[str], Optional[bytes]]:
         """(git's ``-c`` options, ``fetch``'s arguments, its standard input) for a fetch of the
         state refs ``wanted``: beyond :data:`REFSPECS_IN_ARGV` of them, on standard input."""
-        config = () if self.clone.setting_is_true(NEGOTIATE_KEY) else ("-c", "fetch.negotiationAlgorithm=noop")
-        args = ["--quiet", "--no-tags", "--no-write-fetch-head", "origin"]
-        if len(wanted) <= REFSPECS_IN_ARGV:
-            return config, args + list(wanted), None
-        return config, args[:-1] + ["--stdin", "origin"], "".join(spec + "\n" for spec in wanted).encode("ascii")
+        return state_fetch_command(wanted, negotiate=self.clone.setting_is_true(NEGOTIATE_KEY))
 
-    def _check_roots(self, before: Mapping[str, str]) -> None:
+    def _check_roots(self, before: Mapping[str, str]) -> Dict[str, str]:
         """After a fetch without negotiation: if a state ref that moved carries history (a commit
         with a parent, or a tag), say so once and negotiate from now on (:meth:`_fetch_states`).
-        A commit that cannot be read here says nothing either way."""
-        moved = {ref: oid for ref, oid in self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX).items()
-                 if before.get(ref) != oid}
+        A commit that cannot be read here says nothing either way. Returns the mirrors it read."""
+        after = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
+        moved = {ref: oid for ref, oid in after.items() if before.get(ref) != oid}
         if not moved:
-            return
+            return after
         try:  # one cat-file for all; a commit too big for a state ref's is left out
             found = self.clone.read_objects_within(sorted(set(moved.values())), MAX_COMMIT_BYTES)[0]
         except GitError:  # unreadable here: the reader says so
-            return
+            return after
         carrying = []
         for ref, oid in sorted(moved.items()):
             item = found.get(oid)
@@ -540,14 +527,18 @@ class StateStore:
             self.clone.remember(NEGOTIATE_KEY, "true")
             log.warning("%s is no state ref (it carries history); this clone negotiates when it "
                         "fetches state refs from now on", carrying[0], extra={"metadata": {"refs": carrying[:20]}})
+        return after
 
-    def drop_vanished(self, view: RemoteView, servers: Optional[Iterable[str]] = None) -> None:
+    def drop_vanished(self, view: RemoteView, servers: Optional[Iterable[str]] = None, *,
+                      mirrors: Optional[Mapping[str, str]] = None) -> bool:
         """Delete local mirrors (of these servers, or all) whose ref the remote no longer has, so a
-        deleted state is neither read nor used as the base of a lease."""
+        deleted state is neither read nor used as the base of a lease (``mirrors``: as read a
+        moment ago, instead of reading them again). Whether none was."""
         wanted = None if servers is None else {normalize_server_id(s) for s in servers}
         present = {parse_state_ref(ref)[1] for ref in view.state_tips}  # type: ignore[index]
-        gone = [local for local in self._local_refs()
+        gone = [local for local in (sorted(mirrors) if mirrors is not None else self._local_refs())
                 if local not in present and (wanted is None or local.rsplit("/", 1)[-1] in wanted)]
+        untouched = not gone
         # One transaction, all or nothing, without waiting for locks: a mirror that is locked (a
         # process killed while it wrote it) is left out and the rest deleted again; a lock on all
         # of them (packed-refs.lock) leaves them for the next look.
@@ -570,18 +561,21 @@ class StateStore:
         if kept:
             log.warning("%d mirrors of state refs deleted on the remote stay in this clone (locked), until a "
                         "later look: %s", len(kept), ", ".join(kept[:5]))
+        return untouched
 
-    def _local_refs(self) -> List[str]:
-        self.tips = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
+    def _local_refs(self, mirrors: Optional[Mapping[str, str]] = None) -> List[str]:
+        self.tips = dict(mirrors) if mirrors is not None else self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
         return sorted(self.tips)
 
-    def mirrored(self, first: Iterable[str] = (), then: Iterable[str] = ()) -> Dict[str, str]:
+    def mirrored(self, first: Iterable[str] = (), then: Iterable[str] = (), *,
+                 mirrors: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
         """The state refs mirrored in this clone, both names, of at most
         :data:`MAX_STATE_SERVERS` servers (``first``, then ``then``, first): local ref -> server
         id (refs whose name is no server id are left out); :attr:`left_out` says how many servers
-        were not read, here or by the last listed fetch of all."""
+        were not read, here or by the last listed fetch of all. ``mirrors``: the refs as read a
+        moment ago (:attr:`after_look`), instead of reading them again."""
         found = {}
-        for local in self._local_refs():
+        for local in self._local_refs(mirrors):
             name = local.rsplit("/", 1)[-1]
             if is_valid_server_id(name) and name == name.lower():
                 found[local] = name
@@ -615,29 +609,36 @@ class StateStore:
         such branch (the state refs are fetched all the same).
         """
         first = list(first)
-        before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
         deadline = time.monotonic() + NETWORK_TIMEOUT
         running: List["subprocess.Popen[bytes]"] = []
         try:
             running.append(self.clone.start_network_git(*self._listing()))
             running.append(self.clone.start_branch_fetch())
             view = self._listed_view(self.clone.finish_network_git(running[0], deadline=deadline))
+            # The mirrors before this fetch of the state refs: as the script's look-ahead read them
+            # when it started that fetch already (fleet_start), else now.
+            before = mirrors_at_start(self.clone.root)
+            if before is None:
+                before = self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX)
             held = [local.rsplit("/", 1)[-1] for local in before]
-            wanted = self.refspecs_to_fetch(view, first=first, then=held)
+            wanted = self.refspecs_to_fetch(view, first=first, then=held, mirrors=before)
             if wanted:
                 config, args, refspecs = self._fetch_command(wanted)
                 running.append(self.clone.start_fetch(*args, config=config, input=refspecs))
             tip = self.clone.fetch(allow_missing=True, started=running[1], deadline=deadline)
+            after: Optional[Dict[str, str]] = dict(before)  # no state ref moved, nor any mirror
             if wanted:
-                self._fetch_states(view, None, first, held, started=running[2], before=before,
-                                   locks_are_fatal=False, deadline=deadline)
+                after = self._fetch_states(view, None, first, held, started=running[2], before=before,
+                                           locks_are_fatal=False, deadline=deadline)
         except BaseException:
             for proc in running:
                 stop_git(proc)
             raise
         self._unfetched = max(0, len(view.servers()) - MAX_STATE_SERVERS)
         self._listed = view if self._unfetched else None
-        self.drop_vanished(view)
+        # The mirrors as the fetch left them (read once since, when it was not negotiated), for the
+        # deletion and for the reading that follows the look.
+        self.after_look = after if self.drop_vanished(view, mirrors=after) else None
         return tip
 
     def fetch_named(self, first: Iterable[str], then: Iterable[str] = ()) -> None:

@@ -26,6 +26,7 @@ import fleet_start
 from fleet_common import parse_timestamp, timestamp_seconds
 from fleet_git import Clone
 from fleet_report import fleet_status
+from fleet_state import StateChange, StateStore, presence_doc
 from inbox import Inbox
 from send_message import send_message
 
@@ -85,6 +86,98 @@ def test_the_status_takes_the_listing_and_the_fetch_its_script_started(fleet, tm
     assert {row["id"] for row in report["servers"]} >= {"build1", "code2"}
     commands = _git_commands(trace)
     assert _count(commands, "ls-remote") == 1 and _count(commands, "config") == 1, commands
+
+
+def _presence(clone: Path, server: str, activity: str) -> None:
+    doc = presence_doc(started=time.time() - 60, interval=10, healthy=True, activity=activity)
+    assert StateStore(Clone(clone)).update(server, StateChange(presence=doc))
+
+
+def _looked_ahead() -> "fleet_start._LookAhead":
+    """The look-ahead of the last start_look, once it has decided."""
+    ahead = fleet_start._AHEAD
+    assert ahead is not None and ahead.done.acquire(timeout=60)
+    ahead.done.release()
+    return ahead
+
+
+@pytest.mark.skipif(not fleet_start.POSIX_SPAWN, reason="the look-ahead reads git's pipes where posix_spawnp starts it")
+def test_the_status_fetches_the_state_refs_that_moved_while_it_loads(fleet, tmp_path, monkeypatch):
+    """The listing is in before the suite has loaded: the script's thread starts the fetch of the
+    state refs that moved (one that moved, one of a server never mirrored), and the command takes
+    it, with the mirrors as they were before it."""
+    c2 = _reader(fleet)
+    b1, b2 = fleet.clones["build1"], fleet.clone("build2")
+    _presence(b1, "build1", "first")
+    fleet_status(Clone(c2))  # build1's state mirrored
+    before = git(c2, "for-each-ref", "--format=%(refname) %(objectname)", "refs/fleet/")
+    _presence(b1, "build1", "compiling")
+    _presence(b2, "build2", "testing")
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("GIT_TRACE", str(trace))
+    fleet_start.start_look(["--repo", str(c2), "--json"])
+    ahead = _looked_ahead()
+    assert len(fleet_start._STARTED) == 4  # the listing, the branch, the settings, the state refs
+    assert sorted(f"{ref} {oid}" for ref, oid in ahead.before.items()) == before.splitlines()
+    report = fleet_status(Clone(c2))
+    assert not fleet_start._STARTED  # all four taken
+    doing = {row["id"]: (row["presence"] or {}).get("activity") for row in report["servers"]}
+    assert doing["build1"] == "compiling" and doing["build2"] == "testing"
+    commands = _git_commands(trace)
+    assert _count(commands, "fetch") == 2 and _count(commands, "ls-remote") == 1, commands
+
+
+@pytest.mark.skipif(not fleet_start.POSIX_SPAWN, reason="the look-ahead reads git's pipes where posix_spawnp starts it")
+def test_the_look_ahead_leaves_a_clone_that_negotiates_to_the_command(fleet, tmp_path, monkeypatch):
+    """A clone that has seen a state ref carrying history fetches state refs with negotiation
+    (fleet.negotiateStateRefs): the look-ahead, which fetches without, starts nothing there."""
+    c2 = _reader(fleet)
+    b1 = fleet.clones["build1"]
+    git(c2, "config", "fleet.negotiateStateRefs", "true")
+    _presence(b1, "build1", "compiling")
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("GIT_TRACE", str(trace))
+    fleet_start.start_look(["--repo", str(c2), "--json"])
+    assert _looked_ahead().before is None and len(fleet_start._STARTED) == 3
+    report = fleet_status(Clone(c2))
+    assert not fleet_start._STARTED
+    assert {row["id"]: (row["presence"] or {}).get("activity") for row in report["servers"]}["build1"] == "compiling"
+    assert not any("negotiationAlgorithm=noop" in command for command in _git_commands(trace))
+
+
+def test_the_script_of_the_status_takes_every_call_it_started(fleet, tmp_path):
+    """The whole script, as cron runs it: one listing, one fetch of the branch, one of the state
+    refs that moved, one reading of the settings; nothing fetched twice."""
+    c2 = _reader(fleet)
+    b1 = fleet.clones["build1"]
+    _presence(b1, "build1", "compiling")
+    trace = tmp_path / "trace"
+    proc = run_script("fleet_status.py", "--repo", str(c2), "--json", env={"GIT_TRACE": str(trace)})
+    assert proc.returncode in (0, 1), proc.stderr
+    report = json.loads(proc.stdout)
+    assert {row["id"]: (row["presence"] or {}).get("activity") for row in report["servers"]}["build1"] == "compiling"
+    commands = _git_commands(trace)
+    assert (_count(commands, "fetch"), _count(commands, "ls-remote"), _count(commands, "config")) == (2, 1, 1), commands
+
+
+@pytest.mark.skipif(not fleet_start.POSIX_SPAWN, reason="os.posix_spawnp is POSIX's")
+def test_a_git_read_by_two_threads_gives_both_the_same_whole_output(tmp_path):
+    """The look-ahead's thread and the command may both wait for one call: one reads it while the
+    other waits (a timeout keeps its meaning), and both get all of it."""
+    import threading
+
+    git(tmp_path, "init", "-q")
+    slow = fleet_start.spawn_git(str(tmp_path), ["-c", "alias.slow=!sleep 0.5; seq 1 20000; echo done >&2", "slow"])
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(slow.communicate()))
+    reader.start()
+    time.sleep(0.1)
+    with pytest.raises(subprocess.TimeoutExpired):
+        slow.communicate(timeout=0.1)
+    out, err = slow.communicate(timeout=60)
+    reader.join(60)
+    assert seen == [(out, err)] and out.split() == [str(n).encode() for n in range(1, 20001)]
+    assert err == b"done\n" and slow.returncode == 0
 
 
 def test_a_wrong_guess_costs_a_call_and_never_its_result(fleet, tmp_path, monkeypatch):

@@ -14,6 +14,8 @@ from typing import List, Set
 import pytest
 from conftest import PYTHON_DIR, Fleet
 
+import fleet_start
+
 # Run a command's script as ``python3 python/<script>`` would, then name every imported module.
 WRAPPER = """
 import atexit, sys
@@ -74,6 +76,10 @@ def test_a_short_command_imports_nothing_it_defers(busy_fleet: Fleet, command: L
     assert not imported & DEFERRED, sorted(imported & DEFERRED)
     if command[:2] == ["inbox.py", "list"]:
         assert "datetime" not in imported  # a listing sorts by seconds (fleet_common.timestamp_seconds)
+    if fleet_start.POSIX_SPAWN and command[0] == "fleet_status.py":
+        # Every git call was started by the script without subprocess, and taken: neither it nor
+        # threading is needed (fleet_common.LazyModule).
+        assert not imported & {"subprocess", "threading", "selectors"}, sorted(imported)
     if command[0] == "send_message.py":
         assert "datetime" not in imported  # a send stamps its message with the time module alone
         # Nor the reading side, the queue (nothing was queued) or the breaker (no monitor persisted one);

@@ -128,6 +128,7 @@ def test_a_look_reads_a_bounded_number_of_state_refs_the_named_servers_first(fle
     many it left out. It fetches no more than that (by name, never by pattern, case-blind clone
     or not); past a few dozen, the refspecs reach git on standard input (a Windows command line
     holds a few hundred)."""
+    import fleet_start
     import fleet_state
 
     a, reader_clone, crowd = fleet.clone("zz-code2"), fleet.clone("build1"), fleet.clone("crowd")
@@ -137,7 +138,7 @@ def test_a_look_reads_a_bounded_number_of_state_refs_the_named_servers_first(fle
     if case_blind:
         git(reader_clone, "config", "core.ignorecase", "true")
     monkeypatch.setattr(fleet_state, "MAX_STATE_SERVERS", 36)
-    monkeypatch.setattr(fleet_state, "REFSPECS_IN_ARGV", 8)
+    monkeypatch.setattr(fleet_start, "REFSPECS_IN_ARGV", 8)
     reader = StateStore(Clone(reader_clone))
     reader.mirror_fleet(first=["zz-code2"])
     fetched = Clone(reader_clone).refs_in(REF_PREFIX)
