@@ -17,11 +17,18 @@ command did not take is stopped when the command ends (:func:`stop_unused`: afte
 grace, by SIGTERM to the process group git leads, on which git removes its lock files; on Windows
 with its helpers).
 
-This module is the one owner of what that call is, for the early start and the usual path alike:
-the environment git runs in (:func:`git_env`), a fetch's fixed words (:func:`fetch_args`), the
-monitor's and the inbox's poll (:func:`poll_fetch_args`, :func:`own_state_refspecs`), the names of
-the state refs (PROTOCOL.md, "Per-server state refs"), the default clone and server, and how a ref
-and ``origin/HEAD`` are read from git's files backend (:func:`read_ref`, :func:`origin_head`).
+A look at the fleet (:func:`start_look`) lists the remote before it can fetch the state refs
+that moved; the listing is in well before the suite has loaded, so a thread of the script
+(:func:`_look_ahead`) composes and starts that fetch meanwhile, and the command takes it as it
+takes the others (:func:`mirrors_at_start` hands it the mirrors the thread compared with).
+
+This module is the one owner of what those calls are, for the early start and the usual path
+alike: the environment git runs in (:func:`git_env`), a fetch's fixed words (:func:`fetch_args`),
+the monitor's and the inbox's poll (:func:`poll_fetch_args`, :func:`own_state_refspecs`), the
+names of the state refs (PROTOCOL.md, "Per-server state refs") and the fetch of those that moved
+(:func:`moved_state_refspecs`, :func:`state_fetch_command`), the default clone and server, and how
+refs and ``origin/HEAD`` are read from git's files backend (:func:`read_ref`, :func:`refs_in`,
+:func:`origin_head`).
 
 :func:`leave` also ends the process without the interpreter's teardown: freeing, one by one, every
 object and module a short command made costs 5 to 10 ms, a fifth of an ``inbox.py list``, to give
@@ -30,8 +37,8 @@ flush is one) and both streams are flushed; where that cannot be sure to be all 
 not a daemon still running, a stream that cannot be flushed, a debugger, profiler or coverage
 run that writes its results after the script, ``python -i``), the usual ``SystemExit``.
 
-Imports: :mod:`os` and :mod:`sys` only, so that calling it first costs nothing the command would
-not pay anyway (fleet_cli, "Start-up"). Where the C library can start a process itself
+Imports: :mod:`os`, :mod:`sys` and :mod:`_thread` only, so that calling it first costs nothing the
+command would not pay anyway (fleet_cli, "Start-up"). Where the C library can start a process itself
 (``os.posix_spawnp``: Linux, macOS) the calls start without :mod:`subprocess`, whose import (it
 brings :mod:`locale` and :mod:`re`) would delay them by 10 ms; :class:`SpawnedGit` gives them the
 part of ``subprocess.Popen`` that :mod:`fleet_git` uses. Windows starts them with ``subprocess``.
@@ -40,6 +47,7 @@ part of ``subprocess.Popen`` that :mod:`fleet_git` uses. Windows starts them wit
 from __future__ import annotations
 
 import _thread
+import io  # (loaded with the interpreter: its open() is io's)
 import os
 import sys
 
@@ -89,6 +97,7 @@ MAX_LOOSE_REF_BYTES: Final = 256  # an object id and a newline; a longer file is
 EXIT_INTERRUPTED: Final = 130  # a Ctrl+C (PROTOCOL.md, "Command-line contract")
 STOP_GRACE_SECONDS: Final = 1.0  # a started call nobody took may finish this long before it is stopped
 LOOK_AHEAD_SWITCH_SECONDS: Final = 0.0002  # the interpreter's turns while the look-ahead runs (default 5 ms)
+LOOK_AHEAD_STEP_SECONDS: Final = 0.05  # the look-ahead's waits, between which it sees the command take over
 
 
 class _Unknown:
@@ -547,7 +556,7 @@ def _start(root: str, args: List[str]) -> Optional["subprocess.Popen[bytes]"]:
 
 class _LookAhead:
     """What :func:`_look_ahead`'s thread did: ``before``, the mirrors it read, once it started a
-    fetch of the state refs that moved; ``done`` is held until it has decided."""
+    fetch of the state refs that moved; ``done`` is held until the thread ends."""
 
     __slots__ = ("root", "done", "before", "taken")
 
@@ -590,13 +599,14 @@ def _read_ahead(ahead: _LookAhead, git_dir: str, listing: "SpawnedGit", config: 
     clone that negotiates, more servers than :data:`MAX_STATE_SERVERS` (some are left out, by the
     roster's ranking), more refspecs than fit on the command line, refs only git can read."""
     try:
-        settings, _ = config.communicate()
-        if config.returncode != 0 or NEGOTIATE_KEY.encode("ascii") in settings.lower():
+        settings = _when_done(config, ahead)
+        if settings is None or config.returncode != 0 or NEGOTIATE_KEY.encode("ascii") in settings[0].lower():
             return
         before = refs_in(git_dir, (REF_PREFIX, LOCAL_FALLBACK_PREFIX), ANY_HEXLEN)  # while the remote answers
-        out, _ = listing.communicate()
-        if before is None or listing.returncode != 0:
+        listed = _when_done(listing, ahead)
+        if before is None or listed is None or listing.returncode != 0:
             return
+        out = listed[0]
         tips = {}
         for line in out.decode("utf-8", "replace").splitlines():
             oid, _, ref = line.partition("\t")
@@ -618,18 +628,26 @@ def _read_ahead(ahead: _LookAhead, git_dir: str, listing: "SpawnedGit", config: 
         ahead.done.release()
 
 
+def _when_done(proc: "SpawnedGit", ahead: _LookAhead) -> Optional[Tuple[bytes, bytes]]:
+    """``proc``'s output once it is done, or ``None`` once the command has taken over (it waits in
+    steps: a git whose output something it left behind holds open is the command's to judge)."""
+    while not ahead.taken:
+        done = proc.finished_within(LOOK_AHEAD_STEP_SECONDS)
+        if done is not None:
+            return done
+    return None
+
+
 def mirrors_at_start(root: object) -> Optional[Dict[str, str]]:
     """The state refs' mirrors in the clone at ``root`` (ref -> id) as the look-ahead read them
     when it started a fetch of those that moved (the caller's own fetch of them, composed from the
-    same listing and these mirrors, takes it: :func:`adopt`), else ``None``. Called once the
-    caller has read the listing: waits for the look-ahead's decision, which follows it closely;
-    nothing starts after this call."""
+    same listing and these mirrors, takes it: :func:`adopt`), else ``None``; the look-ahead starts
+    nothing after this call (the caller, which has read the listing, composes the fetch itself)."""
     global _AHEAD
     ahead = _AHEAD
     if ahead is None or ahead.root != os.fspath(root):  # type: ignore[arg-type]
         return None
     _AHEAD = None
-    ahead.done.acquire(timeout=STOP_GRACE_SECONDS)
     with _GUARD:
         ahead.taken = True
         return ahead.before
@@ -762,25 +780,40 @@ def _inheritable_fds() -> Optional[List[int]]:
     return None
 
 
+class _Pipe(io.FileIO):
+    """The reading end of a :class:`SpawnedGit`'s pipe: closed only between two reads of it (the
+    look-ahead's thread may be reading it; a number closed under a reader and given to another
+    call's pipe would hand that reader the other call's output)."""
+
+    def __init__(self, fd: int, reading: "_thread.RLock") -> None:
+        super().__init__(fd, "rb")
+        self._reading = reading
+
+    def close(self) -> None:
+        with self._reading:
+            super().close()
+
+
 class SpawnedGit:
     """A git started by :func:`spawn_git`, with the part of :class:`subprocess.Popen` that
     :mod:`fleet_git` uses on it (``args``, ``pid``, ``returncode``, ``stdout``/``stderr``/``stdin``,
     :meth:`poll`, :meth:`wait`, :meth:`communicate`, :meth:`kill`, :meth:`terminate`), with
     Popen's meaning: :meth:`communicate` raises ``subprocess.TimeoutExpired`` with the output read
     so far and keeps it for the next call, and a negative ``returncode`` names the signal that
-    ended git."""
+    ended git. Two threads may wait for it (the look-ahead's and the command's): one reads at a
+    time, one reaps, and both get all of its output."""
 
     def __init__(self, args: List[str], pid: int, out_fd: int, err_fd: int) -> None:
         self.args = args
         self.pid = pid
         self.returncode: Optional[int] = None
         self.stdin = None
-        self.stdout = open(out_fd, "rb", buffering=0)  # noqa: SIM115 - closed when read to its end
-        self.stderr = open(err_fd, "rb", buffering=0)  # noqa: SIM115
+        self._reading = _thread.RLock()  # one reader of the pipes at a time; a pipe closes between reads
+        self._reaping = _thread.allocate_lock()  # one waitpid at a time, as in Popen
+        self.stdout = _Pipe(out_fd, self._reading)
+        self.stderr = _Pipe(err_fd, self._reading)
         self._out = bytearray()
         self._err = bytearray()
-        self._reading = _thread.allocate_lock()  # one reader of the pipes at a time (the look-ahead's thread)
-        self._reaping = _thread.allocate_lock()  # one waitpid at a time, as in Popen
 
     def __repr__(self) -> str:
         return f"<SpawnedGit pid={self.pid} returncode={self.returncode} args={self.args!r}>"
@@ -798,6 +831,14 @@ class SpawnedGit:
         return self.returncode
 
     def wait(self, timeout: Optional[float] = None) -> int:
+        if not self._reaped(timeout):
+            import subprocess
+
+            raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
+        return self.returncode  # type: ignore[return-value]
+
+    def _reaped(self, timeout: Optional[float]) -> bool:
+        """Whether git ended (and was reaped) within ``timeout`` (``None``: however long it takes)."""
         import time
 
         end = None if timeout is None else time.monotonic() + timeout
@@ -813,22 +854,30 @@ class SpawnedGit:
                 break
             left = end - time.monotonic()
             if left <= 0:
-                import subprocess
-
-                raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
+                return False
             delay = min(delay * 2, left, 0.05)
             time.sleep(delay)
-        return self.returncode  # type: ignore[return-value]
+        return True
 
     def communicate(self, input: None = None, timeout: Optional[float] = None) -> Tuple[bytes, bytes]:
         """Both outputs read to their end, then git waited for, within ``timeout`` in all; the
         same outputs again on a later call."""
+        done = self.finished_within(timeout)
+        if done is None:
+            import subprocess
+
+            raise subprocess.TimeoutExpired(self.args, timeout,  # type: ignore[arg-type]
+                                            bytes(self._out), bytes(self._err))
+        return done
+
+    def finished_within(self, timeout: Optional[float]) -> Optional[Tuple[bytes, bytes]]:
+        """:meth:`communicate`, ``None`` instead of raising when ``timeout`` passes first."""
         import select  # poll, where posix_spawnp is (spawn_git): not selectors, whose import costs 3 ms
         import time
 
         end = None if timeout is None else time.monotonic() + timeout
         if not self._reading.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            self._timed_out(timeout)
+            return None
         try:
             poller = select.poll()
             pipes = {}
@@ -839,7 +888,7 @@ class SpawnedGit:
             while pipes:
                 left = None if end is None else end - time.monotonic()
                 if left is not None and left <= 0:
-                    self._timed_out(timeout)
+                    return None
                 for fd, _events in poller.poll(None if left is None else left * 1000):
                     data = os.read(fd, 65536)
                     if data:
@@ -847,16 +896,11 @@ class SpawnedGit:
                     else:
                         poller.unregister(fd)
                         pipes.pop(fd).close()
-            self.wait(None if end is None else max(0.0, end - time.monotonic()))
+            if not self._reaped(None if end is None else max(0.0, end - time.monotonic())):
+                return None
         finally:
             self._reading.release()
         return bytes(self._out), bytes(self._err)
-
-    def _timed_out(self, timeout: Optional[float]) -> "NoReturn":
-        import subprocess
-
-        raise subprocess.TimeoutExpired(self.args, timeout,  # type: ignore[arg-type]
-                                        bytes(self._out), bytes(self._err))
 
     def send_signal(self, signal_number: int) -> None:
         if self.returncode is None:

@@ -597,7 +597,9 @@ class StateStore:
         The branch's fetch (:meth:`Clone.fetch`) runs beside a listing of the remote (the
         ``ls-remote`` of :meth:`poll`) and, when a state ref moved, a fetch of those that did,
         by the commits listed and without negotiation (:meth:`_fetch_states`: in one fetch with the branch, a
-        moved state ref kept git negotiating for four round trips). Never by pattern: a pattern
+        moved state ref kept git negotiating for four round trips, 640 ms instead of 430 over a
+        100 ms link). ``fleet_status.py``'s script starts all three before the suite loads, the
+        last from a thread once the listing is in (:func:`fleet_start.mirrors_at_start`). Never by pattern: a pattern
         would mirror every ref another member pushes under ``refs/fleet/`` (20,000 of them took
         80 MB of ref files in a clone), and where ref names are case-blind (``core.ignorecase``:
         Windows, macOS) a ref such as ``refs/fleet/CODE2`` would land on code2's mirror; only

@@ -93,6 +93,11 @@ def _presence(clone: Path, server: str, activity: str) -> None:
     assert StateStore(Clone(clone)).update(server, StateChange(presence=doc))
 
 
+def _doing(report: dict) -> dict:
+    """Each server's published activity in a report."""
+    return {row["id"]: (row["presence"] or {}).get("activity") for row in report["servers"]}
+
+
 def _looked_ahead() -> "fleet_start._LookAhead":
     """The look-ahead of the last start_look, once it has decided."""
     ahead = fleet_start._AHEAD
@@ -121,8 +126,7 @@ def test_the_status_fetches_the_state_refs_that_moved_while_it_loads(fleet, tmp_
     assert sorted(f"{ref} {oid}" for ref, oid in ahead.before.items()) == before.splitlines()
     report = fleet_status(Clone(c2))
     assert not fleet_start._STARTED  # all four taken
-    doing = {row["id"]: (row["presence"] or {}).get("activity") for row in report["servers"]}
-    assert doing["build1"] == "compiling" and doing["build2"] == "testing"
+    assert _doing(report)["build1"] == "compiling" and _doing(report)["build2"] == "testing"
     commands = _git_commands(trace)
     assert _count(commands, "fetch") == 2 and _count(commands, "ls-remote") == 1, commands
 
@@ -141,8 +145,35 @@ def test_the_look_ahead_leaves_a_clone_that_negotiates_to_the_command(fleet, tmp
     assert _looked_ahead().before is None and len(fleet_start._STARTED) == 3
     report = fleet_status(Clone(c2))
     assert not fleet_start._STARTED
-    assert {row["id"]: (row["presence"] or {}).get("activity") for row in report["servers"]}["build1"] == "compiling"
+    assert _doing(report)["build1"] == "compiling"
     assert not any("negotiationAlgorithm=noop" in command for command in _git_commands(trace))
+
+
+@pytest.mark.skipif(not fleet_start.POSIX_SPAWN, reason="the look-ahead reads git's pipes where posix_spawnp starts it")
+def test_a_listing_whose_output_a_leftover_holds_ends_the_look_ahead_with_the_command(fleet):
+    """A process the listing leaves behind (an ssh master, say) holds its output open: the command
+    judges that (fleet_git._drain); the look-ahead's thread, which waits in steps, ends once the
+    command has taken over, gives the interpreter back its usual turns, and reads no other call's
+    output from a pipe number the command closed and git reused."""
+    c2 = _reader(fleet)
+    b1 = fleet.clones["build1"]
+    _presence(b1, "build1", "first")
+    fleet_status(Clone(c2))
+    git(c2, "config", "remote.origin.uploadpack",
+        "sh -c '(sleep 120 </dev/null >/dev/null &); exec git-upload-pack \"$@\"' upload-pack")
+    _presence(b1, "build1", "compiling")
+    switching = sys.getswitchinterval()
+    try:
+        fleet_start.start_look(["--repo", str(c2), "--json"])
+        ahead = fleet_start._AHEAD
+        report = fleet_status(Clone(c2))
+        assert ahead is not None and ahead.done.acquire(timeout=15)  # the thread has ended (the leftover lives on)
+        assert sys.getswitchinterval() == switching
+        assert _doing(report)["build1"] == "compiling"
+    finally:
+        for proc in psutil.process_iter(["cmdline"]):
+            if proc.info["cmdline"] == ["sleep", "120"]:
+                proc.kill()
 
 
 def test_the_script_of_the_status_takes_every_call_it_started(fleet, tmp_path):
@@ -155,7 +186,7 @@ def test_the_script_of_the_status_takes_every_call_it_started(fleet, tmp_path):
     proc = run_script("fleet_status.py", "--repo", str(c2), "--json", env={"GIT_TRACE": str(trace)})
     assert proc.returncode in (0, 1), proc.stderr
     report = json.loads(proc.stdout)
-    assert {row["id"]: (row["presence"] or {}).get("activity") for row in report["servers"]}["build1"] == "compiling"
+    assert _doing(report)["build1"] == "compiling"
     commands = _git_commands(trace)
     assert (_count(commands, "fetch"), _count(commands, "ls-remote"), _count(commands, "config")) == (2, 1, 1), commands
 
