@@ -18,6 +18,10 @@ Measured, per fleet, on a real process (``python3 python/fleet_status.py --repo 
   and parses the mailbox (``benchlib.python_fetch_argv``), in a clone of its own, against the same floor: the least any
   Python command that looks at the fleet can cost; reported, on the local path.
 * the page (``--html``) for 50 servers: its size in KB; reported.
+* the CPU the status and its git processes use (user + system time of the process and its
+  children), after a send and with nothing moved, against the same floor's (2 x the fetch's + the
+  interpreter's start): on a machine with few cores a look is bound by CPU; reported, on the local
+  path, where the system can tell (``resource``).
 
 The status and its floor are measured again with the viewer's clone and the floor's reaching the
 remote over a 100 ms round trip (``bench/slowlink.py``; fewer rounds, keys ending in ``.rtt100``,
@@ -103,7 +107,8 @@ def measure(info: Dict[str, Any], reps: int, rtt_ms: Optional[float] = None) -> 
 
     fleet = info["fleet"]
     viewer = fleet.clones["viewer"]
-    out: Dict[str, Any] = {"moved": [], "idle": [], "fetch": [], "interpreter": [], "python_fetch": []}
+    out: Dict[str, Any] = {"moved": [], "idle": [], "fetch": [], "interpreter": [], "python_fetch": [],
+                           "cpu": {"moved": [], "idle": [], "fetch": [], "interpreter": []}}
     with linked(fleet.origin, [viewer, fleet.clones["floor"]], rtt_ms):
         _run(_status_argv(viewer, "--json"))  # warm: the first look fetches every state ref
         if rtt_ms is None:  # its first fetch brings every state ref
@@ -129,22 +134,36 @@ def _round(info: Dict[str, Any], out: Dict[str, Any], i: int, python_floor: bool
     sender, floor_clone = fleet.clones["sender"], fleet.clones["floor"]
     status = _status_argv(fleet.clones["viewer"], "--json")
     moved, idle, fetches, starts = (out[k] for k in ("moved", "idle", "fetch", "interpreter"))
+    cpu = out["cpu"]
     result = send_message(f"status bench {i}", None, "srv00", from_sender="srv01",
                           build_repo_path=str(sender))
     if not result:
         raise RuntimeError(f"send failed: {result.status} {result.reason}")
     info["store"].update("srv02", StateChange(presence=presence_doc(
         started=time.time() - 3600, interval=10, healthy=True, version="1.1.0")))
-    steps = [lambda: fetches.append(bl.timed(lambda: bl.git(floor_clone, "fetch", "-q", "origin",
-                                                             bl.BRANCH))[0]),
-             lambda: moved.append(bl.timed(lambda: _run(status))[0])]
+    steps = [lambda: _timed(fetches, cpu["fetch"], lambda: bl.git(floor_clone, "fetch", "-q", "origin", bl.BRANCH)),
+             lambda: _timed(moved, cpu["moved"], lambda: _run(status))]
     for step in (steps if i % 2 == 0 else list(reversed(steps))):
         step()
-    starts.append(bl.timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))[0])
+    _timed(starts, cpu["interpreter"], lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))
     if python_floor:
         argv = bl.python_fetch_argv(fleet.clones["python_floor"], state_refs=True)
         out["python_fetch"].append(bl.timed(lambda: subprocess.run(argv, check=True))[0])
-    idle.append(bl.timed(lambda: _run(status))[0])
+    _timed(idle, cpu["idle"], lambda: _run(status))
+
+
+def _timed(seconds: List[float], cpu: List[float], fn: Any) -> None:
+    """Append the wall time of ``fn()`` to ``seconds`` and, where the system tells, the CPU time
+    its child processes used (user + system) to ``cpu``."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        seconds.append(bl.timed(fn)[0])
+        return
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds.append(bl.timed(fn)[0])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
 
 
 def status_figures(info: Dict[str, Any], res: Dict[str, Any], rtt_ms: Optional[float]) -> List[bl.Figure]:
@@ -167,6 +186,18 @@ def status_figures(info: Dict[str, Any], res: Dict[str, Any], rtt_ms: Optional[f
                                  f"subprocess), {count} servers",
                                  bl.median(res["python_fetch"]), "ms", floor, scale=1000,
                                  note="the least any Python command that looks at the fleet costs"))
+    used = res.get("cpu", {})
+    if rtt_ms is None and all(used.get(k) for k in ("moved", "idle", "fetch", "interpreter")):
+        cpu_floor = 2 * bl.median(used["fetch"]) + bl.median(used["interpreter"])
+        label = f"CPU of fleet_status.py and its git processes, {count} servers"
+        figures += [
+            bl.Figure(f"fleet_status.cpu_s{count}", f"{label}, after a send and a presence update",
+                      bl.median(used["moved"]), "ms", cpu_floor, scale=1000,
+                      note=f"floor 2 x fetch {bl.median(used['fetch']) * 1000:.0f} ms + python start "
+                           f"{bl.median(used['interpreter']) * 1000:.0f} ms of CPU"),
+            bl.Figure(f"fleet_status.cpu_s{count}_idle", f"{label}, nothing moved",
+                      bl.median(used["idle"]), "ms", cpu_floor, scale=1000),
+        ]
     if count == max(SIZES) and "page_bytes" in res:
         figures.append(bl.Figure(f"fleet_status.page_kb_{count}", f"status page size, {count} servers",
                                  res["page_bytes"] / 1024, "KB"))
