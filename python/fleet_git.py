@@ -44,7 +44,6 @@ from fleet_start import (  # noqa: F401  (git_env and NO_HOOKS: fleet_git offers
     is_oid,
     origin_head,
     own_group,
-    packed_refs,
     popen_git,
     read_ref,
     refs_in,
@@ -625,7 +624,7 @@ class Clone:
         write to it while it runs, however long the wait), or none."""
         if input is None:
             return self._spawn(args)
-        import tempfile  # only for many refspecs (fleet_state.REFSPECS_IN_ARGV)
+        import tempfile  # only for many refspecs (fleet_start.REFSPECS_IN_ARGV)
 
         with tempfile.TemporaryFile() as source:
             source.write(input)
@@ -725,10 +724,6 @@ class Clone:
         """A ref's id read from git's files backend (:func:`fleet_start.read_ref`): ``None``
         when absent, ``UNKNOWN`` when only git can tell (another ref storage, a symbolic ref)."""
         return read_ref(os.fspath(self.common_dir), refname, self.hexlen)
-
-    def _packed_refs(self) -> Optional[Dict[str, str]]:
-        """``packed-refs`` as name -> id (empty when there is none); ``None`` when unreadable."""
-        return packed_refs(os.fspath(self.common_dir), self.hexlen)
 
     def refs_in(self, *folders: str) -> Dict[str, str]:
         """The refs directly in these ref folders (``refs/fleet/``, say; not in folders below

@@ -642,12 +642,17 @@ def mirrors_at_start(root: object) -> Optional[Dict[str, str]]:
     """The state refs' mirrors in the clone at ``root`` (ref -> id) as the look-ahead read them
     when it started a fetch of those that moved (the caller's own fetch of them, composed from the
     same listing and these mirrors, takes it: :func:`adopt`), else ``None``; the look-ahead starts
-    nothing after this call (the caller, which has read the listing, composes the fetch itself)."""
+    nothing after this call (the caller, which has read the listing, composes the fetch itself),
+    which gives it one step to decide."""
     global _AHEAD
     ahead = _AHEAD
     if ahead is None or ahead.root != os.fspath(root):  # type: ignore[arg-type]
         return None
     _AHEAD = None
+    # The listing is in: the thread's decision follows at once, unless it has still to wake up
+    # (the command read the listing first, as it does when the remote answers after the imports).
+    if ahead.done.acquire(timeout=LOOK_AHEAD_STEP_SECONDS):
+        ahead.done.release()
     with _GUARD:
         ahead.taken = True
         return ahead.before

@@ -53,7 +53,7 @@ from fleet_mailbox import MAX_KEY_CHARS
 from fleet_start import (  # (their one owner: the script of a look at the fleet reads them first)
     FALLBACK_PREFIX,
     LOCAL_FALLBACK_PREFIX,
-    MAX_STATE_SERVERS,
+    MAX_STATE_SERVERS,  # (lowered here by a test, the look-ahead's stays: what that starts is then not taken)
     NEGOTIATE_KEY,
     REF_PREFIX,
     listed_state_refs,
