@@ -32,8 +32,6 @@ from fleet_secrets import LazyPattern
 from fleet_start import (  # noqa: F401  (git_env and NO_HOOKS: fleet_git offers what it always offered)
     CONFIG_ARGS,
     LOOSE_COMPRESSION,
-    MAX_BRANCH_LENGTH,
-    MAX_LOOSE_REF_BYTES,
     NO_HOOKS,
     UNKNOWN,
     adopt,
@@ -42,6 +40,7 @@ from fleet_start import (  # noqa: F401  (git_env and NO_HOOKS: fleet_git offers
     fetch_args,
     git_env,
     is_oid,
+    listed_refs,
     origin_head,
     own_group,
     popen_git,
@@ -79,7 +78,6 @@ MIN_RACE_ATTEMPTS: Final = 5  # ... once this many tried: on a slow remote one l
 RACE_DELAY_CAP: Final = 1.0  # seconds: tens to hundreds of milliseconds (PROTOCOL.md step 5)
 
 
-
 def _folders_of(paths: Iterable[str]) -> List[str]:
     """Every folder that holds one of ``paths``, the root (``""``) first."""
     return sorted({"/".join(p.split("/")[:n]) for p in paths for n in range(p.count("/") + 1)})
@@ -112,8 +110,6 @@ def _feed(stream: "object", data: bytes) -> None:
 
 def _tree_spec(commit: str, folder: str) -> str:
     return f"{commit}:{folder}" if folder else f"{commit}^{{tree}}"
-
-
 
 
 class GitError(SuiteError):
@@ -208,7 +204,6 @@ class LocalRefLocked(GitError):
 
 class NotAClone(UsageError):
     """``--repo`` is missing, not a git clone, or has no ``origin``."""
-
 
 
 def check_branch_name(branch: str) -> str:
@@ -389,8 +384,6 @@ def _local_lock_busy(text: str) -> bool:
 def _is_race(text: str) -> bool:
     lowered = text.lower()
     return any(marker in lowered for marker in _RACE_MARKERS)
-
-
 
 
 def _push_status(stdout: bytes, dest: str) -> Optional[PushStatus]:
@@ -764,14 +757,11 @@ class Clone:
         for attempt in range(LOCAL_LOCK_RETRIES + 1):
             if started is not None:
                 proc, started = self.finish_network_git(started, deadline=deadline), None
-                if proc.returncode == 0:
-                    self.maintain()
             else:
                 proc = self.network_git(*branch_fetch_args(self.branch, refetch=refetch, keep_pack=keep_pack),
                                         check=False)
-                if proc.returncode == 0:
-                    self.maintain()
             if proc.returncode == 0:
+                self.maintain()
                 break
             text = proc.stderr.decode("utf-8", "replace")
             lowered = text.lower()
@@ -852,10 +842,9 @@ class Clone:
         if proc.returncode != 0:
             raise RemoteUnavailable(["git", "ls-remote", "origin", self.branch], proc.returncode,
                                     proc.stdout, proc.stderr)
-        for line in proc.stdout.decode().splitlines():
-            oid, _, ref = line.partition("\t")
-            if ref == f"refs/heads/{self.branch}":
-                return oid
+        tip = listed_refs(proc.stdout).get(f"refs/heads/{self.branch}")
+        if tip is not None:
+            return tip
         if allow_missing:
             return None
         raise BranchMissing(self.branch, ["git", "ls-remote", "origin", self.branch], proc.returncode,

@@ -216,6 +216,15 @@ def listing_args(branch: str) -> List[str]:
     return ["ls-remote", "origin", f"refs/heads/{branch}", REF_PREFIX + "*", FALLBACK_PREFIX + "*"]
 
 
+def listed_refs(out: bytes) -> Dict[str, str]:
+    """The refs of a listing's output (``ls-remote``: ``<id> TAB <name>`` lines), name -> id."""
+    refs = {}
+    for line in out.decode("utf-8", "replace").splitlines():
+        oid, _, ref = line.partition("\t")
+        refs[ref] = oid
+    return refs
+
+
 def parse_state_ref(ref: str) -> Optional[Tuple[str, str]]:
     """(server, local mirror ref) for a remote state ref's name, or ``None`` for anything else
     (a name that is not a server id as written in its canonical lower case)."""
@@ -295,27 +304,29 @@ def read_ref(common_dir: str, refname: str, hexlen: int) -> object:
     when absent, :data:`UNKNOWN` when only git can tell (a reftable, a symbolic ref)."""
     if os.path.isdir(os.path.join(common_dir, "reftable")):
         return UNKNOWN
-    try:
-        with open(os.path.join(common_dir, refname), "rb") as handle:
-            data = handle.read(MAX_LOOSE_REF_BYTES + 1)
-    except FileNotFoundError:
-        data = None
-    except OSError:
-        return UNKNOWN
-    if data is not None:
-        text = data.decode("ascii", "replace").strip()
-        return text if len(data) <= MAX_LOOSE_REF_BYTES and is_oid(text, hexlen) else UNKNOWN
+    found = _loose_ref(os.path.join(common_dir, refname), hexlen)
+    if found is not None:
+        return found
     packed = packed_refs(common_dir, hexlen)
     return UNKNOWN if packed is None else packed.get(refname)
 
 
-def _read_small(path: str, limit: int) -> bytes:
-    """At most ``limit`` bytes of a small file (a ref), without a file object (a third of the cost)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+def _loose_ref(path: str, hexlen: int) -> object:
+    """The id a loose ref's file holds: ``None`` when there is no such file, :data:`UNKNOWN` when
+    it cannot be read or holds no id (a symbolic ref, a file git would not write). Read without a
+    file object (a third of the cost: a look reads one per server)."""
     try:
-        return os.read(fd, limit)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            data = os.read(fd, MAX_LOOSE_REF_BYTES + 1)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return UNKNOWN
+    text = data.decode("ascii", "replace").strip()
+    return text if len(data) <= MAX_LOOSE_REF_BYTES and is_oid(text, hexlen) else UNKNOWN
 
 
 def refs_in(common_dir: str, folders: Sequence[str], hexlen: int) -> Optional[Dict[str, str]]:
@@ -329,8 +340,8 @@ def refs_in(common_dir: str, folders: Sequence[str], hexlen: int) -> Optional[Di
     loose: Dict[str, str] = {}
     for folder in folders:
         try:
-            with os.scandir(os.path.join(common_dir, folder)) as found:
-                entries = list(found)
+            with os.scandir(os.path.join(common_dir, folder)) as listing:
+                entries = list(listing)
         except FileNotFoundError:
             continue
         except OSError:
@@ -338,15 +349,12 @@ def refs_in(common_dir: str, folders: Sequence[str], hexlen: int) -> Optional[Di
         for entry in entries:
             if entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
                 continue  # a ref being written (git renames it into place), or a folder
-            try:
-                text = _read_small(entry.path, MAX_LOOSE_REF_BYTES).decode("ascii").strip()
-            except FileNotFoundError:
+            found = _loose_ref(entry.path, hexlen)
+            if found is None:
                 continue  # deleted meanwhile
-            except (OSError, UnicodeDecodeError):
+            if found is UNKNOWN:
                 return None
-            if not is_oid(text, hexlen):
-                return None
-            loose[folder + entry.name] = text
+            loose[folder + entry.name] = found  # type: ignore[assignment]
     packed = packed_refs(common_dir, hexlen)
     if packed is None:
         return None
@@ -606,12 +614,7 @@ def _read_ahead(ahead: _LookAhead, git_dir: str, listing: "SpawnedGit", config: 
         listed = _when_done(listing, ahead)
         if before is None or listed is None or listing.returncode != 0:
             return
-        out = listed[0]
-        tips = {}
-        for line in out.decode("utf-8", "replace").splitlines():
-            oid, _, ref = line.partition("\t")
-            tips[ref] = oid
-        found = listed_state_refs(tips)
+        found = listed_state_refs(listed_refs(listed[0]))
         if len(found) > MAX_STATE_SERVERS:
             return
         wanted = moved_state_refspecs(found, sorted(found), before.get)

@@ -56,6 +56,7 @@ from fleet_start import (  # (their one owner: the script of a look at the fleet
     MAX_STATE_SERVERS,  # (lowered here by a test, the look-ahead's stays: what that starts is then not taken)
     NEGOTIATE_KEY,
     REF_PREFIX,
+    listed_refs,
     listed_state_refs,
     listing_args,
     mirrors_at_start,
@@ -392,16 +393,9 @@ class StateStore:
         if proc.returncode != 0:
             raise RemoteUnavailable(["git", "ls-remote", "origin"], proc.returncode, proc.stdout,
                                     proc.stderr)
-        branch = f"refs/heads/{self.clone.branch}"
-        tip = None
-        states: Dict[str, str] = {}
-        for line in proc.stdout.decode("utf-8", "replace").splitlines():
-            oid, _, ref = line.partition("\t")
-            if ref == branch:
-                tip = oid
-            elif parse_state_ref(ref) is not None:
-                states[ref] = oid
-        self.last_view = RemoteView(tip, states)
+        refs = listed_refs(proc.stdout)
+        states = {ref: oid for ref, oid in refs.items() if parse_state_ref(ref) is not None}
+        self.last_view = RemoteView(refs.get(f"refs/heads/{self.clone.branch}"), states)
         return self.last_view
 
     def local_tip(self, local_ref: str) -> Optional[str]:
