@@ -40,14 +40,17 @@ The rules, and where each is kept:
   :mod:`subprocess` and :mod:`threading` (``fleet_git`` names them through
   ``fleet_common.LazyModule``: a look whose git calls its script started needs neither).
 * The secret check compiles a pattern only for text that holds one of its words
-  (``fleet_secrets.LazyPattern``); ``inbox.py`` builds only the named command's arguments.
+  (``fleet_secrets.LazyPattern``), as do the patterns only a repair, a failing fetch or a given
+  duration needs; ``inbox.py`` builds only the named command's arguments.
 * A listing sorts by seconds worked out without :mod:`datetime`
   (``fleet_common.timestamp_seconds``).
 * The first network call does not wait for the imports: ``inbox.py`` and ``fleet_status.py``
   start it (and the reading of the clone's settings) before their module loads, and the command
   takes the started process when its own call is the same (:mod:`fleet_start`); the status also
   starts the fetch of the state refs that moved as soon as the listing is in, from a thread, while
-  the imports run. Both end through ``fleet_start.leave``, without the interpreter's teardown.
+  the imports run. Both hold the cyclic garbage collector off while their module loads and
+  leave what it made to it no more (``fleet_start.loaded``), and end through
+  ``fleet_start.leave``, without the interpreter's teardown.
 
 ``tests/test_startup.py`` runs each short command and fails when one of these is imported;
 ``bench/send.py``, ``bench/inbox.py`` and ``bench/fleet_status.py`` measure the result.

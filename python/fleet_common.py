@@ -463,11 +463,22 @@ def parse_timestamp(value: object) -> Optional[_dt.datetime]:
     """
     if not isinstance(value, str):
         return None
+    import datetime as _dt
+
+    if (len(value) == 20 and value[19] == "Z" and value[10] == "T" and value[4] == value[7] == "-"
+            and value[13] == value[16] == ":"):
+        # The suite's own form (iso_utc), most of what a look reads: datetime's parser takes it in
+        # a tenth of the time (ASCII digits only, each field where the pattern has it; anything it
+        # refuses, or reads otherwise, such as 24:00, takes the pattern's way).
+        try:
+            moment = _dt.datetime.fromisoformat(value[:19] + "+00:00")
+        except ValueError:
+            moment = None
+        if moment is not None and moment.hour == int(value[11:13]):
+            return moment
     m = _TS_RE.match(value)
     if not m:
         return None
-    import datetime as _dt
-
     year, month, day, hour, minute, second, frac, zone = m.groups()
     micro = int((frac or "0")[:6].ljust(6, "0"))
     try:
@@ -782,6 +793,11 @@ def json_depth_exceeds(raw: bytes, max_depth: int) -> bool:
     # Escaped backslashes, then escaped quotes, go first (left to right, as JSON reads them), so
     # every quote left delimits a string; then only quotes and brackets are kept, and strings go.
     text = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    if text.count(b'"') % 2 == 0:  # every quote has a partner (as in any JSON text)
+        # Two quotes side by side (an empty string, or the end of one and the start of the
+        # next) can go first: every other quote keeps its partner, and the pattern below is left
+        # a tenth of the work.
+        text = text.replace(b'""', b"")
     brackets = _STRING_BODY.sub(b"", text)
     for _ in range(max_depth):
         if not brackets:
@@ -808,7 +824,8 @@ def load_json_bounded(raw: "bytes | str", *, what: str, max_bytes: int,
     if json_depth_exceeds(data, max_depth):
         raise BadInput(f"{what} nests deeper than {max_depth} levels")
     try:
-        return json.loads(data.decode("utf-8-sig"), parse_int=_bounded_int)
+        text = data.decode("utf-8")  # (as "utf-8-sig" does, without loading that codec's module)
+        return json.loads(text[1:] if text.startswith("\ufeff") else text, parse_int=_bounded_int)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BadInput(f"{what} does not parse: {one_line(exc, 200)}") from None
 

@@ -24,6 +24,7 @@ from fleet_common import (
     load_json_bounded,
     parse_timestamp,
 )
+from fleet_secrets import LazyPattern
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
@@ -596,7 +597,7 @@ def mark_in_blob(raw: Optional[bytes], blob: Optional[str], server: str, keys: I
 
 # A token of JSON structure in a broken text, once escapes are masked: a string (JSON strings hold
 # no raw line break, so an unterminated one costs at most the rest of its line) or a bracket.
-_STRUCTURE = re.compile(r'"[^"\n]*"|[][{}]')
+_STRUCTURE = LazyPattern(r'"[^"\n]*"|[][{}]')  # compiled by a repair
 
 
 def _object_spans(text: str) -> Dict[int, int]:
@@ -724,7 +725,7 @@ def merge_copies(kept: Dict[str, Any], other: Dict[str, Any]) -> bool:
     return changed
 
 
-_CONFLICT_MARK = re.compile(r"^(<<<<<<< |\|\|\|\|\|\|\| |=======\r?$|>>>>>>> )", re.MULTILINE)
+_CONFLICT_MARK = LazyPattern(r"^(<<<<<<< |\|\|\|\|\|\|\| |=======\r?$|>>>>>>> )", re.MULTILINE)  # compiled by a repair
 
 
 def conflict_sides(text: str) -> List[str]:

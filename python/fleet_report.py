@@ -49,6 +49,7 @@ from fleet_roster import ROSTER_PATH as ROSTER_PATH
 from fleet_roster import parse_roster as parse_roster
 from fleet_roster import read_roster as read_roster
 from fleet_roster import roster_warning as roster_warning
+from fleet_secrets import LazyPattern
 from fleet_state import (
     MAX_ID_CHARS,
     MAX_STATE_BYTES,
@@ -103,8 +104,8 @@ MAX_PARTICIPANTS_SHOWN: Final = 8
 PAGE_REFRESH_SECONDS: Final = 60  # the page reloads itself (no script: a meta refresh)
 PAGE_MODE: Final = 0o644  # the temporary file the page is written through is private (0600)
 
-_DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|secs|m|min|mins|h|hr|hrs|d|days?)?\s*$",
-                                 re.IGNORECASE)
+_DURATION_RE: Final = LazyPattern(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|secs|m|min|mins|h|hr|hrs|d|days?)?\s*$",
+                                  re.IGNORECASE)  # compiled when a duration is given
 _UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -201,8 +202,8 @@ def parse_mailbox(raw: Optional[bytes]) -> Dict[str, Any]:
 
 
 def take_snapshot(clone: Clone) -> Snapshot:
-    """One fetch of the branch and every state ref, then the mailbox, the roster and every
-    state file read from it.
+    """One fetch of the branch and every state ref; the mailbox and the roster read as soon as the
+    branch is in (the state refs' fetch may still run), then every state file.
 
     The mailbox and the roster are read as every reader reads them (:func:`read_mailbox`): a
     missing object is an error, never an empty mailbox. The state files are read in one batch
@@ -213,19 +214,7 @@ def take_snapshot(clone: Clone) -> Snapshot:
     """
     store = StateStore(clone)
     snap = Snapshot(clone.branch)
-    snap.tip = store.mirror_fleet()
-    if snap.tip is None:
-        snap.problems.append((WARNING, f"the branch {clone.branch} does not exist on the remote"))
-    if snap.tip:
-        try:
-            snap.mailbox = parse_mailbox(read_mailbox(clone, snap.tip)[1])
-        except MailboxCorrupt as exc:  # a folder there, or more than the suite reads
-            snap.problems.append((CRITICAL, f"{exc} (sends queue until message_monitor.py --repair)"))
-        except BadInput as exc:
-            snap.problems.append((CRITICAL, f"{exc} (sends queue until message_monitor.py --repair)"))
-        snap.roster = read_roster(clone, snap.tip)
-        if snap.roster.problem:
-            snap.problems.append((WARNING, snap.roster.problem))
+    store.mirror_fleet(meanwhile=lambda tip: _read_branch(clone, tip, snap))
     mirrors = store.mirrored(mirrors=store.after_look)
     if store.left_out:  # past the bound: the roster's servers first, then those the mailbox names
         roster, mail = set(snap.roster.servers), known_servers(snap.mailbox)
@@ -249,6 +238,23 @@ def take_snapshot(clone: Clone) -> Snapshot:
         except BadInput as exc:
             snap.problems.append((WARNING, f"state ref of {server} ignored: {exc}"))
     return snap
+
+
+def _read_branch(clone: Clone, tip: Optional[str], snap: Snapshot) -> None:
+    """The mailbox and the roster at the branch's ``tip`` (while the state refs may still come)."""
+    snap.tip = tip
+    if tip is None:
+        snap.problems.append((WARNING, f"the branch {clone.branch} does not exist on the remote"))
+    if tip:
+        try:
+            snap.mailbox = parse_mailbox(read_mailbox(clone, tip)[1])
+        except MailboxCorrupt as exc:  # a folder there, or more than the suite reads
+            snap.problems.append((CRITICAL, f"{exc} (sends queue until message_monitor.py --repair)"))
+        except BadInput as exc:
+            snap.problems.append((CRITICAL, f"{exc} (sends queue until message_monitor.py --repair)"))
+        snap.roster = read_roster(clone, tip)
+        if snap.roster.problem:
+            snap.problems.append((WARNING, snap.roster.problem))
 
 
 def _read_states(clone: Clone, wanted: Sequence[Tuple[str, str]], snap: Snapshot) -> Dict[str, Any]:

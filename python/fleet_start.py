@@ -47,6 +47,7 @@ part of ``subprocess.Popen`` that :mod:`fleet_git` uses. Windows starts them wit
 from __future__ import annotations
 
 import _thread
+import gc
 import io  # (loaded with the interpreter: its open() is io's)
 import os
 import sys
@@ -79,8 +80,8 @@ NEGOTIATE_KEY: Final = "fleet.negotiatestaterefs"
 # A folder that cannot exist (below the null device): git finds no hook there.
 NO_HOOKS: Final = os.path.join(os.devnull, "fleet-mailbox-runs-no-hooks")
 
-# The poll's fetch (the monitor's every cycle, and every inbox command's first look): quiet, no
-# tags nor submodules, and no FETCH_HEAD rewritten by an idle cycle.
+# The poll's fetch (the monitor's every cycle, and every inbox command's first look) and the
+# state refs' fetch: quiet, no tags nor submodules, and no FETCH_HEAD rewritten by an idle cycle.
 POLL_OPTIONS: Final = ("--quiet", "--no-tags", "--no-recurse-submodules", "--no-write-fetch-head", "origin")
 
 LOOSE_COMPRESSION: Final = 1  # zlib level for loose objects, ours and fetched: a multi-megabyte mailbox stays cheap
@@ -267,7 +268,7 @@ def state_fetch_command(wanted: Sequence[str], *,
     refs ``wanted``: beyond :data:`REFSPECS_IN_ARGV` of them, on standard input; without
     negotiation unless ``negotiate`` (fleet_state.StateStore._fetch_states says why)."""
     config = () if negotiate else ("-c", "fetch.negotiationAlgorithm=noop")
-    args = ["--quiet", "--no-tags", "--no-write-fetch-head", "origin"]
+    args = list(POLL_OPTIONS)
     if len(wanted) <= REFSPECS_IN_ARGV:
         return config, args + list(wanted), None
     return config, args[:-1] + ["--stdin", "origin"], "".join(spec + "\n" for spec in wanted).encode("ascii")
@@ -388,6 +389,27 @@ _STARTED: Dict[Tuple[str, Tuple[str, ...]], "subprocess.Popen[bytes]"] = {}
 _STOP_AT_EXIT = False
 _GUARD = _thread.allocate_lock()  # the look-ahead's start against the command's taking over and stop_unused
 _TIPS_AT_START: Dict[Tuple[str, str], Optional[str]] = {}
+_COLLECTOR_HELD = False
+
+
+def _hold_collector() -> None:
+    """Hold the cyclic garbage collector off while the suite loads (until :func:`loaded`): its
+    modules, classes and functions, tens of thousands of objects, live as long as the process, and
+    the collector walked them again and again as they came (4 % of a look at the fleet)."""
+    global _COLLECTOR_HELD
+    if gc.isenabled():
+        gc.disable()
+        _COLLECTOR_HELD = True
+
+
+def loaded() -> None:
+    """The script's modules are in (after :func:`start_poll` or :func:`start_look`): the collector
+    leaves what they made be from now on (``gc.freeze``) and runs again for what the command does."""
+    global _COLLECTOR_HELD
+    if _COLLECTOR_HELD:
+        _COLLECTOR_HELD = False
+        gc.freeze()
+        gc.enable()
 
 
 def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
@@ -395,7 +417,9 @@ def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
     run first, and the reading of the clone's settings, when everything they depend on can be read
     without git; not when a word of ``unless`` is on the command line (a command whose first
     network call is another). A clone that mirrors no state ref of this server yet lists the
-    remote first (:class:`monitor_remote.RemotePoller`): that listing is started then."""
+    remote first (:class:`monitor_remote.RemotePoller`): that listing is started then. The
+    collector is held off until the script calls :func:`loaded`."""
+    _hold_collector()
     found = None if any(word in unless for word in argv) else _target(argv)
     if found is None:
         return
@@ -420,7 +444,9 @@ def start_look(argv: Sequence[str]) -> None:
     the listing of the remote and the fetch of the shared branch
     (:meth:`fleet_state.StateStore.mirror_fleet`), and the reading of the clone's settings; and,
     where git starts without subprocess, a thread that starts the fetch of the state refs that
-    moved as soon as the listing is in (:func:`_look_ahead`)."""
+    moved as soon as the listing is in (:func:`_look_ahead`). The collector is held off until the
+    script calls :func:`loaded`."""
+    _hold_collector()
     found = _target(argv)
     if found is not None:
         root, git_dir, _server, branch = found

@@ -50,6 +50,7 @@ from fleet_git import (
     stop_git,
 )
 from fleet_mailbox import MAX_KEY_CHARS
+from fleet_secrets import LazyPattern
 from fleet_start import (  # (their one owner: the script of a look at the fleet reads them first)
     FALLBACK_PREFIX,
     LOCAL_FALLBACK_PREFIX,
@@ -68,7 +69,21 @@ from fleet_start import (  # (their one owner: the script of a look at the fleet
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     import subprocess
-    from typing import AbstractSet, Any, Container, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+    from typing import (
+        AbstractSet,
+        Any,
+        Callable,
+        Container,
+        Dict,
+        Final,
+        Iterable,
+        List,
+        Mapping,
+        Optional,
+        Sequence,
+        Set,
+        Tuple,
+    )
 
     from fleet_git import (
         Clone,
@@ -90,10 +105,10 @@ MAX_NOTE_CHARS: Final = 2000
 MAX_LEASE_ATTEMPTS: Final = 20
 STOPPED: Final = "stopped"  # the presence activity of a monitor's clean stop
 MAX_LOCKED_MIRRORS: Final = 8  # locked mirrors passed over in one deletion, before all wait for a later look
-_LOCKED_REF = re.compile(r"cannot lock ref '([^']+)'")
+_LOCKED_REF = LazyPattern(r"cannot lock ref '([^']+)'")  # (these two: compiled when a fetch fails)
 _GONE_COMMIT = ("not our ref", "unadvertised object")  # a fetch by a commit the remote no longer has
 # A fetch by the name of a ref deleted since the listing (capitalised before git 2.20).
-_MISSING_REF = re.compile(r"couldn't find remote ref (\S+)", re.IGNORECASE)
+_MISSING_REF = LazyPattern(r"couldn't find remote ref (\S+)", re.IGNORECASE)
 MAX_GONE_REFS: Final = 64  # refs deleted between a listing and its fetch that are left out; past that, fail
 
 
@@ -582,7 +597,8 @@ class StateStore:
         """Servers with a state ref mirrored in this clone (at most :data:`MAX_STATE_SERVERS`)."""
         return sorted(set(self.mirrored(first, then).values()))
 
-    def mirror_fleet(self, first: Iterable[str] = ()) -> Optional[str]:
+    def mirror_fleet(self, first: Iterable[str] = (),
+                     meanwhile: Optional[Callable[[Optional[str]], None]] = None) -> Optional[str]:
         """The shared branch and the state refs of every server, at most
         :data:`MAX_STATE_SERVERS` of them (``first``, then those mirrored already, first), the
         mirrors of refs the remote no longer has dropped: what a look at the whole fleet
@@ -603,6 +619,9 @@ class StateStore:
         stops the look (Ctrl+C too) stops them and their helpers, retries included
         (:func:`fleet_git.stop_git`). Returns the branch's tip, ``None`` when the remote has no
         such branch (the state refs are fetched all the same).
+
+        ``meanwhile(tip)`` is called once the branch is in, while the state refs' fetch may still
+        run (a look reads the mailbox then); what it raises is raised once that fetch is done.
         """
         first = list(first)
         deadline = time.monotonic() + NETWORK_TIMEOUT
@@ -622,6 +641,12 @@ class StateStore:
                 config, args, refspecs = self._fetch_command(wanted)
                 running.append(self.clone.start_fetch(*args, config=config, input=refspecs))
             tip = self.clone.fetch(allow_missing=True, started=running[1], deadline=deadline)
+            failed: Optional[Exception] = None
+            try:
+                if meanwhile is not None:
+                    meanwhile(tip)
+            except Exception as exc:  # noqa: BLE001 - raised below: the state refs' fetch is not cut off
+                failed = exc
             after: Optional[Dict[str, str]] = dict(before)  # no state ref moved, nor any mirror
             if wanted:
                 after = self._fetch_states(view, None, first, held, started=running[2], before=before,
@@ -635,6 +660,8 @@ class StateStore:
         # The mirrors as the fetch left them (read once since, when it was not negotiated), for the
         # deletion and for the reading that follows the look.
         self.after_look = after if self.drop_vanished(view, mirrors=after) else None
+        if failed is not None:
+            raise failed
         return tip
 
     def fetch_named(self, first: Iterable[str], then: Iterable[str] = ()) -> None:

@@ -63,4 +63,5 @@ from fleet_report import *  # noqa: E402,F401,F403  (``import fleet_status`` off
 from fleet_report import main  # noqa: E402
 
 if __name__ == "__main__":
+    fleet_start.loaded()
     fleet_start.leave(main())

@@ -49,4 +49,5 @@ from fleet_inbox import *  # noqa: E402,F401,F403  (``import inbox`` offers what
 from fleet_inbox import main  # noqa: E402
 
 if __name__ == "__main__":
+    fleet_start.loaded()
     fleet_start.leave(main())

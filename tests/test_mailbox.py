@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 
 import pytest
 from conftest import QUIRKY
 
-from fleet_common import parse_timestamp
+from fleet_common import json_depth_exceeds, parse_timestamp
 from fleet_mailbox import (
     MAX_MAILBOX_BYTES,
     MailboxCorrupt,
@@ -82,6 +83,56 @@ def test_timestamps_in_every_real_form():
     # Past either end of the calendar once the offset is applied: unreadable, never an exception.
     assert parse_timestamp("9999-12-31T23:59:59-23:59") is None
     assert parse_timestamp("0001-01-01T00:00:00+23:59") is None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2026-11-29T12:34:56Z", (2026, 11, 29, 12, 34, 56)),  # the suite's own form: datetime reads it
+    ("2024-02-29T23:59:59Z", (2024, 2, 29, 23, 59, 59)),
+    ("2026-11-29T24:00:00Z", None),  # some Pythons read 24:00 as the next day; the suite never did
+    ("2026-11-29T12:34:60Z", None),
+    ("2026-02-29T12:00:00Z", None),
+    ("0000-01-01T00:00:00Z", None),
+    ("\uff12026-11-29T12:34:56Z", (2026, 11, 29, 12, 34, 56)),  # a full-width digit: the pattern reads it
+    ("2026-11-29T12:34:5\ud800Z", None),
+    ("2026-11-29T12:34:56z", (2026, 11, 29, 12, 34, 56)),
+    ("2026-11-29t12:34:56Z", (2026, 11, 29, 12, 34, 56)),
+])
+def test_timestamps_of_the_suites_form_read_as_the_pattern_reads_them(text, expected):
+    moment = parse_timestamp(text)
+    if expected is None:
+        assert moment is None
+    else:
+        assert moment.tzinfo is not None and moment.utcoffset().total_seconds() == 0
+        assert (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second) == expected
+
+
+def _depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def _random_json(rng: random.Random, depth: int):
+    pick = rng.random()
+    if depth == 0 or pick < 0.3:  # strings full of what the check must not take for structure
+        return "".join(rng.choice(['"', "[", "]", "{", "}", "\\", "a", "", "\\\""]) for _ in range(rng.randint(0, 6)))
+    if pick < 0.65:
+        return [_random_json(rng, depth - 1) for _ in range(rng.randint(0, 3))]
+    return {_random_json(rng, 0): _random_json(rng, depth - 1) for _ in range(rng.randint(0, 3))}
+
+
+def test_the_nesting_check_counts_only_brackets_outside_strings():
+    rng = random.Random(5)
+    for _ in range(3000):
+        value = _random_json(rng, rng.randint(0, 7))
+        raw = json.dumps(value, ensure_ascii=rng.random() < 0.5, separators=rng.choice([(",", ":"), (", ", ": ")]))
+        limit = rng.randint(0, 7)
+        assert json_depth_exceeds(raw.encode("utf-8"), limit) is (_depth(value) > limit), raw
+    # Not JSON (a quote without its partner): left to the parser, whatever the brackets after it.
+    assert json_depth_exceeds(b'[[[["]', 1) is False
+    assert json_depth_exceeds(b'[[]]"""', 1) is True
 
 
 def test_round_trip_keeps_everything(quirky):

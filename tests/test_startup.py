@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import List, Set
+from typing import List, Set, Tuple
 
 import pytest
 from conftest import PYTHON_DIR, Fleet
@@ -18,8 +18,9 @@ import fleet_start
 
 # Run a command's script as ``python3 python/<script>`` would, then name every imported module.
 WRAPPER = """
-import atexit, sys
-atexit.register(lambda: sys.stderr.write("\\nMODULES " + " ".join(sorted(sys.modules)) + "\\n"))
+import atexit, gc, sys
+atexit.register(lambda: sys.stderr.write("\\nMODULES " + " ".join(sorted(sys.modules)) + "\\n"
+                                         + f"COLLECTOR {int(gc.isenabled())} {gc.get_freeze_count()}\\n"))
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 sys.path.insert(0, script.rsplit("/", 1)[0])
@@ -33,7 +34,9 @@ DEFERRED = {"typing", "logging", "random", "shutil", "bz2", "lzma", "dataclasses
             "structured_log", "message_queue", "fleet_archive", "auto_reply"}
 
 
-def _run(script: str, *args: str) -> Set[str]:
+def _run(script: str, *args: str) -> Tuple[Set[str], Tuple[int, int]]:
+    """The modules the command imported, and (whether the cyclic collector runs, how many objects
+    it leaves be) at its end."""
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, "-c", WRAPPER, (PYTHON_DIR / script).as_posix(), *args],
@@ -41,8 +44,9 @@ def _run(script: str, *args: str) -> Set[str]:
                           text=True, encoding="utf-8", errors="replace")
     assert proc.returncode in (0, 1, 3), proc.stderr  # fleet_status: 1 is a warning (a stale server)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("MODULES ")]
-    assert lines, proc.stderr
-    return set(lines[-1].split()[1:])
+    collector = [line.split()[1:] for line in proc.stderr.splitlines() if line.startswith("COLLECTOR ")]
+    assert lines and collector, proc.stderr
+    return set(lines[-1].split()[1:]), (int(collector[-1][0]), int(collector[-1][1]))
 
 
 @pytest.fixture
@@ -68,12 +72,15 @@ def test_a_short_command_imports_nothing_it_defers(busy_fleet: Fleet, command: L
     fleet = busy_fleet
     if command[0] != "send_message.py":
         assert not _run("send_message.py", "first", "--to", "code2", "--from", "build1",
-                        "--repo", str(fleet.clones["build1"])) & DEFERRED
+                        "--repo", str(fleet.clones["build1"]))[0] & DEFERRED
     values = {"build1": str(fleet.clones["build1"]), "code2": str(fleet.clones["code2"])}
     if "{id}" in command:
         values["id"] = _first_id(fleet)
-    imported = _run(command[0], *[arg.format(**values) for arg in command[1:]])
+    imported, (collecting, frozen) = _run(command[0], *[arg.format(**values) for arg in command[1:]])
     assert not imported & DEFERRED, sorted(imported & DEFERRED)
+    assert collecting  # held off while the suite loaded, if at all, and back on for the work
+    if command[0] != "send_message.py":
+        assert frozen > 10_000  # what the suite's modules made: the collector leaves it be (fleet_start.loaded)
     if command[:2] == ["inbox.py", "list"]:
         assert "datetime" not in imported  # a listing sorts by seconds (fleet_common.timestamp_seconds)
     if fleet_start.POSIX_SPAWN and command[0] == "fleet_status.py":

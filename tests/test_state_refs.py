@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import PYTHON_DIR, crowd_state_refs, git, refuse_custom_refs
+from conftest import PYTHON_DIR, commit_and_push, crowd_state_refs, git, refuse_custom_refs
 
 from fleet_git import Clone
 from fleet_state import (
@@ -86,6 +86,29 @@ def test_a_state_ref_carrying_history_makes_the_clone_negotiate(fleet, tmp_path,
     StateStore(Clone(b)).fetch(["code2"])  # a new process of the same clone: it negotiates
     monkeypatch.delenv("GIT_TRACE_PACKET")
     assert "fetch> have " in trace.read_text(errors="replace")
+
+
+def test_a_look_reads_the_branch_while_the_state_refs_come_and_fails_after_them(fleet):
+    """mirror_fleet hands the fetched branch's tip to ``meanwhile`` (a look reads the mailbox then);
+    what that raises comes out once the state refs' fetch is done, never cutting it off."""
+    a, b = fleet.clone("code2"), fleet.clone("build1")
+    reader = StateStore(Clone(b))
+    reader.mirror_fleet()
+    StateStore(Clone(a)).update("code2", StateChange(read=[("m1", "build1")]))
+    (a / "notes.txt").write_text("a new tip\n", encoding="utf-8")
+    commit_and_push(a, "a new tip")
+    seen = []
+
+    def meanwhile(tip):
+        seen.append((tip, git(b, "rev-parse", "refs/remotes/origin/main")))
+        raise RuntimeError("the mailbox could not be read")
+
+    with pytest.raises(RuntimeError, match="could not be read"):
+        reader.mirror_fleet(meanwhile=meanwhile)
+    tip = git(fleet.origin, "rev-parse", "refs/heads/main")
+    assert seen == [(tip, tip)]
+    assert git(b, "rev-parse", "refs/fleet/code2") == git(fleet.origin, "rev-parse", "refs/fleet/code2")
+    assert StateStore(Clone(b)).read("code2").has_read(("m1", "build1"))
 
 
 def test_an_oversized_root_commit_is_not_taken_for_history(fleet, caplog):
