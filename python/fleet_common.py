@@ -202,12 +202,22 @@ def normalize_server_id(value: object, *, allow_broadcast: bool = False) -> str:
     return canon
 
 
+_VALID_IDS: Dict[str, bool] = {}  # the verdicts so far: a look asks about the same few ids hundreds of times
+_MAX_VALID_IDS: Final = 4096
+
+
 def is_valid_server_id(value: object) -> bool:
+    known = _VALID_IDS.get(value) if type(value) is str else None  # type: ignore[call-overload]
+    if known is not None:
+        return known
     try:
         normalize_server_id(value)
+        valid = True
     except UsageError:
-        return False
-    return True
+        valid = False
+    if type(value) is str and len(_VALID_IDS) < _MAX_VALID_IDS:
+        _VALID_IDS[value] = valid
+    return valid
 
 
 # --------------------------------------------------------------------------- defaults

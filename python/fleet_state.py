@@ -49,7 +49,7 @@ from fleet_git import (
     _local_lock_busy,
     stop_git,
 )
-from fleet_mailbox import MAX_KEY_CHARS
+from fleet_mailbox import MAX_KEY_CHARS, is_direct, is_handled_by, message_key, names_server, recipients
 from fleet_secrets import LazyPattern
 from fleet_start import (  # (their one owner: the script of a look at the fleet reads them first)
     FALLBACK_PREFIX,
@@ -865,8 +865,6 @@ class StateStore:
 
 def has_read(msg: Mapping[str, Any], server: str, states: Mapping[str, ServerState]) -> bool:
     """Whether ``server`` has read ``msg``: the legacy mailbox fields or its state ref."""
-    from fleet_mailbox import is_handled_by, message_key
-
     state = states.get(server)
     return is_handled_by(msg, server, state.read if state is not None else ()) or (
         state is not None and message_key(msg) in state.acks)
@@ -874,8 +872,6 @@ def has_read(msg: Mapping[str, Any], server: str, states: Mapping[str, ServerSta
 
 def has_acknowledged(msg: Mapping[str, Any], server: str, states: Mapping[str, ServerState]) -> bool:
     """Whether ``server`` acknowledged ``msg``: legacy ``acknowledged_by`` or its state ref."""
-    from fleet_mailbox import is_direct, message_key, names_server, recipients
-
     if names_server(msg.get("acknowledged_by"), server):
         return True
     if msg.get("ack_status") == "acknowledged" and is_direct(msg) and recipients(msg) == {server}:
