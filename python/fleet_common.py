@@ -25,6 +25,7 @@ from fleet_start import (  # noqa: F401  (their one owner: a script reads them f
     DEFAULT_REPO,
     DEFAULT_SERVER,
     EXIT_INTERRUPTED,
+    MAX_SERVER_ID_CHARS,
     own_id_problem,
     server_id_shape,
 )
@@ -207,9 +208,12 @@ _MAX_VALID_IDS: Final = 4096
 
 
 def is_valid_server_id(value: object) -> bool:
-    known = _VALID_IDS.get(value) if type(value) is str else None  # type: ignore[call-overload]
-    if known is not None:
-        return known
+    if type(value) is str:
+        if len(value) > MAX_SERVER_ID_CHARS:  # no id (lower-casing never shortens a text); nothing kept
+            return False
+        known = _VALID_IDS.get(value)
+        if known is not None:
+            return known
     try:
         normalize_server_id(value)
         valid = True
@@ -476,10 +480,12 @@ def parse_timestamp(value: object) -> Optional[_dt.datetime]:
     import datetime as _dt
 
     if (len(value) == 20 and value[19] == "Z" and value[10] == "T" and value[4] == value[7] == "-"
-            and value[13] == value[16] == ":"):
-        # The suite's own form (iso_utc), most of what a look reads: datetime's parser takes it in
-        # a tenth of the time (ASCII digits only, each field where the pattern has it; anything it
-        # refuses, or reads otherwise, such as 24:00, takes the pattern's way).
+            and value[13] == value[16] == ":" and value.isascii()
+            and len(digits := value[:19].replace("-", "").replace(":", "").replace("T", "")) == 14
+            and digits.isdigit()):
+        # The suite's own form (iso_utc), most of what a look reads, ASCII digits wherever the
+        # pattern wants one: datetime's parser takes it in half the time (anything it refuses, or
+        # reads otherwise, such as 24:00, takes the pattern's way).
         try:
             moment = _dt.datetime.fromisoformat(value[:19] + "+00:00")
         except ValueError:

@@ -521,11 +521,13 @@ _SERVER_ID_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
 _WINDOWS_DEVICES: Final = frozenset(["con", "prn", "aux", "nul", *(f"{kind}{digit}" for kind in ("com", "lpt")
                                                                     for digit in range(10))])
 
+MAX_SERVER_ID_CHARS: Final = 64
+
 
 def server_id_shape(canon: str) -> bool:
     """Whether a lower-case id has a server id's shape (PROTOCOL.md): 1 to 64 of a-z 0-9 . _ -,
     the first a letter or digit (:func:`fleet_common.normalize_server_id` says why not)."""
-    return 0 < len(canon) <= 64 and canon[0] not in "._-" and _SERVER_ID_CHARS.issuperset(canon)
+    return 0 < len(canon) <= MAX_SERVER_ID_CHARS and canon[0] not in "._-" and _SERVER_ID_CHARS.issuperset(canon)
 
 
 def own_id_problem(canon: str, *, windows: bool = os.name == "nt") -> Optional[str]:

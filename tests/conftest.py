@@ -25,6 +25,20 @@ from gitserver import git_daemon, http_git_server, no_proxy  # noqa: E402,F401
 
 
 @pytest.fixture(autouse=True)
+def collector_back_on():
+    """A test that runs a script's early start in-process (fleet_start.start_poll / start_look)
+    holds the cyclic collector off as the script does; it is on again for the next test."""
+    import gc
+
+    import fleet_start
+
+    yield
+    if fleet_start._COLLECTOR_HELD:
+        fleet_start._COLLECTOR_HELD = False
+        gc.enable()
+
+
+@pytest.fixture(autouse=True)
 def hermetic(tmp_path_factory, monkeypatch):
     """No test reads or writes the developer's git config, home or fleet settings."""
     home = tmp_path_factory.mktemp("home")

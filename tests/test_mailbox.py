@@ -6,11 +6,12 @@ import json
 import logging
 import random
 import re
+import tracemalloc
 
 import pytest
 from conftest import QUIRKY
 
-from fleet_common import json_depth_exceeds, parse_timestamp
+from fleet_common import is_valid_server_id, json_depth_exceeds, parse_timestamp
 from fleet_mailbox import (
     MAX_MAILBOX_BYTES,
     MailboxCorrupt,
@@ -96,6 +97,8 @@ def test_timestamps_in_every_real_form():
     ("2026-11-29T12:34:5\ud800Z", None),
     ("2026-11-29T12:34:56z", (2026, 11, 29, 12, 34, 56)),
     ("2026-11-29t12:34:56Z", (2026, 11, 29, 12, 34, 56)),
+    ("2024-05-01T12:Z\x00:56Z", None),  # datetime's own parser reads this one on some Pythons
+    ("2024-05-01T12:34:Z\x00Z", None),
 ])
 def test_timestamps_of_the_suites_form_read_as_the_pattern_reads_them(text, expected):
     moment = parse_timestamp(text)
@@ -133,6 +136,20 @@ def test_the_nesting_check_counts_only_brackets_outside_strings():
     # Not JSON (a quote without its partner): left to the parser, whatever the brackets after it.
     assert json_depth_exceeds(b'[[[["]', 1) is False
     assert json_depth_exceeds(b'[[]]"""', 1) is True
+
+
+def test_judging_ids_another_server_made_keeps_nothing_of_them():
+    """Verdicts on server ids are kept (a look asks about the same few ids hundreds of times),
+    but never a text longer than any id: a monitor reading long made-up recipients holds nothing."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(20):
+            assert not is_valid_server_id(f"{n}" + "x" * 200_000)
+        assert tracemalloc.get_traced_memory()[0] - before < 100_000
+    finally:
+        tracemalloc.stop()
+    assert is_valid_server_id("code2") and is_valid_server_id("code2") and not is_valid_server_id("all")
 
 
 def test_round_trip_keeps_everything(quirky):
