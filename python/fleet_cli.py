@@ -49,8 +49,9 @@ The rules, and where each is kept:
   takes the started process when its own call is the same (:mod:`fleet_start`); the status also
   starts the fetch of the state refs that moved as soon as the listing is in, from a thread, while
   the imports run. Both hold the cyclic garbage collector off while their module loads and
-  leave what it made to it no more (``fleet_start.loaded``), and end through
-  ``fleet_start.leave``, without the interpreter's teardown.
+  leave what it made to it no more, take a Ctrl+C meanwhile as one during the command
+  (``fleet_start.Loading``), and end through ``fleet_start.leave``, without the interpreter's
+  teardown.
 
 ``tests/test_startup.py`` runs each short command and fails when one of these is imported;
 ``bench/send.py``, ``bench/inbox.py`` and ``bench/fleet_status.py`` measure the result.

@@ -412,6 +412,35 @@ def loaded() -> None:
         gc.enable()
 
 
+class Loading:
+    """``with fleet_start.Loading(prog, __name__):`` around a script's imports of its module. Run
+    as a command: a Ctrl+C while they load ends it as one during the command does
+    (``prog: interrupted`` on stderr, exit 130, the calls started early stopped: :func:`leave`),
+    not with a traceback and exit 1; once they are in, :func:`loaded`. Imported, it does nothing."""
+
+    __slots__ = ("prog", "command")
+
+    def __init__(self, prog: str, module_name: str) -> None:
+        self.prog = prog
+        self.command = module_name == "__main__"
+
+    def __enter__(self) -> "Loading":
+        return self
+
+    def __exit__(self, kind: object, value: object, traceback: object) -> bool:
+        if not self.command:
+            return False
+        if kind is KeyboardInterrupt:
+            try:
+                os.write(2, f"{self.prog}: interrupted\n".encode())
+            except OSError:
+                pass
+            leave(EXIT_INTERRUPTED)
+        if kind is None:
+            loaded()
+        return False
+
+
 def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
     """Start the poll's fetch (:func:`poll_fetch_args`) that the command on ``argv`` is about to
     run first, and the reading of the clone's settings, when everything they depend on can be read

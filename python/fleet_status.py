@@ -59,9 +59,9 @@ import fleet_start
 if __name__ == "__main__":
     fleet_start.start_look(sys.argv[1:])
 
-from fleet_report import *  # noqa: E402,F401,F403  (``import fleet_status`` offers what it always offered)
-from fleet_report import main  # noqa: E402
+with fleet_start.Loading("fleet_status", __name__):  # (a Ctrl+C meanwhile: "interrupted", exit 130)
+    from fleet_report import *  # noqa: F401,F403  (``import fleet_status`` offers what it always offered)
+    from fleet_report import main
 
 if __name__ == "__main__":
-    fleet_start.loaded()
     fleet_start.leave(main())

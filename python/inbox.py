@@ -45,9 +45,9 @@ import fleet_start
 if __name__ == "__main__":
     fleet_start.start_poll(sys.argv[1:], unless=("acks",))  # every command but acks polls first
 
-from fleet_inbox import *  # noqa: E402,F401,F403  (``import inbox`` offers what it always offered)
-from fleet_inbox import main  # noqa: E402
+with fleet_start.Loading("inbox", __name__):  # (a Ctrl+C meanwhile: "interrupted", exit 130)
+    from fleet_inbox import *  # noqa: F401,F403  (``import inbox`` offers what it always offered)
+    from fleet_inbox import main
 
 if __name__ == "__main__":
-    fleet_start.loaded()
     fleet_start.leave(main())

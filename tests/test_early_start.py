@@ -344,6 +344,39 @@ def test_ctrl_c_while_a_refused_command_stops_its_started_calls_leaves_no_git(fl
     assert not _gits_in(c2)
 
 
+# Ctrl+C while the script's module loads, stood in for by the import raising it.
+_INTERRUPT_IMPORT = """
+import sys
+class _Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("fleet_report", "fleet_inbox"):
+            raise KeyboardInterrupt
+        return None
+sys.meta_path.insert(0, _Interrupt())
+"""
+
+
+@pytest.mark.usefixtures("no_proxy")
+@pytest.mark.parametrize("script, prog", [("fleet_status.py", "fleet_status"), ("inbox.py", "inbox")])
+def test_ctrl_c_while_the_suite_loads_is_an_interruption_not_a_crash(fleet, http_git_server, tmp_path, script, prog):
+    c2 = _reader(fleet)
+    git(c2, "remote", "set-url", "origin", http_git_server.url("origin.git"))
+    http_git_server.delay = 30.0  # the calls the script started are still waiting when the signal comes
+    (tmp_path / "sitecustomize.py").write_text(_INTERRUPT_IMPORT, encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    argv = ["--repo", str(c2)] + (["list", "--server", "code2"] if script == "inbox.py" else [])
+    if script == "inbox.py":
+        argv = argv[2:] + argv[:2]
+    proc = subprocess.run([sys.executable, str(PYTHON_DIR / script), *argv], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == f"{prog}: interrupted\n" and proc.stdout == ""
+    deadline = time.monotonic() + 5
+    while _gits_in(c2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _gits_in(c2)
+
+
 def _gits_in(folder: Path) -> List[int]:
     found = []
     for proc in psutil.process_iter(["name", "cwd"]):
