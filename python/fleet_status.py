@@ -8,11 +8,12 @@ Usage::
 Computed when someone looks and never committed (PROTOCOL.md, "Per-server state refs"): the
 branch's ``git fetch`` and, beside it, a listing of the remote followed by a fetch of the state
 refs that moved (:meth:`StateStore.mirror_fleet`) bring the shared branch and every server's
-state ref, up to 1,000 servers', as they are now (nothing, when nothing moved), the hot mailbox
+state ref, up to 1,000 servers', as they are now (nothing, when nothing moved); the hot mailbox
 ``coordination/messages.json`` and the roster are read as every reader reads them (from loose
-objects, else one ``cat-file``), and one ``cat-file`` reads every server's ``state.json``. The
-archive is never read, so the cost does not grow with it; the 14-day chart therefore counts the
-mail still in the hot mailbox.
+objects, else one ``cat-file``) as soon as the branch is in, and every server's ``state.json``
+the same way (what is not loose, in one ``cat-file`` for all). The archive is never read, so
+the cost does not grow with it; the 14-day chart therefore counts the mail still in the hot
+mailbox.
 
 Servers: every server with a state ref, every server id in ``from``/``to`` of the hot mailbox, and
 the optional roster ``coordination/servers.json`` (``{"version": 1, "servers": [{"id": "build1",
