@@ -259,7 +259,12 @@ class ObjectStore:
                 while chunk:  # to the end of the file (a short read of a file is its end)
                     chunk = os.read(fd, _LOOSE_CHUNK) if len(chunk) == _LOOSE_CHUNK else b""
                     rest.append(chunk)
-                body = start[nul + 1:] + inflate.decompress(b"".join(rest))
+                head = start[nul + 1:]
+                if len(head) > int(size):
+                    return None  # git reads it, and says what is wrong with it
+                # No more than the header declares (and one byte to tell a longer stream; 0 would
+                # mean no bound): a stream that inflates past it is not inflated whole.
+                body = head + inflate.decompress(b"".join(rest), int(size) - len(head) + 1)
             finally:
                 os.close(fd)
         except (OSError, zlib.error):

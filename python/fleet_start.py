@@ -447,7 +447,7 @@ def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
     without git; not when a word of ``unless`` is on the command line (a command whose first
     network call is another). A clone that mirrors no state ref of this server yet lists the
     remote first (:class:`monitor_remote.RemotePoller`): that listing is started then. The
-    collector is held off until the script calls :func:`loaded`."""
+    collector is held off until the script's module is in (:class:`Loading`)."""
     _hold_collector()
     found = None if any(word in unless for word in argv) else _target(argv)
     if found is None:
@@ -474,7 +474,7 @@ def start_look(argv: Sequence[str]) -> None:
     (:meth:`fleet_state.StateStore.mirror_fleet`), and the reading of the clone's settings; and,
     where git starts without subprocess, a thread that starts the fetch of the state refs that
     moved as soon as the listing is in (:func:`_look_ahead`). The collector is held off until the
-    script calls :func:`loaded`."""
+    script's module is in (:class:`Loading`)."""
     _hold_collector()
     found = _target(argv)
     if found is not None:

@@ -204,6 +204,28 @@ def test_refs_in_a_folder_are_read_like_git_reads_them(fleet):
     assert Clone(c2).refs_in("refs/fleet/") == {"refs/fleet/a": other, "refs/fleet/s": other}
 
 
+def test_a_loose_object_that_inflates_past_its_header_is_not_inflated_whole(tmp_path):
+    """A damaged loose object whose stream holds far more than its header declares: read_loose
+    leaves it to git (None) without inflating all of it."""
+    import tracemalloc
+    import zlib
+
+    repo = tmp_path / "r"
+    git(tmp_path, "init", "-q", str(repo))
+    git(repo, "remote", "add", "origin", str(tmp_path / "nowhere.git"))
+    oid = "ab" * 20
+    folder = repo / ".git" / "objects" / oid[:2]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / oid[2:]).write_bytes(zlib.compress(b"blob 10\0" + b"\0" * (64 << 20)))
+    store = Clone(repo).objects
+    tracemalloc.start()
+    try:
+        assert store.read_loose(oid, 4096) is None
+        assert tracemalloc.get_traced_memory()[1] < 4 << 20
+    finally:
+        tracemalloc.stop()
+
+
 def test_objects_read_loose_are_what_cat_file_gives(tmp_path, monkeypatch):
     """read_objects_within reads ``<oid>`` and ``<oid>:<path>`` from loose objects when it can;
     whatever the object (absent path, a tree where a file is, an unsorted tree, a commit over
