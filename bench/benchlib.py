@@ -392,13 +392,13 @@ def python_script(name: str) -> str:
 _PYTHON_FETCH = """\
 import json, subprocess, sys
 clone, state_refs, branch, mailbox = sys.argv[1:5]
-side = None
-if state_refs == "1":
-    side = subprocess.Popen(["git", "-c", "fetch.negotiationAlgorithm=noop", "fetch", "-q", "--prune", "origin",
-                             "+refs/fleet/*:refs/fleet/*"], cwd=clone)
-subprocess.run(["git", "fetch", "-q", "origin", branch], cwd=clone, check=True)
-if side is not None and side.wait() != 0:
-    sys.exit(1)
+if state_refs == "1":  # as a look does from a remote reached by a path: one fetch of both
+    subprocess.run(["git", "-c", "fetch.negotiationAlgorithm=skipping", "fetch", "-q", "--prune",
+                    f"--negotiation-tip=refs/remotes/origin/{branch}", "origin",
+                    f"+refs/heads/{branch}:refs/remotes/origin/{branch}", "+refs/fleet/*:refs/fleet/*"],
+                   cwd=clone, check=True)
+else:
+    subprocess.run(["git", "fetch", "-q", "origin", branch], cwd=clone, check=True)
 blob = subprocess.run(["git", "cat-file", "blob", f"refs/remotes/origin/{branch}:{mailbox}"], cwd=clone,
                       stdout=subprocess.PIPE, check=True).stdout
 json.loads(blob)

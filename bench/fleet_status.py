@@ -9,13 +9,16 @@ Measured, per fleet, on a real process (``python3 python/fleet_status.py --repo 
 
 * *moved*: right before each run (untimed) one message is sent and one server publishes a new
   presence, as a cron job every minute would find; the run then fetches the branch and that
-  state ref (one fetch). Floor, timed in the same rounds on the same remote: one ``git fetch`` of
-  the shared branch that brings the new commit, and the interpreter's start (``python3 -c
-  pass``). Target: status <= 2 x fetch + interpreter start (ratio <= 1.0), whatever the archive.
-* *idle*: nothing moved since the previous run (one ``ls-remote``, no fetch); reported.
-* *the two fetches run by Python*: a Python process that imports json and subprocess and runs the
-  branch's fetch and the state refs' fetch side by side, as the status does
-  and parses the mailbox (``benchlib.python_fetch_argv``), in a clone of its own, against the same floor: the least any
+  state ref (on the local path one fetch, the remote's refs read from its files; over a link a
+  listing and two fetches). Floor, timed in the same rounds on the same remote: one ``git
+  fetch`` of the shared branch that brings the new commit, and the interpreter's start
+  (``python3 -c pass``). Target: status <= 2 x fetch + interpreter start (ratio <= 1.0),
+  whatever the archive.
+* *idle*: nothing moved since the previous run (on the local path no fetch at all; over a link
+  one ``ls-remote`` and the branch's fetch, which brings nothing); reported.
+* *the fetch run by Python*: a Python process that imports json and subprocess, runs the fetch of
+  the branch and the state refs the status runs on the local path, and parses the mailbox
+  (``benchlib.python_fetch_argv``), in a clone of its own, against the same floor: the least any
   Python command that looks at the fleet can cost; reported, on the local path.
 * the page (``--html``) for 50 servers: its size in KB; reported.
 * the CPU the status and its git processes use (user + system time of the process and its
@@ -182,7 +185,7 @@ def status_figures(info: Dict[str, Any], res: Dict[str, Any], rtt_ms: Optional[f
     ]
     if res["python_fetch"]:
         figures.append(bl.Figure(f"fleet_status.python_fetch_s{count}{key}",
-                                 f"the status's two fetches and a mailbox read by python (import json, "
+                                 f"the status's fetch and a mailbox read by python (import json, "
                                  f"subprocess), {count} servers",
                                  bl.median(res["python_fetch"]), "ms", floor, scale=1000,
                                  note="the least any Python command that looks at the fleet costs"))

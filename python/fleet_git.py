@@ -40,12 +40,15 @@ from fleet_start import (  # noqa: F401  (git_env and NO_HOOKS: fleet_git offers
     fetch_args,
     git_env,
     is_oid,
+    is_true,
     listed_refs,
     origin_head,
     own_group,
     popen_git,
     read_ref,
+    read_settings,
     refs_in,
+    remote_folder,
     tip_at_start,
     tracking_ref,
 )
@@ -54,7 +57,21 @@ TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     import subprocess
     import threading
-    from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+    from typing import (
+        Any,
+        Callable,
+        Dict,
+        Final,
+        FrozenSet,
+        Iterable,
+        List,
+        Mapping,
+        Optional,
+        Sequence,
+        Set,
+        Tuple,
+        Union,
+    )
 
     from fleet_objects import TreeEntry
 
@@ -423,7 +440,7 @@ class Clone:
         root = Path(path).expanduser()  # "~/Build" as typed: Windows shells pass "~" on unexpanded
         if not root.is_dir():
             raise NotAClone(f"--repo {path}: no such directory")
-        self._config = self._read_config(root)
+        self._config, self._repeated = self._read_config(root)
         layout = git_layout(root)
         if layout is not None and layout.git_dir == layout.common_dir and self._config.get("remote.origin.url"):
             # The usual case, --repo naming a clone's top folder: its layout is known without
@@ -443,7 +460,7 @@ class Clone:
             self.common_dir = (root / lines[3]).resolve()  # refs and objects shared by worktrees
             object_format = lines[2].strip()
             if self.root.resolve() != root.resolve():
-                self._config = self._read_config(self.root)
+                self._config, self._repeated = self._read_config(self.root)
         self.origin_url = self._config.get("remote.origin.url", "")
         if not self.origin_url:
             raise NotAClone(f"--repo {path}: the clone has no remote 'origin'")
@@ -472,9 +489,10 @@ class Clone:
     # ----------------------------------------------------------------- basics
 
     @staticmethod
-    def _read_config(folder: Path) -> Dict[str, str]:
+    def _read_config(folder: Path) -> Tuple[Dict[str, str], FrozenSet[str]]:
         """The settings of :data:`fleet_start.CONFIG_ARGS`, from one ``git config`` (the one this
-        command's script started before its modules loaded, when it did)."""
+        command's script started before its modules loaded, when it did), and the keys set more
+        than once (:func:`fleet_start.read_settings`)."""
         early = adopt(os.path.realpath(folder), CONFIG_ARGS)
         if early is not None:
             try:
@@ -484,12 +502,7 @@ class Clone:
                 out = run_git(folder, *CONFIG_ARGS, check=False).stdout
         else:
             out = run_git(folder, *CONFIG_ARGS, check=False).stdout
-        values: Dict[str, str] = {}
-        for item in out.decode("utf-8", "surrogateescape").split("\0"):
-            if item:
-                key, _, value = item.partition("\n")
-                values[key.lower()] = value
-        return values
+        return read_settings(out)
 
     def setting(self, key: str) -> Optional[str]:
         """A setting of this clone's git configuration as read at start (only the keys
@@ -498,7 +511,12 @@ class Clone:
 
     def setting_is_true(self, key: str) -> bool:
         """Whether a boolean setting is true, in any of the spellings git accepts."""
-        return (self._config.get(key) or "").strip().lower() in ("true", "yes", "on", "1")
+        return is_true(self._config.get(key))
+
+    def remote_folder(self) -> Optional[str]:
+        """The git folder of ``origin`` when it is reached by a path whose refs can be read as
+        ``ls-remote`` reads them (:func:`fleet_start.remote_folder`), else ``None``."""
+        return remote_folder(self._config, self._repeated, os.fspath(self.root))
 
     def remember(self, key: str, value: str) -> None:
         """Write a setting into this clone's own configuration (``.git/config``)."""

@@ -214,7 +214,13 @@ def take_snapshot(clone: Clone) -> Snapshot:
     """
     store = StateStore(clone)
     snap = Snapshot(clone.branch)
-    store.mirror_fleet(meanwhile=lambda tip: _read_branch(clone, tip, snap))
+    early: Dict[str, Tuple[str, str, bytes]] = {}  # state files read while the fetch runs
+
+    def unmoved(mirrors: Mapping[str, str]) -> None:
+        early.update(clone.read_objects_within(sorted({f"{oid}:{STATE_FILE}" for oid in mirrors.values()}),
+                                               MAX_STATE_BYTES)[0])
+
+    store.mirror_fleet(meanwhile=lambda tip: _read_branch(clone, tip, snap), unmoved=unmoved)
     mirrors = store.mirrored(mirrors=store.after_look)
     if store.left_out:  # past the bound: the roster's servers first, then those the mailbox names
         roster, mail = set(snap.roster.servers), known_servers(snap.mailbox)
@@ -227,7 +233,8 @@ def take_snapshot(clone: Clone) -> Snapshot:
     # By the ids the mirrors held when listed (loose objects are read without a process; two
     # refs may hold one commit).
     wanted = [(f"{store.tips[local]}:{STATE_FILE}", server) for local, server in sorted(mirrors.items())]
-    found = _read_states(clone, wanted, snap)
+    found = _read_states(clone, [item for item in wanted if item[0] not in early], snap)
+    found.update(early)
     for (spec, server), local in zip(wanted, sorted(mirrors)):
         state = snap.states.setdefault(server, ServerState(server))
         item = found.get(spec)

@@ -20,15 +20,21 @@ with its helpers).
 A look at the fleet (:func:`start_look`) lists the remote before it can fetch the state refs
 that moved; the listing is in well before the suite has loaded, so a thread of the script
 (:func:`_look_ahead`) composes and starts that fetch meanwhile, and the command takes it as it
-takes the others (:func:`mirrors_at_start` hands it the mirrors the thread compared with).
+takes the others (:func:`mirrors_at_start` hands it the mirrors the thread compared with). From
+a remote reached by a path (:func:`remote_folder`: a folder on this machine or a share, once git's
+reading of the clone's settings agrees), the script reads the remote's refs from its files as
+``ls-remote`` would there (:func:`remote_listing`) and starts the look's one fetch of the branch
+and the state refs that moved itself (:func:`_look_by_path`); the command follows the way the
+script chose (:func:`look_at_start`).
 
 This module is the one owner of what those calls are, for the early start and the usual path
 alike: the environment git runs in (:func:`git_env`), a fetch's fixed words (:func:`fetch_args`),
 the monitor's and the inbox's poll (:func:`poll_fetch_args`, :func:`own_state_refspecs`), the
 names of the state refs (PROTOCOL.md, "Per-server state refs") and the fetch of those that moved
-(:func:`moved_state_refspecs`, :func:`state_fetch_command`), the default clone and server, and how
+(:func:`moved_state_refspecs`, :func:`state_fetch_command`), the default clone and server, how
 refs and ``origin/HEAD`` are read from git's files backend (:func:`read_ref`, :func:`refs_in`,
-:func:`origin_head`).
+:func:`origin_head`), and when and how a remote reached by a path is listed that way
+(:func:`remote_folder`, :func:`remote_listing`).
 
 :func:`leave` also ends the process without the interpreter's teardown: freeing, one by one, every
 object and module a short command made costs 5 to 10 ms, a fifth of an ``inbox.py list``, to give
@@ -55,7 +61,7 @@ import sys
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
     import subprocess
-    from typing import Callable, Collection, Dict, Final, List, Mapping, NoReturn, Optional, Sequence, Tuple
+    from typing import Callable, Collection, Dict, Final, FrozenSet, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 DEFAULT_REPO: Final = "K:/Projects/Build"
 DEFAULT_SERVER: Final = "code2"
@@ -88,9 +94,9 @@ LOOSE_COMPRESSION: Final = 1  # zlib level for loose objects, ours and fetched: 
 
 # The one reading of a clone's settings a command makes (fleet_git.Clone), in one process.
 CONFIG_ARGS: Final = ("config", "-z", "--get-regexp",
-                      r"^(remote\.origin\.(url|fetch)|(user|author|committer)\.(name|email)"
+                      r"^(remote\.origin\.(url|fetch|uploadpack)|(user|author|committer)\.(name|email)"
                       r"|extensions\.objectformat|gc\.(auto|autopacklimit)|maintenance\..*"
-                      r"|fleet\.negotiatestaterefs)$")
+                      r"|fleet\.negotiatestaterefs|url\..*\.insteadof|(transfer|uploadpack)\.hiderefs)$")
 
 HEX_DIGITS: Final = frozenset("0123456789abcdef")
 ANY_HEXLEN: Final = 0  # is_oid's "40 or 64": what a script may read before it knows the object format
@@ -262,19 +268,49 @@ def moved_state_refspecs(found: Mapping[str, Sequence[Tuple[str, str, str]]], se
     return specs
 
 
-def state_fetch_command(wanted: Sequence[str], *,
-                        negotiate: bool) -> Tuple[Tuple[str, ...], List[str], Optional[bytes]]:
+def state_fetch_command(wanted: Sequence[str], *, negotiate: bool, branch: Optional[str] = None,
+                        branch_from: Optional[str] = None) -> Tuple[Tuple[str, ...], List[str], Optional[bytes]]:
     """(git's ``-c`` options, ``fetch``'s arguments, its standard input) for a fetch of the state
     refs ``wanted``: beyond :data:`REFSPECS_IN_ARGV` of them, on standard input; without
-    negotiation unless ``negotiate`` (fleet_state.StateStore._fetch_states says why)."""
-    config = () if negotiate else ("-c", "fetch.negotiationAlgorithm=noop")
+    negotiation unless ``negotiate`` (fleet_state.StateStore._fetch_states says why).
+
+    ``branch``: the shared branch's refspec too, first (a look at a remote reached by a path,
+    :func:`remote_folder`). Its history is negotiated from ``branch_from`` alone, the tracking ref
+    (when the clone has one), never from the state refs: the remote finds the common commit in the
+    first round, and the state refs' root commits cost git nothing to walk."""
+    specs = [branch, *wanted] if branch is not None else list(wanted)
     args = list(POLL_OPTIONS)
-    if len(wanted) <= REFSPECS_IN_ARGV:
-        return config, args + list(wanted), None
-    return config, args[:-1] + ["--stdin", "origin"], "".join(spec + "\n" for spec in wanted).encode("ascii")
+    if branch is None:
+        config: Tuple[str, ...] = () if negotiate else ("-c", "fetch.negotiationAlgorithm=noop")
+    else:
+        config = ("-c", f"core.looseCompression={LOOSE_COMPRESSION}")
+        if negotiate:
+            pass
+        elif branch_from is not None:
+            config += ("-c", "fetch.negotiationAlgorithm=skipping")
+            args.insert(-1, f"--negotiation-tip={branch_from}")
+        else:
+            config += ("-c", "fetch.negotiationAlgorithm=noop")  # nothing of the branch here yet
+    if len(specs) <= REFSPECS_IN_ARGV:
+        return config, args + specs, None
+    return config, args[:-1] + ["--stdin", "origin"], "".join(spec + "\n" for spec in specs).encode("ascii")
+
+
+def branch_look_refspec(branch: str, listed: Optional[str], fetched: object, *, by_name: bool = False) -> Optional[str]:
+    """The shared branch's refspec in a look's one fetch (:func:`state_fetch_command`): by the
+    commit ``listed`` (``by_name`` after the remote refused it), ``None`` when the remote has no
+    such branch or the tracking ref holds ``fetched`` = ``listed`` already."""
+    if listed is None or listed == fetched:
+        return None
+    return f"+{'refs/heads/' + branch if by_name or not is_oid(listed, ANY_HEXLEN) else listed}:{tracking_ref(branch)}"
 
 
 # --------------------------------------------------------------------------- git's files
+
+
+def is_true(value: Optional[str]) -> bool:
+    """Whether a boolean setting's value is true, in any of the spellings git accepts."""
+    return (value or "").strip().lower() in ("true", "yes", "on", "1")
 
 
 def is_oid(text: str, hexlen: int) -> bool:
@@ -330,10 +366,11 @@ def _loose_ref(path: str, hexlen: int) -> object:
     return text if len(data) <= MAX_LOOSE_REF_BYTES and is_oid(text, hexlen) else UNKNOWN
 
 
-def refs_in(common_dir: str, folders: Sequence[str], hexlen: int) -> Optional[Dict[str, str]]:
+def refs_in(common_dir: str, folders: Sequence[str], hexlen: int,
+            max_entries: Optional[int] = None) -> Optional[Dict[str, str]]:
     """The refs directly in these ref folders (``refs/fleet/``, say; not in folders below them),
     name -> id, read from git's files backend; ``None`` when only git can tell (a reftable, a
-    symbolic ref, a file that is no ref)."""
+    symbolic ref, a file that is no ref) or, past ``max_entries`` in a folder, leaves it to git."""
     if os.path.isdir(os.path.join(common_dir, "reftable")):
         return None
     # Loose refs first, then packed-refs, as git reads them: a pack-refs in between (a gc) moves
@@ -347,7 +384,11 @@ def refs_in(common_dir: str, folders: Sequence[str], hexlen: int) -> Optional[Di
             continue
         except OSError:
             return None
+        if max_entries is not None and len(entries) > max_entries:
+            return None
         for entry in entries:
+            if entry.is_symlink():
+                return None  # a symbolic ref of old
             if entry.name.endswith(".lock") or not entry.is_file(follow_symlinks=False):
                 continue  # a ref being written (git renames it into place), or a folder
             found = _loose_ref(entry.path, hexlen)
@@ -362,6 +403,109 @@ def refs_in(common_dir: str, folders: Sequence[str], hexlen: int) -> Optional[Di
     refs = {name: oid for name, oid in packed.items() if name.rpartition("/")[0] + "/" in folders}
     refs.update(loose)
     return refs
+
+
+def read_settings(out: bytes) -> Tuple[Dict[str, str], FrozenSet[str]]:
+    """The settings :data:`CONFIG_ARGS` printed (``key LF value NUL`` items): key (lower case) ->
+    value, the last one where a key is set more than once, as git takes it, and those keys."""
+    values: Dict[str, str] = {}
+    repeated = set()
+    for item in out.decode("utf-8", "surrogateescape").split("\0"):
+        if item:
+            key, _, value = item.partition("\n")
+            key = key.lower()
+            if key in values:
+                repeated.add(key)
+            values[key] = value
+    return values, frozenset(repeated)
+
+
+MAX_REMOTE_PACKED_REFS_BYTES: Final = 4 << 20  # a remote with a larger packed-refs is listed by git
+MAX_REMOTE_REF_ENTRIES: Final = 4 * MAX_STATE_SERVERS  # nor one with more files than this in a state refs' folder
+_REMOTE_SETTINGS_BYTES: Final = 64 << 10
+_ENTER_REPO_SUFFIXES: Final = ("/.git", "", ".git/.git", ".git")  # git's enter_repo(), in its order
+
+
+def remote_folder(settings: Mapping[str, str], repeated: Collection[str], root: str) -> Optional[str]:
+    """The git folder of ``origin`` when it is reached by a path (``remote.origin.url`` a folder on
+    this machine or a share, or a ``file:///`` URL) and its refs can be listed by reading them as
+    git's files backend keeps them, what ``ls-remote`` does there (:func:`remote_listing`); else
+    ``None``, and git lists the remote. ``settings``: :func:`read_settings` of the clone at ``root``.
+
+    Left to git: more than one URL, a URL any ``url.*.insteadOf`` may rewrite, another
+    ``uploadpack``, refs hidden from fetches (``hideRefs``, here or in the remote's own
+    settings), a ``GIT_NAMESPACE``, a remote whose ``.git`` is a file, a linked worktree or refs
+    in a reftable. The folder is found as git's local transport finds it (``enter_repo``: the path
+    with ``/.git``, as is, with ``.git/.git``, then with ``.git``)."""
+    url = settings.get("remote.origin.url")
+    if (not url or "remote.origin.url" in repeated or "remote.origin.uploadpack" in settings
+            or any(key.startswith("url.") and key.endswith(".insteadof") for key in settings)
+            or any(key.endswith(".hiderefs") for key in settings) or os.environ.get("GIT_NAMESPACE")
+            or "::" in url):
+        return None
+    if url.startswith("file://"):
+        path = url[len("file://"):]
+        if not path.startswith("/") or "%" in path:
+            return None  # a host, or an escaped character git would decode
+        if os.name == "nt" and path[2:3] == ":":
+            path = path[1:]  # file:///C:/...
+    elif "://" in url:
+        return None
+    else:
+        colon, slash = url.find(":"), url.find("/")
+        drive = os.name == "nt" and url[1:2] == ":" and url[:1].isalpha()
+        if colon >= 0 and not (0 <= slash < colon) and not drive:
+            return None  # host:path, which git reaches by ssh
+        path = os.path.join(root, os.path.expanduser(url))
+    for suffix in _ENTER_REPO_SUFFIXES:
+        candidate = path + suffix
+        try:
+            if os.path.isfile(candidate):
+                return None  # a .git file naming the folder elsewhere
+            if not os.path.isdir(candidate):
+                continue
+            if not (os.path.isfile(os.path.join(candidate, "HEAD"))
+                    and all(os.path.isdir(os.path.join(candidate, name)) for name in ("objects", "refs"))):
+                continue  # no git folder (git's is_git_directory)
+        except (OSError, ValueError):
+            return None
+        if any(os.path.lexists(os.path.join(candidate, name)) for name in ("commondir", "reftable")):
+            return None
+        try:
+            with open(os.path.join(candidate, "config"), "rb") as handle:
+                text = handle.read(_REMOTE_SETTINGS_BYTES + 1).lower()
+        except FileNotFoundError:
+            text = b""
+        except OSError:
+            return None
+        if len(text) > _REMOTE_SETTINGS_BYTES or any(word in text for word in (b"hiderefs", b"include", b"refstorage")):
+            return None
+        return os.path.realpath(candidate)
+    return None
+
+
+def remote_listing(folder: str, branch: str) -> Optional[Dict[str, str]]:
+    """What :func:`listing_args`' ``ls-remote`` lists of the remote at ``folder``
+    (:func:`remote_folder`), name -> id, read from its files as git reads them: the shared branch,
+    and the refs directly under ``refs/fleet/`` and ``refs/heads/fleet-state/`` (the only ones a
+    listing's reader takes); ``None`` where only git can tell, or where git reads faster (a
+    ``packed-refs`` over 4 MB, thousands of refs in a folder)."""
+    try:
+        if os.path.getsize(os.path.join(folder, "packed-refs")) > MAX_REMOTE_PACKED_REFS_BYTES:
+            return None
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    listed = refs_in(folder, (REF_PREFIX, FALLBACK_PREFIX), ANY_HEXLEN, MAX_REMOTE_REF_ENTRIES)
+    if listed is None:
+        return None
+    tip = read_ref(folder, "refs/heads/" + branch, ANY_HEXLEN)
+    if tip is UNKNOWN:
+        return None
+    if tip is not None:
+        listed["refs/heads/" + branch] = tip  # type: ignore[assignment]
+    return listed
 
 
 def origin_head(git_dir: str) -> Optional[str]:
@@ -469,22 +613,113 @@ def start_poll(argv: Sequence[str], *, unless: Collection[str] = ()) -> None:
 
 
 def start_look(argv: Sequence[str]) -> None:
-    """Start the calls a look at the whole fleet (``fleet_status.py``) begins with, side by side:
-    the listing of the remote and the fetch of the shared branch
-    (:meth:`fleet_state.StateStore.mirror_fleet`), and the reading of the clone's settings; and,
-    where git starts without subprocess, a thread that starts the fetch of the state refs that
-    moved as soon as the listing is in (:func:`_look_ahead`). The collector is held off until the
-    script's module is in (:class:`Loading`)."""
+    """Start the calls a look at the whole fleet (``fleet_status.py``) begins with
+    (:meth:`fleet_state.StateStore.mirror_fleet`) and the reading of the clone's settings. From a
+    remote reached by a path (:func:`remote_folder`, once git has given the settings), where git
+    starts without subprocess: the one fetch of the branch and the state refs that moved, composed
+    from the remote's refs read here (:func:`_look_by_path`). Else, side by side, the listing of
+    the remote and the fetch of the shared branch, and a thread that starts the fetch of the state
+    refs that moved as soon as the listing is in (:func:`_look_ahead`). The command follows the
+    way chosen here (:func:`look_at_start`). The collector is held off until the script's module
+    is in (:class:`Loading`)."""
     _hold_collector()
     found = _target(argv)
     if found is not None:
         root, git_dir, _server, branch = found
         _remember_tip(root, git_dir, branch)
+        config = _start(root, list(CONFIG_ARGS))
+        try:
+            url = _local_url(git_dir) if isinstance(config, SpawnedGit) else None
+            if url is not None and _look_by_path(root, git_dir, branch, config, url):  # type: ignore[arg-type]
+                return
+        except Exception:  # noqa: BLE001 - a guess: whatever it cannot read, the command reads itself
+            if root in _CHOSEN:
+                return
+        _CHOSEN[root] = BY_LISTING
         listing = _start(root, listing_args(branch))
         _start(root, branch_fetch_args(branch))
-        config = _start(root, list(CONFIG_ARGS))
         if isinstance(listing, SpawnedGit) and isinstance(config, SpawnedGit):
             _look_ahead(root, git_dir, listing, config)
+
+
+class PathLook:
+    """A look at a remote reached by a path (:func:`remote_folder`): the remote's refs as
+    :func:`remote_listing` read them, the clone's mirrors of the state refs (``before``, as
+    :func:`refs_in` read them) and the tracking ref's id (``fetched``; ``None``: no such ref), all
+    read before the look's fetch."""
+
+    __slots__ = ("listed", "before", "fetched")
+
+    def __init__(self, listed: Dict[str, str], before: Dict[str, str], fetched: Optional[str]) -> None:
+        self.listed = listed
+        self.before = before
+        self.fetched = fetched
+
+
+BY_LISTING: Final = "by listing"  # look_at_start: the script listed the remote (the usual way)
+_CHOSEN: Dict[str, object] = {}
+PATH_LOOK_WAIT_SECONDS: Final = 2.0  # the settings the script waits for before it chooses
+
+
+def _local_url(git_dir: str) -> Optional[str]:
+    """``origin``'s URL as the clone's own settings file gives it (a first reading, before git's),
+    when it may be a path: only then does the script wait for git's reading of the settings."""
+    try:
+        with open(os.path.join(git_dir, "config"), "rb") as handle:
+            text = handle.read(_REMOTE_SETTINGS_BYTES + 1).decode("utf-8", "replace")
+    except OSError:
+        return None
+    section = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line.replace(" ", "").lower()
+        elif section == '[remote"origin"]' and line.split("=", 1)[0].strip().lower() == "url":
+            url = line.partition("=")[2].strip().strip('"')
+            colon, slash = url.find(":"), url.find("/")
+            local = url.startswith("file:///") or (
+                "://" not in url and (colon < 0 or 0 <= slash < colon or (os.name == "nt" and colon == 1)))
+            return url if local else None
+    return None
+
+
+def _look_by_path(root: str, git_dir: str, branch: str, config: "SpawnedGit", url: str) -> bool:
+    """When the remote is reached by a path (``url``, the settings file's, once git's reading of
+    the settings agrees): read its refs and the mirrors, start the look's one fetch (unless nothing
+    moved, or the command would compose another: more servers than :data:`MAX_STATE_SERVERS`, more
+    refspecs than fit on the command line) and keep what it read for the command; whether it did."""
+    fetched = _TIPS_AT_START.get((root, tracking_ref(branch)), UNKNOWN)
+    folder = remote_folder({"remote.origin.url": url}, (), root)
+    if folder is None or fetched is UNKNOWN:
+        return False
+    listed = remote_listing(folder, branch)  # while git reads the settings
+    before = refs_in(git_dir, (REF_PREFIX, LOCAL_FALLBACK_PREFIX), ANY_HEXLEN)
+    done = config.finished_within(PATH_LOOK_WAIT_SECONDS)
+    if listed is None or before is None or done is None or config.returncode != 0:
+        return False
+    settings, repeated = read_settings(done[0])
+    if remote_folder(settings, repeated, root) != folder:
+        return False  # git's reading differs (an include, a rewriting, another scope)
+    _CHOSEN[root] = PathLook(listed, before, fetched)  # type: ignore[arg-type]
+    found = listed_state_refs(listed)
+    if len(found) <= MAX_STATE_SERVERS:
+        wanted = moved_state_refspecs(found, sorted(found), before.get)
+        spec = branch_look_refspec(branch, listed.get("refs/heads/" + branch), fetched)
+        if spec is not None or wanted:
+            negotiate = is_true(settings.get(NEGOTIATE_KEY))
+            config_words, args, stdin = state_fetch_command(wanted, negotiate=negotiate, branch=spec,
+                                                            branch_from=tracking_ref(branch) if fetched else None)
+            if stdin is None:
+                _start(root, fetch_args(args, config_words))
+    return True
+
+
+def look_at_start(root: object) -> object:
+    """How this command's script began its look in the clone at ``root`` (taken once): a
+    :class:`PathLook` (the command composes its fetch from what the script read, and takes the one
+    it started), :data:`BY_LISTING` (the command lists the remote as the script did), or ``None``
+    (the script started nothing: the command chooses)."""
+    return _CHOSEN.pop(os.fspath(root), None)  # type: ignore[arg-type]
 
 
 def _target(argv: Sequence[str]) -> Optional[Tuple[str, str, str, str]]:

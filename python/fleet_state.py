@@ -44,9 +44,11 @@ from fleet_git import (
     NETWORK_TIMEOUT,
     GitError,
     LocalRefLocked,
+    ObjectMissing,
     RemoteUnavailable,
     _first_line,
     _local_lock_busy,
+    _local_object_problem,
     stop_git,
 )
 from fleet_mailbox import MAX_KEY_CHARS, is_direct, is_handled_by, message_key, names_server, recipients
@@ -57,12 +59,16 @@ from fleet_start import (  # (their one owner: the script of a look at the fleet
     MAX_STATE_SERVERS,  # (lowered here by a test, the look-ahead's stays: what that starts is then not taken)
     NEGOTIATE_KEY,
     REF_PREFIX,
+    PathLook,
+    branch_look_refspec,
     listed_refs,
     listed_state_refs,
     listing_args,
+    look_at_start,
     mirrors_at_start,
     moved_state_refspecs,
     parse_state_ref,
+    remote_listing,
     state_fetch_command,
 )
 
@@ -380,6 +386,34 @@ class RemoteView:
         return sorted({item[0] for item in found if item is not None})
 
 
+class _BranchInLook:
+    """The shared branch in a look's one fetch (:meth:`StateStore._mirror_by_path`): its tip as
+    listed, then as fetched (``None``: the remote has no such branch), and the tracking ref's id
+    before the look (``fetched``; ``None``: no such ref)."""
+
+    __slots__ = ("tip", "fetched")
+
+    def __init__(self, tip: Optional[str], fetched: Optional[str]) -> None:
+        self.tip = tip
+        self.fetched = fetched
+
+
+def _call(meanwhile: Optional[Callable[[Any], None]], value: object) -> Optional[Exception]:
+    """``meanwhile(value)``; what it raised, held for its caller to raise once the fetch is done."""
+    try:
+        if meanwhile is not None:
+            meanwhile(value)
+    except Exception as exc:  # noqa: BLE001 - raised by the caller, after the fetch
+        return exc
+    return None
+
+
+def _left_alone(mirrors: Mapping[str, str], wanted: Sequence[str]) -> Dict[str, str]:
+    """The ``mirrors`` (local ref -> id) that a fetch of the refspecs ``wanted`` does not move."""
+    moving = {spec.rpartition(":")[2] for spec in wanted}
+    return {local: oid for local, oid in mirrors.items() if local not in moving}
+
+
 class StateStore:
     """Read every server's state ref and write this clone's own, over one :class:`Clone`."""
 
@@ -408,7 +442,10 @@ class StateStore:
         if proc.returncode != 0:
             raise RemoteUnavailable(["git", "ls-remote", "origin"], proc.returncode, proc.stdout,
                                     proc.stderr)
-        refs = listed_refs(proc.stdout)
+        return self._view_of(listed_refs(proc.stdout))
+
+    def _view_of(self, refs: Mapping[str, str]) -> RemoteView:
+        """The view of a listing (name -> id: ``ls-remote``'s, or :func:`fleet_start.remote_listing`'s)."""
         states = {ref: oid for ref, oid in refs.items() if parse_state_ref(ref) is not None}
         self.last_view = RemoteView(refs.get(f"refs/heads/{self.clone.branch}"), states)
         return self.last_view
@@ -453,11 +490,16 @@ class StateStore:
                       first: Sequence[str] = (), then: Sequence[str] = (), *,
                       started: Optional["subprocess.Popen[bytes]"] = None,
                       before: Optional[Mapping[str, str]] = None, locks_are_fatal: bool = True,
-                      deadline: Optional[float] = None) -> Optional[Dict[str, str]]:
+                      deadline: Optional[float] = None,
+                      branch: Optional["_BranchInLook"] = None) -> Optional[Dict[str, str]]:
         """``git fetch`` of the state refs :meth:`refspecs_to_fetch` names for ``view`` (named
         again for each attempt: after a busy lock, by name after a listed commit is refused,
         without a ref deleted since the listing); ``started``: the first attempt, already running
         (:meth:`mirror_fleet`), begun when the mirrors were ``before``, waited for until ``deadline``.
+        ``branch``: the shared branch too, in the same fetch (:meth:`_mirror_by_path`), as listed
+        unless the tracking ref holds that already; its tip, as fetched, is left in ``branch.tip``
+        (``None`` once the remote has no such branch), and a lock of its tracking ref that stays
+        is :class:`LocalRefLocked`, as in :meth:`Clone.fetch`.
 
         Without negotiation: a state ref is a root commit holding one file, so there is nothing
         to negotiate, and git's negotiation never ends early for a root commit (the remote cannot
@@ -475,14 +517,21 @@ class StateStore:
         busy_attempts = 0
         by_name = False  # a listed commit was refused: by name from then on
         gone: Set[str] = set()  # refs deleted since the listing, left out
+        own_ref = f"refs/heads/{self.clone.branch}"
+        with_branch = branch is not None and branch.tip is not None
         while True:
+            if with_branch and own_ref in gone:
+                branch.tip = with_branch = None  # type: ignore[union-attr]  # deleted since the listing
+            branch_spec = branch_look_refspec(self.clone.branch, branch.tip, branch.fetched,  # type: ignore[union-attr]
+                                              by_name=by_name) if with_branch else None
+            argv = ["git", "fetch", "origin", *([self.clone.branch] if branch_spec else []), "state refs"]
             if started is not None:
                 proc, started = self.clone.finish_network_git(started, deadline=deadline), None
             else:
                 wanted = self.refspecs_to_fetch(view, servers, first, then, by_name=by_name, gone=gone)
-                if not wanted:
+                if not wanted and branch_spec is None:
                     return None
-                config, args, refspecs = self._fetch_command(wanted)
+                config, args, refspecs = self._fetch_command(wanted, branch_spec, branch)
                 proc = self.clone.fetch_git(*args, config=config, input=refspecs)
             if proc.returncode == 0:
                 break
@@ -499,20 +548,32 @@ class StateStore:
                 busy_attempts += 1
                 sleep_jittered(0.05, 0.2)
                 continue
+            if busy and branch_spec is not None and f"'{self.clone.remote_ref}'" in text:
+                raise LocalRefLocked(argv, proc.returncode, proc.stdout, proc.stderr,
+                                     f"{self.clone.remote_ref} stays locked in this clone: {_first_line(proc.stderr)}")
             if busy and not locks_are_fatal:
                 log.warning("a state ref stays locked in this clone; it is read as last fetched: %s",
                             _first_line(proc.stderr))
                 break
+            if branch_spec is not None and _local_object_problem(proc.stderr):  # the remote answered
+                raise ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr, "an object of this clone is "
+                                    f"damaged: {_first_line(proc.stderr)} (git fsck names it)")
             error = LocalRefLocked if busy else RemoteUnavailable
-            raise error(["git", "fetch", "origin", "state refs"], proc.returncode, proc.stdout, proc.stderr)
+            raise error(argv, proc.returncode, proc.stdout, proc.stderr)
+        if with_branch and by_name:
+            branch.tip = self.clone.read_ref(self.clone.remote_ref)  # type: ignore[union-attr]  # as fetched by name
         if before is not None and not negotiates:
             return self._check_roots(before)
         return None
 
-    def _fetch_command(self, wanted: Sequence[str]) -> Tuple[Tuple[str, ...], List[str], Optional[bytes]]:
+    def _fetch_command(self, wanted: Sequence[str], branch_spec: Optional[str] = None,
+                       branch: Optional["_BranchInLook"] = None) -> Tuple[Tuple[str, ...], List[str], Optional[bytes]]:
         """(git's ``-c`` options, ``fetch``'s arguments, its standard input) for a fetch of the
-        state refs ``wanted``: beyond :data:`REFSPECS_IN_ARGV` of them, on standard input."""
-        return state_fetch_command(wanted, negotiate=self.clone.setting_is_true(NEGOTIATE_KEY))
+        state refs ``wanted`` (and of the branch, by ``branch_spec``): beyond
+        :data:`REFSPECS_IN_ARGV` of them, on standard input."""
+        from_tip = self.clone.remote_ref if branch is not None and branch.fetched is not None else None
+        return state_fetch_command(wanted, negotiate=self.clone.setting_is_true(NEGOTIATE_KEY),
+                                   branch=branch_spec, branch_from=from_tip)
 
     def _check_roots(self, before: Mapping[str, str]) -> Dict[str, str]:
         """After a fetch without negotiation: if a state ref that moved carries history (a commit
@@ -598,7 +659,8 @@ class StateStore:
         return sorted(set(self.mirrored(first, then).values()))
 
     def mirror_fleet(self, first: Iterable[str] = (),
-                     meanwhile: Optional[Callable[[Optional[str]], None]] = None) -> Optional[str]:
+                     meanwhile: Optional[Callable[[Optional[str]], None]] = None,
+                     unmoved: Optional[Callable[[Mapping[str, str]], None]] = None) -> Optional[str]:
         """The shared branch and the state refs of every server, at most
         :data:`MAX_STATE_SERVERS` of them (``first``, then those mirrored already, first), the
         mirrors of refs the remote no longer has dropped: what a look at the whole fleet
@@ -620,10 +682,27 @@ class StateStore:
         (:func:`fleet_git.stop_git`). Returns the branch's tip, ``None`` when the remote has no
         such branch (the state refs are fetched all the same).
 
+        From a remote reached by a path (:meth:`Clone.remote_folder`) the listing is the remote's
+        refs as git's files backend keeps them (:func:`fleet_start.remote_listing`, what
+        ``ls-remote`` reads there), and one fetch brings the branch and the state refs that moved
+        (:meth:`_mirror_by_path`), none when nothing moved.
+
         ``meanwhile(tip)`` is called once the branch is in, while the state refs' fetch may still
         run (a look reads the mailbox then); what it raises is raised once that fetch is done.
+        ``unmoved(mirrors)`` is called while a fetch of state refs runs, with the mirrors (local
+        ref -> id) it leaves as they are (a look reads their state files then); what it raises is
+        dropped (the caller reads what it missed, again, afterwards).
         """
         first = list(first)
+        chosen = look_at_start(self.clone.root)  # as the script began, when it did
+        if chosen is None:
+            folder = self.clone.remote_folder()
+            listed = remote_listing(folder, self.clone.branch) if folder is not None else None
+            if listed is not None:
+                chosen = PathLook(listed, self.clone.refs_in(REF_PREFIX, LOCAL_FALLBACK_PREFIX),
+                                  self.clone.read_ref(self.clone.remote_ref))
+        if isinstance(chosen, PathLook):
+            return self._mirror_by_path(chosen, first, meanwhile, unmoved)
         deadline = time.monotonic() + NETWORK_TIMEOUT
         running: List["subprocess.Popen[bytes]"] = []
         try:
@@ -641,28 +720,71 @@ class StateStore:
                 config, args, refspecs = self._fetch_command(wanted)
                 running.append(self.clone.start_fetch(*args, config=config, input=refspecs))
             tip = self.clone.fetch(allow_missing=True, started=running[1], deadline=deadline)
-            failed: Optional[Exception] = None
-            try:
-                if meanwhile is not None:
-                    meanwhile(tip)
-            except Exception as exc:  # noqa: BLE001 - raised below: the state refs' fetch is not cut off
-                failed = exc
+            failed = _call(meanwhile, tip)  # raised below: the state refs' fetch is not cut off
             after: Optional[Dict[str, str]] = dict(before)  # no state ref moved, nor any mirror
             if wanted:
+                _call(unmoved, _left_alone(before, wanted))
                 after = self._fetch_states(view, None, first, held, started=running[2], before=before,
                                            locks_are_fatal=False, deadline=deadline)
         except BaseException:
             for proc in running:
                 stop_git(proc)
             raise
-        self._unfetched = max(0, len(view.servers()) - MAX_STATE_SERVERS)
-        self._listed = view if self._unfetched else None
-        # The mirrors as the fetch left them (read once since, when it was not negotiated), for the
-        # deletion and for the reading that follows the look.
-        self.after_look = after if self.drop_vanished(view, mirrors=after) else None
+        self._looked(view, after)
         if failed is not None:
             raise failed
         return tip
+
+    def _mirror_by_path(self, look: PathLook, first: List[str], meanwhile: Optional[Callable[[Optional[str]], None]],
+                        unmoved: Optional[Callable[[Mapping[str, str]], None]]) -> Optional[str]:
+        """:meth:`mirror_fleet` from a remote reached by a path, whose refs ``look`` holds as read
+        before anything was fetched: one fetch of the branch (when it moved) and the state refs
+        that moved, by the commits listed (the one the script started, when it did), none when
+        nothing moved. A listing costs no process there, and one fetch less costs the clone's git
+        a walk of every mirrored ref and a connectivity check. (Over a network, the usual way is
+        faster: there the branch's fetch starts with the listing, not after it.)"""
+        deadline = time.monotonic() + NETWORK_TIMEOUT
+        view = self._view_of(look.listed)
+        before = look.before
+        held = [local.rsplit("/", 1)[-1] for local in before]
+        branch = _BranchInLook(view.branch_tip, look.fetched)
+        moved = branch_look_refspec(self.clone.branch, branch.tip, branch.fetched) is not None
+        wanted = self.refspecs_to_fetch(view, first=first, then=held, mirrors=before)
+        failed: Optional[Exception] = None
+        started = None
+        try:
+            if wanted or moved:
+                config, args, refspecs = self._fetch_command(wanted, branch_look_refspec(
+                    self.clone.branch, branch.tip, branch.fetched), branch)
+                started = self.clone.start_fetch(*args, config=config, input=refspecs)
+            if not moved:  # the branch is here as listed: read while the state refs come
+                failed = _call(meanwhile, branch.tip)
+            if wanted:
+                _call(unmoved, _left_alone(before, wanted))
+            after: Optional[Dict[str, str]] = dict(before)
+            if started is not None:
+                after = self._fetch_states(view, None, first, held, started=started, before=before,
+                                           locks_are_fatal=False, deadline=deadline, branch=branch)
+                self.clone.maintain()
+        except BaseException:
+            if started is not None:
+                stop_git(started)
+            raise
+        self.clone.note_fetched(branch.tip)
+        if moved:
+            failed = _call(meanwhile, branch.tip)
+        self._looked(view, after)
+        if failed is not None:
+            raise failed
+        return branch.tip
+
+    def _looked(self, view: RemoteView, after: Optional[Dict[str, str]]) -> None:
+        """What a look leaves: how many servers were left out, and the mirrors as its fetch left
+        them (read once since, when it was not negotiated), for the deletion of those the remote
+        no longer has and for the reading that follows the look."""
+        self._unfetched = max(0, len(view.servers()) - MAX_STATE_SERVERS)
+        self._listed = view if self._unfetched else None
+        self.after_look = after if self.drop_vanished(view, mirrors=after) else None
 
     def fetch_named(self, first: Iterable[str], then: Iterable[str] = ()) -> None:
         """After :meth:`mirror_fleet` left some state refs out (past :data:`MAX_STATE_SERVERS`):

@@ -7,8 +7,10 @@ Usage::
 
 Computed when someone looks and never committed (PROTOCOL.md, "Per-server state refs"): the
 branch's ``git fetch`` and, beside it, a listing of the remote followed by a fetch of the state
-refs that moved (:meth:`StateStore.mirror_fleet`) bring the shared branch and every server's
-state ref, up to 1,000 servers', as they are now (nothing, when nothing moved); the hot mailbox
+refs that moved (:meth:`StateStore.mirror_fleet`; from a remote reached by a path, its refs read
+from its files and one fetch of the branch and the state refs that moved) bring the shared
+branch and every server's state ref, up to 1,000 servers', as they are now (nothing, when
+nothing moved); the hot mailbox
 ``coordination/messages.json`` and the roster are read as every reader reads them (from loose
 objects, else one ``cat-file``) as soon as the branch is in, and every server's ``state.json``
 the same way (what is not loose, in one ``cat-file`` for all). The archive is never read, so

@@ -75,8 +75,14 @@ def test_the_inbox_takes_the_fetch_and_the_settings_its_script_started(fleet, tm
     assert _count(commands, "fetch") == 1 and _count(commands, "config") == 1, commands
 
 
-def test_the_status_takes_the_listing_and_the_fetch_its_script_started(fleet, tmp_path, monkeypatch):
-    c2 = _reader(fleet)
+def _over_the_network(clone: Path, daemon) -> Path:
+    """``clone``, reaching its remote over the network (``git daemon``), as most fleets do."""
+    git(clone, "remote", "set-url", "origin", daemon.url("origin.git"))
+    return clone
+
+
+def test_the_status_takes_the_listing_and_the_fetch_its_script_started(fleet, tmp_path, monkeypatch, git_daemon):
+    c2 = _over_the_network(_reader(fleet), git_daemon)
     trace = tmp_path / "trace"
     monkeypatch.setenv("GIT_TRACE", str(trace))
     fleet_start.start_look(["--repo", str(c2), "--json"])
@@ -107,11 +113,11 @@ def _looked_ahead() -> "fleet_start._LookAhead":
 
 
 @pytest.mark.skipif(not fleet_start.POSIX_SPAWN, reason="the look-ahead reads git's pipes where posix_spawnp starts it")
-def test_the_status_fetches_the_state_refs_that_moved_while_it_loads(fleet, tmp_path, monkeypatch):
+def test_the_status_fetches_the_state_refs_that_moved_while_it_loads(fleet, tmp_path, monkeypatch, git_daemon):
     """The listing is in before the suite has loaded: the script's thread starts the fetch of the
     state refs that moved (one that moved, one of a server never mirrored), and the command takes
     it, with the mirrors as they were before it."""
-    c2 = _reader(fleet)
+    c2 = _over_the_network(_reader(fleet), git_daemon)
     b1, b2 = fleet.clones["build1"], fleet.clone("build2")
     _presence(b1, "build1", "first")
     fleet_status(Clone(c2))  # build1's state mirrored
@@ -132,10 +138,10 @@ def test_the_status_fetches_the_state_refs_that_moved_while_it_loads(fleet, tmp_
 
 
 @pytest.mark.skipif(not fleet_start.POSIX_SPAWN, reason="the look-ahead reads git's pipes where posix_spawnp starts it")
-def test_the_look_ahead_leaves_a_clone_that_negotiates_to_the_command(fleet, tmp_path, monkeypatch):
+def test_the_look_ahead_leaves_a_clone_that_negotiates_to_the_command(fleet, tmp_path, monkeypatch, git_daemon):
     """A clone that has seen a state ref carrying history fetches state refs with negotiation
     (fleet.negotiateStateRefs): the look-ahead, which fetches without, starts nothing there."""
-    c2 = _reader(fleet)
+    c2 = _over_the_network(_reader(fleet), git_daemon)
     b1 = fleet.clones["build1"]
     git(c2, "config", "fleet.negotiateStateRefs", "true")
     _presence(b1, "build1", "compiling")
@@ -176,10 +182,14 @@ def test_a_listing_whose_output_a_leftover_holds_ends_the_look_ahead_with_the_co
                 proc.kill()
 
 
-def test_the_script_of_the_status_takes_every_call_it_started(fleet, tmp_path):
-    """The whole script, as cron runs it: one listing, one fetch of the branch, one of the state
-    refs that moved, one reading of the settings; nothing fetched twice."""
+@pytest.mark.parametrize("reached", ["by a path", "over the network"])
+def test_the_script_of_the_status_takes_every_call_it_started(fleet, tmp_path, reached, request):
+    """The whole script, as cron runs it, one reading of the settings and nothing fetched twice.
+    Over the network: one listing, one fetch of the branch, one of the state refs that moved. By
+    a path: the remote's refs read from its files, and one fetch of the branch and those refs."""
     c2 = _reader(fleet)
+    if reached != "by a path":
+        _over_the_network(c2, request.getfixturevalue("git_daemon"))
     b1 = fleet.clones["build1"]
     _presence(b1, "build1", "compiling")
     trace = tmp_path / "trace"
@@ -188,7 +198,8 @@ def test_the_script_of_the_status_takes_every_call_it_started(fleet, tmp_path):
     report = json.loads(proc.stdout)
     assert _doing(report)["build1"] == "compiling"
     commands = _git_commands(trace)
-    assert (_count(commands, "fetch"), _count(commands, "ls-remote"), _count(commands, "config")) == (2, 1, 1), commands
+    expected = (1, 0, 1) if reached == "by a path" else (2, 1, 1)
+    assert (_count(commands, "fetch"), _count(commands, "ls-remote"), _count(commands, "config")) == expected, commands
 
 
 @pytest.mark.skipif(not fleet_start.POSIX_SPAWN, reason="os.posix_spawnp is POSIX's")

@@ -238,15 +238,19 @@ def test_bad_usage_exits_2(tmp_path, capsys):
 # --------------------------------------------------------------------------- what it reads and costs
 
 
-def test_one_look_fetches_the_branch_and_the_state_refs_and_reads_only_the_hot_mailbox(tmp_path):
+@pytest.mark.parametrize("reached", ["by a path", "over the network"])
+def test_one_look_fetches_the_branch_and_the_state_refs_and_reads_only_the_hot_mailbox(tmp_path, reached, request):
     fleet = _fleet(tmp_path, _msg("m1", "code2", "build1", "hello", 60))
     # A broken archive file: status never reads the archive, so it cannot notice.
     _commit(fleet, {"coordination/archive/messages-2020-01.json": b"<<<<<<< not json"})
     _publish(fleet, "code2")
     _publish(fleet, "build1")
     viewer = _viewer(fleet)
+    by_path = reached == "by a path"
+    if not by_path:
+        git(viewer, "remote", "set-url", "origin", request.getfixturevalue("git_daemon").url("origin.git"))
 
-    def look(fetches: int) -> Dict[str, int]:
+    def look(moved: bool) -> Dict[str, int]:
         trace = tmp_path / "trace.log"
         if trace.exists():
             trace.unlink()
@@ -255,21 +259,23 @@ def test_one_look_fetches_the_branch_and_the_state_refs_and_reads_only_the_hot_m
         counts: Dict[str, int] = {}
         for name in re.findall(r"trace: built-in: git (\S+)", trace.read_text(errors="replace")):
             counts[name] = counts.get(name, 0) + 1
-        # Side by side (StateStore.mirror_fleet): the branch's fetch, and a listing of the remote
-        # followed, when state refs moved, by a fetch of those, by name.
-        assert counts.get("fetch") == fetches and counts.get("ls-remote") == 1, counts
+        # By a path (StateStore._mirror_by_path): the remote's refs read from its files, and one
+        # fetch when something moved. Over the network (StateStore.mirror_fleet): the branch's
+        # fetch, and a listing of the remote followed, when state refs moved, by a fetch of those.
+        expected = (int(moved), 0) if by_path else (1 + moved, 1)
+        assert (counts.get("fetch", 0), counts.get("ls-remote", 0)) == expected, counts
         assert "maintenance" not in counts and "gc" not in counts  # nothing for git's gc to do yet
         counts["servers with state"] = sum(1 for row in json.loads(proc.stdout)["servers"] if row["presence"])
         return counts
 
-    assert look(2)["servers with state"] == 2
-    idle = look(1)  # no state ref moved: the branch's fetch only
+    assert look(moved=True)["servers with state"] == 2
+    idle = look(moved=False)  # no state ref moved: over the network, the branch's fetch only
     assert idle.get("cat-file", 0) <= 1 and idle["servers with state"] == 2
     _publish(fleet, "build1", 1)
-    assert look(2)["servers with state"] == 2
+    assert look(moved=True)["servers with state"] == 2
     # A state ref deleted on the remote is no longer read: the listing says so, its mirror goes.
     git(fleet.origin, "update-ref", "-d", "refs/fleet/build1")
-    assert look(1)["servers with state"] == 1
+    assert look(moved=False)["servers with state"] == 1
     assert run_git(viewer, "rev-parse", "-q", "--verify", "refs/fleet/build1", check=False).returncode != 0
 
 
