@@ -296,13 +296,15 @@ def state_fetch_command(wanted: Sequence[str], *, negotiate: bool, branch: Optio
     return config, args[:-1] + ["--stdin", "origin"], "".join(spec + "\n" for spec in specs).encode("ascii")
 
 
-def branch_look_refspec(branch: str, listed: Optional[str], fetched: object, *, by_name: bool = False) -> Optional[str]:
-    """The shared branch's refspec in a look's one fetch (:func:`state_fetch_command`): by the
-    commit ``listed`` (``by_name`` after the remote refused it), ``None`` when the remote has no
-    such branch or the tracking ref holds ``fetched`` = ``listed`` already."""
+def branch_look_refspec(branch: str, listed: Optional[str], fetched: object) -> Optional[str]:
+    """The shared branch's refspec in a look's one fetch (:func:`state_fetch_command`), ``None``
+    when the remote has no such branch (``listed`` is ``None``) or the tracking ref holds
+    ``fetched`` = ``listed`` already. By name, not by the commit listed: another process of the
+    clone (the monitor's poll) may move the tracking ref on meanwhile, and a fetch by an older
+    commit would move it back."""
     if listed is None or listed == fetched:
         return None
-    return f"+{'refs/heads/' + branch if by_name or not is_oid(listed, ANY_HEXLEN) else listed}:{tracking_ref(branch)}"
+    return branch_refspec(branch)
 
 
 # --------------------------------------------------------------------------- git's files

@@ -496,8 +496,8 @@ class StateStore:
         again for each attempt: after a busy lock, by name after a listed commit is refused,
         without a ref deleted since the listing); ``started``: the first attempt, already running
         (:meth:`mirror_fleet`), begun when the mirrors were ``before``, waited for until ``deadline``.
-        ``branch``: the shared branch too, in the same fetch (:meth:`_mirror_by_path`), as listed
-        unless the tracking ref holds that already; its tip, as fetched, is left in ``branch.tip``
+        ``branch``: the shared branch too, in the same fetch (:meth:`_mirror_by_path`), unless the
+        tracking ref holds what was listed already; its tip, as fetched, is left in ``branch.tip``
         (``None`` once the remote has no such branch), and a lock of its tracking ref that stays
         is :class:`LocalRefLocked`, as in :meth:`Clone.fetch`.
 
@@ -522,8 +522,8 @@ class StateStore:
         while True:
             if with_branch and own_ref in gone:
                 branch.tip = with_branch = None  # type: ignore[union-attr]  # deleted since the listing
-            branch_spec = branch_look_refspec(self.clone.branch, branch.tip, branch.fetched,  # type: ignore[union-attr]
-                                              by_name=by_name) if with_branch else None
+            branch_spec = branch_look_refspec(self.clone.branch, branch.tip,  # type: ignore[union-attr]
+                                              branch.fetched) if with_branch else None
             argv = ["git", "fetch", "origin", *([self.clone.branch] if branch_spec else []), "state refs"]
             if started is not None:
                 proc, started = self.clone.finish_network_git(started, deadline=deadline), None
@@ -560,8 +560,8 @@ class StateStore:
                                     f"damaged: {_first_line(proc.stderr)} (git fsck names it)")
             error = LocalRefLocked if busy else RemoteUnavailable
             raise error(argv, proc.returncode, proc.stdout, proc.stderr)
-        if with_branch and by_name:
-            branch.tip = self.clone.read_ref(self.clone.remote_ref)  # type: ignore[union-attr]  # as fetched by name
+        if with_branch:
+            branch.tip = self.clone.read_ref(self.clone.remote_ref)  # type: ignore[union-attr]  # as fetched, by name
         if before is not None and not negotiates:
             return self._check_roots(before)
         return None
@@ -738,8 +738,8 @@ class StateStore:
     def _mirror_by_path(self, look: PathLook, first: List[str], meanwhile: Optional[Callable[[Optional[str]], None]],
                         unmoved: Optional[Callable[[Mapping[str, str]], None]]) -> Optional[str]:
         """:meth:`mirror_fleet` from a remote reached by a path, whose refs ``look`` holds as read
-        before anything was fetched: one fetch of the branch (when it moved) and the state refs
-        that moved, by the commits listed (the one the script started, when it did), none when
+        before anything was fetched: one fetch of the branch (when it moved, by name) and the state
+        refs that moved (by the commits listed), the one the script started when it did, none when
         nothing moved. A listing costs no process there, and one fetch less costs the clone's git
         a walk of every mirrored ref and a connectivity check. (Over a network, the usual way is
         faster: there the branch's fetch starts with the listing, not after it.)"""

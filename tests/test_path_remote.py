@@ -201,7 +201,7 @@ def test_a_look_by_path_takes_the_one_fetch_its_script_started(fleet: Fleet, tmp
     assert len(started) == 2 and tuple(fleet_start.CONFIG_ARGS) in started  # the settings and the fetch
     fetch = next(args for args in started if "fetch" in args)
     tip = git(fleet.origin, "rev-parse", "main")
-    assert f"+{tip}:refs/remotes/origin/main" in fetch
+    assert "+refs/heads/main:refs/remotes/origin/main" in fetch
     assert f"+{git(fleet.origin, 'rev-parse', 'refs/fleet/build1')}:refs/fleet/build1" in fetch
     assert "--negotiation-tip=refs/remotes/origin/main" in fetch
     report = fleet_status(Clone(viewer))
@@ -297,3 +297,21 @@ def test_the_state_files_left_alone_are_read_while_the_fetch_runs(fleet: Fleet):
     StateStore(Clone(viewer)).mirror_fleet(unmoved=unmoved)
     assert seen == [{ref: oid for ref, oid in before.items() if ref != "refs/fleet/build1"}]
     assert StateStore(Clone(viewer)).read("build1").presence["activity"] == "testing"
+
+
+def test_a_tracking_ref_another_process_moved_on_meanwhile_is_never_moved_back(fleet: Fleet):
+    """The remote's refs were read; then more mail came and the monitor's poll in the same clone
+    fetched it: the look's fetch brings the branch by name, so the tracking ref stays on the newer
+    commit, and the look reads that."""
+    viewer = _looking_fleet(fleet)
+    root = os.path.realpath(viewer)
+    listed = remote_listing(str(fleet.origin), "main")
+    before = fleet_start.refs_in(os.path.join(root, ".git"), ("refs/fleet/", "refs/fleet-state/"), 40)
+    fetched = git(viewer, "rev-parse", "refs/remotes/origin/main")
+    assert send_message("later", "more", "viewer", from_sender="build1", build_repo_path=str(fleet.clones["build1"]))
+    git(viewer, "fetch", "-q", "origin", "+refs/heads/main:refs/remotes/origin/main")  # the monitor's poll
+    newer = git(viewer, "rev-parse", "refs/remotes/origin/main")
+    assert newer != listed["refs/heads/main"]
+    fleet_start._CHOSEN[root] = PathLook(listed, before, fetched)
+    assert StateStore(Clone(viewer)).mirror_fleet() == newer
+    assert git(viewer, "rev-parse", "refs/remotes/origin/main") == newer
