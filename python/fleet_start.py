@@ -275,22 +275,19 @@ def state_fetch_command(wanted: Sequence[str], *, negotiate: bool, branch: Optio
     negotiation unless ``negotiate`` (fleet_state.StateStore._fetch_states says why).
 
     ``branch``: the shared branch's refspec too, first (a look at a remote reached by a path,
-    :func:`remote_folder`). Its history is negotiated from ``branch_from`` alone, the tracking ref
-    (when the clone has one), never from the state refs: the remote finds the common commit in the
-    first round, and the state refs' root commits cost git nothing to walk."""
+    :func:`remote_folder`). Its history is negotiated from ``branch_from`` alone, the tracking ref,
+    not from the mirrors of the state refs (root commits: nothing in common with it), so the
+    remote finds the common commit in the first round; a clone without a tracking ref (a clone of
+    another branch only) negotiates from all it has, as git does by default."""
     specs = [branch, *wanted] if branch is not None else list(wanted)
     args = list(POLL_OPTIONS)
     if branch is None:
         config: Tuple[str, ...] = () if negotiate else ("-c", "fetch.negotiationAlgorithm=noop")
     else:
         config = ("-c", f"core.looseCompression={LOOSE_COMPRESSION}")
-        if negotiate:
-            pass
-        elif branch_from is not None:
+        if branch_from is not None and not negotiate:
             config += ("-c", "fetch.negotiationAlgorithm=skipping")
             args.insert(-1, f"--negotiation-tip={branch_from}")
-        else:
-            config += ("-c", "fetch.negotiationAlgorithm=noop")  # nothing of the branch here yet
     if len(specs) <= REFSPECS_IN_ARGV:
         return config, args + specs, None
     return config, args[:-1] + ["--stdin", "origin"], "".join(spec + "\n" for spec in specs).encode("ascii")
@@ -439,6 +436,12 @@ def remote_folder(settings: Mapping[str, str], repeated: Collection[str], root: 
     settings), a ``GIT_NAMESPACE``, a remote whose ``.git`` is a file, a linked worktree or refs
     in a reftable. The folder is found as git's local transport finds it (``enter_repo``: the path
     with ``/.git``, as is, with ``.git/.git``, then with ``.git``)."""
+    path = _remote_path(settings, repeated, root)
+    return _git_folder(path) if path is not None else None
+
+
+def _remote_path(settings: Mapping[str, str], repeated: Collection[str], root: str) -> Optional[str]:
+    """The path ``remote.origin.url`` names, by the settings alone (:func:`remote_folder`)."""
     url = settings.get("remote.origin.url")
     if (not url or "remote.origin.url" in repeated or "remote.origin.uploadpack" in settings
             or any(key.startswith("url.") and key.endswith(".insteadof") for key in settings)
@@ -459,6 +462,12 @@ def remote_folder(settings: Mapping[str, str], repeated: Collection[str], root: 
         if colon >= 0 and not (0 <= slash < colon) and not drive:
             return None  # host:path, which git reaches by ssh
         path = os.path.join(root, os.path.expanduser(url))
+    return path
+
+
+def _git_folder(path: str) -> Optional[str]:
+    """The git folder git's local transport finds at ``path``, when its refs can be read from its
+    files as git lists them (:func:`remote_folder`)."""
     for suffix in _ENTER_REPO_SUFFIXES:
         candidate = path + suffix
         try:
@@ -691,7 +700,8 @@ def _look_by_path(root: str, git_dir: str, branch: str, config: "SpawnedGit", ur
     moved, or the command would compose another: more servers than :data:`MAX_STATE_SERVERS`, more
     refspecs than fit on the command line) and keep what it read for the command; whether it did."""
     fetched = _TIPS_AT_START.get((root, tracking_ref(branch)), UNKNOWN)
-    folder = remote_folder({"remote.origin.url": url}, (), root)
+    path = _remote_path({"remote.origin.url": url}, (), root)
+    folder = _git_folder(path) if path is not None else None
     if folder is None or fetched is UNKNOWN:
         return False
     listed = remote_listing(folder, branch)  # while git reads the settings
@@ -700,7 +710,7 @@ def _look_by_path(root: str, git_dir: str, branch: str, config: "SpawnedGit", ur
     if listed is None or before is None or done is None or config.returncode != 0:
         return False
     settings, repeated = read_settings(done[0])
-    if remote_folder(settings, repeated, root) != folder:
+    if _remote_path(settings, repeated, root) != path:
         return False  # git's reading differs (an include, a rewriting, another scope)
     _CHOSEN[root] = PathLook(listed, before, fetched)  # type: ignore[arg-type]
     found = listed_state_refs(listed)

@@ -59,10 +59,9 @@ import sys
 
 import fleet_start
 
-if __name__ == "__main__":
-    fleet_start.start_look(sys.argv[1:])
-
 with fleet_start.Loading("fleet_status", __name__):  # (a Ctrl+C meanwhile: "interrupted", exit 130)
+    if __name__ == "__main__":
+        fleet_start.start_look(sys.argv[1:])
     from fleet_report import *  # noqa: F401,F403  (``import fleet_status`` offers what it always offered)
     from fleet_report import main
 

@@ -42,10 +42,9 @@ import sys
 
 import fleet_start
 
-if __name__ == "__main__":
-    fleet_start.start_poll(sys.argv[1:], unless=("acks",))  # every command but acks polls first
-
 with fleet_start.Loading("inbox", __name__):  # (a Ctrl+C meanwhile: "interrupted", exit 130)
+    if __name__ == "__main__":
+        fleet_start.start_poll(sys.argv[1:], unless=("acks",))  # every command but acks polls first
     from fleet_inbox import *  # noqa: F401,F403  (``import inbox`` offers what it always offered)
     from fleet_inbox import main
 

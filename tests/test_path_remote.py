@@ -315,3 +315,65 @@ def test_a_tracking_ref_another_process_moved_on_meanwhile_is_never_moved_back(f
     fleet_start._CHOSEN[root] = PathLook(listed, before, fetched)
     assert StateStore(Clone(viewer)).mirror_fleet() == newer
     assert git(viewer, "rev-parse", "refs/remotes/origin/main") == newer
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="a FIFO holds the script where the signal must come")
+def test_ctrl_c_while_the_script_reads_the_remote_is_an_interruption(fleet: Fleet):
+    """The script reads the remote's refs before the suite loads (over a share, that can take a
+    while): a Ctrl+C then ends the command as one during it does. The remote's ``packed-refs``
+    is a FIFO here, which holds the script in its reading until the signal comes."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import PYTHON_DIR
+
+    viewer = fleet.clone("viewer")
+    fifo = fleet.origin / "packed-refs"
+    if fifo.exists():
+        fifo.unlink()
+    os.mkfifo(fifo)
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.Popen([sys.executable, str(PYTHON_DIR / "fleet_status.py"), "--repo", str(viewer)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    writer = None
+    try:
+        deadline = time.monotonic() + 60
+        while writer is None and time.monotonic() < deadline and proc.poll() is None:
+            try:  # succeeds once the script has the FIFO open for reading
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.01)
+        assert writer is not None, proc.communicate(timeout=5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and err == "fleet_status: interrupted\n" and out == "", err
+
+
+def test_a_clone_without_the_branch_s_tracking_ref_fetches_only_what_it_lacks(tmp_path: Path, monkeypatch):
+    """A clone of the work branch only (``--single-branch``), looking at the mailbox branch that
+    grows from it: it has every object but the last commit's, and the look's fetch tells the
+    remote so (it negotiates from all the clone has, not from a tracking ref it lacks), so the
+    remote sends that commit, not the history again."""
+    fleet = Fleet(tmp_path, branch="work")
+    seed = fleet.clone("seed")
+    for i in range(3):
+        (seed / f"f{i}.txt").write_text(f"work {i}\n")
+        git(seed, "add", "-A")
+        git(seed, "-c", "user.name=x", "-c", "user.email=x@x", "commit", "-q", "-m", f"work {i}")
+    git(seed, "push", "-q", "origin", "work", "work:mail")
+    viewer = tmp_path / "viewer"
+    git(tmp_path, "clone", "-q", "--no-local", "--single-branch", "-b", "work", str(fleet.origin), str(viewer))
+    assert send_message("hello", "one", "code2", from_sender="build1", build_repo_path=str(seed), branch="mail")
+    trace = tmp_path / "packets"
+    monkeypatch.setenv("GIT_TRACE_PACKET", str(trace))
+    report = fleet_status(Clone(viewer, branch="mail"))
+    assert report["tip"] == git(fleet.origin, "rev-parse", "mail")
+    told = [line for line in trace.read_text(errors="replace").splitlines() if "fetch> have " in line]
+    assert git(viewer, "rev-parse", "work") in " ".join(told)  # the commit it shares with the branch
