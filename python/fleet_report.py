@@ -63,7 +63,7 @@ from fleet_state import (
 
 TYPE_CHECKING = False  # typing is for type checkers only: fleet_cli, "Start-up"
 if TYPE_CHECKING:
-    from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+    from typing import Any, Callable, Dict, Final, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 
 # Nagios plugin exit codes (as system_health.py).
@@ -215,10 +215,16 @@ def take_snapshot(clone: Clone) -> Snapshot:
     store = StateStore(clone)
     snap = Snapshot(clone.branch)
     early: Dict[str, Tuple[str, str, bytes]] = {}  # state files read while the fetch runs
+    parsed: Dict[Tuple[str, str], Any] = {}  # and parsed: (spec, server) -> ServerState or BadInput
 
     def unmoved(mirrors: Mapping[str, str]) -> None:
         early.update(clone.read_objects_within(sorted({f"{oid}:{STATE_FILE}" for oid in mirrors.values()}),
                                                MAX_STATE_BYTES)[0])
+        for local, oid in mirrors.items():
+            key = (f"{oid}:{STATE_FILE}", local.rpartition("/")[2])
+            item = early.get(key[0])
+            if item is not None and item[1] == "blob" and key not in parsed:
+                parsed[key] = _parsed_state(item[2], key[1])
 
     store.mirror_fleet(meanwhile=lambda tip: _read_branch(clone, tip, snap), unmoved=unmoved)
     mirrors = store.mirrored(mirrors=store.after_look)
@@ -240,11 +246,20 @@ def take_snapshot(clone: Clone) -> Snapshot:
         item = found.get(spec)
         if item is None or item[1] != "blob":
             continue
-        try:
-            state.merge(ServerState.from_bytes(item[2], server), retirement=takes_retirement(local, mirrors))
-        except BadInput as exc:
-            snap.problems.append((WARNING, f"state ref of {server} ignored: {exc}"))
+        read = parsed.get((spec, server)) or _parsed_state(item[2], server)
+        if isinstance(read, BadInput):
+            snap.problems.append((WARNING, f"state ref of {server} ignored: {read}"))
+        else:
+            state.merge(read, retirement=takes_retirement(local, mirrors))
     return snap
+
+
+def _parsed_state(raw: bytes, server: str) -> Union[ServerState, BadInput]:
+    """A state file as :meth:`ServerState.from_bytes` reads it, or why it cannot be read."""
+    try:
+        return ServerState.from_bytes(raw, server)
+    except BadInput as exc:
+        return exc
 
 
 def _read_branch(clone: Clone, tip: Optional[str], snap: Snapshot) -> None:
