@@ -318,14 +318,17 @@ def is_oid(text: str, hexlen: int) -> bool:
     return (len(text) in (40, 64) if hexlen == ANY_HEXLEN else len(text) == hexlen) and HEX_DIGITS.issuperset(text)
 
 
-def packed_refs(common_dir: str, hexlen: int) -> Optional[Dict[str, str]]:
-    """``packed-refs`` as name -> id (empty when there is none); ``None`` when unreadable."""
+def packed_refs(common_dir: str, hexlen: int, max_bytes: Optional[int] = None) -> Optional[Dict[str, str]]:
+    """``packed-refs`` as name -> id (empty when there is none); ``None`` when unreadable or,
+    with ``max_bytes``, longer."""
     try:
         with open(os.path.join(common_dir, "packed-refs"), encoding="utf-8", errors="replace") as handle:
-            text = handle.read()
+            text = handle.read(-1 if max_bytes is None else max_bytes + 1)
     except FileNotFoundError:
         return {}
     except OSError:
+        return None
+    if max_bytes is not None and len(text) > max_bytes:
         return None
     found = {}
     for line in text.splitlines():
@@ -335,15 +338,16 @@ def packed_refs(common_dir: str, hexlen: int) -> Optional[Dict[str, str]]:
     return found
 
 
-def read_ref(common_dir: str, refname: str, hexlen: int) -> object:
+def read_ref(common_dir: str, refname: str, hexlen: int, max_packed_bytes: Optional[int] = None) -> object:
     """A ref's id read from git's files backend (its loose file, then ``packed-refs``): ``None``
-    when absent, :data:`UNKNOWN` when only git can tell (a reftable, a symbolic ref)."""
+    when absent, :data:`UNKNOWN` when only git can tell (a reftable, a symbolic ref) or
+    ``packed-refs`` is longer than ``max_packed_bytes``."""
     if os.path.isdir(os.path.join(common_dir, "reftable")):
         return UNKNOWN
     found = _loose_ref(os.path.join(common_dir, refname), hexlen)
     if found is not None:
         return found
-    packed = packed_refs(common_dir, hexlen)
+    packed = packed_refs(common_dir, hexlen, max_packed_bytes)
     return UNKNOWN if packed is None else packed.get(refname)
 
 
@@ -365,11 +369,12 @@ def _loose_ref(path: str, hexlen: int) -> object:
     return text if len(data) <= MAX_LOOSE_REF_BYTES and is_oid(text, hexlen) else UNKNOWN
 
 
-def refs_in(common_dir: str, folders: Sequence[str], hexlen: int,
-            max_entries: Optional[int] = None) -> Optional[Dict[str, str]]:
+def refs_in(common_dir: str, folders: Sequence[str], hexlen: int, max_entries: Optional[int] = None,
+            max_packed_bytes: Optional[int] = None) -> Optional[Dict[str, str]]:
     """The refs directly in these ref folders (``refs/fleet/``, say; not in folders below them),
     name -> id, read from git's files backend; ``None`` when only git can tell (a reftable, a
-    symbolic ref, a file that is no ref) or, past ``max_entries`` in a folder, leaves it to git."""
+    symbolic ref, a file that is no ref) or, past ``max_entries`` in a folder or
+    ``max_packed_bytes`` of ``packed-refs``, leaves it to git."""
     if os.path.isdir(os.path.join(common_dir, "reftable")):
         return None
     # Loose refs first, then packed-refs, as git reads them: a pack-refs in between (a gc) moves
@@ -396,7 +401,7 @@ def refs_in(common_dir: str, folders: Sequence[str], hexlen: int,
             if found is UNKNOWN:
                 return None
             loose[folder + entry.name] = found  # type: ignore[assignment]
-    packed = packed_refs(common_dir, hexlen)
+    packed = packed_refs(common_dir, hexlen, max_packed_bytes)
     if packed is None:
         return None
     refs = {name: oid for name, oid in packed.items() if name.rpartition("/")[0] + "/" in folders}
@@ -501,17 +506,11 @@ def remote_listing(folder: str, branch: str) -> Optional[Dict[str, str]]:
     and the refs directly under ``refs/fleet/`` and ``refs/heads/fleet-state/`` (the only ones a
     listing's reader takes); ``None`` where only git can tell, or where git reads faster (a
     ``packed-refs`` over 4 MB, thousands of refs in a folder)."""
-    try:
-        if os.path.getsize(os.path.join(folder, "packed-refs")) > MAX_REMOTE_PACKED_REFS_BYTES:
-            return None
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return None
-    listed = refs_in(folder, (REF_PREFIX, FALLBACK_PREFIX), ANY_HEXLEN, MAX_REMOTE_REF_ENTRIES)
+    listed = refs_in(folder, (REF_PREFIX, FALLBACK_PREFIX), ANY_HEXLEN, MAX_REMOTE_REF_ENTRIES,
+                     MAX_REMOTE_PACKED_REFS_BYTES)
     if listed is None:
         return None
-    tip = read_ref(folder, "refs/heads/" + branch, ANY_HEXLEN)
+    tip = read_ref(folder, "refs/heads/" + branch, ANY_HEXLEN, MAX_REMOTE_PACKED_REFS_BYTES)
     if tip is UNKNOWN:
         return None
     if tip is not None:
