@@ -96,7 +96,8 @@ LOOSE_COMPRESSION: Final = 1  # zlib level for loose objects, ours and fetched: 
 CONFIG_ARGS: Final = ("config", "-z", "--get-regexp",
                       r"^(remote\.origin\.(url|fetch|uploadpack)|(user|author|committer)\.(name|email)"
                       r"|extensions\.objectformat|gc\.(auto|autopacklimit)|maintenance\..*"
-                      r"|fleet\.negotiatestaterefs|url\..*\.insteadof|(transfer|uploadpack)\.hiderefs)$")
+                      r"|fleet\.negotiatestaterefs|url\..*\.insteadof|(transfer|uploadpack)\.hiderefs"
+                      r"|remote\.origin\.vcs|protocol\.(.*\.)?allow)$")
 
 HEX_DIGITS: Final = frozenset("0123456789abcdef")
 ANY_HEXLEN: Final = 0  # is_oid's "40 or 64": what a script may read before it knows the object format
@@ -436,11 +437,15 @@ def remote_folder(settings: Mapping[str, str], repeated: Collection[str], root: 
     git's files backend keeps them, what ``ls-remote`` does there (:func:`remote_listing`); else
     ``None``, and git lists the remote. ``settings``: :func:`read_settings` of the clone at ``root``.
 
-    Left to git: more than one URL, a URL any ``url.*.insteadOf`` may rewrite, another
-    ``uploadpack``, refs hidden from fetches (``hideRefs``, here or in the remote's own
-    settings), a ``GIT_NAMESPACE``, a remote whose ``.git`` is a file, a linked worktree or refs
-    in a reftable. The folder is found as git's local transport finds it (``enter_repo``: the path
-    with ``/.git``, as is, with ``.git/.git``, then with ``.git``)."""
+    Left to git, which may refuse the remote or reach it otherwise: more than one URL, a URL any
+    ``url.*.insteadOf`` may rewrite, another ``uploadpack`` or a ``remote.origin.vcs`` helper,
+    any ``protocol.*allow`` setting (or ``GIT_ALLOW_PROTOCOL``, ``GIT_PROTOCOL_FROM_USER``), refs
+    hidden from fetches (``hideRefs``, here or in the remote's own settings), a
+    ``GIT_NAMESPACE``, a remote folder this user does not own (git refuses it as of "dubious
+    ownership" unless ``safe.directory`` says otherwise; on Windows, where owners cannot be told
+    without git, always), a remote whose ``.git`` is a file, a linked worktree or refs in a
+    reftable. The folder is found as git's local transport finds it (``enter_repo``: the path with
+    ``/.git``, as is, with ``.git/.git``, then with ``.git``)."""
     path = _remote_path(settings, repeated, root)
     return _git_folder(path) if path is not None else None
 
@@ -448,23 +453,23 @@ def remote_folder(settings: Mapping[str, str], repeated: Collection[str], root: 
 def _remote_path(settings: Mapping[str, str], repeated: Collection[str], root: str) -> Optional[str]:
     """The path ``remote.origin.url`` names, by the settings alone (:func:`remote_folder`)."""
     url = settings.get("remote.origin.url")
-    if (not url or "remote.origin.url" in repeated or "remote.origin.uploadpack" in settings
+    if (not url or os.name == "nt" or "remote.origin.url" in repeated or "::" in url
+            or "remote.origin.uploadpack" in settings or "remote.origin.vcs" in settings
             or any(key.startswith("url.") and key.endswith(".insteadof") for key in settings)
-            or any(key.endswith(".hiderefs") for key in settings) or os.environ.get("GIT_NAMESPACE")
-            or "::" in url):
+            or any(key.endswith(".hiderefs") for key in settings)
+            or any(key.startswith("protocol.") and key.endswith("allow") for key in settings)
+            or any(os.environ.get(name) for name in ("GIT_NAMESPACE", "GIT_ALLOW_PROTOCOL",
+                                                      "GIT_PROTOCOL_FROM_USER"))):
         return None
     if url.startswith("file://"):
         path = url[len("file://"):]
         if not path.startswith("/") or "%" in path:
             return None  # a host, or an escaped character git would decode
-        if os.name == "nt" and path[2:3] == ":":
-            path = path[1:]  # file:///C:/...
     elif "://" in url:
         return None
     else:
         colon, slash = url.find(":"), url.find("/")
-        drive = os.name == "nt" and url[1:2] == ":" and url[:1].isalpha()
-        if colon >= 0 and not (0 <= slash < colon) and not drive:
+        if colon >= 0 and not 0 <= slash < colon:
             return None  # host:path, which git reaches by ssh
         path = os.path.join(root, os.path.expanduser(url))
     return path
@@ -486,6 +491,11 @@ def _git_folder(path: str) -> Optional[str]:
         except (OSError, ValueError):
             return None
         if any(os.path.lexists(os.path.join(candidate, name)) for name in ("commondir", "reftable")):
+            return None
+        try:
+            if os.stat(candidate).st_uid != os.geteuid():  # type: ignore[attr-defined]
+                return None  # another user's: git may refuse it ("dubious ownership")
+        except (OSError, AttributeError):
             return None
         try:
             with open(os.path.join(candidate, "config"), "rb") as handle:
@@ -687,8 +697,7 @@ def _local_url(git_dir: str) -> Optional[str]:
         elif section == '[remote"origin"]' and line.split("=", 1)[0].strip().lower() == "url":
             url = line.partition("=")[2].strip().strip('"')
             colon, slash = url.find(":"), url.find("/")
-            local = url.startswith("file:///") or (
-                "://" not in url and (colon < 0 or 0 <= slash < colon or (os.name == "nt" and colon == 1)))
+            local = url.startswith("file:///") or ("://" not in url and (colon < 0 or 0 <= slash < colon))
             return url if local else None
     return None
 

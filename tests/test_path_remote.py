@@ -381,3 +381,30 @@ def test_a_clone_without_the_branch_s_tracking_ref_fetches_only_what_it_lacks(tm
     assert report["tip"] == git(fleet.origin, "rev-parse", "mail")
     told = [line for line in trace.read_text(errors="replace").splitlines() if "fetch> have " in line]
     assert git(viewer, "rev-parse", "work") in " ".join(told)  # the commit it shares with the branch
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root")
+def test_a_remote_git_refuses_is_never_read_by_hand(fleet: Fleet, monkeypatch):
+    """A remote git refuses (another user's folder: "dubious ownership"; a transport the settings
+    forbid) or reaches elsewhere (a ``remote.origin.vcs`` helper) is looked at through git, so an
+    idle look says UNKNOWN as every other command does, never OK from files git would not read."""
+    viewer = _looking_fleet(fleet)
+    fleet_status(Clone(viewer))  # nothing moves from here on
+    root = str(viewer)
+    path = str(fleet.origin)
+    assert remote_folder(_settings(path), (), root) is not None
+    for key in ("protocol.file.allow", "protocol.allow", "remote.origin.vcs"):
+        assert remote_folder(_settings(path, **{key: "never"}), (), root) is None, key
+    monkeypatch.setenv("GIT_ALLOW_PROTOCOL", "https")
+    assert remote_folder(_settings(path), (), root) is None
+    monkeypatch.delenv("GIT_ALLOW_PROTOCOL")
+    git(viewer, "config", "protocol.file.allow", "never")
+    with pytest.raises(Exception, match="not allowed|transport"):
+        fleet_status(Clone(viewer))
+    git(viewer, "config", "--unset", "protocol.file.allow")
+    for folder, _dirs, files in os.walk(fleet.origin):
+        for name in [folder, *(os.path.join(folder, f) for f in files)]:
+            os.chown(name, 65534, 65534)
+    assert remote_folder(_settings(path), (), root) is None
+    with pytest.raises(Exception, match="dubious ownership"):
+        fleet_status(Clone(viewer))
