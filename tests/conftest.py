@@ -209,6 +209,34 @@ def request_message(subject: str = "status report please", body: str = "", *, se
     return out
 
 
+def git_commands(trace: Path) -> List[str]:
+    """The git commands run while ``GIT_TRACE`` named ``trace`` (``fetch ...``, ``config ...``)."""
+    marker = "trace: built-in: git "
+    text = trace.read_text(encoding="utf-8", errors="replace") if trace.exists() else ""
+    return [line.split(marker, 1)[1] for line in text.splitlines() if marker in line]
+
+
+def count_commands(commands: List[str], word: str) -> int:
+    """How many of ``commands`` (:func:`git_commands`) are ``git <word>``."""
+    return sum(1 for command in commands if command.split(" ", 1)[0] == word)
+
+
+def publish_presence(clone: Path, server: str, activity: str) -> None:
+    """``server`` publishes a presence doing ``activity`` from ``clone`` (its state ref)."""
+    import time
+
+    from fleet_git import Clone
+    from fleet_state import StateChange, StateStore, presence_doc
+
+    doc = presence_doc(started=time.time() - 60, interval=10, healthy=True, activity=activity)
+    assert StateStore(Clone(clone)).update(server, StateChange(presence=doc))
+
+
+def activities(report: dict) -> Dict[str, object]:
+    """Each server's published activity in a ``fleet_status`` report."""
+    return {row["id"]: (row["presence"] or {}).get("activity") for row in report["servers"]}
+
+
 def commit_and_push(clone, message: str) -> None:
     """Commit everything in ``clone``'s working tree and push it to ``main``, as a member would."""
     git(clone, "add", "-A")

@@ -20,13 +20,12 @@ from typing import Iterator, List
 
 import psutil
 import pytest
-from conftest import PYTHON_DIR, Fleet, git, run_script
+from conftest import PYTHON_DIR, Fleet, activities, count_commands, git, git_commands, publish_presence, run_script
 
 import fleet_start
 from fleet_common import parse_timestamp, timestamp_seconds
 from fleet_git import Clone
 from fleet_report import fleet_status
-from fleet_state import StateChange, StateStore, presence_doc
 from inbox import Inbox
 from send_message import send_message
 
@@ -37,15 +36,6 @@ def nothing_left_started() -> Iterator[None]:
     fleet_start.stop_unused()
 
 
-def _git_commands(trace: Path) -> List[str]:
-    """The git commands run while ``GIT_TRACE`` named ``trace`` (``fetch ...``, ``config ...``)."""
-    marker = "trace: built-in: git "
-    text = trace.read_text(encoding="utf-8", errors="replace") if trace.exists() else ""
-    return [line.split(marker, 1)[1] for line in text.splitlines() if marker in line]
-
-
-def _count(commands: List[str], word: str) -> int:
-    return sum(1 for command in commands if command.split(" ", 1)[0] == word)
 
 
 def _reader(fleet: Fleet) -> Path:
@@ -71,8 +61,8 @@ def test_the_inbox_takes_the_fetch_and_the_settings_its_script_started(fleet, tm
     result = Inbox(str(c2), "code2").unread()
     assert not fleet_start._STARTED  # both taken
     assert [m["subject"] for m in result["messages"]] == ["two"]
-    commands = _git_commands(trace)
-    assert _count(commands, "fetch") == 1 and _count(commands, "config") == 1, commands
+    commands = git_commands(trace)
+    assert count_commands(commands, "fetch") == 1 and count_commands(commands, "config") == 1, commands
 
 
 def _over_the_network(clone: Path, daemon) -> Path:
@@ -90,18 +80,10 @@ def test_the_status_takes_the_listing_and_the_fetch_its_script_started(fleet, tm
     report = fleet_status(Clone(c2))
     assert not fleet_start._STARTED
     assert {row["id"] for row in report["servers"]} >= {"build1", "code2"}
-    commands = _git_commands(trace)
-    assert _count(commands, "ls-remote") == 1 and _count(commands, "config") == 1, commands
+    commands = git_commands(trace)
+    assert count_commands(commands, "ls-remote") == 1 and count_commands(commands, "config") == 1, commands
 
 
-def _presence(clone: Path, server: str, activity: str) -> None:
-    doc = presence_doc(started=time.time() - 60, interval=10, healthy=True, activity=activity)
-    assert StateStore(Clone(clone)).update(server, StateChange(presence=doc))
-
-
-def _doing(report: dict) -> dict:
-    """Each server's published activity in a report."""
-    return {row["id"]: (row["presence"] or {}).get("activity") for row in report["servers"]}
 
 
 def _looked_ahead() -> "fleet_start._LookAhead":
@@ -119,11 +101,11 @@ def test_the_status_fetches_the_state_refs_that_moved_while_it_loads(fleet, tmp_
     it, with the mirrors as they were before it."""
     c2 = _over_the_network(_reader(fleet), git_daemon)
     b1, b2 = fleet.clones["build1"], fleet.clone("build2")
-    _presence(b1, "build1", "first")
+    publish_presence(b1, "build1", "first")
     fleet_status(Clone(c2))  # build1's state mirrored
     before = git(c2, "for-each-ref", "--format=%(refname) %(objectname)", "refs/fleet/")
-    _presence(b1, "build1", "compiling")
-    _presence(b2, "build2", "testing")
+    publish_presence(b1, "build1", "compiling")
+    publish_presence(b2, "build2", "testing")
     trace = tmp_path / "trace"
     monkeypatch.setenv("GIT_TRACE", str(trace))
     fleet_start.start_look(["--repo", str(c2), "--json"])
@@ -132,9 +114,9 @@ def test_the_status_fetches_the_state_refs_that_moved_while_it_loads(fleet, tmp_
     assert sorted(f"{ref} {oid}" for ref, oid in ahead.before.items()) == before.splitlines()
     report = fleet_status(Clone(c2))
     assert not fleet_start._STARTED  # all four taken
-    assert _doing(report)["build1"] == "compiling" and _doing(report)["build2"] == "testing"
-    commands = _git_commands(trace)
-    assert _count(commands, "fetch") == 2 and _count(commands, "ls-remote") == 1, commands
+    assert activities(report)["build1"] == "compiling" and activities(report)["build2"] == "testing"
+    commands = git_commands(trace)
+    assert count_commands(commands, "fetch") == 2 and count_commands(commands, "ls-remote") == 1, commands
 
 
 @pytest.mark.skipif(not fleet_start.POSIX_SPAWN, reason="the look-ahead reads git's pipes where posix_spawnp starts it")
@@ -144,15 +126,15 @@ def test_the_look_ahead_leaves_a_clone_that_negotiates_to_the_command(fleet, tmp
     c2 = _over_the_network(_reader(fleet), git_daemon)
     b1 = fleet.clones["build1"]
     git(c2, "config", "fleet.negotiateStateRefs", "true")
-    _presence(b1, "build1", "compiling")
+    publish_presence(b1, "build1", "compiling")
     trace = tmp_path / "trace"
     monkeypatch.setenv("GIT_TRACE", str(trace))
     fleet_start.start_look(["--repo", str(c2), "--json"])
     assert _looked_ahead().before is None and len(fleet_start._STARTED) == 3
     report = fleet_status(Clone(c2))
     assert not fleet_start._STARTED
-    assert _doing(report)["build1"] == "compiling"
-    assert not any("negotiationAlgorithm=noop" in command for command in _git_commands(trace))
+    assert activities(report)["build1"] == "compiling"
+    assert not any("negotiationAlgorithm=noop" in command for command in git_commands(trace))
 
 
 @pytest.mark.skipif(not fleet_start.POSIX_SPAWN, reason="the look-ahead reads git's pipes where posix_spawnp starts it")
@@ -163,11 +145,11 @@ def test_a_listing_whose_output_a_leftover_holds_ends_the_look_ahead_with_the_co
     output from a pipe number the command closed and git reused."""
     c2 = _reader(fleet)
     b1 = fleet.clones["build1"]
-    _presence(b1, "build1", "first")
+    publish_presence(b1, "build1", "first")
     fleet_status(Clone(c2))
     git(c2, "config", "remote.origin.uploadpack",
         "sh -c '(sleep 120 </dev/null >/dev/null &); exec git-upload-pack \"$@\"' upload-pack")
-    _presence(b1, "build1", "compiling")
+    publish_presence(b1, "build1", "compiling")
     switching = sys.getswitchinterval()
     try:
         fleet_start.start_look(["--repo", str(c2), "--json"])
@@ -175,7 +157,7 @@ def test_a_listing_whose_output_a_leftover_holds_ends_the_look_ahead_with_the_co
         report = fleet_status(Clone(c2))
         assert ahead is not None and ahead.done.acquire(timeout=15)  # the thread has ended (the leftover lives on)
         assert sys.getswitchinterval() == switching
-        assert _doing(report)["build1"] == "compiling"
+        assert activities(report)["build1"] == "compiling"
     finally:
         for proc in psutil.process_iter(["cmdline"]):
             if proc.info["cmdline"] == ["sleep", "120"]:
@@ -191,15 +173,15 @@ def test_the_script_of_the_status_takes_every_call_it_started(fleet, tmp_path, r
     if reached != "by a path":
         _over_the_network(c2, request.getfixturevalue("git_daemon"))
     b1 = fleet.clones["build1"]
-    _presence(b1, "build1", "compiling")
+    publish_presence(b1, "build1", "compiling")
     trace = tmp_path / "trace"
     proc = run_script("fleet_status.py", "--repo", str(c2), "--json", env={"GIT_TRACE": str(trace)})
     assert proc.returncode in (0, 1), proc.stderr
     report = json.loads(proc.stdout)
-    assert _doing(report)["build1"] == "compiling"
-    commands = _git_commands(trace)
+    assert activities(report)["build1"] == "compiling"
+    commands = git_commands(trace)
     expected = (1, 0, 1) if reached == "by a path" else (2, 1, 1)
-    assert (_count(commands, "fetch"), _count(commands, "ls-remote"), _count(commands, "config")) == expected, commands
+    assert tuple(count_commands(commands, word) for word in ("fetch", "ls-remote", "config")) == expected, commands
 
 
 @pytest.mark.skipif(not fleet_start.POSIX_SPAWN, reason="os.posix_spawnp is POSIX's")
@@ -247,7 +229,7 @@ def test_a_fetch_started_early_is_followed_by_the_maintenance_it_owes(fleet, tmp
     for proc in list(fleet_start._STARTED.values()):
         proc.wait(timeout=60)  # the early fetch is over before the command looks
     assert [m["subject"] for m in Inbox(str(c2), "code2").unread()["messages"]] == ["two"]
-    assert _count(_git_commands(trace), "maintenance") == 1
+    assert count_commands(git_commands(trace), "maintenance") == 1
 
 
 @pytest.mark.parametrize("argv", [
@@ -275,7 +257,7 @@ def test_a_server_without_a_state_ref_yet_takes_the_listing_its_script_started(f
     fleet_start.start_poll(["list", "--repo", str(c2), "--server", "build1", "--json"])
     result = Inbox(str(c2), "build1").unread()
     assert not fleet_start._STARTED and result["count"] == 0
-    assert _count(_git_commands(trace), "ls-remote") == 1
+    assert count_commands(git_commands(trace), "ls-remote") == 1
 
 
 def test_a_linked_worktree_or_a_clone_without_origin_head_starts_nothing(fleet, tmp_path):

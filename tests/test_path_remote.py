@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
-from conftest import Fleet, git
+from conftest import Fleet, activities, count_commands, git, git_commands, publish_presence
 
 import fleet_start
 from fleet_git import Clone, LocalRefLocked
 from fleet_report import fleet_status
 from fleet_start import PathLook, listed_refs, parse_state_ref, read_settings, remote_folder, remote_listing
-from fleet_state import StateChange, StateStore, presence_doc
+from fleet_state import StateStore
 from send_message import send_message
 
 
@@ -29,23 +29,8 @@ def nothing_left_started() -> Iterator[None]:
     fleet_start._CHOSEN.clear()
 
 
-def _presence(clone: Path, server: str, activity: str) -> None:
-    doc = presence_doc(started=time.time() - 60, interval=10, healthy=True, activity=activity)
-    assert StateStore(Clone(clone)).update(server, StateChange(presence=doc))
 
 
-def _doing(report: dict) -> Dict[str, object]:
-    return {row["id"]: (row["presence"] or {}).get("activity") for row in report["servers"]}
-
-
-def _git_commands(trace: Path) -> List[str]:
-    marker = "trace: built-in: git "
-    text = trace.read_text(encoding="utf-8", errors="replace") if trace.exists() else ""
-    return [line.split(marker, 1)[1] for line in text.splitlines() if marker in line]
-
-
-def _count(commands: List[str], word: str) -> int:
-    return sum(1 for command in commands if command.split(" ", 1)[0] == word)
 
 
 def _what_a_look_takes(refs: Dict[str, str]) -> Dict[str, str]:
@@ -115,9 +100,9 @@ def test_what_only_git_can_list_is_left_to_git(fleet: Fleet, monkeypatch):
         (fleet.origin / "packed-refs").unlink()
     # The look then lists the remote as it always did, and still sees the state refs.
     monkeypatch.setattr(fleet_start, "MAX_REMOTE_REF_ENTRIES", 3)
-    _presence(fleet.clone("build1"), "build1", "compiling")
+    publish_presence(fleet.clone("build1"), "build1", "compiling")
     report = fleet_status(Clone(viewer))
-    assert _doing(report)["build1"] == "compiling"
+    assert activities(report)["build1"] == "compiling"
 
 
 # --------------------------------------------------------------------------- what is a path
@@ -189,10 +174,10 @@ def _looking_fleet(fleet: Fleet) -> Path:
     """A viewer that has looked once; then new mail and a new presence."""
     b1 = fleet.clone("build1")
     viewer = fleet.clone("viewer")
-    _presence(b1, "build1", "first")
+    publish_presence(b1, "build1", "first")
     fleet_status(Clone(viewer))
     assert send_message("news", "hello", "viewer", from_sender="build1", build_repo_path=str(b1))
-    _presence(b1, "build1", "compiling")
+    publish_presence(b1, "build1", "compiling")
     return viewer
 
 
@@ -210,16 +195,16 @@ def test_a_look_by_path_takes_the_one_fetch_its_script_started(fleet: Fleet, tmp
     assert "--negotiation-tip=refs/remotes/origin/main" in fetch
     report = fleet_status(Clone(viewer))
     assert not fleet_start._STARTED  # both taken
-    assert _doing(report)["build1"] == "compiling" and report["tip"] == tip
-    commands = _git_commands(trace)
-    assert (_count(commands, "fetch"), _count(commands, "ls-remote")) == (1, 0), commands
+    assert activities(report)["build1"] == "compiling" and report["tip"] == tip
+    commands = git_commands(trace)
+    assert (count_commands(commands, "fetch"), count_commands(commands, "ls-remote")) == (1, 0), commands
     # Nothing moved since: no fetch at all, and the same picture.
     trace.unlink()
     fleet_start.start_look(["--repo", str(viewer), "--json"])
     assert [args for _root, args in fleet_start._STARTED] == [tuple(fleet_start.CONFIG_ARGS)]
     again = fleet_status(Clone(viewer))
-    assert _doing(again) == _doing(report) and not fleet_start._STARTED
-    assert _count(_git_commands(trace), "fetch") == 0
+    assert activities(again) == activities(report) and not fleet_start._STARTED
+    assert count_commands(git_commands(trace), "fetch") == 0
 
 
 def test_a_command_that_started_nothing_chooses_the_path_itself(fleet: Fleet, tmp_path: Path, monkeypatch):
@@ -228,9 +213,9 @@ def test_a_command_that_started_nothing_chooses_the_path_itself(fleet: Fleet, tm
     trace = tmp_path / "trace"
     monkeypatch.setenv("GIT_TRACE", str(trace))
     report = fleet_status(Clone(viewer))
-    assert _doing(report)["build1"] == "compiling"
-    commands = _git_commands(trace)
-    assert (_count(commands, "fetch"), _count(commands, "ls-remote")) == (1, 0), commands
+    assert activities(report)["build1"] == "compiling"
+    commands = git_commands(trace)
+    assert (count_commands(commands, "fetch"), count_commands(commands, "ls-remote")) == (1, 0), commands
 
 
 def test_a_settings_file_git_reads_otherwise_is_looked_at_the_usual_way(fleet: Fleet, tmp_path: Path,
@@ -247,9 +232,9 @@ def test_a_settings_file_git_reads_otherwise_is_looked_at_the_usual_way(fleet: F
     fleet_start.start_look(["--repo", str(viewer), "--json"])
     assert fleet_start._CHOSEN[os.path.realpath(viewer)] == fleet_start.BY_LISTING
     report = fleet_status(Clone(viewer))
-    assert _doing(report)["build1"] == "compiling" and not fleet_start._STARTED
-    commands = _git_commands(trace)
-    assert _count(commands, "ls-remote") == 1 and not any("negotiation-tip" in c for c in commands), commands
+    assert activities(report)["build1"] == "compiling" and not fleet_start._STARTED
+    commands = git_commands(trace)
+    assert count_commands(commands, "ls-remote") == 1 and not any("negotiation-tip" in c for c in commands), commands
 
 
 def test_a_branch_gone_since_the_listing_is_a_missing_branch(fleet: Fleet):
@@ -281,16 +266,16 @@ def test_a_tracking_ref_that_stays_locked_is_a_local_fault(fleet: Fleet):
     finally:
         lock.unlink()
     report = fleet_status(Clone(viewer))
-    assert _doing(report)["build1"] == "compiling"
+    assert activities(report)["build1"] == "compiling"
 
 
 def test_the_state_files_left_alone_are_read_while_the_fetch_runs(fleet: Fleet):
     """``unmoved`` gets the mirrors the fetch leaves as they are; what it raises costs nothing but
     its own reading."""
     viewer = _looking_fleet(fleet)
-    _presence(fleet.clone("build2"), "build2", "idle")
+    publish_presence(fleet.clone("build2"), "build2", "idle")
     fleet_status(Clone(viewer))
-    _presence(fleet.clones["build1"], "build1", "testing")
+    publish_presence(fleet.clones["build1"], "build1", "testing")
     before = fleet_start.refs_in(os.path.join(viewer, ".git"), ("refs/fleet/", "refs/fleet-state/"), 40)
     seen: List[Dict[str, str]] = []
 
