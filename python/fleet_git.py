@@ -428,6 +428,22 @@ def _push_failure(argv: List[str], proc: "subprocess.CompletedProcess[bytes]",
                              _first_line(proc.stderr) or said or "push failed")
 
 
+def ref_stays_locked(argv: Sequence[str], proc: "Finished", ref: str,
+                     fetched: Optional[str] = None) -> "LocalRefLocked":
+    """A fetch that reached the remote but could not update ``ref`` of this clone: locked."""
+    return LocalRefLocked(argv, proc.returncode, proc.stdout, proc.stderr,
+                          f"{ref} stays locked in this clone: {_first_line(proc.stderr)}", fetched=fetched)
+
+
+def damaged_objects(argv: Sequence[str], proc: "Finished") -> Optional["ObjectMissing"]:
+    """A failed fetch whose messages name a missing or damaged object of this clone: not an
+    outage (the remote answered); ``None`` for any other failure."""
+    if not _local_object_problem(proc.stderr):
+        return None
+    return ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr,
+                         f"an object of this clone is damaged: {_first_line(proc.stderr)} (git fsck names it)")
+
+
 # --------------------------------------------------------------------------- the clone
 
 
@@ -800,14 +816,8 @@ class Clone:
                     continue
                 # The remote answered; only this clone's ref stayed locked (a lock younger than
                 # STALE_LOCK_AGE, which nobody may remove yet).
-                raise LocalRefLocked(argv, proc.returncode, proc.stdout, proc.stderr,
-                                     f"{self.remote_ref} stays locked in this clone: {_first_line(proc.stderr)}",
-                                     fetched=self._fetched_head())
-            if _local_object_problem(proc.stderr):  # not an outage: the remote answered
-                raise ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr,
-                                    f"an object of this clone is damaged: {_first_line(proc.stderr)} "
-                                    "(git fsck names it)")
-            raise RemoteUnavailable(argv, proc.returncode, proc.stdout, proc.stderr)
+                raise ref_stays_locked(argv, proc, self.remote_ref, fetched=self._fetched_head())
+            raise damaged_objects(argv, proc) or RemoteUnavailable(argv, proc.returncode, proc.stdout, proc.stderr)
         self.last_sync = time.monotonic()
         self._tip = UNKNOWN  # read the ref our fetch wrote (FETCH_HEAD may be someone else's)
         return self.tip()

@@ -649,7 +649,7 @@ def start_look(argv: Sequence[str]) -> None:
         _remember_tip(root, git_dir, branch)
         config = _start(root, list(CONFIG_ARGS))
         try:
-            url = _local_url(git_dir) if isinstance(config, SpawnedGit) else None
+            url = _written_url(git_dir) if isinstance(config, SpawnedGit) else None
             if url is not None and _look_by_path(root, git_dir, branch, config, url):  # type: ignore[arg-type]
                 return
         except Exception:  # noqa: BLE001 - a guess: whatever it cannot read, the command reads itself
@@ -681,9 +681,9 @@ _CHOSEN: Dict[str, object] = {}
 PATH_LOOK_WAIT_SECONDS: Final = 2.0  # the settings the script waits for before it chooses
 
 
-def _local_url(git_dir: str) -> Optional[str]:
-    """``origin``'s URL as the clone's own settings file gives it (a first reading, before git's),
-    when it may be a path: only then does the script wait for git's reading of the settings."""
+def _written_url(git_dir: str) -> Optional[str]:
+    """``origin``'s URL as the clone's own settings file gives it (a first reading, before git's):
+    only when :func:`_remote_path` takes it for a path does the script wait for git's reading."""
     try:
         with open(os.path.join(git_dir, "config"), "rb") as handle:
             text = handle.read(_REMOTE_SETTINGS_BYTES + 1).decode("utf-8", "replace")
@@ -695,10 +695,7 @@ def _local_url(git_dir: str) -> Optional[str]:
         if line.startswith("["):
             section = line.replace(" ", "").lower()
         elif section == '[remote"origin"]' and line.split("=", 1)[0].strip().lower() == "url":
-            url = line.partition("=")[2].strip().strip('"')
-            colon, slash = url.find(":"), url.find("/")
-            local = url.startswith("file:///") or ("://" not in url and (colon < 0 or 0 <= slash < colon))
-            return url if local else None
+            return line.partition("=")[2].strip().strip('"')
     return None
 
 
@@ -920,7 +917,7 @@ def _read_ahead(ahead: _LookAhead, git_dir: str, listing: "SpawnedGit", config: 
     roster's ranking), more refspecs than fit on the command line, refs only git can read."""
     try:
         settings = _when_done(config, ahead)
-        if settings is None or config.returncode != 0 or NEGOTIATE_KEY.encode("ascii") in settings[0].lower():
+        if settings is None or config.returncode != 0 or is_true(read_settings(settings[0])[0].get(NEGOTIATE_KEY)):
             return
         before = refs_in(git_dir, (REF_PREFIX, LOCAL_FALLBACK_PREFIX), ANY_HEXLEN)  # while the remote answers
         listed = _when_done(listing, ahead)

@@ -44,11 +44,11 @@ from fleet_git import (
     NETWORK_TIMEOUT,
     GitError,
     LocalRefLocked,
-    ObjectMissing,
     RemoteUnavailable,
     _first_line,
     _local_lock_busy,
-    _local_object_problem,
+    damaged_objects,
+    ref_stays_locked,
     stop_git,
 )
 from fleet_mailbox import MAX_KEY_CHARS, is_direct, is_handled_by, message_key, names_server, recipients
@@ -549,15 +549,14 @@ class StateStore:
                 sleep_jittered(0.05, 0.2)
                 continue
             if busy and branch_spec is not None and f"'{self.clone.remote_ref}'" in text:
-                raise LocalRefLocked(argv, proc.returncode, proc.stdout, proc.stderr,
-                                     f"{self.clone.remote_ref} stays locked in this clone: {_first_line(proc.stderr)}")
+                raise ref_stays_locked(argv, proc, self.clone.remote_ref)
             if busy and not locks_are_fatal:
                 log.warning("a state ref stays locked in this clone; it is read as last fetched: %s",
                             _first_line(proc.stderr))
                 break
-            if branch_spec is not None and _local_object_problem(proc.stderr):  # the remote answered
-                raise ObjectMissing(argv, proc.returncode, proc.stdout, proc.stderr, "an object of this clone is "
-                                    f"damaged: {_first_line(proc.stderr)} (git fsck names it)")
+            damaged = damaged_objects(argv, proc) if branch_spec is not None else None
+            if damaged is not None:
+                raise damaged
             error = LocalRefLocked if busy else RemoteUnavailable
             raise error(argv, proc.returncode, proc.stdout, proc.stderr)
         if with_branch:
@@ -748,14 +747,14 @@ class StateStore:
         before = look.before
         held = [local.rsplit("/", 1)[-1] for local in before]
         branch = _BranchInLook(view.branch_tip, look.fetched)
-        moved = branch_look_refspec(self.clone.branch, branch.tip, branch.fetched) is not None
+        spec = branch_look_refspec(self.clone.branch, branch.tip, branch.fetched)
+        moved = spec is not None
         wanted = self.refspecs_to_fetch(view, first=first, then=held, mirrors=before)
         failed: Optional[Exception] = None
         started = None
         try:
             if wanted or moved:
-                config, args, refspecs = self._fetch_command(wanted, branch_look_refspec(
-                    self.clone.branch, branch.tip, branch.fetched), branch)
+                config, args, refspecs = self._fetch_command(wanted, spec, branch)
                 started = self.clone.start_fetch(*args, config=config, input=refspecs)
             if not moved:  # the branch is here as listed: read while the state refs come
                 failed = _call(meanwhile, branch.tip)
